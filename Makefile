@@ -1,0 +1,48 @@
+# The doors: make run, make test, make check, make bench.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+export REDIS_URL ?= redis://127.0.0.1:6379/0
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
+
+.PHONY: run test check bench install system-deps lint typecheck clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests drive (Chromium for the portal journey); no-op when present.
+system-deps:
+	@bash scripts/system-deps.sh
+
+run: $(STAMP)
+	@bash scripts/run.sh
+
+test: $(STAMP) system-deps
+	@bash scripts/wait-for-services.sh
+	REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy apimgmt gateway portal
+	DEBUG=1 $(PY) manage.py makemigrations --check --dry-run
+	DEBUG=0 SECRET_KEY=ci-check-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz-ABCDEFG \
+	  KEY_HASH_PEPPER=ci-check-pepper-0123456789abcdefghijklmnopqrstuvwxyz \
+	  ALLOWED_HOSTS=apimgmt.example.com SECURE_SSL_REDIRECT=1 SECURE_HSTS_SECONDS=31536000 \
+	  SECURE_HSTS_INCLUDE_SUBDOMAINS=1 SECURE_HSTS_PRELOAD=1 \
+	  $(PY) manage.py check --deploy --fail-level WARNING
+
+bench: $(STAMP)
+	@bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

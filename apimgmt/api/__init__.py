@@ -1,0 +1,1 @@
+"""The management API (DRF) under /mgmt/v1/."""

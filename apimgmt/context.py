@@ -1,0 +1,24 @@
+"""Per-request context (request id, client IP) that services and log lines read without being passed a request."""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import uuid
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+client_ip_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("client_ip", default=None)
+
+# A client-supplied request id is kept only when it is short and harmless.
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(candidate: str | None) -> str:
+    """Return the incoming request id when it is well formed, else a new one."""
+    if candidate and _VALID_REQUEST_ID.match(candidate):
+        return candidate
+    return new_request_id()

@@ -1,0 +1,467 @@
+"""The apimgmt domain: tenants, APIs, consumers and their keys, plans, policies, subscriptions, usage and audit.
+
+Table and column names follow the operations guide (``am_apis.api_name``,
+``am_api_keys.key_prefix`` …) so its SQL runs as written.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils.timezone import now
+
+from apimgmt import ids
+
+TENANT_ID_VALIDATOR = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$",
+    "Use 1–63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.",
+)
+
+
+class Tenant(models.Model):
+    """An organisation that owns APIs, consumers and policies. Its id is a slug such as ``acme``."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUSPENDED = "suspended", "Suspended"
+
+    id = models.CharField("ID", primary_key=True, max_length=63, validators=[TENANT_ID_VALIDATOR])
+    name = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    timezone = models.CharField(
+        max_length=64, default="UTC", help_text="IANA time zone; quota days and months follow it."
+    )
+    open_signup = models.BooleanField(
+        "open portal sign-up", default=False, help_text="Anyone may sign up in this tenant's portal."
+    )
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_tenants"
+        ordering = ["id"]
+        verbose_name = "tenant"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class TenantMembership(models.Model):
+    """A user's role in a tenant: ``admin`` manages it, ``developer`` builds apps, ``viewer`` reads."""
+
+    class Role(models.TextChoices):
+        ADMIN = "admin", "Admin"
+        DEVELOPER = "developer", "Developer"
+        VIEWER = "viewer", "Viewer"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.DEVELOPER)
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_tenant_members"
+        verbose_name = "tenant membership"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "tenant"],
+                name="uniq_membership_user_tenant",
+                violation_error_message="This user is already a member of this tenant.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant_id} ({self.role})"
+
+
+class Policy(models.Model):
+    """A rate-limit or quota rule, attached to APIs (all their traffic) or plans (their subscribers)."""
+
+    class Type(models.TextChoices):
+        RATE_LIMITING = "rate_limiting", "Rate limiting"
+        QUOTA = "quota", "Quota"
+
+    class Mode(models.TextChoices):
+        ENFORCE = "enforce", "Enforce"
+        SHADOW = "shadow", "Shadow (count, never block)"
+
+    class OnStoreError(models.TextChoices):
+        OPEN = "open", "Open (let traffic through)"
+        CLOSED = "closed", "Closed (refuse with 503)"
+        LOCAL = "local", "Local (per-worker counters)"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_policy_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="policies")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    policy_type = models.CharField(max_length=32, choices=Type.choices)
+    config = models.JSONField(default=dict)
+    mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.ENFORCE)
+    on_store_error = models.CharField(
+        "on store error", max_length=16, choices=OnStoreError.choices, default=OnStoreError.OPEN
+    )
+    created_at = models.DateTimeField(default=now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "am_policies"
+        ordering = ["tenant_id", "name"]
+        verbose_name = "policy"
+        verbose_name_plural = "policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"],
+                name="uniq_policy_tenant_name",
+                violation_error_message="A policy with this name already exists in this tenant.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.policy_type})"
+
+
+class Plan(models.Model):
+    """A subscription tier: the policies its subscribers get and whether subscribing needs approval."""
+
+    class Approval(models.TextChoices):
+        AUTO = "auto", "Automatic"
+        MANUAL = "manual", "Manual (an admin approves)"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_plan_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="plans")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    policies = models.ManyToManyField(Policy, blank=True, related_name="plans", db_table="am_plan_policies")
+    approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
+    created_at = models.DateTimeField(default=now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "am_plans"
+        ordering = ["tenant_id", "name"]
+        verbose_name = "plan"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"],
+                name="uniq_plan_tenant_name",
+                violation_error_message="A plan with this name already exists in this tenant.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Api(models.Model):
+    """An upstream service published through the gateway under ``base_path`` (and optionally a host)."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        ACTIVE = "active", "Active"
+        DEPRECATED = "deprecated", "Deprecated"
+        RETIRED = "retired", "Retired"
+
+    class Visibility(models.TextChoices):
+        PUBLIC = "public", "Public (listed in the portal)"
+        PRIVATE = "private", "Private (hidden from the portal)"
+
+    class Approval(models.TextChoices):
+        AUTO = "auto", "Automatic"
+        MANUAL = "manual", "Manual (an admin approves)"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_api_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="apis")
+    api_name = models.CharField("name", max_length=100)
+    description = models.TextField(blank=True)
+    base_path = models.CharField(max_length=200, help_text="Path prefix, e.g. /api/users/v1")
+    host = models.CharField(
+        max_length=253, blank=True, default="", help_text="Only route requests for this Host (optional)."
+    )
+    upstream_url = models.CharField("upstream URL", max_length=2000)
+    strip_path = models.BooleanField(default=True, help_text="Remove base_path before forwarding.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    sunset_at = models.DateTimeField(null=True, blank=True, help_text="Announced retirement (Sunset header).")
+    # Where the consumer's key is read from.
+    key_header = models.CharField(max_length=64, default="X-API-Key")
+    accept_bearer = models.BooleanField("accept Authorization: Bearer", default=True)
+    key_query_param = models.CharField(
+        max_length=64, blank=True, default="", help_text="Query parameter carrying the key (empty: disabled)."
+    )
+    # Upstream behaviour.
+    connect_timeout = models.FloatField(
+        default=2.0, validators=[MinValueValidator(0.01), MaxValueValidator(60)], help_text="Seconds."
+    )
+    read_timeout = models.FloatField(
+        default=30.0, validators=[MinValueValidator(0.01), MaxValueValidator(3600)], help_text="Seconds."
+    )
+    total_timeout = models.FloatField(
+        default=60.0,
+        validators=[MinValueValidator(0.01), MaxValueValidator(3600)],
+        help_text="Seconds; deadline for the whole upstream exchange.",
+    )
+    retries = models.PositiveSmallIntegerField(default=1, validators=[MaxValueValidator(5)])
+    cb_failure_threshold = models.PositiveSmallIntegerField(
+        "circuit breaker failure threshold", default=5, validators=[MinValueValidator(1), MaxValueValidator(1000)]
+    )
+    cb_recovery_timeout = models.FloatField(
+        "circuit breaker recovery timeout",
+        default=30.0,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="Seconds the circuit stays open before one probe request.",
+    )
+    visibility = models.CharField(max_length=16, choices=Visibility.choices, default=Visibility.PUBLIC)
+    openapi_spec = models.JSONField("OpenAPI document", null=True, blank=True)
+    subscription_approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
+    policies = models.ManyToManyField(Policy, blank=True, related_name="apis", db_table="am_api_policies")
+    created_at = models.DateTimeField(default=now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "am_apis"
+        ordering = ["tenant_id", "api_name"]
+        verbose_name = "API"
+        verbose_name_plural = "APIs"
+        indexes = [models.Index(fields=["tenant", "status"], name="idx_apis_tenant_status")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "base_path"],
+                name="uniq_api_host_base_path",
+                violation_error_message="Another API already uses this base path on this host.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_name} ({self.base_path})"
+
+    @property
+    def routable(self) -> bool:
+        return self.status in (self.Status.ACTIVE, self.Status.DEPRECATED)
+
+
+class UpstreamTarget(models.Model):
+    """An extra upstream of an API; traffic is balanced round-robin by weight across all targets."""
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_target_id, editable=False)
+    api = models.ForeignKey(Api, on_delete=models.CASCADE, related_name="targets")
+    url = models.CharField("URL", max_length=2000)
+    weight = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(100)])
+
+    class Meta:
+        db_table = "am_upstream_targets"
+        ordering = ["api_id", "id"]
+        verbose_name = "upstream target"
+
+    def __str__(self) -> str:
+        return f"{self.url} (weight {self.weight})"
+
+
+class Consumer(models.Model):
+    """Who calls APIs: an application of a developer (the portal calls it an "app")."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        BLOCKED = "blocked", "Blocked"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_consumer_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="consumers")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="consumers"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_consumers"
+        ordering = ["tenant_id", "name"]
+        verbose_name = "consumer"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"],
+                name="uniq_consumer_tenant_name",
+                violation_error_message="A consumer with this name already exists in this tenant.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """A consumer's credential. Only the peppered HMAC of the key is stored; the plaintext is shown once."""
+
+    key_id = models.CharField("key ID", primary_key=True, max_length=32, default=ids.new_key_id, editable=False)
+    consumer = models.ForeignKey(Consumer, on_delete=models.CASCADE, related_name="keys")
+    name = models.CharField(max_length=100, blank=True, default="")
+    key_prefix = models.CharField(max_length=12, editable=False, db_index=True)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    active = models.BooleanField(default=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    rotated_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="successors", editable=False
+    )
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_api_keys"
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+        indexes = [
+            models.Index(fields=["consumer"], condition=Q(active=True), name="idx_api_keys_consumer_active"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key_prefix}… ({self.name or self.key_id})"
+
+    def is_usable(self, now_: datetime | None = None) -> bool:
+        moment = now_ or now()
+        return self.active and self.revoked_at is None and (self.expires_at is None or self.expires_at > moment)
+
+
+class Subscription(models.Model):
+    """A consumer's access to an API on a plan; pending ones wait for an admin's decision."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending approval"
+        ACTIVE = "active", "Active"
+        REJECTED = "rejected", "Rejected"
+        CANCELLED = "cancelled", "Cancelled"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_subscription_id, editable=False)
+    consumer = models.ForeignKey(Consumer, on_delete=models.CASCADE, related_name="subscriptions")
+    api = models.ForeignKey(Api, on_delete=models.CASCADE, related_name="subscriptions")
+    plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.PROTECT, related_name="subscriptions")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_subscriptions"
+        ordering = ["-created_at"]
+        verbose_name = "subscription"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consumer", "api"],
+                condition=Q(status__in=["pending", "active"]),
+                name="uniq_open_subscription",
+                violation_error_message="This consumer already has a pending or active subscription to this API.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.consumer_id} → {self.api_id} ({self.status})"
+
+
+class UsageRecord(models.Model):
+    """Aggregated traffic: one row per minute per (tenant, API, consumer, key, status code).
+
+    API, consumer and key are plain id columns rather than foreign keys so that
+    billing history survives the deletion of what it describes.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+", db_constraint=True)
+    api_id = models.CharField("API ID", max_length=32, blank=True, default="")
+    consumer_id = models.CharField("consumer ID", max_length=32, blank=True, default="")
+    key_id = models.CharField("key ID", max_length=32, blank=True, default="")
+    timestamp = models.DateTimeField(help_text="Start of the minute bucket (UTC).")
+    status_code = models.PositiveSmallIntegerField()
+    request_count = models.BigIntegerField(default=0)
+    error_count = models.BigIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+    latency_ms_max = models.FloatField(default=0)
+    upstream_latency_ms_sum = models.FloatField(default=0)
+
+    class Meta:
+        db_table = "am_usage_records"
+        ordering = ["-timestamp"]
+        verbose_name = "usage record"
+        indexes = [
+            models.Index(fields=["tenant", "-timestamp"], name="idx_usage_records_tenant_time"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
+                name="uniq_usage_bucket",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.api_id} {self.timestamp:%Y-%m-%d %H:%M} {self.status_code}"
+
+
+class AuditEvent(models.Model):
+    """Who changed what, when, from where. Written by every service; never edited."""
+
+    id = models.BigAutoField(primary_key=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_repr = models.CharField("actor", max_length=150, blank=True, default="")
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False
+    )
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=64)
+    changes = models.JSONField(default=dict, blank=True)
+    request_id = models.CharField(max_length=128, blank=True, default="")
+    ip = models.GenericIPAddressField("IP", null=True, blank=True)
+    at = models.DateTimeField(default=now, db_index=True)
+
+    class Meta:
+        db_table = "am_audit_events"
+        ordering = ["-at", "-id"]
+        verbose_name = "audit event"
+        indexes = [models.Index(fields=["tenant", "-at"], name="idx_audit_tenant_at")]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type} {self.object_id}"
+
+
+class ApiToken(models.Model):
+    """A management API token (``Authorization: Token <token>``). Only its SHA-256 is stored."""
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True, default="")
+    token_prefix = models.CharField(max_length=12, editable=False)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=now, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        db_table = "am_api_tokens"
+        ordering = ["-created_at"]
+        verbose_name = "management API token"
+
+    def __str__(self) -> str:
+        return f"{self.token_prefix}… ({self.user})"
+
+
+class UsageEventSeen(models.Model):
+    """Request ids the usage flusher already counted, so a replayed event is never counted twice.
+
+    Rows older than the retention window are deleted by the flusher.
+    """
+
+    request_id = models.CharField(primary_key=True, max_length=128)
+    seen_at = models.DateTimeField(default=now, db_index=True)
+
+    class Meta:
+        db_table = "am_usage_seen"
+        verbose_name = "processed usage event"

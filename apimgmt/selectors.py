@@ -1,0 +1,205 @@
+"""Reads that more than one caller needs: tenant visibility for users, and the gateway's snapshots.
+
+The gateway never touches the ORM on a warm request; it calls these to (re)build
+its in-memory tables and caches, and they return plain data (no model objects)
+so a snapshot can be cached in Redis as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db.models import QuerySet
+
+from apimgmt.models import Api, ApiKey, Consumer, Plan, Policy, Subscription, Tenant, TenantMembership
+
+# ---------------------------------------------------------------------------
+# Who sees what
+# ---------------------------------------------------------------------------
+
+
+def is_platform_staff(user: AbstractBaseUser | AnonymousUser) -> bool:
+    return bool(getattr(user, "is_superuser", False))
+
+
+def tenant_ids_for_user(user: AbstractBaseUser | AnonymousUser, roles: tuple[str, ...] | None = None) -> list[str]:
+    """Tenants the user is a member of (optionally only with one of ``roles``)."""
+    if not user.is_authenticated:
+        return []
+    qs = TenantMembership.objects.filter(user_id=user.pk)
+    if roles:
+        qs = qs.filter(role__in=roles)
+    return list(qs.values_list("tenant_id", flat=True))
+
+
+def user_role(user: AbstractBaseUser | AnonymousUser, tenant_id: str) -> str | None:
+    if not user.is_authenticated:
+        return None
+    return (
+        TenantMembership.objects.filter(user_id=user.pk, tenant_id=tenant_id).values_list("role", flat=True).first()
+    )
+
+
+def tenants_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Tenant]:
+    if is_platform_staff(user):
+        return Tenant.objects.all()
+    return Tenant.objects.filter(id__in=tenant_ids_for_user(user))
+
+
+def portal_catalog(tenant: Tenant) -> QuerySet[Api]:
+    """APIs a tenant's portal lists: public, active or deprecated."""
+    return tenant.apis.filter(
+        visibility=Api.Visibility.PUBLIC, status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED]
+    ).order_by("api_name")
+
+
+# ---------------------------------------------------------------------------
+# Gateway snapshots
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    id: str
+    name: str
+    policy_type: str
+    config: dict[str, Any]
+    mode: str
+    on_store_error: str
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """What the gateway needs to route and proxy one API."""
+
+    api_id: str
+    tenant_id: str
+    tenant_timezone: str
+    api_name: str
+    base_path: str
+    host: str
+    status: str
+    sunset_at: str | None
+    strip_path: bool
+    targets: list[tuple[str, int]]  # (url, weight); the first is upstream_url
+    key_header: str
+    accept_bearer: bool
+    key_query_param: str
+    connect_timeout: float
+    read_timeout: float
+    total_timeout: float
+    retries: int
+    cb_failure_threshold: int
+    cb_recovery_timeout: float
+    policies: list[PolicySpec] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RouteSnapshot:
+    routes: list[RouteSpec]
+    plan_policies: dict[str, list[PolicySpec]]
+
+
+def _policy_spec(policy: Policy) -> PolicySpec:
+    return PolicySpec(
+        id=policy.id,
+        name=policy.name,
+        policy_type=policy.policy_type,
+        config=dict(policy.config),
+        mode=policy.mode,
+        on_store_error=policy.on_store_error,
+    )
+
+
+def route_snapshot() -> RouteSnapshot:
+    """Every routable API of every active tenant, with its targets and policies, and every plan's policies."""
+    apis = (
+        Api.objects.filter(status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED], tenant__status=Tenant.Status.ACTIVE)
+        .select_related("tenant")
+        .prefetch_related("targets", "policies")
+    )
+    routes = [
+        RouteSpec(
+            api_id=api.id,
+            tenant_id=api.tenant_id,
+            tenant_timezone=api.tenant.timezone,
+            api_name=api.api_name,
+            base_path=api.base_path,
+            host=api.host,
+            status=api.status,
+            sunset_at=api.sunset_at.isoformat() if api.sunset_at else None,
+            strip_path=api.strip_path,
+            targets=[(api.upstream_url, 1)] + [(t.url, t.weight) for t in api.targets.all()],
+            key_header=api.key_header,
+            accept_bearer=api.accept_bearer,
+            key_query_param=api.key_query_param,
+            connect_timeout=api.connect_timeout,
+            read_timeout=api.read_timeout,
+            total_timeout=api.total_timeout,
+            retries=api.retries,
+            cb_failure_threshold=api.cb_failure_threshold,
+            cb_recovery_timeout=api.cb_recovery_timeout,
+            policies=[_policy_spec(p) for p in api.policies.all()],
+        )
+        for api in apis
+    ]
+    plan_policies = {
+        plan.id: [_policy_spec(p) for p in plan.policies.all()]
+        for plan in Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies")
+    }
+    return RouteSnapshot(routes=routes, plan_policies=plan_policies)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key's state as the gateway sees it; JSON-serialisable for the Redis cache."""
+
+    key_id: str
+    key_prefix: str
+    consumer_id: str
+    tenant_id: str
+    active: bool
+    revoked: bool
+    expires_at: float | None  # POSIX seconds
+    consumer_active: bool
+    subscriptions: dict[str, str]  # api_id -> plan_id ("" when none), active subscriptions only
+    last_used_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeyRecord:
+        return cls(**data)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value else None
+
+
+def key_record_by_hash(key_hash: str) -> KeyRecord | None:
+    """The key with this hash and what it may access, or None. Two indexed queries."""
+    key = ApiKey.objects.select_related("consumer").filter(key_hash=key_hash).first()
+    if key is None:
+        return None
+    subscriptions = dict(
+        Subscription.objects.filter(consumer_id=key.consumer_id, status=Subscription.Status.ACTIVE).values_list(
+            "api_id", "plan_id"
+        )
+    )
+    return KeyRecord(
+        key_id=key.key_id,
+        key_prefix=key.key_prefix,
+        consumer_id=key.consumer_id,
+        tenant_id=key.consumer.tenant_id,
+        active=key.active,
+        revoked=key.revoked_at is not None,
+        expires_at=_ts(key.expires_at),
+        consumer_active=key.consumer.status == Consumer.Status.ACTIVE,
+        subscriptions={api_id: plan_id or "" for api_id, plan_id in subscriptions.items()},
+        last_used_at=_ts(key.last_used_at),
+    )

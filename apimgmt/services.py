@@ -1,0 +1,737 @@
+"""Every write to the domain: typed, keyword-only, transactional, each leaving an AuditEvent.
+
+The admin, the management API and the portal all call these, so a key created
+in any of them is the same key. Bad input raises ``ValidationError`` with a
+message that says what to fix; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, models, transaction
+from django.utils import timezone
+
+from apimgmt import keys, validation
+from apimgmt.context import client_ip_var, request_id_var
+from apimgmt.invalidation import config_changed
+from apimgmt.models import (
+    Api,
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    TenantMembership,
+    UpstreamTarget,
+)
+
+Actor = AbstractBaseUser | AnonymousUser | None
+
+MAX_OVERLAP_SECONDS = 30 * 86400
+
+
+# ---------------------------------------------------------------------------
+# Audit
+# ---------------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, models.Model):
+        return str(value.pk)
+    if isinstance(value, (list, tuple, set)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def audit_record(
+    *,
+    actor: Actor,
+    tenant_id: str | None,
+    action: str,
+    obj: models.Model,
+    changes: dict[str, Any] | None = None,
+) -> AuditEvent:
+    user = actor if isinstance(actor, AbstractBaseUser) and actor.pk else None
+    return AuditEvent.objects.create(
+        actor=user,
+        actor_repr=user.get_username() if user else "system",
+        tenant_id=tenant_id,
+        action=action,
+        object_type=obj._meta.model_name or type(obj).__name__.lower(),
+        object_id=str(obj.pk),
+        changes={k: _json_value(v) for k, v in (changes or {}).items()},
+        request_id=request_id_var.get() or "",
+        ip=client_ip_var.get(),
+    )
+
+
+def _save_validated(obj: models.Model, *, exclude: Sequence[str] = ()) -> None:
+    """full_clean (fields, validators, constraints) then save; IntegrityError becomes a ValidationError."""
+    obj.full_clean(exclude=list(exclude) or None)
+    try:
+        with transaction.atomic():
+            obj.save()
+    except IntegrityError as exc:
+        raise ValidationError(f"This change conflicts with an existing record: {exc.args[0].splitlines()[0]}") from exc
+
+
+def _apply(obj: models.Model, fields: dict[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
+    """Set the allowed fields on obj and return {field: [old, new]} for those that changed."""
+    allowed_set = set(allowed)
+    unknown = sorted(set(fields) - allowed_set)
+    if unknown:
+        raise ValidationError({name: "This field cannot be changed here." for name in unknown})
+    changes: dict[str, Any] = {}
+    for name, value in fields.items():
+        old = getattr(obj, name)
+        if old != value:
+            setattr(obj, name, value)
+            changes[name] = [_json_value(old), _json_value(value)]
+    return changes
+
+
+def _field_error(field: str, exc: ValidationError) -> ValidationError:
+    return ValidationError({field: exc.messages})
+
+
+# ---------------------------------------------------------------------------
+# Tenants
+# ---------------------------------------------------------------------------
+
+
+@transaction.atomic
+def tenant_create(
+    *, id: str, name: str, actor: Actor, timezone_name: str = "UTC", open_signup: bool = False
+) -> Tenant:
+    if Tenant.objects.filter(pk=id).exists():
+        raise ValidationError({"id": f"A tenant with id {id!r} already exists."})
+    try:
+        validation.validate_timezone(timezone_name)
+    except ValidationError as exc:
+        raise _field_error("timezone", exc) from exc
+    tenant = Tenant(id=id, name=name, timezone=timezone_name, open_signup=open_signup)
+    tenant.full_clean(validate_unique=False)
+    tenant.save(force_insert=True)
+    audit_record(actor=actor, tenant_id=tenant.id, action="tenant.create", obj=tenant, changes={"name": name})
+    return tenant
+
+
+@transaction.atomic
+def tenant_update(*, tenant: Tenant, actor: Actor, **fields: Any) -> Tenant:
+    if "timezone" in fields:
+        try:
+            validation.validate_timezone(fields["timezone"])
+        except ValidationError as exc:
+            raise _field_error("timezone", exc) from exc
+    changes = _apply(tenant, fields, ("name", "timezone", "open_signup"))
+    if changes:
+        _save_validated(tenant)
+        audit_record(actor=actor, tenant_id=tenant.id, action="tenant.update", obj=tenant, changes=changes)
+        config_changed()
+    return tenant
+
+
+def _tenant_set_status(*, tenant: Tenant, status: str, actor: Actor, action: str) -> Tenant:
+    if tenant.status != status:
+        old = tenant.status
+        tenant.status = status
+        tenant.save(update_fields=["status"])
+        audit_record(actor=actor, tenant_id=tenant.id, action=action, obj=tenant, changes={"status": [old, status]})
+        config_changed()
+    return tenant
+
+
+@transaction.atomic
+def tenant_suspend(*, tenant: Tenant, actor: Actor) -> Tenant:
+    """A suspended tenant's APIs stop routing and its portal stops accepting sign-ins."""
+    return _tenant_set_status(tenant=tenant, status=Tenant.Status.SUSPENDED, actor=actor, action="tenant.suspend")
+
+
+@transaction.atomic
+def tenant_activate(*, tenant: Tenant, actor: Actor) -> Tenant:
+    return _tenant_set_status(tenant=tenant, status=Tenant.Status.ACTIVE, actor=actor, action="tenant.activate")
+
+
+@transaction.atomic
+def membership_set(*, tenant: Tenant, user: AbstractBaseUser, role: str, actor: Actor) -> TenantMembership:
+    if role not in TenantMembership.Role.values:
+        raise ValidationError({"role": f"role must be one of {', '.join(TenantMembership.Role.values)}."})
+    membership, created = TenantMembership.objects.get_or_create(tenant=tenant, user=user, defaults={"role": role})
+    if not created and membership.role != role:
+        old = membership.role
+        membership.role = role
+        membership.save(update_fields=["role"])
+        audit_record(actor=actor, tenant_id=tenant.id, action="membership.update", obj=membership, changes={"role": [old, role]})
+    elif created:
+        audit_record(
+            actor=actor,
+            tenant_id=tenant.id,
+            action="membership.create",
+            obj=membership,
+            changes={"user": user.get_username(), "role": role},
+        )
+    return membership
+
+
+# ---------------------------------------------------------------------------
+# Policies and plans
+# ---------------------------------------------------------------------------
+
+POLICY_FIELDS = ("name", "description", "config", "mode", "on_store_error")
+
+
+def _clean_policy_config(policy_type: str, config: Any) -> dict[str, Any]:
+    try:
+        return validation.validate_policy_config(policy_type, config)
+    except ValidationError as exc:
+        field = "policy_type" if policy_type not in Policy.Type.values else "config"
+        raise _field_error(field, exc) from exc
+
+
+@transaction.atomic
+def policy_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    policy_type: str,
+    config: dict[str, Any],
+    actor: Actor,
+    mode: str = Policy.Mode.ENFORCE,
+    on_store_error: str = Policy.OnStoreError.OPEN,
+    description: str = "",
+) -> Policy:
+    policy = Policy(
+        tenant=tenant,
+        name=name,
+        description=description,
+        policy_type=policy_type,
+        config=_clean_policy_config(policy_type, config),
+        mode=mode,
+        on_store_error=on_store_error,
+    )
+    _save_validated(policy)
+    audit_record(
+        actor=actor,
+        tenant_id=tenant.id,
+        action="policy.create",
+        obj=policy,
+        changes={"name": name, "policy_type": policy_type, "config": policy.config, "mode": mode},
+    )
+    config_changed()
+    return policy
+
+
+@transaction.atomic
+def policy_update(*, policy: Policy, actor: Actor, **fields: Any) -> Policy:
+    if "policy_type" in fields and fields["policy_type"] != policy.policy_type:
+        raise ValidationError({"policy_type": "policy_type cannot be changed; create a new policy instead."})
+    fields.pop("policy_type", None)
+    if "config" in fields:
+        fields["config"] = _clean_policy_config(policy.policy_type, fields["config"])
+    changes = _apply(policy, fields, POLICY_FIELDS)
+    if changes:
+        _save_validated(policy)
+        audit_record(actor=actor, tenant_id=policy.tenant_id, action="policy.update", obj=policy, changes=changes)
+        config_changed()
+    return policy
+
+
+def _check_same_tenant(tenant_id: str, objects: Iterable[models.Model], field: str) -> list[Any]:
+    items = list(objects)
+    foreign = [str(o.pk) for o in items if getattr(o, "tenant_id", None) != tenant_id]
+    if foreign:
+        raise ValidationError({field: f"Unknown {field} for this tenant: {', '.join(foreign)}."})
+    return items
+
+
+@transaction.atomic
+def plan_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    actor: Actor,
+    policies: Iterable[Policy] = (),
+    approval: str = Plan.Approval.AUTO,
+    description: str = "",
+) -> Plan:
+    policy_list = _check_same_tenant(tenant.id, policies, "policies")
+    plan = Plan(tenant=tenant, name=name, approval=approval, description=description)
+    _save_validated(plan)
+    plan.policies.set(policy_list)
+    audit_record(
+        actor=actor,
+        tenant_id=tenant.id,
+        action="plan.create",
+        obj=plan,
+        changes={"name": name, "approval": approval, "policies": [p.pk for p in policy_list]},
+    )
+    config_changed()
+    return plan
+
+
+@transaction.atomic
+def plan_update(*, plan: Plan, actor: Actor, policies: Iterable[Policy] | None = None, **fields: Any) -> Plan:
+    changes = _apply(plan, fields, ("name", "description", "approval"))
+    if changes:
+        _save_validated(plan)
+    if policies is not None:
+        new = _check_same_tenant(plan.tenant_id, policies, "policies")
+        old_ids = sorted(plan.policies.values_list("pk", flat=True))
+        new_ids = sorted(p.pk for p in new)
+        if old_ids != new_ids:
+            plan.policies.set(new)
+            changes["policies"] = [old_ids, new_ids]
+    if changes:
+        audit_record(actor=actor, tenant_id=plan.tenant_id, action="plan.update", obj=plan, changes=changes)
+        config_changed()
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# APIs
+# ---------------------------------------------------------------------------
+
+API_FIELDS = (
+    "api_name",
+    "description",
+    "base_path",
+    "host",
+    "upstream_url",
+    "strip_path",
+    "sunset_at",
+    "key_header",
+    "accept_bearer",
+    "key_query_param",
+    "connect_timeout",
+    "read_timeout",
+    "total_timeout",
+    "retries",
+    "cb_failure_threshold",
+    "cb_recovery_timeout",
+    "visibility",
+    "openapi_spec",
+    "subscription_approval",
+)
+
+
+def _validate_api(api: Api) -> None:
+    errors: dict[str, list[str]] = {}
+    checks = (
+        ("base_path", validation.validate_base_path),
+        ("host", validation.validate_host),
+        ("upstream_url", validation.validate_upstream_url),
+        ("key_header", validation.validate_header_name),
+        ("key_query_param", validation.validate_query_param),
+    )
+    for field, check in checks:
+        try:
+            setattr(api, field, check(getattr(api, field)))
+        except ValidationError as exc:
+            errors[field] = exc.messages
+    if api.openapi_spec is not None and not isinstance(api.openapi_spec, dict):
+        errors["openapi_spec"] = ["openapi_spec must be a JSON object (an OpenAPI document)."]
+    if errors:
+        raise ValidationError(errors)
+    if api.total_timeout < api.connect_timeout:
+        raise ValidationError({"total_timeout": "total_timeout must be at least connect_timeout."})
+
+
+def _validate_targets(targets: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    cleaned: list[tuple[str, int]] = []
+    for index, (url, weight) in enumerate(targets):
+        try:
+            validation.validate_upstream_url(url)
+        except ValidationError as exc:
+            raise ValidationError({"targets": [f"target {index}: {m}" for m in exc.messages]}) from exc
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 100:
+            raise ValidationError({"targets": f"target {index}: weight must be an integer from 1 to 100."})
+        cleaned.append((url, weight))
+    return cleaned
+
+
+@transaction.atomic
+def api_create(
+    *,
+    tenant: Tenant,
+    api_name: str,
+    base_path: str,
+    upstream_url: str,
+    actor: Actor,
+    status: str = Api.Status.DRAFT,
+    policies: Iterable[Policy] = (),
+    targets: Sequence[tuple[str, int]] = (),
+    **options: Any,
+) -> Api:
+    unknown = sorted(set(options) - set(API_FIELDS))
+    if unknown:
+        raise ValidationError({name: "Unknown field." for name in unknown})
+    if status not in Api.Status.values:
+        raise ValidationError({"status": f"status must be one of {', '.join(Api.Status.values)}."})
+    api = Api(tenant=tenant, api_name=api_name, base_path=base_path, upstream_url=upstream_url, status=status, **options)
+    _validate_api(api)
+    policy_list = _check_same_tenant(tenant.id, policies, "policies")
+    target_list = _validate_targets(targets)
+    _save_validated(api)
+    api.policies.set(policy_list)
+    for url, weight in target_list:
+        UpstreamTarget.objects.create(api=api, url=url, weight=weight)
+    audit_record(
+        actor=actor,
+        tenant_id=tenant.id,
+        action="api.create",
+        obj=api,
+        changes={"api_name": api_name, "base_path": base_path, "upstream_url": upstream_url, "status": status},
+    )
+    config_changed()
+    return api
+
+
+@transaction.atomic
+def api_update(
+    *,
+    api: Api,
+    actor: Actor,
+    policies: Iterable[Policy] | None = None,
+    targets: Sequence[tuple[str, int]] | None = None,
+    **fields: Any,
+) -> Api:
+    if "tenant" in fields or "tenant_id" in fields:
+        raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
+    if "status" in fields:
+        raise ValidationError({"status": "Use activate, deprecate or retire to change the status."})
+    changes = _apply(api, fields, API_FIELDS)
+    _validate_api(api)
+    if changes:
+        _save_validated(api)
+    if policies is not None:
+        new = _check_same_tenant(api.tenant_id, policies, "policies")
+        old_ids = sorted(api.policies.values_list("pk", flat=True))
+        new_ids = sorted(p.pk for p in new)
+        if old_ids != new_ids:
+            api.policies.set(new)
+            changes["policies"] = [old_ids, new_ids]
+    if targets is not None:
+        cleaned = _validate_targets(targets)
+        old_targets = [[t.url, t.weight] for t in api.targets.all()]
+        if old_targets != [list(t) for t in cleaned]:
+            api.targets.all().delete()
+            for url, weight in cleaned:
+                UpstreamTarget.objects.create(api=api, url=url, weight=weight)
+            changes["targets"] = [old_targets, [list(t) for t in cleaned]]
+    if changes:
+        audit_record(actor=actor, tenant_id=api.tenant_id, action="api.update", obj=api, changes=changes)
+        config_changed()
+    return api
+
+
+_API_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    Api.Status.ACTIVE: (Api.Status.DRAFT, Api.Status.DEPRECATED),
+    Api.Status.DEPRECATED: (Api.Status.ACTIVE,),
+    Api.Status.RETIRED: (Api.Status.DRAFT, Api.Status.ACTIVE, Api.Status.DEPRECATED),
+}
+
+
+def _api_transition(*, api: Api, to: str, actor: Actor, extra: dict[str, Any] | None = None) -> Api:
+    if api.status == to:
+        return api
+    if api.status not in _API_TRANSITIONS[to]:
+        raise ValidationError({"status": f"An API that is {api.status} cannot become {to}."})
+    old = api.status
+    api.status = to
+    update = ["status", "updated_at"]
+    for field, value in (extra or {}).items():
+        setattr(api, field, value)
+        update.append(field)
+    api.save(update_fields=update)
+    changes = {"status": [old, to], **{k: _json_value(v) for k, v in (extra or {}).items()}}
+    audit_record(actor=actor, tenant_id=api.tenant_id, action=f"api.{to}", obj=api, changes=changes)
+    config_changed()
+    return api
+
+
+@transaction.atomic
+def api_activate(*, api: Api, actor: Actor) -> Api:
+    return _api_transition(api=api, to=Api.Status.ACTIVE, actor=actor)
+
+
+@transaction.atomic
+def api_deprecate(*, api: Api, actor: Actor, sunset_at: datetime | None = None) -> Api:
+    """Still routed, but responses carry Deprecation (and Sunset when a date is set)."""
+    extra = {"sunset_at": sunset_at} if sunset_at is not None else None
+    return _api_transition(api=api, to=Api.Status.DEPRECATED, actor=actor, extra=extra)
+
+
+@transaction.atomic
+def api_retire(*, api: Api, actor: Actor) -> Api:
+    """Retired APIs stop routing (404) and their open subscriptions are cancelled. One-way."""
+    api = _api_transition(api=api, to=Api.Status.RETIRED, actor=actor)
+    Subscription.objects.filter(api=api, status__in=[Subscription.Status.PENDING, Subscription.Status.ACTIVE]).update(
+        status=Subscription.Status.CANCELLED, decided_at=timezone.now(), decision_note="API retired"
+    )
+    return api
+
+
+# ---------------------------------------------------------------------------
+# Consumers
+# ---------------------------------------------------------------------------
+
+
+@transaction.atomic
+def consumer_create(
+    *, tenant: Tenant, name: str, actor: Actor, owner: AbstractBaseUser | None = None, description: str = ""
+) -> Consumer:
+    consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description)
+    _save_validated(consumer)
+    audit_record(actor=actor, tenant_id=tenant.id, action="consumer.create", obj=consumer, changes={"name": consumer.name})
+    return consumer
+
+
+@transaction.atomic
+def consumer_update(*, consumer: Consumer, actor: Actor, **fields: Any) -> Consumer:
+    if "tenant" in fields or "tenant_id" in fields:
+        raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
+    if "name" in fields:
+        fields["name"] = str(fields["name"]).strip()
+    changes = _apply(consumer, fields, ("name", "description"))
+    if changes:
+        _save_validated(consumer)
+        audit_record(actor=actor, tenant_id=consumer.tenant_id, action="consumer.update", obj=consumer, changes=changes)
+    return consumer
+
+
+def _consumer_set_status(*, consumer: Consumer, status: str, actor: Actor) -> Consumer:
+    if consumer.status != status:
+        old = consumer.status
+        consumer.status = status
+        consumer.save(update_fields=["status"])
+        action = "consumer.block" if status == Consumer.Status.BLOCKED else "consumer.unblock"
+        audit_record(actor=actor, tenant_id=consumer.tenant_id, action=action, obj=consumer, changes={"status": [old, status]})
+        config_changed()
+    return consumer
+
+
+@transaction.atomic
+def consumer_block(*, consumer: Consumer, actor: Actor) -> Consumer:
+    """Blocked consumers' keys are refused (403) on every gateway worker within a second."""
+    return _consumer_set_status(consumer=consumer, status=Consumer.Status.BLOCKED, actor=actor)
+
+
+@transaction.atomic
+def consumer_unblock(*, consumer: Consumer, actor: Actor) -> Consumer:
+    return _consumer_set_status(consumer=consumer, status=Consumer.Status.ACTIVE, actor=actor)
+
+
+@transaction.atomic
+def consumer_delete(*, consumer: Consumer, actor: Actor) -> None:
+    """Delete an app: its keys are revoked first so the deletion is audited key by key."""
+    for key in consumer.keys.filter(active=True):
+        api_key_revoke(key=key, actor=actor)
+    audit_record(actor=actor, tenant_id=consumer.tenant_id, action="consumer.delete", obj=consumer, changes={"name": consumer.name})
+    consumer.delete()
+    config_changed()
+
+
+# ---------------------------------------------------------------------------
+# API keys
+# ---------------------------------------------------------------------------
+
+
+def _new_key_row(*, consumer: Consumer, name: str, expires_at: datetime | None, rotated_from: ApiKey | None) -> tuple[ApiKey, str]:
+    plaintext = keys.generate_key()
+    key = ApiKey(
+        consumer=consumer,
+        name=name,
+        key_prefix=keys.display_prefix(plaintext),
+        key_hash=keys.hash_key(plaintext),
+        expires_at=expires_at,
+        rotated_from=rotated_from,
+    )
+    key.save(force_insert=True)
+    return key, plaintext
+
+
+def _check_expiry(expires_at: datetime | None) -> None:
+    if expires_at is None:
+        return
+    if timezone.is_naive(expires_at):
+        raise ValidationError({"expires_at": "expires_at must include a time zone (e.g. 2027-01-01T00:00:00Z)."})
+    if expires_at <= timezone.now():
+        raise ValidationError({"expires_at": "expires_at must be in the future."})
+
+
+@transaction.atomic
+def api_key_create(
+    *, consumer: Consumer, actor: Actor, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its plaintext — the only time the plaintext exists."""
+    if len(name) > 100:
+        raise ValidationError({"name": "name must be at most 100 characters."})
+    _check_expiry(expires_at)
+    if consumer.status != Consumer.Status.ACTIVE:
+        raise ValidationError({"consumer_id": "This consumer is blocked; unblock it before creating keys."})
+    key, plaintext = _new_key_row(consumer=consumer, name=name, expires_at=expires_at, rotated_from=None)
+    audit_record(
+        actor=actor,
+        tenant_id=consumer.tenant_id,
+        action="api_key.create",
+        obj=key,
+        changes={"name": name, "key_prefix": key.key_prefix, "consumer_id": consumer.pk, "expires_at": expires_at},
+    )
+    return key, plaintext
+
+
+@transaction.atomic
+def api_key_rotate(*, key: ApiKey, actor: Actor, overlap_seconds: int = 3600, name: str | None = None) -> tuple[ApiKey, str]:
+    """Create a successor key; the old one keeps working for ``overlap_seconds`` (0 = stops now)."""
+    if isinstance(overlap_seconds, bool) or not isinstance(overlap_seconds, int) or not 0 <= overlap_seconds <= MAX_OVERLAP_SECONDS:
+        raise ValidationError({"overlap_seconds": f"overlap_seconds must be an integer from 0 to {MAX_OVERLAP_SECONDS}."})
+    key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
+    if not key.is_usable():
+        raise ValidationError({"key_id": "Only an active, unexpired key can be rotated."})
+    now = timezone.now()
+    old_expiry = now + timedelta(seconds=overlap_seconds)
+    if key.expires_at is None or key.expires_at > old_expiry:
+        previous = key.expires_at
+        key.expires_at = old_expiry
+        if overlap_seconds == 0:
+            key.active = False
+            key.revoked_at = now
+        key.save(update_fields=["expires_at", "active", "revoked_at"])
+    else:
+        previous = key.expires_at
+    successor, plaintext = _new_key_row(
+        consumer=key.consumer, name=name if name is not None else key.name, expires_at=None, rotated_from=key
+    )
+    audit_record(
+        actor=actor,
+        tenant_id=key.consumer.tenant_id,
+        action="api_key.rotate",
+        obj=key,
+        changes={"successor": successor.pk, "expires_at": [previous, key.expires_at], "overlap_seconds": overlap_seconds},
+    )
+    audit_record(
+        actor=actor,
+        tenant_id=key.consumer.tenant_id,
+        action="api_key.create",
+        obj=successor,
+        changes={"name": successor.name, "key_prefix": successor.key_prefix, "rotated_from": key.pk},
+    )
+    config_changed()
+    return successor, plaintext
+
+
+@transaction.atomic
+def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
+    """Revoke for good: a revoked key can never be re-activated."""
+    key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
+    if key.revoked_at is not None:
+        return key
+    key.active = False
+    key.revoked_at = timezone.now()
+    key.save(update_fields=["active", "revoked_at"])
+    audit_record(actor=actor, tenant_id=key.consumer.tenant_id, action="api_key.revoke", obj=key, changes={"active": [True, False]})
+    config_changed()
+    return key
+
+
+# ---------------------------------------------------------------------------
+# Subscriptions
+# ---------------------------------------------------------------------------
+
+
+@transaction.atomic
+def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Plan | None = None) -> Subscription:
+    """Ask for access. Auto-approved when both the API and the plan (if any) say so; else pending."""
+    if api.tenant_id != consumer.tenant_id:
+        raise ValidationError({"api_id": "Unknown API for this consumer's tenant."})
+    if plan is not None and plan.tenant_id != consumer.tenant_id:
+        raise ValidationError({"plan_id": "Unknown plan for this consumer's tenant."})
+    if not api.routable:
+        raise ValidationError({"api_id": f"This API is {api.status}; only active or deprecated APIs accept subscriptions."})
+    if consumer.status != Consumer.Status.ACTIVE:
+        raise ValidationError({"consumer_id": "This consumer is blocked."})
+    if Subscription.objects.filter(
+        consumer=consumer, api=api, status__in=[Subscription.Status.PENDING, Subscription.Status.ACTIVE]
+    ).exists():
+        raise ValidationError({"api_id": "This consumer already has a pending or active subscription to this API."})
+    manual = api.subscription_approval == Api.Approval.MANUAL or (plan is not None and plan.approval == Plan.Approval.MANUAL)
+    subscription = Subscription(
+        consumer=consumer,
+        api=api,
+        plan=plan,
+        status=Subscription.Status.PENDING if manual else Subscription.Status.ACTIVE,
+    )
+    if not manual:
+        subscription.decided_at = timezone.now()
+        subscription.decision_note = "approved automatically"
+    _save_validated(subscription)
+    audit_record(
+        actor=actor,
+        tenant_id=consumer.tenant_id,
+        action="subscription.request",
+        obj=subscription,
+        changes={"consumer_id": consumer.pk, "api_id": api.pk, "plan_id": plan.pk if plan else None, "status": subscription.status},
+    )
+    if not manual:
+        config_changed()
+    return subscription
+
+
+def _decide(*, subscription: Subscription, to: str, allowed_from: tuple[str, ...], actor: Actor, note: str, action: str) -> Subscription:
+    subscription = Subscription.objects.select_for_update().get(pk=subscription.pk)
+    if subscription.status not in allowed_from:
+        raise ValidationError({"status": f"A {subscription.status} subscription cannot become {to}."})
+    old = subscription.status
+    subscription.status = to
+    subscription.decided_at = timezone.now()
+    user = actor if isinstance(actor, AbstractBaseUser) and actor.pk else None
+    subscription.decided_by = user  # type: ignore[assignment]
+    subscription.decision_note = note[:500]
+    subscription.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
+    audit_record(
+        actor=actor,
+        tenant_id=subscription.api.tenant_id,
+        action=action,
+        obj=subscription,
+        changes={"status": [old, to], "note": note[:500]},
+    )
+    config_changed()
+    return subscription
+
+
+@transaction.atomic
+def subscription_approve(*, subscription: Subscription, actor: Actor, note: str = "") -> Subscription:
+    return _decide(
+        subscription=subscription, to=Subscription.Status.ACTIVE, allowed_from=(Subscription.Status.PENDING,),
+        actor=actor, note=note, action="subscription.approve",
+    )
+
+
+@transaction.atomic
+def subscription_reject(*, subscription: Subscription, actor: Actor, note: str = "") -> Subscription:
+    return _decide(
+        subscription=subscription, to=Subscription.Status.REJECTED, allowed_from=(Subscription.Status.PENDING,),
+        actor=actor, note=note, action="subscription.reject",
+    )
+
+
+@transaction.atomic
+def subscription_cancel(*, subscription: Subscription, actor: Actor, note: str = "") -> Subscription:
+    return _decide(
+        subscription=subscription,
+        to=Subscription.Status.CANCELLED,
+        allowed_from=(Subscription.Status.PENDING, Subscription.Status.ACTIVE),
+        actor=actor,
+        note=note,
+        action="subscription.cancel",
+    )

@@ -1,0 +1,310 @@
+"""Django settings for apimgmt: every value comes from the environment (or an optional TOML file)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+TESTING = "pytest" in sys.modules or (len(sys.argv) > 1 and sys.argv[1] == "test")
+
+# ---------------------------------------------------------------------------
+# Optional TOML file (APIMGMT_CONFIG): the operations guide's sections.
+# Environment variables always win over the file; ${VAR} is expanded.
+# ---------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ImproperlyConfigured(f"APIMGMT_CONFIG points to {path!r}, which does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ImproperlyConfigured(f"APIMGMT_CONFIG file {path!r} is not valid TOML: {exc}") from exc
+    expanded: dict[str, Any] = _expand(data)
+    return expanded
+
+
+CONFIG_FILE: dict[str, Any] = _load_toml(os.environ["APIMGMT_CONFIG"]) if os.environ.get("APIMGMT_CONFIG") else {}
+
+
+def _file(section: str, key: str) -> Any:
+    return CONFIG_FILE.get(section, {}).get(key)
+
+
+def _file_redis_url() -> str | None:
+    redis = CONFIG_FILE.get("redis")
+    if not redis:
+        return None
+    scheme = "rediss" if redis.get("ssl") else "redis"
+    password = redis.get("password") or ""
+    auth = f":{password}@" if password else ""
+    return f"{scheme}://{auth}{redis.get('host', '127.0.0.1')}:{redis.get('port', 6379)}/{redis.get('database', 0)}"
+
+
+env = environ.Env()
+
+# ---------------------------------------------------------------------------
+# Core
+# ---------------------------------------------------------------------------
+
+DEBUG: bool = env.bool("DEBUG", default=False)
+
+_DEV_SECRET = "django-insecure-dev-only-apimgmt-secret-key-change-me"
+SECRET_KEY: str = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not (DEBUG or TESTING):
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+    SECRET_KEY = _DEV_SECRET
+
+# The pepper for API key hashes is separate from SECRET_KEY so that rotating
+# the session secret never invalidates every API key.
+_DEV_PEPPER = "dev-only-key-hash-pepper-not-for-production"
+KEY_HASH_PEPPER: str = env.str("KEY_HASH_PEPPER", default="")
+if not KEY_HASH_PEPPER:
+    if not (DEBUG or TESTING):
+        raise ImproperlyConfigured("KEY_HASH_PEPPER must be set when DEBUG is off")
+    KEY_HASH_PEPPER = _DEV_PEPPER
+if not DEBUG and not TESTING and len(KEY_HASH_PEPPER) < 32:
+    raise ImproperlyConfigured("KEY_HASH_PEPPER must be at least 32 characters long")
+
+ALLOWED_HOSTS: list[str] = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+APIMGMT_ROLE: str = env.str("APIMGMT_ROLE", default="all")
+if APIMGMT_ROLE not in ("all", "gateway", "control"):
+    raise ImproperlyConfigured(f"APIMGMT_ROLE must be one of all, gateway, control (got {APIMGMT_ROLE!r})")
+
+# Allow upstream URLs on loopback/private networks (development, in-cluster services).
+UPSTREAM_ALLOW_PRIVATE: bool = env.bool("UPSTREAM_ALLOW_PRIVATE", default=DEBUG)
+
+SITE_URL: str = env.str("SITE_URL", default="http://127.0.0.1:8000")
+
+# ---------------------------------------------------------------------------
+# Applications and middleware
+# ---------------------------------------------------------------------------
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_prometheus",
+    "apimgmt",
+    "gateway",
+    "portal",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+if APIMGMT_ROLE in ("all", "gateway"):
+    # First, so API traffic never touches sessions, CSRF or URL resolution.
+    MIDDLEWARE.insert(0, "gateway.middleware.GatewayMiddleware")
+
+ROOT_URLCONF = "apimgmt.urls"
+WSGI_APPLICATION = "apimgmt.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# ---------------------------------------------------------------------------
+# Database: SQLite by default, PostgreSQL (psycopg 3, pooled) via DATABASE_URL
+# ---------------------------------------------------------------------------
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+DB_POOL_SIZE: int = env.int("DB_POOL_SIZE", default=int(_file("database", "pool_size") or 10))
+if DATABASES["default"]["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
+    DATABASES["default"]["ENGINE"] = "django.db.backends.postgresql"
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    if env.bool("DB_POOL", default=not TESTING):
+        _options["pool"] = {
+            "min_size": 1,
+            "max_size": DB_POOL_SIZE,
+            "timeout": float(env.float("DB_POOL_TIMEOUT", default=float(_file("database", "pool_timeout") or 10))),
+        }
+    _options.setdefault("connect_timeout", env.int("DB_CONNECT_TIMEOUT", default=5))
+    DATABASES["default"]["CONN_MAX_AGE"] = 0 if _options.get("pool") else env.int("CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = not _options.get("pool")
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Queries slower than this are logged with the words "slow query".
+SLOW_QUERY_MS: int = env.int("SLOW_QUERY_MS", default=100)
+
+# ---------------------------------------------------------------------------
+# Redis and cache: django-redis via REDIS_URL, else local memory (per worker)
+# ---------------------------------------------------------------------------
+
+REDIS_URL: str | None = env.str("REDIS_URL", default="") or _file_redis_url() or None
+# Short timeouts: the gateway must decide quickly when Redis is unwell.
+REDIS_SOCKET_TIMEOUT: float = env.float("REDIS_SOCKET_TIMEOUT", default=0.25)
+REDIS_CONNECT_TIMEOUT: float = env.float("REDIS_CONNECT_TIMEOUT", default=0.25)
+CACHE_TTL_SECONDS: int = env.int("CACHE_TTL_SECONDS", default=int(_file("cache", "ttl_seconds") or 300))
+CACHE_MAX_SIZE: int = env.int("CACHE_MAX_SIZE", default=int(_file("cache", "max_size") or 10000))
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "TIMEOUT": CACHE_TTL_SECONDS,
+            "OPTIONS": {
+                "SOCKET_CONNECT_TIMEOUT": REDIS_CONNECT_TIMEOUT,
+                "SOCKET_TIMEOUT": 1.0,
+            },
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "TIMEOUT": CACHE_TTL_SECONDS,
+            "OPTIONS": {"MAX_ENTRIES": CACHE_MAX_SIZE},
+        }
+    }
+    if not TESTING:
+        logging.getLogger("apimgmt").warning(
+            "REDIS_URL is not set: caches and rate-limit counters are local to each worker process"
+        )
+
+# ---------------------------------------------------------------------------
+# Gateway
+# ---------------------------------------------------------------------------
+
+GATEWAY: dict[str, Any] = {
+    # How often a worker checks Redis for a changed configuration version.
+    "CONFIG_POLL_SECONDS": env.float("GATEWAY_CONFIG_POLL_SECONDS", default=0.25),
+    # Largest request body forwarded upstream; larger ones get 413.
+    "MAX_BODY_BYTES": env.int("GATEWAY_MAX_BODY_BYTES", default=int(_file("gateway", "max_body_bytes") or 10 * 1024**3)),
+    # Proxies whose X-Forwarded-For we believe (IPs or CIDRs).
+    "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
+    "AUTH_CACHE_SECONDS": env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0),
+    "AUTH_CACHE_MAX_SIZE": env.int("GATEWAY_AUTH_CACHE_MAX_SIZE", default=CACHE_MAX_SIZE),
+    "USAGE_SPOOL_DIR": env.str("USAGE_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")),
+    "WORKERS": env.int("GATEWAY_WORKERS", default=int(_file("gateway", "workers") or 2)),
+}
+
+# ---------------------------------------------------------------------------
+# Authentication, sessions and security
+# ---------------------------------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+if TESTING:
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^metrics$"]
+SECURE_HSTS_SECONDS: int = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS: bool = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD: bool = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE: bool = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG and not TESTING)
+CSRF_COOKIE_SECURE: bool = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG and not TESTING)
+if env.bool("USE_X_FORWARDED_PROTO", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+LOGIN_URL = "/admin/login/"
+
+# ---------------------------------------------------------------------------
+# Internationalisation and static files
+# ---------------------------------------------------------------------------
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+EMAIL_BACKEND: str = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL: str = env.str("DEFAULT_FROM_EMAIL", default="apimgmt@localhost")
+if env.str("EMAIL_URL", default=""):
+    vars().update(env.email_url("EMAIL_URL"))
+
+# ---------------------------------------------------------------------------
+# Management API (DRF)
+# ---------------------------------------------------------------------------
+
+REST_FRAMEWORK: dict[str, Any] = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS: dict[str, Any] = {
+    "TITLE": "apimgmt management API",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# ---------------------------------------------------------------------------
+# Metrics and logging
+# ---------------------------------------------------------------------------
+
+PROMETHEUS_EXPORT_MIGRATIONS = False
+LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+
+LOGGING: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "apimgmt.logs.JsonFormatter"}},
+    "filters": {"request_id": {"()": "apimgmt.logs.RequestIdFilter"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["request_id"]},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO" if not DEBUG else "INFO", "propagate": True},
+    },
+}

@@ -1,0 +1,8 @@
+"""Developer portal routes, per tenant at /portal/<tenant>/."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern, URLResolver
+
+app_name = "portal"
+urlpatterns: list[URLPattern | URLResolver] = []

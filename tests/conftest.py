@@ -1,0 +1,122 @@
+"""Shared fixtures: a small fixed cast (tenant acme: alice admin, bob developer, vera viewer; tenant globex:
+carol admin), a clean Redis database per test, and settings for servers started as subprocesses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.db import connection
+
+from apimgmt import services
+from apimgmt.models import Api, ApiKey, Consumer, Tenant
+from apimgmt.redis_client import get_redis, reset_redis
+
+
+@pytest.fixture(autouse=True)
+def clean_redis() -> Iterator[redis.Redis | None]:
+    """Every test starts with an empty Redis database (the one REDIS_URL names)."""
+    reset_redis()
+    client = get_redis()
+    if client is not None:
+        client.flushdb()
+    yield client
+    reset_redis()
+
+
+@pytest.fixture
+def redis_client(clean_redis: redis.Redis | None) -> redis.Redis:
+    if clean_redis is None:
+        pytest.skip("REDIS_URL is not set")
+    return clean_redis
+
+
+@pytest.fixture
+def staff(db: Any) -> User:
+    return User.objects.create_superuser("root", "root@example.com", "root-password-123")
+
+
+@pytest.fixture
+def acme(db: Any) -> Tenant:
+    return services.tenant_create(id="acme", name="Acme", actor=None)
+
+
+@pytest.fixture
+def globex(db: Any) -> Tenant:
+    return services.tenant_create(id="globex", name="Globex", actor=None)
+
+
+def _member(username: str, tenant: Tenant, role: str) -> User:
+    user = User.objects.create_user(username, f"{username}@example.com", f"{username}-password-123")
+    services.membership_set(tenant=tenant, user=user, role=role, actor=None)
+    return user
+
+
+@pytest.fixture
+def alice(acme: Tenant) -> User:
+    """Admin of acme."""
+    return _member("alice", acme, "admin")
+
+
+@pytest.fixture
+def bob(acme: Tenant) -> User:
+    """Developer in acme."""
+    return _member("bob", acme, "developer")
+
+
+@pytest.fixture
+def vera(acme: Tenant) -> User:
+    """Viewer in acme."""
+    return _member("vera", acme, "viewer")
+
+
+@pytest.fixture
+def carol(globex: Tenant) -> User:
+    """Admin of globex."""
+    return _member("carol", globex, "admin")
+
+
+@pytest.fixture
+def acme_api(acme: Tenant) -> Api:
+    return services.api_create(
+        tenant=acme,
+        api_name="users",
+        base_path="/api/users/v1",
+        upstream_url="https://users.example.com",
+        status="active",
+        actor=None,
+    )
+
+
+@pytest.fixture
+def bob_app(acme: Tenant, bob: User) -> Consumer:
+    return services.consumer_create(tenant=acme, name="bob-app", owner=bob, actor=bob)
+
+
+@pytest.fixture
+def bob_key(bob_app: Consumer, bob: User) -> tuple[ApiKey, str]:
+    return services.api_key_create(consumer=bob_app, name="default", actor=bob)
+
+
+@pytest.fixture
+def live_env(transactional_db: Any) -> dict[str, str]:
+    """Environment for a gunicorn subprocess that sees this test's (committed) database and Redis."""
+    db = settings.DATABASES["default"]
+    user = db.get("USER") or "postgres"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    name = connection.settings_dict["NAME"]
+    return {
+        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{name}",
+        "REDIS_URL": settings.REDIS_URL or "",
+        "KEY_HASH_PEPPER": settings.KEY_HASH_PEPPER,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "DEBUG": "0",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
+        "ALLOWED_HOSTS": "*",
+        "DB_POOL": "0",
+    }
