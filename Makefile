@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
-export REDIS_URL ?= redis://127.0.0.1:6379/0
-TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
+# The suite runs against DATABASE_URL / REDIS_URL when set, else the local servers on their default ports
+# (Redis database 9, which the tests flush).
+TEST_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/test)
+TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
 
 .PHONY: run test check bench install system-deps lint typecheck clean
 
@@ -27,8 +28,8 @@ run: $(STAMP)
 	@bash scripts/run.sh
 
 test: $(STAMP) system-deps
-	@bash scripts/wait-for-services.sh
-	REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+	@DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) bash scripts/wait-for-services.sh
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(PY) -m ruff check .

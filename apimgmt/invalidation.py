@@ -41,7 +41,9 @@ def bump_config_version() -> int:
     except redis.RedisError:
         # The change is committed; gateways pick it up from the database when
         # their cache TTL ends. Say so loudly.
-        logger.error("could not bump %s in Redis; gateways see the change only after their cache TTL", CONFIG_VERSION_KEY)
+        logger.error(
+            "could not bump %s in Redis; gateways see the change only after their cache TTL", CONFIG_VERSION_KEY
+        )
         return -1
 
 

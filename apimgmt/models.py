@@ -18,7 +18,7 @@ from apimgmt import ids
 
 TENANT_ID_VALIDATOR = RegexValidator(
     r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$",
-    "Use 1–63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.",
+    "Use 1-63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.",
 )
 
 
@@ -465,3 +465,6 @@ class UsageEventSeen(models.Model):
     class Meta:
         db_table = "am_usage_seen"
         verbose_name = "processed usage event"
+
+    def __str__(self) -> str:
+        return self.request_id

@@ -39,9 +39,7 @@ def tenant_ids_for_user(user: AbstractBaseUser | AnonymousUser, roles: tuple[str
 def user_role(user: AbstractBaseUser | AnonymousUser, tenant_id: str) -> str | None:
     if not user.is_authenticated:
         return None
-    return (
-        TenantMembership.objects.filter(user_id=user.pk, tenant_id=tenant_id).values_list("role", flat=True).first()
-    )
+    return TenantMembership.objects.filter(user_id=user.pk, tenant_id=tenant_id).values_list("role", flat=True).first()
 
 
 def tenants_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Tenant]:

@@ -110,9 +110,7 @@ def _field_error(field: str, exc: ValidationError) -> ValidationError:
 
 
 @transaction.atomic
-def tenant_create(
-    *, id: str, name: str, actor: Actor, timezone_name: str = "UTC", open_signup: bool = False
-) -> Tenant:
+def tenant_create(*, id: str, name: str, actor: Actor, timezone_name: str = "UTC", open_signup: bool = False) -> Tenant:
     if Tenant.objects.filter(pk=id).exists():
         raise ValidationError({"id": f"A tenant with id {id!r} already exists."})
     try:
@@ -171,7 +169,9 @@ def membership_set(*, tenant: Tenant, user: AbstractBaseUser, role: str, actor: 
         old = membership.role
         membership.role = role
         membership.save(update_fields=["role"])
-        audit_record(actor=actor, tenant_id=tenant.id, action="membership.update", obj=membership, changes={"role": [old, role]})
+        audit_record(
+            actor=actor, tenant_id=tenant.id, action="membership.update", obj=membership, changes={"role": [old, role]}
+        )
     elif created:
         audit_record(
             actor=actor,
@@ -324,7 +324,8 @@ API_FIELDS = (
 )
 
 
-def _validate_api(api: Api) -> None:
+def api_check(api: Api) -> None:
+    """Validate an API's routing and key settings (used by api_create/api_update and the admin form)."""
     errors: dict[str, list[str]] = {}
     checks = (
         ("base_path", validation.validate_base_path),
@@ -377,8 +378,10 @@ def api_create(
         raise ValidationError({name: "Unknown field." for name in unknown})
     if status not in Api.Status.values:
         raise ValidationError({"status": f"status must be one of {', '.join(Api.Status.values)}."})
-    api = Api(tenant=tenant, api_name=api_name, base_path=base_path, upstream_url=upstream_url, status=status, **options)
-    _validate_api(api)
+    api = Api(
+        tenant=tenant, api_name=api_name, base_path=base_path, upstream_url=upstream_url, status=status, **options
+    )
+    api_check(api)
     policy_list = _check_same_tenant(tenant.id, policies, "policies")
     target_list = _validate_targets(targets)
     _save_validated(api)
@@ -410,7 +413,7 @@ def api_update(
     if "status" in fields:
         raise ValidationError({"status": "Use activate, deprecate or retire to change the status."})
     changes = _apply(api, fields, API_FIELDS)
-    _validate_api(api)
+    api_check(api)
     if changes:
         _save_validated(api)
     if policies is not None:
@@ -492,7 +495,9 @@ def consumer_create(
 ) -> Consumer:
     consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description)
     _save_validated(consumer)
-    audit_record(actor=actor, tenant_id=tenant.id, action="consumer.create", obj=consumer, changes={"name": consumer.name})
+    audit_record(
+        actor=actor, tenant_id=tenant.id, action="consumer.create", obj=consumer, changes={"name": consumer.name}
+    )
     return consumer
 
 
@@ -515,7 +520,9 @@ def _consumer_set_status(*, consumer: Consumer, status: str, actor: Actor) -> Co
         consumer.status = status
         consumer.save(update_fields=["status"])
         action = "consumer.block" if status == Consumer.Status.BLOCKED else "consumer.unblock"
-        audit_record(actor=actor, tenant_id=consumer.tenant_id, action=action, obj=consumer, changes={"status": [old, status]})
+        audit_record(
+            actor=actor, tenant_id=consumer.tenant_id, action=action, obj=consumer, changes={"status": [old, status]}
+        )
         config_changed()
     return consumer
 
@@ -536,7 +543,13 @@ def consumer_delete(*, consumer: Consumer, actor: Actor) -> None:
     """Delete an app: its keys are revoked first so the deletion is audited key by key."""
     for key in consumer.keys.filter(active=True):
         api_key_revoke(key=key, actor=actor)
-    audit_record(actor=actor, tenant_id=consumer.tenant_id, action="consumer.delete", obj=consumer, changes={"name": consumer.name})
+    audit_record(
+        actor=actor,
+        tenant_id=consumer.tenant_id,
+        action="consumer.delete",
+        obj=consumer,
+        changes={"name": consumer.name},
+    )
     consumer.delete()
     config_changed()
 
@@ -546,7 +559,9 @@ def consumer_delete(*, consumer: Consumer, actor: Actor) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _new_key_row(*, consumer: Consumer, name: str, expires_at: datetime | None, rotated_from: ApiKey | None) -> tuple[ApiKey, str]:
+def _new_key_row(
+    *, consumer: Consumer, name: str, expires_at: datetime | None, rotated_from: ApiKey | None
+) -> tuple[ApiKey, str]:
     plaintext = keys.generate_key()
     key = ApiKey(
         consumer=consumer,
@@ -560,7 +575,10 @@ def _new_key_row(*, consumer: Consumer, name: str, expires_at: datetime | None, 
     return key, plaintext
 
 
-def _check_expiry(expires_at: datetime | None) -> None:
+def api_key_check(*, consumer: Consumer | None, expires_at: datetime | None) -> None:
+    """What api_key_create refuses: a blocked consumer, or an expiry that is naive or not in the future."""
+    if consumer is not None and consumer.status != Consumer.Status.ACTIVE:
+        raise ValidationError({"consumer_id": "This consumer is blocked; unblock it before creating keys."})
     if expires_at is None:
         return
     if timezone.is_naive(expires_at):
@@ -576,9 +594,7 @@ def api_key_create(
     """Create a key and return it with its plaintext — the only time the plaintext exists."""
     if len(name) > 100:
         raise ValidationError({"name": "name must be at most 100 characters."})
-    _check_expiry(expires_at)
-    if consumer.status != Consumer.Status.ACTIVE:
-        raise ValidationError({"consumer_id": "This consumer is blocked; unblock it before creating keys."})
+    api_key_check(consumer=consumer, expires_at=expires_at)
     key, plaintext = _new_key_row(consumer=consumer, name=name, expires_at=expires_at, rotated_from=None)
     audit_record(
         actor=actor,
@@ -591,10 +607,18 @@ def api_key_create(
 
 
 @transaction.atomic
-def api_key_rotate(*, key: ApiKey, actor: Actor, overlap_seconds: int = 3600, name: str | None = None) -> tuple[ApiKey, str]:
+def api_key_rotate(
+    *, key: ApiKey, actor: Actor, overlap_seconds: int = 3600, name: str | None = None
+) -> tuple[ApiKey, str]:
     """Create a successor key; the old one keeps working for ``overlap_seconds`` (0 = stops now)."""
-    if isinstance(overlap_seconds, bool) or not isinstance(overlap_seconds, int) or not 0 <= overlap_seconds <= MAX_OVERLAP_SECONDS:
-        raise ValidationError({"overlap_seconds": f"overlap_seconds must be an integer from 0 to {MAX_OVERLAP_SECONDS}."})
+    if (
+        isinstance(overlap_seconds, bool)
+        or not isinstance(overlap_seconds, int)
+        or not 0 <= overlap_seconds <= MAX_OVERLAP_SECONDS
+    ):
+        raise ValidationError(
+            {"overlap_seconds": f"overlap_seconds must be an integer from 0 to {MAX_OVERLAP_SECONDS}."}
+        )
     key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
     if not key.is_usable():
         raise ValidationError({"key_id": "Only an active, unexpired key can be rotated."})
@@ -617,7 +641,11 @@ def api_key_rotate(*, key: ApiKey, actor: Actor, overlap_seconds: int = 3600, na
         tenant_id=key.consumer.tenant_id,
         action="api_key.rotate",
         obj=key,
-        changes={"successor": successor.pk, "expires_at": [previous, key.expires_at], "overlap_seconds": overlap_seconds},
+        changes={
+            "successor": successor.pk,
+            "expires_at": [previous, key.expires_at],
+            "overlap_seconds": overlap_seconds,
+        },
     )
     audit_record(
         actor=actor,
@@ -639,7 +667,13 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     key.active = False
     key.revoked_at = timezone.now()
     key.save(update_fields=["active", "revoked_at"])
-    audit_record(actor=actor, tenant_id=key.consumer.tenant_id, action="api_key.revoke", obj=key, changes={"active": [True, False]})
+    audit_record(
+        actor=actor,
+        tenant_id=key.consumer.tenant_id,
+        action="api_key.revoke",
+        obj=key,
+        changes={"active": [True, False]},
+    )
     config_changed()
     return key
 
@@ -649,22 +683,31 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
 # ---------------------------------------------------------------------------
 
 
-@transaction.atomic
-def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Plan | None = None) -> Subscription:
-    """Ask for access. Auto-approved when both the API and the plan (if any) say so; else pending."""
+def subscription_check(*, consumer: Consumer, api: Api, plan: Plan | None) -> None:
+    """What subscription_request refuses: other tenants' objects, unroutable APIs, blocked consumers, duplicates."""
     if api.tenant_id != consumer.tenant_id:
         raise ValidationError({"api_id": "Unknown API for this consumer's tenant."})
     if plan is not None and plan.tenant_id != consumer.tenant_id:
         raise ValidationError({"plan_id": "Unknown plan for this consumer's tenant."})
     if not api.routable:
-        raise ValidationError({"api_id": f"This API is {api.status}; only active or deprecated APIs accept subscriptions."})
+        raise ValidationError(
+            {"api_id": f"This API is {api.status}; only active or deprecated APIs accept subscriptions."}
+        )
     if consumer.status != Consumer.Status.ACTIVE:
         raise ValidationError({"consumer_id": "This consumer is blocked."})
     if Subscription.objects.filter(
         consumer=consumer, api=api, status__in=[Subscription.Status.PENDING, Subscription.Status.ACTIVE]
     ).exists():
         raise ValidationError({"api_id": "This consumer already has a pending or active subscription to this API."})
-    manual = api.subscription_approval == Api.Approval.MANUAL or (plan is not None and plan.approval == Plan.Approval.MANUAL)
+
+
+@transaction.atomic
+def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Plan | None = None) -> Subscription:
+    """Ask for access. Auto-approved when both the API and the plan (if any) say so; else pending."""
+    subscription_check(consumer=consumer, api=api, plan=plan)
+    manual = api.subscription_approval == Api.Approval.MANUAL or (
+        plan is not None and plan.approval == Plan.Approval.MANUAL
+    )
     subscription = Subscription(
         consumer=consumer,
         api=api,
@@ -680,14 +723,21 @@ def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Pl
         tenant_id=consumer.tenant_id,
         action="subscription.request",
         obj=subscription,
-        changes={"consumer_id": consumer.pk, "api_id": api.pk, "plan_id": plan.pk if plan else None, "status": subscription.status},
+        changes={
+            "consumer_id": consumer.pk,
+            "api_id": api.pk,
+            "plan_id": plan.pk if plan else None,
+            "status": subscription.status,
+        },
     )
     if not manual:
         config_changed()
     return subscription
 
 
-def _decide(*, subscription: Subscription, to: str, allowed_from: tuple[str, ...], actor: Actor, note: str, action: str) -> Subscription:
+def _decide(
+    *, subscription: Subscription, to: str, allowed_from: tuple[str, ...], actor: Actor, note: str, action: str
+) -> Subscription:
     subscription = Subscription.objects.select_for_update().get(pk=subscription.pk)
     if subscription.status not in allowed_from:
         raise ValidationError({"status": f"A {subscription.status} subscription cannot become {to}."})
@@ -712,16 +762,24 @@ def _decide(*, subscription: Subscription, to: str, allowed_from: tuple[str, ...
 @transaction.atomic
 def subscription_approve(*, subscription: Subscription, actor: Actor, note: str = "") -> Subscription:
     return _decide(
-        subscription=subscription, to=Subscription.Status.ACTIVE, allowed_from=(Subscription.Status.PENDING,),
-        actor=actor, note=note, action="subscription.approve",
+        subscription=subscription,
+        to=Subscription.Status.ACTIVE,
+        allowed_from=(Subscription.Status.PENDING,),
+        actor=actor,
+        note=note,
+        action="subscription.approve",
     )
 
 
 @transaction.atomic
 def subscription_reject(*, subscription: Subscription, actor: Actor, note: str = "") -> Subscription:
     return _decide(
-        subscription=subscription, to=Subscription.Status.REJECTED, allowed_from=(Subscription.Status.PENDING,),
-        actor=actor, note=note, action="subscription.reject",
+        subscription=subscription,
+        to=Subscription.Status.REJECTED,
+        allowed_from=(Subscription.Status.PENDING,),
+        actor=actor,
+        note=note,
+        action="subscription.reject",
     )
 
 

@@ -219,7 +219,9 @@ GATEWAY: dict[str, Any] = {
     # How often a worker checks Redis for a changed configuration version.
     "CONFIG_POLL_SECONDS": env.float("GATEWAY_CONFIG_POLL_SECONDS", default=0.25),
     # Largest request body forwarded upstream; larger ones get 413.
-    "MAX_BODY_BYTES": env.int("GATEWAY_MAX_BODY_BYTES", default=int(_file("gateway", "max_body_bytes") or 10 * 1024**3)),
+    "MAX_BODY_BYTES": env.int(
+        "GATEWAY_MAX_BODY_BYTES", default=int(_file("gateway", "max_body_bytes") or 10 * 1024**3)
+    ),
     # Proxies whose X-Forwarded-For we believe (IPs or CIDRs).
     "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
     "AUTH_CACHE_SECONDS": env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0),
@@ -255,6 +257,13 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 
 LOGIN_URL = "/admin/login/"
 
+# Portal sign-in lockout (portal/lockout.py): counters in the shared cache, so every worker agrees.
+# After ACCOUNT_FAILURES wrong passwords for one user name, or IP_FAILURES from one address, within
+# LOCKOUT_SECONDS, further attempts are refused (even with the right password) until LOCKOUT_SECONDS pass.
+PORTAL_LOGIN_ACCOUNT_FAILURES: int = env.int("PORTAL_LOGIN_ACCOUNT_FAILURES", default=5)
+PORTAL_LOGIN_IP_FAILURES: int = env.int("PORTAL_LOGIN_IP_FAILURES", default=20)
+PORTAL_LOGIN_LOCKOUT_SECONDS: int = env.int("PORTAL_LOGIN_LOCKOUT_SECONDS", default=900)
+
 # ---------------------------------------------------------------------------
 # Internationalisation and static files
 # ---------------------------------------------------------------------------
@@ -269,6 +278,8 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 EMAIL_BACKEND: str = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL: str = env.str("DEFAULT_FROM_EMAIL", default="apimgmt@localhost")
+# Used by django.core.mail.backends.filebased.EmailBackend (tests read the portal's mails from it).
+EMAIL_FILE_PATH: str | None = env.str("EMAIL_FILE_PATH", default="") or None
 if env.str("EMAIL_URL", default=""):
     vars().update(env.email_url("EMAIL_URL"))
 
@@ -305,6 +316,6 @@ LOGGING: dict[str, Any] = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
-        "django.db.backends": {"level": "INFO" if not DEBUG else "INFO", "propagate": True},
+        "django.db.backends": {"propagate": True},
     },
 }

@@ -18,7 +18,9 @@ RESERVED_SEGMENTS = frozenset({"admin", "mgmt", "portal", "static", "health", "r
 _SEGMENT = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@]+$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,64}$")
 _QUERY_PARAM = re.compile(r"^[A-Za-z0-9_\-.]{1,64}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 
 
@@ -102,7 +104,7 @@ def validate_upstream_url(value: str, *, allow_private: bool | None = None) -> s
         f"upstream_url host {host!r} is a loopback, private, link-local or metadata address; "
         "set UPSTREAM_ALLOW_PRIVATE=true to allow internal upstreams."
     )
-    if host == "localhost" or host.endswith(".localhost") or host in _METADATA_HOSTS or host.endswith(".internal"):
+    if host == "localhost" or host.endswith((".localhost", ".internal")) or host in _METADATA_HOSTS:
         raise ValidationError(private_message)
     try:
         literal = ipaddress.ip_address(host)
@@ -177,9 +179,7 @@ def validate_policy_config(policy_type: str, config: Any) -> dict[str, Any]:
         allowed = set(RATE_WINDOWS) | {"burst_size", "key_extraction", "window_type"}
         windows = [w for w in RATE_WINDOWS if w in config]
         if not windows:
-            raise ValidationError(
-                "rate_limiting config needs at least one of " + ", ".join(RATE_WINDOWS) + "."
-            )
+            raise ValidationError("rate_limiting config needs at least one of " + ", ".join(RATE_WINDOWS) + ".")
     elif policy_type == "quota":
         allowed = set(QUOTA_WINDOWS) | {"key_extraction"}
         windows = [w for w in QUOTA_WINDOWS if w in config]

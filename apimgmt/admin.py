@@ -1,0 +1,795 @@
+"""The Django admin for platform staff: every model, scoped by tenant, with writes going through the services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+
+from apimgmt import selectors, services
+from apimgmt.models import (
+    Api,
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    TenantMembership,
+    UpstreamTarget,
+    UsageRecord,
+)
+from apimgmt.validation import validate_policy_config, validate_timezone
+
+admin.site.site_header = "apimgmt administration"
+admin.site.site_title = "apimgmt"
+admin.site.index_title = "Platform"
+
+
+def _report(request: HttpRequest, done: int, verb: str, errors: list[str]) -> None:
+    noun = "object" if done == 1 else "objects"
+    if done:
+        messages.success(request, f"{verb} {done} {noun}.")
+    for error in errors:
+        messages.error(request, error)
+    if not done and not errors:
+        messages.info(request, f"Nothing to do: no selected object could be {verb.lower()}.")
+
+
+def _errors_to_form(form: forms.BaseForm, exc: ValidationError) -> None:
+    """Put a service's ValidationError on the form: field errors next to their field, the rest on top."""
+    if hasattr(exc, "error_dict"):
+        for field, errors in exc.message_dict.items():
+            form.add_error(field if field in form.fields else None, errors)
+    else:
+        form.add_error(None, exc)
+
+
+def _messages_of(exc: ValidationError) -> str:
+    return "; ".join(exc.messages)
+
+
+class TenantScopedAdmin(admin.ModelAdmin):
+    """Staff who are not superusers see only rows of tenants they are members of (others answer 404)."""
+
+    tenant_path = "tenant"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        qs = super().get_queryset(request)
+        if selectors.is_platform_staff(request.user):
+            return qs
+        tenant_ids = selectors.tenant_ids_for_user(request.user)
+        return qs.filter(**{f"{self.tenant_path}__in": tenant_ids})
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        # Tenant-scoped staff only pick from their own tenants' rows.
+        if not selectors.is_platform_staff(request.user):
+            tenant_ids = selectors.tenant_ids_for_user(request.user)
+            related = db_field.related_model
+            if related is Tenant:
+                kwargs["queryset"] = Tenant.objects.filter(id__in=tenant_ids)
+            elif related in (Consumer, Api, Plan, Policy):
+                kwargs["queryset"] = related.objects.filter(tenant_id__in=tenant_ids)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if not selectors.is_platform_staff(request.user) and db_field.related_model is Policy:
+            kwargs["queryset"] = Policy.objects.filter(tenant_id__in=selectors.tenant_ids_for_user(request.user))
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Tenants and memberships
+# ---------------------------------------------------------------------------
+
+
+class MembershipInline(admin.TabularInline):
+    model = TenantMembership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+class TenantForm(forms.ModelForm):
+    class Meta:
+        model = Tenant
+        fields = ["id", "name", "timezone", "open_signup"]
+
+    def clean_timezone(self) -> str:
+        return validate_timezone(self.cleaned_data["timezone"])
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    form = TenantForm
+    list_display = ["id", "name", "status", "timezone", "open_signup", "api_count", "consumer_count", "created_at"]
+    list_filter = ["status", "open_signup"]
+    search_fields = ["id", "name"]
+    inlines = [MembershipInline]
+    actions = ["suspend_tenants", "activate_tenants"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
+        qs = selectors.tenants_visible_to(request.user)
+        return qs.annotate(
+            _apis=Count("apis", distinct=True),
+            _consumers=Count("consumers", distinct=True),
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> list[str]:
+        return ["id", "status", "created_at"] if obj else ["status", "created_at"]
+
+    @admin.display(description="APIs", ordering="_apis")
+    def api_count(self, obj: Tenant) -> int:
+        return obj._apis  # type: ignore[attr-defined,no-any-return]
+
+    @admin.display(description="consumers", ordering="_consumers")
+    def consumer_count(self, obj: Tenant) -> int:
+        return obj._consumers  # type: ignore[attr-defined,no-any-return]
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            services.tenant_update(
+                tenant=obj,
+                actor=request.user,
+                name=data["name"],
+                timezone=data["timezone"],
+                open_signup=data["open_signup"],
+            )
+        else:
+            created = services.tenant_create(
+                id=data["id"],
+                name=data["name"],
+                timezone_name=data["timezone"],
+                open_signup=data["open_signup"],
+                actor=request.user,
+            )
+            obj.pk = created.pk
+            obj._state.adding = False
+            obj._state.db = "default"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return selectors.is_platform_staff(request.user)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        return selectors.is_platform_staff(request.user)
+
+    @admin.action(description="Suspend selected tenants (their APIs stop routing)")
+    def suspend_tenants(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        done = 0
+        for tenant in queryset:
+            if tenant.status != Tenant.Status.SUSPENDED:
+                services.tenant_suspend(tenant=tenant, actor=request.user)
+                done += 1
+        _report(request, done, "Suspended", [])
+
+    @admin.action(description="Re-activate selected tenants")
+    def activate_tenants(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        done = 0
+        for tenant in queryset:
+            if tenant.status != Tenant.Status.ACTIVE:
+                services.tenant_activate(tenant=tenant, actor=request.user)
+                done += 1
+        _report(request, done, "Activated", [])
+
+
+@admin.register(TenantMembership)
+class TenantMembershipAdmin(TenantScopedAdmin):
+    list_display = ["user", "tenant", "role", "created_at"]
+    list_filter = ["role", "tenant"]
+    search_fields = ["user__username", "user__email", "tenant__id", "tenant__name"]
+    list_select_related = ["user", "tenant"]
+    autocomplete_fields = ["user"]
+
+
+# ---------------------------------------------------------------------------
+# Policies and plans
+# ---------------------------------------------------------------------------
+
+
+class PolicyForm(forms.ModelForm):
+    class Meta:
+        model = Policy
+        fields = ["tenant", "name", "description", "policy_type", "config", "mode", "on_store_error"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if "config" in data and data.get("policy_type"):
+            try:
+                data["config"] = validate_policy_config(data["policy_type"], data["config"])
+            except ValidationError as exc:
+                self.add_error("config", exc)
+        return data
+
+
+@admin.register(Policy)
+class PolicyAdmin(TenantScopedAdmin):
+    form = PolicyForm
+    list_display = ["name", "tenant", "policy_type", "mode", "on_store_error", "summary", "updated_at"]
+    list_filter = ["policy_type", "mode", "on_store_error", "tenant"]
+    search_fields = ["id", "name", "tenant__id"]
+    list_select_related = ["tenant"]
+    readonly_fields = ["id", "created_at", "updated_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Policy | None = None) -> list[str]:
+        base = list(self.readonly_fields)
+        return [*base, "tenant", "policy_type"] if obj else base
+
+    @admin.display(description="limits")
+    def summary(self, obj: Policy) -> str:
+        return ", ".join(f"{k}={v}" for k, v in obj.config.items() if k.startswith("requests_per_"))
+
+    def save_model(self, request: HttpRequest, obj: Policy, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            services.policy_update(
+                policy=obj,
+                actor=request.user,
+                name=data["name"],
+                description=data["description"],
+                config=data["config"],
+                mode=data["mode"],
+                on_store_error=data["on_store_error"],
+            )
+        else:
+            created = services.policy_create(
+                tenant=data["tenant"],
+                name=data["name"],
+                description=data["description"],
+                policy_type=data["policy_type"],
+                config=data["config"],
+                mode=data["mode"],
+                on_store_error=data["on_store_error"],
+                actor=request.user,
+            )
+            obj.pk = created.pk
+            obj._state.adding = False
+
+
+@admin.register(Plan)
+class PlanAdmin(TenantScopedAdmin):
+    list_display = ["name", "tenant", "approval", "policy_list", "subscriber_count"]
+    list_filter = ["approval", "tenant"]
+    search_fields = ["id", "name", "tenant__id"]
+    list_select_related = ["tenant"]
+    filter_horizontal = ["policies"]
+    readonly_fields = ["id", "created_at", "updated_at"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related("policies")
+            .annotate(_subs=Count("subscriptions", filter=Q(subscriptions__status="active")))
+        )
+
+    @admin.display(description="policies")
+    def policy_list(self, obj: Plan) -> str:
+        return ", ".join(p.name for p in obj.policies.all()) or "—"
+
+    @admin.display(description="active subscribers", ordering="_subs")
+    def subscriber_count(self, obj: Plan) -> int:
+        return obj._subs  # type: ignore[attr-defined,no-any-return]
+
+    def save_model(self, request: HttpRequest, obj: Plan, form: forms.ModelForm, change: bool) -> None:
+        # The many-to-many is saved by save_related through the service below.
+        data = form.cleaned_data
+        if change:
+            services.plan_update(
+                plan=obj,
+                actor=request.user,
+                name=data["name"],
+                description=data["description"],
+                approval=data["approval"],
+            )
+        else:
+            created = services.plan_create(
+                tenant=data["tenant"],
+                name=data["name"],
+                description=data["description"],
+                approval=data["approval"],
+                actor=request.user,
+            )
+            obj.pk = created.pk
+            obj._state.adding = False
+
+    def save_related(self, request: HttpRequest, form: forms.ModelForm, formsets: Any, change: bool) -> None:
+        services.plan_update(plan=form.instance, actor=request.user, policies=form.cleaned_data["policies"])
+
+
+# ---------------------------------------------------------------------------
+# APIs
+# ---------------------------------------------------------------------------
+
+
+class UpstreamTargetInline(admin.TabularInline):
+    model = UpstreamTarget
+    extra = 0
+    fields = ["url", "weight"]
+
+
+class ApiForm(forms.ModelForm):
+    class Meta:
+        model = Api
+        fields = ["tenant", "status", *services.API_FIELDS, "policies"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        candidate = Api(**{k: v for k, v in data.items() if k not in ("policies",)})
+        try:
+            services.api_check(candidate)
+        except ValidationError as exc:
+            _errors_to_form(self, exc)
+        return data
+
+
+@admin.register(Api)
+class ApiAdmin(TenantScopedAdmin):
+    form = ApiForm
+    list_display = [
+        "api_name",
+        "tenant",
+        "route",
+        "upstream_url",
+        "status_badge",
+        "visibility",
+        "subscription_approval",
+    ]
+    list_filter = ["status", "visibility", "subscription_approval", "tenant"]
+    search_fields = ["id", "api_name", "base_path", "host", "upstream_url", "tenant__id"]
+    list_select_related = ["tenant"]
+    filter_horizontal = ["policies"]
+    inlines = [UpstreamTargetInline]
+    actions = ["activate_apis", "deprecate_apis", "retire_apis"]
+    fieldsets = [
+        (None, {"fields": ["id", "tenant", "api_name", "description", "status", "sunset_at", "visibility"]}),
+        ("Routing", {"fields": ["base_path", "host", "upstream_url", "strip_path"]}),
+        ("Consumer keys", {"fields": ["key_header", "accept_bearer", "key_query_param", "subscription_approval"]}),
+        (
+            "Upstream behaviour",
+            {
+                "fields": [
+                    "connect_timeout",
+                    "read_timeout",
+                    "total_timeout",
+                    "retries",
+                    "cb_failure_threshold",
+                    "cb_recovery_timeout",
+                ]
+            },
+        ),
+        ("Policies and documentation", {"fields": ["policies", "openapi_spec"]}),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Api | None = None) -> list[str]:
+        fields = ["id", "created_at", "updated_at"]
+        # Status changes go through the actions (activate / deprecate / retire).
+        return [*fields, "tenant", "status"] if obj else fields
+
+    @admin.display(description="route")
+    def route(self, obj: Api) -> str:
+        return f"{obj.host}{obj.base_path}" if obj.host else obj.base_path
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: Api) -> str:
+        colours = {"active": "#2e7d32", "deprecated": "#ef6c00", "draft": "#607d8b", "retired": "#9e9e9e"}
+        return format_html('<b style="color:{}">{}</b>', colours.get(obj.status, "#000"), obj.get_status_display())
+
+    def save_model(self, request: HttpRequest, obj: Api, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        fields = {name: data[name] for name in services.API_FIELDS if name in data}
+        if change:
+            services.api_update(api=obj, actor=request.user, **fields)
+        else:
+            created = services.api_create(
+                tenant=data["tenant"], actor=request.user, status=data.get("status") or Api.Status.DRAFT, **fields
+            )
+            obj.pk = created.pk
+            obj._state.adding = False
+
+    def save_related(self, request: HttpRequest, form: forms.ModelForm, formsets: Any, change: bool) -> None:
+        api = form.instance
+        targets: list[tuple[str, int]] = []
+        for formset in formsets:
+            for target_form in formset.forms:
+                cleaned = getattr(target_form, "cleaned_data", None)
+                if cleaned and not cleaned.get("DELETE") and cleaned.get("url"):
+                    targets.append((cleaned["url"], cleaned.get("weight") or 1))
+        services.api_update(api=api, actor=request.user, policies=form.cleaned_data["policies"], targets=targets)
+
+    def _transition(self, request: HttpRequest, queryset: QuerySet[Api], verb: str, **kwargs: Any) -> None:
+        action = {
+            "Activated": services.api_activate,
+            "Deprecated": services.api_deprecate,
+            "Retired": services.api_retire,
+        }[verb]
+        done, errors = 0, []
+        target = {"Activated": "active", "Deprecated": "deprecated", "Retired": "retired"}[verb]
+        for api in queryset:
+            if api.status == target:
+                continue
+            try:
+                action(api=api, actor=request.user, **kwargs)
+                done += 1
+            except ValidationError as exc:
+                errors.append(f"{api.api_name}: {_messages_of(exc)}")
+        _report(request, done, verb, errors)
+
+    @admin.action(description="Activate selected APIs")
+    def activate_apis(self, request: HttpRequest, queryset: QuerySet[Api]) -> None:
+        self._transition(request, queryset, "Activated")
+
+    @admin.action(description="Deprecate selected APIs (still routed, with a Deprecation header)")
+    def deprecate_apis(self, request: HttpRequest, queryset: QuerySet[Api]) -> None:
+        self._transition(request, queryset, "Deprecated")
+
+    @admin.action(description="Retire selected APIs (stop routing; cancels subscriptions)")
+    def retire_apis(self, request: HttpRequest, queryset: QuerySet[Api]) -> None:
+        self._transition(request, queryset, "Retired")
+
+
+# ---------------------------------------------------------------------------
+# Consumers and keys
+# ---------------------------------------------------------------------------
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    extra = 0
+    can_delete = False
+    fields = ["key_id", "name", "key_prefix", "active", "expires_at", "last_used_at", "revoked_at"]
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Consumer)
+class ConsumerAdmin(TenantScopedAdmin):
+    list_display = ["name", "tenant", "owner", "status", "active_keys", "created_at"]
+    list_filter = ["status", "tenant"]
+    search_fields = ["id", "name", "owner__username", "owner__email", "tenant__id"]
+    list_select_related = ["tenant", "owner"]
+    autocomplete_fields = ["owner"]
+    readonly_fields = ["id", "created_at"]
+    inlines = [ApiKeyInline]
+    actions = ["block_consumers", "unblock_consumers"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Consumer]:
+        return super().get_queryset(request).annotate(_keys=Count("keys", filter=Q(keys__active=True)))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Consumer | None = None) -> list[str]:
+        return ["id", "created_at", "tenant", "status"] if obj else ["id", "created_at", "status"]
+
+    @admin.display(description="active keys", ordering="_keys")
+    def active_keys(self, obj: Consumer) -> int:
+        return obj._keys  # type: ignore[attr-defined,no-any-return]
+
+    def save_model(self, request: HttpRequest, obj: Consumer, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            services.consumer_update(
+                consumer=obj, actor=request.user, name=data["name"], description=data["description"]
+            )
+            if obj.owner_id != (data["owner"].pk if data.get("owner") else None):
+                Consumer.objects.filter(pk=obj.pk).update(owner=data.get("owner"))
+        else:
+            created = services.consumer_create(
+                tenant=data["tenant"],
+                name=data["name"],
+                description=data["description"],
+                owner=data.get("owner"),
+                actor=request.user,
+            )
+            obj.pk = created.pk
+            obj._state.adding = False
+
+    def delete_model(self, request: HttpRequest, obj: Consumer) -> None:
+        services.consumer_delete(consumer=obj, actor=request.user)
+
+    @admin.action(description="Block selected consumers (their keys get 403)")
+    def block_consumers(self, request: HttpRequest, queryset: QuerySet[Consumer]) -> None:
+        done = 0
+        for consumer in queryset.filter(status=Consumer.Status.ACTIVE):
+            services.consumer_block(consumer=consumer, actor=request.user)
+            done += 1
+        _report(request, done, "Blocked", [])
+
+    @admin.action(description="Unblock selected consumers")
+    def unblock_consumers(self, request: HttpRequest, queryset: QuerySet[Consumer]) -> None:
+        done = 0
+        for consumer in queryset.filter(status=Consumer.Status.BLOCKED):
+            services.consumer_unblock(consumer=consumer, actor=request.user)
+            done += 1
+        _report(request, done, "Unblocked", [])
+
+
+class ApiKeyAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["consumer", "name", "expires_at"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        try:
+            services.api_key_check(consumer=data.get("consumer"), expires_at=data.get("expires_at"))
+        except ValidationError as exc:
+            _errors_to_form(self, exc)
+        return data
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(TenantScopedAdmin):
+    tenant_path = "consumer__tenant"
+    list_display = [
+        "key_prefix_display",
+        "name",
+        "consumer",
+        "tenant",
+        "state",
+        "expires_at",
+        "last_used_at",
+        "created_at",
+    ]
+    list_filter = ["active", "consumer__tenant"]
+    search_fields = ["key_id", "key_prefix", "name", "consumer__name", "consumer__id", "consumer__tenant__id"]
+    list_select_related = ["consumer", "consumer__tenant"]
+    actions = ["revoke_keys", "rotate_keys"]
+    readonly_fields = ["key_id", "key_prefix", "active", "last_used_at", "revoked_at", "rotated_from", "created_at"]
+
+    def get_form(self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = ApiKeyAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        if obj is None:
+            return ["consumer", "name", "expires_at"]
+        return [
+            "key_id",
+            "consumer",
+            "name",
+            "key_prefix",
+            "active",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+            "rotated_from",
+            "created_at",
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        if obj is None:
+            return []
+        if obj.revoked_at is not None:
+            # A revoked key is history: nothing about it changes any more.
+            return self.get_fields(request, obj)
+        return [*self.readonly_fields, "consumer"]
+
+    @admin.display(description="key", ordering="key_prefix")
+    def key_prefix_display(self, obj: ApiKey) -> str:
+        return f"{obj.key_prefix}…"
+
+    @admin.display(description="tenant", ordering="consumer__tenant_id")
+    def tenant(self, obj: ApiKey) -> str:
+        return obj.consumer.tenant_id
+
+    @admin.display(description="state")
+    def state(self, obj: ApiKey) -> str:
+        if obj.revoked_at:
+            return "revoked"
+        return "active" if obj.is_usable() else "expired"
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            if obj.revoked_at is None:
+                ApiKey.objects.filter(pk=obj.pk).update(
+                    name=data.get("name", obj.name), expires_at=data.get("expires_at")
+                )
+                services.audit_record(
+                    actor=request.user,
+                    tenant_id=obj.consumer.tenant_id,
+                    action="api_key.update",
+                    obj=obj,
+                    changes={"name": data.get("name"), "expires_at": data.get("expires_at")},
+                )
+                services.config_changed()
+            return
+        key, plaintext = services.api_key_create(
+            consumer=data["consumer"],
+            name=data.get("name") or "",
+            expires_at=data.get("expires_at"),
+            actor=request.user,
+        )
+        obj.pk = key.pk
+        obj._state.adding = False
+        self._show_plaintext(request, key, plaintext)
+
+    @staticmethod
+    def _show_plaintext(request: HttpRequest, key: ApiKey, plaintext: str) -> None:
+        messages.warning(
+            request,
+            format_html(
+                "New key for <b>{}</b>: <code>{}</code> — copy it now; it is shown only once and cannot be recovered.",
+                key.consumer.name,
+                plaintext,
+            ),
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return False  # keys are revoked, not deleted, so their history stays
+
+    @admin.action(description="Revoke selected keys (one-way)")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        done = 0
+        for key in queryset.filter(revoked_at__isnull=True):
+            services.api_key_revoke(key=key, actor=request.user)
+            done += 1
+        _report(request, done, "Revoked", [])
+
+    @admin.action(description="Rotate selected keys (old key valid one more hour)")
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        done, errors = 0, []
+        for key in queryset.select_related("consumer"):
+            try:
+                successor, plaintext = services.api_key_rotate(key=key, overlap_seconds=3600, actor=request.user)
+            except ValidationError as exc:
+                errors.append(f"{key.key_prefix}…: {_messages_of(exc)}")
+                continue
+            self._show_plaintext(request, successor, plaintext)
+            done += 1
+        _report(request, done, "Rotated", errors)
+
+
+# ---------------------------------------------------------------------------
+# Subscriptions
+# ---------------------------------------------------------------------------
+
+
+class SubscriptionForm(forms.ModelForm):
+    class Meta:
+        model = Subscription
+        fields = ["consumer", "api", "plan"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("consumer") and data.get("api"):
+            try:
+                services.subscription_check(consumer=data["consumer"], api=data["api"], plan=data.get("plan"))
+            except ValidationError as exc:
+                _errors_to_form(self, exc)
+        return data
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(TenantScopedAdmin):
+    form = SubscriptionForm
+    tenant_path = "api__tenant"
+    list_display = ["id", "consumer", "api", "plan", "status", "decided_by", "decided_at", "created_at"]
+    list_filter = ["status", "api__tenant", "plan"]
+    search_fields = ["id", "consumer__name", "api__api_name", "plan__name", "api__tenant__id"]
+    list_select_related = ["consumer", "api", "plan", "decided_by"]
+    readonly_fields = ["id", "status", "decided_by", "decided_at", "decision_note", "created_at"]
+    actions = ["approve_subscriptions", "reject_subscriptions", "cancel_subscriptions"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Subscription | None = None) -> list[str]:
+        return [*self.readonly_fields, "consumer", "api", "plan"] if obj else self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: Subscription, form: forms.ModelForm, change: bool) -> None:
+        if change:
+            return
+        data = form.cleaned_data
+        created = services.subscription_request(
+            consumer=data["consumer"], api=data["api"], plan=data.get("plan"), actor=request.user
+        )
+        obj.pk = created.pk
+        obj._state.adding = False
+
+    def _decide(self, request: HttpRequest, queryset: QuerySet[Subscription], verb: str) -> None:
+        action = {
+            "Approved": services.subscription_approve,
+            "Rejected": services.subscription_reject,
+            "Cancelled": services.subscription_cancel,
+        }[verb]
+        done, errors = 0, []
+        for subscription in queryset:
+            try:
+                action(subscription=subscription, actor=request.user)
+                done += 1
+            except ValidationError as exc:
+                errors.append(f"{subscription.pk}: {_messages_of(exc)}")
+        _report(request, done, verb, errors)
+
+    @admin.action(description="Approve selected pending subscriptions")
+    def approve_subscriptions(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self._decide(request, queryset, "Approved")
+
+    @admin.action(description="Reject selected pending subscriptions")
+    def reject_subscriptions(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self._decide(request, queryset, "Rejected")
+
+    @admin.action(description="Cancel selected subscriptions")
+    def cancel_subscriptions(self, request: HttpRequest, queryset: QuerySet[Subscription]) -> None:
+        self._decide(request, queryset, "Cancelled")
+
+
+# ---------------------------------------------------------------------------
+# Read-only history: usage and audit
+# ---------------------------------------------------------------------------
+
+
+class FixedCountPaginator(Paginator):
+    """Counting am_usage_records on every page view is too slow; claim a large fixed count instead."""
+
+    @cached_property
+    def count(self) -> int:
+        return 1_000_000
+
+
+class ReadOnlyAdmin(TenantScopedAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    list_display = [
+        "timestamp",
+        "tenant",
+        "api_id",
+        "consumer_id",
+        "key_id",
+        "status_code",
+        "request_count",
+        "error_count",
+        "bytes_out",
+        "latency_avg",
+    ]
+    list_filter = ["tenant", "status_code"]
+    search_fields = ["api_id", "consumer_id", "key_id"]
+    paginator = FixedCountPaginator
+    show_full_result_count = False
+    date_hierarchy = None
+
+    @admin.display(description="avg latency (ms)")
+    def latency_avg(self, obj: UsageRecord) -> str:
+        return f"{obj.latency_ms_sum / obj.request_count:.1f}" if obj.request_count else "—"
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ["at", "actor_repr", "tenant_id", "action", "object_type", "object_id", "request_id", "ip"]
+    list_filter = ["action", "object_type"]
+    search_fields = ["object_id", "actor_repr", "request_id", "tenant_id", "action"]
+    readonly_fields = [
+        "at",
+        "actor",
+        "actor_repr",
+        "tenant",
+        "action",
+        "object_type",
+        "object_id",
+        "changes",
+        "request_id",
+        "ip",
+    ]
+    show_full_result_count = False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_active and request.user.is_staff)

@@ -1,0 +1,404 @@
+"""Management API serializers: they validate shape and render rows; the services do every write."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.db.models import Manager
+from rest_framework import serializers
+
+from apimgmt.models import (
+    TENANT_ID_VALIDATOR,
+    Api,
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    UpstreamTarget,
+)
+from apimgmt.services import MAX_OVERLAP_SECONDS
+
+MAX_JSON_DEPTH = 32
+ID_FIELD_LENGTH = 32
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    """PostgreSQL's jsonb refuses NUL characters and very deep documents: say so instead of failing later."""
+    if depth > MAX_JSON_DEPTH:
+        raise serializers.ValidationError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels.")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise serializers.ValidationError("JSON strings must not contain NUL (\\u0000) characters.")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, depth + 1)
+            _check_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+
+
+class SafeJSONField(serializers.JSONField):
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        _check_json(value)
+        return value
+
+
+class JSONObjectField(SafeJSONField):
+    """A JSON object (not a list, string or number)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Must be a JSON object.")
+        return value
+
+
+class IdListField(serializers.ListField):
+    """A list of related ids, rendered from a many-to-many manager."""
+
+    child = serializers.CharField(max_length=ID_FIELD_LENGTH)
+
+    def to_representation(self, data: Any) -> list[str]:
+        if isinstance(data, Manager):
+            return [str(item.pk) for item in data.all()]
+        return [str(item) for item in data]
+
+
+class StrictSerializerMixin:
+    """Reject unknown fields (naming them) instead of ignoring them; create-only fields stay put on update."""
+
+    create_only_fields: tuple[str, ...] = ()
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            fields = self.fields  # type: ignore[attr-defined]
+            writable = {name for name, f in fields.items() if not f.read_only}
+            errors: dict[str, list[str]] = {}
+            for name in data:
+                if name in writable:
+                    continue
+                if name in fields:
+                    errors[name] = ["This field is read-only."]
+                else:
+                    errors[str(name)] = ["Unknown field."]
+            instance = getattr(self, "instance", None)
+            if instance is not None:
+                for name in self.create_only_fields:
+                    source = fields[name].source
+                    if name in data and data[name] != getattr(instance, source):
+                        errors[name] = [f"{name} cannot be changed after creation."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)  # type: ignore[misc]
+
+
+class StrictSerializer(StrictSerializerMixin, serializers.Serializer):  # type: ignore[type-arg]
+    pass
+
+
+class StrictModelSerializer(StrictSerializerMixin, serializers.ModelSerializer):  # type: ignore[type-arg]
+    class Meta:
+        validators: list[Any] = []  # uniqueness is the services' job, with their messages
+
+
+# ---------------------------------------------------------------------------
+# Tenants
+# ---------------------------------------------------------------------------
+
+
+class TenantSerializer(StrictModelSerializer):
+    id = serializers.CharField(max_length=63, validators=[TENANT_ID_VALIDATOR], help_text="Slug, e.g. acme.")
+    create_only_fields = ("id",)
+
+    class Meta:
+        model = Tenant
+        fields = ["id", "name", "status", "timezone", "open_signup", "created_at"]
+        read_only_fields = ["status", "created_at"]
+        validators: list[Any] = []
+
+
+# ---------------------------------------------------------------------------
+# Policies and plans
+# ---------------------------------------------------------------------------
+
+
+class PolicySerializer(StrictModelSerializer):
+    tenant_id = serializers.CharField(max_length=63)
+    config = JSONObjectField(help_text="Validated per policy_type; e.g. {\"requests_per_minute\": 1000}.")
+    create_only_fields = ("tenant_id",)
+
+    class Meta:
+        model = Policy
+        fields = [
+            "id",
+            "tenant_id",
+            "name",
+            "description",
+            "policy_type",
+            "config",
+            "mode",
+            "on_store_error",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        validators: list[Any] = []
+
+
+class PlanSerializer(StrictModelSerializer):
+    tenant_id = serializers.CharField(max_length=63)
+    policies = IdListField(required=False, max_length=100, help_text="Policy ids of the same tenant.")
+    create_only_fields = ("tenant_id",)
+
+    class Meta:
+        model = Plan
+        fields = ["id", "tenant_id", "name", "description", "policies", "approval", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        validators: list[Any] = []
+
+
+# ---------------------------------------------------------------------------
+# APIs
+# ---------------------------------------------------------------------------
+
+
+class TargetSerializer(StrictModelSerializer):
+    class Meta:
+        model = UpstreamTarget
+        fields = ["url", "weight"]
+        validators: list[Any] = []
+
+
+class ApiSerializer(StrictModelSerializer):
+    tenant_id = serializers.CharField(max_length=63)
+    policies = IdListField(required=False, max_length=100, help_text="Policy ids applied to all traffic.")
+    targets = TargetSerializer(many=True, required=False, max_length=20, help_text="Extra weighted upstreams.")
+    openapi_spec = JSONObjectField(required=False, allow_null=True)
+    create_only_fields = ("tenant_id",)
+
+    class Meta:
+        model = Api
+        fields = [
+            "id",
+            "tenant_id",
+            "api_name",
+            "description",
+            "base_path",
+            "host",
+            "upstream_url",
+            "targets",
+            "strip_path",
+            "status",
+            "sunset_at",
+            "key_header",
+            "accept_bearer",
+            "key_query_param",
+            "connect_timeout",
+            "read_timeout",
+            "total_timeout",
+            "retries",
+            "cb_failure_threshold",
+            "cb_recovery_timeout",
+            "visibility",
+            "openapi_spec",
+            "subscription_approval",
+            "policies",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        validators: list[Any] = []
+
+
+class ApiDeprecateSerializer(StrictSerializer):
+    sunset_at = serializers.DateTimeField(required=False, allow_null=True, help_text="Announced retirement date.")
+
+
+class EmptySerializer(StrictSerializer):
+    """No body (any field is rejected)."""
+
+
+# ---------------------------------------------------------------------------
+# Consumers and keys
+# ---------------------------------------------------------------------------
+
+
+class ConsumerSerializer(StrictModelSerializer):
+    tenant_id = serializers.CharField(max_length=63)
+    owner = serializers.SlugRelatedField(slug_field="username", read_only=True, help_text="The user who owns it.")
+    create_only_fields = ("tenant_id",)
+
+    class Meta:
+        model = Consumer
+        fields = ["id", "tenant_id", "name", "description", "owner", "status", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        validators: list[Any] = []
+
+
+class ApiKeySerializer(StrictModelSerializer):
+    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
+    tenant_id = serializers.CharField(source="consumer.tenant_id", read_only=True)
+    rotated_from = serializers.CharField(source="rotated_from_id", read_only=True, allow_null=True)
+    create_only_fields = ("consumer_id",)
+
+    class Meta:
+        model = ApiKey
+        fields = [
+            "key_id",
+            "consumer_id",
+            "tenant_id",
+            "name",
+            "key_prefix",
+            "active",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+            "rotated_from",
+            "created_at",
+        ]
+        read_only_fields = ["key_id", "key_prefix", "active", "last_used_at", "revoked_at", "created_at"]
+        validators: list[Any] = []
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(read_only=True, help_text="The plaintext key. Shown in this response only.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]
+
+
+class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):
+    previous_key_expires_at = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="When the rotated key stops working."
+    )
+
+    class Meta(ApiKeyCreatedSerializer.Meta):
+        fields = [*ApiKeyCreatedSerializer.Meta.fields, "previous_key_expires_at"]
+
+
+class ApiKeyRotateSerializer(StrictSerializer):
+    overlap_seconds = serializers.IntegerField(
+        min_value=0,
+        max_value=MAX_OVERLAP_SECONDS,
+        default=3600,
+        help_text="How long the old key keeps working (0 = stops now).",
+    )
+    name = serializers.CharField(max_length=100, required=False, allow_blank=True, help_text="Name of the new key.")
+
+
+# ---------------------------------------------------------------------------
+# Subscriptions
+# ---------------------------------------------------------------------------
+
+
+class SubscriptionSerializer(StrictModelSerializer):
+    tenant_id = serializers.CharField(source="consumer.tenant_id", read_only=True)
+    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
+    api_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
+    plan_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False, allow_null=True)
+    decided_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Subscription
+        fields = [
+            "id",
+            "tenant_id",
+            "consumer_id",
+            "api_id",
+            "plan_id",
+            "status",
+            "decided_by",
+            "decided_at",
+            "decision_note",
+            "created_at",
+        ]
+        read_only_fields = ["id", "status", "decided_at", "decision_note", "created_at"]
+        validators: list[Any] = []
+
+
+class DecisionSerializer(StrictSerializer):
+    note = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+# ---------------------------------------------------------------------------
+# Usage and audit
+# ---------------------------------------------------------------------------
+
+
+class UsageQuerySerializer(StrictSerializer):
+    """Query parameters of GET usage/ (unknown parameters are rejected)."""
+
+    tenant_id = serializers.CharField(max_length=63, required=False)
+    api_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
+    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
+    key_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
+    interval = serializers.ChoiceField(choices=["minute", "hour", "day"], default="hour")
+    group_by = serializers.ChoiceField(
+        choices=["api_id", "consumer_id", "key_id", "status_code"], required=False, help_text="A second dimension."
+    )
+    # "from" is a keyword in Python; the field is declared under its wire name below.
+    to = serializers.DateTimeField(required=False, help_text="End (exclusive); default now.")
+
+    def get_fields(self) -> dict[str, serializers.Field]:  # type: ignore[type-arg]
+        fields = super().get_fields()
+        fields["from"] = serializers.DateTimeField(required=False, help_text="Start (inclusive); default 24 h before to.")
+        return fields
+
+
+class UsageBucketSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    bucket = serializers.DateTimeField(help_text="Start of the interval (UTC).")
+    api_id = serializers.CharField(required=False, help_text="Present with group_by=api_id.")
+    consumer_id = serializers.CharField(required=False, help_text="Present with group_by=consumer_id.")
+    key_id = serializers.CharField(required=False, help_text="Present with group_by=key_id.")
+    status_code = serializers.IntegerField(required=False, help_text="Present with group_by=status_code.")
+    requests = serializers.IntegerField()
+    errors = serializers.IntegerField()
+    rate_limited = serializers.IntegerField(help_text="Requests answered 429.")
+    bytes_in = serializers.IntegerField()
+    bytes_out = serializers.IntegerField()
+    latency_ms_avg = serializers.FloatField()
+    latency_ms_max = serializers.FloatField()
+
+
+class UsageSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    interval = serializers.CharField()
+    # Declared as fields named from/to below for the same reason as in UsageQuerySerializer.
+    to = serializers.DateTimeField()
+    results = UsageBucketSerializer(many=True)
+
+    def get_fields(self) -> dict[str, serializers.Field]:  # type: ignore[type-arg]
+        fields = super().get_fields()
+        fields["from"] = serializers.DateTimeField()
+        return fields
+
+
+class AuditEventSerializer(serializers.ModelSerializer):  # type: ignore[type-arg]
+    actor = serializers.CharField(source="actor_repr", read_only=True)
+    tenant_id = serializers.CharField(read_only=True, allow_null=True)
+    changes = serializers.JSONField(read_only=True)
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "at", "actor", "tenant_id", "action", "object_type", "object_id", "changes", "request_id", "ip"]
+        read_only_fields = fields
+
+
+class ProblemSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """RFC 9457 problem details."""
+
+    type = serializers.CharField()
+    title = serializers.CharField()
+    status = serializers.IntegerField()
+    detail = serializers.CharField()
+    errors = serializers.DictField(
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text="Field errors: {\"field\": [\"message\", …]}.",
+    )
+    request_id = serializers.CharField(required=False)

@@ -1,0 +1,175 @@
+"""Key authentication: find exactly one credential, check it offline, then resolve it through three cache levels."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+import redis
+from django.conf import settings
+
+from apimgmt import keys, selectors
+from apimgmt.redis_client import get_redis
+from apimgmt.selectors import KeyRecord
+from gateway.routing import Route
+
+logger = logging.getLogger(__name__)
+
+# Unknown hashes are remembered briefly so a flood of made-up (but well-formed) keys cannot reach the database
+# once per request; short, so a key created a moment ago starts working quickly anyway.
+NEGATIVE_TTL_SECONDS = 2.0
+_NEGATIVE_MARK = "null"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The key a request presented and where it was found (so the proxy can strip it)."""
+
+    key: str
+    source: str  # "header", "bearer" or "query"
+
+
+@dataclass(frozen=True)
+class AuthFailure:
+    status: int  # 401 or 403
+    reason: str  # metric label: missing, malformed, duplicate, unknown, revoked, expired, inactive, blocked, ...
+    detail: str
+
+
+# One body for every "no valid key" case, so a caller cannot tell unknown from revoked or expired.
+INVALID_KEY = "A valid API key is required. Send it in the API's key header or as 'Authorization: Bearer <key>'."
+
+
+def find_credentials(environ: dict[str, object], route: Route, query: str) -> list[Credential]:
+    """Every credential the request carries in the places this API accepts (more than one is an error)."""
+    found: list[Credential] = []
+    header_value = environ.get(route.key_header_environ)
+    if isinstance(header_value, str) and header_value.strip():
+        # Repeated headers arrive comma-joined; each part is a credential.
+        found.extend(Credential(part.strip(), "header") for part in header_value.split(","))
+    if route.spec.accept_bearer:
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        if isinstance(authorization, str) and authorization[:7].lower() == "bearer ":
+            found.extend(Credential(part.strip(), "bearer") for part in authorization[7:].split(","))
+    param = route.spec.key_query_param
+    if param and query and param in query:
+        for pair in query.split("&"):
+            name, sep, value = pair.partition("=")
+            if unquote_plus(name) == param:
+                found.append(Credential(unquote_plus(value), "query"))
+    return found
+
+
+class _Cache:
+    """A bounded per-worker map with expiry; cleared whole when full (cheap, and refills from Redis)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.items: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    def get(self, key: str, now: float) -> tuple[bool, KeyRecord | None]:
+        entry = self.items.get(key)
+        if entry is None or entry[0] < now:
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: str, value: KeyRecord | None, expires: float) -> None:
+        if len(self.items) >= self.max_size:
+            self.items.clear()
+        self.items[key] = (expires, value)
+
+
+class KeyResolver:
+    """Hash → KeyRecord through the worker's cache, then Redis (versioned key), then the database."""
+
+    def __init__(self) -> None:
+        self.ttl = float(settings.GATEWAY["AUTH_CACHE_SECONDS"])
+        max_size = int(settings.GATEWAY["AUTH_CACHE_MAX_SIZE"])
+        self.positive = _Cache(max_size)
+        # Negative entries have their own, smaller budget so a flood cannot evict the real keys.
+        self.negative = _Cache(max(100, max_size // 10))
+        self.lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.positive.items.clear()
+            self.negative.items.clear()
+
+    def resolve(self, key_hash: str, config_version: int) -> KeyRecord | None:
+        now = time.monotonic()
+        hit, record = self.positive.get(key_hash, now)
+        if hit:
+            return record
+        hit, record = self.negative.get(key_hash, now)
+        if hit:
+            return None
+        record, cacheable = self._from_redis_or_db(key_hash, config_version)
+        if cacheable:
+            with self.lock:
+                if record is None:
+                    self.negative.put(key_hash, None, now + NEGATIVE_TTL_SECONDS)
+                else:
+                    self.positive.put(key_hash, record, now + self.ttl)
+        return record
+
+    def _from_redis_or_db(self, key_hash: str, config_version: int) -> tuple[KeyRecord | None, bool]:
+        client = get_redis()
+        cache_key = f"cache:api:key:{config_version}:{key_hash}"
+        if client is not None:
+            try:
+                cached = client.get(cache_key)
+                if cached is not None:
+                    if cached in (b"null", _NEGATIVE_MARK):
+                        return None, True
+                    return KeyRecord.from_json(json.loads(cached)), True
+            except redis.RedisError:
+                logger.warning("key cache in Redis unavailable; reading the key from the database")
+                client = None
+        record = selectors.key_record_by_hash(key_hash)
+        if client is not None:
+            try:
+                if record is None:
+                    client.set(cache_key, _NEGATIVE_MARK, ex=max(1, int(NEGATIVE_TTL_SECONDS)))
+                else:
+                    client.set(cache_key, json.dumps(record.to_json()), ex=max(1, int(self.ttl)))
+            except redis.RedisError:
+                pass
+        return record, True
+
+
+def check_access(record: KeyRecord | None, route: Route, now: float) -> AuthFailure | None:
+    """Why ``record`` may not call ``route`` (None when it may)."""
+    if record is None:
+        return AuthFailure(401, "unknown", INVALID_KEY)
+    if record.revoked:
+        return AuthFailure(401, "revoked", INVALID_KEY)
+    if not record.active:
+        return AuthFailure(401, "inactive", INVALID_KEY)
+    if record.expires_at is not None and record.expires_at <= now:
+        return AuthFailure(401, "expired", INVALID_KEY)
+    if not record.consumer_active:
+        return AuthFailure(403, "blocked", "The application this key belongs to is blocked.")
+    if record.tenant_id != route.tenant_id or route.api_id not in record.subscriptions:
+        reason = "wrong_tenant" if record.tenant_id != route.tenant_id else "not_subscribed"
+        return AuthFailure(403, reason, "This key has no active subscription to this API.")
+    return None
+
+
+def authenticate(
+    environ: dict[str, object], route: Route, query: str, resolver: KeyResolver, config_version: int
+) -> tuple[KeyRecord | None, Credential | None, AuthFailure | None]:
+    credentials = find_credentials(environ, route, query)
+    if not credentials:
+        return None, None, AuthFailure(401, "missing", INVALID_KEY)
+    if len(credentials) > 1:
+        return None, None, AuthFailure(401, "duplicate", "Send exactly one API key (found more than one credential).")
+    credential = credentials[0]
+    if not keys.is_well_formed(credential.key):
+        return None, credential, AuthFailure(401, "malformed", INVALID_KEY)
+    record = resolver.resolve(keys.hash_key(credential.key), config_version)
+    failure = check_access(record, route, time.time())
+    return record, credential, failure

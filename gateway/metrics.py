@@ -1,0 +1,44 @@
+"""Prometheus metrics of the gateway (names are part of the product; see docs/operations)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets sized for a proxy: sub-millisecond overhead up to long upstream calls.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Requests that match no API are labelled api="unmatched" (never the raw path: unbounded cardinality).
+UNMATCHED = "unmatched"
+
+requests_total = Counter(
+    "api_requests_total", "Requests answered by the gateway.", ["tenant", "api", "method", "status"]
+)
+request_duration = Histogram(
+    "api_request_duration_seconds", "Time from request to the end of the response.", ["tenant", "api"], buckets=_BUCKETS
+)
+upstream_duration = Histogram(
+    "api_upstream_duration_seconds",
+    "Time until the upstream's response headers arrived.",
+    ["tenant", "api"],
+    buckets=_BUCKETS,
+)
+rate_limited_total = Counter(
+    "api_rate_limited_total",
+    "Requests over a rate limit or quota (mode=shadow: would have been blocked).",
+    ["api", "policy", "mode"],
+)
+auth_failures_total = Counter("api_auth_failures_total", "Requests refused by key authentication.", ["api", "reason"])
+ratelimit_store_errors_total = Counter(
+    "api_ratelimit_store_errors_total",
+    "Rate-limit decisions taken without Redis, by on_store_error (open, closed, local).",
+    ["decision"],
+)
+circuit_open = Gauge(
+    "api_circuit_open",
+    "1 while a worker's circuit breaker for the API is open (max over workers).",
+    ["api"],
+    multiprocess_mode="max",
+)
+usage_spooled_events = Counter(
+    "api_usage_spooled_events", "Usage events written to the local spool because Redis was unavailable."
+)

@@ -1,0 +1,285 @@
+"""Rate limits and quotas: every window of every applicable policy checked and counted in one Lua call."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+from django.conf import settings
+
+from apimgmt.selectors import KeyRecord, PolicySpec
+from gateway import metrics
+from gateway.routing import Route
+
+logger = logging.getLogger(__name__)
+
+SCRIPT = (Path(__file__).with_name("ratelimit.lua")).read_text()
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+# Seconds per rate window of a rate_limiting policy.
+RATE_PERIODS = {"requests_per_second": 1, "requests_per_minute": 60, "requests_per_hour": 3600, "requests_per_day": 86400}
+_WINDOW_LABEL = {
+    "requests_per_second": "second",
+    "requests_per_minute": "minute",
+    "requests_per_hour": "hour",
+    "requests_per_day": "day",
+    "requests_per_month": "month",
+}
+GCRA, CALENDAR = 1, 2
+# After a Redis failure, skip Redis for this long: a stalled Redis must not cost every request a timeout.
+STORE_BACKOFF_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Window:
+    """One limit to check: a GCRA bucket (sliding) or a calendar-aligned counter (fixed, quota)."""
+
+    policy: PolicySpec
+    label: str  # second, minute, hour, day, month
+    kind: int
+    limit: int  # what RateLimit-Policy and X-RateLimit-Limit report (capacity for GCRA)
+    period: float  # window length in seconds (RateLimit-Policy w=)
+    interval_us: float  # GCRA emission interval
+    end: float  # calendar window end (epoch seconds); 0 for GCRA
+    key: str
+
+    @property
+    def shadow(self) -> bool:
+        return self.policy.mode == "shadow"
+
+
+@dataclass
+class WindowResult:
+    window: Window
+    over: bool
+    remaining: int
+    reset: float  # seconds until the window resets (GCRA: until full), or until admission when over
+
+
+@dataclass
+class LimitDecision:
+    """What the limiter decided: pass (with headers), 429 (naming the policy) or 503 (store down, closed)."""
+
+    blocked: WindowResult | None = None
+    unavailable: bool = False
+    headers: list[tuple[str, str]] | None = None
+    retry_after: int = 0
+
+
+def _calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
+    if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
+        period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[label]
+        start = math.floor(now / period) * period
+        return start, start + period
+    tz = ZoneInfo(tz_name)
+    local = datetime.fromtimestamp(now, tz)
+    if label == "day":
+        first: date = local.date()
+        following = first + timedelta(days=1)
+    else:
+        first = local.date().replace(day=1)
+        following = (first + timedelta(days=32)).replace(day=1)
+    start = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
+    end = datetime(following.year, following.month, following.day, tzinfo=tz).timestamp()
+    return start, end
+
+
+def _scope(extraction: str, route: Route, record: KeyRecord, client_ip: str) -> str:
+    if extraction == "key_id":
+        return record.key_id
+    if extraction == "ip":
+        return client_ip
+    if extraction == "tenant_id":
+        return route.tenant_id
+    if extraction == "api":
+        return route.api_id
+    return record.consumer_id
+
+
+def windows_for(route: Route, record: KeyRecord, client_ip: str, plan_policies: list[PolicySpec], now: float) -> list[Window]:
+    """Every window of the API's policies and the subscription plan's, for this caller."""
+    windows: list[Window] = []
+    tenant = route.tenant_id
+    for policy in (*route.policies, *plan_policies):
+        config: dict[str, Any] = policy.config
+        scope = _scope(config.get("key_extraction", "consumer_id"), route, record, client_ip)
+        prefix = f"rate_limit:{{{tenant}}}:{policy.id}"
+        sliding = policy.policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
+        names = RATE_PERIODS if policy.policy_type == "rate_limiting" else ("requests_per_day", "requests_per_month")
+        for name in names:
+            limit = config.get(name)
+            if not limit:
+                continue
+            label = _WINDOW_LABEL[name]
+            if sliding:
+                period = RATE_PERIODS[name]
+                capacity = int(limit) + int(config.get("burst_size") or 0)
+                windows.append(
+                    Window(policy, label, GCRA, capacity, period, period * 1e6 / int(limit), 0.0, f"{prefix}:{label}:{scope}")
+                )
+            else:
+                start, end = _calendar_bounds(label, route.spec.tenant_timezone, now)
+                key = f"{prefix}:{label}@{int(start)}:{scope}"
+                windows.append(Window(policy, label, CALENDAR, int(limit), end - start, 0.0, end, key))
+    return windows
+
+
+def script_args(windows: list[Window]) -> tuple[list[str], list[Any]]:
+    keys = [w.key for w in windows]
+    args: list[Any] = []
+    for w in windows:
+        if w.kind == GCRA:
+            args += [GCRA, w.limit, repr(w.interval_us), repr(w.limit * w.interval_us), "1" if w.shadow else "0"]
+        else:
+            args += [CALENDAR, w.limit, int(w.end * 1000), 0, "1" if w.shadow else "0"]
+    return keys, args
+
+
+def parse_result(windows: list[Window], raw: list[int]) -> tuple[bool, list[WindowResult]]:
+    results = [
+        WindowResult(w, bool(raw[1 + 3 * i]), int(raw[2 + 3 * i]), int(raw[3 + 3 * i]) / 1000.0)
+        for i, w in enumerate(windows)
+    ]
+    return bool(raw[0]), results
+
+
+def _sf_name(policy: PolicySpec, label: str) -> str:
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in policy.name)
+    return f'"{name}.{label}"'
+
+
+def rate_limit_headers(results: list[WindowResult]) -> list[tuple[str, str]]:
+    """RateLimit-Policy / RateLimit (IETF httpapi draft) for every enforced window, X-RateLimit-* for the tightest."""
+    enforced = [r for r in results if not r.window.shadow]
+    if not enforced:
+        return []
+    tightest = min(enforced, key=lambda r: (r.remaining, -r.reset))
+    policy = ", ".join(f"{_sf_name(r.window.policy, r.window.label)};q={r.window.limit};w={int(r.window.period)}" for r in enforced)
+    current = ", ".join(
+        f"{_sf_name(r.window.policy, r.window.label)};r={r.remaining};t={math.ceil(r.reset)}" for r in enforced
+    )
+    return [
+        ("RateLimit-Policy", policy),
+        ("RateLimit", current),
+        ("X-RateLimit-Limit", str(tightest.window.limit)),
+        ("X-RateLimit-Remaining", str(tightest.remaining)),
+        ("X-RateLimit-Reset", str(math.ceil(tightest.reset))),
+    ]
+
+
+def decide(route: Route, blocked: bool, results: list[WindowResult]) -> LimitDecision:
+    """Turn the script's answer into a decision, reporting every over-limit window (shadow ones too)."""
+    decision = LimitDecision(headers=rate_limit_headers(results))
+    for r in results:
+        if r.over:
+            mode = "shadow" if r.window.shadow else "enforce"
+            metrics.rate_limited_total.labels(route.api_id, r.window.policy.id, mode).inc()
+            if r.window.shadow:
+                logger.info(
+                    "shadow policy would have blocked the request",
+                    extra={"policy": r.window.policy.id, "window": r.window.label, "api": route.api_id},
+                )
+    if blocked:
+        violated = [r for r in results if r.over and not r.window.shadow]
+        decision.blocked = max(violated, key=lambda r: r.reset)
+        decision.retry_after = max(1, math.ceil(decision.blocked.reset))
+    return decision
+
+
+class LocalLimiter:
+    """Per-worker counters used when Redis is down and a policy says on_store_error=local.
+
+    Each worker allows limit / GATEWAY["WORKERS"], so the whole deployment stays near the configured limit.
+    """
+
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: dict[str, float] = {}
+
+    def check(self, windows: list[Window], now: float) -> tuple[bool, list[WindowResult]]:
+        workers = max(1, int(settings.GATEWAY["WORKERS"]))
+        results: list[WindowResult] = []
+        writes: list[tuple[str, float]] = []
+        blocked = False
+        with self.lock:
+            if len(self.state) > self.MAX_KEYS:
+                self.state.clear()
+            for w in windows:
+                limit = max(1, w.limit // workers)
+                if w.kind == GCRA:
+                    interval = w.interval_us / 1e6 * workers
+                    tolerance = limit * interval
+                    tat = max(self.state.get(w.key, 0.0), now)
+                    new_tat = tat + interval
+                    over = new_tat - now > tolerance
+                    remaining = 0 if over else int((tolerance - (new_tat - now)) / interval)
+                    reset = (new_tat - now - tolerance) if over else new_tat - now
+                    if not over:
+                        writes.append((w.key, new_tat))
+                else:
+                    count = self.state.get(w.key, 0.0)
+                    over = count + 1 > limit
+                    remaining = 0 if over else int(limit - count - 1)
+                    reset = max(w.end - now, 0.001)
+                    if not over or w.shadow:
+                        writes.append((w.key, count + 1))
+                blocked = blocked or (over and not w.shadow)
+                results.append(WindowResult(w, over, remaining, reset))
+            if not blocked:
+                self.state.update(writes)
+        return blocked, results
+
+
+class StoreHealth:
+    """Remembers a recent Redis failure so the next requests do not each wait for a timeout."""
+
+    def __init__(self) -> None:
+        self.down_until = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self) -> None:
+        self.down_until = time.monotonic() + STORE_BACKOFF_SECONDS
+
+
+def store_error_decision(route: Route, windows: list[Window], local: LocalLimiter, now: float) -> LimitDecision:
+    """Redis is unavailable: each policy follows its on_store_error (open, closed, local); each decision is counted."""
+    by_policy: dict[str, list[Window]] = {}
+    for w in windows:
+        by_policy.setdefault(w.policy.id, []).append(w)
+    local_windows: list[Window] = []
+    closed = False
+    for policy_windows in by_policy.values():
+        policy = policy_windows[0].policy
+        action = policy.on_store_error
+        metrics.ratelimit_store_errors_total.labels(action).inc()
+        if action == "closed" and policy.mode != "shadow":
+            closed = True
+        elif action == "local":
+            local_windows.extend(policy_windows)
+    if closed:
+        return LimitDecision(unavailable=True, retry_after=1)
+    if not local_windows:
+        return LimitDecision(headers=[])
+    blocked, results = local.check(local_windows, now)
+    return decide(route, blocked, results)
+
+
+def run_script(pipe: redis.client.Pipeline, keys: list[str], args: list[Any]) -> None:
+    pipe.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+
+
+def is_noscript(value: object) -> bool:
+    return isinstance(value, redis.exceptions.NoScriptError)

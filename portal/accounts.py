@@ -1,0 +1,220 @@
+"""Portal accounts: sign-up with e-mail verification or invitation, sign-in with lockout, sign-out, password reset."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth.models import User
+from django.contrib.auth.views import PasswordResetConfirmView
+from django.core.mail import send_mail
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_http_methods, require_POST
+
+from apimgmt import services
+from apimgmt.models import TenantMembership
+from portal import lockout, tokens
+from portal.access import Portal, page, portal_page, resolve_portal
+from portal.forms import InviteForm, LoginForm, SignUpForm, TenantPasswordResetForm
+
+logger = logging.getLogger("portal")
+
+
+def _client_ip(request: HttpRequest) -> str:
+    # REMOTE_ADDR is the peer gunicorn saw; a trusted proxy in front must set it (e.g. via a PROXY protocol).
+    return str(request.META.get("REMOTE_ADDR") or "unknown")
+
+
+def _send(request: HttpRequest, portal: Portal, *, to: str, template: str, context: dict[str, Any]) -> None:
+    body = render_to_string(template, {"tenant": portal.tenant, **context}, request=request)
+    subject, _, text = body.partition("\n\n")
+    send_mail(subject.strip(), text.strip() + "\n", None, [to])
+
+
+# ---------------------------------------------------------------------------
+# Sign-up and verification
+# ---------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page()
+def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
+    invite_token = request.GET.get("invite") or request.POST.get("invite") or ""
+    invitation = None
+    if invite_token:
+        try:
+            invitation = tokens.check_invitation_token(invite_token, tenant_id=portal.tenant.id)
+        except tokens.BadToken as exc:
+            return page(request, portal, "portal/message.html", {"title": "Invitation", "text": str(exc)}, status=400)
+    if invitation is None and not portal.tenant.open_signup:
+        text = "This portal is by invitation only. Ask the API provider for an invitation."
+        return page(request, portal, "portal/message.html", {"title": "Invitation only", "text": text}, status=403)
+    invited_email = invitation.email if invitation else None
+    form = SignUpForm(request.POST or None, invited_email=invited_email)
+    if request.method == "POST" and form.is_valid():
+        with transaction.atomic():
+            user = form.save(commit=False)
+            user.email = form.cleaned_data["email"]
+            # An invitation arrived at this address, which proves it; open sign-ups prove it by the link.
+            user.is_active = invitation is not None
+            user.save()
+            if invitation is not None:
+                services.membership_set(tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user)
+        if invitation is not None:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            messages.success(request, f"Welcome to {portal.tenant.name}! Create your first app to get a key.")
+            return HttpResponseRedirect(reverse("portal:apps", args=[portal.tenant.id]))
+        token = tokens.verification_token(user=user, tenant_id=portal.tenant.id)
+        link = request.build_absolute_uri(reverse("portal:verify", args=[portal.tenant.id, token]))
+        _send(request, portal, to=user.email, template="portal/email/verify.txt", context={"user": user, "link": link})
+        return page(request, portal, "portal/signup_done.html", {"email": user.email})
+    return page(request, portal, "portal/signup.html", {"form": form, "invite": invite_token})
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page()
+def verify(request: HttpRequest, portal: Portal, token: str) -> HttpResponse:
+    """GET shows a button, POST confirms: a mail scanner that prefetches links cannot confirm for anybody."""
+    try:
+        user = tokens.check_verification_token(token, tenant_id=portal.tenant.id)
+    except tokens.BadToken as exc:
+        return page(request, portal, "portal/message.html", {"title": "E-mail verification", "text": str(exc)}, status=400)
+    if request.method == "POST":
+        with transaction.atomic():
+            user.is_active = True
+            user.save(update_fields=["is_active"])
+            services.membership_set(tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user)
+        messages.success(request, "Your e-mail address is confirmed. Sign in to continue.")
+        return HttpResponseRedirect(reverse("portal:login", args=[portal.tenant.id]))
+    return page(request, portal, "portal/verify.html", {"verify_user": user})
+
+
+# ---------------------------------------------------------------------------
+# Sign-in and sign-out
+# ---------------------------------------------------------------------------
+
+
+def _safe_next(request: HttpRequest, portal: Portal) -> str:
+    candidate = request.POST.get("next") or request.GET.get("next") or ""
+    prefix = reverse("portal:catalog", args=[portal.tenant.id])
+    if candidate.startswith(prefix) and url_has_allowed_host_and_scheme(
+        candidate, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return candidate
+    return reverse("portal:apps", args=[portal.tenant.id])
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page()
+def login_view(request: HttpRequest, portal: Portal) -> HttpResponse:
+    form = LoginForm(request.POST or None)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        username = form.cleaned_data["username"]
+        password = form.cleaned_data["password"]
+        ip = _client_ip(request)
+        state = lockout.check(username=username, ip=ip)
+        if state.locked:
+            minutes = max(1, state.retry_after_seconds // 60)
+            form.add_error(None, f"Too many failed sign-ins. Wait {minutes} minutes, or reset your password.")
+            logger.warning("portal sign-in refused: locked out", extra={"tenant_id": portal.tenant.id, "ip": ip})
+            response = page(request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=429)
+            response["Retry-After"] = str(state.retry_after_seconds)
+            return response
+        user = authenticate(request, username=username, password=password)
+        if user is None:
+            pending = User.objects.filter(username=username, is_active=False, last_login__isnull=True).first()
+            if pending is not None and pending.check_password(password):
+                form.add_error(None, "Confirm your e-mail address first: open the link we sent you.")
+            else:
+                lockout.record_failure(username=username, ip=ip)
+                form.add_error(None, "Wrong user name or password.")
+                status = 400
+        elif not TenantMembership.objects.filter(user_id=user.pk, tenant=portal.tenant).exists():
+            form.add_error(None, f"This account has no access to the {portal.tenant.name} portal.")
+            status = 403
+        else:
+            lockout.record_success(username=username)
+            login(request, user)  # cycles the session key: a planted session id is useless afterwards
+            return HttpResponseRedirect(_safe_next(request, portal))
+    return page(request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=status)
+
+
+@require_POST
+@portal_page()
+def logout_view(request: HttpRequest, portal: Portal) -> HttpResponse:
+    logout(request)
+    messages.info(request, "You are signed out.")
+    return HttpResponseRedirect(reverse("portal:catalog", args=[portal.tenant.id]))
+
+
+# ---------------------------------------------------------------------------
+# Password reset
+# ---------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page()
+def password_reset(request: HttpRequest, portal: Portal) -> HttpResponse:
+    form = TenantPasswordResetForm(request.POST or None, tenant=portal.tenant)
+    if request.method == "POST" and form.is_valid():
+        form.save(
+            request=request,
+            use_https=request.is_secure(),
+            subject_template_name="portal/email/password_reset_subject.txt",
+            email_template_name="portal/email/password_reset.txt",
+            extra_email_context={"tenant": portal.tenant},
+        )
+        # The same answer whether or not the address belongs to a member, so it reveals nothing.
+        return page(request, portal, "portal/password_reset_done.html", {"email": form.cleaned_data["email"]})
+    return page(request, portal, "portal/password_reset.html", {"form": form})
+
+
+class PortalPasswordResetConfirmView(PasswordResetConfirmView):
+    """Django's reset-confirm (token moved into the session, off the URL) inside a tenant's portal."""
+
+    template_name = "portal/password_reset_confirm.html"
+    portal: Portal
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        self.portal = resolve_portal(request, kwargs.pop("tenant"))
+        return super().dispatch(request, *args, **kwargs)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        return {**super().get_context_data(**kwargs), "portal": self.portal, "tenant": self.portal.tenant}
+
+    def get_success_url(self) -> str:
+        return reverse("portal:login", args=[self.portal.tenant.id])
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        lockout.record_success(username=form.user.get_username())
+        messages.success(self.request, "Your password is changed. Sign in with the new one.")
+        return super().form_valid(form)
+
+
+# ---------------------------------------------------------------------------
+# Invitations (tenant admins)
+# ---------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(member=True)
+def invite(request: HttpRequest, portal: Portal) -> HttpResponse:
+    if not portal.is_admin:
+        reason = "Only the tenant's admins can invite developers."
+        return page(request, portal, "portal/forbidden.html", {"reason": reason}, status=403)
+    form = InviteForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        email = form.cleaned_data["email"]
+        token = tokens.invitation_token(tenant_id=portal.tenant.id, email=email)
+        link = request.build_absolute_uri(reverse("portal:signup", args=[portal.tenant.id]) + f"?invite={token}")
+        _send(request, portal, to=email, template="portal/email/invite.txt", context={"link": link, "inviter": request.user})
+        messages.success(request, f"Invitation sent to {email}.")
+        return HttpResponseRedirect(reverse("portal:invite", args=[portal.tenant.id]))
+    return page(request, portal, "portal/invite.html", {"form": form})

@@ -1,0 +1,87 @@
+"""Server-side SVG charts for the usage page: no JavaScript, no CDN, readable without colour (a data table follows)."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from django.utils.safestring import SafeString, mark_safe
+
+from portal.usage import Series
+
+WIDTH = 720
+HEIGHT = 240
+PAD_LEFT = 48
+PAD_RIGHT = 12
+PAD_TOP = 12
+PAD_BOTTOM = 36
+
+# (attribute on Bucket, legend label, CSS class that sets the colour in portal.css)
+SERIES = (
+    ("requests", "Requests", "s-requests"),
+    ("errors", "Errors", "s-errors"),
+    ("rate_limited", "429 Too Many Requests", "s-429"),
+)
+
+
+def nice_ceiling(value: int) -> int:
+    """The smallest 1/2/5×10ⁿ at or above value, so axis ticks are round numbers."""
+    if value <= 4:
+        return 4
+    exponent = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        if step * exponent >= value:
+            return step * exponent
+    return 10 * exponent
+
+
+def bucket_label(series: Series, index: int) -> str:
+    start = series.buckets[index].start
+    return start.strftime("%H:%M") if series.interval == "hour" else start.strftime("%b %d")
+
+
+def usage_chart(series: Series, *, title: str) -> SafeString:
+    """Grouped bars per bucket: requests, errors and 429s."""
+    count = len(series.buckets)
+    peak = max((max(b.requests, b.errors, b.rate_limited) for b in series.buckets), default=0)
+    top = nice_ceiling(peak)
+    plot_w = WIDTH - PAD_LEFT - PAD_RIGHT
+    plot_h = HEIGHT - PAD_TOP - PAD_BOTTOM
+    slot = plot_w / max(count, 1)
+    bar_w = max(slot / (len(SERIES) + 1), 1.0)
+
+    def y(value: int) -> float:
+        return PAD_TOP + plot_h - (value / top) * plot_h
+
+    parts: list[str] = [
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="chart-{series.interval}-t" '
+        'preserveAspectRatio="xMidYMid meet" xmlns="http://www.w3.org/2000/svg">',
+        f'<title id="chart-{series.interval}-t">{escape(title)}: {series.total_requests} requests, '
+        f"{series.total_errors} errors, {series.total_rate_limited} rate limited</title>",
+    ]
+    for fraction in (0, 0.25, 0.5, 0.75, 1):
+        value = round(top * fraction)
+        gy = y(value)
+        parts.append(f'<line class="grid" x1="{PAD_LEFT}" x2="{WIDTH - PAD_RIGHT}" y1="{gy:.1f}" y2="{gy:.1f}"/>')
+        parts.append(f'<text class="axis" x="{PAD_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end">{value}</text>')
+    label_every = max(1, math.ceil(count / 8))
+    for index, bucket in enumerate(series.buckets):
+        x0 = PAD_LEFT + index * slot + bar_w / 2
+        for offset, (attr, label, css) in enumerate(SERIES):
+            value = int(getattr(bucket, attr))
+            if value <= 0:
+                continue
+            bx = x0 + offset * bar_w
+            by = y(value)
+            parts.append(
+                f'<rect class="{css}" x="{bx:.1f}" y="{by:.1f}" width="{bar_w:.1f}" height="{PAD_TOP + plot_h - by:.1f}">'
+                f"<title>{escape(bucket_label(series, index))}: {value} {escape(label.lower())}</title></rect>"
+            )
+        if index % label_every == 0 or index == count - 1:
+            cx = PAD_LEFT + (index + 0.5) * slot
+            parts.append(
+                f'<text class="axis" x="{cx:.1f}" y="{HEIGHT - PAD_BOTTOM + 16}" text-anchor="middle">'
+                f"{escape(bucket_label(series, index))}</text>"
+            )
+    parts.append("</svg>")
+    return mark_safe("".join(parts))  # noqa: S308 — every interpolated text is escaped above; numbers are ours

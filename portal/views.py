@@ -1,0 +1,318 @@
+"""Portal pages: the API catalog with docs, the developer's apps, subscriptions, keys and usage."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import ValidationError
+from django.db.models import Prefetch, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from apimgmt import selectors, services
+from apimgmt.models import Api, ApiKey, Consumer, Plan, Subscription
+from portal import charts, quota
+from portal.access import Portal, owned_app, page, portal_page
+from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors
+from portal.usage import usage_series
+
+
+def _apps_url(portal: Portal) -> str:
+    return reverse("portal:apps", args=[portal.tenant.id])
+
+
+def _app_url(portal: Portal, app: Consumer) -> str:
+    return reverse("portal:app", args=[portal.tenant.id, app.pk])
+
+
+def _my_apps(request: HttpRequest, portal: Portal) -> QuerySet[Consumer]:
+    return Consumer.objects.filter(tenant=portal.tenant, owner_id=request.user.pk).order_by("name")
+
+
+def _gateway_url(request: HttpRequest, api: Api) -> str:
+    """Where developers call the API: the API's own host when it has one, else this site."""
+    if api.host:
+        return f"{request.scheme}://{api.host}{api.base_path}"
+    return request.build_absolute_uri(api.base_path)
+
+
+# ---------------------------------------------------------------------------
+# Catalog and docs
+# ---------------------------------------------------------------------------
+
+
+@require_GET
+@portal_page()
+def catalog(request: HttpRequest, portal: Portal) -> HttpResponse:
+    apis = [(api, _gateway_url(request, api)) for api in selectors.portal_catalog(portal.tenant)]
+    return page(request, portal, "portal/catalog.html", {"apis": apis})
+
+
+def _catalog_api(portal: Portal, api_id: str) -> Api:
+    api = selectors.portal_catalog(portal.tenant).filter(pk=api_id).first()
+    if api is None:
+        raise Http404("No such API in this portal.")
+    return api
+
+
+@require_GET
+@portal_page()
+def api_detail(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse:
+    api = _catalog_api(portal, api_id)
+    context: dict[str, Any] = {"api": api, "gateway_url": _gateway_url(request, api)}
+    if portal.is_member:
+        apps = _my_apps(request, portal)
+        context["subscriptions"] = (
+            Subscription.objects.filter(api=api, consumer__in=apps).select_related("consumer", "plan").order_by("-created_at")
+        )
+        if portal.can_write and apps.exists():
+            context["form"] = SubscribeForm(apps=apps, plans=_plans(portal))
+        context["has_apps"] = apps.exists()
+    return page(request, portal, "portal/api_detail.html", context)
+
+
+@require_GET
+@portal_page()
+def api_openapi(request: HttpRequest, portal: Portal, api_id: str) -> JsonResponse:
+    """The API's OpenAPI document, pointed at the gateway so "Try it out" goes through it."""
+    api = _catalog_api(portal, api_id)
+    if not isinstance(api.openapi_spec, dict):
+        raise Http404("This API has no OpenAPI document.")
+    document = dict(api.openapi_spec)
+    if not document.get("servers"):
+        document["servers"] = [{"url": _gateway_url(request, api)}]
+    return JsonResponse(document)
+
+
+def _plans(portal: Portal) -> QuerySet[Plan]:
+    return Plan.objects.filter(tenant=portal.tenant).order_by("name")
+
+
+@require_POST
+@portal_page(writer=True)
+def subscribe(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse:
+    api = _catalog_api(portal, api_id)
+    apps = _my_apps(request, portal)
+    form = SubscribeForm(request.POST, apps=apps, plans=_plans(portal))
+    if form.is_valid():
+        app = form.cleaned_data["app"]
+        try:
+            subscription = services.subscription_request(
+                consumer=app, api=api, plan=form.cleaned_data["plan"], actor=request.user
+            )
+        except ValidationError as exc:
+            add_service_errors(form, exc, field_map={"api_id": "__all__", "consumer_id": "app", "plan_id": "plan"})
+        else:
+            if subscription.status == Subscription.Status.ACTIVE:
+                messages.success(request, f"{app.name} is subscribed to {api.api_name}. Its keys work now.")
+            else:
+                messages.info(
+                    request, f"{app.name}'s subscription to {api.api_name} is pending until a tenant admin approves it."
+                )
+            return HttpResponseRedirect(_app_url(portal, app))
+    subscriptions = Subscription.objects.filter(api=api, consumer__in=apps).select_related("consumer", "plan")
+    context = {"api": api, "gateway_url": _gateway_url(request, api), "form": form, "subscriptions": subscriptions, "has_apps": True}
+    return page(request, portal, "portal/api_detail.html", context, status=400)
+
+
+# ---------------------------------------------------------------------------
+# Apps
+# ---------------------------------------------------------------------------
+
+
+@require_GET
+@portal_page(member=True)
+def apps(request: HttpRequest, portal: Portal) -> HttpResponse:
+    my_apps = _my_apps(request, portal).prefetch_related(
+        Prefetch("subscriptions", queryset=Subscription.objects.select_related("api").order_by("-created_at")),
+        Prefetch("keys", queryset=ApiKey.objects.filter(active=True, revoked_at__isnull=True), to_attr="live_keys"),
+    )
+    return page(request, portal, "portal/apps.html", {"apps": my_apps})
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
+    form = AppForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            app = services.consumer_create(
+                tenant=portal.tenant,
+                name=form.cleaned_data["name"],
+                description=form.cleaned_data["description"],
+                owner=request.user,  # type: ignore[arg-type]
+                actor=request.user,
+            )
+        except ValidationError as exc:
+            add_service_errors(form, exc, field_map={"__all__": "name"})
+        else:
+            messages.success(request, f"App {app.name} created. Subscribe it to an API, then create a key.")
+            return HttpResponseRedirect(_app_url(portal, app))
+    return page(request, portal, "portal/app_form.html", {"form": form, "app": None}, status=400 if form.errors else 200)
+
+
+@require_GET
+@portal_page(member=True)
+def app_detail(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    subscribed = Subscription.objects.filter(
+        consumer=app, status__in=[Subscription.Status.ACTIVE, Subscription.Status.PENDING]
+    ).values_list("api_id", flat=True)
+    context = {
+        "app": app,
+        "subscriptions": app.subscriptions.select_related("api", "plan").order_by("-created_at"),
+        "keys": app.keys.order_by("-created_at"),
+        "now": timezone.now(),
+        "unsubscribed_apis": selectors.portal_catalog(portal.tenant).exclude(pk__in=list(subscribed)),
+    }
+    return page(request, portal, "portal/app_detail.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def app_rename(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    form = AppForm(request.POST or None, initial={"name": app.name, "description": app.description})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.consumer_update(
+                consumer=app, name=form.cleaned_data["name"], description=form.cleaned_data["description"], actor=request.user
+            )
+        except ValidationError as exc:
+            add_service_errors(form, exc, field_map={"__all__": "name"})
+        else:
+            messages.success(request, "App saved.")
+            return HttpResponseRedirect(_app_url(portal, app))
+    return page(request, portal, "portal/app_form.html", {"form": form, "app": app}, status=400 if form.errors else 200)
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def app_delete(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    if request.method == "POST":
+        name = app.name
+        services.consumer_delete(consumer=app, actor=request.user)
+        messages.success(request, f"App {name} deleted; its keys no longer work.")
+        return HttpResponseRedirect(_apps_url(portal))
+    live_keys = app.keys.filter(active=True, revoked_at__isnull=True).count()
+    return page(request, portal, "portal/app_delete.html", {"app": app, "live_keys": live_keys})
+
+
+@require_POST
+@portal_page(writer=True)
+def subscription_cancel(request: HttpRequest, portal: Portal, app_id: str, subscription_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    subscription = app.subscriptions.filter(pk=subscription_id).select_related("api").first()
+    if subscription is None:
+        raise Http404("No such subscription.")
+    try:
+        services.subscription_cancel(subscription=subscription, actor=request.user, note="cancelled in the portal")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, f"Subscription to {subscription.api.api_name} cancelled.")
+    return HttpResponseRedirect(_app_url(portal, app))
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+
+def _owned_key(app: Consumer, key_id: str) -> ApiKey:
+    key = app.keys.filter(pk=key_id).first()
+    if key is None:
+        raise Http404("No such key.")
+    return key
+
+
+@never_cache  # the answer to a POST holds the only copy of the plaintext: no cache may keep it
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def key_create(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    form = KeyCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        days = form.cleaned_data["expires_in_days"]
+        expires_at = timezone.now() + timedelta(days=days) if days else None
+        try:
+            key, plaintext = services.api_key_create(
+                consumer=app, name=form.cleaned_data["name"], expires_at=expires_at, actor=request.user
+            )
+        except ValidationError as exc:
+            add_service_errors(form, exc, field_map={"consumer_id": "__all__"})
+        else:
+            # Rendered straight from the POST (never stored in the session or redirected through a URL).
+            return page(request, portal, "portal/key_created.html", {"app": app, "key": key, "plaintext": plaintext})
+    return page(request, portal, "portal/key_form.html", {"app": app, "form": form}, status=400 if form.errors else 200)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def key_rotate(request: HttpRequest, portal: Portal, app_id: str, key_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    old = _owned_key(app, key_id)
+    form = KeyRotateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            key, plaintext = services.api_key_rotate(
+                key=old, overlap_seconds=form.cleaned_data["overlap_seconds"], actor=request.user
+            )
+        except ValidationError as exc:
+            add_service_errors(form, exc, field_map={"key_id": "__all__"})
+        else:
+            old.refresh_from_db()
+            context = {"app": app, "key": key, "plaintext": plaintext, "previous": old}
+            return page(request, portal, "portal/key_created.html", context)
+    return page(request, portal, "portal/key_rotate.html", {"app": app, "key": old, "form": form}, status=400 if form.errors else 200)
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def key_revoke(request: HttpRequest, portal: Portal, app_id: str, key_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    key = _owned_key(app, key_id)
+    if request.method == "POST":
+        services.api_key_revoke(key=key, actor=request.user)
+        messages.success(request, f"Key {key.key_prefix}… revoked. It stops working within a second.")
+        return HttpResponseRedirect(_app_url(portal, app))
+    return page(request, portal, "portal/key_revoke.html", {"app": app, "key": key})
+
+
+# ---------------------------------------------------------------------------
+# Usage
+# ---------------------------------------------------------------------------
+
+
+@require_GET
+@portal_page(member=True)
+def usage(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
+    app = owned_app(request, portal, app_id)
+    subscribed_apis = Api.objects.filter(subscriptions__consumer=app).distinct().order_by("api_name")
+    api_id = request.GET.get("api") or None
+    selected = None
+    if api_id:
+        selected = subscribed_apis.filter(pk=api_id).first()
+        if selected is None:
+            raise Http404("This app has no subscription to that API.")
+    hourly = usage_series(app=app, api_id=api_id, interval="hour")
+    daily = usage_series(app=app, api_id=api_id, interval="day")
+    label = f"{app.name} → {selected.api_name}" if selected else f"{app.name}, all APIs"
+    context = {
+        "app": app,
+        "apis": subscribed_apis,
+        "selected": selected,
+        "hourly": hourly,
+        "daily": daily,
+        "hourly_chart": charts.usage_chart(hourly, title=f"Requests per hour, {label}"),
+        "daily_chart": charts.usage_chart(daily, title=f"Requests per day, {label}"),
+        "quotas": quota.quota_left(app=app, apis=[selected] if selected else list(subscribed_apis)),
+    }
+    return page(request, portal, "portal/usage.html", context)

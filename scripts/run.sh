@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# `make run`: migrate, load the demo, start the echo upstream, the app (gateway + control plane) and the usage
+# flusher, print the URLs and credentials; Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+ECHO_PORT=${ECHO_PORT:-8081}
+
+export DEBUG=${DEBUG:-1}
+export UPSTREAM_ALLOW_PRIVATE=${UPSTREAM_ALLOW_PRIVATE:-1}
+export SITE_URL=${SITE_URL:-http://$HOST:$PORT}
+export USAGE_SPOOL_DIR=${USAGE_SPOOL_DIR:-$PWD/var/spool}
+export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}
+mkdir -p var "$USAGE_SPOOL_DIR" "$PROMETHEUS_MULTIPROC_DIR"
+
+# PostgreSQL and Redis when they answer on their default ports, else SQLite and local memory.
+if [ -z "${DATABASE_URL:-}" ]; then
+  if "$PY" - <<'PYEOF' 2>/dev/null
+import psycopg
+with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=2) as conn:
+    if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'apimgmt'").fetchone():
+        conn.execute("CREATE DATABASE apimgmt")
+PYEOF
+  then export DATABASE_URL=postgres://postgres@127.0.0.1:5432/apimgmt
+  else echo "PostgreSQL is not reachable on 127.0.0.1:5432: using SQLite (db.sqlite3)"
+  fi
+fi
+if [ -z "${REDIS_URL:-}" ]; then
+  if "$PY" -c "import redis; redis.Redis(socket_timeout=1).ping()" 2>/dev/null; then
+    export REDIS_URL=redis://127.0.0.1:6379/0
+  else
+    echo "Redis is not reachable on 127.0.0.1:6379: rate limits and caches are per worker"
+  fi
+fi
+
+"$PY" manage.py migrate --noinput -v0
+"$PY" manage.py collectstatic --noinput -v0
+demo_json=$("$PY" manage.py demo --json --upstream "http://127.0.0.1:$ECHO_PORT")
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo; echo "stopping…"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+.venv/bin/gunicorn apimgmt.echo:app --bind "127.0.0.1:$ECHO_PORT" --workers 1 --log-level warning &
+pids+=($!)
+gunicorn_args=(apimgmt.wsgi:application --bind "$HOST:$PORT")
+[ -f gunicorn.conf.py ] && gunicorn_args+=(--config gunicorn.conf.py)
+.venv/bin/gunicorn "${gunicorn_args[@]}" &
+pids+=($!)
+if "$PY" manage.py help flush_usage >/dev/null 2>&1 && [ -n "${REDIS_URL:-}" ]; then
+  "$PY" manage.py flush_usage --follow &
+  pids+=($!)
+fi
+
+"$PY" - "$demo_json" "$HOST" "$PORT" <<'PYEOF'
+import json, sys
+demo, host, port = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+base = f"http://{host}:{port}"
+print(f"""
+apimgmt is running.
+  Admin:          {base}/admin/   (user {demo['admin_username']}, password {demo['admin_password']})
+  Portal:         {demo['portal_url']}
+  Management API: {base}/mgmt/v1/   (Authorization: Token {demo['api_token']})   docs: {base}/mgmt/docs/
+  Gateway:        {base}{demo['api_base_path']}/   -> echo upstream on 127.0.0.1:8081
+  Demo API key:   {demo['api_key']}
+  Probes:         {base}/health  {base}/ready  {base}/metrics
+
+Try:  curl -H 'X-API-Key: {demo['api_key']}' {base}{demo['api_base_path']}/hello
+Ctrl-C stops everything.
+""")
+PYEOF
+wait -n "${pids[@]}"
