@@ -27,6 +27,7 @@ RUN DEBUG=0 SECRET_KEY=build-only-not-a-secret KEY_HASH_PEPPER=build-only-pepper
     && python -m compileall -q apimgmt gateway portal
 
 # --- final stage: no build tools, no root -----------------------------------
+# HOME=/tmp: gunicorn keeps its control socket under $HOME, and /app is read-only.
 FROM python:${PYTHON_VERSION}-slim-bookworm AS final
 LABEL org.opencontainers.image.title="apimgmt" \
       org.opencontainers.image.description="API management on Django: gateway, developer portal, management API" \
@@ -37,6 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     APIMGMT_ROLE=all \
     PORT=8000 \
+    HOME=/tmp \
     PROMETHEUS_MULTIPROC_DIR=/var/run/apimgmt/prometheus \
     USAGE_SPOOL_DIR=/var/lib/apimgmt/spool
 

@@ -34,7 +34,7 @@ test: $(STAMP) system-deps
 check: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy apimgmt gateway portal
+	DEBUG=1 $(PY) -m mypy apimgmt gateway portal
 	DEBUG=1 $(PY) manage.py makemigrations --check --dry-run
 	DEBUG=0 SECRET_KEY=ci-check-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz-ABCDEFG \
 	  KEY_HASH_PEPPER=ci-check-pepper-0123456789abcdefghijklmnopqrstuvwxyz \

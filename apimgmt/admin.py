@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
@@ -57,7 +57,14 @@ def _messages_of(exc: ValidationError) -> str:
     return "; ".join(exc.messages)
 
 
-class TenantScopedAdmin(admin.ModelAdmin):
+class NotFoundAdmin(admin.ModelAdmin):
+    """Answer 404 for an object outside the user's reach, instead of the admin's redirect with a message."""
+
+    def _get_obj_does_not_exist_redirect(self, request: HttpRequest, opts: Any, object_id: str) -> Any:
+        raise Http404(f"No {opts.verbose_name} with this ID.")
+
+
+class TenantScopedAdmin(NotFoundAdmin):
     """Staff who are not superusers see only rows of tenants they are members of (others answer 404)."""
 
     tenant_path = "tenant"
@@ -107,7 +114,7 @@ class TenantForm(forms.ModelForm):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(NotFoundAdmin):
     form = TenantForm
     list_display = ["id", "name", "status", "timezone", "open_signup", "api_count", "consumer_count", "created_at"]
     list_filter = ["status", "open_signup"]
@@ -127,11 +134,11 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.display(description="APIs", ordering="_apis")
     def api_count(self, obj: Tenant) -> int:
-        return obj._apis  # type: ignore[attr-defined,no-any-return]
+        return obj._apis  # type: ignore[attr-defined]
 
     @admin.display(description="consumers", ordering="_consumers")
     def consumer_count(self, obj: Tenant) -> int:
-        return obj._consumers  # type: ignore[attr-defined,no-any-return]
+        return obj._consumers  # type: ignore[attr-defined]
 
     def save_model(self, request: HttpRequest, obj: Tenant, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data
@@ -276,7 +283,7 @@ class PlanAdmin(TenantScopedAdmin):
 
     @admin.display(description="active subscribers", ordering="_subs")
     def subscriber_count(self, obj: Plan) -> int:
-        return obj._subs  # type: ignore[attr-defined,no-any-return]
+        return obj._subs  # type: ignore[attr-defined]
 
     def save_model(self, request: HttpRequest, obj: Plan, form: forms.ModelForm, change: bool) -> None:
         # The many-to-many is saved by save_related through the service below.
@@ -405,6 +412,12 @@ class ApiAdmin(TenantScopedAdmin):
                     targets.append((cleaned["url"], cleaned.get("weight") or 1))
         services.api_update(api=api, actor=request.user, policies=form.cleaned_data["policies"], targets=targets)
 
+    def construct_change_message(
+        self, request: HttpRequest, form: Any, formsets: Any, add: bool = False
+    ) -> Any:
+        # Targets are saved by the service, not by the formsets, so describe the form only.
+        return [{"added": {}}] if add else [{"changed": {"fields": form.changed_data}}]
+
     def _transition(self, request: HttpRequest, queryset: QuerySet[Api], verb: str, **kwargs: Any) -> None:
         action = {
             "Activated": services.api_activate,
@@ -445,8 +458,8 @@ class ApiKeyInline(admin.TabularInline):
     model = ApiKey
     extra = 0
     can_delete = False
-    fields = ["key_id", "name", "key_prefix", "active", "expires_at", "last_used_at", "revoked_at"]
-    readonly_fields = fields
+    fields = ("key_id", "name", "key_prefix", "active", "expires_at", "last_used_at", "revoked_at")
+    readonly_fields = ("key_id", "name", "key_prefix", "active", "expires_at", "last_used_at", "revoked_at")
     show_change_link = True
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -472,7 +485,7 @@ class ConsumerAdmin(TenantScopedAdmin):
 
     @admin.display(description="active keys", ordering="_keys")
     def active_keys(self, obj: Consumer) -> int:
-        return obj._keys  # type: ignore[attr-defined,no-any-return]
+        return obj._keys  # type: ignore[attr-defined]
 
     def save_model(self, request: HttpRequest, obj: Consumer, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data
@@ -551,7 +564,7 @@ class ApiKeyAdmin(TenantScopedAdmin):
             kwargs["form"] = ApiKeyAddForm
         return super().get_form(request, obj, change=change, **kwargs)
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         if obj is None:
             return ["consumer", "name", "expires_at"]
         return [
@@ -625,6 +638,11 @@ class ApiKeyAdmin(TenantScopedAdmin):
                 plaintext,
             ),
         )
+
+    def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        if obj is not None and obj.revoked_at is not None:
+            return False  # a revoked key is history: view only
+        return super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         return False  # keys are revoked, not deleted, so their history stays

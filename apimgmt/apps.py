@@ -12,3 +12,6 @@ class ApimgmtConfig(AppConfig):
 
     def ready(self) -> None:
         from apimgmt import checks  # noqa: F401  (registers system checks)
+        from apimgmt.slow_queries import install_slow_query_logging
+
+        install_slow_query_logging()

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
@@ -61,7 +61,7 @@ def audit_record(
     obj: models.Model,
     changes: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    user = actor if isinstance(actor, AbstractBaseUser) and actor.pk else None
+    user = actor if isinstance(actor, User) and actor.pk else None
     return AuditEvent.objects.create(
         actor=user,
         actor_repr=user.get_username() if user else "system",
@@ -161,7 +161,7 @@ def tenant_activate(*, tenant: Tenant, actor: Actor) -> Tenant:
 
 
 @transaction.atomic
-def membership_set(*, tenant: Tenant, user: AbstractBaseUser, role: str, actor: Actor) -> TenantMembership:
+def membership_set(*, tenant: Tenant, user: User, role: str, actor: Actor) -> TenantMembership:
     if role not in TenantMembership.Role.values:
         raise ValidationError({"role": f"role must be one of {', '.join(TenantMembership.Role.values)}."})
     membership, created = TenantMembership.objects.get_or_create(tenant=tenant, user=user, defaults={"role": role})
@@ -491,7 +491,7 @@ def api_retire(*, api: Api, actor: Actor) -> Api:
 
 @transaction.atomic
 def consumer_create(
-    *, tenant: Tenant, name: str, actor: Actor, owner: AbstractBaseUser | None = None, description: str = ""
+    *, tenant: Tenant, name: str, actor: Actor, owner: User | None = None, description: str = ""
 ) -> Consumer:
     consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description)
     _save_validated(consumer)
@@ -744,8 +744,7 @@ def _decide(
     old = subscription.status
     subscription.status = to
     subscription.decided_at = timezone.now()
-    user = actor if isinstance(actor, AbstractBaseUser) and actor.pk else None
-    subscription.decided_by = user  # type: ignore[assignment]
+    subscription.decided_by = actor if isinstance(actor, User) and actor.pk else None
     subscription.decision_note = note[:500]
     subscription.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
     audit_record(

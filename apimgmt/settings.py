@@ -156,7 +156,8 @@ TEMPLATES = [
 # Database: SQLite by default, PostgreSQL (psycopg 3, pooled) via DATABASE_URL
 # ---------------------------------------------------------------------------
 
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+# An empty DATABASE_URL counts as unset.
+DATABASES = {"default": env.db_url_config(os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 DB_POOL_SIZE: int = env.int("DB_POOL_SIZE", default=int(_file("database", "pool_size") or 10))
 if DATABASES["default"]["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
     DATABASES["default"]["ENGINE"] = "django.db.backends.postgresql"
@@ -288,12 +289,31 @@ if env.str("EMAIL_URL", default=""):
 # ---------------------------------------------------------------------------
 
 REST_FRAMEWORK: dict[str, Any] = {
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "apimgmt.api.schema.ManagementAutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apimgmt.api.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "apimgmt.api.pagination.ManagementPagination",
+    "EXCEPTION_HANDLER": "apimgmt.api.exceptions.problem_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS: dict[str, Any] = {
     "TITLE": "apimgmt management API",
+    "DESCRIPTION": "Manage tenants, APIs, consumers, keys, plans, policies and subscriptions; read usage and audit "
+    "events. Authenticate with `Authorization: Token <token>`. Errors are application/problem+json.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/mgmt/v1",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "apimgmt.api.schema.reject_unknown_request_fields",
+    ],
+    "ENUM_NAME_OVERRIDES": {"ApprovalEnum": "apimgmt.models.Plan.Approval"},
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

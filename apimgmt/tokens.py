@@ -59,7 +59,12 @@ def api_token_create(
         tenant_id=_tenant_of(user),
         action="api_token.create",
         obj=token,
-        changes={"user": user.get_username(), "name": name, "token_prefix": token.token_prefix, "expires_at": expires_at},
+        changes={
+            "user": user.get_username(),
+            "name": name,
+            "token_prefix": token.token_prefix,
+            "expires_at": expires_at,
+        },
     )
     return token, plaintext
 

@@ -58,7 +58,7 @@ def find_credentials(environ: dict[str, object], route: Route, query: str) -> li
     param = route.spec.key_query_param
     if param and query and param in query:
         for pair in query.split("&"):
-            name, sep, value = pair.partition("=")
+            name, _sep, value = pair.partition("=")
             if unquote_plus(name) == param:
                 found.append(Credential(unquote_plus(value), "query"))
     return found

@@ -26,7 +26,12 @@ SCRIPT = (Path(__file__).with_name("ratelimit.lua")).read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
 # Seconds per rate window of a rate_limiting policy.
-RATE_PERIODS = {"requests_per_second": 1, "requests_per_minute": 60, "requests_per_hour": 3600, "requests_per_day": 86400}
+RATE_PERIODS = {
+    "requests_per_second": 1,
+    "requests_per_minute": 60,
+    "requests_per_hour": 3600,
+    "requests_per_day": 86400,
+}
 _WINDOW_LABEL = {
     "requests_per_second": "second",
     "requests_per_minute": "minute",
@@ -105,7 +110,9 @@ def _scope(extraction: str, route: Route, record: KeyRecord, client_ip: str) -> 
     return record.consumer_id
 
 
-def windows_for(route: Route, record: KeyRecord, client_ip: str, plan_policies: list[PolicySpec], now: float) -> list[Window]:
+def windows_for(
+    route: Route, record: KeyRecord, client_ip: str, plan_policies: list[PolicySpec], now: float
+) -> list[Window]:
     """Every window of the API's policies and the subscription plan's, for this caller."""
     windows: list[Window] = []
     tenant = route.tenant_id
@@ -124,7 +131,16 @@ def windows_for(route: Route, record: KeyRecord, client_ip: str, plan_policies: 
                 period = RATE_PERIODS[name]
                 capacity = int(limit) + int(config.get("burst_size") or 0)
                 windows.append(
-                    Window(policy, label, GCRA, capacity, period, period * 1e6 / int(limit), 0.0, f"{prefix}:{label}:{scope}")
+                    Window(
+                        policy,
+                        label,
+                        GCRA,
+                        capacity,
+                        period,
+                        period * 1e6 / int(limit),
+                        0.0,
+                        f"{prefix}:{label}:{scope}",
+                    )
                 )
             else:
                 start, end = _calendar_bounds(label, route.spec.tenant_timezone, now)
@@ -163,7 +179,9 @@ def rate_limit_headers(results: list[WindowResult]) -> list[tuple[str, str]]:
     if not enforced:
         return []
     tightest = min(enforced, key=lambda r: (r.remaining, -r.reset))
-    policy = ", ".join(f"{_sf_name(r.window.policy, r.window.label)};q={r.window.limit};w={int(r.window.period)}" for r in enforced)
+    policy = ", ".join(
+        f"{_sf_name(r.window.policy, r.window.label)};q={r.window.limit};w={int(r.window.period)}" for r in enforced
+    )
     current = ", ".join(
         f"{_sf_name(r.window.policy, r.window.label)};r={r.remaining};t={math.ceil(r.reset)}" for r in enforced
     )

@@ -7,6 +7,7 @@ probes per recovery period, and a breaker opens after ``threshold`` failures see
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -91,6 +92,12 @@ class CircuitBreaker:
             self.probe_in_flight = True
             return True, 0.0
 
+    def release(self) -> None:
+        """The request was refused before reaching the upstream: a half-open probe slot becomes free again."""
+        if self.probe_in_flight:
+            with self.lock:
+                self.probe_in_flight = False
+
     def success(self) -> None:
         if self.state == "closed" and self.failures == 0:
             return
@@ -133,7 +140,6 @@ class DeadlineReaper:
     TICK_SECONDS = 0.02
 
     def __init__(self) -> None:
-        self.watches: set[int] = set()
         self.by_id: dict[int, DeadlineWatch] = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -172,7 +178,5 @@ class DeadlineReaper:
             for watch in due:
                 watch.expired = True
                 for sock in watch.sockets:
-                    try:
+                    with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass

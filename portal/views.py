@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import messages
@@ -160,14 +160,14 @@ def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
 @portal_page(member=True)
 def app_detail(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
     app = owned_app(request, portal, app_id)
+    now = timezone.now()
     subscribed = Subscription.objects.filter(
         consumer=app, status__in=[Subscription.Status.ACTIVE, Subscription.Status.PENDING]
     ).values_list("api_id", flat=True)
     context = {
         "app": app,
         "subscriptions": app.subscriptions.select_related("api", "plan").order_by("-created_at"),
-        "keys": app.keys.order_by("-created_at"),
-        "now": timezone.now(),
+        "keys": [(key, _key_state(key, now)) for key in app.keys.order_by("-created_at")],
         "unsubscribed_apis": selectors.portal_catalog(portal.tenant).exclude(pk__in=list(subscribed)),
     }
     return page(request, portal, "portal/app_detail.html", context)
@@ -223,6 +223,15 @@ def subscription_cancel(request: HttpRequest, portal: Portal, app_id: str, subsc
 # ---------------------------------------------------------------------------
 # Keys
 # ---------------------------------------------------------------------------
+
+
+def _key_state(key: ApiKey, now: datetime) -> str:
+    """active, expiring (valid, with an end date — e.g. the old key during a rotation), expired or revoked."""
+    if key.revoked_at is not None or not key.active:
+        return "revoked"
+    if key.expires_at is not None:
+        return "expired" if key.expires_at <= now else "expiring"
+    return "active"
 
 
 def _owned_key(app: Consumer, key_id: str) -> ApiKey:

@@ -20,7 +20,13 @@ logger = logging.getLogger(__name__)
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 NON_FIELD = "non_field_errors"
 # Model field names that the API calls differently.
-_FIELD_ALIASES = {"tenant": "tenant_id", "consumer": "consumer_id", "api": "api_id", "plan": "plan_id", "__all__": NON_FIELD}
+_FIELD_ALIASES = {
+    "tenant": "tenant_id",
+    "consumer": "consumer_id",
+    "api": "api_id",
+    "plan": "plan_id",
+    "__all__": NON_FIELD,
+}
 
 
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:

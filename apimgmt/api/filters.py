@@ -68,6 +68,10 @@ class StrictOrderingFilter(OrderingFilter):
             unknown = [term for term in wanted if term.lstrip("-") not in allowed]
             if unknown:
                 raise exceptions.ValidationError(
-                    {self.ordering_param: [f"Cannot order by {', '.join(unknown)}; use one of {', '.join(sorted(allowed))}."]}
+                    {
+                        self.ordering_param: [
+                            f"Cannot order by {', '.join(unknown)}; use one of {', '.join(sorted(allowed))}."
+                        ]
+                    }
                 )
         return super().get_ordering(request, queryset, view)

@@ -130,7 +130,7 @@ class TenantSerializer(StrictModelSerializer):
 
 class PolicySerializer(StrictModelSerializer):
     tenant_id = serializers.CharField(max_length=63)
-    config = JSONObjectField(help_text="Validated per policy_type; e.g. {\"requests_per_minute\": 1000}.")
+    config = JSONObjectField(help_text='Validated per policy_type; e.g. {"requests_per_minute": 1000}.')
     create_only_fields = ("tenant_id",)
 
     class Meta:
@@ -347,7 +347,9 @@ class UsageQuerySerializer(StrictSerializer):
 
     def get_fields(self) -> dict[str, serializers.Field]:  # type: ignore[type-arg]
         fields = super().get_fields()
-        fields["from"] = serializers.DateTimeField(required=False, help_text="Start (inclusive); default 24 h before to.")
+        fields["from"] = serializers.DateTimeField(
+            required=False, help_text="Start (inclusive); default 24 h before to."
+        )
         return fields
 
 
@@ -399,6 +401,6 @@ class ProblemSerializer(serializers.Serializer):  # type: ignore[type-arg]
     errors = serializers.DictField(
         child=serializers.ListField(child=serializers.CharField()),
         required=False,
-        help_text="Field errors: {\"field\": [\"message\", …]}.",
+        help_text='Field errors: {"field": ["message", …]}.',
     )
     request_id = serializers.CharField(required=False)

@@ -1,7 +1,31 @@
-"""Management API routes."""
+"""Management API routes: resources under /mgmt/v1/, the OpenAPI schema and its docs (assets served locally)."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from apimgmt.api import views
+
+router = SimpleRouter()
+router.register("tenants", views.TenantViewSet, basename="tenant")
+router.register("apis", views.ApiViewSet, basename="api")
+router.register("consumers", views.ConsumerViewSet, basename="consumer")
+router.register("keys", views.ApiKeyViewSet, basename="key")
+router.register("plans", views.PlanViewSet, basename="plan")
+router.register("policies", views.PolicyViewSet, basename="policy")
+router.register("subscriptions", views.SubscriptionViewSet, basename="subscription")
+router.register("audit-events", views.AuditEventViewSet, basename="audit-event")
+
+v1: list[URLPattern | URLResolver] = [
+    *router.urls,
+    path("usage/", views.UsageView.as_view(), name="usage"),
+]
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("v1/", include((v1, "mgmt"), namespace="mgmt")),
+    path("schema/", SpectacularAPIView.as_view(permission_classes=[]), name="mgmt-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-docs"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-redoc"),
+]

@@ -46,7 +46,15 @@ def test_any_single_character_change_fails_verification() -> None:
 
 @pytest.mark.parametrize(
     "candidate",
-    ["", "ak_live_", "ak_test_" + "a" * 38, "ak_live_" + "a" * 37, "ak_live_" + "a" * 39, "ak_live_" + "é" * 38, "x" * 46],
+    [
+        "",
+        "ak_live_",
+        "ak_test_" + "a" * 38,
+        "ak_live_" + "a" * 37,
+        "ak_live_" + "a" * 39,
+        "ak_live_" + "é" * 38,
+        "x" * 46,
+    ],
 )
 def test_malformed_keys_are_rejected_without_io(candidate: str, db: object, django_assert_num_queries: object) -> None:
     with django_assert_num_queries(0):  # type: ignore[operator]

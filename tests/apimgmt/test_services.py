@@ -106,7 +106,9 @@ def test_policy_create_names_the_bad_field(acme: Tenant) -> None:
         services.policy_create(tenant=acme, name="bad", policy_type="nope", config={}, actor=None)
     assert "policy_type" in errors_of(exc)
     with pytest.raises(ValidationError) as exc:
-        services.policy_create(tenant=acme, name="bad", policy_type="quota", config={"requests_per_day": 5}, mode="loud", actor=None)
+        services.policy_create(
+            tenant=acme, name="bad", policy_type="quota", config={"requests_per_day": 5}, mode="loud", actor=None
+        )
     assert "mode" in errors_of(exc)
     assert not Policy.objects.exists()
 
@@ -120,7 +122,9 @@ def test_policy_names_are_unique_per_tenant(acme: Tenant, globex: Tenant) -> Non
 
 
 def test_policy_update(acme: Tenant) -> None:
-    policy = services.policy_create(tenant=acme, name="std", policy_type="quota", config={"requests_per_day": 5}, actor=None)
+    policy = services.policy_create(
+        tenant=acme, name="std", policy_type="quota", config={"requests_per_day": 5}, actor=None
+    )
     services.policy_update(policy=policy, config={"requests_per_day": 10}, mode="shadow", actor=None)
     policy.refresh_from_db()
     assert policy.config["requests_per_day"] == 10 and policy.mode == "shadow"
@@ -131,14 +135,18 @@ def test_policy_update(acme: Tenant) -> None:
 
 
 def test_plan_create_and_update(acme: Tenant, globex: Tenant) -> None:
-    quota = services.policy_create(tenant=acme, name="q", policy_type="quota", config={"requests_per_day": 5}, actor=None)
+    quota = services.policy_create(
+        tenant=acme, name="q", policy_type="quota", config={"requests_per_day": 5}, actor=None
+    )
     plan = services.plan_create(tenant=acme, name="gold", policies=[quota], approval="manual", actor=None)
     assert plan.id.startswith("pln_") and list(plan.policies.all()) == [quota]
     assert last_event("plan.create").changes["policies"] == [quota.id]
     services.plan_update(plan=plan, policies=[], approval="auto", actor=None)
     plan.refresh_from_db()
     assert plan.approval == "auto" and not plan.policies.exists()
-    foreign = services.policy_create(tenant=globex, name="q", policy_type="quota", config={"requests_per_day": 5}, actor=None)
+    foreign = services.policy_create(
+        tenant=globex, name="q", policy_type="quota", config={"requests_per_day": 5}, actor=None
+    )
     with pytest.raises(ValidationError) as exc:
         services.plan_create(tenant=acme, name="bad", policies=[foreign], actor=None)
     assert "Unknown policies" in errors_of(exc)["policies"][0]
@@ -190,7 +198,11 @@ def test_api_create_with_targets_and_policies(
     ],
 )
 def test_api_create_refuses_bad_input(acme: Tenant, overrides: dict[str, Any], field: str, message: str) -> None:
-    kwargs: dict[str, Any] = {"api_name": "users", "base_path": "/api/users", "upstream_url": "https://users.example.com"}
+    kwargs: dict[str, Any] = {
+        "api_name": "users",
+        "base_path": "/api/users",
+        "upstream_url": "https://users.example.com",
+    }
     kwargs.update(overrides)
     with pytest.raises(ValidationError) as exc:
         services.api_create(tenant=acme, actor=None, **kwargs)
@@ -373,7 +385,9 @@ def test_subscription_refusals(acme: Tenant, globex: Tenant, acme_api: Api, bob_
     with pytest.raises(ValidationError) as exc:
         services.subscription_request(consumer=other, api=acme_api, actor=None)
     assert "Unknown API" in errors_of(exc)["api_id"][0]
-    draft = services.api_create(tenant=acme, api_name="d", base_path="/d", upstream_url="https://d.example.com", actor=None)
+    draft = services.api_create(
+        tenant=acme, api_name="d", base_path="/d", upstream_url="https://d.example.com", actor=None
+    )
     with pytest.raises(ValidationError) as exc:
         services.subscription_request(consumer=bob_app, api=draft, actor=None)
     assert "draft" in errors_of(exc)["api_id"][0]

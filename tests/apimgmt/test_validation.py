@@ -103,7 +103,11 @@ def test_the_operations_guide_policy_is_accepted_as_written() -> None:
         ("rate_limiting", {"requests_per_minute": 5, "burst_size": -1}, "burst_size must be a non-negative integer"),
         ("rate_limiting", {"requests_per_minute": 5, "key_extraction": "user"}, "key_extraction must be one of"),
         ("rate_limiting", {"requests_per_minute": 5, "window_type": "rolling"}, "window_type must be"),
-        ("rate_limiting", {"requests_per_minute": 5, "window_type": "fixed", "burst_size": 3}, "burst_size only applies"),
+        (
+            "rate_limiting",
+            {"requests_per_minute": 5, "window_type": "fixed", "burst_size": 3},
+            "burst_size only applies",
+        ),
         ("rate_limiting", {"requests_per_minute": 5, "rpm": 3}, "unknown config field(s) for rate_limiting: rpm"),
         ("quota", {"requests_per_minute": 5}, "quota config needs"),
         ("quota", {"requests_per_month": -5}, "requests_per_month must be a positive integer"),

@@ -35,5 +35,7 @@ class Command(BaseCommand):
             token, plaintext = api_token_create(user=user, actor=None, name=options["name"], expires_at=expires_at)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
-        self.stderr.write(f"Token {token.token_prefix}… created for {user.get_username()}; store it now, it is not shown again.")
+        self.stderr.write(
+            f"Token {token.token_prefix}… created for {user.get_username()}; store it now, it is not shown again."
+        )
         self.stdout.write(plaintext)

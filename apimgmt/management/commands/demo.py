@@ -77,7 +77,12 @@ class Command(BaseCommand):
             tenant=tenant,
             name="demo-rate-limit",
             policy_type="rate_limiting",
-            config={"requests_per_second": 100, "requests_per_minute": 3000, "burst_size": 50, "key_extraction": "consumer_id"},
+            config={
+                "requests_per_second": 100,
+                "requests_per_minute": 3000,
+                "burst_size": 50,
+                "key_extraction": "consumer_id",
+            },
             actor=admin,
         )
         quota = Policy.objects.filter(tenant=tenant, name="demo-daily-quota").first() or services.policy_create(

@@ -95,7 +95,7 @@ the cluster (so upgrades never rotate KEY_HASH_PEPPER), then fresh random ones.
 
 {{/* Secret data (base64) for the chart-managed Secret. */}}
 {{- define "apimgmt.secretData" -}}
-{{- $gen := include "apimgmt.generatedSecrets" . | fromYaml }}
+{{- $gen := include "apimgmt.generatedSecrets" . | fromYaml -}}
 SECRET_KEY: {{ $gen.SECRET_KEY | b64enc | quote }}
 KEY_HASH_PEPPER: {{ $gen.KEY_HASH_PEPPER | b64enc | quote }}
 DATABASE_URL: {{ include "apimgmt.databaseUrl" . | b64enc | quote }}
@@ -136,7 +136,7 @@ and the pod's own IP (Prometheus scrapes pods by IP). Kubernetes expands $(POD_I
 {{/* env entries every app container has: the pod IP, ALLOWED_HOSTS and the role. Call with (list $ role). */}}
 {{- define "apimgmt.env" -}}
 {{- $root := index . 0 }}
-{{- $role := index . 1 }}
+{{- $role := index . 1 -}}
 - name: POD_IP
   valueFrom:
     fieldRef:

@@ -1,0 +1,131 @@
+"""The rate-limit counter layout in Redis, and a read-only look at what is left in each window.
+
+The gateway (gateway/ratelimit.py, ratelimit.lua) writes these keys; the portal
+reads them to show "quota left right now". Layout, per policy window and scope:
+
+- sliding ``rate_limiting`` windows (GCRA): ``rate_limit:{<tenant>}:<policy_id>:<label>:<scope>``
+  holding the theoretical arrival time in epoch microseconds;
+- fixed ``rate_limiting`` windows and ``quota`` windows (calendar counters):
+  ``rate_limit:{<tenant>}:<policy_id>:<label>@<window start, epoch s>:<scope>`` holding a count.
+
+Nothing here writes to Redis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+
+# Config field -> (window label, seconds) of a rate_limiting policy.
+RATE_WINDOWS = {
+    "requests_per_second": ("second", 1),
+    "requests_per_minute": ("minute", 60),
+    "requests_per_hour": ("hour", 3600),
+    "requests_per_day": ("day", 86400),
+}
+# Config field -> window label of a quota policy (calendar days and months in the tenant's zone).
+QUOTA_WINDOWS = {"requests_per_day": "day", "requests_per_month": "month"}
+
+
+@dataclass(frozen=True)
+class CounterWindow:
+    policy_id: str
+    policy_name: str
+    label: str  # second, minute, hour, day, month
+    sliding: bool
+    limit: int  # capacity (limit + burst) for sliding windows
+    interval_us: float  # sliding: microseconds one request costs
+    end: float  # calendar: window end, epoch seconds
+    key: str
+
+
+@dataclass(frozen=True)
+class Remaining:
+    window: CounterWindow
+    remaining: int
+    resets_in_seconds: int  # sliding: until the bucket is full again; calendar: until the window ends
+
+
+def calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
+    """Start and end (epoch seconds) of the calendar window containing ``now``."""
+    if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
+        period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[label]
+        start = math.floor(now / period) * period
+        return start, start + period
+    tz = ZoneInfo(tz_name)
+    local = datetime.fromtimestamp(now, tz)
+    first: date
+    if label == "day":
+        first = local.date()
+        following = first + timedelta(days=1)
+    else:
+        first = local.date().replace(day=1)
+        following = (first + timedelta(days=32)).replace(day=1)
+    start = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
+    end = datetime(following.year, following.month, following.day, tzinfo=tz).timestamp()
+    return start, end
+
+
+def counter_windows(
+    *,
+    tenant_id: str,
+    tz_name: str,
+    policy_id: str,
+    policy_name: str,
+    policy_type: str,
+    config: dict[str, Any],
+    scope: str,
+    now: float,
+) -> list[CounterWindow]:
+    """Every window of one policy for one scope value, with the Redis key the gateway counts it under."""
+    prefix = f"rate_limit:{{{tenant_id}}}:{policy_id}"
+    sliding = policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
+    fields: dict[str, str] = (
+        {name: label for name, (label, _) in RATE_WINDOWS.items()} if policy_type == "rate_limiting" else QUOTA_WINDOWS
+    )
+    windows: list[CounterWindow] = []
+    for name, label in fields.items():
+        limit = config.get(name)
+        if not limit:
+            continue
+        if sliding:
+            seconds = RATE_WINDOWS[name][1]
+            capacity = int(limit) + int(config.get("burst_size") or 0)
+            interval = seconds * 1e6 / int(limit)
+            windows.append(
+                CounterWindow(policy_id, policy_name, label, True, capacity, interval, 0.0, f"{prefix}:{label}:{scope}")
+            )
+        else:
+            start, end = calendar_bounds(label, tz_name, now)
+            key = f"{prefix}:{label}@{int(start)}:{scope}"
+            windows.append(CounterWindow(policy_id, policy_name, label, False, int(limit), 0.0, end, key))
+    return windows
+
+
+def read_remaining(client: redis.Redis, windows: list[CounterWindow]) -> list[Remaining]:
+    """What each window still allows, on Redis's clock (as the gateway counts), in one round trip."""
+    if not windows:
+        return []
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.mget([w.key for w in windows])
+    (seconds, micros), values = pipe.execute()
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    results: list[Remaining] = []
+    for window, raw in zip(windows, values, strict=True):
+        stored = float(raw) if raw is not None else 0.0
+        if window.sliding:
+            tolerance = window.limit * window.interval_us
+            tat = max(stored, now_us)
+            remaining = max(0, math.floor((tolerance - (tat - now_us)) / window.interval_us))
+            resets = math.ceil((tat - now_us) / 1e6)
+        else:
+            remaining = max(0, window.limit - int(stored))
+            resets = max(0, math.ceil(window.end - now_us / 1e6))
+        results.append(Remaining(window, min(remaining, window.limit), resets))
+    return results

@@ -1,0 +1,601 @@
+"""One request through the gateway: route, authenticate, limit, proxy, record. WSGI-level, no Django request."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+import redis
+from django.conf import settings
+from django.db import DatabaseError
+
+from apimgmt.context import accept_request_id, client_ip_var, request_id_var
+from apimgmt.redis_client import get_redis
+from apimgmt.selectors import KeyRecord
+from apimgmt.validation import RESERVED_SEGMENTS
+from gateway import auth, metrics, ratelimit
+from gateway.config import RouteState
+from gateway.problems import GatewayResponse, problem, status_line
+from gateway.proxy import (
+    HOP_BY_HOP,
+    BodyTooLarge,
+    RequestBody,
+    UpstreamError,
+    Upstreams,
+    body_is_small,
+    forward_request,
+    response_headers,
+)
+from gateway.resilience import Balancer, CircuitBreaker
+from gateway.routing import BadRequestTarget, Route, split_request_target
+from gateway.usage import UsageRecorder
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("gateway.access")
+
+# Request headers the gateway sets itself: a client's own values are never passed on.
+_SET_BY_GATEWAY = frozenset(
+    {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "x-consumer-id",
+        "x-tenant-id",
+        "forwarded",
+    }
+)
+_HEADER_NAMES: dict[str, str] = {}
+
+
+def _header_name(environ_key: str) -> str:
+    name = _HEADER_NAMES.get(environ_key)
+    if name is None:
+        name = environ_key[5:].replace("_", "-").title()
+        if len(_HEADER_NAMES) < 4096:
+            _HEADER_NAMES[environ_key] = name
+    return name
+
+
+class Finished:
+    """What the access log, metrics and usage event need once a response is complete."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "key",
+        "method",
+        "record",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "upstream_s",
+    )
+
+    def __init__(self, request_id: str, method: str, started: float) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.started = started
+        self.route: Route | None = None
+        self.record: KeyRecord | None = None
+        self.key = ""
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_s: float | None = None
+
+
+class Result:
+    """The gateway's answer, ready for a WSGI server: status line, headers, and an iterable body."""
+
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: Any) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class Gateway:
+    """The per-worker gateway: route table, key caches, limiter fallbacks, upstream pools, breakers, usage."""
+
+    def __init__(self) -> None:
+        self.routes = RouteState()
+        self.keys = auth.KeyResolver()
+        self.routes.on_change.append(self.keys.clear)
+        self.routes.on_change.append(self._prune_resilience)
+        self.usage = UsageRecorder()
+        self.local_limits = ratelimit.LocalLimiter()
+        self.store = ratelimit.StoreHealth()
+        self.upstreams = Upstreams()
+        self.balancers: dict[str, tuple[tuple[Any, ...], Balancer]] = {}
+        self.breakers: dict[str, tuple[tuple[Any, ...], CircuitBreaker]] = {}
+        self.max_body = int(settings.GATEWAY["MAX_BODY_BYTES"])
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.GATEWAY["TRUSTED_PROXIES"]]
+        self.started = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start this worker's background threads (config poller, usage flusher); safe to call repeatedly."""
+        self.routes.start()
+        self.usage.start()
+        self.started = True
+
+    def stop(self) -> None:
+        self.routes.stop()
+        self.usage.stop()
+
+    def ready(self) -> bool:
+        """Readiness: the route table has loaded (loading it now if needed)."""
+        if not self.routes.loaded:
+            try:
+                self.routes.current()
+            except Exception:
+                return False
+        return self.routes.loaded
+
+    # -- the request --------------------------------------------------------------------------------------------
+
+    def handle(self, environ: dict[str, Any]) -> Result | None:
+        """Answer a request under an API's base_path; None when the path belongs to Django."""
+        if not self.started:
+            self.start()
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if not raw:
+            raw = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/;=,:@!$&'()*+~")
+            if environ.get("QUERY_STRING"):
+                raw += "?" + environ["QUERY_STRING"]
+        try:
+            path, query = split_request_target(raw)
+        except BadRequestTarget as exc:
+            if _control_plane(raw):
+                return None
+            started = time.perf_counter()
+            request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
+            done = Finished(request_id, environ.get("REQUEST_METHOD", "GET"), started)
+            return self._error(done, problem(400, "bad-path", "Bad request path", str(exc), request_id))
+        table = self.routes.current()
+        host = environ.get("HTTP_HOST", "")
+        if host:
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            host = host.lower()
+        route = table.resolve(host, path)
+        if route is None:
+            return None
+        return self._serve(environ, route, path, query, table.plan_policies)
+
+    def _serve(self, environ: dict[str, Any], route: Route, path: str, query: str, plans: dict[str, Any]) -> Result:
+        started = time.perf_counter()
+        request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        request_id_var.set(request_id)
+        method = environ.get("REQUEST_METHOD", "GET")
+        done = Finished(request_id, method, started)
+        done.route = route
+        client_ip = self._client_ip(environ)
+        client_ip_var.set(client_ip)
+
+        # 2. Authenticate.
+        try:
+            record, credential, failure = auth.authenticate(environ, route, query, self.keys, self.routes.version)
+        except (DatabaseError, redis.RedisError):
+            logger.exception("key lookup failed")
+            return self._error(
+                done,
+                problem(
+                    503,
+                    "key-store-unavailable",
+                    "Service unavailable",
+                    "Keys cannot be checked right now; retry shortly.",
+                    request_id,
+                    headers=[("Retry-After", "1")],
+                ),
+            )
+        if failure is not None:
+            metrics.auth_failures_total.labels(route.api_id, failure.reason).inc()
+            if record is not None and failure.status == 403:
+                done.record, done.key = record, record.key_id
+            slug = "invalid-key" if failure.status == 401 else "forbidden"
+            title = "Unauthorized" if failure.status == 401 else "Forbidden"
+            headers = [("WWW-Authenticate", f'Bearer realm="{route.spec.api_name}"')] if failure.status == 401 else []
+            return self._error(done, problem(failure.status, slug, title, failure.detail, request_id, headers=headers))
+        assert record is not None and credential is not None
+        done.record, done.key = record, record.key_id
+
+        # 3. Limit (and send buffered usage events in the same round trip).
+        plan_id = record.subscriptions.get(route.api_id, "")
+        windows = ratelimit.windows_for(
+            route, record, client_ip, plans.get(plan_id, []) if plan_id else [], time.time()
+        )
+        limit_headers: list[tuple[str, str]] = []
+        if windows:
+            decision = self._check_limits(route, windows)
+            if decision.unavailable:
+                return self._error(
+                    done,
+                    problem(
+                        503,
+                        "rate-limit-store-unavailable",
+                        "Service unavailable",
+                        "Rate limits cannot be checked right now; retry shortly.",
+                        request_id,
+                        headers=[("Retry-After", str(decision.retry_after))],
+                    ),
+                )
+            limit_headers = decision.headers or []
+            if decision.blocked is not None:
+                window = decision.blocked.window
+                detail = (
+                    f"Policy '{window.policy.name}' allows {window.limit} requests per {window.label}; "
+                    f"retry in {decision.retry_after} s."
+                )
+                return self._error(
+                    done,
+                    problem(
+                        429,
+                        "rate-limited",
+                        "Too many requests",
+                        detail,
+                        request_id,
+                        headers=[*limit_headers, ("Retry-After", str(decision.retry_after))],
+                        extra={"policy": window.policy.name, "policy_id": window.policy.id, "window": window.label},
+                    ),
+                )
+
+        # 4. Proxy.
+        breaker = self._breaker(route)
+        allowed, wait = breaker.allow()
+        if not allowed:
+            return self._error(
+                done,
+                problem(
+                    503,
+                    "circuit-open",
+                    "Service unavailable",
+                    "The upstream is failing; requests are paused.",
+                    request_id,
+                    headers=[("Retry-After", str(max(1, int(wait + 0.999))))],
+                ),
+            )
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        try:
+            length = int(length_text) if length_text else None
+        except ValueError:
+            breaker.release()
+            return self._error(
+                done, problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id)
+            )
+        if length is not None and length > self.max_body:
+            breaker.release()
+            return self._error(
+                done,
+                problem(
+                    413,
+                    "body-too-large",
+                    "Request body too large",
+                    f"The request body may be at most {self.max_body} bytes.",
+                    request_id,
+                ),
+            )
+        body = RequestBody(environ["wsgi.input"], length, self.max_body) if (length or chunked) else None
+        headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
+        spec = route.spec
+        target_path = path[len(spec.base_path) :] if spec.strip_path else path
+        if not target_path.startswith("/"):
+            target_path = "/" + target_path
+        query = _strip_query_param(query, spec.key_query_param) if credential.source == "query" else query
+        try:
+            upstream = forward_request(
+                self.upstreams,
+                self._balancer(route),
+                method=method,
+                path_and_query=target_path + ("?" + query if query else ""),
+                headers=headers,
+                body=body,
+                chunked=chunked and length is None,
+                connect_timeout=spec.connect_timeout,
+                read_timeout=spec.read_timeout,
+                total_timeout=spec.total_timeout,
+                retries=spec.retries,
+            )
+        except UpstreamError as exc:
+            breaker.failure()
+            done.bytes_in = body.sent if body else 0
+            title = "Bad gateway" if exc.status == 502 else "Gateway timeout"
+            slug = "upstream-unavailable" if exc.status == 502 else "upstream-timeout"
+            return self._error(done, problem(exc.status, slug, title, exc.detail, request_id), limit_headers)
+        except BodyTooLarge:
+            breaker.release()
+            return self._error(
+                done,
+                problem(
+                    413,
+                    "body-too-large",
+                    "Request body too large",
+                    f"The request body may be at most {self.max_body} bytes.",
+                    request_id,
+                ),
+            )
+        response = upstream.response
+        if response.status >= 500 and response.status != 501:
+            breaker.failure()
+        else:
+            breaker.success()
+        done.bytes_in = body.sent if body else 0
+        done.upstream_s = upstream.headers_at - upstream.started
+        done.status = response.status
+        out_headers = response_headers(response)
+        out_headers = [h for h in out_headers if h[0].lower() != "x-request-id"]
+        out_headers += limit_headers
+        out_headers += route.extra_headers
+        out_headers.append(("X-Request-ID", request_id))
+        if body_is_small(response, method):
+            try:
+                data = response.read(decode_content=False) if method != "HEAD" else b""
+            except Exception as exc:  # the upstream broke off mid-body, or the deadline cut it
+                self.upstreams.reaper.done(upstream.watch)
+                response.release_conn()
+                breaker.failure()
+                status = 504 if upstream.watch.expired else 502
+                detail = (
+                    "The upstream response was incomplete."
+                    if status == 502
+                    else "The upstream did not finish within the API's total timeout."
+                )
+                logger.warning("upstream response failed: %s", exc)
+                return self._error(
+                    done,
+                    problem(
+                        status,
+                        "upstream-unavailable" if status == 502 else "upstream-timeout",
+                        "Bad gateway" if status == 502 else "Gateway timeout",
+                        detail,
+                        request_id,
+                    ),
+                    limit_headers,
+                )
+            self.upstreams.reaper.done(upstream.watch)
+            response.release_conn()
+            done.bytes_out = len(data)
+            self._finish(done)
+            return Result(
+                f"{response.status} {response.reason or status_line(response.status)[4:]}",
+                out_headers,
+                [data] if data else [],
+            )
+        return Result(
+            f"{response.status} {response.reason or status_line(response.status)[4:]}",
+            out_headers,
+            StreamedBody(self, upstream, done),
+        )
+
+    # -- steps --------------------------------------------------------------------------------------------------
+
+    def _check_limits(self, route: Route, windows: list[ratelimit.Window]) -> ratelimit.LimitDecision:
+        client = get_redis()
+        if client is None or not self.store.available():
+            return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
+        keys, args = ratelimit.script_args(windows)
+        events = self.usage.take()
+        try:
+            if events:
+                pipe = client.pipeline(transaction=False)
+                self.usage.add_to_pipeline(pipe, events)
+                ratelimit.run_script(pipe, keys, args)
+                results = pipe.execute(raise_on_error=False)
+                raw = results[-1]
+                failed = [r for r in results[:-1] if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]
+                events = []
+                if ratelimit.is_noscript(raw):
+                    raw = client.eval(ratelimit.SCRIPT, len(keys), *keys, *args)
+                elif isinstance(raw, Exception):
+                    raise raw
+            else:
+                try:
+                    raw = client.evalsha(ratelimit.SCRIPT_SHA, len(keys), *keys, *args)
+                except redis.exceptions.NoScriptError:
+                    raw = client.eval(ratelimit.SCRIPT, len(keys), *keys, *args)
+        except redis.RedisError:
+            logger.warning("rate-limit store unavailable; applying on_store_error")
+            self.store.failed()
+            if events:
+                self.usage.spool(events)
+            return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
+        blocked, results_ = ratelimit.parse_result(windows, raw)  # type: ignore[arg-type]
+        return ratelimit.decide(route, blocked, results_)
+
+    def _client_ip(self, environ: dict[str, Any]) -> str:
+        peer = environ.get("REMOTE_ADDR", "") or ""
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        # Walk from the nearest hop outwards; the first address we do not trust is the client.
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def _upstream_headers(
+        self,
+        environ: dict[str, Any],
+        route: Route,
+        record: KeyRecord,
+        credential: auth.Credential,
+        request_id: str,
+        client_ip: str,
+    ) -> dict[str, str]:
+        drop = set(HOP_BY_HOP) | _SET_BY_GATEWAY
+        connection = environ.get("HTTP_CONNECTION")
+        if connection:
+            drop |= {name.strip().lower() for name in connection.split(",")}
+        key_header = route.spec.key_header.lower()
+        drop.add(key_header)
+        authorization = environ.get("HTTP_AUTHORIZATION", "")
+        if route.spec.accept_bearer and authorization[:7].lower() == "bearer ":
+            drop.add("authorization")
+        headers: dict[str, str] = {}
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                name = _header_name(key)
+                if name.lower() not in drop:
+                    headers[name] = value
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        if environ.get("CONTENT_LENGTH"):
+            headers["Content-Length"] = environ["CONTENT_LENGTH"]
+        peer = environ.get("REMOTE_ADDR", "")
+        trusted_peer = bool(self.trusted) and self._is_trusted(peer)
+        prior = environ.get("HTTP_X_FORWARDED_FOR", "") if trusted_peer else ""
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else (client_ip if trusted_peer else peer)
+        proto = environ.get("HTTP_X_FORWARDED_PROTO") if trusted_peer else None
+        headers["X-Forwarded-Proto"] = proto or environ.get("wsgi.url_scheme", "http")
+        forwarded_host = environ.get("HTTP_X_FORWARDED_HOST") if trusted_peer else None
+        headers["X-Forwarded-Host"] = forwarded_host or environ.get("HTTP_HOST", "")
+        headers["X-Request-ID"] = request_id
+        headers["X-Consumer-ID"] = record.consumer_id
+        headers["X-Tenant-ID"] = route.tenant_id
+        return headers
+
+    def _balancer(self, route: Route) -> Balancer:
+        signature = tuple((t.url, t.weight) for t in route.targets)
+        entry = self.balancers.get(route.api_id)
+        if entry is None or entry[0] != signature:
+            entry = (signature, Balancer(route.targets))
+            self.balancers[route.api_id] = entry
+        return entry[1]
+
+    def _breaker(self, route: Route) -> CircuitBreaker:
+        signature = (route.spec.cb_failure_threshold, route.spec.cb_recovery_timeout)
+        entry = self.breakers.get(route.api_id)
+        if entry is None or entry[0] != signature:
+            entry = (signature, CircuitBreaker(route.api_id, *signature))
+            self.breakers[route.api_id] = entry
+        return entry[1]
+
+    def _prune_resilience(self) -> None:
+        table = self.routes.table
+        if table is None:
+            return
+        live = {route.api_id for route in table.routes}
+        for mapping in (self.balancers, self.breakers):
+            for api_id in [a for a in mapping if a not in live]:
+                mapping.pop(api_id, None)
+
+    # -- results and records ------------------------------------------------------------------------------------
+
+    def _error(
+        self, done: Finished, response: GatewayResponse, extra_headers: list[tuple[str, str]] | None = None
+    ) -> Result:
+        done.status = response.status
+        done.bytes_out = len(response.body)
+        headers = response.headers + (extra_headers or []) + [("X-Request-ID", done.request_id)]
+        if done.route is not None:
+            headers += done.route.extra_headers
+        self._finish(done)
+        return Result(status_line(response.status), headers, [response.body])
+
+    def _finish(self, done: Finished) -> None:
+        """Metrics, access log and usage event of a completed request."""
+        duration = time.perf_counter() - done.started
+        route = done.route
+        tenant = route.tenant_id if route else ""
+        api = route.api_id if route else metrics.UNMATCHED
+        status = str(done.status)
+        metrics.requests_total.labels(tenant, api, done.method, status).inc()
+        metrics.request_duration.labels(tenant, api).observe(duration)
+        upstream_ms = ""
+        if done.upstream_s is not None:
+            metrics.upstream_duration.labels(tenant, api).observe(done.upstream_s)
+            upstream_ms = f"{done.upstream_s * 1000:.3f}"
+        record = done.record
+        access_logger.info(
+            "request",
+            extra={
+                "request_id": done.request_id,
+                "tenant": tenant,
+                "api": api,
+                "consumer": record.consumer_id if record else "",
+                "key_prefix": record.key_prefix if record else "",
+                "method": done.method,
+                "path": route.spec.base_path if route else "",
+                "status": done.status,
+                "duration_ms": round(duration * 1000, 3),
+                "upstream_ms": round(done.upstream_s * 1000, 3) if done.upstream_s is not None else None,
+            },
+        )
+        if route is not None:
+            self.usage.record(
+                {
+                    "rid": done.request_id,
+                    "ts": f"{time.time():.3f}",
+                    "tenant": tenant,
+                    "api": api,
+                    "consumer": record.consumer_id if record else "",
+                    "key": done.key,
+                    "method": done.method,
+                    "status": status,
+                    "bytes_in": str(done.bytes_in),
+                    "bytes_out": str(done.bytes_out),
+                    "latency_ms": f"{duration * 1000:.3f}",
+                    "upstream_ms": upstream_ms,
+                }
+            )
+
+
+class StreamedBody:
+    """The upstream's body streamed to the client; closing it (WSGI close()) records the request."""
+
+    def __init__(self, gateway: Gateway, upstream: Any, done: Finished) -> None:
+        self.gateway = gateway
+        self.upstream = upstream
+        self.done = done
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        response = self.upstream.response
+        try:
+            for chunk in response.stream(64 * 1024, decode_content=False):
+                self.done.bytes_out += len(chunk)
+                yield chunk
+        except Exception as exc:
+            # Headers are already sent: the only honest signal left is to cut the connection short.
+            logger.warning("upstream body failed after %d bytes: %s", self.done.bytes_out, type(exc).__name__)
+            if self.done.route is not None:
+                self.gateway._breaker(self.done.route).failure()
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        response = self.upstream.response
+        self.gateway.upstreams.reaper.done(self.upstream.watch)
+        if not response.isclosed() and response.length_remaining:
+            response.close()  # not fully read (client went away): never reuse this connection
+        response.release_conn()
+        self.gateway._finish(self.done)
+
+
+def _strip_query_param(query: str, param: str) -> str:
+    """The raw query without the key parameter; every other pair is kept byte for byte."""
+    return "&".join(pair for pair in query.split("&") if unquote_plus(pair.partition("=")[0]) != param)
+
+
+def _control_plane(raw: str) -> bool:
+    first = raw.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+    return first.lower() in RESERVED_SEGMENTS

@@ -1,0 +1,228 @@
+"""Forwarding to the upstream with urllib3: pooled connections, streamed bodies, timeouts, deadline, retries."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
+from urllib3.response import BaseHTTPResponse
+
+from gateway.resilience import Balancer, DeadlineReaper, DeadlineWatch
+from gateway.routing import Target
+
+logger = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 hop-by-hop fields (plus the obsolete proxy ones); also every field Connection names.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "proxy",
+    }
+)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+CHUNK_SIZE = 64 * 1024
+# Responses up to this size are read at once and the connection returned to the pool before the client is served.
+SMALL_BODY = 64 * 1024
+POOL_MAXSIZE = 64
+
+_current_watch: contextvars.ContextVar[DeadlineWatch | None] = contextvars.ContextVar("upstream_watch", default=None)
+
+
+class _WatchedMixin:
+    """Hands the socket of each exchange to the deadline reaper before anything is sent."""
+
+    sock: Any
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if self.sock is None:
+            self.connect()  # type: ignore[attr-defined]
+        watch = _current_watch.get()
+        if watch is not None and self.sock is not None:
+            watch.sockets.append(self.sock)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class WatchedHTTPConnection(_WatchedMixin, HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(_WatchedMixin, HTTPSConnection):
+    pass
+
+
+class WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+class BodyTooLarge(Exception):
+    """The (chunked) request body grew past MAX_BODY_BYTES while being forwarded."""
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed; ``status`` is what the client gets (502 or 504)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class RequestBody:
+    """Streams wsgi.input to the upstream in chunks, counting bytes and enforcing the cap."""
+
+    def __init__(self, stream: Any, length: int | None, cap: int) -> None:
+        self.stream = stream
+        self.length = length
+        self.cap = cap
+        self.sent = 0
+        self.started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.started = True
+        remaining = self.length
+        while remaining is None or remaining > 0:
+            chunk = self.stream.read(CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining))
+            if not chunk:
+                break
+            self.sent += len(chunk)
+            if self.sent > self.cap:
+                raise BodyTooLarge
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+
+
+class Upstreams:
+    """One connection pool per upstream target for this worker (thread- and greenlet-safe)."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, str, int], HTTPConnectionPool] = {}
+        self.lock = threading.Lock()
+        self.reaper = DeadlineReaper()
+
+    def pool(self, target: Target) -> HTTPConnectionPool:
+        key = (target.scheme, target.host, target.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            with self.lock:
+                pool = self.pools.get(key)
+                if pool is None:
+                    cls = WatchedHTTPSConnectionPool if target.scheme == "https" else WatchedHTTPConnectionPool
+                    pool = cls(target.host, target.port, maxsize=POOL_MAXSIZE, block=False, retries=False)
+                    self.pools[key] = pool
+        return pool
+
+
+@dataclass
+class UpstreamResponse:
+    response: BaseHTTPResponse
+    watch: DeadlineWatch
+    target: Target
+    started: float
+    headers_at: float
+
+
+def forward_request(
+    upstreams: Upstreams,
+    balancer: Balancer,
+    *,
+    method: str,
+    path_and_query: str,
+    headers: dict[str, str],
+    body: RequestBody | None,
+    chunked: bool,
+    connect_timeout: float,
+    read_timeout: float,
+    total_timeout: float,
+    retries: int,
+) -> UpstreamResponse:
+    """Send the request to one of the API's targets; retry a refused connect for idempotent methods."""
+    started = time.monotonic()
+    watch = upstreams.reaper.watch(started + total_timeout)
+    token = _current_watch.set(watch)
+    attempts = 1 + (retries if method in IDEMPOTENT_METHODS else 0)
+    tried: set[str] = set()
+    try:
+        for attempt in range(attempts):
+            target = balancer.pick(exclude=tried)
+            remaining = watch.remaining()
+            if remaining <= 0:
+                raise UpstreamError(504, "The upstream did not answer within the API's total timeout.")
+            timeout = urllib3.Timeout(connect=min(connect_timeout, remaining), read=min(read_timeout, remaining))
+            try:
+                response = upstreams.pool(target).urlopen(
+                    method,
+                    target.prefix + path_and_query if target.prefix else path_and_query,
+                    body=body,
+                    headers=headers,
+                    retries=False,
+                    redirect=False,
+                    assert_same_host=False,
+                    timeout=timeout,
+                    preload_content=False,
+                    decode_content=False,
+                    chunked=chunked,
+                )
+            except (NewConnectionError, ConnectTimeoutError) as exc:
+                balancer.failed(target)
+                tried.add(target.url)
+                if attempt + 1 < attempts and not (body is not None and body.started):
+                    # Nothing reached the upstream: try again (another target when there is one) after a short,
+                    # jittered pause so that a crowd of workers does not retry in lockstep.
+                    time.sleep(random.uniform(0.005, 0.025) * (attempt + 1))  # noqa: S311
+                    continue
+                if isinstance(exc, NewConnectionError) and not watch.expired:
+                    raise UpstreamError(502, "The upstream refused the connection.") from exc
+                raise UpstreamError(504, "The upstream did not accept the connection in time.") from exc
+            except ReadTimeoutError as exc:
+                raise UpstreamError(504, "The upstream did not answer in time.") from exc
+            except (ProtocolError, HTTPError, OSError) as exc:
+                if watch.expired:
+                    raise UpstreamError(504, "The upstream did not answer within the API's total timeout.") from exc
+                raise UpstreamError(502, "The upstream closed the connection or sent an invalid response.") from exc
+            return UpstreamResponse(response, watch, target, started, time.monotonic())
+        raise UpstreamError(502, "No upstream target could be reached.")
+    except BaseException:
+        upstreams.reaper.done(watch)
+        raise
+    finally:
+        _current_watch.reset(token)
+
+
+def response_headers(response: BaseHTTPResponse) -> list[tuple[str, str]]:
+    """The upstream's headers minus hop-by-hop ones (and those its Connection header names); repeats kept."""
+    raw = list(response.headers.iteritems())  # type: ignore[attr-defined]
+    drop = HOP_BY_HOP
+    connection = response.headers.get("connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    return [(name, value) for name, value in raw if name.lower() not in drop]
+
+
+def body_is_small(response: BaseHTTPResponse, method: str) -> bool:
+    if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
+        return True
+    length = response.length_remaining
+    return length is not None and length <= SMALL_BODY

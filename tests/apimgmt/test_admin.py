@@ -1,0 +1,223 @@
+"""The Django admin: every page renders, writes go through services, the key is shown once, tenants are isolated."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.urls import reverse
+
+from apimgmt import keys, services
+from apimgmt.models import (
+    Api,
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    TenantMembership,
+    UpstreamTarget,
+    UsageRecord,
+)
+
+MODELS = [Tenant, TenantMembership, Api, Consumer, ApiKey, Plan, Policy, Subscription, UsageRecord, AuditEvent]
+KEY_RE = re.compile(r"ak_live_[0-9A-Za-z]{38}")
+
+
+@pytest.fixture
+def admin_client_(client: Client, staff: User) -> Client:
+    client.force_login(staff)
+    return client
+
+
+def _url(model: type, view: str, *args: Any) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def test_staff_logs_in_with_the_login_form(client: Client, staff: User) -> None:
+    response = client.post(
+        reverse("admin:login"), {"username": "root", "password": "root-password-123", "next": "/admin/"}
+    )
+    assert response.status_code == 302
+    assert client.get("/admin/").status_code == 200
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_every_changelist_renders(
+    admin_client_: Client, model: type, acme_api: Api, bob_key: tuple[ApiKey, str]
+) -> None:
+    response = admin_client_.get(_url(model, "changelist"))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m not in (UsageRecord, AuditEvent)], ids=lambda m: m.__name__)
+def test_every_add_page_renders(admin_client_: Client, model: type) -> None:
+    assert admin_client_.get(_url(model, "add")).status_code == 200
+
+
+def test_change_pages_render(admin_client_: Client, acme_api: Api, bob_key: tuple[ApiKey, str]) -> None:
+    key = bob_key[0]
+    for model, pk in ((Api, acme_api.pk), (ApiKey, key.pk), (Consumer, key.consumer_id), (Tenant, "acme")):
+        assert admin_client_.get(_url(model, "change", pk)).status_code == 200
+
+
+def test_creating_a_key_shows_the_plaintext_exactly_once(admin_client_: Client, bob_app: Consumer) -> None:
+    response = admin_client_.post(
+        _url(ApiKey, "add"),
+        {"consumer": bob_app.pk, "name": "from-admin", "expires_at_0": "", "expires_at_1": ""},
+        follow=True,
+    )
+    assert response.status_code == 200
+    shown = KEY_RE.findall(response.content.decode())
+    assert len(set(shown)) == 1
+    plaintext = shown[0]
+    key = ApiKey.objects.get(name="from-admin")
+    assert key.key_hash == keys.hash_key(plaintext)
+    assert AuditEvent.objects.filter(action="api_key.create", object_id=key.pk).exists()
+    # Never again: not on the list, not on the change page.
+    for url in (_url(ApiKey, "changelist"), _url(ApiKey, "change", key.pk), _url(Consumer, "change", bob_app.pk)):
+        assert plaintext not in admin_client_.get(url).content.decode()
+
+
+def test_key_create_errors_are_shown_on_the_form(admin_client_: Client, bob_app: Consumer) -> None:
+    services.consumer_block(consumer=bob_app, actor=None)
+    response = admin_client_.post(_url(ApiKey, "add"), {"consumer": bob_app.pk, "name": "x"})
+    assert response.status_code == 200
+    assert "This consumer is blocked" in response.content.decode()
+    assert not ApiKey.objects.exists()
+
+
+def test_revoked_keys_are_read_only(admin_client_: Client, bob_key: tuple[ApiKey, str]) -> None:
+    key = services.api_key_revoke(key=bob_key[0], actor=None)
+    page = admin_client_.get(_url(ApiKey, "change", key.pk)).content.decode()
+    assert 'name="name"' not in page and 'name="_save"' not in page
+
+
+def test_admin_actions_report_counts(admin_client_: Client, bob_key: tuple[ApiKey, str], acme_api: Api) -> None:
+    key = bob_key[0]
+    response = admin_client_.post(
+        _url(ApiKey, "changelist"), {"action": "rotate_keys", "_selected_action": [key.pk]}, follow=True
+    )
+    body = response.content.decode()
+    assert "Rotated 1 object." in body
+    assert len(set(KEY_RE.findall(body))) == 1  # the successor's plaintext, once
+    response = admin_client_.post(
+        _url(ApiKey, "changelist"),
+        {"action": "revoke_keys", "_selected_action": list(ApiKey.objects.values_list("pk", flat=True))},
+        follow=True,
+    )
+    assert "Revoked 2 objects." in response.content.decode()
+    assert not ApiKey.objects.filter(active=True).exists()
+    response = admin_client_.post(
+        _url(Api, "changelist"), {"action": "deprecate_apis", "_selected_action": [acme_api.pk]}, follow=True
+    )
+    assert "Deprecated 1 object." in response.content.decode()
+    assert Api.objects.get(pk=acme_api.pk).status == "deprecated"
+
+
+def test_subscription_approval_action(admin_client_: Client, acme: Tenant, acme_api: Api, bob_app: Consumer) -> None:
+    plan = services.plan_create(tenant=acme, name="gold", approval="manual", actor=None)
+    sub = services.subscription_request(consumer=bob_app, api=acme_api, plan=plan, actor=None)
+    response = admin_client_.post(
+        _url(Subscription, "changelist"), {"action": "approve_subscriptions", "_selected_action": [sub.pk]}, follow=True
+    )
+    assert "Approved 1 object." in response.content.decode()
+    assert Subscription.objects.get(pk=sub.pk).status == "active"
+    response = admin_client_.post(
+        _url(Subscription, "changelist"), {"action": "reject_subscriptions", "_selected_action": [sub.pk]}, follow=True
+    )
+    assert "cannot become rejected" in response.content.decode()
+
+
+def test_api_form_shows_validation_errors_next_to_the_field(admin_client_: Client, acme: Tenant) -> None:
+    response = admin_client_.post(
+        _url(Api, "add"),
+        {
+            "tenant": "acme",
+            "api_name": "x",
+            "base_path": "/admin/oops",
+            "upstream_url": "https://x.example.com",
+            "status": "draft",
+            "key_header": "X-API-Key",
+            "connect_timeout": 2,
+            "read_timeout": 30,
+            "total_timeout": 60,
+            "retries": 1,
+            "cb_failure_threshold": 5,
+            "cb_recovery_timeout": 30,
+            "visibility": "public",
+            "subscription_approval": "auto",
+            "targets-TOTAL_FORMS": 0,
+            "targets-INITIAL_FORMS": 0,
+        },
+    )
+    assert response.status_code == 200
+    assert "reserved prefix" in response.content.decode()
+    assert not Api.objects.exists()
+
+
+def test_api_created_in_the_admin_goes_through_the_service(admin_client_: Client, acme: Tenant) -> None:
+    response = admin_client_.post(
+        _url(Api, "add"),
+        {
+            "tenant": "acme",
+            "api_name": "orders",
+            "base_path": "/orders",
+            "upstream_url": "https://orders.example.com",
+            "status": "active",
+            "key_header": "X-API-Key",
+            "connect_timeout": 2,
+            "read_timeout": 30,
+            "total_timeout": 60,
+            "retries": 1,
+            "cb_failure_threshold": 5,
+            "cb_recovery_timeout": 30,
+            "visibility": "public",
+            "subscription_approval": "auto",
+            "strip_path": "on",
+            "targets-TOTAL_FORMS": 1,
+            "targets-INITIAL_FORMS": 0,
+            "targets-0-url": "https://orders2.example.com",
+            "targets-0-weight": 2,
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    api = Api.objects.get(base_path="/orders")
+    assert api.id.startswith("api_")
+    assert list(UpstreamTarget.objects.filter(api=api).values_list("url", "weight")) == [
+        ("https://orders2.example.com", 2)
+    ]
+    assert AuditEvent.objects.filter(action="api.create", object_id=api.pk).exists()
+
+
+@pytest.fixture
+def scoped_staff(acme: Tenant) -> User:
+    """Staff, not superuser, member of acme only, with view/change permissions on every model."""
+    user = User.objects.create_user("sam", "sam@example.com", "sam-password-123", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="apimgmt"))
+    services.membership_set(tenant=acme, user=user, role="admin", actor=None)
+    return user
+
+
+def test_tenant_scoped_staff_cannot_see_another_tenants_rows(
+    client: Client, scoped_staff: User, globex: Tenant, acme_api: Api
+) -> None:
+    other_api = services.api_create(
+        tenant=globex, api_name="g", base_path="/g", upstream_url="https://g.example.com", actor=None
+    )
+    other_consumer = services.consumer_create(tenant=globex, name="g-app", actor=None)
+    other_key, plaintext = services.api_key_create(consumer=other_consumer, actor=None)
+    client.force_login(scoped_staff)
+    listing = client.get(_url(Api, "changelist")).content.decode()
+    assert acme_api.api_name in listing and other_api.pk not in listing
+    for model, pk in ((Api, other_api.pk), (Consumer, other_consumer.pk), (ApiKey, other_key.pk), (Tenant, "globex")):
+        assert client.get(_url(model, "change", pk)).status_code == 404, model
+        assert client.post(_url(model, "change", pk), {"name": "hijacked"}).status_code in (403, 404), model
+    assert client.get(_url(Tenant, "change", "acme")).status_code == 200
+    assert Consumer.objects.get(pk=other_consumer.pk).name == "g-app"
+    assert plaintext not in client.get(_url(ApiKey, "changelist")).content.decode()

@@ -1,0 +1,117 @@
+"""Helpers for usage tests: synthetic events as the gateway writes them, and totals to compare."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from django.db.models import Sum
+
+from apimgmt.models import UsageRecord
+from apimgmt.usage import GROUP, STREAM_KEY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+Dimension = tuple[str, str, str, str, int]
+
+
+def make_event(
+    *,
+    tenant: str = "acme",
+    api: str = "api_users",
+    consumer: str = "con_bob",
+    key: str = "key_bob",
+    status: int = 200,
+    ts: float | None = None,
+    rid: str | None = None,
+    latency_ms: float = 12.5,
+) -> dict[str, str]:
+    return {
+        "rid": rid or uuid.uuid4().hex,
+        "ts": f"{time.time() if ts is None else ts:.3f}",
+        "tenant": tenant,
+        "api": api,
+        "consumer": consumer,
+        "key": key,
+        "method": "GET",
+        "status": str(status),
+        "bytes_in": "10",
+        "bytes_out": "100",
+        "latency_ms": str(latency_ms),
+        "upstream_ms": "5.0",
+    }
+
+
+def mixed_events(n: int, **overrides: object) -> list[dict[str, str]]:
+    """n events over two APIs, two keys and a few status codes."""
+    statuses = (200, 200, 200, 404, 429, 502)
+    events = []
+    for i in range(n):
+        fields: dict[str, object] = {
+            "api": ("api_users", "api_orders")[i % 2],
+            "key": ("key_bob", "key_bob2")[(i // 2) % 2],
+            "status": statuses[i % len(statuses)],
+            **overrides,
+        }
+        events.append(make_event(**fields))  # type: ignore[arg-type]
+    return events
+
+
+def emit(client: redis.Redis, events: list[dict[str, str]]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for event in events:
+        pipe.xadd(STREAM_KEY, event)  # type: ignore[arg-type]
+    pipe.execute()
+
+
+def emitted_counts(events: list[dict[str, str]]) -> Counter[Dimension]:
+    return Counter((e["tenant"], e["api"], e["consumer"], e["key"], int(e["status"])) for e in events)
+
+
+def stored_counts() -> Counter[Dimension]:
+    counts: Counter[Dimension] = Counter()
+    rows = UsageRecord.objects.values("tenant_id", "api_id", "consumer_id", "key_id", "status_code").annotate(
+        n=Sum("request_count")
+    )
+    for row in rows:
+        counts[(row["tenant_id"], row["api_id"], row["consumer_id"], row["key_id"], row["status_code"])] += row["n"]
+    return counts
+
+
+def stored_total() -> int:
+    return int(UsageRecord.objects.aggregate(n=Sum("request_count"))["n"] or 0)
+
+
+def pending_count(client: redis.Redis) -> int:
+    try:
+        return int(client.xpending(STREAM_KEY, GROUP)["pending"])
+    except redis.ResponseError:
+        return 0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def manage(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``manage.py <args>`` as a subprocess with the given environment (stdout+stderr to log_path)."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
