@@ -10,13 +10,15 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest
+from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from apimgmt import selectors, services
+from apimgmt import selectors, services, tokens
 from apimgmt.models import (
     Api,
     ApiKey,
+    ApiToken,
     AuditEvent,
     Consumer,
     Plan,
@@ -412,9 +414,7 @@ class ApiAdmin(TenantScopedAdmin):
                     targets.append((cleaned["url"], cleaned.get("weight") or 1))
         services.api_update(api=api, actor=request.user, policies=form.cleaned_data["policies"], targets=targets)
 
-    def construct_change_message(
-        self, request: HttpRequest, form: Any, formsets: Any, add: bool = False
-    ) -> Any:
+    def construct_change_message(self, request: HttpRequest, form: Any, formsets: Any, add: bool = False) -> Any:
         # Targets are saved by the service, not by the formsets, so describe the form only.
         return [{"added": {}}] if add else [{"changed": {"fields": form.changed_data}}]
 
@@ -811,3 +811,84 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return bool(request.user.is_active and request.user.is_staff)
+
+
+# ---------------------------------------------------------------------------
+# Management API tokens
+# ---------------------------------------------------------------------------
+
+
+class ApiTokenAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name", "expires_at"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        user, expires_at = data.get("user"), data.get("expires_at")
+        if user is not None and not user.is_active:
+            self.add_error("user", "This user is inactive; activate it before giving it a token.")
+        if expires_at is not None and expires_at <= timezone.now():
+            self.add_error("expires_at", "expires_at must be in the future.")
+        return data
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(NotFoundAdmin):
+    """Platform staff manage everybody's tokens; other staff see and create only their own."""
+
+    list_display = ["token_prefix_display", "name", "user", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["token_prefix", "name", "user__username", "user__email"]
+    list_select_related = ["user"]
+    actions = ["revoke_tokens"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiToken]:
+        qs = super().get_queryset(request)
+        return qs if selectors.is_platform_staff(request.user) else qs.filter(user_id=request.user.pk)
+
+    def get_form(self, request: HttpRequest, obj: ApiToken | None = None, change: bool = False, **kwargs: Any) -> Any:
+        kwargs["form"] = ApiTokenAddForm
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if not selectors.is_platform_staff(request.user):
+            form.base_fields["user"].queryset = form.base_fields["user"].queryset.filter(pk=request.user.pk)
+        return form
+
+    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
+        if obj is None:
+            return ["user", "name", "expires_at"]
+        return ["user", "name", "token_prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
+
+    def has_change_permission(self, request: HttpRequest, obj: ApiToken | None = None) -> bool:
+        return False if obj is not None else super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiToken | None = None) -> bool:
+        return False  # revoke instead, so the audit trail keeps the token
+
+    @admin.display(description="token", ordering="token_prefix")
+    def token_prefix_display(self, obj: ApiToken) -> str:
+        return f"{obj.token_prefix}…"
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        token, plaintext = tokens.api_token_create(
+            user=data["user"], name=data.get("name") or "", expires_at=data.get("expires_at"), actor=request.user
+        )
+        obj.pk = token.pk
+        obj._state.adding = False
+        messages.warning(
+            request,
+            format_html(
+                "New management API token for <b>{}</b>: <code>{}</code> — copy it now; it is shown only once.",
+                token.user,
+                plaintext,
+            ),
+        )
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        done = 0
+        for token in queryset.filter(revoked_at__isnull=True):
+            tokens.api_token_revoke(token=token, actor=request.user)
+            done += 1
+        _report(request, done, "Revoked", [])

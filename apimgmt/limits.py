@@ -60,15 +60,16 @@ def calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]
     tz = ZoneInfo(tz_name)
     local = datetime.fromtimestamp(now, tz)
     first: date
+    begin: float
     if label == "day":
         first = local.date()
         following = first + timedelta(days=1)
     else:
         first = local.date().replace(day=1)
         following = (first + timedelta(days=32)).replace(day=1)
-    start = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
+    begin = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
     end = datetime(following.year, following.month, following.day, tzinfo=tz).timestamp()
-    return start, end
+    return begin, end
 
 
 def counter_windows(

@@ -283,7 +283,7 @@ class Gateway:
                 ),
             )
         body = RequestBody(environ["wsgi.input"], length, self.max_body) if (length or chunked) else None
-        headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
+        upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
         spec = route.spec
         target_path = path[len(spec.base_path) :] if spec.strip_path else path
         if not target_path.startswith("/"):
@@ -295,7 +295,7 @@ class Gateway:
                 self._balancer(route),
                 method=method,
                 path_and_query=target_path + ("?" + query if query else ""),
-                headers=headers,
+                headers=upstream_headers,
                 body=body,
                 chunked=chunked and length is None,
                 connect_timeout=spec.connect_timeout,
@@ -408,7 +408,7 @@ class Gateway:
             if events:
                 self.usage.spool(events)
             return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
-        blocked, results_ = ratelimit.parse_result(windows, raw)  # type: ignore[arg-type]
+        blocked, results_ = ratelimit.parse_result(windows, raw)
         return ratelimit.decide(route, blocked, results_)
 
     def _client_ip(self, environ: dict[str, Any]) -> str:

@@ -213,7 +213,7 @@ def forward_request(
 
 def response_headers(response: BaseHTTPResponse) -> list[tuple[str, str]]:
     """The upstream's headers minus hop-by-hop ones (and those its Connection header names); repeats kept."""
-    raw = list(response.headers.iteritems())  # type: ignore[attr-defined]
+    raw = list(response.headers.iteritems())
     drop = HOP_BY_HOP
     connection = response.headers.get("connection")
     if connection:

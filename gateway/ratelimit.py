@@ -83,8 +83,8 @@ class LimitDecision:
 def _calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
     if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
         period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[label]
-        start = math.floor(now / period) * period
-        return start, start + period
+        floor = float(math.floor(now / period) * period)
+        return floor, floor + period
     tz = ZoneInfo(tz_name)
     local = datetime.fromtimestamp(now, tz)
     if label == "day":

@@ -39,4 +39,4 @@ class GatewayApplication:
             environ[CHECKED] = True  # GatewayMiddleware need not look at it again
             return self.app(environ, start_response)
         start_response(result.status, result.headers)
-        return result.body  # type: ignore[no-any-return]
+        return result.body

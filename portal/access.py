@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -11,6 +12,7 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import urlencode
 
 from apimgmt import selectors
@@ -102,5 +104,10 @@ def owned_app(request: HttpRequest, portal: Portal, app_id: str) -> Consumer:
 def page(
     request: HttpRequest, portal: Portal, template: str, context: dict[str, Any] | None = None, *, status: int = 200
 ) -> HttpResponse:
-    """Render a portal template with the portal (tenant, role) in its context."""
-    return render(request, template, {"portal": portal, "tenant": portal.tenant, **(context or {})}, status=status)
+    """Render a portal template with the portal (tenant, role) in its context, times in the tenant's zone."""
+    try:
+        zone = zoneinfo.ZoneInfo(portal.tenant.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        zone = zoneinfo.ZoneInfo("UTC")
+    with timezone.override(zone):
+        return render(request, template, {"portal": portal, "tenant": portal.tenant, **(context or {})}, status=status)

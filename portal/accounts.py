@@ -65,7 +65,9 @@ def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
             user.is_active = invitation is not None
             user.save()
             if invitation is not None:
-                services.membership_set(tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user)
+                services.membership_set(
+                    tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user
+                )
         if invitation is not None:
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             messages.success(request, f"Welcome to {portal.tenant.name}! Create your first app to get a key.")
@@ -84,7 +86,9 @@ def verify(request: HttpRequest, portal: Portal, token: str) -> HttpResponse:
     try:
         user = tokens.check_verification_token(token, tenant_id=portal.tenant.id)
     except tokens.BadToken as exc:
-        return page(request, portal, "portal/message.html", {"title": "E-mail verification", "text": str(exc)}, status=400)
+        return page(
+            request, portal, "portal/message.html", {"title": "E-mail verification", "text": str(exc)}, status=400
+        )
     if request.method == "POST":
         with transaction.atomic():
             user.is_active = True
@@ -124,7 +128,9 @@ def login_view(request: HttpRequest, portal: Portal) -> HttpResponse:
             minutes = max(1, state.retry_after_seconds // 60)
             form.add_error(None, f"Too many failed sign-ins. Wait {minutes} minutes, or reset your password.")
             logger.warning("portal sign-in refused: locked out", extra={"tenant_id": portal.tenant.id, "ip": ip})
-            response = page(request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=429)
+            response = page(
+                request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=429
+            )
             response["Retry-After"] = str(state.retry_after_seconds)
             return response
         user = authenticate(request, username=username, password=password)
@@ -143,7 +149,9 @@ def login_view(request: HttpRequest, portal: Portal) -> HttpResponse:
             lockout.record_success(username=username)
             login(request, user)  # cycles the session key: a planted session id is useless afterwards
             return HttpResponseRedirect(_safe_next(request, portal))
-    return page(request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=status)
+    return page(
+        request, portal, "portal/login.html", {"form": form, "next": _safe_next(request, portal)}, status=status
+    )
 
 
 @require_POST
@@ -169,7 +177,7 @@ def password_reset(request: HttpRequest, portal: Portal) -> HttpResponse:
             use_https=request.is_secure(),
             subject_template_name="portal/email/password_reset_subject.txt",
             email_template_name="portal/email/password_reset.txt",
-            extra_email_context={"tenant": portal.tenant},
+            extra_email_context={"tenant_id": portal.tenant.id, "tenant_name": portal.tenant.name},
         )
         # The same answer whether or not the address belongs to a member, so it reveals nothing.
         return page(request, portal, "portal/password_reset_done.html", {"email": form.cleaned_data["email"]})
@@ -214,7 +222,13 @@ def invite(request: HttpRequest, portal: Portal) -> HttpResponse:
         email = form.cleaned_data["email"]
         token = tokens.invitation_token(tenant_id=portal.tenant.id, email=email)
         link = request.build_absolute_uri(reverse("portal:signup", args=[portal.tenant.id]) + f"?invite={token}")
-        _send(request, portal, to=email, template="portal/email/invite.txt", context={"link": link, "inviter": request.user})
+        _send(
+            request,
+            portal,
+            to=email,
+            template="portal/email/invite.txt",
+            context={"link": link, "inviter": request.user},
+        )
         messages.success(request, f"Invitation sent to {email}.")
         return HttpResponseRedirect(reverse("portal:invite", args=[portal.tenant.id]))
     return page(request, portal, "portal/invite.html", {"form": form})

@@ -25,7 +25,7 @@ SERIES = (
 
 
 def nice_ceiling(value: int) -> int:
-    """The smallest 1/2/5×10ⁿ at or above value, so axis ticks are round numbers."""
+    """The smallest 1, 2 or 5 times a power of ten at or above value, so axis ticks are round numbers."""
     if value <= 4:
         return 4
     exponent = 10 ** math.floor(math.log10(value))

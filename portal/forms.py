@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from django import forms
-from django.contrib.auth.forms import PasswordResetForm, UserCreationForm
+from django.contrib.auth.forms import PasswordResetForm, UserCreationForm, UsernameField
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
-from apimgmt.models import Api, Consumer, Plan, Tenant
+from apimgmt.models import Consumer, Plan, Tenant
 
 
 def add_service_errors(form: forms.Form, exc: ValidationError, *, field_map: dict[str, str] | None = None) -> None:
@@ -29,9 +29,10 @@ class SignUpForm(UserCreationForm):
         label="E-mail", help_text="We send a link to this address to confirm it is yours.", max_length=254
     )
 
-    class Meta(UserCreationForm.Meta):
+    class Meta:
         model = User
         fields = ("username", "email")
+        field_classes = {"username": UsernameField}
 
     def __init__(self, *args: Any, invited_email: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,7 +51,9 @@ class SignUpForm(UserCreationForm):
 
 
 class LoginForm(forms.Form):
-    username = forms.CharField(label="User name", max_length=150, widget=forms.TextInput(attrs={"autocomplete": "username", "autofocus": True}))
+    username = forms.CharField(
+        label="User name", max_length=150, widget=forms.TextInput(attrs={"autocomplete": "username", "autofocus": True})
+    )
     password = forms.CharField(
         label="Password", strip=False, widget=forms.PasswordInput(attrs={"autocomplete": "current-password"})
     )
@@ -137,5 +140,3 @@ class KeyRotateForm(forms.Form):
 
 class InviteForm(forms.Form):
     email = forms.EmailField(label="E-mail", help_text="We send them a sign-up link valid for 7 days.")
-
-

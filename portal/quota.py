@@ -52,7 +52,9 @@ SCOPE_WORDS = {
 def _policies(app: Consumer, api: Api) -> list[Policy]:
     policies = list(api.policies.all())
     subscription = (
-        Subscription.objects.filter(consumer=app, api=api, status=Subscription.Status.ACTIVE).select_related("plan").first()
+        Subscription.objects.filter(consumer=app, api=api, status=Subscription.Status.ACTIVE)
+        .select_related("plan")
+        .first()
     )
     if subscription is not None and subscription.plan is not None:
         policies += list(subscription.plan.policies.all())
@@ -71,11 +73,28 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
             shadow = policy.mode == Policy.Mode.SHADOW
             if extraction == "ip":
                 for window in limits.counter_windows(
-                    tenant_id=tenant.id, tz_name=tenant.timezone, policy_id=policy.id, policy_name=policy.name,
-                    policy_type=policy.policy_type, config=policy.config, scope="-", now=now,
+                    tenant_id=tenant.id,
+                    tz_name=tenant.timezone,
+                    policy_id=policy.id,
+                    policy_name=policy.name,
+                    policy_type=policy.policy_type,
+                    config=policy.config,
+                    scope="-",
+                    now=now,
                 ):
-                    rows.append(QuotaRow(api.api_name, policy.name, window.label, SCOPE_WORDS["ip"], window.limit,
-                                         None, None, shadow, "counted per calling address"))
+                    rows.append(
+                        QuotaRow(
+                            api.api_name,
+                            policy.name,
+                            window.label,
+                            SCOPE_WORDS["ip"],
+                            window.limit,
+                            None,
+                            None,
+                            shadow,
+                            "counted per calling address",
+                        )
+                    )
                 continue
             if extraction == "key_id":
                 scopes = [(key_id, f"key {prefix}…") for key_id, prefix in live_keys]
@@ -87,8 +106,14 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
                 scopes = [(app.pk, SCOPE_WORDS["consumer_id"])]
             for scope, words in scopes:
                 for window in limits.counter_windows(
-                    tenant_id=tenant.id, tz_name=tenant.timezone, policy_id=policy.id, policy_name=policy.name,
-                    policy_type=policy.policy_type, config=policy.config, scope=scope, now=now,
+                    tenant_id=tenant.id,
+                    tz_name=tenant.timezone,
+                    policy_id=policy.id,
+                    policy_name=policy.name,
+                    policy_type=policy.policy_type,
+                    config=policy.config,
+                    scope=scope,
+                    now=now,
                 ):
                     row = QuotaRow(api.api_name, policy.name, window.label, words, window.limit, None, None, shadow)
                     pending.append((row, window))
@@ -103,8 +128,16 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
         else:
             for (row, _), result in zip(pending, results, strict=True):
                 rows.append(
-                    QuotaRow(row.api_name, row.policy_name, row.window, row.scope, row.limit, result.remaining,
-                             result.resets_in_seconds, row.shadow)
+                    QuotaRow(
+                        row.api_name,
+                        row.policy_name,
+                        row.window,
+                        row.scope,
+                        row.limit,
+                        result.remaining,
+                        result.resets_in_seconds,
+                        row.shadow,
+                    )
                 )
             return QuotaReport(rows=rows, available=True)
     rows.extend(row for row, _ in pending)

@@ -41,7 +41,8 @@ def check_verification_token(token: str, *, tenant_id: str) -> User:
         raise BadToken("This verification link is not valid. Copy the whole link from the e-mail.") from exc
     if not isinstance(data, dict) or data.get("t") != tenant_id:
         raise BadToken("This verification link is for another portal.")
-    user = User.objects.filter(pk=data.get("u")).first()
+    user_id = data.get("u")
+    user = User.objects.filter(pk=user_id).first() if isinstance(user_id, int) else None
     if user is None or not constant_time_compare(_fingerprint(user), str(data.get("f", ""))):
         raise BadToken("This verification link has already been used. You can sign in.")
     return user

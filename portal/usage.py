@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db.models import Q, Sum
-from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.db.models.functions import Coalesce, TruncBase, TruncDay, TruncHour
 from django.utils import timezone
 
 from apimgmt.models import Consumer, UsageRecord
@@ -50,6 +50,7 @@ def usage_series(*, app: Consumer, api_id: str | None, interval: str, now: datet
     """The last 24 hours (``hour``) or 30 days (``day``), every bucket present (zeros where there was no traffic)."""
     tz = _tz(app)
     moment = (now or timezone.now()).astimezone(tz)
+    trunc: TruncBase
     if interval == "hour":
         last = moment.replace(minute=0, second=0, microsecond=0)
         starts = [last - timedelta(hours=i) for i in range(23, -1, -1)]

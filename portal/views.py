@@ -68,7 +68,9 @@ def api_detail(request: HttpRequest, portal: Portal, api_id: str) -> HttpRespons
     if portal.is_member:
         apps = _my_apps(request, portal)
         context["subscriptions"] = (
-            Subscription.objects.filter(api=api, consumer__in=apps).select_related("consumer", "plan").order_by("-created_at")
+            Subscription.objects.filter(api=api, consumer__in=apps)
+            .select_related("consumer", "plan")
+            .order_by("-created_at")
         )
         if portal.can_write and apps.exists():
             context["form"] = SubscribeForm(apps=apps, plans=_plans(portal))
@@ -116,7 +118,13 @@ def subscribe(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse
                 )
             return HttpResponseRedirect(_app_url(portal, app))
     subscriptions = Subscription.objects.filter(api=api, consumer__in=apps).select_related("consumer", "plan")
-    context = {"api": api, "gateway_url": _gateway_url(request, api), "form": form, "subscriptions": subscriptions, "has_apps": True}
+    context = {
+        "api": api,
+        "gateway_url": _gateway_url(request, api),
+        "form": form,
+        "subscriptions": subscriptions,
+        "has_apps": True,
+    }
     return page(request, portal, "portal/api_detail.html", context, status=400)
 
 
@@ -153,7 +161,9 @@ def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
         else:
             messages.success(request, f"App {app.name} created. Subscribe it to an API, then create a key.")
             return HttpResponseRedirect(_app_url(portal, app))
-    return page(request, portal, "portal/app_form.html", {"form": form, "app": None}, status=400 if form.errors else 200)
+    return page(
+        request, portal, "portal/app_form.html", {"form": form, "app": None}, status=400 if form.errors else 200
+    )
 
 
 @require_GET
@@ -181,7 +191,10 @@ def app_rename(request: HttpRequest, portal: Portal, app_id: str) -> HttpRespons
     if request.method == "POST" and form.is_valid():
         try:
             services.consumer_update(
-                consumer=app, name=form.cleaned_data["name"], description=form.cleaned_data["description"], actor=request.user
+                consumer=app,
+                name=form.cleaned_data["name"],
+                description=form.cleaned_data["description"],
+                actor=request.user,
             )
         except ValidationError as exc:
             add_service_errors(form, exc, field_map={"__all__": "name"})
@@ -280,7 +293,13 @@ def key_rotate(request: HttpRequest, portal: Portal, app_id: str, key_id: str) -
             old.refresh_from_db()
             context = {"app": app, "key": key, "plaintext": plaintext, "previous": old}
             return page(request, portal, "portal/key_created.html", context)
-    return page(request, portal, "portal/key_rotate.html", {"app": app, "key": old, "form": form}, status=400 if form.errors else 200)
+    return page(
+        request,
+        portal,
+        "portal/key_rotate.html",
+        {"app": app, "key": old, "form": form},
+        status=400 if form.errors else 200,
+    )
 
 
 @require_http_methods(["GET", "POST"])

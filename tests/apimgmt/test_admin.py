@@ -14,6 +14,7 @@ from apimgmt import keys, services
 from apimgmt.models import (
     Api,
     ApiKey,
+    ApiToken,
     AuditEvent,
     Consumer,
     Plan,
@@ -25,7 +26,7 @@ from apimgmt.models import (
     UsageRecord,
 )
 
-MODELS = [Tenant, TenantMembership, Api, Consumer, ApiKey, Plan, Policy, Subscription, UsageRecord, AuditEvent]
+MODELS = [Tenant, TenantMembership, Api, Consumer, ApiKey, ApiToken, Plan, Policy, Subscription, UsageRecord, AuditEvent]
 KEY_RE = re.compile(r"ak_live_[0-9A-Za-z]{38}")
 
 
@@ -221,3 +222,21 @@ def test_tenant_scoped_staff_cannot_see_another_tenants_rows(
     assert client.get(_url(Tenant, "change", "acme")).status_code == 200
     assert Consumer.objects.get(pk=other_consumer.pk).name == "g-app"
     assert plaintext not in client.get(_url(ApiKey, "changelist")).content.decode()
+
+
+def test_management_token_is_shown_once_and_can_be_revoked(admin_client_: Client, staff: User) -> None:
+    from apimgmt.tokens import api_token_authenticate
+
+    response = admin_client_.post(
+        _url(ApiToken, "add"), {"user": staff.pk, "name": "ci", "expires_at_0": "", "expires_at_1": ""}, follow=True
+    )
+    found = re.findall(r"amt_[0-9A-Za-z]{40}", response.content.decode())
+    assert len(set(found)) == 1
+    token = ApiToken.objects.get(name="ci")
+    assert api_token_authenticate(found[0]) == token
+    assert found[0] not in admin_client_.get(_url(ApiToken, "changelist")).content.decode()
+    response = admin_client_.post(
+        _url(ApiToken, "changelist"), {"action": "revoke_tokens", "_selected_action": [token.pk]}, follow=True
+    )
+    assert "Revoked 1 object." in response.content.decode()
+    assert api_token_authenticate(found[0]) is None

@@ -175,15 +175,18 @@ def test_redis_paused_for_five_seconds_mid_run(
     try:
         assert wait_until(lambda: stored_total() > 0, 15)
         private_redis.pause()
+        stored_when_paused = stored_total()
         time.sleep(5)
         private_redis.resume()
         assert proc.poll() is None
+        assert stored_when_paused < len(before), "the pause came mid-run"
         emit(client, after)
         assert wait_until(lambda: stored_total() >= len(before) + len(after), 30)
     finally:
         assert _stop(proc) == 0
     assert stored_counts() == emitted_counts(before + after)
     assert pending_count(client) == 0
+    assert "usage flush failed, retrying" in (tmp_path / "flusher.log").read_text(), "the flusher noticed the pause"
 
 
 def test_redis_restarted_with_persistence_loses_nothing(
@@ -197,6 +200,7 @@ def test_redis_restarted_with_persistence_loses_nothing(
         try:
             assert wait_until(lambda: stored_total() > 0, 15)
             server.restart()  # mid-run: some entries pending, some not yet read
+            assert stored_total() < len(first), "the restart came mid-run"
             emit(server.client(), second)
             assert wait_until(lambda: stored_total() >= len(first) + len(second), 30)
         finally:

@@ -1,0 +1,364 @@
+"""The Helm chart lints strictly, renders with default and production values, and every manifest is valid Kubernetes."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError, latest_version
+
+from tests.deploy.conftest import (
+    ALL_FEATURES,
+    CHART,
+    RELEASE,
+    ROOT,
+    find,
+    one,
+    production_values,
+    render,
+)
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (requirements-dev.txt) bundles Helm")
+
+FULL = f"{RELEASE}"  # release name contains the chart name, so resources are named after the release
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator CRDs: no schema in kubernetes-validate
+APP_COMPONENTS = ("gateway", "control")
+
+
+def _lint(values: dict[str, Any] | None) -> dict[str, Any]:
+    return helm.lint(str(CHART), values, strict=True, namespace="apimgmt")
+
+
+@pytest.mark.parametrize("values", [None, "production", "all"], ids=["default", "production", "all-features"])
+def test_chart_passes_helm_lint_strict(values: str | None) -> None:
+    given = {"production": production_values(), "all": ALL_FEATURES}.get(values or "", None)
+    report = _lint(given)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
+    assert report["errors"] == [] and problems == [], report
+
+
+def _validate_all(docs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    version = latest_version()
+    validated, skipped = [], []
+    for doc in docs:
+        manifest = {k: v for k, v in doc.items() if k != "_template"}
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+            validated.append(f"{doc['kind']}/{doc['metadata']['name']}")
+        except SchemaNotFoundError:
+            assert doc["kind"] in CRD_KINDS, f"no schema for {doc['kind']} {doc['apiVersion']}"
+            skipped.append(doc["kind"])
+    return validated, skipped
+
+
+@pytest.mark.parametrize("which", ["default_docs", "production_docs", "full_docs"])
+def test_every_rendered_manifest_validates_against_current_kubernetes(which: str, request: Any) -> None:
+    docs = request.getfixturevalue(which)
+    validated, skipped = _validate_all(docs)
+    kinds = {v.split("/")[0] for v in validated}
+    assert {"Deployment", "Service", "ConfigMap", "Job", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    assert set(skipped) <= CRD_KINDS
+
+
+def test_invalid_manifest_is_caught_by_the_validator() -> None:
+    # Guards the test above: a misspelt field must fail strict validation.
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": "three"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_KINDS))
+def test_prometheus_operator_kinds_have_no_bundled_schema(kind: str, full_docs: list[dict[str, Any]]) -> None:
+    doc = find(full_docs, kind)[0]
+    try:
+        kubernetes_validate.validate(doc, latest_version(), strict=True)
+    except SchemaNotFoundError:
+        pytest.skip(f"kubernetes-validate ships no schema for the {kind} CRD; its shape is asserted below instead")
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("component", APP_COMPONENTS)
+def test_web_pods_probe_health_for_liveness_and_ready_for_readiness(component: str, default_docs: Any) -> None:
+    container = _containers(one(default_docs, "Deployment", f"{FULL}-{component}"))[0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == "http" and {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+        # Probes must pass Django's ALLOWED_HOSTS check, or every pod would be killed.
+        host = next(h["value"] for h in get["httpHeaders"] if h["name"] == "Host")
+        assert host in _env(container)["ALLOWED_HOSTS"].split(",")
+    assert _env(container)["APIMGMT_ROLE"] == component
+    assert container["args"] == ["gunicorn", "apimgmt.wsgi:application", "--config", "gunicorn.conf.py"]
+
+
+def test_prometheus_scrapes_by_pod_ip_so_pod_ip_is_an_allowed_host(default_docs: Any) -> None:
+    container = _containers(one(default_docs, "Deployment", f"{FULL}-gateway"))[0]
+    env = container["env"]
+    names = [e["name"] for e in env]
+    assert names.index("POD_IP") < names.index("ALLOWED_HOSTS")  # $(POD_IP) expands only from earlier entries
+    assert "$(POD_IP)" in _env(container)["ALLOWED_HOSTS"]
+
+
+def test_gateway_autoscales_between_3_and_20_pods_at_70_percent_cpu(default_docs: Any) -> None:
+    hpa = one(default_docs, "HorizontalPodAutoscaler", f"{FULL}-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULL}-gateway"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    # The HPA owns the replica count; a fixed one would fight it on every upgrade.
+    assert "replicas" not in one(default_docs, "Deployment", f"{FULL}-gateway")["spec"]
+
+
+def test_hpa_bounds_come_from_values_and_bad_bounds_fail_with_a_clear_message() -> None:
+    docs = render({"gateway": {"autoscaling": {"minReplicas": 4, "maxReplicas": 8}}})
+    hpa = one(docs, "HorizontalPodAutoscaler", f"{FULL}-gateway")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (4, 8)
+    with pytest.raises(helm.HelmRenderError, match="minReplicas .* must not exceed maxReplicas"):
+        render({"gateway": {"autoscaling": {"minReplicas": 9, "maxReplicas": 3}}})
+
+
+def test_gateway_without_hpa_has_fixed_replicas() -> None:
+    docs = render({"gateway": {"autoscaling": {"enabled": False}, "replicaCount": 5}})
+    assert not find(docs, "HorizontalPodAutoscaler")
+    assert one(docs, "Deployment", f"{FULL}-gateway")["spec"]["replicas"] == 5
+
+
+def test_gateway_resources_are_the_operations_guide_values(default_docs: Any) -> None:
+    container = _containers(one(default_docs, "Deployment", f"{FULL}-gateway"))[0]
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "4", "memory": "8Gi"},
+    }
+    for doc in find(default_docs, "Deployment"):
+        assert _containers(doc)[0]["resources"]["limits"], f"{doc['metadata']['name']} has no limits"
+
+
+def test_pods_run_as_non_root_on_a_read_only_filesystem(default_docs: Any) -> None:
+    for doc in find(default_docs, "Deployment") + find(default_docs, "Job"):
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert "/tmp" in mounts
+
+
+def test_flusher_runs_the_usage_flusher_in_follow_mode(default_docs: Any) -> None:
+    container = _containers(one(default_docs, "Deployment", f"{FULL}-flusher"))[0]
+    assert container["args"] == ["python", "manage.py", "flush_usage", "--follow"]
+    assert "/var/lib/apimgmt/spool" in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_migrations_run_as_a_pre_install_and_pre_upgrade_hook_job(default_docs: Any) -> None:
+    job = one(default_docs, "Job", f"{FULL}-migrate")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["python", "manage.py", "migrate", "--noinput"]
+    # Before install the release's Secret does not exist yet: the Job uses a hook Secret created just before it.
+    secret_name = container["envFrom"][0]["secretRef"]["name"]
+    hook_secret = one(default_docs, "Secret", secret_name)
+    assert hook_secret["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+
+
+def _decoded(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_generated_secrets_are_strong_distinct_and_shared_with_the_migration_job(default_docs: Any) -> None:
+    main = _decoded(one(default_docs, "Secret", FULL))
+    hook = _decoded(one(default_docs, "Secret", f"{FULL}-migrate"))
+    assert main == hook
+    assert len(main["KEY_HASH_PEPPER"]) >= 32 and len(main["SECRET_KEY"]) >= 50
+    assert main["KEY_HASH_PEPPER"] != main["SECRET_KEY"]
+    assert main["DATABASE_URL"] == "postgres://apimgmt@postgresql:5432/apimgmt?sslmode=prefer"
+    assert main["REDIS_URL"] == "redis://redis-master:6379/0"
+    # Uninstalling must not delete the pepper every API key hash depends on.
+    assert one(default_docs, "Secret", FULL)["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_passwords_are_url_escaped_into_the_connection_urls() -> None:
+    docs = render({"postgresql": {"password": "p@ss/w:rd"}, "redis": {"password": "r#1", "tls": True}})
+    data = _decoded(one(docs, "Secret", FULL))
+    assert data["DATABASE_URL"] == "postgres://apimgmt:p%40ss%2Fw%3Ard@postgresql:5432/apimgmt?sslmode=prefer"
+    assert data["REDIS_URL"] == "rediss://:r%231@redis-master:6379/0"
+
+
+def test_existing_secret_replaces_the_chart_secret_everywhere(production_docs: Any) -> None:
+    assert not find(production_docs, "Secret")
+    for doc in find(production_docs, "Deployment") + find(production_docs, "Job"):
+        refs = [e["secretRef"]["name"] for e in _containers(doc)[0]["envFrom"] if "secretRef" in e]
+        assert refs == ["apimgmt-secrets"], doc["metadata"]["name"]
+
+
+def test_configmap_holds_settings_and_no_secrets(full_docs: Any) -> None:
+    config = one(full_docs, "ConfigMap", FULL)["data"]
+    assert config["DEBUG"] == "0" and config["PROMETHEUS_MULTIPROC_DIR"] and config["USAGE_SPOOL_DIR"]
+    assert config["APIMGMT_CONFIG"] == "/etc/apimgmt/apimgmt.toml" and "[gateway]" in config["apimgmt.toml"]
+    assert not {"SECRET_KEY", "KEY_HASH_PEPPER", "DATABASE_URL", "REDIS_URL"} & set(config)
+
+
+def test_pods_roll_when_configuration_changes() -> None:
+    before = one(render(), "Deployment", f"{FULL}-gateway")
+    after = one(render({"config": {"logLevel": "DEBUG"}}), "Deployment", f"{FULL}-gateway")
+    key = "checksum/config"
+    assert before["spec"]["template"]["metadata"]["annotations"][key] != after["spec"]["template"]["metadata"][
+        "annotations"
+    ][key]
+
+
+def test_pod_disruption_budgets_keep_gateway_and_control_up_during_drains(default_docs: Any) -> None:
+    gateway = one(default_docs, "PodDisruptionBudget", f"{FULL}-gateway")
+    control = one(default_docs, "PodDisruptionBudget", f"{FULL}-control")
+    assert gateway["spec"]["minAvailable"] == 2 and control["spec"]["minAvailable"] == 1
+    assert gateway["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+
+
+def test_ingress_sends_control_plane_prefixes_to_control_and_the_rest_to_the_gateway(full_docs: Any) -> None:
+    ingress = one(full_docs, "Ingress", FULL)
+    (rule,) = ingress["spec"]["rules"]
+    routes = {p["path"]: p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
+    assert routes == {
+        "/admin/": f"{FULL}-control",
+        "/mgmt/": f"{FULL}-control",
+        "/portal/": f"{FULL}-control",
+        "/static/": f"{FULL}-control",
+        "/": f"{FULL}-gateway",
+    }
+    gateway = one(full_docs, "Deployment", f"{FULL}-gateway")
+    assert "api.example.com" in _env(_containers(gateway)[0])["ALLOWED_HOSTS"].split(",")
+
+
+def _labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_labels(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in find(docs, "Deployment")}
+    pods.update({d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in find(docs, "Job")})
+    return pods
+
+
+@pytest.mark.parametrize(("store", "port"), [("postgresql", 5432), ("redis", 6379)])
+def test_only_this_releases_pods_may_reach_postgres_and_redis(store: str, port: int, default_docs: Any) -> None:
+    policy = one(default_docs, "NetworkPolicy", f"{FULL}-{store}-clients")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": store}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # same namespace only, no namespaceSelector or ipBlock
+    selector = peer["podSelector"]["matchLabels"]
+    for name, labels in _pod_labels(default_docs).items():
+        assert _labels_match(selector, labels), f"{name} could not reach {store}"
+    other_release = {"app.kubernetes.io/name": "apimgmt", "app.kubernetes.io/instance": "someone-else"}
+    assert not _labels_match(selector, other_release)
+    assert not _labels_match(selector, {"app": "anything"})
+
+
+def test_app_pods_egress_is_limited_to_dns_postgres_redis_and_the_gateways_upstreams(default_docs: Any) -> None:
+    app = one(default_docs, "NetworkPolicy", f"{FULL}-app")
+    assert app["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    ports = sorted({p["port"] for rule in app["spec"]["egress"] for p in rule["ports"]})
+    assert ports == [53, 5432, 6379]
+    upstreams = one(default_docs, "NetworkPolicy", f"{FULL}-gateway-upstreams")
+    assert upstreams["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert app["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": "http"}]
+
+
+def test_external_databases_are_reached_by_cidr_and_get_no_in_cluster_policy(production_docs: Any) -> None:
+    assert not find(production_docs, "NetworkPolicy", f"{FULL}-postgresql-clients")
+    app = one(production_docs, "NetworkPolicy", f"{FULL}-app")
+    by_port = {rule["ports"][0]["port"]: rule.get("to") for rule in app["spec"]["egress"]}
+    assert by_port[5432] == [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    assert by_port[6380] == [{"ipBlock": {"cidr": "10.20.1.0/24"}}]
+    peers = app["spec"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in peers
+
+
+def test_network_policies_can_be_switched_off() -> None:
+    assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_service_monitor_scrapes_metrics_of_gateway_and_control(full_docs: Any) -> None:
+    monitor = one(full_docs, "ServiceMonitor", FULL)
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
+    expr = monitor["spec"]["selector"]["matchExpressions"][0]
+    assert expr["values"] == ["gateway", "control"]
+    for component in APP_COMPONENTS:
+        service = one(full_docs, "Service", f"{FULL}-{component}")
+        assert _labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert service["spec"]["ports"][0]["name"] == "http"
+
+
+def _exported_metric_names() -> set[str]:
+    source = (ROOT / "gateway" / "metrics.py").read_text()
+    names = set(re.findall(r'"(api_[a-z_]+)"', source))
+    return {n.removesuffix("_total") for n in names}
+
+
+def _referenced_metrics(expr: str) -> set[str]:
+    names = set(re.findall(r"\b(api_[a-z_]+)\b", expr))
+    return {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
+
+
+def test_prometheus_rule_ships_the_alerts_and_uses_only_metrics_the_app_exports(full_docs: Any) -> None:
+    rule = one(full_docs, "PrometheusRule", FULL)
+    shipped = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    assert rule["spec"]["groups"] == shipped["groups"]
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"ApimgmtHighErrorRate", "ApimgmtCircuitOpen", "ApimgmtRateLimitStoreErrors", "ApimgmtTargetDown"} <= set(
+        alerts
+    )
+    # Annotations keep Prometheus's own templating (Helm must not eat it).
+    assert "{{ $value" in alerts["ApimgmtHighErrorRate"]["annotations"]["description"]
+    exported = _exported_metric_names()
+    for name, alert in alerts.items():
+        assert alert["labels"]["severity"] in {"info", "warning", "critical"}
+        unknown = _referenced_metrics(alert["expr"]) - exported
+        assert not unknown, f"{name} uses metrics the gateway does not export: {unknown}"
+        anchor = alert["annotations"]["runbook"].split("#", 1)[1]
+        assert anchor in _runbook_anchors(), f"{name} points to a runbook section that does not exist: {anchor}"
+
+
+def _runbook_anchors() -> set[str]:
+    doc = Path(ROOT / "docs" / "operations.md")
+    if not doc.exists():
+        pytest.fail("docs/operations.md is missing")
+    anchors = set()
+    for line in doc.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 -]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_additional_alert_groups_are_appended() -> None:
+    extra = {"name": "mine", "rules": [{"alert": "Mine", "expr": "vector(1)"}]}
+    docs = render({"metrics": {"prometheusRule": {"enabled": True, "additionalGroups": [extra]}}})
+    assert one(docs, "PrometheusRule", FULL)["spec"]["groups"][-1] == extra
+
+
+def test_notes_warn_about_a_generated_pepper() -> None:
+    with helm.Chart.load(str(CHART)) as chart:
+        notes = chart.render({}, name=RELEASE, namespace="apimgmt", is_install=True)["apimgmt/templates/NOTES.txt"]
+    assert "KEY_HASH_PEPPER was generated" in notes and "kubectl" in notes

@@ -1,0 +1,165 @@
+"""Gateway test helpers: an in-process gateway called as WSGI, and APIs wired to loopback upstreams."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.wsgi import get_wsgi_application
+
+from apimgmt import services
+from apimgmt.models import Api, ApiKey, Consumer, Plan, Policy, Tenant
+from gateway.wsgi import GatewayApplication, reset_gateway
+from tests.gateway.upstreams import Recorder, recording_upstream
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+class InProcessGateway:
+    """Calls apimgmt's WSGI application (gateway first, Django behind) in the test's thread and DB transaction."""
+
+    def __init__(self) -> None:
+        reset_gateway()
+        self.app = GatewayApplication(get_wsgi_application())
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        remote_addr: str = "127.0.0.1",
+        host: str = "testserver",
+    ) -> Response:
+        path, _, query = target.partition("?")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "RAW_URI": target,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "SERVER_NAME": "testserver",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": remote_addr,
+            "HTTP_HOST": host,
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": io.StringIO(),
+            "wsgi.version": (1, 0),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        if body:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        for name, value in (headers or {}).items():
+            key = name.upper().replace("-", "_")
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = value
+            else:
+                environ["HTTP_" + key] = value
+        captured: dict[str, Any] = {}
+
+        def start_response(status: str, response_headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            captured["status"] = int(status.split(" ", 1)[0])
+            captured["headers"] = response_headers
+
+        iterable = self.app(environ, start_response)
+        try:
+            data = b"".join(iterable)
+        finally:
+            close = getattr(iterable, "close", None)
+            if close:
+                close()
+        return Response(captured["status"], captured["headers"], data)
+
+    def get(self, target: str, **kwargs: Any) -> Response:
+        return self.request("GET", target, **kwargs)
+
+
+@pytest.fixture
+def gateway() -> Iterator[InProcessGateway]:
+    gw = InProcessGateway()
+    yield gw
+    reset_gateway()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Recorder]:
+    with recording_upstream() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def settings_gateway(settings: Any) -> Callable[..., None]:
+    def apply(**values: Any) -> None:
+        settings.GATEWAY = {**settings.GATEWAY, **values}
+
+    return apply
+
+
+@pytest.fixture(autouse=True)
+def _allow_private_upstreams(settings: Any, tmp_path: Any) -> None:
+    settings.UPSTREAM_ALLOW_PRIVATE = True
+    settings.GATEWAY = {**settings.GATEWAY, "USAGE_SPOOL_DIR": str(tmp_path / "spool")}
+
+
+def publish(
+    tenant: Tenant,
+    upstream_url: str,
+    *,
+    base_path: str = "/api/users/v1",
+    policies: list[Policy] = (),  # type: ignore[assignment]
+    **options: Any,
+) -> Api:
+    options.setdefault("status", "active")
+    return services.api_create(
+        tenant=tenant,
+        api_name=options.pop("api_name", base_path.strip("/").replace("/", "-")),
+        base_path=base_path,
+        upstream_url=upstream_url,
+        actor=None,
+        policies=list(policies),
+        **options,
+    )
+
+
+def subscribe(consumer: Consumer, api: Api, plan: Plan | None = None) -> None:
+    services.subscription_request(consumer=consumer, api=api, plan=plan, actor=None)
+
+
+@pytest.fixture
+def key(bob_key: tuple[ApiKey, str]) -> str:
+    return bob_key[1]
+
+
+@pytest.fixture
+def users_api(acme: Tenant, upstream: Recorder, bob_app: Consumer, bob: User) -> Api:
+    """acme's /api/users/v1 in front of the recording upstream, bob's app subscribed."""
+    api = publish(acme, upstream.url + "/svc")
+    subscribe(bob_app, api)
+    return api
