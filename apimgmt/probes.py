@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import psycopg
 import redis
 from django.conf import settings
 from django.db import connection
@@ -22,7 +23,30 @@ def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+# Readiness must flip within ~2 s of a dependency stopping, so its checks wait at most this long.
+PROBE_TIMEOUT_SECONDS = 1
+
+# Connection parameters Django adds for its own cursors; libpq does not know them.
+_NOT_LIBPQ = ("cursor_factory", "context", "prepare_threshold", "pool")
+
+
 def _database_ok() -> bool:
+    if connection.vendor != "postgresql":
+        return _django_connection_ok()
+    # A short-lived connection of its own: the pooled one would wait up to the pool timeout (10 s) for
+    # a connection when PostgreSQL is down, and a stale persistent one can hang on a stopped server.
+    params = {k: v for k, v in connection.get_connection_params().items() if k not in _NOT_LIBPQ}
+    params["connect_timeout"] = min(int(params.get("connect_timeout") or PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS)
+    params["options"] = f"{params.get('options', '')} -c statement_timeout={PROBE_TIMEOUT_SECONDS * 1000}".strip()
+    try:
+        with psycopg.connect(**params, autocommit=True) as probe:
+            probe.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _django_connection_ok() -> bool:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")

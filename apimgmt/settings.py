@@ -122,6 +122,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Request id and client IP for every log line below; one JSON access-log line per request.
+    "apimgmt.middleware.RequestContextMiddleware",
+    # Counts and times every request that reaches Django (the gateway has its own metrics).
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -129,6 +133,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 if APIMGMT_ROLE in ("all", "gateway"):
     # First, so API traffic never touches sessions, CSRF or URL resolution.

@@ -85,9 +85,16 @@ class AppForm(forms.Form):
         return name
 
 
+class PlanChoiceField(forms.ModelChoiceField):
+    """Plans that need an admin's approval say so in the list."""
+
+    def label_from_instance(self, obj: Any) -> str:
+        return f"{obj.name} — needs approval" if obj.approval == Plan.Approval.MANUAL else str(obj.name)
+
+
 class SubscribeForm(forms.Form):
     app = forms.ModelChoiceField(queryset=Consumer.objects.none(), label="App", empty_label=None)
-    plan = forms.ModelChoiceField(
+    plan = PlanChoiceField(
         queryset=Plan.objects.none(),
         label="Plan",
         required=False,
@@ -102,9 +109,6 @@ class SubscribeForm(forms.Form):
         assert isinstance(app_field, forms.ModelChoiceField) and isinstance(plan_field, forms.ModelChoiceField)
         app_field.queryset = apps
         plan_field.queryset = plans
-        plan_field.label_from_instance = lambda plan: (  # type: ignore[method-assign]
-            f"{plan.name} — needs approval" if plan.approval == Plan.Approval.MANUAL else plan.name
-        )
 
 
 EXPIRY_CHOICES = [("", "Never"), ("30", "In 30 days"), ("90", "In 90 days"), ("365", "In a year")]

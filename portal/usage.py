@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db.models import Q, Sum
-from django.db.models.functions import Coalesce, TruncBase, TruncDay, TruncHour
+from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.db.models.functions.datetime import TruncBase
 from django.utils import timezone
 
 from apimgmt.models import Consumer, UsageRecord

@@ -1,0 +1,140 @@
+"""Key authentication: where keys are read, what is refused with 401 or 403, and the cache levels."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from apimgmt import keys, services
+from apimgmt.models import Consumer
+from tests.gateway.conftest import publish, subscribe
+
+
+def _bad_checksum(key: str) -> str:
+    last = "A" if key[-1] != "A" else "B"
+    return key[:-1] + last
+
+
+def test_key_in_header_bearer_or_query_param_is_accepted(gateway, acme, upstream, bob_app, key):
+    api = publish(acme, upstream.url, base_path="/api/q", key_query_param="apikey")
+    subscribe(bob_app, api)
+    assert gateway.get("/api/q/a", headers={"X-API-Key": key}).status == 200
+    assert gateway.get("/api/q/a", headers={"Authorization": f"Bearer {key}"}).status == 200
+    assert gateway.get(f"/api/q/a?x=1&apikey={key}&y=2").status == 200
+    assert upstream.paths[-1] == "/a?x=1&y=2"
+
+
+def test_auth_table(gateway, acme, globex, upstream, bob_app, bob, key, django_assert_num_queries):
+    api = publish(acme, upstream.url, base_path="/api/users/v1", key_query_param="apikey")
+    subscribe(bob_app, api)
+    other_app = services.consumer_create(tenant=globex, name="globex-app", actor=None)
+    _, other_tenant_key = services.api_key_create(consumer=other_app, actor=None)
+    unsubscribed_app = services.consumer_create(tenant=acme, name="lurker", actor=None)
+    _, unsubscribed_key = services.api_key_create(consumer=unsubscribed_app, actor=None)
+    revoked_row, revoked_key = services.api_key_create(consumer=bob_app, actor=None)
+    services.api_key_revoke(key=revoked_row, actor=None)
+    expiring_row, expired_key = services.api_key_create(
+        consumer=bob_app, actor=None, expires_at=timezone.now() + datetime.timedelta(seconds=1)
+    )
+    type(expiring_row).objects.filter(pk=expiring_row.pk).update(expires_at=timezone.now() - datetime.timedelta(seconds=1))
+    blocked_app = services.consumer_create(tenant=acme, name="blocked", actor=None)
+    subscribe(blocked_app, api)
+    _, blocked_key = services.api_key_create(consumer=blocked_app, actor=None)
+    services.consumer_block(consumer=blocked_app, actor=None)
+    unknown_key = keys.generate_key()
+
+    cases = {
+        "missing": ({}, "", 401),
+        "malformed": ({"X-API-Key": "not-a-key"}, "", 401),
+        "unknown": ({"X-API-Key": unknown_key}, "", 401),
+        "revoked": ({"X-API-Key": revoked_key}, "", 401),
+        "expired": ({"X-API-Key": expired_key}, "", 401),
+        "blocked consumer": ({"X-API-Key": blocked_key}, "", 403),
+        "other tenant": ({"X-API-Key": other_tenant_key}, "", 403),
+        "not subscribed": ({"X-API-Key": unsubscribed_key}, "", 403),
+        "two in one header": ({"X-API-Key": f"{key},{key}"}, "", 401),
+        "header and bearer": ({"X-API-Key": key, "Authorization": f"Bearer {key}"}, "", 401),
+        "header and query": ({"X-API-Key": key}, f"?apikey={key}", 401),
+        "repeated query": ({}, f"?apikey={key}&apikey={key}", 401),
+        "valid": ({"X-API-Key": key}, "", 200),
+    }
+    bodies = {}
+    for name, (headers, query, expected) in cases.items():
+        response = gateway.get("/api/users/v1/x" + query, headers={**headers, "X-Request-ID": "fixed-request-id-1"})
+        assert response.status == expected, name
+        if expected != 200:
+            assert response.header("Content-Type") == "application/problem+json", name
+            body = response.json()
+            assert set(body) >= {"type", "title", "status", "detail", "request_id"}, name
+            bodies[name] = response.body
+    assert bodies["unknown"] == bodies["revoked"] == bodies["expired"] == bodies["missing"] == bodies["malformed"]
+    assert len(upstream.seen) == 1
+
+    with django_assert_num_queries(0):
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": _bad_checksum(key)}).status == 401
+
+
+def test_warm_request_makes_no_query_and_one_redis_round_trip(gateway, acme, upstream, bob_app, key, monkeypatch):
+    from redis.connection import AbstractConnection
+
+    policy = services.policy_create(
+        tenant=acme,
+        name="two-windows",
+        policy_type="rate_limiting",
+        config={"requests_per_second": 100000, "requests_per_minute": 1000000},
+        actor=None,
+    )
+    api = publish(acme, upstream.url, policies=[policy])
+    subscribe(bob_app, api)
+    for _ in range(3):  # cold: route table, key lookup, script load
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
+
+    sent: list[int] = []
+    original = AbstractConnection.send_packed_command
+
+    test_thread = threading.current_thread()
+
+    def counting(self, command, check_health=True):
+        if threading.current_thread() is test_thread:  # the background config poller is not the request
+            sent.append(1)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(5):
+            assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
+    assert len(queries) == 0
+    assert len(sent) == 5
+
+
+def test_unknown_keys_are_cached_briefly_so_a_flood_does_not_reach_the_database(gateway, users_api, key):
+    unknown = keys.generate_key()
+    gateway.get("/api/users/v1/x", headers={"X-API-Key": unknown})
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(20):
+            assert gateway.get("/api/users/v1/x", headers={"X-API-Key": unknown}).status == 401
+    assert len(queries) == 0
+
+
+def test_credential_is_never_forwarded(gateway, acme, upstream, bob_app, key):
+    api = publish(acme, upstream.url, base_path="/api/q", key_query_param="apikey")
+    subscribe(bob_app, api)
+    gateway.get("/api/q/a", headers={"X-API-Key": key})
+    gateway.get("/api/q/a", headers={"Authorization": f"Bearer {key}"})
+    gateway.get(f"/api/q/a?apikey={key}")
+    for seen in upstream.seen:
+        assert key not in seen.path
+        assert all(key not in v for v in seen.headers.values())
+        assert "x-api-key" not in seen.headers and "authorization" not in seen.headers
+
+
+@pytest.mark.django_db
+def test_blocked_consumer_gets_403_not_401(gateway, users_api, bob_app, key):
+    services.consumer_block(consumer=Consumer.objects.get(pk=bob_app.pk), actor=None)
+    response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+    assert response.status == 403

@@ -1,0 +1,103 @@
+"""Routing: request-target hygiene, longest base_path on segment boundaries, hosts, statuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from apimgmt import services
+from tests.gateway.conftest import publish, subscribe
+
+BAD_PATHS = [
+    "/api/users/v1/../admin",
+    "/api/users/v1/%2e%2e/admin",
+    "/api/users/v1/%2E%2e/admin",
+    "/api/users/v1/x/%2E%2e/",
+    "/api/users/v1/.%2e/x",
+    "/api/users/v1/./x",
+    "/api/users/v1/x%2Fy",
+    "/api/users/v1/x%2f..%2fy",
+    "/api/users/v1/x%5Cy",
+    "/api/users/v1/x\\y",
+    "/api/users/v1/x%00y",
+    "/api/users/v1/x%0ay",
+    "/api/users/v1//x",
+    "/api/users/v1/%C0%AE%C0%AE/x",  # overlong UTF-8 for '..'
+    "/api/users/v1/%ff",
+    "/api/users/v1/%zz",
+]
+
+
+@pytest.mark.parametrize("path", BAD_PATHS)
+def test_unnormalised_paths_are_refused_with_400_and_never_reach_the_upstream(gateway, users_api, upstream, key, path):
+    response = gateway.get(path, headers={"X-API-Key": key})
+    assert response.status == 400
+    assert response.header("Content-Type") == "application/problem+json"
+    assert response.json()["status"] == 400
+    assert upstream.seen == []
+
+
+def test_prefix_must_end_on_a_segment_boundary(gateway, users_api, upstream, key):
+    assert gateway.get("/api/users/v10", headers={"X-API-Key": key}).status == 404
+    assert gateway.get("/api/users/v1x/a", headers={"X-API-Key": key}).status == 404
+    assert upstream.seen == []
+    assert gateway.get("/api/users/v1", headers={"X-API-Key": key}).status == 200
+    assert gateway.get("/api/users/v1/", headers={"X-API-Key": key}).status == 200
+    assert gateway.get("/api/users/v1/a/b?x=1&y=%2F", headers={"X-API-Key": key}).status == 200
+    assert upstream.paths == ["/svc", "/svc/", "/svc/a/b?x=1&y=%2F"]
+
+
+def test_upstream_never_sees_a_path_outside_its_prefix(gateway, users_api, upstream, key):
+    for path in [*BAD_PATHS, "/api/users/v1/a/b", "/api/users/v1/%75sers", "/api/users/v1/caf%C3%A9"]:
+        gateway.get(path, headers={"X-API-Key": key})
+    assert upstream.paths == ["/svc/a/b", "/svc/users", "/svc/caf%C3%A9"]
+    assert all(p.startswith("/svc/") and "/../" not in p for p in upstream.paths)
+
+
+def test_longest_base_path_wins(gateway, acme, upstream, bob_app, key):
+    outer = publish(acme, upstream.url + "/outer", base_path="/api")
+    inner = publish(acme, upstream.url + "/inner", base_path="/api/users/v1")
+    subscribe(bob_app, outer)
+    subscribe(bob_app, inner)
+    gateway.get("/api/users/v1/me", headers={"X-API-Key": key})
+    gateway.get("/api/users/v2/me", headers={"X-API-Key": key})
+    assert upstream.paths == ["/inner/me", "/outer/users/v2/me"]
+
+
+def test_an_api_bound_to_the_host_beats_one_without(gateway, acme, upstream, bob_app, key):
+    generic = publish(acme, upstream.url + "/generic", base_path="/api/users/v1")
+    hosted = publish(acme, upstream.url + "/hosted", base_path="/api", host="api.acme.test")
+    subscribe(bob_app, generic)
+    subscribe(bob_app, hosted)
+    gateway.get("/api/users/v1/x", headers={"X-API-Key": key}, host="api.acme.test:443")
+    gateway.get("/api/users/v1/x", headers={"X-API-Key": key}, host="other.test")
+    assert upstream.paths == ["/hosted/users/v1/x", "/generic/x"]
+
+
+def test_without_strip_path_the_full_path_is_forwarded(gateway, acme, upstream, bob_app, key):
+    api = publish(acme, upstream.url, base_path="/api/orders", strip_path=False)
+    subscribe(bob_app, api)
+    gateway.get("/api/orders/42", headers={"X-API-Key": key})
+    assert upstream.paths == ["/api/orders/42"]
+
+
+def test_draft_and_retired_apis_answer_404_like_unknown_paths(gateway, acme, upstream, key):
+    publish(acme, upstream.url, base_path="/api/draft", status="draft")
+    assert gateway.get("/api/draft/x", headers={"X-API-Key": key}).status == 404
+    assert gateway.get("/api/nothing-here", headers={"X-API-Key": key}).status == 404
+    assert upstream.seen == []
+
+
+def test_deprecated_api_routes_with_deprecation_and_sunset_headers(gateway, users_api, upstream, key):
+    import datetime
+
+    sunset = datetime.datetime(2031, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    services.api_deprecate(api=users_api, actor=None, sunset_at=sunset)
+    response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+    assert response.status == 200
+    assert response.header("Deprecation") == "true"
+    assert response.header("Sunset") == "Thu, 02 Jan 2031 03:04:05 GMT"
+
+
+def test_control_plane_paths_fall_through_to_django(gateway, users_api):
+    assert gateway.get("/health").status == 200
+    assert gateway.get("/health").json() == {"status": "ok"}

@@ -1,0 +1,160 @@
+"""Sign-up, verification, invitations, sign-in with lockout and session rotation, password reset."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.contrib.auth.models import User
+from django.core import mail
+from django.test import Client
+from django.test.utils import override_settings
+
+from apimgmt.models import Tenant, TenantMembership
+from tests.portal.conftest import link_in_last_mail, path_of
+
+SIGNUP = {"username": "erin", "email": "Erin@Example.com", "password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42"}
+
+
+def _login(client: Client, username: str, password: str, tenant: str = "acme", ip: str = "127.0.0.1") -> int:
+    response = client.post(f"/portal/{tenant}/login/", {"username": username, "password": password}, REMOTE_ADDR=ip)
+    return response.status_code
+
+
+def test_signup_sends_a_link_and_the_account_works_only_after_confirming(open_acme: Tenant) -> None:
+    client = Client()
+    response = client.post("/portal/acme/signup/", SIGNUP)
+    assert response.status_code == 200
+    assert b"Check your inbox" in response.content
+    assert mail.outbox[-1].to == ["erin@example.com"]
+    user = User.objects.get(username="erin")
+    assert not user.is_active
+
+    refused = client.post("/portal/acme/login/", {"username": "erin", "password": SIGNUP["password1"]})
+    assert b"Confirm your e-mail address first" in refused.content
+
+    link = path_of(link_in_last_mail())
+    assert b"Confirm my e-mail address" in client.get(link).content
+    assert client.post(link).status_code == 302
+    user.refresh_from_db()
+    assert user.is_active
+    assert TenantMembership.objects.get(user=user, tenant=open_acme).role == "developer"
+    assert _login(client, "erin", SIGNUP["password1"]) == 302
+
+
+def test_a_verification_link_works_once_and_only_in_its_own_portal(open_acme: Tenant, globex: Tenant) -> None:
+    client = Client()
+    client.post("/portal/acme/signup/", SIGNUP)
+    link = path_of(link_in_last_mail())
+    assert client.post(link.replace("/portal/acme/", "/portal/globex/")).status_code == 400
+    assert client.post(link).status_code == 302
+    again = client.post(link)
+    assert again.status_code == 400
+    assert b"already been used" in again.content
+    assert not TenantMembership.objects.filter(tenant=globex, user__username="erin").exists()
+
+
+def test_signup_is_closed_when_the_tenant_is_invitation_only(acme: Tenant) -> None:
+    response = Client().post("/portal/acme/signup/", SIGNUP)
+    assert response.status_code == 403
+    assert b"by invitation only" in response.content
+    assert not User.objects.filter(username="erin").exists()
+
+
+def test_a_tenant_admin_invites_a_developer_who_then_signs_up(alice: User, bob: User) -> None:
+    admin = Client()
+    admin.force_login(alice)
+    assert admin.post("/portal/acme/invite/", {"email": "frank@example.com"}).status_code == 302
+    link = path_of(link_in_last_mail())
+    developer = Client()
+    assert b"You were invited" in developer.get(link).content
+    token = link.split("invite=")[1]
+    response = developer.post(
+        "/portal/acme/signup/",
+        {"username": "frank", "email": "someone-else@example.com", "password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42", "invite": token},
+    )
+    assert response.status_code == 302
+    frank = User.objects.get(username="frank")
+    assert frank.is_active and frank.email == "frank@example.com"  # the invited address, not the posted one
+    assert TenantMembership.objects.get(user=frank, tenant__id="acme").role == "developer"
+
+    developer_client = Client()
+    developer_client.force_login(bob)
+    assert developer_client.post("/portal/acme/invite/", {"email": "x@example.com"}).status_code == 403
+
+
+def test_sign_in_rotates_the_session_key(bob: User) -> None:
+    client = Client()
+    client.get("/portal/acme/login/")
+    client.session.save()
+    session = client.session
+    session["planted"] = "by an attacker"
+    session.save()
+    before = session.session_key
+    client.cookies["sessionid"] = before
+    assert _login(client, "bob", "bob-password-123") == 302
+    after = client.cookies["sessionid"].value
+    assert after and after != before
+    assert client.get("/portal/acme/apps/").status_code == 200
+
+
+def test_a_member_of_another_tenant_cannot_sign_in_here(carol: User, acme: Tenant) -> None:
+    client = Client()
+    response = client.post("/portal/acme/login/", {"username": "carol", "password": "carol-password-123"})
+    assert response.status_code == 403
+    assert b"no access to the Acme portal" in response.content
+    assert "_auth_user_id" not in client.session
+
+
+@override_settings(PORTAL_LOGIN_ACCOUNT_FAILURES=3, PORTAL_LOGIN_IP_FAILURES=100)
+def test_an_account_is_locked_after_repeated_failures_even_for_the_right_password(bob: User) -> None:
+    client = Client()
+    for _ in range(3):
+        assert _login(client, "bob", "wrong") == 400
+    response = client.post("/portal/acme/login/", {"username": "BOB", "password": "bob-password-123"})
+    assert response.status_code == 429
+    assert b"Too many failed sign-ins" in response.content
+    assert int(response["Retry-After"]) > 0
+    # Another address is locked out of this account too: the lock is per account.
+    assert _login(Client(), "bob", "bob-password-123", ip="10.9.9.9") == 429
+
+
+@override_settings(PORTAL_LOGIN_ACCOUNT_FAILURES=100, PORTAL_LOGIN_IP_FAILURES=4)
+def test_an_address_guessing_many_accounts_is_locked_out(bob: User, dave: User) -> None:
+    client = Client()
+    for name in ("bob", "dave", "nobody", "alice"):
+        _login(client, name, "wrong", ip="10.0.0.66")
+    assert _login(client, "dave", "dave-password-123", ip="10.0.0.66") == 429
+    assert _login(Client(), "dave", "dave-password-123", ip="10.0.0.67") == 302
+
+
+@override_settings(PORTAL_LOGIN_ACCOUNT_FAILURES=2, PORTAL_LOGIN_LOCKOUT_SECONDS=1)
+def test_the_lockout_ends_after_the_cool_off(bob: User) -> None:
+    client = Client()
+    _login(client, "bob", "wrong")
+    _login(client, "bob", "wrong")
+    assert _login(client, "bob", "bob-password-123") == 429
+    time.sleep(1.2)
+    assert _login(client, "bob", "bob-password-123") == 302
+
+
+def test_password_reset_mails_only_members_and_sets_a_new_password(bob: User, carol: User) -> None:
+    client = Client()
+    response = client.post("/portal/acme/password-reset/", {"email": "carol@example.com"})
+    assert response.status_code == 200 and not mail.outbox  # not a member of acme: same page, no mail
+    client.post("/portal/acme/password-reset/", {"email": "bob@example.com"})
+    link = path_of(link_in_last_mail())
+    assert link.startswith("/portal/acme/password-reset/")
+    form_page = client.get(link, follow=True)
+    assert b"Choose a new password" in form_page.content
+    set_url = form_page.redirect_chain[-1][0]
+    done = client.post(set_url, {"new_password1": "brand-new-pass-77", "new_password2": "brand-new-pass-77"})
+    assert done.status_code == 302 and done["Location"] == "/portal/acme/login/"
+    assert _login(Client(), "bob", "brand-new-pass-77") == 302
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_sign_out_needs_a_post(bob_client: Client, method: str) -> None:
+    response = getattr(bob_client, method)("/portal/acme/logout/")
+    assert response.status_code == (405 if method == "get" else 302)
+    assert ("_auth_user_id" in bob_client.session) is (method == "get")

@@ -1,0 +1,82 @@
+"""`make run`'s script: from an empty database to a working gateway call, and a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.conf import settings
+
+from tests.support.servers import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def empty_database() -> str:
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        pytest.skip("needs PostgreSQL")
+    name = "apimgmt_make_run_test"
+    admin_url = f"postgresql://{db.get('USER') or 'postgres'}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
+    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"{admin_url}/{name}"
+    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_make_run_serves_the_demo_and_stops_on_ctrl_c(empty_database: str, tmp_path: Path) -> None:
+    port, echo_port = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO"))},
+        "DATABASE_URL": empty_database,
+        "REDIS_URL": settings.REDIS_URL or "",
+        "PORT": str(port),
+        "ECHO_PORT": str(echo_port),
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        wait_for_port(port)
+        wait_for_port(echo_port)
+        text = log.read_text()
+        key = re.search(r"Demo API key:\s+(ak_live_\w+)", text).group(1)  # type: ignore[union-attr]
+        assert re.search(r"Admin:\s+http://127\.0\.0\.1:\d+/admin/\s+\(user admin, password \S+\)", text)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/demo/echo/hello?x=1", headers={"X-API-Key": key})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+        assert response.status == 200
+        assert body["path"] == "/hello" and body["query"] == "x=1"
+        assert key not in json.dumps(body["headers"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    for p in (port, echo_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=2)
