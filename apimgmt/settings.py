@@ -127,6 +127,8 @@ MIDDLEWARE = [
     # Counts and times every request that reaches Django (the gateway has its own metrics).
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ (admin, portal, API docs) from the app itself, with far-future caching headers.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -281,6 +283,8 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Without collectstatic (development, tests) WhiteNoise finds files in the apps themselves.
+WHITENOISE_USE_FINDERS = True
 
 EMAIL_BACKEND: str = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL: str = env.str("DEFAULT_FROM_EMAIL", default="apimgmt@localhost")
@@ -342,5 +346,8 @@ LOGGING: dict[str, Any] = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"propagate": True},
+        # apimgmt.access logs every request (route template, never the raw path, which may hold a
+        # reset token); django.request would repeat each 4xx with the raw path, so only errors pass.
+        "django.request": {"level": "ERROR", "propagate": True},
     },
 }

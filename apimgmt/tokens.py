@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
@@ -48,7 +49,7 @@ def api_token_create(
             raise ValidationError({"expires_at": "expires_at must be in the future."})
     plaintext = TOKEN_PREFIX + random_base62(TOKEN_RANDOM_LENGTH)
     token = ApiToken.objects.create(
-        user=user,
+        user=cast(Any, user),  # AUTH_USER_MODEL; typed as the base class so any user model fits
         name=name,
         token_prefix=plaintext[:DISPLAY_PREFIX_LENGTH],
         token_hash=hash_token(plaintext),

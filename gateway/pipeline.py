@@ -286,15 +286,14 @@ class Gateway:
         upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
         spec = route.spec
         target_path = path[len(spec.base_path) :] if spec.strip_path else path
-        if not target_path.startswith("/"):
-            target_path = "/" + target_path
         query = _strip_query_param(query, spec.key_query_param) if credential.source == "query" else query
         try:
             upstream = forward_request(
                 self.upstreams,
                 self._balancer(route),
                 method=method,
-                path_and_query=target_path + ("?" + query if query else ""),
+                path=target_path,
+                query=query,
                 headers=upstream_headers,
                 body=body,
                 chunked=chunked and length is None,

@@ -149,7 +149,8 @@ def forward_request(
     balancer: Balancer,
     *,
     method: str,
-    path_and_query: str,
+    path: str,
+    query: str,
     headers: dict[str, str],
     body: RequestBody | None,
     chunked: bool,
@@ -171,10 +172,13 @@ def forward_request(
             if remaining <= 0:
                 raise UpstreamError(504, "The upstream did not answer within the API's total timeout.")
             timeout = urllib3.Timeout(connect=min(connect_timeout, remaining), read=min(read_timeout, remaining))
+            url = (target.prefix + path) or "/"
+            if query:
+                url += "?" + query
             try:
                 response = upstreams.pool(target).urlopen(
                     method,
-                    target.prefix + path_and_query if target.prefix else path_and_query,
+                    url,
                     body=body,
                     headers=headers,
                     retries=False,

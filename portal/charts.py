@@ -77,7 +77,7 @@ def usage_chart(series: Series, *, title: str) -> SafeString:
                 f'<rect class="{css}" x="{bx:.1f}" y="{by:.1f}" width="{bar_w:.1f}" height="{PAD_TOP + plot_h - by:.1f}">'
                 f"<title>{escape(bucket_label(series, index))}: {value} {escape(label.lower())}</title></rect>"
             )
-        if index % label_every == 0 or index == count - 1:
+        if (count - 1 - index) % label_every == 0:  # counted from the newest, which is always labelled
             cx = PAD_LEFT + (index + 0.5) * slot
             parts.append(
                 f'<text class="axis" x="{cx:.1f}" y="{HEIGHT - PAD_BOTTOM + 16}" text-anchor="middle">'

@@ -37,6 +37,8 @@ class SignUpForm(UserCreationForm):
     def __init__(self, *args: Any, invited_email: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.invited_email = invited_email
+        self.fields["username"].label = "User name"
+        self.fields["username"].help_text = "Letters, digits and @ . + - _ only; you sign in with it."
         if invited_email:
             self.fields["email"].initial = invited_email
             self.fields["email"].disabled = True

@@ -120,3 +120,14 @@ def live_env(transactional_db: Any) -> dict[str, str]:
         "ALLOWED_HOSTS": "*",
         "DB_POOL": "0",
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """No key, token, password or Authorization header in any log line of the suite (in-process or servers')."""
+    from tests.support.secrets_scan import install_capture, leaked_secrets
+
+    handler = install_capture()
+    yield
+    leaks = leaked_secrets(handler)
+    assert not leaks, "secrets in captured log lines:\n" + "\n".join(leaks[:20])

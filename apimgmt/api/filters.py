@@ -24,7 +24,7 @@ class FieldFilterBackend(BaseFilterBackend):
         lookups: dict[str, str] = {}
         for param, (lookup, choices) in fields.items():
             value = request.query_params.get(param)
-            if value is None or value == "":
+            if value is None:
                 continue
             if choices is not None and value not in choices:
                 errors[param] = [f"{param} must be one of {', '.join(choices)}."]

@@ -82,10 +82,11 @@ def roles_of(user: User) -> dict[str, str]:
     """{tenant_id: role} for the user, read once per request object."""
     if not user.is_authenticated:
         return {}
-    cached: dict[str, str] | None = getattr(user, "_apimgmt_roles", None)
+    memo = vars(user)
+    cached: dict[str, str] | None = memo.get("_apimgmt_roles")
     if cached is None:
         cached = dict(TenantMembership.objects.filter(user_id=user.pk).values_list("tenant_id", "role"))
-        user._apimgmt_roles = cached  # type: ignore[union-attr]
+        memo["_apimgmt_roles"] = cached
     return cached
 
 

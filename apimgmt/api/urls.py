@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver, include, path
+from django.urls import URLPattern, URLResolver, include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
@@ -28,4 +28,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("schema/", SpectacularAPIView.as_view(permission_classes=[]), name="mgmt-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-redoc"),
+    # Last: any other /mgmt/ URL answers a problem+json 404 rather than Django's HTML page.
+    re_path(r"^", views.route_not_found, name="mgmt-not-found"),
 ]

@@ -10,8 +10,10 @@ from typing import Any
 from django.db import transaction
 from django.db.models import Max, Model, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDay, TruncHour, TruncMinute
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import Resolver404, resolve
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -22,6 +24,7 @@ from rest_framework.views import APIView
 
 from apimgmt import services
 from apimgmt.api import serializers as s
+from apimgmt.api.exceptions import PROBLEM_CONTENT_TYPE
 from apimgmt.api.filters import FieldFilterBackend, StrictOrderingFilter
 from apimgmt.api.permissions import CHANGE, DECIDE, STAFF, VIEW, may_act_on, may_create, restrict, roles_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
@@ -55,10 +58,10 @@ class RequestContextMixin:
             return response
         finally:
             for var, token in reversed(resets):
-                var.reset(token)  # type: ignore[attr-defined]
+                var.reset(token)
 
 
-class ScopedViewSet(RequestContextMixin, viewsets.GenericViewSet):  # type: ignore[type-arg]
+class ScopedViewSet(RequestContextMixin, viewsets.GenericViewSet):
     """Base of every resource: rows come through ``restrict`` and detail writes check the action once, here."""
 
     queryset: QuerySet[Any]
@@ -82,9 +85,7 @@ class ScopedViewSet(RequestContextMixin, viewsets.GenericViewSet):  # type: igno
         obj = super().get_object()
         needed = self.required_permission()
         if needed != VIEW and not may_act_on(self.request.user, obj, needed):
-            raise exceptions.PermissionDenied(
-                f"Your role does not allow this on {obj._meta.verbose_name} {obj.pk}."  # type: ignore[union-attr]
-            )
+            raise exceptions.PermissionDenied(f"Your role does not allow this on {obj._meta.verbose_name} {obj.pk}.")
         return obj
 
     # Helpers shared by the resources -------------------------------------------------------
@@ -146,13 +147,10 @@ class UpdateMixin(mixins.UpdateModelMixin):
         data = self.validated(self.get_serializer_class(), instance=obj, partial=partial)  # type: ignore[attr-defined]
         with transaction.atomic():
             updated = self.perform_service_update(obj, data)
-        return self.render(self.get_queryset().get(pk=updated.pk))  # type: ignore[attr-defined,no-any-return]
+        return self.render(self.get_queryset().get(pk=updated.pk))  # type: ignore[attr-defined]
 
     def perform_service_update(self, obj: Any, data: dict[str, Any]) -> Any:
         raise NotImplementedError
-
-
-PROBLEM = "application/problem+json"
 
 
 # ---------------------------------------------------------------------------
@@ -632,3 +630,20 @@ class UsageView(RequestContextMixin, APIView):
             row["latency_ms_avg"] = round(row.pop("latency_sum") / row["requests"], 3)
         body = s.UsageSerializer({"interval": interval, "from": start, "to": end, "results": rows}).data
         return Response(body)
+
+
+@csrf_exempt
+def route_not_found(request: HttpRequest) -> HttpResponse:
+    """A /mgmt/ URL that matches no route: a problem+json 404, with a hint when only the trailing slash is missing."""
+    detail = f"No management API route matches {request.path!r}."
+    if not request.path.endswith("/"):
+        try:
+            match = resolve(request.path + "/")
+        except Resolver404:
+            match = None
+        if match is not None and match.url_name != "mgmt-not-found":
+            detail += f" Did you mean {request.path + '/'!r}?"
+    body: dict[str, Any] = {"type": "about:blank", "title": "Not Found", "status": 404, "detail": detail}
+    if request_id_var.get():
+        body["request_id"] = request_id_var.get()
+    return JsonResponse(body, status=404, content_type=PROBLEM_CONTENT_TYPE)

@@ -61,8 +61,13 @@ def acme_world(
 ) -> dict[str, Any]:
     """One object of every kind in tenant acme, keyed by the router basename."""
     UsageRecord.objects.create(
-        tenant=acme, api_id=acme_api.pk, consumer_id=bob_app.pk, key_id=bob_key[0].pk,
-        timestamp="2026-01-01T10:00:00Z", status_code=200, request_count=5,
+        tenant=acme,
+        api_id=acme_api.pk,
+        consumer_id=bob_app.pk,
+        key_id=bob_key[0].pk,
+        timestamp="2026-01-01T10:00:00Z",
+        status_code=200,
+        request_count=5,
     )
     from apimgmt.models import AuditEvent
 

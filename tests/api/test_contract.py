@@ -25,7 +25,12 @@ def test_contract_table(staff: User, client_for: Any) -> None:
             "tenant_id": "acme",
             "name": "standard",
             "policy_type": "rate_limiting",
-            "config": {"requests_per_minute": 1000, "burst_size": 100, "key_extraction": "consumer_id", "window_type": "sliding"},
+            "config": {
+                "requests_per_minute": 1000,
+                "burst_size": 100,
+                "key_extraction": "consumer_id",
+                "window_type": "sliding",
+            },
             "mode": "enforce",
             "on_store_error": "open",
         },
@@ -35,7 +40,11 @@ def test_contract_table(staff: User, client_for: Any) -> None:
     policy_id = r.json()["id"]
     assert policy_id.startswith("pol_")
 
-    r = c.post("/mgmt/v1/plans/", {"tenant_id": "acme", "name": "gold", "policies": [policy_id], "approval": "auto"}, format="json")
+    r = c.post(
+        "/mgmt/v1/plans/",
+        {"tenant_id": "acme", "name": "gold", "policies": [policy_id], "approval": "auto"},
+        format="json",
+    )
     assert r.status_code == 201, r.json()
     plan_id = r.json()["id"]
     assert plan_id.startswith("pln_")
@@ -66,11 +75,17 @@ def test_contract_table(staff: User, client_for: Any) -> None:
     consumer_id = r.json()["id"]
     assert consumer_id.startswith("con_")
 
-    r = c.post("/mgmt/v1/subscriptions/", {"consumer_id": consumer_id, "api_id": api_id, "plan_id": plan_id}, format="json")
+    r = c.post(
+        "/mgmt/v1/subscriptions/", {"consumer_id": consumer_id, "api_id": api_id, "plan_id": plan_id}, format="json"
+    )
     assert r.status_code == 201, r.json()
     assert r.json()["id"].startswith("sub_") and r.json()["status"] == "active"
 
-    r = c.post("/mgmt/v1/keys/", {"consumer_id": consumer_id, "name": "prod", "expires_at": "2031-01-01T00:00:00Z"}, format="json")
+    r = c.post(
+        "/mgmt/v1/keys/",
+        {"consumer_id": consumer_id, "name": "prod", "expires_at": "2031-01-01T00:00:00Z"},
+        format="json",
+    )
     assert r.status_code == 201, r.json()
     created = r.json()
     assert created["key_id"].startswith("key_") and created["key"].startswith("ak_live_") and len(created["key"]) == 46
@@ -87,20 +102,43 @@ def test_contract_table(staff: User, client_for: Any) -> None:
     assert "key" not in r.json()
 
     UsageRecord.objects.create(
-        tenant_id="acme", api_id=api_id, consumer_id=consumer_id, key_id=created["key_id"],
-        timestamp="2026-01-01T10:05:00Z", status_code=200, request_count=8, error_count=0,
-        bytes_in=80, bytes_out=800, latency_ms_sum=80.0, latency_ms_max=30.0,
+        tenant_id="acme",
+        api_id=api_id,
+        consumer_id=consumer_id,
+        key_id=created["key_id"],
+        timestamp="2026-01-01T10:05:00Z",
+        status_code=200,
+        request_count=8,
+        error_count=0,
+        bytes_in=80,
+        bytes_out=800,
+        latency_ms_sum=80.0,
+        latency_ms_max=30.0,
     )
     UsageRecord.objects.create(
-        tenant_id="acme", api_id=api_id, consumer_id=consumer_id, key_id=created["key_id"],
-        timestamp="2026-01-01T10:40:00Z", status_code=429, request_count=2, error_count=2,
-        bytes_in=20, bytes_out=40, latency_ms_sum=2.0, latency_ms_max=1.5,
+        tenant_id="acme",
+        api_id=api_id,
+        consumer_id=consumer_id,
+        key_id=created["key_id"],
+        timestamp="2026-01-01T10:40:00Z",
+        status_code=429,
+        request_count=2,
+        error_count=2,
+        bytes_in=20,
+        bytes_out=40,
+        latency_ms_sum=2.0,
+        latency_ms_max=1.5,
     )
     r = c.get(
         "/mgmt/v1/usage/",
         {
-            "tenant_id": "acme", "api_id": api_id, "consumer_id": consumer_id, "key_id": created["key_id"],
-            "interval": "hour", "from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z",
+            "tenant_id": "acme",
+            "api_id": api_id,
+            "consumer_id": consumer_id,
+            "key_id": created["key_id"],
+            "interval": "hour",
+            "from": "2026-01-01T00:00:00Z",
+            "to": "2026-01-02T00:00:00Z",
         },
     )
     assert r.status_code == 200, r.json()

@@ -104,11 +104,15 @@ def test_no_list_leaks_another_tenants_rows(
 
 
 def test_usage_of_another_tenant_is_empty(acme_world: dict[str, Any], carol: User, client_for: Any) -> None:
-    r = client_for(carol).get("/mgmt/v1/usage/?tenant_id=acme&interval=day&from=2025-12-31T00:00:00Z&to=2026-01-02T00:00:00Z")
+    r = client_for(carol).get(
+        "/mgmt/v1/usage/?tenant_id=acme&interval=day&from=2025-12-31T00:00:00Z&to=2026-01-02T00:00:00Z"
+    )
     assert r.status_code == 200 and r.json()["results"] == []
 
 
-def test_cannot_create_into_or_reference_another_tenant(acme_world: dict[str, Any], carol: User, client_for: Any) -> None:
+def test_cannot_create_into_or_reference_another_tenant(
+    acme_world: dict[str, Any], carol: User, client_for: Any
+) -> None:
     c = client_for(carol)
     before = _snapshot()
     r = c.post("/mgmt/v1/consumers/", {"tenant_id": "acme", "name": "spy"}, format="json")
@@ -116,7 +120,9 @@ def test_cannot_create_into_or_reference_another_tenant(acme_world: dict[str, An
     r = c.post("/mgmt/v1/keys/", {"consumer_id": acme_world["consumer"].pk}, format="json")
     assert r.status_code == 400 and "consumer_id" in r.json()["errors"]
     r = c.post(
-        "/mgmt/v1/plans/", {"tenant_id": "globex", "name": "steal", "policies": [acme_world["policy"].pk]}, format="json"
+        "/mgmt/v1/plans/",
+        {"tenant_id": "globex", "name": "steal", "policies": [acme_world["policy"].pk]},
+        format="json",
     )
     assert r.status_code == 400 and "policies" in r.json()["errors"]
     assert _snapshot() == before

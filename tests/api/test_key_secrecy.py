@@ -22,7 +22,9 @@ def test_key_plaintext_is_shown_once_and_nowhere_else(
     bodies: list[str] = []
 
     def call(client: Any, method: str, path: str, data: Any = None) -> Any:
-        response = getattr(client, method)(path, data, format="json") if data is not None else getattr(client, method)(path)
+        response = (
+            getattr(client, method)(path, data, format="json") if data is not None else getattr(client, method)(path)
+        )
         bodies.append(response.content.decode())
         return response
 

@@ -105,7 +105,9 @@ def test_bad_policy_config_names_the_config_field(alice: User, client_for: Any) 
 def test_admin_creates_a_plan_with_policies_and_changes_them(alice: User, acme_policy: Policy, client_for: Any) -> None:
     c = client_for(alice)
     r = c.post(
-        f"{V1}/plans/", {"tenant_id": "acme", "name": "free", "policies": [acme_policy.pk], "approval": "manual"}, format="json"
+        f"{V1}/plans/",
+        {"tenant_id": "acme", "name": "free", "policies": [acme_policy.pk], "approval": "manual"},
+        format="json",
     )
     assert r.status_code == 201, r.json()
     plan_id = r.json()["id"]
@@ -208,9 +210,7 @@ def test_lists_paginate_with_count_next_and_previous(alice: User, client_for: An
 # ---------------------------------------------------------------------------
 
 
-def test_developer_owns_the_consumers_they_create_and_sees_only_those(
-    bob: User, alice: User, client_for: Any
-) -> None:
+def test_developer_owns_the_consumers_they_create_and_sees_only_those(bob: User, alice: User, client_for: Any) -> None:
     admin_app = client_for(alice).post(f"{V1}/consumers/", {"tenant_id": "acme", "name": "ops"}, format="json").json()
     c = client_for(bob)
     r = c.post(f"{V1}/consumers/", {"tenant_id": "acme", "name": "bob-cli"}, format="json")
@@ -222,7 +222,9 @@ def test_developer_owns_the_consumers_they_create_and_sees_only_those(
 
 def test_only_admins_block_consumers(bob: User, alice: User, bob_app: Consumer, client_for: Any) -> None:
     assert client_for(bob).post(f"{V1}/consumers/{bob_app.pk}/block/").status_code == 403
-    assert client_for(bob).patch(f"{V1}/consumers/{bob_app.pk}/", {"status": "blocked"}, format="json").status_code == 403
+    assert (
+        client_for(bob).patch(f"{V1}/consumers/{bob_app.pk}/", {"status": "blocked"}, format="json").status_code == 403
+    )
     c = client_for(alice)
     assert c.post(f"{V1}/consumers/{bob_app.pk}/block/").json()["status"] == "blocked"
     assert c.patch(f"{V1}/consumers/{bob_app.pk}/", {"status": "active"}, format="json").json()["status"] == "active"
@@ -327,7 +329,9 @@ def test_subscription_list_filters_by_api_consumer_and_status(
     assert c.get(f"{V1}/subscriptions/?status=active").json()["count"] == 1
 
 
-def test_staff_sees_and_manages_every_tenant(staff: User, acme_world: dict[str, Any], carol: User, client_for: Any) -> None:
+def test_staff_sees_and_manages_every_tenant(
+    staff: User, acme_world: dict[str, Any], carol: User, client_for: Any
+) -> None:
     c = client_for(staff)
     assert {t["id"] for t in c.get(f"{V1}/tenants/").json()["results"]} == {"acme", "globex"}
     key = acme_world["key"]

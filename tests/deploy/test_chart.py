@@ -25,7 +25,7 @@ from tests.deploy.conftest import (
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (requirements-dev.txt) bundles Helm")
 
-FULL = f"{RELEASE}"  # release name contains the chart name, so resources are named after the release
+FULL = RELEASE  # the release name contains the chart name, so resources are named after the release
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator CRDs: no schema in kubernetes-validate
 APP_COMPONENTS = ("gateway", "control")
 
@@ -36,7 +36,7 @@ def _lint(values: dict[str, Any] | None) -> dict[str, Any]:
 
 @pytest.mark.parametrize("values", [None, "production", "all"], ids=["default", "production", "all-features"])
 def test_chart_passes_helm_lint_strict(values: str | None) -> None:
-    given = {"production": production_values(), "all": ALL_FEATURES}.get(values or "", None)
+    given = {"production": production_values(), "all": ALL_FEATURES}.get(values or "")
     report = _lint(given)
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
     assert report["errors"] == [] and problems == [], report
@@ -96,7 +96,9 @@ def test_web_pods_probe_health_for_liveness_and_ready_for_readiness(component: s
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     for probe in ("livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
-        assert get["port"] == "http" and {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+        assert (
+            get["port"] == "http" and {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+        )
         # Probes must pass Django's ALLOWED_HOSTS check, or every pod would be killed.
         host = next(h["value"] for h in get["httpHeaders"] if h["name"] == "Host")
         assert host in _env(container)["ALLOWED_HOSTS"].split(",")
@@ -128,7 +130,7 @@ def test_hpa_bounds_come_from_values_and_bad_bounds_fail_with_a_clear_message() 
     docs = render({"gateway": {"autoscaling": {"minReplicas": 4, "maxReplicas": 8}}})
     hpa = one(docs, "HorizontalPodAutoscaler", f"{FULL}-gateway")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (4, 8)
-    with pytest.raises(helm.HelmRenderError, match="minReplicas .* must not exceed maxReplicas"):
+    with pytest.raises(helm.HelmRenderError, match=r"minReplicas .* must not exceed maxReplicas"):
         render({"gateway": {"autoscaling": {"minReplicas": 9, "maxReplicas": 3}}})
 
 
@@ -220,9 +222,10 @@ def test_pods_roll_when_configuration_changes() -> None:
     before = one(render(), "Deployment", f"{FULL}-gateway")
     after = one(render({"config": {"logLevel": "DEBUG"}}), "Deployment", f"{FULL}-gateway")
     key = "checksum/config"
-    assert before["spec"]["template"]["metadata"]["annotations"][key] != after["spec"]["template"]["metadata"][
-        "annotations"
-    ][key]
+    assert (
+        before["spec"]["template"]["metadata"]["annotations"][key]
+        != after["spec"]["template"]["metadata"]["annotations"][key]
+    )
 
 
 def test_pod_disruption_budgets_keep_gateway_and_control_up_during_drains(default_docs: Any) -> None:

@@ -108,7 +108,9 @@ def test_compose_holds_no_secret_literals_they_come_from_the_env_file(compose: d
 
 def test_env_example_names_every_required_setting_with_placeholders_only() -> None:
     example = dict(
-        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line and line[0] != "#"
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and line[0] != "#"
     )
     for key in ("SECRET_KEY", "KEY_HASH_PEPPER", "DATABASE_URL", "REDIS_URL", "POSTGRES_PASSWORD", "ALLOWED_HOSTS"):
         assert key in example
@@ -125,9 +127,10 @@ def test_nginx_buffers_slow_clients_and_routes_the_control_plane() -> None:
     for prefix in ("/admin/", "/mgmt/", "/portal/"):
         assert re.search(rf"location {prefix} {{\s*proxy_pass http://apimgmt_control;", conf), prefix
     assert re.search(r"location / {\s*proxy_pass http://apimgmt_gateway;", conf)
-    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in yaml.safe_load(COMPOSE.read_text())["services"]["nginx"][
-        "volumes"
-    ]
+    assert (
+        "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro"
+        in yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["volumes"]
+    )
 
 
 def _final_stage(dockerfile: str) -> list[str]:

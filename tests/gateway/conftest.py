@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
 
 from apimgmt import services
 from apimgmt.models import Api, ApiKey, Consumer, Plan, Policy, Tenant
@@ -88,13 +90,20 @@ class InProcessGateway:
             captured["status"] = int(status.split(" ", 1)[0])
             captured["headers"] = response_headers
 
-        iterable = self.app(environ, start_response)
+        # Like Django's test client: keep the test's transaction open across requests that reach Django.
+        request_started.disconnect(close_old_connections)
+        request_finished.disconnect(close_old_connections)
         try:
-            data = b"".join(iterable)
+            iterable = self.app(environ, start_response)
+            try:
+                data = b"".join(iterable)
+            finally:
+                close = getattr(iterable, "close", None)
+                if close:
+                    close()
         finally:
-            close = getattr(iterable, "close", None)
-            if close:
-                close()
+            request_started.connect(close_old_connections)
+            request_finished.connect(close_old_connections)
         return Response(captured["status"], captured["headers"], data)
 
     def get(self, target: str, **kwargs: Any) -> Response:

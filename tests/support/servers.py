@@ -77,7 +77,16 @@ def gunicorn(
     if conf.exists() and app.startswith("apimgmt.wsgi"):
         args += ["--config", str(conf)]
     args += extra_args or []
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    if log_path is None:
+        # Always captured: the suite scans every server log for leaked secrets (tests/conftest.py).
+        from tests.support.secrets_scan import SERVER_LOG_DIR
+
+        log_path = SERVER_LOG_DIR / f"gunicorn-{port}.log"
+    else:
+        from tests.support.secrets_scan import register_log
+
+        register_log(log_path)
+    out = open(log_path, "ab")  # noqa: SIM115
     proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, timeout=30)
@@ -89,5 +98,4 @@ def gunicorn(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if log_path:
-            out.close()  # type: ignore[union-attr]
+        out.close()

@@ -16,6 +16,7 @@ from django.db.models import Sum
 
 from apimgmt.models import UsageRecord
 from apimgmt.usage import GROUP, STREAM_KEY
+from tests.support.secrets_scan import SERVER_LOG_DIR, register_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,11 +108,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 
 def manage(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``manage.py <args>`` as a subprocess with the given environment (stdout+stderr to log_path)."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    if log_path is None:
+        log_path = SERVER_LOG_DIR / f"manage-{uuid.uuid4().hex[:8]}.log"
+    else:
+        register_log(log_path)  # scanned for leaked secrets at the end of the session
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

@@ -1,0 +1,221 @@
+"""Proxying: headers both ways, bodies, request ids, errors, timeouts, retries, balancing, circuit breaker."""
+
+from __future__ import annotations
+
+import time
+
+from apimgmt import services
+from tests.gateway.conftest import publish, subscribe
+from tests.gateway.upstreams import Answer, garbage, raw_upstream, recording_upstream, stall
+from tests.support.servers import free_port
+
+
+def _api(acme, bob_app, url, **options):
+    api = publish(acme, url, **options)
+    subscribe(bob_app, api)
+    return api
+
+
+def test_hop_by_hop_headers_are_dropped_both_ways(gateway, users_api, upstream, key):
+    upstream.respond = lambda seen: Answer(
+        headers=[("Connection", "close, X-Upstream-Secret"), ("X-Upstream-Secret", "s"), ("Keep-Alive", "timeout=5"),
+                 ("Proxy-Authenticate", "Basic"), ("Trailer", "X"), ("Upgrade", "h2c"), ("X-Kept", "yes")],
+    )
+    response = gateway.get(
+        "/api/users/v1/x",
+        headers={
+            "X-API-Key": key,
+            "Connection": "keep-alive, X-Client-Secret",
+            "X-Client-Secret": "c",
+            "Keep-Alive": "300",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic Zm9v",
+            "Proxy-Connection": "keep-alive",
+            "Proxy": "http://evil",
+            "Upgrade": "websocket",
+            "X-Kept": "yes",
+        },
+    )
+    assert response.status == 200
+    seen = upstream.seen[0].headers
+    for name in ("x-client-secret", "keep-alive", "te", "proxy-authorization", "proxy-connection", "proxy", "upgrade"):
+        assert name not in seen, name
+    assert seen.get("connection", "keep-alive").lower() == "keep-alive"  # urllib3's own, not the client's
+    assert seen["x-kept"] == "yes"
+    names = {k.lower() for k, _ in response.headers}
+    assert not names & {"connection", "x-upstream-secret", "keep-alive", "proxy-authenticate", "trailer", "upgrade"}
+    assert response.header("X-Kept") == "yes"
+
+
+def test_forwarded_headers_request_id_consumer_and_tenant_are_set(gateway, users_api, upstream, key, bob_app):
+    response = gateway.get(
+        "/api/users/v1/x?b=2&a=1&a=3",
+        headers={"X-API-Key": key, "X-Forwarded-For": "6.6.6.6", "X-Consumer-ID": "spoofed", "X-Request-ID": "req-12345678"},
+        remote_addr="10.1.2.3",
+        host="gw.example.com",
+    )
+    seen = upstream.seen[0]
+    assert seen.path == "/svc/x?b=2&a=1&a=3"
+    assert seen.headers["x-forwarded-for"] == "10.1.2.3"  # the peer is not a trusted proxy
+    assert seen.headers["x-forwarded-proto"] == "http"
+    assert seen.headers["x-forwarded-host"] == "gw.example.com"
+    assert seen.headers["x-request-id"] == "req-12345678"
+    assert seen.headers["x-consumer-id"] == bob_app.id
+    assert seen.headers["x-tenant-id"] == "acme"
+    assert response.header("X-Request-ID") == "req-12345678"
+    generated = gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Request-ID": "bad id!"})
+    assert generated.header("X-Request-ID") != "bad id!" and len(generated.header("X-Request-ID")) == 32
+    assert upstream.seen[1].headers["x-request-id"] == generated.header("X-Request-ID")
+
+
+def test_client_ip_comes_from_forwarded_for_only_through_trusted_proxies(settings_gateway, users_api, upstream, key):
+    from tests.gateway.conftest import InProcessGateway
+
+    settings_gateway(TRUSTED_PROXIES=["10.0.0.0/8"])
+    gateway = InProcessGateway()
+    gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Forwarded-For": "1.2.3.4, 10.0.0.7"}, remote_addr="10.0.0.9")
+    assert upstream.seen[0].headers["x-forwarded-for"] == "1.2.3.4, 10.0.0.7, 10.0.0.9"
+
+
+def test_status_headers_several_set_cookies_and_body_come_back_exactly(gateway, users_api, upstream, key):
+    upstream.respond = lambda seen: Answer(
+        status=201,
+        headers=[("Content-Type", "text/plain"), ("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly"), ("Content-Encoding", "gzip")],
+        body=b"\x1f\x8b raw bytes",
+    )
+    response = gateway.request("POST", "/api/users/v1/items", headers={"X-API-Key": key, "Content-Type": "application/json"}, body=b'{"n": 1}')
+    assert response.status == 201
+    assert response.header_all("Set-Cookie") == ["a=1; Path=/", "b=2; HttpOnly"]
+    assert response.body == b"\x1f\x8b raw bytes"
+    assert response.header("Content-Encoding") == "gzip"
+    assert upstream.seen[0].body == b'{"n": 1}'
+    assert upstream.seen[0].headers["content-type"] == "application/json"
+
+
+def test_head_204_and_304_have_no_body(gateway, users_api, upstream, key):
+    upstream.respond = lambda seen: Answer(status={"/svc/204": 204, "/svc/304": 304}.get(seen.path, 200), body=b"hello")
+    head = gateway.request("HEAD", "/api/users/v1/x", headers={"X-API-Key": key})
+    assert head.status == 200 and head.body == b"" and head.header("Content-Length") == "5"
+    assert gateway.get("/api/users/v1/204", headers={"X-API-Key": key}).body == b""
+    not_modified = gateway.get("/api/users/v1/304", headers={"X-API-Key": key})
+    assert not_modified.status == 304 and not_modified.body == b""
+
+
+def test_body_over_the_cap_is_refused_with_413_before_anything_is_sent(settings_gateway, users_api, upstream, key):
+    from tests.gateway.conftest import InProcessGateway
+
+    settings_gateway(MAX_BODY_BYTES=1000)
+    gateway = InProcessGateway()
+    response = gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"x" * 1001)
+    assert response.status == 413
+    assert response.json()["status"] == 413
+    assert upstream.seen == []
+    assert gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"x" * 1000).status == 200
+
+
+def test_refusing_upstream_gives_502(gateway, acme, bob_app, key):
+    _api(acme, bob_app, f"http://127.0.0.1:{free_port()}", retries=0)
+    response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+    assert response.status == 502
+    assert response.header("Content-Type") == "application/problem+json"
+    assert set(response.json()) >= {"type", "title", "status", "detail", "request_id"}
+
+
+def test_invalid_upstream_response_gives_502(gateway, acme, bob_app, key):
+    with raw_upstream(garbage) as url:
+        _api(acme, bob_app, url)
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 502
+
+
+def test_stalling_upstream_gives_504_within_the_read_timeout_plus_10_percent(gateway, acme, bob_app, key):
+    with raw_upstream(stall) as url:
+        _api(acme, bob_app, url, read_timeout=0.5, total_timeout=5)
+        started = time.monotonic()
+        response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+        elapsed = time.monotonic() - started
+    assert response.status == 504
+    assert 0.5 <= elapsed <= 0.55
+
+
+def test_trickling_upstream_is_cut_at_the_total_deadline_with_504(gateway, acme, bob_app, key):
+    from tests.gateway.upstreams import trickle
+
+    with raw_upstream(trickle) as url:
+        _api(acme, bob_app, url, connect_timeout=0.5, read_timeout=1.0, total_timeout=1.2)
+        started = time.monotonic()
+        response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+        elapsed = time.monotonic() - started
+    assert response.status == 504
+    assert 1.2 <= elapsed <= 1.2 * 1.1
+
+
+def test_connect_failure_is_retried_for_get_but_not_for_post(gateway, acme, bob_app, key):
+    with recording_upstream() as live:
+        dead = f"http://127.0.0.1:{free_port()}"
+        _api(acme, bob_app, dead, retries=2, targets=[(live.url, 1)])
+        statuses = [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(4)]
+        assert statuses == [200, 200, 200, 200]  # the dead target is retried away from, then skipped
+        assert len(live.seen) == 4
+
+
+def test_post_is_not_retried_after_a_connect_failure(gateway, acme, bob_app, key):
+    with recording_upstream() as live:
+        dead = f"http://127.0.0.1:{free_port()}"
+        # Weight the dead target so that the first pick is the dead one.
+        _api(acme, bob_app, dead, retries=3, targets=[(live.url, 1)])
+        first = gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}")
+        assert first.status == 502
+        assert live.seen == []
+
+
+def test_round_robin_follows_weights(gateway, acme, bob_app, key):
+    with recording_upstream() as a, recording_upstream() as b:
+        _api(acme, bob_app, a.url, targets=[(b.url, 2)])
+        for _ in range(9):
+            assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
+        assert (len(a.seen), len(b.seen)) == (3, 6)
+
+
+def test_circuit_breaker_opens_after_the_threshold_and_recovers_through_one_probe(gateway, acme, bob_app, key):
+    with recording_upstream() as flaky:
+        healthy = {"ok": False}
+        flaky.respond = lambda seen: Answer() if healthy["ok"] else Answer(status=503, body=b"down")
+        _api(acme, bob_app, flaky.url, cb_failure_threshold=3, cb_recovery_timeout=0.5)
+        statuses = [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(5)]
+        assert statuses == [503, 503, 503, 503, 503]
+        assert len(flaky.seen) == 3  # the last two never reached the upstream
+        opened = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+        assert opened.json()["type"].endswith("circuit-open") and opened.header("Retry-After") == "1"
+        time.sleep(0.55)
+        # Half-open: one probe fails → open again.
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 503
+        assert len(flaky.seen) == 4
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).json()["type"].endswith("circuit-open")
+        time.sleep(0.55)
+        healthy["ok"] = True
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200  # the probe succeeds
+        assert [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(3)] == [200] * 3
+
+
+def test_usage_event_is_sent_with_the_next_rate_limit_round_trip(gateway, acme, upstream, bob_app, key, redis_client):
+    policy = services.policy_create(tenant=acme, name="p", policy_type="rate_limiting", config={"requests_per_second": 1000}, actor=None)
+    api = publish(acme, upstream.url, policies=[policy])
+    subscribe(bob_app, api)
+    first = gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Request-ID": "usage-req-0001"})
+    assert first.status == 200
+    gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+    entries = redis_client.xrange("usage:events")
+    fields = {k.decode(): v.decode() for k, v in entries[0][1].items()}
+    assert fields["rid"] == "usage-req-0001"
+    assert fields["api"] == api.id and fields["tenant"] == "acme" and fields["consumer"] == bob_app.id
+    assert fields["status"] == "200" and fields["method"] == "GET" and fields["bytes_out"] == "12"
+    assert set(fields) == {"rid", "ts", "tenant", "api", "consumer", "key", "method", "status", "bytes_in", "bytes_out", "latency_ms", "upstream_ms"}
+
+
+def test_refused_requests_produce_usage_events_too(gateway, users_api, redis_client):
+    gateway.get("/api/users/v1/x")
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not redis_client.xlen("usage:events"):
+        time.sleep(0.05)
+    (entry,) = redis_client.xrange("usage:events")
+    assert entry[1][b"status"] == b"401" and entry[1][b"key"] == b""
