@@ -849,10 +849,13 @@ class ApiTokenAdmin(NotFoundAdmin):
 
     def get_form(self, request: HttpRequest, obj: ApiToken | None = None, change: bool = False, **kwargs: Any) -> Any:
         kwargs["form"] = ApiTokenAddForm
-        form = super().get_form(request, obj, change=change, **kwargs)
-        if not selectors.is_platform_staff(request.user):
-            form.base_fields["user"].queryset = form.base_fields["user"].queryset.filter(pk=request.user.pk)
-        return form
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name == "user" and not selectors.is_platform_staff(request.user):
+            field.queryset = field.queryset.filter(pk=request.user.pk)
+        return field
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:

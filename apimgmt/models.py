@@ -17,7 +17,7 @@ from django.utils.timezone import now
 from apimgmt import ids
 
 TENANT_ID_VALIDATOR = RegexValidator(
-    r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$",
+    r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z",
     "Use 1-63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.",
 )
 

@@ -21,9 +21,7 @@ _MAX_SQL_CHARS = 500
 class SlowQueryLogger:
     """A connection.execute_wrapper: times each statement; parameters are never logged (they may be secrets)."""
 
-    def __call__(
-        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
-    ) -> Any:
+    def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
         started = time.perf_counter()
         try:
             return execute(sql, params, many, context)

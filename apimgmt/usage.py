@@ -373,7 +373,7 @@ class UsageFlusher:
                     b.upstream_latency_ms_sum,
                 ]
             cursor.execute(
-                "INSERT INTO am_usage_records (tenant_id, api_id, consumer_id, key_id, \"timestamp\", status_code, "  # noqa: S608
+                'INSERT INTO am_usage_records (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
                 "request_count, error_count, bytes_in, bytes_out, latency_ms_sum, latency_ms_max, "
                 f"upstream_latency_ms_sum) VALUES {values} ON CONFLICT {conflict} DO UPDATE SET "
                 "request_count = am_usage_records.request_count + EXCLUDED.request_count, "

@@ -166,7 +166,7 @@ def main() -> None:
     subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", "CREATE DATABASE apimgmt_bench"],  # noqa: S607
                    capture_output=True, check=False)
     subprocess.run([str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True)
-    setup = subprocess.run([str(VENV_BIN / "python"), "bench/setup_bench.py", upstream], cwd=ROOT, env={**os.environ, **env},
+    setup = subprocess.run([str(VENV_BIN / "python"), "-m", "bench.setup_bench", upstream], cwd=ROOT, env={**os.environ, **env},
                            capture_output=True, text=True, check=True)
     bench_key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
 

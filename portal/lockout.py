@@ -7,18 +7,21 @@ cache (Redis in production, so every worker agrees) does in a few lines. A wrong
 password increments both counters; once either reaches its limit, every attempt —
 even with the right password — is refused until the cool-off has passed. Success
 clears the account's counter, not the IP's, so one good account can't launder an
-address that is guessing others' passwords.
+address that is guessing others' passwords. When the cache is unreachable the
+lockout fails open (logged): passwords are still checked, nobody is locked out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import cache
 
 _PREFIX = "portal:login"
+logger = logging.getLogger("portal")
 
 
 def _account_key(username: str) -> str:
@@ -38,7 +41,12 @@ class LockState:
 
 
 def _count(key: str) -> int:
-    value = cache.get(key)
+    try:
+        value = cache.get(key)
+    except Exception:  # the cache backend's own errors (django-redis raises its ConnectionInterrupted)
+        # Fail open: the password is still checked, and a Redis outage must not lock every developer out.
+        logger.warning("portal lockout counters unavailable; sign-in allowed without lockout", exc_info=True)
+        return 0
     return int(value) if value is not None else 0
 
 
@@ -68,9 +76,15 @@ def _bump(key: str, limit: int) -> None:
 
 
 def record_failure(*, username: str, ip: str) -> None:
-    _bump(_account_key(username), settings.PORTAL_LOGIN_ACCOUNT_FAILURES)
-    _bump(_ip_key(ip), settings.PORTAL_LOGIN_IP_FAILURES)
+    try:
+        _bump(_account_key(username), settings.PORTAL_LOGIN_ACCOUNT_FAILURES)
+        _bump(_ip_key(ip), settings.PORTAL_LOGIN_IP_FAILURES)
+    except Exception:
+        logger.warning("portal lockout counters unavailable; a failed sign-in was not counted", exc_info=True)
 
 
 def record_success(*, username: str) -> None:
-    cache.delete(_account_key(username))
+    try:
+        cache.delete(_account_key(username))
+    except Exception:
+        logger.warning("portal lockout counters unavailable; could not clear an account's failures", exc_info=True)

@@ -40,7 +40,7 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name='Tenant',
             fields=[
-                ('id', models.CharField(max_length=63, primary_key=True, serialize=False, validators=[django.core.validators.RegexValidator('^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$', 'Use 1-63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.')], verbose_name='ID')),
+                ('id', models.CharField(max_length=63, primary_key=True, serialize=False, validators=[django.core.validators.RegexValidator('^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\\Z', 'Use 1-63 lowercase letters, digits and hyphens, not starting or ending with a hyphen.')], verbose_name='ID')),
                 ('name', models.CharField(max_length=200)),
                 ('status', models.CharField(choices=[('active', 'Active'), ('suspended', 'Suspended')], default='active', max_length=16)),
                 ('timezone', models.CharField(default='UTC', help_text='IANA time zone; quota days and months follow it.', max_length=64)),

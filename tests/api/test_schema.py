@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,8 +65,11 @@ def test_swagger_ui_and_redoc_are_served_with_local_assets(client: Client) -> No
         r = client.get(path)
         assert r.status_code == 200
         html = r.content.decode()
-        assert "/static/drf_spectacular_sidecar/" in html
         assert "cdn.jsdelivr" not in html and "unpkg.com" not in html
+        assets = re.findall(r'"(/static/drf_spectacular_sidecar/[^"]+)"', html)
+        assert assets, html
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
 
 
 def _generated_schema() -> dict[str, Any]:

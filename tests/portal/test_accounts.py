@@ -13,7 +13,12 @@ from django.test.utils import override_settings
 from apimgmt.models import Tenant, TenantMembership
 from tests.portal.conftest import link_in_last_mail, path_of
 
-SIGNUP = {"username": "erin", "email": "Erin@Example.com", "password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42"}
+SIGNUP = {
+    "username": "erin",
+    "email": "Erin@Example.com",
+    "password1": "a-long-pass-phrase-42",
+    "password2": "a-long-pass-phrase-42",
+}
 
 
 def _login(client: Client, username: str, password: str, tenant: str = "acme", ip: str = "127.0.0.1") -> int:
@@ -71,7 +76,13 @@ def test_a_tenant_admin_invites_a_developer_who_then_signs_up(alice: User, bob: 
     token = link.split("invite=")[1]
     response = developer.post(
         "/portal/acme/signup/",
-        {"username": "frank", "email": "someone-else@example.com", "password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42", "invite": token},
+        {
+            "username": "frank",
+            "email": "someone-else@example.com",
+            "password1": "a-long-pass-phrase-42",
+            "password2": "a-long-pass-phrase-42",
+            "invite": token,
+        },
     )
     assert response.status_code == 302
     frank = User.objects.get(username="frank")

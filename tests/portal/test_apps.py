@@ -46,7 +46,9 @@ def test_a_developer_creates_renames_and_deletes_an_app(bob_client: Client, bob:
     assert not ApiKey.objects.filter(pk=key.pk).exists() or not ApiKey.objects.get(pk=key.pk).active
 
 
-def test_a_new_key_is_shown_once_and_never_again(bob_client: Client, bob_app: Consumer, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_new_key_is_shown_once_and_never_again(
+    bob_client: Client, bob_app: Consumer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     plaintext, page = _new_key(bob_client, bob_app)
     assert keys.is_well_formed(plaintext)
@@ -79,7 +81,9 @@ def test_rotation_keeps_the_old_key_valid_for_the_chosen_overlap(
     assert listing.count("badge-ok") >= 2 and new.key_prefix in listing and old.key_prefix in listing
 
 
-def test_rotation_rejects_an_overlap_that_is_not_offered(bob_client: Client, bob_app: Consumer, bob_key: tuple[ApiKey, str]) -> None:
+def test_rotation_rejects_an_overlap_that_is_not_offered(
+    bob_client: Client, bob_app: Consumer, bob_key: tuple[ApiKey, str]
+) -> None:
     old = bob_key[0]
     response = bob_client.post(f"/portal/acme/apps/{bob_app.pk}/keys/{old.pk}/rotate/", {"overlap_seconds": "99999999"})
     assert response.status_code == 400
@@ -120,7 +124,7 @@ def test_a_manual_plan_waits_for_an_admin_and_the_developer_sees_the_decision(
 
     services.subscription_approve(subscription=subscription, actor=alice)
     page = bob_client.get(app_page).content
-    assert b"Pending approval" not in page and b"badge-ok\">Active" in page
+    assert b"Pending approval" not in page and b'badge-ok">Active' in page
 
     services.subscription_cancel(subscription=subscription, actor=alice)
     bob_client.post(f"/portal/acme/apis/{acme_api.pk}/subscribe/", {"app": bob_app.pk, "plan": gold_plan.pk})

@@ -52,7 +52,15 @@ def test_a_developer_never_sees_another_developers_apps_or_keys(
     listing = client.get("/portal/acme/apps/")
     assert listing.status_code == 200 and b"bob-app" not in listing.content
     base = f"/portal/acme/apps/{bob_app.pk}"
-    for path in ("/", "/edit/", "/usage/", "/keys/new/", f"/keys/{key.pk}/rotate/", f"/keys/{key.pk}/revoke/", "/delete/"):
+    for path in (
+        "/",
+        "/edit/",
+        "/usage/",
+        "/keys/new/",
+        f"/keys/{key.pk}/rotate/",
+        f"/keys/{key.pk}/revoke/",
+        "/delete/",
+    ):
         assert client.get(base + path).status_code == 404, path
     for path in (f"/keys/{key.pk}/revoke/", "/delete/", "/keys/new/", "/edit/"):
         assert client.post(base + path, {"name": "mine now"}).status_code == 404, path
@@ -64,8 +72,12 @@ def test_another_tenants_portal_shows_nothing_of_this_tenant(
     bob: User, bob_app: Consumer, acme_api: Api, globex: Tenant, carol: User
 ) -> None:
     services.api_create(
-        tenant=globex, api_name="globex-orders", base_path="/globex/orders", upstream_url="https://o.example.com",
-        status="active", actor=None,
+        tenant=globex,
+        api_name="globex-orders",
+        base_path="/globex/orders",
+        upstream_url="https://o.example.com",
+        status="active",
+        actor=None,
     )
     client = Client()
     client.force_login(bob)
@@ -94,8 +106,13 @@ def test_a_viewer_can_read_but_not_create_apps(vera: User) -> None:
 def test_the_catalog_lists_public_active_and_deprecated_apis_only(acme: Tenant) -> None:
     def api(name: str, status: str, visibility: str = "public") -> Api:
         return services.api_create(
-            tenant=acme, api_name=name, base_path=f"/{name}", upstream_url="https://u.example.com",
-            status=status, visibility=visibility, actor=None,
+            tenant=acme,
+            api_name=name,
+            base_path=f"/{name}",
+            upstream_url="https://u.example.com",
+            status=status,
+            visibility=visibility,
+            actor=None,
         )
 
     api("live", "active")

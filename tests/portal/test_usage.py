@@ -21,8 +21,14 @@ from tests.support.servers import wsgi_server
 def _record(app: Consumer, api_id: str, minutes_ago: int, status: int, count: int, errors: int = 0) -> None:
     bucket = (timezone.now() - timedelta(minutes=minutes_ago)).replace(second=0, microsecond=0)
     UsageRecord.objects.create(
-        tenant_id=app.tenant_id, api_id=api_id, consumer_id=app.pk, key_id="key_x", timestamp=bucket,
-        status_code=status, request_count=count, error_count=errors,
+        tenant_id=app.tenant_id,
+        api_id=api_id,
+        consumer_id=app.pk,
+        key_id="key_x",
+        timestamp=bucket,
+        status_code=status,
+        request_count=count,
+        error_count=errors,
     )
 
 
@@ -47,7 +53,9 @@ def test_usage_shows_requests_errors_and_429s_per_hour_and_day(
     assert 'data-testid="requests-24h">50<' in filtered.content.decode()
 
 
-def test_usage_of_an_api_the_app_never_subscribed_is_not_found(bob_client: Client, bob_app: Consumer, acme_api: Api) -> None:
+def test_usage_of_an_api_the_app_never_subscribed_is_not_found(
+    bob_client: Client, bob_app: Consumer, acme_api: Api
+) -> None:
     assert bob_client.get(f"/portal/acme/apps/{bob_app.pk}/usage/?api={acme_api.pk}").status_code == 404
 
 
@@ -65,21 +73,39 @@ def echo_url() -> Iterator[str]:
 @pytest.mark.django_db
 @pytest.mark.parametrize("window_type", ["fixed", "sliding"])
 def test_quota_left_matches_what_the_gateway_counted(
-    window_type: str, acme: Tenant, bob: User, bob_client: Client, bob_app: Consumer, bob_key: tuple[ApiKey, str],
-    echo_url: str, settings: Any,
+    window_type: str,
+    acme: Tenant,
+    bob: User,
+    bob_client: Client,
+    bob_app: Consumer,
+    bob_key: tuple[ApiKey, str],
+    echo_url: str,
+    settings: Any,
 ) -> None:
     settings.UPSTREAM_ALLOW_PRIVATE = True
     limit = services.policy_create(
-        tenant=acme, name="per-minute", policy_type="rate_limiting", actor=None,
+        tenant=acme,
+        name="per-minute",
+        policy_type="rate_limiting",
+        actor=None,
         config={"requests_per_minute": 10, "key_extraction": "consumer_id", "window_type": window_type},
     )
     daily = services.policy_create(
-        tenant=acme, name="daily", policy_type="quota", actor=None, config={"requests_per_day": 100},
+        tenant=acme,
+        name="daily",
+        policy_type="quota",
+        actor=None,
+        config={"requests_per_day": 100},
     )
     plan = services.plan_create(tenant=acme, name="Starter", policies=[daily], actor=None)
     api = services.api_create(
-        tenant=acme, api_name="echo", base_path="/echo", upstream_url=echo_url, status="active",
-        policies=[limit], actor=None,
+        tenant=acme,
+        api_name="echo",
+        base_path="/echo",
+        upstream_url=echo_url,
+        status="active",
+        policies=[limit],
+        actor=None,
     )
     services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=bob)
     gateway = InProcessGateway()
@@ -88,5 +114,5 @@ def test_quota_left_matches_what_the_gateway_counted(
         assert response.status == 200, response.body
 
     page = bob_client.get(f"/portal/acme/apps/{bob_app.pk}/usage/?api={api.pk}").content.decode()
-    assert 'aria-label="7 of 10 left"' in page, page[page.find("quota-h"):][:3000]
+    assert 'aria-label="7 of 10 left"' in page, page[page.find("quota-h") :][:3000]
     assert 'aria-label="97 of 100 left"' in page

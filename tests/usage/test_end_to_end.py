@@ -19,11 +19,10 @@ import requests
 from django.db import connection
 from django.db.models import Sum
 
-from apimgmt import echo, services
-from apimgmt.models import Api, ApiKey, Consumer, Tenant, UsageEventSeen, UsageRecord
+from apimgmt.models import ApiKey, Consumer, Tenant, UsageEventSeen, UsageRecord
 from apimgmt.usage import UsageFlusher, flusher_redis
+from tests.support import deployment as deployment_support
 from tests.support.faults import RedisServer, redis_server
-from tests.support.servers import gunicorn, wsgi_server
 from tests.usage.helpers import ROOT, pending_count, stored_total, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -55,13 +54,8 @@ class Traffic:
 
 
 @dataclass
-class Deployment:
-    base: str
-    redis: RedisServer
-    env: dict[str, str]
-    api: Api
-    key_id: str
-    key: str
+class Deployment(deployment_support.Deployment):
+    redis: RedisServer = field(default=None)  # type: ignore[assignment]
 
 
 @pytest.fixture
@@ -69,32 +63,16 @@ def deployment(
     live_env: dict[str, str], acme: Tenant, bob_app: Consumer, tmp_path: Path, settings: object
 ) -> Iterator[Deployment]:
     settings.UPSTREAM_ALLOW_PRIVATE = True  # type: ignore[attr-defined]
-    with redis_server(persistent=True) as server, wsgi_server(echo.app) as upstream:
-        api = services.api_create(
-            tenant=acme, api_name="echo", base_path="/echo/v1", upstream_url=upstream, status="active", actor=None
-        )
-        services.subscription_request(consumer=bob_app, api=api, actor=None)
-        key, plaintext = services.api_key_create(consumer=bob_app, name="e2e", actor=None)
-        env = {
-            **live_env,
-            "REDIS_URL": server.url,
-            "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
-        }
-        with gunicorn(env, workers=2) as base:
-            assert wait_until(lambda: _ready(base), 15), "gateway never became ready"
-            yield Deployment(base, server, env, api, key.key_id, plaintext)
+    with redis_server(persistent=True) as server:
+        env = {**live_env, "REDIS_URL": server.url}
+        with deployment_support.deployed_gateway(env, acme, bob_app, tmp_path) as deployed:
+            yield Deployment(deployed.base, deployed.env, deployed.api, deployed.key_id, deployed.key, redis=server)
 
 
-def _ready(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/ready", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _flush_until(deployment: Deployment, expected: int, timeout: float = 20.0) -> None:
-    flusher = UsageFlusher(client=flusher_redis(deployment.redis.url, block_ms=100), consumer="e2e")
+def _flush_until(
+    deployment: Deployment, expected: int, timeout: float = 20.0, flusher: UsageFlusher | None = None
+) -> None:
+    flusher = flusher or UsageFlusher(client=flusher_redis(deployment.redis.url, block_ms=100), consumer="e2e")
 
     def done() -> bool:
         flusher.drain()
@@ -180,13 +158,13 @@ def test_flusher_database_connection_killed_mid_batch(deployment: Deployment) ->
             killer.execute("SELECT pg_terminate_backend(%s)", [pid])
 
     flusher.before_commit = kill_my_backend
-    with pytest.raises(Exception, match="(?i)terminat|closed|connection"):
+    with pytest.raises(Exception, match=r"(?i)terminat|closed|connection"):
         flusher.flush_once()
     connection.close()
     assert stored_total() == 0 and pending_count(deployment.redis.client()) == 60
 
-    flusher.before_commit = None
-    _flush_until(deployment, traffic.total)
+    flusher.before_commit = None  # the same flusher (same consumer name) goes on with a new connection
+    _flush_until(deployment, traffic.total, flusher=flusher)
     _assert_stored_equals_emitted(deployment, traffic)
 
 

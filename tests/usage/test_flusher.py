@@ -85,7 +85,7 @@ def test_a_replayed_event_is_not_counted_twice(flusher: UsageFlusher, redis_clie
     emit(redis_client, events)
     flusher.drain()
     # A spool replay (or a gateway retry) writes the same request ids again, as new stream entries.
-    emit(redis_client, events[:20] + [events[0]])
+    emit(redis_client, [*events[:20], events[0]])
 
     stats = flusher.drain()
 

@@ -189,9 +189,7 @@ def test_redis_paused_for_five_seconds_mid_run(
     assert "usage flush failed, retrying" in (tmp_path / "flusher.log").read_text(), "the flusher noticed the pause"
 
 
-def test_redis_restarted_with_persistence_loses_nothing(
-    live_env: dict[str, str], acme: Tenant, tmp_path: Path
-) -> None:
+def test_redis_restarted_with_persistence_loses_nothing(live_env: dict[str, str], acme: Tenant, tmp_path: Path) -> None:
     with redis_server(persistent=True) as server:
         env = {**live_env, "REDIS_URL": server.url}
         first, second = mixed_events(1500), mixed_events(300)

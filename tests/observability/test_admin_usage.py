@@ -1,0 +1,70 @@
+"""The admin's per-tenant usage overview: the last 24 h of requests, error rate, 429s, top APIs and consumers."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.utils.timezone import now
+
+from apimgmt.models import Api, Consumer, Tenant, UsageRecord
+
+pytestmark = pytest.mark.urls("tests.observability.admin_usage_urls")
+
+
+def _record(tenant: Tenant, *, api: str, consumer: str, status: int, count: int, ago: timedelta) -> None:
+    minute = (now() - ago).replace(second=0, microsecond=0)
+    UsageRecord.objects.create(
+        tenant=tenant,
+        api_id=api,
+        consumer_id=consumer,
+        key_id="",
+        timestamp=minute,
+        status_code=status,
+        request_count=count,
+        error_count=count if status >= 500 else 0,
+    )
+
+
+@pytest.fixture
+def traffic(acme: Tenant, globex: Tenant, acme_api: Api, bob_app: Consumer) -> None:
+    _record(acme, api=acme_api.id, consumer=bob_app.id, status=200, count=700, ago=timedelta(hours=1))
+    _record(acme, api=acme_api.id, consumer=bob_app.id, status=502, count=100, ago=timedelta(hours=2))
+    _record(acme, api="api_other", consumer="con_other", status=429, count=200, ago=timedelta(minutes=5))
+    _record(acme, api=acme_api.id, consumer=bob_app.id, status=200, count=5000, ago=timedelta(hours=30))  # too old
+    _record(globex, api="api_globex", consumer="con_globex", status=200, count=999, ago=timedelta(hours=1))
+
+
+def test_staff_see_a_tenants_last_24_hours(client: Client, staff: User, traffic: None, acme_api: Api) -> None:
+    client.force_login(staff)
+    page = client.get("/admin/apimgmt/tenant/acme/usage/").content.decode()
+
+    assert re.search(r'class="usage-requests">1000<', page)
+    assert re.search(r'class="usage-error-rate">10.0 %<', page)
+    assert re.search(r'class="usage-rate-limited">200<', page)
+    top_apis = page.split('class="usage-top-apis"')[1].split("</table>")[0]
+    assert top_apis.index(acme_api.api_name) < top_apis.index("api_other"), "busiest first"
+    assert "bob-app" in page.split('class="usage-top-consumers"')[1]
+    assert "api_globex" not in page and "999" not in page, "another tenant's traffic is not shown"
+    assert page.count("<rect ") == 48, "24 hourly bars, each with its error overlay"
+
+
+def test_a_tenant_without_traffic_gets_an_empty_overview(client: Client, staff: User, acme: Tenant) -> None:
+    client.force_login(staff)
+    response = client.get("/admin/apimgmt/tenant/acme/usage/")
+    assert response.status_code == 200
+    assert "No traffic in the last 24 hours." in response.content.decode()
+
+
+def test_unknown_tenant_is_404(client: Client, staff: User) -> None:
+    client.force_login(staff)
+    assert client.get("/admin/apimgmt/tenant/nope/usage/").status_code == 404
+
+
+def test_only_platform_staff_may_see_it(client: Client, alice: User, traffic: None) -> None:
+    client.force_login(alice)  # a tenant admin, not platform staff
+    response = client.get("/admin/apimgmt/tenant/acme/usage/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
