@@ -854,7 +854,7 @@ class ApiTokenAdmin(NotFoundAdmin):
 
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "user" and not selectors.is_platform_staff(request.user):
-            kwargs["queryset"] = User.objects.filter(pk=request.user.pk)
+            kwargs["queryset"] = User.objects.filter(pk=request.user.pk or 0)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:

@@ -225,7 +225,8 @@ def main() -> None:
     out = out_dir / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {out.relative_to(ROOT)}")
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not os.environ.get("BENCH_KEEP"):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
