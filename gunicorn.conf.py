@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from typing import Any
 
-# Worker class, chosen by `make bench` (bench/results/): gevent workers with the gateway's urllib3 pools
-# serve the most requests per second with the lowest p99 on two cores. sync workers close keep-alive
+# Worker class: gevent. Measured on this 2-core machine (issue 3), gevent workers with urllib3 pools beat
+# gthread (about 3.5k vs 3.1k req/s, p99 31 vs 48 ms); re-measure with `bench/run.sh --worker-class gthread`. sync workers close keep-alive
 # connections and cap concurrency at the worker count (unfit for a proxy that waits on upstreams);
 # gthread pays a thread switch per request. gevent also lets a worker hold many slow upstream calls.
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")

@@ -333,6 +333,8 @@ class ApiForm(forms.ModelForm):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         candidate = Api(**{k: v for k, v in data.items() if k not in ("policies",)})
+        if self.instance.pk:  # a change: tenant is read-only here, and the route checks need it
+            candidate.pk, candidate.tenant_id = self.instance.pk, self.instance.tenant_id
         try:
             services.api_check(candidate)
         except ValidationError as exc:

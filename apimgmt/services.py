@@ -345,6 +345,45 @@ def api_check(api: Api) -> None:
         raise ValidationError(errors)
     if api.total_timeout < api.connect_timeout:
         raise ValidationError({"total_timeout": "total_timeout must be at least connect_timeout."})
+    if api.tenant_id:
+        _check_route_not_captured(api)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _check_route_not_captured(api: Api) -> None:
+    """Refuse a route that would take requests now answered by another tenant's API.
+
+    The gateway prefers a host-bound route to a host-less one and a longer base_path to a
+    shorter one, so without this a tenant could publish /their/base_path/x (or bind the shared
+    host to the same path) and receive another tenant's consumers' traffic.
+    """
+    live = Api.objects.exclude(status=Api.Status.RETIRED).filter(host__in={"", api.host})
+    if api.pk:
+        live = live.exclude(pk=api.pk)
+    routes = list(live.values_list("tenant_id", "host", "base_path"))
+    if any(h == api.host and path == api.base_path for _tenant, h, path in routes):
+        return  # the exact route is taken: the unique constraint says so in its own words
+    # Who answers api.base_path now: the longest route on the same host, else the longest host-less one.
+    for host in dict.fromkeys([api.host, ""]):
+        above = [(len(path), tenant) for tenant, h, path in routes if h == host and _under(api.base_path, path)]
+        if above:
+            captured = max(above)[1] != api.tenant_id
+            break
+    else:
+        captured = False
+    # Bound to a host, it also wins over host-less routes below it.
+    if api.host:
+        captured = captured or any(
+            tenant != api.tenant_id and not h and _under(path, api.base_path) for tenant, h, path in routes
+        )
+    if captured:
+        # The other tenant's path is not named: it may belong to an unpublished API.
+        raise ValidationError(
+            {"base_path": f"base_path {api.base_path!r} overlaps another tenant's route; choose another."}
+        )
 
 
 def _validate_targets(targets: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -12,8 +12,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apimgmt.settings")
 application = get_wsgi_application()
 
 if settings.APIMGMT_ROLE in ("all", "gateway"):
-    # API traffic is answered before Django builds a request (the benchmark showed Django's request path
-    # to be the largest cost per request); every other path reaches Django unchanged.
+    # API traffic is answered before Django builds a request (Django + gunicorn alone cost about 155 µs of
+    # CPU per request, measured for issue 3); every other path reaches Django unchanged.
     from gateway.wsgi import GatewayApplication
 
     application = GatewayApplication(application)  # type: ignore[assignment]

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -43,7 +44,7 @@ def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 3
     while time.monotonic() < deadline:
         try:
             req = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except Exception:
@@ -52,9 +53,13 @@ def wait_for(url: str, headers: dict[str, str] | None = None, timeout: float = 3
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield proc
     finally:
@@ -115,7 +120,7 @@ def wrk(url: str, connections: int, duration: int, headers: dict[str, str]) -> d
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout  # noqa: S603
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     latency = {m.group(1): _ms(m.group(2), m.group(3)) for m in _LATENCY.finditer(out)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -156,18 +161,36 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-"))
     upstream_port, proxy_port, naive_port, gateway_port = (free_port() for _ in range(4))
     upstream = f"http://127.0.0.1:{upstream_port}"
-    env = {"DEBUG": "0", "SECRET_KEY": "bench-secret-key-" + "x" * 40, "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
-           "ALLOWED_HOSTS": "*", "UPSTREAM_ALLOW_PRIVATE": "1", "USAGE_SPOOL_DIR": str(workdir / "spool"),
-           "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"), "LOG_LEVEL": "INFO"}
+    env = {
+        "DEBUG": "0",
+        "SECRET_KEY": "bench-secret-key-" + "x" * 40,
+        "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
+        "ALLOWED_HOSTS": "*",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
+        "USAGE_SPOOL_DIR": str(workdir / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"),
+        "LOG_LEVEL": "INFO",
+    }
     (workdir / "prom").mkdir()
     if options.worker_class:
         env["GUNICORN_WORKER_CLASS"] = options.worker_class
 
-    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", "CREATE DATABASE apimgmt_bench"],  # noqa: S607
-                   capture_output=True, check=False)
-    subprocess.run([str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True)
-    setup = subprocess.run([str(VENV_BIN / "python"), "-m", "bench.setup_bench", upstream], cwd=ROOT, env={**os.environ, **env},
-                           capture_output=True, text=True, check=True)
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", "CREATE DATABASE apimgmt_bench"],
+        capture_output=True,
+        check=False,
+    )
+    subprocess.run(
+        [str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True
+    )
+    setup = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "bench.setup_bench", upstream],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     bench_key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
 
     results: dict[str, Any] = {}
@@ -181,18 +204,46 @@ def main() -> None:
     gunicorn = str(VENV_BIN / "gunicorn")
     with (
         process([NGINX, "-c", str(conf), "-p", str(workdir)]),
-        process([gunicorn, "bench.naive_proxy:application", "--bind", f"127.0.0.1:{naive_port}", "--workers", "2",
-                 "--worker-class", "gthread", "--threads", "8"], env={"NAIVE_UPSTREAM": upstream}),
-        process([gunicorn, "apimgmt.wsgi:application", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{gateway_port}",
-                 "--workers", "2"], env=env, log=workdir / "gateway.log") as gateway_proc,
+        process(
+            [
+                gunicorn,
+                "bench.naive_proxy:application",
+                "--bind",
+                f"127.0.0.1:{naive_port}",
+                "--workers",
+                "2",
+                "--worker-class",
+                "gthread",
+                "--threads",
+                "8",
+            ],
+            env={"NAIVE_UPSTREAM": upstream},
+        ),
+        process(
+            [
+                gunicorn,
+                "apimgmt.wsgi:application",
+                "--config",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{gateway_port}",
+                "--workers",
+                "2",
+            ],
+            env=env,
+            log=workdir / "gateway.log",
+        ) as gateway_proc,
     ):
-        for name, (url, headers) in targets.items():
+        for url, headers in targets.values():
             wait_for(url, headers)
         for name, (url, headers) in targets.items():
             if only and name not in only:
                 continue
             wrk(url, 64, 2, headers)  # warm-up: pools, caches, JIT-free but page-cache warm
-            results[name] = {"c64": wrk(url, 64, options.duration, headers), "c1": wrk(url, 1, options.duration, headers)}
+            results[name] = {
+                "c64": wrk(url, 64, options.duration, headers),
+                "c1": wrk(url, 1, options.duration, headers),
+            }
             print(f"  measured {name}", file=sys.stderr)
         gateway_rss = rss_mib(gateway_proc.pid)
 
@@ -207,15 +258,21 @@ def main() -> None:
     if "gateway" in results and "naive" in results:
         report["gateway_vs_naive_rps_c64"] = round(results["gateway"]["c64"]["rps"] / results["naive"]["c64"]["rps"], 2)
     if "gateway" in results and "direct" in results:
-        report["gateway_added_p50_ms_c1"] = round(results["gateway"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"], 3)
+        report["gateway_added_p50_ms_c1"] = round(
+            results["gateway"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"], 3
+        )
 
-    print(f"\n{'target':10} {'conns':>5} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>7} {'errors':>7} {'vs naive':>9}")
+    print(
+        f"\n{'target':10} {'conns':>5} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>7} {'errors':>7} {'vs naive':>9}"
+    )
     for name, by_conns in results.items():
         for conns, row in by_conns.items():
             base = results.get("naive", {}).get(conns, {}).get("rps")
             ratio = f"{row['rps'] / base:.2f}x" if base else "-"
-            print(f"{name:10} {conns[1:]:>5} {row['rps']:>10.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
-                  f"{row['non_2xx']:>7} {row['socket_errors']:>7} {ratio:>9}")
+            print(
+                f"{name:10} {conns[1:]:>5} {row['rps']:>10.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
+                f"{row['non_2xx']:>7} {row['socket_errors']:>7} {ratio:>9}"
+            )
     for key in ("gateway_vs_naive_rps_c64", "gateway_added_p50_ms_c1"):
         if key in report:
             print(f"{key}: {report[key]}")

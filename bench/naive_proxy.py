@@ -31,7 +31,9 @@ def _session() -> requests.Session:
 
 def forward(request: HttpRequest, path: str) -> HttpResponse:
     upstream = _session().get(UPSTREAM + "/" + path, params=request.GET, timeout=10, allow_redirects=False)
-    return HttpResponse(upstream.content, status=upstream.status_code, content_type=upstream.headers.get("Content-Type"))
+    return HttpResponse(
+        upstream.content, status=upstream.status_code, content_type=upstream.headers.get("Content-Type")
+    )
 
 
 urlpatterns = [re_path(r"^(?P<path>.*)$", forward)]
@@ -39,7 +41,7 @@ urlpatterns = [re_path(r"^(?P<path>.*)$", forward)]
 if not settings.configured:
     settings.configure(
         DEBUG=False,
-        SECRET_KEY="bench-only-not-secret",  # noqa: S106
+        SECRET_KEY="bench-only-not-secret",
         ALLOWED_HOSTS=["*"],
         ROOT_URLCONF=__name__,
         MIDDLEWARE=[

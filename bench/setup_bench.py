@@ -26,7 +26,13 @@ def main(upstream: str) -> None:
     )
     Api.objects.filter(tenant=tenant).delete()
     api = services.api_create(
-        tenant=tenant, api_name="bench", base_path="/bench", upstream_url=upstream, status="active", policies=[policy], actor=None
+        tenant=tenant,
+        api_name="bench",
+        base_path="/bench",
+        upstream_url=upstream,
+        status="active",
+        policies=[policy],
+        actor=None,
     )
     consumer = services.consumer_create(tenant=tenant, name=f"bench-{api.id}", actor=None)
     services.subscription_request(consumer=consumer, api=api, actor=None)

@@ -117,6 +117,9 @@ class Gateway:
         self.max_body = int(settings.GATEWAY["MAX_BODY_BYTES"])
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.GATEWAY["TRUSTED_PROXIES"]]
         self.started = False
+        # Metric children by label values: labels() costs a lock and a dict build per call.
+        self._counters: dict[tuple[str, str, str, str], Any] = {}
+        self._histograms: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -515,11 +518,19 @@ class Gateway:
         tenant = route.tenant_id if route else ""
         api = route.api_id if route else metrics.UNMATCHED
         status = str(done.status)
-        metrics.requests_total.labels(tenant, api, done.method, status).inc()
-        metrics.request_duration.labels(tenant, api).observe(duration)
+        counter = self._counters.get((tenant, api, done.method, status))
+        if counter is None:
+            counter = metrics.requests_total.labels(tenant, api, done.method, status)
+            self._counters[(tenant, api, done.method, status)] = counter
+        counter.inc()
+        histograms = self._histograms.get((tenant, api))
+        if histograms is None:
+            histograms = (metrics.request_duration.labels(tenant, api), metrics.upstream_duration.labels(tenant, api))
+            self._histograms[(tenant, api)] = histograms
+        histograms[0].observe(duration)
         upstream_ms = ""
         if done.upstream_s is not None:
-            metrics.upstream_duration.labels(tenant, api).observe(done.upstream_s)
+            histograms[1].observe(done.upstream_s)
             upstream_ms = f"{done.upstream_s * 1000:.3f}"
         record = done.record
         access_logger.info(

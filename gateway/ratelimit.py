@@ -168,9 +168,18 @@ def parse_result(windows: list[Window], raw: list[int]) -> tuple[bool, list[Wind
     return bool(raw[0]), results
 
 
+_SF_NAMES: dict[tuple[str, str], str] = {}
+
+
 def _sf_name(policy: PolicySpec, label: str) -> str:
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in policy.name)
-    return f'"{name}.{label}"'
+    """The policy's name as a structured-field string (quoted, only safe characters), cached."""
+    cached = _SF_NAMES.get((policy.name, label))
+    if cached is None:
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in policy.name)
+        cached = f'"{name}.{label}"'
+        if len(_SF_NAMES) < 10_000:
+            _SF_NAMES[(policy.name, label)] = cached
+    return cached
 
 
 def rate_limit_headers(results: list[WindowResult]) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apimgmt import services
+from apimgmt.middleware import client_ip
 from apimgmt.models import TenantMembership
 from portal import lockout, tokens
 from portal.access import Portal, page, portal_page, resolve_portal
@@ -27,8 +28,9 @@ logger = logging.getLogger("portal")
 
 
 def _client_ip(request: HttpRequest) -> str:
-    # REMOTE_ADDR is the peer gunicorn saw; a trusted proxy in front must set it (e.g. via a PROXY protocol).
-    return str(request.META.get("REMOTE_ADDR") or "unknown")
+    # Behind a load balancer REMOTE_ADDR is the balancer: one counter for everyone would let 20 wrong
+    # passwords lock the whole portal. client_ip honours X-Forwarded-For from GATEWAY TRUSTED_PROXIES only.
+    return client_ip(request) or "unknown"
 
 
 def _send(request: HttpRequest, portal: Portal, *, to: str, template: str, context: dict[str, Any]) -> None:

@@ -494,7 +494,11 @@ class SubscriptionViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin):
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = self.validated(s.SubscriptionSerializer)
         consumer = self.consumer_for_write(data["consumer_id"])
-        api = Api.objects.filter(pk=data["api_id"], tenant_id=consumer.tenant_id).first()
+        apis = Api.objects.filter(pk=data["api_id"], tenant_id=consumer.tenant_id)
+        if not is_platform_staff(self.actor) and roles_of(self.actor).get(consumer.tenant_id) != "admin":
+            # Developers subscribe to what the portal lists; a private API is for admins to hand out.
+            apis = apis.filter(visibility=Api.Visibility.PUBLIC)
+        api = apis.first()
         if api is None:
             raise exceptions.ValidationError(
                 {"api_id": [f"Unknown API {data['api_id']!r} for this consumer's tenant."]}

@@ -41,7 +41,9 @@ def test_auth_table(gateway, acme, globex, upstream, bob_app, bob, key, django_a
     expiring_row, expired_key = services.api_key_create(
         consumer=bob_app, actor=None, expires_at=timezone.now() + datetime.timedelta(seconds=1)
     )
-    type(expiring_row).objects.filter(pk=expiring_row.pk).update(expires_at=timezone.now() - datetime.timedelta(seconds=1))
+    type(expiring_row).objects.filter(pk=expiring_row.pk).update(
+        expires_at=timezone.now() - datetime.timedelta(seconds=1)
+    )
     blocked_app = services.consumer_create(tenant=acme, name="blocked", actor=None)
     subscribe(blocked_app, api)
     _, blocked_key = services.api_key_create(consumer=blocked_app, actor=None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,12 @@ GIB = 1024**3
 
 @pytest.fixture
 def live_gateway(live_env, tmp_path) -> Iterator[str]:
-    env = {**live_env, "GATEWAY_CONFIG_POLL_SECONDS": "0.2", "USAGE_SPOOL_DIR": str(tmp_path / "spool"), "GATEWAY_WORKERS": "2"}
+    env = {
+        **live_env,
+        "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "GATEWAY_WORKERS": "2",
+    }
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
     with gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as url:
         yield url
@@ -43,10 +47,7 @@ def _until(predicate, timeout: float) -> float:
 
 def _all_workers(session: requests.Session, url: str, headers: dict[str, str], want: int, n: int = 12) -> bool:
     """True when n requests in a row (spread over both workers by fresh connections) all answer ``want``."""
-    for _ in range(n):
-        if requests.get(url, headers=headers, timeout=5).status_code != want:
-            return False
-    return True
+    return all(requests.get(url, headers=headers, timeout=5).status_code == want for _ in range(n))
 
 
 def test_revocation_and_api_changes_reach_every_worker_within_one_second(live_gateway, acme, bob_app, bob_key):
@@ -72,7 +73,9 @@ def test_revocation_and_api_changes_reach_every_worker_within_one_second(live_ga
 def test_limit_of_100_admits_exactly_100_across_two_gunicorn_workers(live_gateway, acme, bob_app, bob_key):
     _, key = bob_key
     with recording_upstream() as upstream:
-        policy = services.policy_create(tenant=acme, name="q", policy_type="quota", config={"requests_per_day": 100}, actor=None)
+        policy = services.policy_create(
+            tenant=acme, name="q", policy_type="quota", config={"requests_per_day": 100}, actor=None
+        )
         api = publish(acme, upstream.url, policies=[policy])
         subscribe(bob_app, api)
         url = live_gateway + "/api/users/v1/x"
@@ -164,7 +167,12 @@ def test_one_gib_streams_both_ways_without_growing_worker_memory(live_gateway, a
         subscribe(bob_app, api)
         url = live_gateway + "/api/users/v1/big"
         headers = {"X-API-Key": key}
-        _until(lambda: requests.get(live_gateway + "/api/users/v1/small", headers=headers, timeout=5).status_code in (200, 501), 10)
+        _until(
+            lambda: (
+                requests.get(live_gateway + "/api/users/v1/small", headers=headers, timeout=5).status_code in (200, 501)
+            ),
+            10,
+        )
         port = int(live_gateway.rsplit(":", 1)[1])
         pids = _worker_pids(port)
         assert len(pids) == 2

@@ -18,8 +18,15 @@ def _api(acme, bob_app, url, **options):
 
 def test_hop_by_hop_headers_are_dropped_both_ways(gateway, users_api, upstream, key):
     upstream.respond = lambda seen: Answer(
-        headers=[("Connection", "close, X-Upstream-Secret"), ("X-Upstream-Secret", "s"), ("Keep-Alive", "timeout=5"),
-                 ("Proxy-Authenticate", "Basic"), ("Trailer", "X"), ("Upgrade", "h2c"), ("X-Kept", "yes")],
+        headers=[
+            ("Connection", "close, X-Upstream-Secret"),
+            ("X-Upstream-Secret", "s"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Trailer", "X"),
+            ("Upgrade", "h2c"),
+            ("X-Kept", "yes"),
+        ],
     )
     response = gateway.get(
         "/api/users/v1/x",
@@ -50,7 +57,12 @@ def test_hop_by_hop_headers_are_dropped_both_ways(gateway, users_api, upstream, 
 def test_forwarded_headers_request_id_consumer_and_tenant_are_set(gateway, users_api, upstream, key, bob_app):
     response = gateway.get(
         "/api/users/v1/x?b=2&a=1&a=3",
-        headers={"X-API-Key": key, "X-Forwarded-For": "6.6.6.6", "X-Consumer-ID": "spoofed", "X-Request-ID": "req-12345678"},
+        headers={
+            "X-API-Key": key,
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Consumer-ID": "spoofed",
+            "X-Request-ID": "req-12345678",
+        },
         remote_addr="10.1.2.3",
         host="gw.example.com",
     )
@@ -73,17 +85,26 @@ def test_client_ip_comes_from_forwarded_for_only_through_trusted_proxies(setting
 
     settings_gateway(TRUSTED_PROXIES=["10.0.0.0/8"])
     gateway = InProcessGateway()
-    gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Forwarded-For": "1.2.3.4, 10.0.0.7"}, remote_addr="10.0.0.9")
+    gateway.get(
+        "/api/users/v1/x", headers={"X-API-Key": key, "X-Forwarded-For": "1.2.3.4, 10.0.0.7"}, remote_addr="10.0.0.9"
+    )
     assert upstream.seen[0].headers["x-forwarded-for"] == "1.2.3.4, 10.0.0.7, 10.0.0.9"
 
 
 def test_status_headers_several_set_cookies_and_body_come_back_exactly(gateway, users_api, upstream, key):
     upstream.respond = lambda seen: Answer(
         status=201,
-        headers=[("Content-Type", "text/plain"), ("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly"), ("Content-Encoding", "gzip")],
+        headers=[
+            ("Content-Type", "text/plain"),
+            ("Set-Cookie", "a=1; Path=/"),
+            ("Set-Cookie", "b=2; HttpOnly"),
+            ("Content-Encoding", "gzip"),
+        ],
         body=b"\x1f\x8b raw bytes",
     )
-    response = gateway.request("POST", "/api/users/v1/items", headers={"X-API-Key": key, "Content-Type": "application/json"}, body=b'{"n": 1}')
+    response = gateway.request(
+        "POST", "/api/users/v1/items", headers={"X-API-Key": key, "Content-Type": "application/json"}, body=b'{"n": 1}'
+    )
     assert response.status == 201
     assert response.header_all("Set-Cookie") == ["a=1; Path=/", "b=2; HttpOnly"]
     assert response.body == b"\x1f\x8b raw bytes"
@@ -198,7 +219,9 @@ def test_circuit_breaker_opens_after_the_threshold_and_recovers_through_one_prob
 
 
 def test_usage_event_is_sent_with_the_next_rate_limit_round_trip(gateway, acme, upstream, bob_app, key, redis_client):
-    policy = services.policy_create(tenant=acme, name="p", policy_type="rate_limiting", config={"requests_per_second": 1000}, actor=None)
+    policy = services.policy_create(
+        tenant=acme, name="p", policy_type="rate_limiting", config={"requests_per_second": 1000}, actor=None
+    )
     api = publish(acme, upstream.url, policies=[policy])
     subscribe(bob_app, api)
     first = gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Request-ID": "usage-req-0001"})
@@ -209,7 +232,20 @@ def test_usage_event_is_sent_with_the_next_rate_limit_round_trip(gateway, acme, 
     assert fields["rid"] == "usage-req-0001"
     assert fields["api"] == api.id and fields["tenant"] == "acme" and fields["consumer"] == bob_app.id
     assert fields["status"] == "200" and fields["method"] == "GET" and fields["bytes_out"] == "12"
-    assert set(fields) == {"rid", "ts", "tenant", "api", "consumer", "key", "method", "status", "bytes_in", "bytes_out", "latency_ms", "upstream_ms"}
+    assert set(fields) == {
+        "rid",
+        "ts",
+        "tenant",
+        "api",
+        "consumer",
+        "key",
+        "method",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "latency_ms",
+        "upstream_ms",
+    }
 
 
 def test_refused_requests_produce_usage_events_too(gateway, users_api, redis_client):

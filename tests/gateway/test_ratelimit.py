@@ -96,7 +96,7 @@ def test_counters_are_keyed_by_tenant_hash_tag_policy_window_and_scope(gateway, 
 def test_headers_report_the_tightest_window_and_429_names_the_policy(gateway, acme, upstream, bob_app, key):
     policy = _policy(acme, "per-minute", {"requests_per_minute": 3, "requests_per_hour": 100, "window_type": "fixed"})
     _api_with(acme, upstream, bob_app, policy)
-    first, second, third, fourth = _get(gateway, key, 4)
+    first, _second, third, fourth = _get(gateway, key, 4)
     assert first.header("X-RateLimit-Limit") == "3"
     assert first.header("X-RateLimit-Remaining") == "2"
     assert third.header("X-RateLimit-Remaining") == "0"

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,7 +63,13 @@ def _handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
                     self.rfile.readline()
             else:
                 body = self.rfile.read(length) if length else b""
-            seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, list(self.headers.items()), body)
+            seen = Seen(
+                self.command,
+                self.path,
+                {k.lower(): v for k, v in self.headers.items()},
+                list(self.headers.items()),
+                body,
+            )
             recorder.seen.append(seen)
             answer = recorder.respond(seen)
             self.send_response(answer.status)
@@ -117,10 +123,8 @@ def raw_upstream(behaviour: Callable[[socket.socket], None]) -> Iterator[str]:
             threading.Thread(target=_run, args=(conn,), daemon=True).start()
 
     def _run(conn: socket.socket) -> None:
-        try:
+        with suppress(OSError):
             behaviour(conn)
-        except OSError:
-            pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -131,10 +135,8 @@ def raw_upstream(behaviour: Callable[[socket.socket], None]) -> Iterator[str]:
         thread.join(1)
         listener.close()
         for conn in conns:
-            try:
+            with suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
 
 def read_request_head(conn: socket.socket) -> bytes:

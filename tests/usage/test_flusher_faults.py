@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+import requests
 from django.db import connection
 
 from apimgmt.models import Tenant
@@ -253,3 +254,41 @@ def test_redis_client_of_the_flusher_waits_longer_than_its_block() -> None:
     assert kwargs["socket_timeout"] > 1.0
     with pytest.raises(redis.ConnectionError):
         client.ping()
+
+
+def test_follow_serves_its_backlog_and_progress_as_metrics(
+    flusher_env: dict[str, str], private_redis: RedisServer, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.servers import free_port
+
+    port = free_port()
+    events = mixed_events(120)
+    emit(private_redis.client(), events)
+    proc = _follow(flusher_env, tmp_path, "--metrics-port", str(port))
+
+    def samples() -> dict[str, float]:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                found[sample.name + str(sorted(sample.labels.values()))] = sample.value
+        return found
+
+    try:
+        assert wait_until(lambda: stored_total() == 120, 15)
+
+        def settled() -> bool:
+            try:
+                s = samples()
+            except requests.RequestException:
+                return False
+            return s.get("apimgmt_usage_flusher_events_total['counted']") == 120 and (
+                s.get("apimgmt_usage_flusher_backlog_events[]") == 0
+            )
+
+        assert wait_until(settled, 15)
+        assert samples()["apimgmt_usage_flusher_last_success_timestamp_seconds[]"] > time.time() - 10
+    finally:
+        assert _stop(proc) == 0

@@ -22,6 +22,43 @@ HOUSEKEEPING_EVERY_SECONDS = 600.0
 SUMMARY_EVERY_SECONDS = 60.0
 
 
+class FlusherMetrics:
+    """The flusher's own /metrics (it serves no HTTP otherwise), in a registry of its own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.events = Counter(
+            "apimgmt_usage_flusher_events",
+            "Usage events read, by outcome (counted, duplicate, dropped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "apimgmt_usage_flusher_backlog_events",
+            "Events in usage:events not yet acknowledged by the flushers (pending plus unread).",
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "apimgmt_usage_flusher_last_success_timestamp_seconds",
+            "When this flusher last completed a read-count-acknowledge cycle (also when there was nothing to read).",
+            registry=self.registry,
+        )
+
+    def serve(self, port: int) -> FlusherMetrics:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=self.registry)
+        return self
+
+    def observe(self, stats: usage.FlushStats) -> None:
+        self.events.labels("counted").inc(stats.counted)
+        self.events.labels("duplicate").inc(stats.duplicates)
+        self.events.labels("dropped").inc(stats.dropped)
+        self.last_success.set_to_current_time()
+
+
 class Command(BaseCommand):
     help = (
         "Count the gateway's usage events (Redis stream usage:events) into per-minute usage records. "
@@ -45,6 +82,12 @@ class Command(BaseCommand):
             help="How long processed request ids are remembered (and so how old a replayed event may be).",
         )
         parser.add_argument("--consumer", default="", help="Name in the consumer group (default: host-pid).")
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help="--follow: serve the flusher's Prometheus metrics (backlog, last success) on this port.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.REDIS_URL:
@@ -62,7 +105,8 @@ class Command(BaseCommand):
             seen_retention=timedelta(hours=options["seen_retention_hours"]),
         )
         if options["follow"]:
-            self._follow(flusher, block_ms=options["block_ms"])
+            metrics = FlusherMetrics().serve(options["metrics_port"]) if options["metrics_port"] else None
+            self._follow(flusher, block_ms=options["block_ms"], metrics=metrics)
             return
         try:
             stats = flusher.drain()
@@ -74,7 +118,7 @@ class Command(BaseCommand):
             f"({stats.duplicates} duplicates skipped, {stats.dropped} dropped)"
         )
 
-    def _follow(self, flusher: usage.UsageFlusher, *, block_ms: int) -> None:
+    def _follow(self, flusher: usage.UsageFlusher, *, block_ms: int, metrics: FlusherMetrics | None) -> None:
         stopping = False
 
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -94,11 +138,15 @@ class Command(BaseCommand):
                     flusher.ensure_group()
                     group_ready = True
                 # The batch in hand is always finished (committed and acknowledged) before a stop.
-                total.add(flusher.flush_once(block_ms=block_ms))
+                stats = flusher.flush_once(block_ms=block_ms)
+                total.add(stats)
                 now = time.monotonic()
                 if now - last_trim >= TRIM_EVERY_SECONDS:
                     flusher.trim()
                     last_trim = now
+                if metrics is not None:
+                    metrics.backlog.set(flusher.backlog())
+                    metrics.observe(stats)
                 if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
                     flusher.purge_seen()
                     flusher.forget_idle_consumers()
