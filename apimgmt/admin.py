@@ -10,7 +10,9 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
-from django.http import Http404, HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -47,6 +49,26 @@ def _report(request: HttpRequest, done: int, verb: str, errors: list[str]) -> No
         messages.info(request, f"Nothing to do: no selected object could be {verb.lower()}.")
 
 
+def _secret_page(
+    request: HttpRequest, *, title: str, noun: str, back_url: str, back_label: str, secrets: list[dict[str, str]]
+) -> TemplateResponse:
+    """Show freshly created secrets on the response page itself: never in a message, cookie or session."""
+    response = TemplateResponse(
+        request,
+        "admin/apimgmt/secret_shown_once.html",
+        {
+            **admin.site.each_context(request),
+            "title": title,
+            "noun": noun,
+            "back_url": back_url,
+            "back_label": back_label,
+            "secrets": secrets,
+        },
+    )
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 def _errors_to_form(form: forms.BaseForm, exc: ValidationError) -> None:
     """Put a service's ValidationError on the form: field errors next to their field, the rest on top."""
     if hasattr(exc, "error_dict"):
@@ -58,6 +80,11 @@ def _errors_to_form(form: forms.BaseForm, exc: ValidationError) -> None:
 
 def _messages_of(exc: ValidationError) -> str:
     return "; ".join(exc.messages)
+
+
+def _admin_tenant_ids(request: HttpRequest) -> list[str]:
+    """Tenants a staff user (not a superuser) administers here: only those where their role is admin."""
+    return selectors.tenant_ids_for_user(request.user, roles=(TenantMembership.Role.ADMIN,))
 
 
 class NotFoundAdmin(admin.ModelAdmin):
@@ -76,13 +103,13 @@ class TenantScopedAdmin(NotFoundAdmin):
         qs = super().get_queryset(request)
         if selectors.is_platform_staff(request.user):
             return qs
-        tenant_ids = selectors.tenant_ids_for_user(request.user)
+        tenant_ids = _admin_tenant_ids(request)
         return qs.filter(**{f"{self.tenant_path}__in": tenant_ids})
 
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         # Tenant-scoped staff only pick from their own tenants' rows.
         if not selectors.is_platform_staff(request.user):
-            tenant_ids = selectors.tenant_ids_for_user(request.user)
+            tenant_ids = _admin_tenant_ids(request)
             related = db_field.related_model
             if related is Tenant:
                 kwargs["queryset"] = Tenant.objects.filter(id__in=tenant_ids)
@@ -92,7 +119,7 @@ class TenantScopedAdmin(NotFoundAdmin):
 
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if not selectors.is_platform_staff(request.user) and db_field.related_model is Policy:
-            kwargs["queryset"] = Policy.objects.filter(tenant_id__in=selectors.tenant_ids_for_user(request.user))
+            kwargs["queryset"] = Policy.objects.filter(tenant_id__in=_admin_tenant_ids(request))
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
@@ -126,7 +153,9 @@ class TenantAdmin(NotFoundAdmin):
     actions = ["suspend_tenants", "activate_tenants"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
-        qs = selectors.tenants_visible_to(request.user)
+        qs = Tenant.objects.all()
+        if not selectors.is_platform_staff(request.user):
+            qs = qs.filter(id__in=_admin_tenant_ids(request))
         return qs.annotate(
             _apis=Count("apis", distinct=True),
             _consumers=Count("consumers", distinct=True),
@@ -469,8 +498,25 @@ class ApiKeyInline(admin.TabularInline):
         return False
 
 
+class ConsumerForm(forms.ModelForm):
+    class Meta:
+        model = Consumer
+        fields = ["tenant", "name", "description", "owner"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        tenant_id = data["tenant"].pk if data.get("tenant") else self.instance.tenant_id
+        if data.get("owner") is not None and tenant_id:
+            try:
+                services.consumer_owner_check(tenant_id, data["owner"])
+            except ValidationError as exc:
+                _errors_to_form(self, exc)
+        return data
+
+
 @admin.register(Consumer)
 class ConsumerAdmin(TenantScopedAdmin):
+    form = ConsumerForm
     list_display = ["name", "tenant", "owner", "status", "active_keys", "created_at"]
     list_filter = ["status", "tenant"]
     search_fields = ["id", "name", "owner__username", "owner__email", "tenant__id"]
@@ -494,10 +540,12 @@ class ConsumerAdmin(TenantScopedAdmin):
         data = form.cleaned_data
         if change:
             services.consumer_update(
-                consumer=obj, actor=request.user, name=data["name"], description=data["description"]
+                consumer=obj,
+                actor=request.user,
+                name=data["name"],
+                description=data["description"],
+                owner=data.get("owner"),
             )
-            if obj.owner_id != (data["owner"].pk if data.get("owner") else None):
-                Consumer.objects.filter(pk=obj.pk).update(owner=data.get("owner"))
         else:
             created = services.consumer_create(
                 tenant=data["tenant"],
@@ -629,17 +677,32 @@ class ApiKeyAdmin(TenantScopedAdmin):
         )
         obj.pk = key.pk
         obj._state.adding = False
-        self._show_plaintext(request, key, plaintext)
+        request._new_api_keys = [(key, plaintext)]  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        created = getattr(request, "_new_api_keys", None)
+        if created:
+            return self._key_page(request, created, "New API key")
+        return super().response_add(request, obj, post_url_continue)
 
     @staticmethod
-    def _show_plaintext(request: HttpRequest, key: ApiKey, plaintext: str) -> None:
-        messages.warning(
+    def _key_page(request: HttpRequest, created: list[tuple[ApiKey, str]], title: str) -> TemplateResponse:
+        return _secret_page(
             request,
-            format_html(
-                "New key for <b>{}</b>: <code>{}</code> — copy it now; it is shown only once and cannot be recovered.",
-                key.consumer.name,
-                plaintext,
-            ),
+            title=title,
+            noun="the key",
+            back_url=reverse("admin:apimgmt_apikey_changelist"),
+            back_label="API keys",
+            secrets=[
+                {
+                    "owner": key.consumer.name,
+                    "name": key.name,
+                    "id": key.pk,
+                    "url": reverse("admin:apimgmt_apikey_change", args=[key.pk]),
+                    "secret": plaintext,
+                }
+                for key, plaintext in created
+            ],
         )
 
     def has_change_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
@@ -659,17 +722,18 @@ class ApiKeyAdmin(TenantScopedAdmin):
         _report(request, done, "Revoked", [])
 
     @admin.action(description="Rotate selected keys (old key valid one more hour)")
-    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        done, errors = 0, []
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
+        created: list[tuple[ApiKey, str]] = []
+        errors = []
         for key in queryset.select_related("consumer"):
             try:
                 successor, plaintext = services.api_key_rotate(key=key, overlap_seconds=3600, actor=request.user)
             except ValidationError as exc:
                 errors.append(f"{key.key_prefix}…: {_messages_of(exc)}")
                 continue
-            self._show_plaintext(request, successor, plaintext)
-            done += 1
-        _report(request, done, "Rotated", errors)
+            created.append((successor, plaintext))
+        _report(request, len(created), "Rotated", errors)
+        return self._key_page(request, created, "Rotated API keys") if created else None
 
 
 # ---------------------------------------------------------------------------
@@ -881,13 +945,28 @@ class ApiTokenAdmin(NotFoundAdmin):
         )
         obj.pk = token.pk
         obj._state.adding = False
-        messages.warning(
+        request._new_api_token = (token, plaintext)  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None) -> HttpResponse:
+        created = getattr(request, "_new_api_token", None)
+        if created is None:
+            return super().response_add(request, obj, post_url_continue)
+        token, plaintext = created
+        return _secret_page(
             request,
-            format_html(
-                "New management API token for <b>{}</b>: <code>{}</code> — copy it now; it is shown only once.",
-                token.user,
-                plaintext,
-            ),
+            title="New management API token",
+            noun="the token",
+            back_url=reverse("admin:apimgmt_apitoken_changelist"),
+            back_label="Management API tokens",
+            secrets=[
+                {
+                    "owner": str(token.user),
+                    "name": token.name,
+                    "id": str(token.pk),
+                    "url": reverse("admin:apimgmt_apitoken_change", args=[token.pk]),
+                    "secret": plaintext,
+                }
+            ],
         )
 
     @admin.action(description="Revoke selected tokens")

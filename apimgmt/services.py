@@ -82,7 +82,8 @@ def _save_validated(obj: models.Model, *, exclude: Sequence[str] = ()) -> None:
         with transaction.atomic():
             obj.save()
     except IntegrityError as exc:
-        raise ValidationError(f"This change conflicts with an existing record: {exc.args[0].splitlines()[0]}") from exc
+        # A race past full_clean's checks; don't echo database internals to the caller.
+        raise ValidationError("This change conflicts with a record that was just created or changed; retry.") from exc
 
 
 def _apply(obj: models.Model, fields: dict[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
@@ -528,10 +529,20 @@ def api_retire(*, api: Api, actor: Actor) -> Api:
 # ---------------------------------------------------------------------------
 
 
+def consumer_owner_check(tenant_id: str, owner: User) -> None:
+    """An app belongs to a member of its tenant (or to platform staff)."""
+    if owner.is_superuser:
+        return
+    if not TenantMembership.objects.filter(tenant_id=tenant_id, user=owner).exists():
+        raise ValidationError({"owner": "The owner must be a member of this consumer's tenant."})
+
+
 @transaction.atomic
 def consumer_create(
     *, tenant: Tenant, name: str, actor: Actor, owner: User | None = None, description: str = ""
 ) -> Consumer:
+    if owner is not None:
+        consumer_owner_check(tenant.id, owner)
     consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description)
     _save_validated(consumer)
     audit_record(
@@ -546,7 +557,9 @@ def consumer_update(*, consumer: Consumer, actor: Actor, **fields: Any) -> Consu
         raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
     if "name" in fields:
         fields["name"] = str(fields["name"]).strip()
-    changes = _apply(consumer, fields, ("name", "description"))
+    if fields.get("owner") is not None:
+        consumer_owner_check(consumer.tenant_id, fields["owner"])
+    changes = _apply(consumer, fields, ("name", "description", "owner"))
     if changes:
         _save_validated(consumer)
         audit_record(actor=actor, tenant_id=consumer.tenant_id, action="consumer.update", obj=consumer, changes=changes)
@@ -661,6 +674,8 @@ def api_key_rotate(
     key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
     if not key.is_usable():
         raise ValidationError({"key_id": "Only an active, unexpired key can be rotated."})
+    if key.consumer.status != Consumer.Status.ACTIVE:
+        raise ValidationError({"consumer_id": "This consumer is blocked; unblock it before rotating its keys."})
     now = timezone.now()
     old_expiry = now + timedelta(seconds=overlap_seconds)
     if key.expires_at is None or key.expires_at > old_expiry:

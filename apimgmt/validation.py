@@ -61,18 +61,12 @@ def validate_host(value: str) -> str:
     return value.lower()
 
 
-def _is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for any address that is not globally routable (loopback, private, CGNAT, link-local incl.
+    cloud metadata, multicast, reserved), also when written as an IPv4-mapped IPv6 address."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return (
-        addr.is_loopback
-        or addr.is_private
-        or addr.is_link_local
-        or addr.is_multicast
-        or addr.is_reserved
-        or addr.is_unspecified
-        or addr == ipaddress.ip_address("100.100.100.200")  # Alibaba metadata
-    )
+    return not addr.is_global or addr.is_multicast
 
 
 def validate_upstream_url(value: str, *, allow_private: bool | None = None) -> str:
@@ -111,7 +105,7 @@ def validate_upstream_url(value: str, *, allow_private: bool | None = None) -> s
     except ValueError:
         literal = None
     if literal is not None:
-        if _is_forbidden_address(literal):
+        if is_forbidden_address(literal):
             raise ValidationError(private_message)
         return value
     # A name may still point inside (or be a numeric form like 2130706433): check what it resolves to.
@@ -120,7 +114,7 @@ def validate_upstream_url(value: str, *, allow_private: bool | None = None) -> s
     except (OSError, UnicodeError):
         return value  # Unresolvable now; the gateway re-checks the connected address.
     for info in infos:
-        if _is_forbidden_address(ipaddress.ip_address(info[4][0])):
+        if is_forbidden_address(ipaddress.ip_address(info[4][0])):
             raise ValidationError(private_message)
     return value
 

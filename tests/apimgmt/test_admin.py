@@ -26,7 +26,19 @@ from apimgmt.models import (
     UsageRecord,
 )
 
-MODELS = [Tenant, TenantMembership, Api, Consumer, ApiKey, ApiToken, Plan, Policy, Subscription, UsageRecord, AuditEvent]
+MODELS = [
+    Tenant,
+    TenantMembership,
+    Api,
+    Consumer,
+    ApiKey,
+    ApiToken,
+    Plan,
+    Policy,
+    Subscription,
+    UsageRecord,
+    AuditEvent,
+]
 KEY_RE = re.compile(r"ak_live_[0-9A-Za-z]{38}")
 
 
@@ -240,3 +252,36 @@ def test_management_token_is_shown_once_and_can_be_revoked(admin_client_: Client
     )
     assert "Revoked 1 object." in response.content.decode()
     assert api_token_authenticate(found[0]) is None
+
+
+def test_new_key_is_never_stored_in_a_message_cookie_or_the_session(admin_client_: Client, bob_app: Consumer) -> None:
+    from django.contrib.sessions.models import Session
+
+    response = admin_client_.post(_url(ApiKey, "add"), {"consumer": bob_app.pk, "name": "once"})
+    plaintext = KEY_RE.findall(response.content.decode())[0]
+    assert "no-store" in response["Cache-Control"]
+    assert all(plaintext not in morsel.value for morsel in response.cookies.values())
+    assert all(plaintext not in str(s.get_decoded()) for s in Session.objects.all())
+    follow_up = admin_client_.get("/admin/")
+    assert plaintext not in follow_up.content.decode()
+
+
+def test_staff_who_are_only_developers_of_a_tenant_administer_nothing(
+    client: Client, acme: Tenant, acme_api: Api
+) -> None:
+    user = User.objects.create_user("dev-staff", "d@example.com", "dev-staff-password-1", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="apimgmt"))
+    services.membership_set(tenant=acme, user=user, role="developer", actor=None)
+    client.force_login(user)
+    assert client.get(_url(Api, "change", acme_api.pk)).status_code == 404
+    assert acme_api.api_name not in client.get(_url(Api, "changelist")).content.decode()
+    assert client.get(_url(Tenant, "change", "acme")).status_code == 404
+
+
+def test_consumer_owner_must_belong_to_the_tenant(admin_client_: Client, bob_app: Consumer, carol: User) -> None:
+    response = admin_client_.post(
+        _url(Consumer, "change", bob_app.pk), {"name": "bob-app", "description": "", "owner": carol.pk}
+    )
+    assert response.status_code == 200
+    assert "must be a member of this consumer" in response.content.decode()
+    assert Consumer.objects.get(pk=bob_app.pk).owner.username == "bob"

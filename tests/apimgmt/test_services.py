@@ -391,3 +391,21 @@ def test_subscription_refusals(acme: Tenant, globex: Tenant, acme_api: Api, bob_
     with pytest.raises(ValidationError) as exc:
         services.subscription_request(consumer=bob_app, api=draft, actor=None)
     assert "draft" in errors_of(exc)["api_id"][0]
+
+
+def test_rotating_a_blocked_consumers_key_is_refused(bob_key: tuple[ApiKey, str]) -> None:
+    services.consumer_block(consumer=bob_key[0].consumer, actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.api_key_rotate(key=bob_key[0], actor=None)
+    assert "blocked" in errors_of(exc)["consumer_id"][0]
+    assert ApiKey.objects.count() == 1
+
+
+def test_consumer_owner_must_be_a_member_of_the_tenant(acme: Tenant, carol: User, bob: User) -> None:
+    with pytest.raises(ValidationError) as exc:
+        services.consumer_create(tenant=acme, name="x", owner=carol, actor=None)
+    assert "member of this consumer's tenant" in errors_of(exc)["owner"][0]
+    consumer = services.consumer_create(tenant=acme, name="x", owner=bob, actor=None)
+    with pytest.raises(ValidationError):
+        services.consumer_update(consumer=consumer, owner=carol, actor=None)
+    assert Consumer.objects.get(pk=consumer.pk).owner == bob

@@ -67,6 +67,8 @@ def test_reserved_words_only_block_whole_segments() -> None:
         ("http://[::ffff:127.0.0.1]/", "loopback, private"),
         ("http://metadata.google.internal/", "loopback, private"),
         ("http://2130706433/", "loopback, private"),
+        ("http://100.64.0.1/", "loopback, private"),
+        ("http://0.0.0.0/", "loopback, private"),
         ("http://example.com:99999", "Port out of range"),
     ],
 )
