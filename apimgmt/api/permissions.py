@@ -48,6 +48,8 @@ class TenantScope:
     # What a developer may read: the tenant's rows ("tenant", the catalog), only owned rows, or nothing.
     developer_reads: str = "tenant"
     developer_actions: frozenset[str] = field(default_factory=frozenset)
+    # Narrows what a developer reads at tenant level (APIs: only the public catalog).
+    developer_filter: Q | None = None
 
 
 def _owned_consumers(user_id: Any) -> Q:
@@ -64,7 +66,12 @@ def _owned_usage(user_id: Any) -> Q:
 
 SCOPES: dict[type[Model], TenantScope] = {
     Tenant: TenantScope("id"),
-    Api: TenantScope("tenant_id"),
+    # Developers read the catalog the portal shows: public APIs that route. Private and draft APIs (and their
+    # internal upstream addresses) stay with the tenant's admins and viewers.
+    Api: TenantScope(
+        "tenant_id",
+        developer_filter=Q(visibility=Api.Visibility.PUBLIC, status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED]),
+    ),
     Plan: TenantScope("tenant_id"),
     Policy: TenantScope("tenant_id"),
     Consumer: TenantScope("tenant_id", _owned_consumers, "owned", frozenset({CHANGE})),
@@ -113,7 +120,7 @@ def restrict(queryset: QuerySet[M], user: User, action: str) -> QuerySet[M]:
         allowed |= in_tenants(VIEWER)
     if DEVELOPER in by_role:
         if action == VIEW and scope.developer_reads == "tenant":
-            allowed |= in_tenants(DEVELOPER)
+            allowed |= in_tenants(DEVELOPER) & (scope.developer_filter or Q())
         elif scope.owned is not None and (
             (action == VIEW and scope.developer_reads == "owned") or action in scope.developer_actions
         ):

@@ -49,6 +49,7 @@ def json_log() -> Iterator[JsonLines]:
 
 
 def test_every_response_carries_a_request_id_and_keeps_a_valid_incoming_one(db: Any, client: Client) -> None:
+    outside = request_id_var.get()
     fresh = client.get("/health")
     kept = client.get("/health", HTTP_X_REQUEST_ID="req-from-upstream-123")
     replaced = client.get("/health", HTTP_X_REQUEST_ID="bad id\nwith newline")
@@ -56,7 +57,7 @@ def test_every_response_carries_a_request_id_and_keeps_a_valid_incoming_one(db: 
     assert len(fresh["X-Request-ID"]) == 32
     assert kept["X-Request-ID"] == "req-from-upstream-123"
     assert replaced["X-Request-ID"] != "bad id\nwith newline" and len(replaced["X-Request-ID"]) == 32
-    assert request_id_var.get() is None, "the request id does not leak into the next request"
+    assert request_id_var.get() == outside, "the request id does not outlive its request"
 
 
 def test_one_json_access_line_per_request_with_the_route_template(
