@@ -12,12 +12,13 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from apimgmt import selectors, services, tokens
+from apimgmt.admin_usage import usage_overview
 from apimgmt.models import (
     Api,
     ApiKey,
@@ -146,7 +147,17 @@ class TenantForm(forms.ModelForm):
 @admin.register(Tenant)
 class TenantAdmin(NotFoundAdmin):
     form = TenantForm
-    list_display = ["id", "name", "status", "timezone", "open_signup", "api_count", "consumer_count", "created_at"]
+    list_display = [
+        "id",
+        "name",
+        "status",
+        "timezone",
+        "open_signup",
+        "api_count",
+        "consumer_count",
+        "usage_link",
+        "created_at",
+    ]
     list_filter = ["status", "open_signup"]
     search_fields = ["id", "name"]
     inlines = [MembershipInline]
@@ -163,6 +174,20 @@ class TenantAdmin(NotFoundAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> list[str]:
         return ["id", "status", "created_at"] if obj else ["status", "created_at"]
+
+    def get_urls(self) -> list[Any]:
+        usage = path("<str:tenant_id>/usage/", self.admin_site.admin_view(self.usage_view), name="apimgmt_tenant_usage")
+        return [usage, *super().get_urls()]
+
+    def usage_view(self, request: HttpRequest, tenant_id: str) -> HttpResponse:
+        """The usage overview of one tenant the user may administer (others: 404)."""
+        if not self.get_queryset(request).filter(pk=tenant_id).exists():
+            raise Http404("No tenant with this ID.")
+        return usage_overview(request, tenant_id)
+
+    @admin.display(description="usage")
+    def usage_link(self, obj: Tenant) -> str:
+        return format_html('<a href="{}">24 h</a>', reverse("admin:apimgmt_tenant_usage", args=[obj.pk]))
 
     @admin.display(description="APIs", ordering="_apis")
     def api_count(self, obj: Tenant) -> int:

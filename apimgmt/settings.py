@@ -167,7 +167,8 @@ TEMPLATES = [
 DATABASES = {"default": env.db_url_config(os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 DB_POOL_SIZE: int = env.int("DB_POOL_SIZE", default=int(_file("database", "pool_size") or 10))
 if DATABASES["default"]["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
-    DATABASES["default"]["ENGINE"] = "django.db.backends.postgresql"
+    # django-prometheus's wrapper of Django's PostgreSQL backend: query, error and connection metrics.
+    DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
     _options = DATABASES["default"].setdefault("OPTIONS", {})
     if env.bool("DB_POOL", default=not TESTING):
         _options["pool"] = {
@@ -197,7 +198,7 @@ CACHE_MAX_SIZE: int = env.int("CACHE_MAX_SIZE", default=int(_file("cache", "max_
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
+            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "TIMEOUT": CACHE_TTL_SECONDS,
             "OPTIONS": {

@@ -12,8 +12,6 @@ from django.utils.timezone import now
 
 from apimgmt.models import Api, Consumer, Tenant, UsageRecord
 
-pytestmark = pytest.mark.urls("tests.observability.admin_usage_urls")
-
 
 def _record(tenant: Tenant, *, api: str, consumer: str, status: int, count: int, ago: timedelta) -> None:
     minute = (now() - ago).replace(second=0, microsecond=0)
@@ -68,3 +66,24 @@ def test_only_platform_staff_may_see_it(client: Client, alice: User, traffic: No
     client.force_login(alice)  # a tenant admin, not platform staff
     response = client.get("/admin/apimgmt/tenant/acme/usage/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_usage_page_is_linked_from_the_tenant_list(client: Client, staff: User, acme: Tenant) -> None:
+    client.force_login(staff)
+    listing = client.get("/admin/apimgmt/tenant/").content.decode()
+    assert 'href="/admin/apimgmt/tenant/acme/usage/"' in listing
+
+
+def test_scoped_staff_cannot_see_another_tenants_usage(client: Client, traffic: None, acme: Tenant) -> None:
+    from django.contrib.auth.models import Permission
+
+    from apimgmt import services
+
+    user = User.objects.create_user("sam", "sam@example.com", "sam-password-123", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="apimgmt"))
+    services.membership_set(tenant=acme, user=user, role="admin", actor=None)
+    client.force_login(user)
+    assert client.get("/admin/apimgmt/tenant/acme/usage/").status_code == 200
+    response = client.get("/admin/apimgmt/tenant/globex/usage/")
+    assert response.status_code == 404
+    assert "4242" not in response.content.decode() and "4,242" not in response.content.decode()
