@@ -18,6 +18,7 @@ from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from apimgmt.validation import RESERVED_SEGMENTS
 from gateway import auth, metrics, ratelimit
+from gateway.accesslog import AccessLog
 from gateway.config import RouteState
 from gateway.problems import GatewayResponse, problem, status_line
 from gateway.proxy import (
@@ -32,10 +33,9 @@ from gateway.proxy import (
 )
 from gateway.resilience import Balancer, CircuitBreaker
 from gateway.routing import BadRequestTarget, Route, split_request_target
-from gateway.usage import UsageRecorder
+from gateway.usage import UsageRecorder, xadd_commands
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("gateway.access")
 
 # Request headers the gateway sets itself: a client's own values are never passed on.
 _SET_BY_GATEWAY = frozenset(
@@ -109,6 +109,7 @@ class Gateway:
         self.routes.on_change.append(self.keys.clear)
         self.routes.on_change.append(self._prune_resilience)
         self.usage = UsageRecorder()
+        self.access_log = AccessLog()
         self.local_limits = ratelimit.LocalLimiter()
         self.store = ratelimit.StoreHealth()
         self.upstreams = Upstreams()
@@ -385,25 +386,10 @@ class Gateway:
         keys, args = ratelimit.script_args(windows)
         events = self.usage.take()
         try:
-            if events:
-                pipe = client.pipeline(transaction=False)
-                self.usage.add_to_pipeline(pipe, events)
-                ratelimit.run_script(pipe, keys, args)
-                results = pipe.execute(raise_on_error=False)
-                raw = results[-1]
-                failed = [r for r in results[:-1] if isinstance(r, Exception)]
-                if failed:
-                    raise failed[0]
-                events = []
-                if ratelimit.is_noscript(raw):
-                    raw = client.eval(ratelimit.SCRIPT, len(keys), *keys, *args)
-                elif isinstance(raw, Exception):
-                    raise raw
-            else:
-                try:
-                    raw = client.evalsha(ratelimit.SCRIPT_SHA, len(keys), *keys, *args)
-                except redis.exceptions.NoScriptError:
-                    raw = client.eval(ratelimit.SCRIPT, len(keys), *keys, *args)
+            raw, failed = ratelimit.check_in_one_round_trip(client, keys, args, xadd_commands(events))
+            if failed:
+                logger.warning("usage events refused by Redis (%s); spooled", failed[0])
+                self.usage.spool(events)
         except redis.RedisError:
             logger.warning("rate-limit store unavailable; applying on_store_error")
             self.store.failed()
@@ -533,9 +519,8 @@ class Gateway:
             histograms[1].observe(done.upstream_s)
             upstream_ms = f"{done.upstream_s * 1000:.3f}"
         record = done.record
-        access_logger.info(
-            "request",
-            extra={
+        self.access_log.write(
+            {
                 "request_id": done.request_id,
                 "tenant": tenant,
                 "api": api,
@@ -546,7 +531,7 @@ class Gateway:
                 "status": done.status,
                 "duration_ms": round(duration * 1000, 3),
                 "upstream_ms": round(done.upstream_s * 1000, 3) if done.upstream_s is not None else None,
-            },
+            }
         )
         if route is not None:
             self.usage.record(

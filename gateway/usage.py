@@ -57,7 +57,8 @@ class UsageRecorder:
 
     def add_to_pipeline(self, pipe: Any, events: list[dict[str, str]]) -> None:
         for event in events:
-            pipe.xadd(STREAM_KEY, event)
+            pipe.xadd(STREAM_KEY, event)  # type: ignore[arg-type]
+
 
     # -- background -----------------------------------------------------------------------------------------------
 
@@ -196,3 +197,14 @@ def _owner_alive(path: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def xadd_commands(events: list[dict[str, str]]) -> list[tuple[str, ...]]:
+    """The raw XADD commands of ``events`` (sent ahead of the limiter's EVALSHA, in the same write)."""
+    commands = []
+    for event in events:
+        command = ["XADD", STREAM_KEY, "*"]
+        for field, value in event.items():
+            command += (field, value)
+        commands.append(tuple(command))
+    return commands

@@ -16,7 +16,12 @@ NAMESPACE = "apimgmt"
 
 # Switched on in the "everything" render so every template is exercised.
 ALL_FEATURES: dict[str, Any] = {
-    "ingress": {"enabled": True, "className": "nginx", "hosts": ["api.example.com"]},
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "gatewayHosts": ["api.example-apis.com"],
+        "controlHosts": ["console.example.com"],
+    },
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "config": {"toml": "[gateway]\nworkers = 4\n"},
 }

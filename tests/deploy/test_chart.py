@@ -25,6 +25,7 @@ from tests.deploy.conftest import (
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (requirements-dev.txt) bundles Helm")
 
+RULES = ROOT / "monitoring" / "prometheus" / "rules.yml"  # the one source of the shipped alerts
 FULL = RELEASE  # the release name contains the chart name, so resources are named after the release
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator CRDs: no schema in kubernetes-validate
 APP_COMPONENTS = ("gateway", "control")
@@ -161,10 +162,51 @@ def test_pods_run_as_non_root_on_a_read_only_filesystem(default_docs: Any) -> No
             assert "/tmp" in mounts
 
 
-def test_flusher_runs_the_usage_flusher_in_follow_mode(default_docs: Any) -> None:
+def test_flusher_runs_in_follow_mode_serving_metrics_that_its_liveness_probe_checks(default_docs: Any) -> None:
     container = _containers(one(default_docs, "Deployment", f"{FULL}-flusher"))[0]
-    assert container["args"] == ["python", "manage.py", "flush_usage", "--follow"]
+    assert container["args"] == ["python", "manage.py", "flush_usage", "--follow", "--metrics-port", "9100"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    # The flusher's metrics server answers every path; /metrics is what Prometheus scrapes too.
+    probe = container["livenessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/metrics", "metrics")
+    assert "readinessProbe" not in container  # nothing routes traffic to it
     assert "/var/lib/apimgmt/spool" in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_flusher_metrics_port_follows_values() -> None:
+    docs = render({"flusher": {"metricsPort": 9300}})
+    container = _containers(one(docs, "Deployment", f"{FULL}-flusher"))[0]
+    assert container["args"][-2:] == ["--metrics-port", "9300"]
+    assert container["ports"][0]["containerPort"] == 9300
+    assert one(docs, "Service", f"{FULL}-flusher")["spec"]["ports"][0]["port"] == 9300
+
+
+def test_flusher_metrics_are_discoverable_through_a_headless_service(full_docs: Any) -> None:
+    service = one(full_docs, "Service", f"{FULL}-flusher")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]
+    pods = _pod_labels(full_docs)
+    selected = [name for name, labels in pods.items() if _labels_match(service["spec"]["selector"], labels)]
+    assert selected == [f"{FULL}-flusher"]
+    # Prometheus may reach the metrics port (the app NetworkPolicy otherwise admits only the HTTP port).
+    app = one(full_docs, "NetworkPolicy", f"{FULL}-app")
+    metrics_rules = [r for r in app["spec"]["ingress"] if r["ports"] == [{"protocol": "TCP", "port": "metrics"}]]
+    assert len(metrics_rules) == 1 and metrics_rules[0]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_without_the_flusher_nothing_scrapes_or_serves_its_port() -> None:
+    docs = render({"flusher": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    assert not find(docs, "Deployment", f"{FULL}-flusher") and not find(docs, "Service", f"{FULL}-flusher")
+    monitor = one(docs, "ServiceMonitor", FULL)
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["gateway", "control"]
+
+
+def test_usage_spool_is_an_emptydir_whose_size_limit_comes_from_values() -> None:
+    for values, limit in (({}, "1Gi"), ({"usageSpool": {"sizeLimit": "4Gi"}}, "4Gi")):
+        pod = one(render(values), "Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]
+        (spool,) = [v for v in pod["volumes"] if v["name"] == "usage-spool"]
+        assert spool == {"name": "usage-spool", "emptyDir": {"sizeLimit": limit}}
 
 
 def test_migrations_run_as_a_pre_install_and_pre_upgrade_hook_job(default_docs: Any) -> None:
@@ -235,19 +277,60 @@ def test_pod_disruption_budgets_keep_gateway_and_control_up_during_drains(defaul
     assert gateway["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
 
 
-def test_ingress_sends_control_plane_prefixes_to_control_and_the_rest_to_the_gateway(full_docs: Any) -> None:
-    ingress = one(full_docs, "Ingress", FULL)
-    (rule,) = ingress["spec"]["rules"]
-    routes = {p["path"]: p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
-    assert routes == {
-        "/admin/": f"{FULL}-control",
-        "/mgmt/": f"{FULL}-control",
-        "/portal/": f"{FULL}-control",
-        "/static/": f"{FULL}-control",
-        "/": f"{FULL}-gateway",
+def _ingress_routes(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    rules = one(docs, "Ingress", FULL)["spec"]["rules"]
+    return {r["host"]: {p["path"]: p["backend"]["service"]["name"] for p in r["http"]["paths"]} for r in rules}
+
+
+def _allowed_hosts(docs: list[dict[str, Any]], component: str) -> list[str]:
+    return str(_env(_containers(one(docs, "Deployment", f"{FULL}-{component}"))[0])["ALLOWED_HOSTS"]).split(",")
+
+
+def test_ingress_serves_gateway_and_control_plane_on_separate_hosts(full_docs: Any) -> None:
+    assert _ingress_routes(full_docs) == {
+        "api.example-apis.com": {"/": f"{FULL}-gateway"},
+        "console.example.com": {"/": f"{FULL}-control"},
     }
-    gateway = one(full_docs, "Deployment", f"{FULL}-gateway")
-    assert "api.example.com" in _env(_containers(gateway)[0])["ALLOWED_HOSTS"].split(",")
+    # Defence in depth: each role refuses the other role's host name (Django's host check answers 400).
+    assert "api.example-apis.com" in _allowed_hosts(full_docs, "gateway")
+    assert "console.example.com" not in _allowed_hosts(full_docs, "gateway")
+    assert "console.example.com" in _allowed_hosts(full_docs, "control")
+    assert "api.example-apis.com" not in _allowed_hosts(full_docs, "control")
+
+
+def test_ingress_defaults_to_two_different_hosts() -> None:
+    routes = _ingress_routes(render({"ingress": {"enabled": True}}))
+    assert len(routes) == 2 and sorted(route["/"] for route in routes.values()) == [
+        f"{FULL}-control",
+        f"{FULL}-gateway",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"ingress": {"enabled": True, "gatewayHosts": ["a.example.com"], "controlHosts": ["a.example.com"]}},
+            "both a gateway and a control host",
+        ),
+        ({"ingress": {"hosts": ["api.example.com"]}}, "ingress.hosts and ingress.controlPaths are gone"),
+        (
+            {"ingress": {"enabled": True, "controlHosts": []}},
+            "needs both ingress.gatewayHosts and ingress.controlHosts",
+        ),
+        (
+            {
+                "ingress": {"enabled": True, "gatewayHosts": ["api.example.com"], "controlHosts": ["c.example.com"]},
+                "config": {"csrfTrustedOrigins": ["https://c.example.com", "https://api.example.com:443"]},
+            },
+            "must not list the gateway host api.example.com",
+        ),
+    ],
+    ids=["shared-host", "old-single-host-values", "missing-control-host", "gateway-origin-trusted-for-csrf"],
+)
+def test_ingress_refuses_to_put_gateway_and_control_plane_on_one_origin(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(values)
 
 
 def _labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -301,16 +384,26 @@ def test_network_policies_can_be_switched_off() -> None:
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
-def test_service_monitor_scrapes_metrics_of_gateway_and_control(full_docs: Any) -> None:
+def test_service_monitor_scrapes_gateway_control_and_flusher_as_job_apimgmt(full_docs: Any) -> None:
     monitor = one(full_docs, "ServiceMonitor", FULL)
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
+    endpoints = {e["port"]: e["path"] for e in monitor["spec"]["endpoints"]}
+    assert endpoints == {"http": "/metrics", "metrics": "/metrics"}
     expr = monitor["spec"]["selector"]["matchExpressions"][0]
-    assert expr["values"] == ["gateway", "control"]
-    for component in APP_COMPONENTS:
+    assert expr["values"] == ["gateway", "control", "flusher"]
+    # The job label comes from a Service label that does not depend on the release name: the shipped
+    # ServiceTargetsDown alert selects up{job="apimgmt"}.
+    job_label = monitor["spec"]["jobLabel"]
+    for component, port in (("gateway", "http"), ("control", "http"), ("flusher", "metrics")):
         service = one(full_docs, "Service", f"{FULL}-{component}")
         assert _labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-        assert service["spec"]["ports"][0]["name"] == "http"
+        assert service["metadata"]["labels"]["app.kubernetes.io/component"] in expr["values"]
+        assert service["metadata"]["labels"][job_label] == "apimgmt"
+        assert [p["name"] for p in service["spec"]["ports"]] == [port]
+    renamed = render({"fullnameOverride": "edge", "metrics": {"serviceMonitor": {"enabled": True}}})
+    assert one(renamed, "Service", "edge-gateway")["metadata"]["labels"][job_label] == "apimgmt"
+    rules = yaml.safe_load(RULES.read_text())
+    (down,) = [r for g in rules["groups"] for r in g["rules"] if r["alert"] == "ServiceTargetsDown"]
+    assert 'up{job="apimgmt"}' in down["expr"]
 
 
 def _exported_metric_names() -> set[str]:
@@ -324,16 +417,25 @@ def _referenced_metrics(expr: str) -> set[str]:
     return {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
 
 
-def test_prometheus_rule_ships_the_alerts_and_uses_only_metrics_the_app_exports(full_docs: Any) -> None:
+def test_charts_copy_of_the_alert_rules_is_identical_to_monitoring_rules() -> None:
+    # Helm reads only files inside the chart, so the chart carries a copy of the one source of truth.
+    copy = CHART / "files" / "prometheus-rules.yaml"
+    assert copy.read_bytes() == RULES.read_bytes(), (
+        f"{copy.relative_to(ROOT)} differs from {RULES.relative_to(ROOT)}: edit the latter, then "
+        f"cp {RULES.relative_to(ROOT)} {copy.relative_to(ROOT)}"
+    )
+
+
+def test_prometheus_rule_renders_exactly_the_repositorys_alerts(full_docs: Any) -> None:
     rule = one(full_docs, "PrometheusRule", FULL)
-    shipped = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
-    assert rule["spec"]["groups"] == shipped["groups"]
+    canonical = yaml.safe_load(RULES.read_text())
+    assert rule["spec"]["groups"] == canonical["groups"]
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {"ApimgmtHighErrorRate", "ApimgmtCircuitOpen", "ApimgmtRateLimitStoreErrors", "ApimgmtTargetDown"} <= set(
+    assert {"HighErrorRate", "CircuitOpen", "RateLimitStoreErrors", "UsageFlusherStalled", "ServiceTargetsDown"} <= set(
         alerts
     )
     # Annotations keep Prometheus's own templating (Helm must not eat it).
-    assert "{{ $value" in alerts["ApimgmtHighErrorRate"]["annotations"]["description"]
+    assert "{{ $value" in alerts["HighErrorRate"]["annotations"]["description"]
     exported = _exported_metric_names()
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in {"info", "warning", "critical"}

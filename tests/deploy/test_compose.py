@@ -47,14 +47,15 @@ def test_redis_is_append_only_because_the_usage_stream_lives_there(compose: dict
 
 def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("postgres", "redis", "control", "gateway", "nginx", "echo"):
+    for name in ("postgres", "redis", "control", "gateway", "flusher", "nginx", "echo"):
         check = services[name]["healthcheck"]
         assert not check.get("disable") and check["test"], name
     for name in ("control", "gateway"):
         assert "/ready" in " ".join(services[name]["healthcheck"]["test"])
-    # The one-shot migration and the HTTP-less flusher have none on purpose (the image's /health would fail).
+    # The flusher serves no /health (it is not gunicorn): its check asks its metrics port.
+    assert "127.0.0.1:9100/metrics" in " ".join(services["flusher"]["healthcheck"]["test"])
+    # The one-shot migration has none on purpose (the image's /health would fail).
     assert services["migrate"]["healthcheck"] == {"disable": True}
-    assert services["flusher"]["healthcheck"] == {"disable": True}
     assert services["flusher"]["restart"] == "unless-stopped"
 
 
@@ -73,7 +74,7 @@ def test_services_start_in_dependency_order(compose: dict[str, Any]) -> None:
 def test_each_service_runs_its_role(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["migrate"]["command"] == ["migrate"]
-    assert services["flusher"]["command"] == ["flush-usage"]
+    assert services["flusher"]["command"] == ["flush-usage", "--metrics-port", "9100"]
     for role in ("gateway", "control"):
         assert services[role]["command"] == [role]
         assert services[role]["environment"]["APIMGMT_ROLE"] == role
@@ -212,6 +213,8 @@ YAML_FILES = [
     "charts/apimgmt/Chart.yaml",
     "charts/apimgmt/values.yaml",
     "charts/apimgmt/files/prometheus-rules.yaml",
+    "monitoring/prometheus/rules.yml",
+    "monitoring/prometheus/rules_test.yml",
 ]
 
 

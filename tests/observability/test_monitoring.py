@@ -20,8 +20,9 @@ from tests.support.promtool import promtool
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 RULES = MONITORING / "prometheus" / "rules.yml"
 DASHBOARD = MONITORING / "grafana" / "apimgmt-dashboard.json"
+OPERATIONS = MONITORING.parent / "docs" / "operations.md"
 _SUFFIXES = ("", "_total", "_bucket", "_count", "_sum", "_created")
-_PROMQL_WORDS = {"sum", "rate", "increase", "max", "by", "histogram_quantile", "time", "absent", "and", "le"}
+_PROMQL_WORDS = {"sum", "rate", "increase", "max", "avg", "by", "histogram_quantile", "time", "absent", "and", "le"}
 
 
 def _exposed_metric_names(client: Client) -> set[str]:
@@ -62,6 +63,29 @@ def test_the_guides_high_error_rate_alert_is_shipped() -> None:
     (rule,) = [r for g in groups for r in g["rules"] if r.get("alert") == "HighErrorRate"]
     assert rule["for"] == "2m"
     assert 'status=~"5.."' in rule["expr"] and "[5m]" in rule["expr"] and rule["expr"].strip().endswith("> 0.1")
+
+
+def _runbook_anchors() -> set[str]:
+    """GitHub's heading anchors of docs/operations.md."""
+    anchors = set()
+    for line in OPERATIONS.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 -]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_alert_has_a_runbook_section_and_is_in_the_operations_alert_table() -> None:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    anchors = _runbook_anchors()
+    guide = OPERATIONS.read_text()
+    for rule in (r for g in groups for r in g["rules"]):
+        runbook = rule["annotations"].get("runbook", "")
+        document, _, anchor = runbook.partition("#")
+        assert document == "docs/operations.md", f"{rule['alert']}: runbook {runbook!r}"
+        assert anchor in anchors, f"{rule['alert']} points to a missing runbook section: #{anchor}"
+        assert f"| `{rule['alert']}` |" in guide, f"{rule['alert']} is missing from the operations alert table"
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])

@@ -125,12 +125,44 @@ APIMGMT_CONFIG: /etc/apimgmt/apimgmt.toml
 {{- end }}
 
 {{/*
-ALLOWED_HOSTS: configured hosts, the ingress hosts, localhost (probes send Host: localhost)
-and the pod's own IP (Prometheus scrapes pods by IP). Kubernetes expands $(POD_IP).
+ALLOWED_HOSTS: configured hosts, the ingress hosts of the component's own role (the control plane
+never accepts a gateway host name, and the other way round), localhost (probes send Host: localhost)
+and the pod's own IP (Prometheus scrapes pods by IP). Kubernetes expands $(POD_IP). Call with (list $ role).
 */}}
 {{- define "apimgmt.allowedHosts" -}}
-{{- $hosts := concat .Values.config.allowedHosts (ternary .Values.ingress.hosts (list) .Values.ingress.enabled) (list "localhost" "127.0.0.1" "$(POD_IP)") }}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $ingress := $root.Values.ingress }}
+{{- $roleHosts := ternary $ingress.gatewayHosts $ingress.controlHosts (eq $role "gateway") }}
+{{- $hosts := concat $root.Values.config.allowedHosts (ternary $roleHosts (list) $ingress.enabled) (list "localhost" "127.0.0.1" "$(POD_IP)") }}
 {{- join "," (uniq $hosts) }}
+{{- end }}
+
+{{/*
+Refuses values that would serve the gateway and the control plane on one origin: a tenant's upstream,
+reached through the gateway, could then serve HTML or Set-Cookie on the admin's origin.
+*/}}
+{{- define "apimgmt.validateIngress" -}}
+{{- $ingress := .Values.ingress }}
+{{- if or (hasKey $ingress "hosts") (hasKey $ingress "controlPaths") }}
+{{- fail "ingress.hosts and ingress.controlPaths are gone: set ingress.gatewayHosts and ingress.controlHosts (different host names; see docs/deployment.md)" }}
+{{- end }}
+{{- if $ingress.enabled }}
+{{- if not (and $ingress.gatewayHosts $ingress.controlHosts) }}
+{{- fail "ingress.enabled needs both ingress.gatewayHosts and ingress.controlHosts" }}
+{{- end }}
+{{- range $ingress.gatewayHosts }}
+{{- if has . $ingress.controlHosts }}
+{{- fail (printf "ingress: %s is both a gateway and a control host; the gateway and the control plane need different host names (see docs/deployment.md)" .) }}
+{{- end }}
+{{- end }}
+{{- range $origin := $.Values.config.csrfTrustedOrigins }}
+{{- $host := regexReplaceAll "^[a-z]+://([^/:]+).*$" $origin "${1}" }}
+{{- if has $host $ingress.gatewayHosts }}
+{{- fail (printf "config.csrfTrustedOrigins must not list the gateway host %s: pages served there come from tenants' upstreams" $host) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* env entries every app container has: the pod IP, ALLOWED_HOSTS and the role. Call with (list $ role). */}}
@@ -142,7 +174,7 @@ and the pod's own IP (Prometheus scrapes pods by IP). Kubernetes expands $(POD_I
     fieldRef:
       fieldPath: status.podIP
 - name: ALLOWED_HOSTS
-  value: {{ include "apimgmt.allowedHosts" $root | quote }}
+  value: {{ include "apimgmt.allowedHosts" (list $root $role) | quote }}
 - name: APIMGMT_ROLE
   value: {{ $role | quote }}
 {{- end }}
@@ -177,9 +209,11 @@ and the pod's own IP (Prometheus scrapes pods by IP). Kubernetes expands $(POD_I
   emptyDir:
     medium: Memory
     sizeLimit: 64Mi
+# Usage events spooled while Redis is down. emptyDir: it survives container restarts but not the
+# pod's deletion (docs/deployment.md). A pod whose spool outgrows sizeLimit is evicted.
 - name: usage-spool
   emptyDir:
-    sizeLimit: 1Gi
+    sizeLimit: {{ .Values.usageSpool.sizeLimit }}
 {{- if .Values.config.toml }}
 - name: config
   configMap:
@@ -198,11 +232,11 @@ checksum/secret: {{ include "apimgmt.secretData" . | sha256sum }}
 {{- end }}
 {{- end }}
 
-{{/* HTTP probes; Host: localhost so ALLOWED_HOSTS accepts them. Call with (dict "probe" ... "path" ...). */}}
+{{/* HTTP probes; Host: localhost so ALLOWED_HOSTS accepts them. Call with (dict "probe" ... "path" ... ["port" ...]). */}}
 {{- define "apimgmt.httpProbe" -}}
 httpGet:
   path: {{ .path }}
-  port: http
+  port: {{ .port | default "http" }}
   httpHeaders:
     - name: Host
       value: localhost
