@@ -7,10 +7,15 @@ import shutil
 import tempfile
 from typing import Any
 
-# Worker class: gevent. Measured on this 2-core machine (issue 3), gevent workers with urllib3 pools beat
-# gthread (about 3.5k vs 3.1k req/s, p99 31 vs 48 ms); re-measure with `bench/run.sh --worker-class gthread`. sync workers close keep-alive
-# connections and cap concurrency at the worker count (unfit for a proxy that waits on upstreams);
-# gthread pays a thread switch per request. gevent also lets a worker hold many slow upstream calls.
+# Worker class: gevent, chosen by benchmark on this 2-core machine (the bench/ set-up: nginx upstream, wrk against
+# the full gateway; 2 workers each, gthread with 8 threads; same code, same hour, 2 runs each):
+#   gevent:  c=64 5.3k req/s, c=1 p50 0.39 ms, ~290 µs CPU per request (user+sys)
+#   gthread: c=64 3.7k req/s, c=1 p50 0.48-0.54 ms, ~400 µs CPU per request (its sys time is twice gevent's:
+#            the poller thread hands every request to a pool thread and back)
+# Before the hot-path work of issue 3's benchmark round (urllib3 client, redis-py pipeline) the order was the
+# same (gevent 2.3-3.1k vs gthread 1.8-2.2k req/s; c=1 0.66 vs 0.74 ms). sync workers close keep-alive
+# connections and cap concurrency at the worker count (unfit for a proxy that waits on upstreams). gevent also
+# lets a worker hold many slow upstream calls. Re-measure with `bench/run.sh --worker-class gthread`.
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
 workers = int(os.environ.get("GUNICORN_WORKERS", os.environ.get("GATEWAY_WORKERS", "2")))
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))

@@ -1,7 +1,8 @@
 """The rate-limit counter layout in Redis, and a read-only look at what is left in each window.
 
-The gateway (gateway/ratelimit.py, ratelimit.lua) writes these keys; the portal
-reads them to show "quota left right now". Layout, per policy window and scope:
+The gateway (gateway/ratelimit.py, ratelimit.lua) writes these keys and takes the layout, the window
+names and the calendar arithmetic from here, so writer and reader cannot drift; the portal reads them
+to show "quota left right now". Layout, per policy window and scope:
 
 - sliding ``rate_limiting`` windows (GCRA): ``rate_limit:{<tenant>}:<policy_id>:<label>:<scope>``
   holding the theoretical arrival time in epoch microseconds;
@@ -51,6 +52,21 @@ class Remaining:
     resets_in_seconds: int  # sliding: until the bucket is full again; calendar: until the window ends
 
 
+def key_prefix(tenant_id: str, policy_id: str) -> str:
+    """The part of every counter key a policy owns; the tenant is the hash tag (one Redis Cluster slot)."""
+    return f"rate_limit:{{{tenant_id}}}:{policy_id}"
+
+
+def sliding_key(prefix: str, label: str, scope: str) -> str:
+    """A sliding (GCRA) window's key: one per policy, window and scope, holding the theoretical arrival time."""
+    return f"{prefix}:{label}:{scope}"
+
+
+def calendar_key(prefix: str, label: str, start: float, scope: str) -> str:
+    """A calendar window's key: named by the window's start, so a new window starts from zero by itself."""
+    return f"{prefix}:{label}@{int(start)}:{scope}"
+
+
 def calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
     """Start and end (epoch seconds) of the calendar window containing ``now``."""
     if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
@@ -84,7 +100,7 @@ def counter_windows(
     now: float,
 ) -> list[CounterWindow]:
     """Every window of one policy for one scope value, with the Redis key the gateway counts it under."""
-    prefix = f"rate_limit:{{{tenant_id}}}:{policy_id}"
+    prefix = key_prefix(tenant_id, policy_id)
     sliding = policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
     fields: dict[str, str] = (
         {name: label for name, (label, _) in RATE_WINDOWS.items()} if policy_type == "rate_limiting" else QUOTA_WINDOWS
@@ -99,11 +115,13 @@ def counter_windows(
             capacity = int(limit) + int(config.get("burst_size") or 0)
             interval = seconds * 1e6 / int(limit)
             windows.append(
-                CounterWindow(policy_id, policy_name, label, True, capacity, interval, 0.0, f"{prefix}:{label}:{scope}")
+                CounterWindow(
+                    policy_id, policy_name, label, True, capacity, interval, 0.0, sliding_key(prefix, label, scope)
+                )
             )
         else:
             start, end = calendar_bounds(label, tz_name, now)
-            key = f"{prefix}:{label}@{int(start)}:{scope}"
+            key = calendar_key(prefix, label, start, scope)
             windows.append(CounterWindow(policy_id, policy_name, label, False, int(limit), 0.0, end, key))
     return windows
 

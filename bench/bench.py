@@ -2,7 +2,9 @@
 
 Targets: nginx upstream direct (200-byte JSON), nginx reverse proxy, a naive Django proxy (bench/naive_proxy.py)
 and the full gateway (key auth, a two-window rate limit, usage events and metrics on) under gunicorn with the
-production gunicorn.conf.py. Each is measured with wrk -t2 -c64 -d10s and -t1 -c1 -d10s.
+production gunicorn.conf.py. Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
+the targets interleaved round by round; medians are reported, with the rps range, and the CPU time the naive
+proxy's and the gateway's processes spent per request (less sensitive to other load on a shared machine than rps).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,6 +139,40 @@ def wrk(url: str, connections: int, duration: int, headers: dict[str, str]) -> d
     }
 
 
+def tree_cpu_seconds(master_pid: int) -> float:
+    """User + system CPU of a server: its master and the master's live children (workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == master_pid or int(fields[1]) == master_pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def load_1min() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each measurement over repeated runs (each run's own numbers are kept too)."""
+    merged: dict[str, Any] = {}
+    for field in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request"):
+        values = [r[field] for r in rows if r.get(field) is not None]
+        merged[field] = statistics.median(values) if values else None
+    merged["non_2xx"] = sum(r["non_2xx"] for r in rows)
+    merged["socket_errors"] = sum(r["socket_errors"] for r in rows)
+    merged["rps_min"] = min(r["rps"] for r in rows)
+    merged["rps_max"] = max(r["rps"] for r in rows)
+    merged["runs"] = rows
+    return merged
+
+
 def rss_mib(master_pid: int) -> list[float]:
     result = []
     for entry in Path("/proc").iterdir():
@@ -153,7 +190,10 @@ def rss_mib(master_pid: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per target and concurrency, interleaved; medians are reported"
+    )
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", ""))
     parser.add_argument("--only", default="", help="comma-separated subset: direct,nginx,naive,gateway")
     options = parser.parse_args()
@@ -175,8 +215,9 @@ def main() -> None:
     if options.worker_class:
         env["GUNICORN_WORKER_CLASS"] = options.worker_class
 
+    database = os.environ.get("DATABASE_URL", "").rsplit("/", 1)[-1].split("?", 1)[0] or "apimgmt_bench"
     subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", "CREATE DATABASE apimgmt_bench"],
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{database}"'],
         capture_output=True,
         check=False,
     )
@@ -193,7 +234,7 @@ def main() -> None:
     )
     bench_key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
 
-    results: dict[str, Any] = {}
+    load_at_start = load_1min()
     targets = {
         "direct": (f"{upstream}/items/1", {}),
         "nginx": (f"http://127.0.0.1:{proxy_port}/items/1", {}),
@@ -218,7 +259,7 @@ def main() -> None:
                 "8",
             ],
             env={"NAIVE_UPSTREAM": upstream},
-        ),
+        ) as naive_proc,
         process(
             [
                 gunicorn,
@@ -236,15 +277,32 @@ def main() -> None:
     ):
         for url, headers in targets.values():
             wait_for(url, headers)
-        for name, (url, headers) in targets.items():
-            if only and name not in only:
-                continue
-            wrk(url, 64, 2, headers)  # warm-up: pools, caches, JIT-free but page-cache warm
-            results[name] = {
-                "c64": wrk(url, 64, options.duration, headers),
-                "c1": wrk(url, 1, options.duration, headers),
-            }
-            print(f"  measured {name}", file=sys.stderr)
+        servers = {"naive": naive_proc.pid, "gateway": gateway_proc.pid}
+        chosen = [name for name in targets if not only or name in only]
+        for name in chosen:
+            url, headers = targets[name]
+            wrk(url, 64, 2, headers)  # warm-up: pools, caches, page cache
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"c64": [], "c1": []} for name in chosen}
+        # Rounds interleave the targets, so a burst of load from elsewhere on this shared machine lands on
+        # every target alike instead of on whichever happened to run then; the median of the rounds is reported.
+        for round_ in range(options.repeat):
+            for name in chosen:
+                url, headers = targets[name]
+                for conns in (64, 1):
+                    cpu_before = tree_cpu_seconds(servers[name]) if name in servers else None
+                    row = wrk(url, conns, options.duration, headers)
+                    if cpu_before is not None:
+                        used = tree_cpu_seconds(servers[name]) - cpu_before
+                        # A worker recycled mid-run takes its CPU time with it; such a run reports no CPU figure.
+                        row["cpu_us_per_request"] = (
+                            round(used / row["requests"] * 1e6, 1) if used > 0 and row["requests"] else None
+                        )
+                    if not row["requests"]:
+                        print(f"  {name} c{conns}: no request completed in {options.duration} s", file=sys.stderr)
+                    row["load_1min"] = load_1min()
+                    runs[name][f"c{conns}"].append(row)
+            print(f"  round {round_ + 1}/{options.repeat} done (load {load_1min():.2f})", file=sys.stderr)
+        results = {name: {c: median_row(rows) for c, rows in by_conns.items()} for name, by_conns in runs.items()}
         gateway_rss = rss_mib(gateway_proc.pid)
 
     report = {
@@ -252,28 +310,50 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "worker_class": options.worker_class or "gevent (gunicorn.conf.py default)",
         "duration_s": options.duration,
+        "repeat": options.repeat,
+        "load_1min_at_start": load_at_start,
+        "load_1min_at_end": load_1min(),
         "results": results,
         "gateway_worker_rss_mib": gateway_rss,
     }
     if "gateway" in results and "naive" in results:
         report["gateway_vs_naive_rps_c64"] = round(results["gateway"]["c64"]["rps"] / results["naive"]["c64"]["rps"], 2)
+        report["gateway_vs_naive_rps_c64_per_round"] = [
+            round(g["rps"] / n["rps"], 2) for g, n in zip(runs["gateway"]["c64"], runs["naive"]["c64"], strict=True)
+        ]
     if "gateway" in results and "direct" in results:
         report["gateway_added_p50_ms_c1"] = round(
             results["gateway"]["c1"]["p50_ms"] - results["direct"]["c1"]["p50_ms"], 3
         )
+        report["gateway_added_p50_ms_c1_per_round"] = [
+            round(g["p50_ms"] - d["p50_ms"], 3)
+            for g, d in zip(runs["gateway"]["c1"], runs["direct"]["c1"], strict=True)
+        ]
 
     print(
-        f"\n{'target':10} {'conns':>5} {'rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'non2xx':>7} {'errors':>7} {'vs naive':>9}"
+        f"\nmedians of {options.repeat} interleaved runs of {options.duration} s each "
+        f"(1-min load {load_at_start:.2f} at start, {report['load_1min_at_end']:.2f} at end)"
+    )
+    print(
+        f"{'target':10} {'conns':>5} {'rps':>9} {'rps range':>15} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'cpu us/req':>10} {'non2xx':>7} {'errors':>7} {'vs naive':>9}"
     )
     for name, by_conns in results.items():
         for conns, row in by_conns.items():
             base = results.get("naive", {}).get(conns, {}).get("rps")
             ratio = f"{row['rps'] / base:.2f}x" if base else "-"
+            spread = f"{row['rps_min']:.0f}-{row['rps_max']:.0f}"
+            cpu = f"{row['cpu_us_per_request']:.0f}" if row.get("cpu_us_per_request") else "-"
             print(
-                f"{name:10} {conns[1:]:>5} {row['rps']:>10.0f} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
-                f"{row['non_2xx']:>7} {row['socket_errors']:>7} {ratio:>9}"
+                f"{name:10} {conns[1:]:>5} {row['rps']:>9.0f} {spread:>15} {row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} "
+                f"{cpu:>10} {row['non_2xx']:>7} {row['socket_errors']:>7} {ratio:>9}"
             )
-    for key in ("gateway_vs_naive_rps_c64", "gateway_added_p50_ms_c1"):
+    for key in (
+        "gateway_vs_naive_rps_c64",
+        "gateway_vs_naive_rps_c64_per_round",
+        "gateway_added_p50_ms_c1",
+        "gateway_added_p50_ms_c1_per_round",
+    ):
         if key in report:
             print(f"{key}: {report[key]}")
     print(f"gateway worker RSS (MiB): {', '.join(f'{r:.1f}' for r in gateway_rss)}")

@@ -70,17 +70,21 @@ class AccessLog:
             if current.filters:
                 return None
             handlers.extend(current.handlers)
-            current = current.parent if current.propagate else None  # type: ignore[assignment]
+            current = current.parent if current.propagate else None
         seen = tuple(id(h) for h in handlers)
         if seen != self._handlers_seen:
             self._handlers_seen = seen
-            self._streams = [h for h in handlers if _plain_json_stream(h)] if handlers else None
-            if self._streams is not None and len(self._streams) != len(handlers):
-                self._streams = None
+            streams: list[logging.StreamHandler[Any]] | None = [] if handlers else None
+            for handler in handlers:
+                if streams is None or not isinstance(handler, logging.StreamHandler) or not _plain_json(handler):
+                    streams = None
+                    break
+                streams.append(handler)
+            self._streams = streams
         return self._streams
 
 
-def _plain_json_stream(handler: logging.Handler) -> bool:
+def _plain_json(handler: logging.StreamHandler[Any]) -> bool:
     return (
         type(handler) is logging.StreamHandler
         and type(handler.formatter) is JsonFormatter

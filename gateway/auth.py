@@ -15,6 +15,7 @@ from django.conf import settings
 from apimgmt import keys, selectors
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
+from gateway.config import db_call
 from gateway.routing import Route
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 # once per request; short, so a key created a moment ago starts working quickly anyway.
 NEGATIVE_TTL_SECONDS = 2.0
 _NEGATIVE_MARK = "null"
+# How long a request waits for another one's lookup of the same key before looking it up itself.
+INFLIGHT_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class KeyResolver:
         # Negative entries have their own, smaller budget so a flood cannot evict the real keys.
         self.negative = _Cache(max(100, max_size // 10))
         self.lock = threading.Lock()
+        self.inflight: dict[str, threading.Event] = {}
 
     def clear(self) -> None:
         with self.lock:
@@ -107,13 +111,35 @@ class KeyResolver:
         hit, record = self.negative.get(key_hash, now)
         if hit:
             return None
-        record, cacheable = self._from_redis_or_db(key_hash, config_version)
-        if cacheable:
-            with self.lock:
-                if record is None:
-                    self.negative.put(key_hash, None, now + NEGATIVE_TTL_SECONDS)
-                else:
-                    self.positive.put(key_hash, record, now + self.ttl)
+        # One lookup per key at a time in this worker: when a popular key's entry expires under load, every
+        # request in flight would otherwise query Redis and the database at once (and, under gevent, each
+        # greenlet would hold its own pooled database connection while it waits).
+        with self.lock:
+            pending = self.inflight.get(key_hash)
+            leader = pending is None
+            if pending is None:
+                pending = self.inflight[key_hash] = threading.Event()
+        if not leader:
+            pending.wait(INFLIGHT_WAIT_SECONDS)
+            hit, record = self.positive.get(key_hash, time.monotonic())
+            if hit:
+                return record
+            hit, record = self.negative.get(key_hash, time.monotonic())
+            if hit:
+                return None
+        try:
+            record, cacheable = self._from_redis_or_db(key_hash, config_version)
+            if cacheable:
+                with self.lock:
+                    if record is None:
+                        self.negative.put(key_hash, None, now + NEGATIVE_TTL_SECONDS)
+                    else:
+                        self.positive.put(key_hash, record, now + self.ttl)
+        finally:
+            if leader:
+                with self.lock:
+                    self.inflight.pop(key_hash, None)
+                pending.set()
         return record
 
     def _from_redis_or_db(self, key_hash: str, config_version: int) -> tuple[KeyRecord | None, bool]:
@@ -129,7 +155,9 @@ class KeyResolver:
             except redis.RedisError:
                 logger.warning("key cache in Redis unavailable; reading the key from the database")
                 client = None
-        record = selectors.key_record_by_hash(key_hash)
+        # Gateway requests never reach Django's request_finished signal: give the pooled connection back now,
+        # or every thread (every greenlet under gevent) that ever missed the caches would keep one.
+        record = db_call(selectors.key_record_by_hash, key_hash)
         if client is not None:
             try:
                 if record is None:

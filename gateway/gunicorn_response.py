@@ -11,7 +11,7 @@ from gunicorn.http import wsgi
 logger = logging.getLogger(__name__)
 
 
-class CoalescingResponse(wsgi.Response):  # type: ignore[misc]
+class CoalescingResponse(wsgi.Response):
     """gunicorn's HTTP/1.1 response, but a small body leaves in the same send() as the header block.
 
     Stock gunicorn writes the header block and each body chunk separately: for a typical API answer that is two
@@ -20,6 +20,15 @@ class CoalescingResponse(wsgi.Response):  # type: ignore[misc]
     a body, chunked responses, truncation to Content-Length) is left to the stock code: only the first write of
     a non-chunked response whose bytes fit the declared length takes the combined path.
     """
+
+    # Set by gunicorn's Response.__init__ / start_response (gunicorn ships no type hints).
+    headers_sent: bool
+    chunked: bool
+    _omits_body: bool
+    response_length: int | None
+    sent: int
+    headers: list[tuple[str, str]]
+    sock: Any
 
     def write(self, arg: Any) -> None:
         if (

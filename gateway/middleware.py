@@ -24,11 +24,17 @@ class GatewayMiddleware:
             return self.get_response(request)
         status = int(result.status.split(" ", 1)[0])
         response = StreamingHttpResponse(result.body, status=status, reason=result.status[4:] or None)
+        # Django's default Content-Type is not the answer's: the upstream's (or the problem document's) replaces it,
+        # and an answer without one stays without one.
+        del response.headers["Content-Type"]
+        seen: set[str] = set()
         for name, value in result.headers:
-            if name.lower() == "set-cookie":
+            lower = name.lower()
+            if lower == "set-cookie":
                 response.cookies.load(value)
-            elif name in response.headers:
+            elif lower in seen:
                 response.headers[name] = f"{response.headers[name]}, {value}"
             else:
                 response.headers[name] = value
+                seen.add(lower)
         return response

@@ -51,6 +51,8 @@ _SET_BY_GATEWAY = frozenset(
     }
 )
 _HEADER_NAMES: dict[str, str] = {}
+# Callers whose sliding-window limits are kept ready per worker (cleared whole when full, and on config changes).
+WINDOW_CACHE_SIZE = 10_000
 
 
 def _header_name(environ_key: str) -> str:
@@ -108,6 +110,10 @@ class Gateway:
         self.keys = auth.KeyResolver()
         self.routes.on_change.append(self.keys.clear)
         self.routes.on_change.append(self._prune_resilience)
+        self._window_cache: dict[
+            tuple[str, ...], tuple[Route, list[ratelimit.Window], tuple[list[str], list[Any]]]
+        ] = {}
+        self.routes.on_change.append(self._window_cache.clear)
         self.usage = UsageRecorder()
         self.access_log = AccessLog()
         self.local_limits = ratelimit.LocalLimiter()
@@ -212,12 +218,22 @@ class Gateway:
 
         # 3. Limit (and send buffered usage events in the same round trip).
         plan_id = record.subscriptions.get(route.api_id, "")
-        windows = ratelimit.windows_for(
-            route, record, client_ip, plans.get(plan_id, []) if plan_id else [], time.time()
-        )
+        windows, script = self._windows(route, record, plan_id, plans, client_ip)
         limit_headers: list[tuple[str, str]] = []
+        pending = self._send_limits(route, windows, script) if windows else None
+        # While Redis answers: the work that does not depend on its answer (so that the reply is usually there
+        # when it is read, and the worker does not wait for it).
+        try:
+            upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
+            spec = route.spec
+            target_path = path[len(spec.base_path) :] if spec.strip_path else path
+            query = _strip_query_param(query, spec.key_query_param) if credential.source == "query" else query
+        except BaseException:
+            if isinstance(pending, tuple):
+                pending[0].abandon()
+            raise
         if windows:
-            decision = self._check_limits(route, windows)
+            decision = self._limit_decision(route, windows, pending)
             if decision.unavailable:
                 return self._error(
                     done,
@@ -287,10 +303,6 @@ class Gateway:
                 ),
             )
         body = RequestBody(environ["wsgi.input"], length, self.max_body) if (length or chunked) else None
-        upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
-        spec = route.spec
-        target_path = path[len(spec.base_path) :] if spec.strip_path else path
-        query = _strip_query_param(query, spec.key_query_param) if credential.source == "query" else query
         try:
             upstream = forward_request(
                 self.upstreams,
@@ -379,25 +391,69 @@ class Gateway:
 
     # -- steps --------------------------------------------------------------------------------------------------
 
-    def _check_limits(self, route: Route, windows: list[ratelimit.Window]) -> ratelimit.LimitDecision:
+    def _windows(
+        self, route: Route, record: KeyRecord, plan_id: str, plans: dict[str, Any], client_ip: str
+    ) -> tuple[list[ratelimit.Window], tuple[list[str], list[Any]]]:
+        """The caller's windows and the limiter script's KEYS/ARGV for them.
+
+        Sliding (GCRA) windows depend only on the route, the plan and the caller, so they are built once and
+        reused (dropped with the route table); calendar windows move with the clock and are built every time.
+        """
+        cache_key = (route.api_id, plan_id, record.key_id, record.consumer_id, client_ip)
+        cached = self._window_cache.get(cache_key)
+        if cached is not None and cached[0] is route:  # built from this very route table
+            return cached[1], cached[2]
+        plan_policies = plans.get(plan_id, []) if plan_id else []
+        windows = ratelimit.windows_for(route, record, client_ip, plan_policies, time.time())
+        script = ratelimit.script_args(windows)
+        if all(w.kind == ratelimit.GCRA for w in windows):
+            if len(self._window_cache) >= WINDOW_CACHE_SIZE:
+                self._window_cache.clear()
+            self._window_cache[cache_key] = (route, windows, script)
+        return windows, script
+
+    def _send_limits(
+        self, route: Route, windows: list[ratelimit.Window], script: tuple[list[str], list[Any]]
+    ) -> tuple[ratelimit.PendingCheck, list[dict[str, str]]] | ratelimit.LimitDecision:
+        """Send the limiter call (with the buffered usage events); a decision at once when Redis is out of reach."""
         client = get_redis()
         if client is None or not self.store.available():
             return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
-        keys, args = ratelimit.script_args(windows)
+        keys, args = script
         events = self.usage.take()
         try:
-            raw, failed = ratelimit.check_in_one_round_trip(client, keys, args, xadd_commands(events))
-            if failed:
-                logger.warning("usage events refused by Redis (%s); spooled", failed[0])
-                self.usage.spool(events)
+            return ratelimit.send_check(client, keys, args, xadd_commands(events)), events
         except redis.RedisError:
-            logger.warning("rate-limit store unavailable; applying on_store_error")
-            self.store.failed()
-            if events:
-                self.usage.spool(events)
-            return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
+            return self._store_failed(route, windows, events)
+
+    def _limit_decision(
+        self,
+        route: Route,
+        windows: list[ratelimit.Window],
+        pending: tuple[ratelimit.PendingCheck, list[dict[str, str]]] | ratelimit.LimitDecision | None,
+    ) -> ratelimit.LimitDecision:
+        if isinstance(pending, ratelimit.LimitDecision):
+            return pending
+        assert pending is not None
+        call, events = pending
+        try:
+            raw, failed = call.result()
+        except redis.RedisError:
+            return self._store_failed(route, windows, events)
+        if failed:
+            logger.warning("usage events refused by Redis (%s); spooled", failed[0])
+            self.usage.spool(events)
         blocked, results_ = ratelimit.parse_result(windows, raw)
         return ratelimit.decide(route, blocked, results_)
+
+    def _store_failed(
+        self, route: Route, windows: list[ratelimit.Window], events: list[dict[str, str]]
+    ) -> ratelimit.LimitDecision:
+        logger.warning("rate-limit store unavailable; applying on_store_error")
+        self.store.failed()
+        if events:
+            self.usage.spool(events)
+        return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
 
     def _client_ip(self, environ: dict[str, Any]) -> str:
         peer = environ.get("REMOTE_ADDR", "") or ""
@@ -427,15 +483,12 @@ class Gateway:
         request_id: str,
         client_ip: str,
     ) -> dict[str, str]:
-        drop = set(HOP_BY_HOP) | _SET_BY_GATEWAY
+        authorization = environ.get("HTTP_AUTHORIZATION", "")
+        bearer = route.spec.accept_bearer and authorization[:7].lower() == "bearer "
+        drop = _dropped_headers(route.spec.key_header, bearer)
         connection = environ.get("HTTP_CONNECTION")
         if connection:
-            drop |= {name.strip().lower() for name in connection.split(",")}
-        key_header = route.spec.key_header.lower()
-        drop.add(key_header)
-        authorization = environ.get("HTTP_AUTHORIZATION", "")
-        if route.spec.accept_bearer and authorization[:7].lower() == "bearer ":
-            drop.add("authorization")
+            drop = drop | {name.strip().lower() for name in connection.split(",")}
         headers: dict[str, str] = {}
         for key, value in environ.items():
             if key.startswith("HTTP_"):
@@ -584,6 +637,19 @@ class StreamedBody:
             response.close()  # not fully read (client went away): never reuse this connection
         response.release_conn()
         self.gateway._finish(self.done)
+
+
+_DROPPED: dict[tuple[str, bool], frozenset[str]] = {}
+
+
+def _dropped_headers(key_header: str, bearer: bool) -> frozenset[str]:
+    """Request headers never passed upstream: hop-by-hop, the gateway's own, and the credential's header."""
+    dropped = _DROPPED.get((key_header, bearer))
+    if dropped is None:
+        dropped = HOP_BY_HOP | _SET_BY_GATEWAY | {key_header.lower()} | ({"authorization"} if bearer else set())
+        if len(_DROPPED) < 1024:
+            _DROPPED[(key_header, bearer)] = dropped
+    return dropped
 
 
 def _strip_query_param(query: str, param: str) -> str:

@@ -1,4 +1,4 @@
-"""Forwarding to the upstream with urllib3: pooled connections, streamed bodies, timeouts, deadline, retries."""
+"""Forwarding to the upstream: pooled connections, streamed bodies, timeouts, deadline, retries."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
-from urllib3.response import BaseHTTPResponse
 
+from gateway import http1
 from gateway.resilience import Balancer, DeadlineReaper, DeadlineWatch
 from gateway.routing import Target
 
 logger = logging.getLogger(__name__)
+
+# Body-less idempotent requests to plain-http targets (the bulk of API traffic) go through the lean client of
+# gateway/http1.py; requests with a body, https targets and anything unusual go through urllib3.
 
 # RFC 9110 §7.6.1 hop-by-hop fields (plus the obsolete proxy ones); also every field Connection names.
 HOP_BY_HOP = frozenset(
@@ -90,7 +93,13 @@ class UpstreamError(Exception):
 
 
 class RequestBody:
-    """Streams wsgi.input to the upstream in chunks, counting bytes and enforcing the cap."""
+    """Streams wsgi.input to the upstream in chunks, counting bytes and enforcing the cap.
+
+    With a Content-Length over the cap the pipeline answers 413 before contacting the upstream. A chunked body
+    (no length) cannot be judged up front: it is streamed, and BodyTooLarge is raised as soon as the cap is
+    crossed, which aborts the upstream request mid-body (the connection is closed, so the upstream never sees
+    a complete request) and gives the client 413.
+    """
 
     def __init__(self, stream: Any, length: int | None, cap: int) -> None:
         self.stream = stream
@@ -119,8 +128,20 @@ class Upstreams:
 
     def __init__(self) -> None:
         self.pools: dict[tuple[str, str, int], HTTPConnectionPool] = {}
+        self.lean: dict[tuple[str, int], http1.Http1Pool] = {}
         self.lock = threading.Lock()
         self.reaper = DeadlineReaper()
+
+    def lean_pool(self, target: Target) -> http1.Http1Pool:
+        key = (target.host, target.port)
+        pool = self.lean.get(key)
+        if pool is None:
+            with self.lock:
+                pool = self.lean.get(key)
+                if pool is None:
+                    pool = http1.Http1Pool(target.host, target.port, POOL_MAXSIZE)
+                    self.lean[key] = pool
+        return pool
 
     def pool(self, target: Target) -> HTTPConnectionPool:
         key = (target.scheme, target.host, target.port)
@@ -137,7 +158,7 @@ class Upstreams:
 
 @dataclass
 class UpstreamResponse:
-    response: BaseHTTPResponse
+    response: Any  # urllib3's BaseHTTPResponse, or http1.Http1Response (same calls used)
     watch: DeadlineWatch
     target: Target
     started: float
@@ -171,25 +192,41 @@ def forward_request(
             remaining = watch.remaining()
             if remaining <= 0:
                 raise UpstreamError(504, "The upstream did not answer within the API's total timeout.")
-            timeout = urllib3.Timeout(connect=min(connect_timeout, remaining), read=min(read_timeout, remaining))
             url = (target.prefix + path) or "/"
             if query:
                 url += "?" + query
+            lean = (
+                body is None
+                and not chunked
+                and http1.can_send(method in IDEMPOTENT_METHODS, target.scheme, url, headers)
+            )
             try:
-                response = upstreams.pool(target).urlopen(
-                    method,
-                    url,
-                    body=body,
-                    headers=headers,
-                    retries=False,
-                    redirect=False,
-                    assert_same_host=False,
-                    timeout=timeout,
-                    preload_content=False,
-                    decode_content=False,
-                    chunked=chunked,
-                )
-            except (NewConnectionError, ConnectTimeoutError) as exc:
+                if lean:
+                    response: Any = upstreams.lean_pool(target).exchange(
+                        method,
+                        url,
+                        headers,
+                        connect_timeout=min(connect_timeout, remaining),
+                        read_timeout=min(read_timeout, remaining),
+                        watch=watch,
+                    )
+                else:
+                    response = upstreams.pool(target).urlopen(
+                        method,
+                        url,
+                        body=body,
+                        headers=headers,
+                        retries=False,
+                        redirect=False,
+                        assert_same_host=False,
+                        timeout=urllib3.Timeout(
+                            connect=min(connect_timeout, remaining), read=min(read_timeout, remaining)
+                        ),
+                        preload_content=False,
+                        decode_content=False,
+                        chunked=chunked,
+                    )
+            except (NewConnectionError, ConnectTimeoutError, http1.ConnectFailed) as exc:
                 balancer.failed(target)
                 tried.add(target.url)
                 if attempt + 1 < attempts and not (body is not None and body.started):
@@ -197,11 +234,20 @@ def forward_request(
                     # jittered pause so that a crowd of workers does not retry in lockstep.
                     time.sleep(random.uniform(0.005, 0.025) * (attempt + 1))  # noqa: S311
                     continue
-                if isinstance(exc, NewConnectionError) and not watch.expired:
+                refused = isinstance(exc, NewConnectionError) or (
+                    isinstance(exc, http1.ConnectFailed) and not exc.timed_out
+                )
+                if refused and not watch.expired:
                     raise UpstreamError(502, "The upstream refused the connection.") from exc
                 raise UpstreamError(504, "The upstream did not accept the connection in time.") from exc
             except ReadTimeoutError as exc:
                 raise UpstreamError(504, "The upstream did not answer in time.") from exc
+            except http1.ExchangeFailed as exc:
+                if exc.timed_out and not watch.expired:
+                    raise UpstreamError(504, "The upstream did not answer in time.") from exc
+                if watch.expired:
+                    raise UpstreamError(504, "The upstream did not answer within the API's total timeout.") from exc
+                raise UpstreamError(502, "The upstream closed the connection or sent an invalid response.") from exc
             except (ProtocolError, HTTPError, OSError) as exc:
                 if watch.expired:
                     raise UpstreamError(504, "The upstream did not answer within the API's total timeout.") from exc
@@ -215,17 +261,21 @@ def forward_request(
         _current_watch.reset(token)
 
 
-def response_headers(response: BaseHTTPResponse) -> list[tuple[str, str]]:
+def response_headers(response: Any) -> list[tuple[str, str]]:
     """The upstream's headers minus hop-by-hop ones (and those its Connection header names); repeats kept."""
-    raw = list(response.headers.iteritems())
+    if isinstance(response, http1.Http1Response):
+        raw = response.header_list
+        connection = ", ".join(v for n, v in raw if n.lower() == "connection")
+    else:
+        raw = list(response.headers.iteritems())
+        connection = response.headers.get("connection")
     drop = HOP_BY_HOP
-    connection = response.headers.get("connection")
     if connection:
         drop = drop | {name.strip().lower() for name in connection.split(",")}
     return [(name, value) for name, value in raw if name.lower() not in drop]
 
 
-def body_is_small(response: BaseHTTPResponse, method: str) -> bool:
+def body_is_small(response: Any, method: str) -> bool:
     if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
         return True
     length = response.length_remaining

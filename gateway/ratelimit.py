@@ -5,23 +5,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import redis
 from django.conf import settings
 
+from apimgmt import limits
 from apimgmt.selectors import KeyRecord, PolicySpec
 from gateway import metrics
 from gateway.routing import Route
 
 logger = logging.getLogger(__name__)
 
+_pack_command: Callable[..., bytes] | None
 try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - hiredis is in requirements.txt; redis-py's packer still works
@@ -30,20 +32,9 @@ except ImportError:  # pragma: no cover - hiredis is in requirements.txt; redis-
 SCRIPT = (Path(__file__).with_name("ratelimit.lua")).read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
-# Seconds per rate window of a rate_limiting policy.
-RATE_PERIODS = {
-    "requests_per_second": 1,
-    "requests_per_minute": 60,
-    "requests_per_hour": 3600,
-    "requests_per_day": 86400,
-}
-_WINDOW_LABEL = {
-    "requests_per_second": "second",
-    "requests_per_minute": "minute",
-    "requests_per_hour": "hour",
-    "requests_per_day": "day",
-    "requests_per_month": "month",
-}
+# Window names of a rate_limiting policy's config fields (the layout and arithmetic live in apimgmt.limits,
+# which the portal reads the counters with).
+_RATE_LABELS = {name: label for name, (label, _seconds) in limits.RATE_WINDOWS.items()}
 GCRA, CALENDAR = 1, 2
 # After a Redis failure, skip Redis for this long: a stalled Redis must not cost every request a timeout.
 STORE_BACKOFF_SECONDS = 0.5
@@ -85,24 +76,6 @@ class LimitDecision:
     retry_after: int = 0
 
 
-def _calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
-    if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
-        period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[label]
-        floor = float(math.floor(now / period) * period)
-        return floor, floor + period
-    tz = ZoneInfo(tz_name)
-    local = datetime.fromtimestamp(now, tz)
-    if label == "day":
-        first: date = local.date()
-        following = first + timedelta(days=1)
-    else:
-        first = local.date().replace(day=1)
-        following = (first + timedelta(days=32)).replace(day=1)
-    start = datetime(first.year, first.month, first.day, tzinfo=tz).timestamp()
-    end = datetime(following.year, following.month, following.day, tzinfo=tz).timestamp()
-    return start, end
-
-
 def _scope(extraction: str, route: Route, record: KeyRecord, client_ip: str) -> str:
     if extraction == "key_id":
         return record.key_id
@@ -124,32 +97,22 @@ def windows_for(
     for policy in (*route.policies, *plan_policies):
         config: dict[str, Any] = policy.config
         scope = _scope(config.get("key_extraction", "consumer_id"), route, record, client_ip)
-        prefix = f"rate_limit:{{{tenant}}}:{policy.id}"
+        prefix = limits.key_prefix(tenant, policy.id)
         sliding = policy.policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
-        names = RATE_PERIODS if policy.policy_type == "rate_limiting" else ("requests_per_day", "requests_per_month")
-        for name in names:
+        names = _RATE_LABELS if policy.policy_type == "rate_limiting" else limits.QUOTA_WINDOWS
+        for name, label in names.items():
             limit = config.get(name)
             if not limit:
                 continue
-            label = _WINDOW_LABEL[name]
             if sliding:
-                period = RATE_PERIODS[name]
+                period = limits.RATE_WINDOWS[name][1]
                 capacity = int(limit) + int(config.get("burst_size") or 0)
-                windows.append(
-                    Window(
-                        policy,
-                        label,
-                        GCRA,
-                        capacity,
-                        period,
-                        period * 1e6 / int(limit),
-                        0.0,
-                        f"{prefix}:{label}:{scope}",
-                    )
-                )
+                interval = period * 1e6 / int(limit)
+                key = limits.sliding_key(prefix, label, scope)
+                windows.append(Window(policy, label, GCRA, capacity, period, interval, 0.0, key))
             else:
-                start, end = _calendar_bounds(label, route.spec.tenant_timezone, now)
-                key = f"{prefix}:{label}@{int(start)}:{scope}"
+                start, end = limits.calendar_bounds(label, route.spec.tenant_timezone, now)
+                key = limits.calendar_key(prefix, label, start, scope)
                 windows.append(Window(policy, label, CALENDAR, int(limit), end - start, 0.0, end, key))
     return windows
 
@@ -309,33 +272,99 @@ def store_error_decision(route: Route, windows: list[Window], local: LocalLimite
     return decide(route, blocked, results)
 
 
-def check_in_one_round_trip(
-    client: redis.Redis, keys: list[str], args: list[Any], before: list[tuple[Any, ...]]
-) -> tuple[Any, list[redis.ResponseError]]:
-    """EVALSHA of the limiter, preceded by ``before`` (the usage XADDs), in one write and one read.
+def send_check(client: redis.Redis, keys: list[str], args: list[Any], before: list[tuple[Any, ...]]) -> PendingCheck:
+    """Write the limiter's EVALSHA, preceded by ``before`` (the usage XADDs), and return without waiting.
 
-    Returns the script's reply and the error replies of ``before``. Written on a pooled connection directly:
-    a redis-py Pipeline object costs about 10 µs of CPU per request for the same bytes on the wire. A script
-    missing from Redis (NOSCRIPT, e.g. after a restart) costs one more round trip, with EVAL. Connection
-    failures and timeouts raise redis.RedisError.
+    The caller does work that does not depend on the answer, then calls result(): by then the reply has usually
+    arrived (Redis answers in about 20 µs here), so the worker neither waits for it nor, under gevent, switches
+    to the hub and back. Written on a pooled connection directly: a redis-py Pipeline object costs about 10 µs
+    of CPU per request for the same bytes on the wire. Connection failures and timeouts raise redis.RedisError.
     """
     commands = [*before, ("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)]
-    pool = client.connection_pool
-    conn = pool.get_connection()
+    conn = _connections.get(client)
     try:
         conn.send_packed_command(_pack(conn, commands))
-        replies = [_read_reply(conn) for _ in commands]
     except BaseException:
-        conn.disconnect()  # an unread reply would be taken as the answer to the next command
+        conn.disconnect()
+        _connections.put(conn)
         raise
-    finally:
-        pool.release(conn)
-    raw = replies[-1]
-    if isinstance(raw, redis.exceptions.NoScriptError):
-        raw = client.eval(SCRIPT, len(keys), *keys, *args)
-    elif isinstance(raw, redis.ResponseError):
-        raise raw
-    return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
+    return PendingCheck(client, conn, keys, args, len(commands))
+
+
+class PendingCheck:
+    """A limiter call whose replies are still to be read; exactly one of result() or abandon() must follow."""
+
+    def __init__(self, client: redis.Redis, conn: Any, keys: list[str], args: list[Any], replies: int) -> None:
+        self.client = client
+        self.conn = conn
+        self.keys = keys
+        self.args = args
+        self.replies = replies
+
+    def result(self) -> tuple[Any, list[redis.ResponseError]]:
+        """The script's reply and the error replies of the commands sent before it.
+
+        A script missing from Redis (NOSCRIPT, e.g. after a restart) costs one more round trip, with EVAL.
+        """
+        conn = self.conn
+        try:
+            replies = [_read_reply(conn) for _ in range(self.replies)]
+        except BaseException:
+            conn.disconnect()  # an unread reply would be taken as the answer to the next command
+            raise
+        finally:
+            _connections.put(conn)
+        raw = replies[-1]
+        if isinstance(raw, redis.exceptions.NoScriptError):
+            raw = self.client.eval(SCRIPT, len(self.keys), *self.keys, *self.args)
+        elif isinstance(raw, redis.ResponseError):
+            raise raw
+        return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
+
+    def abandon(self) -> None:
+        """Drop the call unread (the request failed in between): the connection cannot be reused."""
+        self.conn.disconnect()
+        _connections.put(self.conn)
+
+
+class _Connections:
+    """The limiter's own idle connections (made by the client's pool, with its timeouts).
+
+    redis-py's pool checkout polls every connection for unexpected data before handing it out: under gevent that
+    is a poll() plus a Timeout object per request (about 20 µs). The limiter never leaves a reply unread (any
+    error disconnects), so its connections need no such check. Bounded, fork-aware, and rebuilt when the process
+    switches to another client (tests point REDIS_URL elsewhere).
+    """
+
+    MAX_IDLE = 64
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[Any] = []
+        self.client: redis.Redis | None = None
+        self.pid = 0
+
+    def get(self, client: redis.Redis) -> Any:
+        if client is not self.client or self.pid != os.getpid():
+            with self.lock:
+                stale, self.idle = self.idle, []
+                self.client, self.pid = client, os.getpid()
+            for conn in stale:
+                conn.disconnect()
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        return client.connection_pool.make_connection()
+
+    def put(self, conn: Any) -> None:
+        with self.lock:
+            if conn.pid == os.getpid() and len(self.idle) < self.MAX_IDLE:
+                self.idle.append(conn)
+                return
+        conn.disconnect()
+
+
+_connections = _Connections()
 
 
 def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:

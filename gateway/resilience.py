@@ -148,8 +148,10 @@ class DeadlineReaper:
     def watch(self, deadline: float) -> DeadlineWatch:
         watch = DeadlineWatch(deadline)
         with self.lock:
+            was_idle = not self.by_id
             self.by_id[id(watch)] = watch
-        self.wake.set()
+        if was_idle:  # the thread only waits on the event while nothing is watched
+            self.wake.set()
         if self.thread is None or not self.thread.is_alive():
             self._start()
         return watch

@@ -57,8 +57,7 @@ class UsageRecorder:
 
     def add_to_pipeline(self, pipe: Any, events: list[dict[str, str]]) -> None:
         for event in events:
-            pipe.xadd(STREAM_KEY, event)  # type: ignore[arg-type]
-
+            pipe.xadd(STREAM_KEY, event)
 
     # -- background -----------------------------------------------------------------------------------------------
 

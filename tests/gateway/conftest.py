@@ -56,7 +56,9 @@ class InProcessGateway:
         body: bytes = b"",
         remote_addr: str = "127.0.0.1",
         host: str = "testserver",
+        chunked: bool = False,
     ) -> Response:
+        """One request; ``chunked`` sends the body as gunicorn hands over a chunked upload (decoded, no length)."""
         path, _, query = target.partition("?")
         environ: dict[str, Any] = {
             "REQUEST_METHOD": method,
@@ -76,7 +78,9 @@ class InProcessGateway:
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
         }
-        if body:
+        if chunked:
+            environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+        elif body:
             environ["CONTENT_LENGTH"] = str(len(body))
         for name, value in (headers or {}).items():
             key = name.upper().replace("-", "_")

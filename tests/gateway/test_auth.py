@@ -96,14 +96,14 @@ def test_warm_request_makes_no_query_and_one_redis_round_trip(gateway, acme, ups
     for _ in range(3):  # cold: route table, key lookup, script load
         assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
 
-    sent: list[int] = []
+    sent: list[bytes] = []
     original = AbstractConnection.send_packed_command
 
     test_thread = threading.current_thread()
 
     def counting(self, command, check_health=True):
         if threading.current_thread() is test_thread:  # the background config poller is not the request
-            sent.append(1)
+            sent.append(b"".join(command) if isinstance(command, list) else command)
         return original(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
@@ -112,6 +112,9 @@ def test_warm_request_makes_no_query_and_one_redis_round_trip(gateway, acme, ups
             assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
     assert len(queries) == 0
     assert len(sent) == 5
+    # Each write carries the limiter's EVALSHA and the usage event of the request before (XADD): one round trip.
+    assert all(b"EVALSHA" in payload for payload in sent)
+    assert all(b"XADD" in payload and b"usage:events" in payload for payload in sent[1:])
 
 
 def test_unknown_keys_are_cached_briefly_so_a_flood_does_not_reach_the_database(gateway, users_api, key):

@@ -206,3 +206,79 @@ def test_one_gib_streams_both_ways_without_growing_worker_memory(live_gateway, a
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_responses_keep_their_framing_on_one_keep_alive_connection_under_gunicorn(live_gateway, acme, bob_app, bob_key):
+    # gunicorn.conf.py installs the writer that sends the header block and a small body in one send
+    # (gateway/gunicorn_response.py): answers of every shape must still parse one after another on one connection.
+    from tests.gateway.upstreams import Answer
+
+    _, key = bob_key
+    with recording_upstream() as upstream:
+        by_path = {
+            "/small": Answer(body=b'{"ok": true}'),
+            "/empty": Answer(body=b""),
+            "/204": Answer(status=204, body=b""),
+            "/big": Answer(headers=[("Content-Type", "application/octet-stream")], body=b"b" * 300_000),
+        }
+        upstream.respond = lambda seen: by_path.get(seen.path.split("?")[0], Answer(body=b"echo:" + seen.body))
+        api = publish(acme, upstream.url, strip_path=True)
+        subscribe(bob_app, api)
+        base = live_gateway + "/api/users/v1"
+        headers = {"X-API-Key": key}
+        _until(lambda: requests.get(base + "/small", headers=headers, timeout=5).status_code == 200, 10)
+        session = requests.Session()
+        for _ in range(2):
+            assert session.get(base + "/small", headers=headers, timeout=5).content == b'{"ok": true}'
+            assert session.get(base + "/empty", headers=headers, timeout=5).content == b""
+            assert session.get(base + "/204", headers=headers, timeout=5).status_code == 204
+            head = session.head(base + "/small", headers=headers, timeout=5)
+            assert head.status_code == 200 and head.content == b""
+            assert session.get(base + "/big", headers=headers, timeout=5).content == b"b" * 300_000
+
+            def chunks() -> Iterator[bytes]:  # no length: requests sends it chunked, gunicorn de-chunks it
+                yield b"part-1,"
+                yield b"part-2"
+
+            response = session.post(base + "/upload", headers=headers, data=chunks(), timeout=5)
+            assert response.status_code == 200 and response.content == b"echo:part-1,part-2"
+
+
+def test_key_cache_expiring_under_load_neither_exhausts_the_database_pool_nor_fails_requests(
+    live_env, acme, bob_app, bob_key, tmp_path
+):
+    # Production settings: pooled connections (2 here), gevent workers, a key cache that expires every second.
+    # Every expiry finds many requests in flight; each must neither keep a pooled connection (the gateway never
+    # reaches Django's request_finished) nor wait for the pool's timeout: all answers stay 200.
+    _, key = bob_key
+    env = {
+        **live_env,
+        "DB_POOL": "1",
+        "DB_POOL_SIZE": "2",
+        "DB_POOL_TIMEOUT": "2",
+        "GATEWAY_AUTH_CACHE_SECONDS": "1",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    with recording_upstream() as upstream, gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as base:
+        api = publish(acme, upstream.url)
+        subscribe(bob_app, api)
+        url = base + "/api/users/v1/x"
+        _until(lambda: requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code == 200, 10)
+        statuses: list[int] = []
+        lock = threading.Lock()
+        stop = time.monotonic() + 3.5  # three cache expiries
+
+        def client() -> None:
+            session = requests.Session()
+            while time.monotonic() < stop:
+                status = session.get(url, headers={"X-API-Key": key}, timeout=10).status_code
+                with lock:
+                    statuses.append(status)
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}

@@ -255,3 +255,33 @@ def test_refused_requests_produce_usage_events_too(gateway, users_api, redis_cli
         time.sleep(0.05)
     (entry,) = redis_client.xrange("usage:events")
     assert entry[1][b"status"] == b"401" and entry[1][b"key"] == b""
+
+
+def test_chunked_request_body_is_streamed_to_the_upstream_unchanged(gateway, users_api, upstream, key):
+    body = bytes(range(256)) * 1000  # 256 kB: several 64 kB reads, forwarded as they arrive
+    response = gateway.request("POST", "/api/users/v1/upload", headers={"X-API-Key": key}, body=body, chunked=True)
+    assert response.status == 200
+    (seen,) = upstream.seen
+    assert seen.body == body
+    assert seen.headers.get("transfer-encoding", "").lower() == "chunked"  # no length was known, none invented
+
+
+def test_chunked_body_crossing_the_cap_gets_413_and_the_upstream_never_gets_a_complete_request(
+    settings_gateway, users_api, upstream, key
+):
+    # Without a Content-Length the size is unknown until the body has been read: the gateway streams it and
+    # stops as soon as the cap is crossed. The upstream is left with a cut-off chunked message (the connection
+    # is closed, never reused), so it never sees a complete request; the client gets 413.
+    from tests.gateway.conftest import InProcessGateway
+
+    settings_gateway(MAX_BODY_BYTES=100_000)
+    gateway = InProcessGateway()
+    too_big = gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"x" * 100_001, chunked=True)
+    assert too_big.status == 413
+    assert too_big.header("Content-Type") == "application/problem+json"
+    assert "100000 bytes" in too_big.json()["detail"]
+    time.sleep(0.1)
+    assert upstream.seen == []
+    at_cap = gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"x" * 100_000, chunked=True)
+    assert at_cap.status == 200
+    assert len(upstream.seen[0].body) == 100_000

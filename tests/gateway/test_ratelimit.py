@@ -9,9 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from apimgmt import services
+from apimgmt import limits, services
 from apimgmt.redis_client import reset_redis
-from gateway import ratelimit
 from tests.gateway.conftest import publish, subscribe
 from tests.support.servers import free_port, wait_for_port
 
@@ -131,9 +130,9 @@ def test_shadow_policy_counts_but_never_blocks(gateway, acme, upstream, bob_app,
 def test_quota_day_window_follows_the_tenant_time_zone():
     # 2024-03-10 12:00 UTC is 2024-03-10 in Tokyo (UTC+9) until 15:00 UTC.
     now = 1710072000.0
-    start, end = ratelimit._calendar_bounds("day", "Asia/Tokyo", now)
+    start, end = limits.calendar_bounds("day", "Asia/Tokyo", now)
     assert start == 1710082800.0 - 86400 and end == 1710082800.0
-    start, end = ratelimit._calendar_bounds("month", "Europe/Berlin", now)
+    start, end = limits.calendar_bounds("month", "Europe/Berlin", now)
     assert end - start == 31 * 86400 - 3600  # March has a DST switch in Berlin
 
 
@@ -186,3 +185,27 @@ def test_redis_stopped_each_policy_follows_on_store_error(
     if on_store_error == "closed":
         assert responses[0].header("Retry-After") == "1"
         assert responses[0].json()["status"] == 503
+
+
+def test_portal_reads_back_exactly_what_the_gateway_counted(gateway, acme, upstream, bob_app, key):
+    # The portal's reader (apimgmt.limits) and the gateway's writer share one key layout: counts agree.
+    from apimgmt.redis_client import get_redis
+
+    sliding = _policy(acme, "sliding", {"requests_per_minute": 60, "burst_size": 0, "window_type": "sliding"})
+    quota = _policy(acme, "monthly", {"requests_per_day": 50, "requests_per_month": 500}, policy_type="quota")
+    _api_with(acme, upstream, bob_app, sliding, quota)
+    assert [r.status for r in _get(gateway, key, 3)] == [200, 200, 200]
+    windows = []
+    for policy in (sliding, quota):
+        windows += limits.counter_windows(
+            tenant_id="acme",
+            tz_name=acme.timezone,
+            policy_id=policy.id,
+            policy_name=policy.name,
+            policy_type=policy.policy_type,
+            config=policy.config,
+            scope=bob_app.id,
+            now=time.time(),
+        )
+    remaining = {(r.window.policy_id, r.window.label): r.remaining for r in limits.read_remaining(get_redis(), windows)}
+    assert remaining == {(sliding.id, "minute"): 57, (quota.id, "day"): 47, (quota.id, "month"): 497}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 
 import redis
@@ -101,3 +102,31 @@ def test_ready_reports_the_route_table(gateway, users_api):
     response = gateway.get("/ready")
     assert response.status == 200
     assert response.json()["checks"]["route_table"] == "ok"
+
+
+def test_fast_access_line_has_the_same_shape_as_every_other_json_log_line():
+    import io
+
+    from apimgmt.logs import JsonFormatter, RequestIdFilter
+    from gateway.accesslog import AccessLog
+
+    access = logging.getLogger("gateway.access")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    saved = (access.handlers[:], access.propagate, access.level)
+    access.handlers, access.propagate = [handler], False
+    access.setLevel(logging.INFO)
+    fields = {"request_id": "rid-0000001", "tenant": "acme", "status": 200, "duration_ms": 1.5, "upstream_ms": None}
+    try:
+        AccessLog().write(dict(fields))  # only JSON stream handlers: written directly
+        access.info("request", extra=dict(fields))  # the logging path, for comparison
+    finally:
+        access.handlers, access.propagate = saved[0], saved[1]
+        access.setLevel(saved[2])
+    fast, slow = (json.loads(line) for line in stream.getvalue().splitlines())
+    timestamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+    assert timestamp.match(fast.pop("time")) and timestamp.match(slow.pop("time"))
+    assert fast == slow
+    assert list(fast) == ["level", "logger", "message", "request_id", "tenant", "status", "duration_ms", "upstream_ms"]
