@@ -237,6 +237,9 @@ GATEWAY: dict[str, Any] = {
     "AUTH_CACHE_MAX_SIZE": env.int("GATEWAY_AUTH_CACHE_MAX_SIZE", default=CACHE_MAX_SIZE),
     "USAGE_SPOOL_DIR": env.str("USAGE_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")),
     "WORKERS": env.int("GATEWAY_WORKERS", default=int(_file("gateway", "workers") or 2)),
+    # Body-less idempotent requests to plain-http upstreams use the gateway's lean HTTP/1.1 client (about
+    # +80 % requests/s in make bench); false sends everything through urllib3.
+    "LEAN_HTTP1": env.bool("GATEWAY_LEAN_HTTP1", default=True),
 }
 
 # ---------------------------------------------------------------------------

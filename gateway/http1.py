@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import threading
 from collections.abc import Iterator
 
+from django.conf import settings
+
+from apimgmt.validation import is_forbidden_address
 from gateway.resilience import DeadlineWatch
 
 # Measured under wrk (issue 3 bench), urllib3 + http.client cost about a quarter of a gateway worker's CPU per
@@ -25,6 +29,24 @@ MAX_HEAD_BYTES = 64 * 1024
 RECV_SIZE = 64 * 1024
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _NO_BODY_STATUS = frozenset({204, 304})
+
+
+class ForbiddenPeer(Exception):
+    """The upstream's name now resolves to an address apimgmt refuses (loopback, private, metadata …)."""
+
+
+def reject_forbidden_peer(sock: socket.socket) -> None:
+    """Close ``sock`` and raise ForbiddenPeer when it is connected to a non-global address.
+
+    Upstream URLs are checked when an API is saved, but a name can be re-pointed later (DNS rebinding), so the
+    address actually connected to is checked again — unless UPSTREAM_ALLOW_PRIVATE allows internal upstreams.
+    """
+    if settings.UPSTREAM_ALLOW_PRIVATE:
+        return
+    address = sock.getpeername()[0]
+    if is_forbidden_address(ipaddress.ip_address(address.split("%", 1)[0])):
+        sock.close()
+        raise ForbiddenPeer(address)
 
 
 class ConnectFailed(Exception):
@@ -77,6 +99,7 @@ class Http1Pool:
             raise ConnectFailed(timed_out=True) from exc
         except OSError as exc:
             raise ConnectFailed(timed_out=False) from exc
+        reject_forbidden_peer(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 

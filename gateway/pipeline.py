@@ -227,7 +227,8 @@ class Gateway:
             upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
             spec = route.spec
             target_path = path[len(spec.base_path) :] if spec.strip_path else path
-            query = _strip_query_param(query, spec.key_query_param) if credential.source == "query" else query
+            # The API's key parameter never reaches the upstream, whichever place the credential came from.
+            query = _strip_query_param(query, spec.key_query_param) if spec.key_query_param else query
         except BaseException:
             if isinstance(pending, tuple):
                 pending[0].abandon()
@@ -603,6 +604,9 @@ class Gateway:
                     "upstream_ms": upstream_ms,
                 }
             )
+        # The request is over: later log lines of this thread or greenlet must not carry its id.
+        request_id_var.set(None)
+        client_ip_var.set(None)
 
 
 class StreamedBody:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
+from django.conf import settings
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
@@ -54,9 +55,13 @@ class _WatchedMixin:
 
     sock: Any
 
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        http1.reject_forbidden_peer(self.sock)
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         if self.sock is None:
-            self.connect()  # type: ignore[attr-defined]
+            self.connect()
         watch = _current_watch.get()
         if watch is not None and self.sock is not None:
             watch.sockets.append(self.sock)
@@ -129,6 +134,8 @@ class Upstreams:
     def __init__(self) -> None:
         self.pools: dict[tuple[str, str, int], HTTPConnectionPool] = {}
         self.lean: dict[tuple[str, int], http1.Http1Pool] = {}
+        # The lean HTTP/1.1 client can be switched off (everything then goes through urllib3).
+        self.lean_enabled = bool(settings.GATEWAY.get("LEAN_HTTP1", True))
         self.lock = threading.Lock()
         self.reaper = DeadlineReaper()
 
@@ -196,7 +203,8 @@ def forward_request(
             if query:
                 url += "?" + query
             lean = (
-                body is None
+                upstreams.lean_enabled
+                and body is None
                 and not chunked
                 and http1.can_send(method in IDEMPOTENT_METHODS, target.scheme, url, headers)
             )
@@ -226,6 +234,9 @@ def forward_request(
                         decode_content=False,
                         chunked=chunked,
                     )
+            except http1.ForbiddenPeer as exc:
+                logger.warning("upstream %s resolved to a forbidden address %s; refused", target.host, exc)
+                raise UpstreamError(502, "The upstream's address is not allowed.") from exc
             except (NewConnectionError, ConnectTimeoutError, http1.ConnectFailed) as exc:
                 balancer.failed(target)
                 tried.add(target.url)

@@ -285,3 +285,33 @@ def test_chunked_body_crossing_the_cap_gets_413_and_the_upstream_never_gets_a_co
     at_cap = gateway.request("POST", "/api/users/v1/x", headers={"X-API-Key": key}, body=b"x" * 100_000, chunked=True)
     assert at_cap.status == 200
     assert len(upstream.seen[0].body) == 100_000
+
+
+def test_upstream_name_repointed_to_a_private_address_is_refused_at_connect_time(
+    gateway, settings, acme, bob_app, key, upstream
+):
+    # Saved while allowed (or before its DNS changed); now the connected address is loopback.
+    api = _api(acme, bob_app, upstream.url)
+    settings.UPSTREAM_ALLOW_PRIVATE = False
+    for method in ("GET", "POST"):  # the lean HTTP/1.1 client and urllib3
+        response = gateway.request(
+            method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" if method == "POST" else b""
+        )
+        assert response.status == 502, method
+        assert "not allowed" in response.json()["detail"]
+    assert upstream.seen == []
+    assert api.upstream_url.startswith("http://127.0.0.1")
+
+
+def test_lean_client_can_be_switched_off(settings_gateway, users_api, upstream, key):
+    from gateway.wsgi import get_gateway, reset_gateway
+    from tests.gateway.conftest import InProcessGateway
+
+    settings_gateway(LEAN_HTTP1=False)
+    reset_gateway()
+    gw = InProcessGateway()
+    response = gw.get("/api/users/v1/x?a=1", headers={"X-API-Key": key})
+    assert response.status == 200
+    assert upstream.seen[-1].path == "/svc/x?a=1" or upstream.paths[-1].startswith("/svc/x")
+    upstreams = get_gateway().upstreams
+    assert upstreams.lean == {} and upstreams.pools
