@@ -39,6 +39,7 @@ check: $(STAMP)
 	DEBUG=0 SECRET_KEY=ci-check-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz-ABCDEFG \
 	  KEY_HASH_PEPPER=ci-check-pepper-0123456789abcdefghijklmnopqrstuvwxyz \
 	  ALLOWED_HOSTS=apimgmt.example.com SECURE_SSL_REDIRECT=1 SECURE_HSTS_SECONDS=31536000 \
+	  DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=redis://127.0.0.1:6379/9 \
 	  SECURE_HSTS_INCLUDE_SUBDOMAINS=1 SECURE_HSTS_PRELOAD=1 \
 	  $(PY) manage.py check --deploy --fail-level WARNING
 

@@ -13,7 +13,9 @@ def test_database_and_cache_metrics_are_exported(client: Client, db: object) -> 
     cache.get("anything")
     body = client.get("/metrics").content.decode()
     assert "django_db_execute_total" in body
-    assert "django_http_requests_total_by_method_total" in body or "django_http_requests_before_middlewares_total" in body
+    assert (
+        "django_http_requests_total_by_method_total" in body or "django_http_requests_before_middlewares_total" in body
+    )
     if connection.vendor == "postgresql":
         assert 'vendor="postgresql"' in body
     assert "django_cache_get_total" in body
