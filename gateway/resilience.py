@@ -8,6 +8,7 @@ probes per recovery period, and a breaker opens after ``threshold`` failures see
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -144,6 +145,7 @@ class DeadlineReaper:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.running_pid = 0
 
     def watch(self, deadline: float) -> DeadlineWatch:
         watch = DeadlineWatch(deadline)
@@ -152,7 +154,9 @@ class DeadlineReaper:
             self.by_id[id(watch)] = watch
         if was_idle:  # the thread only waits on the event while nothing is watched
             self.wake.set()
-        if self.thread is None or not self.thread.is_alive():
+        # Thread.is_alive() takes a lock (a gevent lock in workers) on every request; the thread clears this
+        # pid when its loop ends, and a forked child (another pid) starts its own.
+        if self.running_pid != os.getpid():
             self._start()
         return watch
 
@@ -166,8 +170,15 @@ class DeadlineReaper:
                 return
             self.thread = threading.Thread(target=self._run, name="deadline-reaper", daemon=True)
             self.thread.start()
+            self.running_pid = os.getpid()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.running_pid = 0
+
+    def _loop(self) -> None:
         while True:
             if not self.by_id:
                 self.wake.wait(1.0)
