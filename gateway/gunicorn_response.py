@@ -76,8 +76,12 @@ def base_environ(cfg: Any) -> dict[str, Any]:
     """gunicorn's per-request base environ, copied from one built per config.
 
     Stock gunicorn builds a new wsgi.errors wrapper per request (a logging.getLogger() call under the logging
-    lock, a scan of the error log's handlers); one wrapper per config writes to the same streams.
+    lock, a scan of the error log's handlers); one wrapper per config writes to the same streams. Only when the
+    error log is stderr: a log file's stream is replaced when gunicorn reopens its files (USR1), and a wrapper
+    kept from before would write to the closed one.
     """
+    if cfg.errorlog != "-":
+        return _stock_base_environ(cfg)
     entry = _base_environs.get(id(cfg))
     if entry is None or entry[0] is not cfg:
         entry = (cfg, _stock_base_environ(cfg))
