@@ -138,9 +138,10 @@ def test_database_connection_killed_mid_batch_loses_and_duplicates_nothing(
 def test_follow_survives_its_database_connection_being_killed_repeatedly(
     flusher_env: dict[str, str], private_redis: RedisServer, tmp_path: Path
 ) -> None:
-    events = mixed_events(3000)
+    # Enough small batches that the flush outlasts several kills even on an idle machine.
+    events = mixed_events(10000)
     emit(private_redis.client(), events)
-    proc = _follow(flusher_env, tmp_path, "--batch-size", "25")
+    proc = _follow(flusher_env, tmp_path, "--batch-size", "10")
     kills = 0
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
