@@ -171,9 +171,10 @@ def test_redis_paused_for_five_seconds_mid_run(
     flusher_env: dict[str, str], private_redis: RedisServer, tmp_path: Path
 ) -> None:
     client = private_redis.client()
-    before, after = mixed_events(2000), mixed_events(500)
+    # Small batches so that draining takes seconds and the pause surely lands mid-run, however idle the machine.
+    before, after = mixed_events(6000), mixed_events(500)
     emit(client, before)
-    proc = _follow(flusher_env, tmp_path)
+    proc = _follow(flusher_env, tmp_path, "--batch-size", "10")
     try:
         assert wait_until(lambda: stored_total() > 0, 15)
         private_redis.pause()
@@ -194,9 +195,10 @@ def test_redis_paused_for_five_seconds_mid_run(
 def test_redis_restarted_with_persistence_loses_nothing(live_env: dict[str, str], acme: Tenant, tmp_path: Path) -> None:
     with redis_server(persistent=True) as server:
         env = {**live_env, "REDIS_URL": server.url}
-        first, second = mixed_events(1500), mixed_events(300)
+        # Small batches so that draining takes seconds and the restart surely lands mid-run.
+        first, second = mixed_events(6000), mixed_events(300)
         emit(server.client(), first)
-        proc = _follow(env, tmp_path)
+        proc = _follow(env, tmp_path, "--batch-size", "10")
         try:
             assert wait_until(lambda: stored_total() > 0, 15)
             server.restart()  # mid-run: some entries pending, some not yet read
