@@ -20,7 +20,7 @@ from apimgmt.models import (
     Tenant,
     UpstreamTarget,
 )
-from apimgmt.services import MAX_OVERLAP_SECONDS
+from apimgmt.services import API_FIELDS, MAX_OVERLAP_SECONDS
 
 MAX_JSON_DEPTH = 32
 ID_FIELD_LENGTH = 32
@@ -186,34 +186,8 @@ class ApiSerializer(StrictModelSerializer):
 
     class Meta:
         model = Api
-        fields = [
-            "id",
-            "tenant_id",
-            "api_name",
-            "description",
-            "base_path",
-            "host",
-            "upstream_url",
-            "targets",
-            "strip_path",
-            "status",
-            "sunset_at",
-            "key_header",
-            "accept_bearer",
-            "key_query_param",
-            "connect_timeout",
-            "read_timeout",
-            "total_timeout",
-            "retries",
-            "cb_failure_threshold",
-            "cb_recovery_timeout",
-            "visibility",
-            "openapi_spec",
-            "subscription_approval",
-            "policies",
-            "created_at",
-            "updated_at",
-        ]
+        # The writable fields are exactly what the API services accept (one list, in services.API_FIELDS).
+        fields = ["id", "tenant_id", "status", *API_FIELDS, "targets", "policies", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
         validators: list[Any] = []
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -149,8 +149,8 @@ class UpdateMixin(mixins.UpdateModelMixin):
             updated = self.perform_service_update(obj, data)
         return self.render(self.get_queryset().get(pk=updated.pk))  # type: ignore[attr-defined]
 
-    def perform_service_update(self, obj: Any, data: dict[str, Any]) -> Any:
-        raise NotImplementedError
+    # Each viewset using this mixin supplies it: the service call that applies ``data`` to ``obj``.
+    perform_service_update: Callable[[Any, dict[str, Any]], Any]
 
 
 # ---------------------------------------------------------------------------
