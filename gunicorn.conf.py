@@ -15,8 +15,12 @@ from typing import Any
 # Before the hot-path work of issue 3's benchmark round (urllib3 client, redis-py pipeline) the order was the
 # same (gevent 2.3-3.1k vs gthread 1.8-2.2k req/s; c=1 0.66 vs 0.74 ms). sync workers close keep-alive
 # connections and cap concurrency at the worker count (unfit for a proxy that waits on upstreams). gevent also
-# lets a worker hold many slow upstream calls. Re-measure with `bench/run.sh --worker-class gthread`.
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+# lets a worker hold many slow upstream calls. gevent_pywsgi measured the same as gevent (5.5k, ~270 µs).
+# The default is gunicorn's gevent worker with a lean path for simple body-less API requests
+# (gateway/gunicorn_worker.py): 6.4-6.5k req/s and ~225 µs CPU per request against 5.3-5.4k and ~285 µs for the
+# stock gevent worker, same run. GUNICORN_WORKER_CLASS=gevent selects stock gunicorn; re-measure with
+# `bench/run.sh --worker-class gevent`.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gateway.gunicorn_worker.GatewayWorker")
 workers = int(os.environ.get("GUNICORN_WORKERS", os.environ.get("GATEWAY_WORKERS", "2")))
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))  # only used by gthread

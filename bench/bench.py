@@ -308,7 +308,7 @@ def main() -> None:
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
-        "worker_class": options.worker_class or "gevent (gunicorn.conf.py default)",
+        "worker_class": options.worker_class or "gunicorn.conf.py default (gateway.gunicorn_worker.GatewayWorker)",
         "duration_s": options.duration,
         "repeat": options.repeat,
         "load_1min_at_start": load_at_start,

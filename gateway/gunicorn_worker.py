@@ -3,24 +3,27 @@
 Under wrk, gunicorn's per-request machinery (its request parser and header policy, the environ it builds, a
 gevent Timeout per keep-alive read, config lookups, hooks and logging checks) was about a quarter of a gateway
 worker's CPU: more than the gateway's own routing, key check and rate-limit call together. This worker keeps
-everything of gunicorn's but that per-request path, and only for the requests it can read without doubt:
+everything of gunicorn's (arbiter, signals, graceful shutdown, max_requests, its Response writer) and replaces
+only that per-request path, and only for the requests it can read without doubt:
 
 * the request line is ``GET|HEAD|DELETE|OPTIONS <origin-form target> HTTP/1.1`` (or ``HTTP/1.0``), the target made
   only of RFC 3986 characters (no fragment);
-* every header line is ``token ":" value`` with visible ASCII values, each field name at most once, no
-  underscore in a name, and none of Content-Length, Transfer-Encoding, Expect, Upgrade, HTTP2-Settings or a
+* every header line is ``token ":" OWS value OWS`` with visible-ASCII values, each field at most once, no underscore
+  in a name, and none of Content-Length, Transfer-Encoding, Expect, Upgrade, TE, Trailer, HTTP2-Settings or a
   header gunicorn gives meaning to (its secure-scheme and forwarder headers);
 * the path belongs to an API (the gateway answers it).
 
-Anything else (a body, an unusual byte, a control-plane path, a parse error) is handed, bytes and all, to gunicorn's
-own loop for the rest of the connection, so gunicorn alone decides about every request that is not plainly
-well formed. The response still goes through gunicorn's Response (framing, HEAD/204/304, header checks).
+Anything else (a body, an unusual byte, a repeated field, a control-plane path, an oversized head) is handed, with
+the bytes already read, to gunicorn's own loop for the rest of the connection: gunicorn alone decides about every
+request that is not plainly well formed, and Django's requests never take the lean path. The lean path is off
+when a setting it does not implement is on (TLS, PROXY protocol, h2c, gunicorn's access log, request hooks,
+SCRIPT_NAME); ``GUNICORN_WORKER_CLASS=gevent`` selects stock gunicorn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
 import os
 import re
 import socket
@@ -29,17 +32,14 @@ from typing import Any
 import gevent
 from gunicorn import util
 from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.workers.ggevent import VERSION, GeventWorker
-
-logger = logging.getLogger(__name__)
+from gunicorn.workers.ggevent import GeventWorker
 
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|DELETE|OPTIONS) (/[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*) HTTP/1\.([01])")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*")
 # Fields that change framing or protocol, or that gunicorn itself interprets: such requests take gunicorn's path.
-_NOT_SIMPLE = frozenset(
-    {"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "UPGRADE", "HTTP2-SETTINGS", "TE", "TRAILER", "SCRIPT-NAME"}
-)
-MAX_HEAD = 8192 + 100 * 8192
+_NOT_SIMPLE = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "UPGRADE", "HTTP2-SETTINGS", "TE", "TRAILER"})
+_UNLIMITED = 1 << 20
+READ_SIZE = 65536
 
 
 class _EmptyInput:
@@ -58,21 +58,95 @@ class _EmptyInput:
         return iter(())
 
 
-_EMPTY_INPUT = _EmptyInput()
+EMPTY_INPUT = _EmptyInput()
 
 
-class _Request:
-    """What gunicorn's Response needs to know of the request."""
+class LeanRequest:
+    """A request the lean path accepted: its environ, and what gunicorn's Response needs to know of it."""
 
-    __slots__ = ("close", "method", "version")
+    __slots__ = ("close", "environ", "method", "version")
 
-    def __init__(self, method: str, version: tuple[int, int], close: bool) -> None:
+    def __init__(self, environ: dict[str, Any], method: str, version: tuple[int, int], close: bool) -> None:
+        self.environ = environ
         self.method = method
         self.version = version
         self.close = close
 
     def should_close(self) -> bool:
         return self.close
+
+
+class LeanParser:
+    """Reads a request head into the environ gunicorn would build, or refuses it (None) for gunicorn to read."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.special = _NOT_SIMPLE | {name.upper() for name in cfg.secure_scheme_headers}
+        self.special |= {name.upper().replace("_", "-") for name in cfg.forwarder_headers}
+        self.limit_line = cfg.limit_request_line or _UNLIMITED
+        self.limit_fields = cfg.limit_request_fields
+        self.limit_field_size = cfg.limit_request_field_size or _UNLIMITED
+
+    def parse(self, head: bytes, base: dict[str, Any]) -> LeanRequest | None:
+        """``head``: the bytes before the blank line; ``base``: the connection's environ entries (copied)."""
+        lines = head.split(b"\r\n")
+        if len(lines[0]) > self.limit_line or len(lines) - 1 > self.limit_fields:
+            return None
+        match = _REQUEST_LINE.fullmatch(lines[0])
+        if match is None:
+            return None
+        environ = base.copy()
+        special = self.special
+        limit = self.limit_field_size
+        connection = None
+        for line in lines[1:]:
+            header = _HEADER_LINE.fullmatch(line) if len(line) <= limit else None
+            if header is None:
+                return None
+            name = header[1].decode("ascii").upper()
+            if name in special:
+                return None
+            key = "CONTENT_TYPE" if name == "CONTENT-TYPE" else "HTTP_" + name.replace("-", "_")
+            if key in environ:
+                return None  # a repeated field: gunicorn's rules (joining, or refusing singletons) apply
+            value = header[2].decode("ascii")
+            environ[key] = value
+            if name == "CONNECTION":
+                connection = value.lower()
+        method = match[1].decode("ascii")
+        target = match[2].decode("ascii")
+        minor = int(match[3])
+        path, _sep, query = target.partition("?")
+        environ["REQUEST_METHOD"] = method
+        environ["RAW_URI"] = target
+        environ["QUERY_STRING"] = query
+        environ["PATH_INFO"] = util.unquote_to_wsgi_str(path)
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if minor else "HTTP/1.0"
+        if connection == "close":
+            close = True
+        elif connection == "keep-alive":
+            close = False
+        else:
+            close = minor == 0
+        return LeanRequest(environ, method, (1, minor), close)
+
+
+def connection_environ(cfg: Any, client: Any, addr: tuple[Any, ...], server: Any) -> dict[str, Any]:
+    """The environ entries every request of one connection shares."""
+    environ = gunicorn_wsgi.base_environ(cfg)
+    environ.update(
+        {
+            "wsgi.multithread": True,
+            "wsgi.url_scheme": "http",
+            "wsgi.input": EMPTY_INPUT,
+            "gunicorn.socket": client,
+            "REMOTE_ADDR": addr[0],
+            "REMOTE_PORT": str(addr[1]),
+            "SERVER_NAME": str(server[0]),
+            "SERVER_PORT": str(server[1]),
+            "SCRIPT_NAME": "",
+        }
+    )
+    return environ
 
 
 class _Prebuffered:
@@ -96,6 +170,8 @@ class GatewayWorker(GeventWorker):
     """gevent worker: simple API requests take a lean path; everything else is gunicorn's, unchanged."""
 
     lean: bool | None = None
+    alive: bool  # set by gunicorn's Worker
+    parser: LeanParser
 
     def _lean_possible(self) -> bool:
         """Whether this worker may take the lean path at all (decided once, on the first connection)."""
@@ -103,14 +179,9 @@ class GatewayWorker(GeventWorker):
 
         cfg = self.cfg
         hooks_default = all(
-            getattr(cfg, name).__module__ == "gunicorn.config" for name in ("pre_request", "post_request")
+            getattr(cfg, hook).__module__ == "gunicorn.config" for hook in ("pre_request", "post_request")
         )
-        self.keepalive_s = float(cfg.keepalive)
-        self.special = _NOT_SIMPLE | {name.upper() for name in cfg.secure_scheme_headers}
-        self.special |= {name.upper().replace("_", "-") for name in cfg.forwarder_headers}
-        self.limit_line = cfg.limit_request_line or MAX_HEAD
-        self.limit_fields = cfg.limit_request_fields
-        self.limit_field_size = cfg.limit_request_field_size or MAX_HEAD
+        self.parser = LeanParser(cfg)
         return (
             isinstance(self.wsgi, GatewayApplication)
             and bool(cfg.keepalive)
@@ -132,35 +203,19 @@ class GatewayWorker(GeventWorker):
         from gateway.wsgi import get_gateway
 
         gateway = get_gateway()
-        server = listener.getsockname()
-        base = gunicorn_wsgi.base_environ(self.cfg)
-        base.update(
-            {
-                "wsgi.multithread": True,
-                "wsgi.url_scheme": "http",
-                "wsgi.input": _EMPTY_INPUT,
-                "gunicorn.socket": client,
-                "REMOTE_ADDR": addr[0],
-                "REMOTE_PORT": str(addr[1]),
-                "SERVER_NAME": str(server[0]),
-                "SERVER_PORT": str(server[1]),
-                "SCRIPT_NAME": "",
-                "CONTENT_LENGTH": "",
-            }
-        )
-        base.pop("CONTENT_LENGTH")
+        base = connection_environ(self.cfg, client, addr, listener.getsockname())
+        keepalive = float(self.cfg.keepalive)
+        limit = self.parser.limit_line + self.parser.limit_fields * (self.parser.limit_field_size + 2) + 4
         buffer = b""
         handoff = False
         try:
             while self.alive:
                 end = buffer.find(b"\r\n\r\n")
-                while end < 0:
-                    if len(buffer) > MAX_HEAD:
-                        break
-                    client.settimeout(self.keepalive_s)
+                while end < 0 and len(buffer) <= limit:
+                    client.settimeout(keepalive)  # gunicorn's keep-alive timeout, only while waiting for a request
                     try:
-                        data = client.recv(65536)
-                    except (TimeoutError, socket.timeout):
+                        data = client.recv(READ_SIZE)
+                    except TimeoutError:
                         return
                     finally:
                         client.settimeout(None)
@@ -168,18 +223,17 @@ class GatewayWorker(GeventWorker):
                         return
                     buffer += data
                     end = buffer.find(b"\r\n\r\n")
-                parsed = self._parse(buffer[:end], base) if end >= 0 else None
-                if parsed is None:
+                request = self.parser.parse(buffer[:end], base) if end >= 0 else None
+                if request is None:
                     handoff = True  # an oversized or unusual head: gunicorn reads (or refuses) it
-                    break
-                environ, method, version, close = parsed
-                result = gateway.handle(environ)
+                    return
+                result = gateway.handle(request.environ)
                 if result is None:
                     handoff = True  # a control-plane path: Django, through gunicorn
-                    break
+                    return
                 buffer = buffer[end + 4 :]
-                if not self._respond(client, result, method, version, close):
-                    break
+                if not self._respond(client, request, result):
+                    return
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self.log.exception("Socket error processing request.")
@@ -188,57 +242,15 @@ class GatewayWorker(GeventWorker):
         except Exception as exc:
             self.handle_error(None, client, addr, exc)
         finally:
-            if not handoff:
+            if handoff:
+                # gunicorn serves this request and the rest of the connection, from the bytes already read.
+                super(GeventWorker, self).handle(listener, _Prebuffered(client, buffer), addr)
+            else:
                 util.close(client)
-        if handoff:
-            # gunicorn serves this request and the rest of the connection, starting from the bytes already read.
-            super(GeventWorker, self).handle(listener, _Prebuffered(client, buffer), addr)
 
-    def _parse(self, head: bytes, base: dict[str, Any]) -> tuple[dict[str, Any], str, tuple[int, int], bool] | None:
-        lines = head.split(b"\r\n")
-        if len(lines[0]) > self.limit_line or len(lines) - 1 > self.limit_fields:
-            return None
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None:
-            return None
-        environ = base.copy()
-        special = self.special
-        connection = None
-        limit = self.limit_field_size
-        for line in lines[1:]:
-            header = _HEADER_LINE.fullmatch(line) if len(line) <= limit else None
-            if header is None:
-                return None
-            name = header[1].decode("ascii").upper()
-            if name in special:
-                return None
-            key = "CONTENT_TYPE" if name == "CONTENT-TYPE" else "HTTP_" + name.replace("-", "_")
-            if key in environ:
-                return None  # a repeated field: gunicorn's rules (joining, or refusing singletons) apply
-            value = header[2].decode("ascii")
-            environ[key] = value
-            if name == "CONNECTION":
-                connection = value.lower()
-        method = match[1].decode("ascii")
-        target = match[2].decode("ascii")
-        version = (1, int(match[3]))
-        path, _sep, query = target.partition("?")
-        environ["REQUEST_METHOD"] = method
-        environ["RAW_URI"] = target
-        environ["QUERY_STRING"] = query
-        environ["PATH_INFO"] = util.unquote_to_wsgi_str(path)
-        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if version[1] else "HTTP/1.0"
-        if connection == "close":
-            close = True
-        elif connection == "keep-alive":
-            close = False
-        else:
-            close = version[1] == 0
-        return environ, method, version, close
-
-    def _respond(self, client: Any, result: Any, method: str, version: tuple[int, int], close: bool) -> bool:
+    def _respond(self, client: Any, request: LeanRequest, result: Any) -> bool:
         """Write the gateway's answer through gunicorn's Response; False when the connection must close."""
-        resp = gunicorn_wsgi.Response(_Request(method, version, close), client, self.cfg)
+        resp = gunicorn_wsgi.Response(request, client, self.cfg)
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
@@ -254,19 +266,15 @@ class GatewayWorker(GeventWorker):
         except OSError:
             raise
         except Exception:
-            if resp.headers_sent:
-                self.log.exception("Error handling request")
-                try:
-                    client.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                return False
-            raise
+            if not resp.headers_sent:
+                raise  # nothing sent yet: gunicorn's error answer (500) follows
+            # Headers are out: the only honest signal left is to cut the connection.
+            self.log.exception("Error handling request")
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            return False
         finally:
-            close_body = getattr(body, "close", None)
-            if close_body is not None:
-                close_body()
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
         return not resp.should_close()
-
-
-__all__ = ["VERSION", "GatewayWorker"]
