@@ -590,7 +590,7 @@ class Gateway:
         if route is not None:
             self.usage.record(
                 {
-                    "rid": done.request_id,
+                    "rid": self.usage.event_id(),
                     "ts": f"{time.time():.3f}",
                     "tenant": tenant,
                     "api": api,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -37,8 +39,21 @@ class UsageRecorder:
         self.thread: threading.Thread | None = None
         self.stopped = threading.Event()
         self.spool_pending = False
+        self._id_prefix = ""
+        self._id_pid = 0
+        self._ids = itertools.count()
 
     # -- hot path -------------------------------------------------------------------------------------------------
+
+    def event_id(self) -> str:
+        """A new id for a usage event, unique across workers and restarts (the flusher deduplicates by it).
+
+        Never the request id: a client may send its own X-Request-ID, and the same value on many requests would
+        otherwise make them count once.
+        """
+        if self._id_pid != os.getpid():  # a new process (forked worker): a new random prefix
+            self._id_prefix, self._id_pid, self._ids = secrets.token_hex(8), os.getpid(), itertools.count()
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def record(self, event: dict[str, str]) -> None:
         with self.lock:

@@ -229,7 +229,7 @@ def test_usage_event_is_sent_with_the_next_rate_limit_round_trip(gateway, acme, 
     gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
     entries = redis_client.xrange("usage:events")
     fields = {k.decode(): v.decode() for k, v in entries[0][1].items()}
-    assert fields["rid"] == "usage-req-0001"
+    assert fields["rid"] != "usage-req-0001"  # the event's own id: the flusher deduplicates by it
     assert fields["api"] == api.id and fields["tenant"] == "acme" and fields["consumer"] == bob_app.id
     assert fields["status"] == "200" and fields["method"] == "GET" and fields["bytes_out"] == "12"
     assert set(fields) == {
@@ -315,3 +315,20 @@ def test_lean_client_can_be_switched_off(settings_gateway, users_api, upstream, 
     assert upstream.seen[-1].path == "/svc/x?a=1" or upstream.paths[-1].startswith("/svc/x")
     upstreams = get_gateway().upstreams
     assert upstreams.lean == {} and upstreams.pools
+
+
+def test_requests_sharing_a_client_request_id_are_each_counted(gateway, acme, upstream, bob_app, key, redis_client):
+    # X-Request-ID is the client's to choose (and is passed on); usage must not be deduplicated by it.
+    from apimgmt.models import UsageRecord
+    from apimgmt.usage import UsageFlusher
+
+    api = publish(acme, upstream.url)
+    subscribe(bob_app, api)
+    for _ in range(3):
+        answer = gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Request-ID": "same-id-every-time"})
+        assert answer.status == 200 and answer.header("X-Request-ID") == "same-id-every-time"
+    from gateway.wsgi import get_gateway
+
+    get_gateway().usage.flush()
+    UsageFlusher(client=redis_client, consumer="t").flush_once(block_ms=100)
+    assert sum(r.request_count for r in UsageRecord.objects.filter(api_id=api.id)) == 3
