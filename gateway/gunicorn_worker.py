@@ -27,6 +27,7 @@ import errno
 import os
 import re
 import socket
+import sys
 from typing import Any
 
 import gevent
@@ -174,16 +175,20 @@ class GatewayWorker(GeventWorker):
     parser: LeanParser
 
     def _lean_possible(self) -> bool:
-        """Whether this worker may take the lean path at all (decided once, on the first connection)."""
-        from gateway.wsgi import GatewayApplication
+        """Whether this worker may take the lean path at all (decided once, on the first connection).
 
+        Only for apimgmt's WSGI application with the gateway mounted (gunicorn.conf.py also serves other apps,
+        such as the demo's echo upstream, which then run on gunicorn's path alone).
+        """
+        mounted = sys.modules.get("gateway.wsgi")  # imported by apimgmt.wsgi when the role includes the gateway
         cfg = self.cfg
         hooks_default = all(
             getattr(cfg, hook).__module__ == "gunicorn.config" for hook in ("pre_request", "post_request")
         )
         self.parser = LeanParser(cfg)
         return (
-            isinstance(self.wsgi, GatewayApplication)
+            mounted is not None
+            and isinstance(self.wsgi, mounted.GatewayApplication)
             and bool(cfg.keepalive)
             and not cfg.is_ssl
             and cfg.proxy_protocol == "off"

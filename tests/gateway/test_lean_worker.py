@@ -277,3 +277,16 @@ def test_a_worker_past_max_requests_says_connection_close_and_stops(worker, user
     assert _statuses(answer) == [200]
     assert b"Connection: close" in answer
     assert worker.alive is False
+
+
+def test_another_wsgi_app_under_this_worker_is_served_by_gunicorn_alone(worker, handoffs) -> None:
+    # gunicorn.conf.py is read by every gunicorn started from the project directory (the demo's echo upstream too).
+    def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"hello"]
+
+    worker.wsgi = hello
+    answer = _exchange(worker, b"GET /api/users/v1/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert _statuses(answer) == [200] and answer.endswith(b"hello")
+    assert worker.lean is False
+    assert len(handoffs) == 1
