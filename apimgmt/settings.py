@@ -276,6 +276,16 @@ PORTAL_LOGIN_ACCOUNT_FAILURES: int = env.int("PORTAL_LOGIN_ACCOUNT_FAILURES", de
 PORTAL_LOGIN_IP_FAILURES: int = env.int("PORTAL_LOGIN_IP_FAILURES", default=20)
 PORTAL_LOGIN_LOCKOUT_SECONDS: int = env.int("PORTAL_LOGIN_LOCKOUT_SECONDS", default=900)
 
+# Portal mail throttle (portal/mail_throttle.py): requests that make the portal mail someone (sign-up,
+# password reset), at most ADDRESS_LIMIT per target address per ADDRESS_WINDOW_SECONDS and IP_LIMIT per
+# client IP per IP_WINDOW_SECONDS, counted in the shared cache; over either, 429 and no mail.
+PORTAL_MAIL_ADDRESS_LIMIT: int = env.int("PORTAL_MAIL_ADDRESS_LIMIT", default=3)
+PORTAL_MAIL_ADDRESS_WINDOW_SECONDS: int = env.int("PORTAL_MAIL_ADDRESS_WINDOW_SECONDS", default=900)
+PORTAL_MAIL_IP_LIMIT: int = env.int("PORTAL_MAIL_IP_LIMIT", default=20)
+PORTAL_MAIL_IP_WINDOW_SECONDS: int = env.int("PORTAL_MAIL_IP_WINDOW_SECONDS", default=3600)
+if min(PORTAL_MAIL_ADDRESS_WINDOW_SECONDS, PORTAL_MAIL_IP_WINDOW_SECONDS) < 1:
+    raise ImproperlyConfigured("PORTAL_MAIL_*_WINDOW_SECONDS must be at least 1 (0 would switch the throttle off)")
+
 # ---------------------------------------------------------------------------
 # Internationalisation and static files
 # ---------------------------------------------------------------------------

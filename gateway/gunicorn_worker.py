@@ -9,15 +9,21 @@ only that per-request path, and only for the requests it can read without doubt:
 * the request line is ``GET|HEAD|DELETE|OPTIONS <origin-form target> HTTP/1.1`` (or ``HTTP/1.0``), the target made
   only of RFC 3986 characters (no fragment);
 * every header line is ``token ":" OWS value OWS`` with visible-ASCII values, each field at most once, no underscore
-  in a name, and none of Content-Length, Transfer-Encoding, Expect, Upgrade, TE, Trailer, HTTP2-Settings or a
-  header gunicorn gives meaning to (its secure-scheme and forwarder headers);
+  in a name (gunicorn drops or refuses those), none of Content-Length, Transfer-Encoding, Expect, Upgrade, TE,
+  Trailer, HTTP2-Settings, and within gunicorn's size limits; gunicorn's secure-scheme headers (X-Forwarded-Proto,
+  ...) set wsgi.url_scheme exactly as gunicorn does: only from peers in forwarded_allow_ips, and headers that
+  disagree go to gunicorn (400);
 * the path belongs to an API (the gateway answers it).
+
+The keep-alive timeout covers a whole request head, as gunicorn's does; a head that is already bad (a bare LF, a
+request line that cannot match, too long) goes to gunicorn at once rather than after more bytes.
 
 Anything else (a body, an unusual byte, a repeated field, a control-plane path, an oversized head) is handed, with
 the bytes already read, to gunicorn's own loop for the rest of the connection: gunicorn alone decides about every
 request that is not plainly well formed, and Django's requests never take the lean path. The lean path is off
-when a setting it does not implement is on (TLS, PROXY protocol, h2c, gunicorn's access log, request hooks,
-SCRIPT_NAME); ``GUNICORN_WORKER_CLASS=gevent`` selects stock gunicorn.
+when a setting it does not implement is on (TLS, PROXY protocol, h2c, the uwsgi protocol, gunicorn's access log or
+statsd, request hooks, SCRIPT_NAME); ``GUNICORN_WORKER_CLASS=gevent`` selects stock gunicorn. Tests compare its
+environ with gunicorn's for every request shape it accepts (tests/gateway/test_lean_worker.py).
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ import os
 import re
 import socket
 import sys
+import time
 from typing import Any
 
 import gevent
 from gunicorn import util
+from gunicorn.http import message as gunicorn_message
 from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.ggevent import GeventWorker
 
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|DELETE|OPTIONS) (/[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]*) HTTP/1\.([01])")
@@ -78,33 +87,53 @@ class LeanRequest:
 
 
 class LeanParser:
-    """Reads a request head into the environ gunicorn would build, or refuses it (None) for gunicorn to read."""
+    """Reads a request head into the environ gunicorn would build, or refuses it (None) for gunicorn to read.
+
+    Limits are gunicorn's, read the way gunicorn reads them (a field's size counts its CRLF; a request line limit
+    of 0 is unlimited and anything above 8190 is 8190; no field limit or a negative one is 32768).
+    """
 
     def __init__(self, cfg: Any) -> None:
-        self.special = _NOT_SIMPLE | {name.upper() for name in cfg.secure_scheme_headers}
-        self.special |= {name.upper().replace("_", "-") for name in cfg.forwarder_headers}
-        self.limit_line = cfg.limit_request_line or _UNLIMITED
-        self.limit_fields = cfg.limit_request_fields
-        self.limit_field_size = cfg.limit_request_field_size or _UNLIMITED
+        line = cfg.limit_request_line
+        self.limit_line = MAX_REQUEST_LINE if line < 0 or line >= MAX_REQUEST_LINE else (line or _UNLIMITED)
+        fields = cfg.limit_request_fields
+        self.limit_fields = MAX_HEADERS if fields <= 0 or fields > MAX_HEADERS else fields
+        size = cfg.limit_request_field_size
+        self.limit_field_size = size if size > 0 else DEFAULT_MAX_HEADERFIELD_SIZE
+        # The most bytes a head gunicorn would accept can have: past this, gunicorn answers it (431).
+        self.limit_head = self.limit_line + 2 + self.limit_fields * (self.limit_field_size + 2) + 4
+        # Honoured only from peers in forwarded_allow_ips, as gunicorn does.
+        self.scheme_headers: dict[str, str] = {name.upper(): value for name, value in cfg.secure_scheme_headers.items()}
 
-    def parse(self, head: bytes, base: dict[str, Any]) -> LeanRequest | None:
-        """``head``: the bytes before the blank line; ``base``: the connection's environ entries (copied)."""
-        lines = head.split(b"\r\n")
+    def incomplete_is_bad(self, buffer: bytes | bytearray) -> bool:
+        """For a head still without its blank line: True when gunicorn should answer it now, not after more bytes."""
+        if buffer.count(b"\n") != buffer.count(b"\r\n"):
+            return True  # a bare LF: gunicorn refuses it
+        first = buffer.find(b"\r\n")
+        if first < 0:
+            return len(buffer) > self.limit_line + 2
+        return _REQUEST_LINE.fullmatch(buffer, 0, first) is None
+
+    def parse(self, head: bytes | bytearray, base: dict[str, Any], trusted: bool = False) -> LeanRequest | None:
+        """``head``: the bytes before the blank line; ``base``: the connection's environ entries (copied);
+        ``trusted``: the peer may set gunicorn's secure-scheme headers (forwarded_allow_ips)."""
+        lines = bytes(head).split(b"\r\n")
         if len(lines[0]) > self.limit_line or len(lines) - 1 > self.limit_fields:
             return None
         match = _REQUEST_LINE.fullmatch(lines[0])
         if match is None:
             return None
         environ = base.copy()
-        special = self.special
-        limit = self.limit_field_size
+        scheme_headers = self.scheme_headers if trusted else {}
+        scheme = None
+        limit = self.limit_field_size - 2
         connection = None
         for line in lines[1:]:
             header = _HEADER_LINE.fullmatch(line) if len(line) <= limit else None
             if header is None:
                 return None
             name = header[1].decode("ascii").upper()
-            if name in special:
+            if name in _NOT_SIMPLE:
                 return None
             key = "CONTENT_TYPE" if name == "CONTENT-TYPE" else "HTTP_" + name.replace("-", "_")
             if key in environ:
@@ -113,6 +142,11 @@ class LeanParser:
             environ[key] = value
             if name == "CONNECTION":
                 connection = value.lower()
+            elif name in scheme_headers:
+                this = "https" if value == scheme_headers[name] else "http"
+                if scheme is not None and this != scheme:
+                    return None  # scheme headers that disagree: gunicorn answers 400
+                scheme = environ["wsgi.url_scheme"] = this
         method = match[1].decode("ascii")
         target = match[2].decode("ascii")
         minor = int(match[3])
@@ -153,13 +187,15 @@ def connection_environ(cfg: Any, client: Any, addr: tuple[Any, ...], server: Any
 class _Prebuffered:
     """The client socket, giving back the bytes already read before reading more (for gunicorn's own loop)."""
 
-    def __init__(self, sock: Any, data: bytes) -> None:
+    def __init__(self, sock: Any, data: bytes | bytearray) -> None:
         self._sock = sock
-        self._data = data
+        self._data = bytes(data)
+        self._offset = 0
 
     def recv(self, size: int, *args: Any) -> bytes:
-        if self._data:
-            data, self._data = self._data[:size], self._data[size:]
+        if self._offset < len(self._data):
+            data = self._data[self._offset : self._offset + size]
+            self._offset += len(data)
             return data
         return bytes(self._sock.recv(size, *args))
 
@@ -193,6 +229,8 @@ class GatewayWorker(GeventWorker):
             and not cfg.is_ssl
             and cfg.proxy_protocol == "off"
             and cfg.http2_cleartext == "off"
+            and cfg.protocol == "http"
+            and not cfg.statsd_host  # gunicorn's request metrics come from its access logging
             and not cfg.accesslog
             and hooks_default
             and not os.environ.get("SCRIPT_NAME")
@@ -208,16 +246,31 @@ class GatewayWorker(GeventWorker):
         from gateway.wsgi import get_gateway
 
         gateway = get_gateway()
+        parser = self.parser
         base = connection_environ(self.cfg, client, addr, listener.getsockname())
+        trusted = bool(
+            gunicorn_message._ip_in_allow_list(
+                addr[0], self.cfg.forwarded_allow_ips, self.cfg.forwarded_allow_networks()
+            )
+        )
         keepalive = float(self.cfg.keepalive)
-        limit = self.parser.limit_line + self.parser.limit_fields * (self.parser.limit_field_size + 2) + 4
-        buffer = b""
+        buffer = bytearray()
         handoff = False
         try:
-            while self.alive:
+            # Not `while self.alive`: a worker on its way out still answers the request in hand, with
+            # "Connection: close" (as gunicorn does); _respond then ends the connection.
+            while True:
                 end = buffer.find(b"\r\n\r\n")
-                while end < 0 and len(buffer) <= limit:
-                    client.settimeout(keepalive)  # gunicorn's keep-alive timeout, only while waiting for a request
+                deadline = 0.0
+                while end < 0:
+                    if len(buffer) > parser.limit_head or parser.incomplete_is_bad(buffer):
+                        break  # gunicorn answers it now (400 or 431)
+                    # gunicorn's keep-alive timeout: for the whole head, not for each read.
+                    now = time.monotonic()
+                    deadline = deadline or now + keepalive
+                    if now >= deadline:
+                        return
+                    client.settimeout(deadline - now)
                     try:
                         data = client.recv(READ_SIZE)
                     except TimeoutError:
@@ -226,9 +279,10 @@ class GatewayWorker(GeventWorker):
                         client.settimeout(None)
                     if not data:
                         return
+                    scanned = max(0, len(buffer) - 3)
                     buffer += data
-                    end = buffer.find(b"\r\n\r\n")
-                request = self.parser.parse(buffer[:end], base) if end >= 0 else None
+                    end = buffer.find(b"\r\n\r\n", scanned)
+                request = parser.parse(buffer[:end], base, trusted) if end >= 0 else None
                 if request is None:
                     handoff = True  # an oversized or unusual head: gunicorn reads (or refuses) it
                     return
@@ -236,14 +290,14 @@ class GatewayWorker(GeventWorker):
                 if result is None:
                     handoff = True  # a control-plane path: Django, through gunicorn
                     return
-                buffer = buffer[end + 4 :]
+                del buffer[: end + 4]
                 if not self._respond(client, request, result):
                     return
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self.log.exception("Socket error processing request.")
-        except gevent.GreenletExit:
-            pass
+        except (gevent.GreenletExit, SystemExit):
+            pass  # the worker is stopping (as gunicorn's gevent worker treats them)
         except Exception as exc:
             self.handle_error(None, client, addr, exc)
         finally:

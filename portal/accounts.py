@@ -7,10 +7,12 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import User
 from django.contrib.auth.views import PasswordResetConfirmView
 from django.core.mail import send_mail
 from django.db import transaction
+from django.forms import BaseForm
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -20,7 +22,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apimgmt import services
 from apimgmt.middleware import client_ip
 from apimgmt.models import TenantMembership
-from portal import lockout, tokens
+from portal import lockout, mail_throttle, tokens
 from portal.access import Portal, page, portal_page, resolve_portal
 from portal.forms import InviteForm, LoginForm, SignUpForm, TenantPasswordResetForm
 
@@ -37,6 +39,25 @@ def _send(request: HttpRequest, portal: Portal, *, to: str, template: str, conte
     body = render_to_string(template, {"tenant": portal.tenant, **context}, request=request)
     subject, _, text = body.partition("\n\n")
     send_mail(subject.strip(), text.strip() + "\n", None, [to])
+
+
+def _mail_throttled(
+    request: HttpRequest,
+    portal: Portal,
+    *,
+    template: str,
+    form: BaseForm,
+    throttle: mail_throttle.MailThrottle,
+    **context: Any,
+) -> HttpResponse:
+    """The form again, with a 429 that says when to try again; it is the same whether or not an account exists."""
+    minutes = max(1, throttle.retry_after_seconds // 60)
+    form.add_error(
+        None, f"Too many e-mails were requested for this address or from your network. Wait {minutes} minutes."
+    )
+    response = page(request, portal, template, {"form": form, **context}, status=429)
+    response["Retry-After"] = str(throttle.retry_after_seconds)
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -60,9 +81,22 @@ def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
     invited_email = invitation.email if invitation else None
     form = SignUpForm(request.POST or None, invited_email=invited_email)
     if request.method == "POST" and form.is_valid():
+        email = form.cleaned_data["email"]
+        if invitation is None:
+            # Everything the visitor sees from here on is the same whether or not the address has an account.
+            throttle = mail_throttle.check_and_count(
+                email=email, ip=_client_ip(request), purpose="signup", tenant_id=portal.tenant.id
+            )
+            if throttle.throttled:
+                return _mail_throttled(
+                    request, portal, template="portal/signup.html", form=form, throttle=throttle, invite=""
+                )
+            if _mail_existing_account(request, portal, email=email):
+                make_password(form.cleaned_data["password1"])  # the hashing a new account costs: timing tells nothing
+                return page(request, portal, "portal/signup_done.html", {"email": email})
         with transaction.atomic():
             user = form.save(commit=False)
-            user.email = form.cleaned_data["email"]
+            user.email = email
             # An invitation arrived at this address, which proves it; open sign-ups prove it by the link.
             user.is_active = invitation is not None
             user.save()
@@ -74,11 +108,44 @@ def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             messages.success(request, f"Welcome to {portal.tenant.name}! Create your first app to get a key.")
             return HttpResponseRedirect(reverse("portal:apps", args=[portal.tenant.id]))
-        token = tokens.verification_token(user=user, tenant_id=portal.tenant.id)
-        link = request.build_absolute_uri(reverse("portal:verify", args=[portal.tenant.id, token]))
-        _send(request, portal, to=user.email, template="portal/email/verify.txt", context={"user": user, "link": link})
-        return page(request, portal, "portal/signup_done.html", {"email": user.email})
+        _send_verification(request, portal, user=user)
+        return page(request, portal, "portal/signup_done.html", {"email": email})
     return page(request, portal, "portal/signup.html", {"form": form, "invite": invite_token})
+
+
+def _send_verification(request: HttpRequest, portal: Portal, *, user: User) -> None:
+    token = tokens.verification_token(user=user, tenant_id=portal.tenant.id)
+    link = request.build_absolute_uri(reverse("portal:verify", args=[portal.tenant.id, token]))
+    _send(request, portal, to=user.email, template="portal/email/verify.txt", context={"user": user, "link": link})
+
+
+def _mail_existing_account(request: HttpRequest, portal: Portal, *, email: str) -> bool:
+    """Has the address an account? Then mail it (never the visitor) about this sign-up; nothing else changes."""
+    accounts = User.objects.filter(email__iexact=email).order_by("pk")
+    member = accounts.filter(is_active=True, memberships__tenant=portal.tenant).first()
+    if member is not None:
+        context = {
+            "user": member,
+            "member": True,
+            "login_link": request.build_absolute_uri(reverse("portal:login", args=[portal.tenant.id])),
+            "reset_link": request.build_absolute_uri(reverse("portal:password_reset", args=[portal.tenant.id])),
+        }
+        _send(request, portal, to=member.email, template="portal/email/signup_existing.txt", context=context)
+        return True
+    # Signed up, never confirmed: "sign up again", as the done page advises, sends the link again. The account's
+    # user name and password stay as first chosen; a visitor cannot change them by signing up over it.
+    pending = accounts.filter(
+        is_active=False, last_login__isnull=True, is_staff=False, memberships__isnull=True
+    ).first()
+    if pending is not None:
+        _send_verification(request, portal, user=pending)
+        return True
+    other = accounts.first()  # active elsewhere, or switched off here by an admin
+    if other is None:
+        return False
+    context = {"user": other, "member": False}
+    _send(request, portal, to=other.email, template="portal/email/signup_existing.txt", context=context)
+    return True
 
 
 @require_http_methods(["GET", "POST"])
@@ -174,6 +241,14 @@ def logout_view(request: HttpRequest, portal: Portal) -> HttpResponse:
 def password_reset(request: HttpRequest, portal: Portal) -> HttpResponse:
     form = TenantPasswordResetForm(request.POST or None, tenant=portal.tenant)
     if request.method == "POST" and form.is_valid():
+        throttle = mail_throttle.check_and_count(
+            email=form.cleaned_data["email"],
+            ip=_client_ip(request),
+            purpose="password_reset",
+            tenant_id=portal.tenant.id,
+        )
+        if throttle.throttled:
+            return _mail_throttled(request, portal, template="portal/password_reset.html", form=form, throttle=throttle)
         form.save(
             request=request,
             use_https=request.is_secure(),

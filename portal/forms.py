@@ -47,7 +47,9 @@ class SignUpForm(UserCreationForm):
     def clean_email(self) -> str:
         email = self.invited_email or self.cleaned_data["email"]
         email = email.strip().lower()
-        if User.objects.filter(email__iexact=email).exists():
+        # An open sign-up never says whether an address has an account (the view mails the address's owner
+        # instead). An invited one may: only whoever reads that mailbox holds the invitation link.
+        if self.invited_email and User.objects.filter(email__iexact=email).exists():
             raise ValidationError("An account with this e-mail already exists. Sign in, or reset its password.")
         return email
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from django.db import close_old_connections
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.http.errors import InvalidSchemeHeaders, LimitRequestLine
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.base_async import AsyncWorker
@@ -64,7 +66,6 @@ REFUSED = {
     "non-ascii value": b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: caf\xc3\xa9",
     "control byte in value": b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: a\x00b",
     "bare LF": b"GET /x HTTP/1.1\nHost: h",
-    "secure scheme header": b"GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https",
     "fragment": b"GET /x#frag HTTP/1.1\r\nHost: h",
     "absolute form": b"GET http://h/x HTTP/1.1\r\nHost: h",
     "asterisk form": b"OPTIONS * HTTP/1.1\r\nHost: h",
@@ -76,6 +77,8 @@ REFUSED = {
     "leading empty line": b"\r\nGET /x HTTP/1.1\r\nHost: h",
     "long request line": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: h",
     "too many fields": b"GET /x HTTP/1.1\r\n" + b"\r\n".join(b"X-%d: v" % i for i in range(101)),
+    # gunicorn counts a field's CRLF against limit_request_field_size (8190): 8189 bytes + CRLF is too long.
+    "field one byte over the limit": b"GET /x HTTP/1.1\r\nX-Big: " + b"v" * (8189 - len(b"X-Big: ")),
 }
 
 
@@ -116,10 +119,59 @@ def test_anything_not_plainly_simple_is_left_to_gunicorn(raw: bytes) -> None:
     assert LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER)) is None
 
 
-def test_configured_forwarder_headers_are_left_to_gunicorn() -> None:
-    cfg = _cfg(forwarder_headers="SCRIPT_NAME,PATH_INFO,X_SPECIAL")
-    raw = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Special: 1"
-    assert LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER)) is None
+def test_the_largest_field_gunicorn_accepts_takes_the_lean_path() -> None:
+    cfg = _cfg()
+    raw = b"GET /x HTTP/1.1\r\nX-Big: " + b"v" * (8188 - len(b"X-Big: "))
+    assert LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER)) is not None
+    _stock(raw, cfg)  # and gunicorn accepts it too
+
+
+@pytest.mark.parametrize(
+    ("limits", "line_length", "accepted"),
+    [
+        ({"limit_request_line": 20000}, 10_000, False),  # gunicorn caps the request line at 8190
+        ({"limit_request_line": 0}, 10_000, True),  # 0: no limit
+        ({"limit_request_line": 100}, 101, False),
+        ({"limit_request_line": 100}, 100, True),
+    ],
+)
+def test_request_line_limits_are_read_as_gunicorn_reads_them(limits: Any, line_length: int, accepted: bool) -> None:
+    cfg = _cfg(**limits)
+    raw = b"GET /" + b"a" * (line_length - len(b"GET / HTTP/1.1")) + b" HTTP/1.1\r\nHost: h"
+    assert len(raw.split(b"\r\n")[0]) == line_length
+    assert (LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER)) is not None) is accepted
+    if accepted:
+        _stock(raw, cfg)
+    else:
+        with pytest.raises(LimitRequestLine):
+            _stock(raw, cfg)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted proxy", "untrusted peer"])
+@pytest.mark.parametrize(
+    "headers",
+    [b"X-Forwarded-Proto: https", b"X-Forwarded-Proto: http", b"X-Forwarded-Ssl: on\r\nX-Forwarded-Proto: https"],
+)
+def test_secure_scheme_headers_count_only_from_trusted_proxies_as_in_gunicorn(trusted: bool, headers: bytes) -> None:
+    cfg = _cfg(forwarded_allow_ips="10.1.2.3" if trusted else "127.0.0.1")
+    raw = b"GET /x HTTP/1.1\r\nHost: h\r\n" + headers
+    lean = LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER), trusted)
+    assert lean is not None
+    stock, _close = _stock(raw, cfg)
+    assert lean.environ["wsgi.url_scheme"] == stock["wsgi.url_scheme"]
+    assert lean.environ["HTTP_X_FORWARDED_PROTO"] == stock["HTTP_X_FORWARDED_PROTO"]
+    if trusted and headers == b"X-Forwarded-Proto: https":
+        assert lean.environ["wsgi.url_scheme"] == "https"
+    if not trusted:
+        assert lean.environ["wsgi.url_scheme"] == "http"
+
+
+def test_disagreeing_scheme_headers_from_a_trusted_proxy_go_to_gunicorn() -> None:
+    cfg = _cfg(forwarded_allow_ips="10.1.2.3")
+    raw = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off"
+    assert LeanParser(cfg).parse(raw, connection_environ(cfg, None, PEER, SERVER), True) is None
+    with pytest.raises(InvalidSchemeHeaders):
+        _stock(raw, cfg)
 
 
 # -- the worker on a real socket, the gateway in-process ----------------------------------------------------------
@@ -290,3 +342,51 @@ def test_another_wsgi_app_under_this_worker_is_served_by_gunicorn_alone(worker, 
     assert _statuses(answer) == [200] and answer.endswith(b"hello")
     assert worker.lean is False
     assert len(handoffs) == 1
+
+
+def test_a_slow_head_gets_the_keepalive_timeout_for_the_whole_head_not_per_read(worker, users_api, key) -> None:
+    # A client trickling one byte at a time must not hold the connection past the keep-alive timeout (2 s here).
+    ours, theirs = socket.socketpair()
+    request = b"GET /api/users/v1/a HTTP/1.1\r\nX-API-Key: " + key.encode() + b"\r\n\r\n"
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in request:
+            if stop.wait(0.3):
+                return
+            try:
+                ours.send(bytes([byte]))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    worker.handle(_Listener(), theirs, PEER)
+    elapsed = time.monotonic() - started
+    stop.set()
+    sender.join()
+    assert 1.9 <= elapsed < 3
+    ours.settimeout(1)
+    assert ours.recv(65536) == b""  # closed without an answer, as gunicorn does
+    ours.close()
+
+
+def test_a_head_with_bare_line_feeds_is_refused_at_once(worker, handoffs, users_api, upstream) -> None:
+    ours, theirs = socket.socketpair()
+    ours.sendall(b"GET /api/users/v1/a HTTP/1.1\nHost: h\n\n")  # the connection stays open
+    started = time.monotonic()
+    worker.handle(_Listener(), theirs, PEER)
+    assert time.monotonic() - started < 1  # not after the keep-alive timeout (2 s)
+    ours.settimeout(1)
+    assert _statuses(ours.recv(65536)) == [400]
+    assert upstream.seen == [] and len(handoffs) == 1
+    ours.close()
+
+
+def test_a_worker_on_its_way_out_still_answers_the_request_in_hand(worker, users_api, upstream, key) -> None:
+    worker.alive = False  # e.g. SIGTERM arrived, or max_requests reached on another connection
+    request = b"GET /api/users/v1/a HTTP/1.1\r\nX-API-Key: " + key.encode() + b"\r\n\r\n"
+    answer = _exchange(worker, request * 2)
+    assert _statuses(answer) == [200]  # answered, then the connection closes
+    assert b"Connection: close" in answer

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
 from django.core import mail
+from django.core.cache import cache
 from django.test import Client
 
 from apimgmt import services
 from apimgmt.models import Api, Plan, Tenant
+
+
+@pytest.fixture(autouse=True)
+def clean_cache() -> Iterator[None]:
+    """Lockout and mail-throttle counters start at zero in every test, with or without REDIS_URL."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture
