@@ -12,9 +12,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apimgmt.settings")
 django.setup()
 
 from apimgmt import services  # noqa: E402
+from apimgmt.models import Api, Policy, Tenant  # noqa: E402
 from apimgmt.redis_client import get_redis  # noqa: E402
 from gateway.usage import STREAM_KEY  # noqa: E402
-from apimgmt.models import Api, Policy, Tenant  # noqa: E402
 
 
 def main(upstream: str) -> None:
