@@ -399,6 +399,10 @@ class ApiForm(forms.ModelForm):
 @admin.register(Api)
 class ApiAdmin(TenantScopedAdmin):
     form = ApiForm
+
+    class Media:
+        css = {"all": ("apimgmt/admin.css",)}
+
     list_display = [
         "api_name",
         "tenant",
@@ -446,8 +450,8 @@ class ApiAdmin(TenantScopedAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Api) -> str:
-        colours = {"active": "#2e7d32", "deprecated": "#ef6c00", "draft": "#607d8b", "retired": "#9e9e9e"}
-        return format_html('<b style="color:{}">{}</b>', colours.get(obj.status, "#000"), obj.get_status_display())
+        # Coloured by apimgmt/admin.css (ApiAdmin.Media): the control plane's CSP refuses inline styles.
+        return format_html('<b class="api-status api-status-{}">{}</b>', obj.status, obj.get_status_display())
 
     def save_model(self, request: HttpRequest, obj: Api, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data

@@ -126,6 +126,8 @@ MIDDLEWARE = [
     "apimgmt.middleware.RequestContextMiddleware",
     # Counts and times every request that reaches Django (the gateway has its own metrics).
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    # Content-Security-Policy and Permissions-Policy on every control-plane response (never the gateway's).
+    "apimgmt.middleware.SecurityHeadersMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ (admin, portal, API docs) from the app itself, with far-future caching headers.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -266,6 +268,31 @@ if env.bool("USE_X_FORWARDED_PROTO", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# Over HTTPS the cookies carry the __Host- prefix: the browser then takes them only with Secure, Path=/ and no
+# Domain, so a sibling subdomain cannot plant a session or CSRF cookie. Plain names over http (development),
+# where browsers refuse __Host- cookies.
+SESSION_COOKIE_NAME = "__Host-sessionid" if SESSION_COOKIE_SECURE else "sessionid"
+CSRF_COOKIE_NAME = "__Host-csrftoken" if CSRF_COOKIE_SECURE else "csrftoken"
+
+
+def _csp_sources(value: str) -> dict[str, list[str]]:
+    """CSP_EXTRA in policy syntax, "img-src https://cdn.example.com; connect-src https://sentry.example.com"."""
+    extra: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in value.split(";"))):
+        directive, *sources = part.split()
+        if not re.fullmatch(r"[a-z]+(-[a-z]+)*", directive) or not sources or any("," in s for s in sources):
+            raise ImproperlyConfigured(f"CSP_EXTRA: {part!r} is not '<directive> <source> …'")
+        extra.setdefault(directive, []).extend(sources)
+    return extra
+
+
+# Content-Security-Policy of the control plane (apimgmt/middleware.py holds the strict default): CSP_EXTRA adds
+# sources per directive, CSP_REPORT_URI a report-uri; CSP_REPORT_ONLY=1 only reports (to try a change out).
+CSP_EXTRA: dict[str, list[str]] = _csp_sources(env.str("CSP_EXTRA", default=""))
+CSP_REPORT_URI: str = env.str("CSP_REPORT_URI", default="")
+CSP_REPORT_ONLY: bool = env.bool("CSP_REPORT_ONLY", default=False)
 
 LOGIN_URL = "/admin/login/"
 
