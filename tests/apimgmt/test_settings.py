@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.settings_probe import run_python
+
 ROOT = Path(__file__).resolve().parents[2]
 PROD = {
     "DEBUG": "0",
@@ -20,15 +22,7 @@ PROD = {
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in PROD and not k.startswith(("DJANGO", "APIMGMT", "PYTEST"))}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**base, "DJANGO_SETTINGS_MODULE": "apimgmt.settings", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_python(code, env, drop=set(PROD))
 
 
 def _settings(env: dict[str, str], *names: str) -> dict[str, object]:

@@ -23,17 +23,15 @@ from django.core.management import get_commands
 import apimgmt.echo
 from apimgmt import services
 from apimgmt.models import Api, Tenant
-from tests.support.servers import ROOT, gunicorn, wsgi_server
+from tests.support.browser import app_and_browser, publish_echo_api, require_chromium
+from tests.support.servers import ROOT, wsgi_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PASSWORD = "journey-pass-phrase-2024"
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)", allow_module_level=True)
+require_chromium()
+playwright_sync = pytest.importorskip("playwright.sync_api")
 
 
 class Shots:
@@ -56,27 +54,7 @@ def demo(transactional_db: Any, settings: Any) -> Iterator[tuple[Tenant, Api]]:
     with wsgi_server(apimgmt.echo.app) as echo_url:
         tenant = services.tenant_create(id="demo", name="Demo Co", open_signup=True, actor=None)
         services.plan_create(tenant=tenant, name="Free", description="Auto-approved", actor=None)
-        api = services.api_create(
-            tenant=tenant,
-            api_name="Echo",
-            description="Answers with the request it received. Good for a first call.",
-            base_path="/echo",
-            upstream_url=echo_url,
-            status="active",
-            openapi_spec={
-                "openapi": "3.0.3",
-                "info": {"title": "Echo", "version": "1.0"},
-                "paths": {
-                    "/hello": {
-                        "get": {
-                            "summary": "Echo the request",
-                            "responses": {"200": {"description": "The request, as JSON"}},
-                        }
-                    }
-                },
-            },
-            actor=None,
-        )
+        api = publish_echo_api(tenant, echo_url)
         yield tenant, api
 
 
@@ -114,17 +92,7 @@ def test_a_developer_goes_from_sign_up_to_a_first_call_and_back(
     }
     print(f"screenshots: {shots_dir}")
     skipped: list[str] = []
-    with (
-        gunicorn(
-            env,
-            app="tests.portal.static_wsgi:application",
-            workers=2,
-            extra_args=["--config", str(ROOT / "gunicorn.conf.py")],
-            log_path=tmp_path / "gunicorn.log",
-        ) as base,
-        playwright_sync.sync_playwright() as pw,
-    ):
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with app_and_browser(env, tmp_path / "gunicorn.log") as (base, browser):
         page = browser.new_page(viewport={"width": 1200, "height": 800})
         page.set_default_timeout(10000)
         shot = Shots(page, shots_dir)
@@ -242,6 +210,5 @@ def test_a_developer_goes_from_sign_up_to_a_first_call_and_back(
         page.reload()
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         shot("app-on-a-phone")
-        browser.close()
     if skipped:
         pytest.skip("; ".join(skipped))

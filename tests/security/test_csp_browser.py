@@ -21,17 +21,15 @@ from django.contrib.auth.models import User
 import apimgmt.echo
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Tenant
-from tests.support.servers import ROOT, gunicorn, wsgi_server
+from tests.support.browser import app_and_browser, publish_echo_api, require_chromium
+from tests.support.servers import wsgi_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PASSWORD = "csp-pass-phrase-2024"
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)", allow_module_level=True)
+require_chromium()
+playwright_sync = pytest.importorskip("playwright.sync_api")
 
 # Reports every violation to the test, from the first script of each document on.
 LISTEN_FOR_VIOLATIONS = """
@@ -90,22 +88,7 @@ def cast(transactional_db: Any, settings: Any) -> Iterator[Cast]:
             tenant=tenant, name="daily", policy_type="quota", config={"requests_per_day": 4}, actor=None
         )
         plan = services.plan_create(tenant=tenant, name="Free", policies=[quota], actor=None)
-        api = services.api_create(
-            tenant=tenant,
-            api_name="Echo",
-            description="Answers with the request it received.",
-            base_path="/echo",
-            upstream_url=echo_url,
-            status="active",
-            openapi_spec={
-                "openapi": "3.0.3",
-                "info": {"title": "Echo", "version": "1.0"},
-                "paths": {
-                    "/hello": {"get": {"summary": "Echo the request", "responses": {"200": {"description": "ok"}}}}
-                },
-            },
-            actor=None,
-        )
+        api = publish_echo_api(tenant, echo_url)
         developer = User.objects.create_user("grace", "grace@example.com", PASSWORD)
         services.membership_set(tenant=tenant, user=developer, role="developer", actor=None)
         app = services.consumer_create(tenant=tenant, name="grace-weather", owner=developer, actor=developer)
@@ -131,17 +114,10 @@ def test_control_plane_pages_work_without_a_single_csp_violation(
 ) -> None:
     complaints = Complaints()
     expect = playwright_sync.expect
-    with (
-        gunicorn(
-            {**live_env, "USAGE_SPOOL_DIR": str(tmp_path / "spool"), "GATEWAY_CONFIG_POLL_SECONDS": "0.1"},
-            app="tests.portal.static_wsgi:application",
-            workers=2,
-            extra_args=["--config", str(ROOT / "gunicorn.conf.py")],
-            log_path=tmp_path / "gunicorn.log",
-        ) as base,
-        playwright_sync.sync_playwright() as pw,
-    ):
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with app_and_browser(
+        {**live_env, "USAGE_SPOOL_DIR": str(tmp_path / "spool"), "GATEWAY_CONFIG_POLL_SECONDS": "0.1"},
+        tmp_path / "gunicorn.log",
+    ) as (base, browser):
         context = browser.new_context(
             viewport={"width": 1200, "height": 800}, permissions=["clipboard-read", "clipboard-write"]
         )
@@ -241,4 +217,3 @@ def test_control_plane_pages_work_without_a_single_csp_violation(
         # ReDoc asks Google Fonts for a stylesheet and Redocly's CDN for a logo; both are blocked on purpose.
         third_party = ("fonts.googleapis.com", "cdn.redoc.ly")
         assert [c for c in complaints.take() if not any(host in c for host in third_party)] == []
-        browser.close()

@@ -4,9 +4,6 @@ exceptions for the API docs, none of it on the gateway's answers; __Host- cookie
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from apimgmt.settings import _csp_sources
 from gateway.wsgi import reset_gateway
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, Recorder, recording_upstream
+from tests.support.settings_probe import run_python
 
 pytestmark = pytest.mark.django_db  # every request passes the gateway's route table first
 
@@ -203,15 +201,7 @@ PROD = {
 def _cookie_settings(env: dict[str, str]) -> dict[str, str]:
     names = ("SESSION_COOKIE_NAME", "CSRF_COOKIE_NAME", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")
     code = f"import json; from django.conf import settings as s; print(json.dumps({{n: getattr(s, n) for n in {names!r}}}))"
-    base = {k: v for k, v in os.environ.items() if k not in PROD and not k.startswith(("DJANGO", "APIMGMT", "PYTEST"))}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**base, "DJANGO_SETTINGS_MODULE": "apimgmt.settings", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_python(code, env, drop=set(PROD))
     assert result.returncode == 0, result.stderr
     values: dict[str, str] = json.loads(result.stdout.strip().splitlines()[-1])
     return values
