@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.urls import URLPattern, URLResolver, include, path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 from rest_framework.routers import SimpleRouter
 
 from apimgmt.api import views
@@ -26,7 +26,9 @@ v1: list[URLPattern | URLResolver] = [
 urlpatterns: list[URLPattern | URLResolver] = [
     path("v1/", include((v1, "mgmt"), namespace="mgmt")),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[]), name="mgmt-schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-docs"),
+    # The split view serves Swagger UI's start-up script from docs/?script= rather than inline, so the page runs
+    # under the control plane's script-src 'self' (apimgmt/middleware.py).
+    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="mgmt-schema", permission_classes=[]), name="mgmt-redoc"),
     # Last: any other /mgmt/ URL answers a problem+json 404 rather than Django's HTML page.
     re_path(r"^", views.route_not_found, name="mgmt-not-found"),
