@@ -124,6 +124,33 @@ class TenantScopedAdmin(NotFoundAdmin):
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
+class ServiceDeleteAdmin(TenantScopedAdmin):
+    """Delete one object at a time through its service (refusal rules, audit event, gateways told).
+
+    An object the service would refuse (a live API, a plan with subscriptions, a policy in use) shows no delete
+    button and its delete page answers 403; the bulk "delete selected" action, which would bypass the service,
+    is off.
+    """
+
+    def delete_refusal(self, obj: Any) -> str | None:
+        raise NotImplementedError
+
+    def delete_through_service(self, request: HttpRequest, obj: Any) -> None:
+        raise NotImplementedError
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)
+        return allowed and (obj is None or self.delete_refusal(obj) is None)
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        self.delete_through_service(request, obj)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+
 # ---------------------------------------------------------------------------
 # Tenants and memberships
 # ---------------------------------------------------------------------------
@@ -274,7 +301,7 @@ class PolicyForm(forms.ModelForm):
 
 
 @admin.register(Policy)
-class PolicyAdmin(TenantScopedAdmin):
+class PolicyAdmin(ServiceDeleteAdmin):
     form = PolicyForm
     list_display = ["name", "tenant", "policy_type", "mode", "on_store_error", "summary", "updated_at"]
     list_filter = ["policy_type", "mode", "on_store_error", "tenant"]
@@ -285,6 +312,12 @@ class PolicyAdmin(TenantScopedAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Policy | None = None) -> list[str]:
         base = list(self.readonly_fields)
         return [*base, "tenant", "policy_type"] if obj else base
+
+    def delete_refusal(self, obj: Policy) -> str | None:
+        return services.policy_delete_refusal(obj)
+
+    def delete_through_service(self, request: HttpRequest, obj: Policy) -> None:
+        services.policy_delete(policy=obj, actor=request.user)
 
     @admin.display(description="limits")
     def summary(self, obj: Policy) -> str:
@@ -318,7 +351,7 @@ class PolicyAdmin(TenantScopedAdmin):
 
 
 @admin.register(Plan)
-class PlanAdmin(TenantScopedAdmin):
+class PlanAdmin(ServiceDeleteAdmin):
     list_display = ["name", "tenant", "approval", "policy_list", "subscriber_count"]
     list_filter = ["approval", "tenant"]
     search_fields = ["id", "name", "tenant__id"]
@@ -333,6 +366,12 @@ class PlanAdmin(TenantScopedAdmin):
             .prefetch_related("policies")
             .annotate(_subs=Count("subscriptions", filter=Q(subscriptions__status="active")))
         )
+
+    def delete_refusal(self, obj: Plan) -> str | None:
+        return services.plan_delete_refusal(obj)
+
+    def delete_through_service(self, request: HttpRequest, obj: Plan) -> None:
+        services.plan_delete(plan=obj, actor=request.user)
 
     @admin.display(description="policies")
     def policy_list(self, obj: Plan) -> str:
@@ -397,7 +436,7 @@ class ApiForm(forms.ModelForm):
 
 
 @admin.register(Api)
-class ApiAdmin(TenantScopedAdmin):
+class ApiAdmin(ServiceDeleteAdmin):
     form = ApiForm
 
     class Media:
@@ -443,6 +482,12 @@ class ApiAdmin(TenantScopedAdmin):
         fields = ["id", "created_at", "updated_at"]
         # Status changes go through the actions (activate / deprecate / retire).
         return [*fields, "tenant", "status"] if obj else fields
+
+    def delete_refusal(self, obj: Api) -> str | None:
+        return services.api_delete_refusal(obj)
+
+    def delete_through_service(self, request: HttpRequest, obj: Api) -> None:
+        services.api_delete(api=obj, actor=request.user)
 
     @admin.display(description="route")
     def route(self, obj: Api) -> str:

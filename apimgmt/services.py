@@ -38,6 +38,14 @@ Actor = AbstractBaseUser | AnonymousUser | None
 MAX_OVERLAP_SECONDS = 30 * 86400
 
 
+class DeletionRefused(Exception):
+    """A delete that would take something still in use with it; the message says what to do first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 # ---------------------------------------------------------------------------
 # Audit
 # ---------------------------------------------------------------------------
@@ -103,6 +111,16 @@ def _apply(obj: models.Model, fields: dict[str, Any], allowed: Iterable[str]) ->
 
 def _field_error(field: str, exc: ValidationError) -> ValidationError:
     return ValidationError({field: exc.messages})
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _named(names: Sequence[str], noun: str, plural: str | None = None, *, limit: int = 5) -> str:
+    """'2 APIs (orders, users)'; past ``limit`` names, 'and N more'."""
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return f"{_count(len(names), noun, plural)} ({shown})"
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +265,37 @@ def policy_update(*, policy: Policy, actor: Actor, **fields: Any) -> Policy:
     return policy
 
 
+def policy_delete_refusal(policy: Policy) -> str | None:
+    """Why the policy cannot be deleted now (APIs or plans use it), or None."""
+    api_names = sorted(policy.apis.values_list("api_name", flat=True))
+    plan_names = sorted(policy.plans.values_list("name", flat=True))
+    if not api_names and not plan_names:
+        return None
+    users = " and ".join(
+        part for part in (api_names and _named(api_names, "API"), plan_names and _named(plan_names, "plan")) if part
+    )
+    return f"Policy {policy.name!r} is attached to {users}; detach it from them first, then delete it."
+
+
+@transaction.atomic
+def policy_delete(*, policy: Policy, actor: Actor) -> None:
+    """Delete a policy no API or plan uses; otherwise raise DeletionRefused naming them."""
+    # The row lock makes an attach that races us (its FK check locks this row) wait, then fail on the missing row.
+    policy = Policy.objects.select_for_update().get(pk=policy.pk)
+    refusal = policy_delete_refusal(policy)
+    if refusal:
+        raise DeletionRefused(refusal)
+    audit_record(
+        actor=actor,
+        tenant_id=policy.tenant_id,
+        action="policy.delete",
+        obj=policy,
+        changes={"name": policy.name, "policy_type": policy.policy_type, "config": policy.config, "mode": policy.mode},
+    )
+    policy.delete()
+    config_changed()
+
+
 def _check_same_tenant(tenant_id: str, objects: Iterable[models.Model], field: str) -> list[Any]:
     items = list(objects)
     foreign = [str(o.pk) for o in items if getattr(o, "tenant_id", None) != tenant_id]
@@ -296,6 +345,48 @@ def plan_update(*, plan: Plan, actor: Actor, policies: Iterable[Policy] | None =
         audit_record(actor=actor, tenant_id=plan.tenant_id, action="plan.update", obj=plan, changes=changes)
         config_changed()
     return plan
+
+
+def plan_delete_refusal(plan: Plan) -> str | None:
+    """Why the plan cannot be deleted now (subscriptions reference it), or None."""
+    by_status = dict(
+        plan.subscriptions.order_by().values_list("status").annotate(n=models.Count("pk")).values_list("status", "n")
+    )
+    if not by_status:
+        return None
+    total = sum(by_status.values())
+    detail = ", ".join(f"{by_status[st]} {st}" for st in Subscription.Status.values if by_status.get(st))
+    # Subscription.plan is PROTECT: a closed subscription keeps its plan as history, and there is no way to move
+    # a subscription to another plan, so cancelling alone does not free the plan. Say so rather than "cancel first".
+    return (
+        f"Plan {plan.name!r} is referenced by {_count(total, 'subscription')} ({detail}); a plan can be deleted only"
+        " when no subscription references it. Subscriptions cannot be moved to another plan, and cancelled or"
+        " rejected ones keep their plan as history: they go only with their API (retire it, then delete it) or"
+        " their consumer."
+    )
+
+
+@transaction.atomic
+def plan_delete(*, plan: Plan, actor: Actor) -> None:
+    """Delete a plan no subscription references; otherwise raise DeletionRefused with their count."""
+    # The row lock makes a subscription that races us (its FK check locks this row) wait, then fail.
+    plan = Plan.objects.select_for_update().get(pk=plan.pk)
+    refusal = plan_delete_refusal(plan)
+    if refusal:
+        raise DeletionRefused(refusal)
+    audit_record(
+        actor=actor,
+        tenant_id=plan.tenant_id,
+        action="plan.delete",
+        obj=plan,
+        changes={
+            "name": plan.name,
+            "approval": plan.approval,
+            "policies": sorted(plan.policies.values_list("pk", flat=True)),
+        },
+    )
+    plan.delete()
+    config_changed()
 
 
 # ---------------------------------------------------------------------------
@@ -522,6 +613,49 @@ def api_retire(*, api: Api, actor: Actor) -> Api:
         status=Subscription.Status.CANCELLED, decided_at=timezone.now(), decision_note="API retired"
     )
     return api
+
+
+API_DELETABLE = (Api.Status.DRAFT, Api.Status.RETIRED)
+
+
+def api_delete_refusal(api: Api) -> str | None:
+    """Why the API cannot be deleted now (it is live), or None."""
+    if api.status in API_DELETABLE:
+        return None
+    return (
+        f"API {api.api_name!r} is {api.status}: only draft or retired APIs can be deleted. "
+        "Retire it first (it stops routing and its open subscriptions are cancelled), then delete it."
+    )
+
+
+@transaction.atomic
+def api_delete(*, api: Api, actor: Actor) -> None:
+    """Delete a draft or retired API with its subscriptions and targets; its usage records stay (plain ids)."""
+    api = Api.objects.select_for_update().get(pk=api.pk)  # a concurrent activate waits, or we see its status
+    refusal = api_delete_refusal(api)
+    if refusal:
+        raise DeletionRefused(refusal)
+    subscriptions = dict(
+        api.subscriptions.order_by().values_list("status").annotate(n=models.Count("pk")).values_list("status", "n")
+    )
+    audit_record(
+        actor=actor,
+        tenant_id=api.tenant_id,
+        action="api.delete",
+        obj=api,
+        changes={
+            "api_name": api.api_name,
+            "base_path": api.base_path,
+            "host": api.host,
+            "status": api.status,
+            "subscriptions_deleted": sum(subscriptions.values()),
+            "subscriptions_deleted_by_status": subscriptions,
+            "targets_deleted": api.targets.count(),
+            "policies_detached": sorted(api.policies.values_list("pk", flat=True)),
+        },
+    )
+    api.delete()
+    config_changed()
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 from apimgmt.context import request_id_var
+from apimgmt.services import DeletionRefused
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,12 @@ _FIELD_ALIASES = {
     "plan": "plan_id",
     "__all__": NON_FIELD,
 }
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The object is in use."
+    default_code = "conflict"
 
 
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:
@@ -81,7 +88,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         errors = django_errors(exc)
         set_rollback()
         return problem(status.HTTP_400_BAD_REQUEST, _validation_detail(errors), errors=errors)
-    if isinstance(exc, Http404):
+    if isinstance(exc, DeletionRefused):
+        exc = Conflict(exc.message)
+    elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()

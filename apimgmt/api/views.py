@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import SAFE_METHODS
@@ -138,6 +138,17 @@ class ReadMixin(mixins.ListModelMixin, mixins.RetrieveModelMixin):
     pass
 
 
+def destroy_schema(summary: str, conflict: str) -> Any:
+    """204 on success; 409 (problem+json) when the object is still in use."""
+    return extend_schema(
+        summary=summary,
+        responses={
+            204: OpenApiResponse(description="Deleted."),
+            (409, PROBLEM_CONTENT_TYPE): OpenApiResponse(response=s.ProblemSerializer, description=conflict),
+        },
+    )
+
+
 class UpdateMixin(mixins.UpdateModelMixin):
     """PUT replaces the writable fields, PATCH changes some; both through ``perform_service_update``."""
 
@@ -207,7 +218,10 @@ class TenantViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMix
 # ---------------------------------------------------------------------------
 
 
-class PolicyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin):
+@extend_schema_view(
+    destroy=destroy_schema("Delete a policy no API or plan uses", "APIs or plans still use the policy (named)."),
+)
+class PolicyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """Rate-limit and quota policies; `config` is validated per `policy_type`."""
 
     queryset = Policy.objects.all()
@@ -219,7 +233,7 @@ class PolicyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMix
     }
     ordering_fields = ["name", "created_at", "updated_at"]
     ordering = ["tenant_id", "name"]
-    http_method_names = ["get", "post", "put", "patch", "head", "options"]
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = self.validated(s.PolicySerializer)
@@ -230,8 +244,14 @@ class PolicyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMix
     def perform_service_update(self, obj: Policy, data: dict[str, Any]) -> Policy:
         return services.policy_update(policy=obj, actor=self.actor, **data)
 
+    def perform_destroy(self, instance: Policy) -> None:
+        services.policy_delete(policy=instance, actor=self.actor)
 
-class PlanViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin):
+
+@extend_schema_view(
+    destroy=destroy_schema("Delete a plan no subscription references", "Subscriptions still reference the plan."),
+)
+class PlanViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """Plans: the policies subscribers get and whether subscribing needs approval."""
 
     queryset = Plan.objects.prefetch_related("policies")
@@ -239,7 +259,7 @@ class PlanViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin
     filter_fields = {"tenant_id": ("tenant_id", None), "approval": ("approval", tuple(Plan.Approval.values))}
     ordering_fields = ["name", "created_at", "updated_at"]
     ordering = ["tenant_id", "name"]
-    http_method_names = ["get", "post", "put", "patch", "head", "options"]
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = self.validated(s.PlanSerializer)
@@ -252,6 +272,9 @@ class PlanViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin
         ids = data.pop("policies", None)
         policies = self.policies_of(obj.tenant_id, ids) if ids is not None else None
         return services.plan_update(plan=obj, actor=self.actor, policies=policies, **data)
+
+    def perform_destroy(self, instance: Plan) -> None:
+        services.plan_delete(plan=instance, actor=self.actor)
 
 
 # ---------------------------------------------------------------------------
@@ -269,8 +292,12 @@ def _targets(items: list[dict[str, Any]] | None) -> list[tuple[str, int]] | None
     activate=extend_schema(request=None, summary="Publish: the gateway routes it within a second"),
     deprecate=extend_schema(request=s.ApiDeprecateSerializer, summary="Deprecate (still routed, Deprecation header)"),
     retire=extend_schema(request=None, summary="Retire for good: stops routing, open subscriptions cancelled"),
+    destroy=destroy_schema(
+        "Delete a draft or retired API with its subscriptions (usage history stays)",
+        "The API is active or deprecated: retire it first.",
+    ),
 )
-class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin):
+class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """APIs published through the gateway; status changes through activate, deprecate and retire."""
 
     queryset = Api.objects.prefetch_related("policies", "targets")
@@ -282,7 +309,7 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin)
     }
     ordering_fields = ["api_name", "base_path", "status", "created_at", "updated_at"]
     ordering = ["tenant_id", "api_name"]
-    http_method_names = ["get", "post", "put", "patch", "head", "options"]
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
 
     _TRANSITIONS = {
         Api.Status.ACTIVE: services.api_activate,
@@ -311,6 +338,9 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin)
                 raise exceptions.ValidationError({"status": [f"An API that is {api.status} cannot go back to draft."]})
             api = transition(api=api, actor=self.actor)
         return api
+
+    def perform_destroy(self, instance: Api) -> None:
+        services.api_delete(api=instance, actor=self.actor)
 
     @action(detail=True, methods=["post"])
     def activate(self, request: Request, pk: str) -> Response:

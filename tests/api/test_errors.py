@@ -92,7 +92,7 @@ def test_unknown_ids_in_paths_and_odd_characters_are_404(alice: User, client_for
 
 
 def test_wrong_method_is_405_problem(alice: User, client_for: Any) -> None:
-    r = client_for(alice).delete("/mgmt/v1/apis/api_x/")
+    r = client_for(alice).delete("/mgmt/v1/keys/key_x/")
     assert r.status_code == 405 and r["Content-Type"] == "application/problem+json"
 
 
