@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -129,14 +130,12 @@ class ServiceDeleteAdmin(TenantScopedAdmin):
 
     An object the service would refuse (a live API, a plan with subscriptions, a policy in use) shows no delete
     button and its delete page answers 403; the bulk "delete selected" action, which would bypass the service,
-    is off.
+    is off (block or revoke in bulk instead).
     """
 
-    def delete_refusal(self, obj: Any) -> str | None:
-        raise NotImplementedError
-
-    def delete_through_service(self, request: HttpRequest, obj: Any) -> None:
-        raise NotImplementedError
+    # Each subclass defines both: the service's refusal check (None: may go) and the service call that deletes.
+    delete_refusal: Callable[[Any], str | None]
+    delete_through_service: Callable[[HttpRequest, Any], None]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         allowed = super().has_delete_permission(request, obj)
@@ -144,6 +143,12 @@ class ServiceDeleteAdmin(TenantScopedAdmin):
 
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
         self.delete_through_service(request, obj)
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, set[str], Any]:
+        # The confirmation page still lists everything that goes; whether it may go is the service's call (an
+        # app's keys, which the admin never deletes on their own, are revoked and audited by consumer_delete).
+        deleted, counts, _perms_needed, protected = super().get_deleted_objects(objs, request)
+        return deleted, counts, set(), protected
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions = super().get_actions(request)
@@ -589,7 +594,7 @@ class ConsumerForm(forms.ModelForm):
 
 
 @admin.register(Consumer)
-class ConsumerAdmin(TenantScopedAdmin):
+class ConsumerAdmin(ServiceDeleteAdmin):
     form = ConsumerForm
     list_display = ["name", "tenant", "owner", "status", "active_keys", "created_at"]
     list_filter = ["status", "tenant"]
@@ -631,7 +636,10 @@ class ConsumerAdmin(TenantScopedAdmin):
             obj.pk = created.pk
             obj._state.adding = False
 
-    def delete_model(self, request: HttpRequest, obj: Consumer) -> None:
+    def delete_refusal(self, obj: Consumer) -> str | None:
+        return None  # a consumer can always go: consumer_delete revokes its keys (audited) and tells the gateways
+
+    def delete_through_service(self, request: HttpRequest, obj: Consumer) -> None:
         services.consumer_delete(consumer=obj, actor=request.user)
 
     @admin.action(description="Block selected consumers (their keys get 403)")

@@ -14,7 +14,7 @@ from django.urls import reverse
 
 from apimgmt import services
 from apimgmt.invalidation import CONFIG_VERSION_KEY
-from apimgmt.models import Api, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant, UsageRecord
+from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant, UsageRecord
 from tests.api.conftest import V1
 from tests.api.test_cross_tenant import _snapshot
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
@@ -360,3 +360,15 @@ def test_admin_deletes_through_the_service_and_refuses_what_is_in_use(
     assert not Api.objects.filter(pk=acme_api.pk).exists()
     event = AuditEvent.objects.get(action="api.delete", object_id=acme_api.pk)
     assert event.actor == staff and event.changes["subscriptions_deleted"] == 1
+
+
+def test_admin_deletes_an_app_through_its_service_and_offers_no_bulk_delete(
+    client: Client, staff: User, bob_app: Consumer, bob_key: tuple[ApiKey, str]
+) -> None:
+    # Bulk delete would skip consumer_delete: no revocation audited, gateways not told (the key kept working).
+    client.force_login(staff)
+    assert "delete_selected" not in client.get(_admin_url(Consumer, "changelist")).content.decode()
+    assert client.post(_admin_url(Consumer, "delete", bob_app.pk), {"post": "yes"}).status_code == 302
+    assert not Consumer.objects.filter(pk=bob_app.pk).exists()
+    assert AuditEvent.objects.filter(action="consumer.delete", object_id=bob_app.pk, actor=staff).exists()
+    assert AuditEvent.objects.filter(action="api_key.revoke", object_id=bob_key[0].pk).exists()
