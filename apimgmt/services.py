@@ -7,9 +7,9 @@ message that says what to fix; nothing half-written is left behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser, User
@@ -36,6 +36,7 @@ from apimgmt.models import (
 Actor = AbstractBaseUser | AnonymousUser | None
 
 MAX_OVERLAP_SECONDS = 30 * 86400
+_Deletable = TypeVar("_Deletable", Api, Plan, Policy)
 
 
 class DeletionRefused(Exception):
@@ -121,6 +122,22 @@ def _named(names: Sequence[str], noun: str, plural: str | None = None, *, limit:
     """'2 APIs (orders, users)'; past ``limit`` names, 'and N more'."""
     shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
     return f"{_count(len(names), noun, plural)} ({shown})"
+
+
+def _delete_unless_refused(
+    obj: _Deletable, *, refusal: Callable[[_Deletable], str | None], action: str, changes: dict[str, Any], actor: Actor
+) -> None:
+    """Delete ``obj`` (audited, gateways told) unless ``refusal`` names a reason, which is raised as DeletionRefused.
+
+    Call inside a transaction with ``obj`` fetched ``select_for_update()``: an activate, subscribe or attach that
+    races the delete (its foreign-key check locks the same row) waits, then sees the status or finds the row gone.
+    """
+    reason = refusal(obj)
+    if reason:
+        raise DeletionRefused(reason)
+    audit_record(actor=actor, tenant_id=obj.tenant_id, action=action, obj=obj, changes=changes)
+    obj.delete()
+    config_changed()
 
 
 # ---------------------------------------------------------------------------
@@ -280,20 +297,9 @@ def policy_delete_refusal(policy: Policy) -> str | None:
 @transaction.atomic
 def policy_delete(*, policy: Policy, actor: Actor) -> None:
     """Delete a policy no API or plan uses; otherwise raise DeletionRefused naming them."""
-    # The row lock makes an attach that races us (its FK check locks this row) wait, then fail on the missing row.
     policy = Policy.objects.select_for_update().get(pk=policy.pk)
-    refusal = policy_delete_refusal(policy)
-    if refusal:
-        raise DeletionRefused(refusal)
-    audit_record(
-        actor=actor,
-        tenant_id=policy.tenant_id,
-        action="policy.delete",
-        obj=policy,
-        changes={"name": policy.name, "policy_type": policy.policy_type, "config": policy.config, "mode": policy.mode},
-    )
-    policy.delete()
-    config_changed()
+    changes = {"name": policy.name, "policy_type": policy.policy_type, "config": policy.config, "mode": policy.mode}
+    _delete_unless_refused(policy, refusal=policy_delete_refusal, action="policy.delete", changes=changes, actor=actor)
 
 
 def _check_same_tenant(tenant_id: str, objects: Iterable[models.Model], field: str) -> list[Any]:
@@ -369,24 +375,13 @@ def plan_delete_refusal(plan: Plan) -> str | None:
 @transaction.atomic
 def plan_delete(*, plan: Plan, actor: Actor) -> None:
     """Delete a plan no subscription references; otherwise raise DeletionRefused with their count."""
-    # The row lock makes a subscription that races us (its FK check locks this row) wait, then fail.
     plan = Plan.objects.select_for_update().get(pk=plan.pk)
-    refusal = plan_delete_refusal(plan)
-    if refusal:
-        raise DeletionRefused(refusal)
-    audit_record(
-        actor=actor,
-        tenant_id=plan.tenant_id,
-        action="plan.delete",
-        obj=plan,
-        changes={
-            "name": plan.name,
-            "approval": plan.approval,
-            "policies": sorted(plan.policies.values_list("pk", flat=True)),
-        },
-    )
-    plan.delete()
-    config_changed()
+    changes = {
+        "name": plan.name,
+        "approval": plan.approval,
+        "policies": sorted(plan.policies.values_list("pk", flat=True)),
+    }
+    _delete_unless_refused(plan, refusal=plan_delete_refusal, action="plan.delete", changes=changes, actor=actor)
 
 
 # ---------------------------------------------------------------------------
@@ -631,31 +626,21 @@ def api_delete_refusal(api: Api) -> str | None:
 @transaction.atomic
 def api_delete(*, api: Api, actor: Actor) -> None:
     """Delete a draft or retired API with its subscriptions and targets; its usage records stay (plain ids)."""
-    api = Api.objects.select_for_update().get(pk=api.pk)  # a concurrent activate waits, or we see its status
-    refusal = api_delete_refusal(api)
-    if refusal:
-        raise DeletionRefused(refusal)
+    api = Api.objects.select_for_update().get(pk=api.pk)
     subscriptions = dict(
         api.subscriptions.order_by().values_list("status").annotate(n=models.Count("pk")).values_list("status", "n")
     )
-    audit_record(
-        actor=actor,
-        tenant_id=api.tenant_id,
-        action="api.delete",
-        obj=api,
-        changes={
-            "api_name": api.api_name,
-            "base_path": api.base_path,
-            "host": api.host,
-            "status": api.status,
-            "subscriptions_deleted": sum(subscriptions.values()),
-            "subscriptions_deleted_by_status": subscriptions,
-            "targets_deleted": api.targets.count(),
-            "policies_detached": sorted(api.policies.values_list("pk", flat=True)),
-        },
-    )
-    api.delete()
-    config_changed()
+    changes = {
+        "api_name": api.api_name,
+        "base_path": api.base_path,
+        "host": api.host,
+        "status": api.status,
+        "subscriptions_deleted": sum(subscriptions.values()),
+        "subscriptions_deleted_by_status": subscriptions,
+        "targets_deleted": api.targets.count(),
+        "policies_detached": sorted(api.policies.values_list("pk", flat=True)),
+    }
+    _delete_unless_refused(api, refusal=api_delete_refusal, action="api.delete", changes=changes, actor=actor)
 
 
 # ---------------------------------------------------------------------------
