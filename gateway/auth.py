@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ NEGATIVE_TTL_SECONDS = 2.0
 _NEGATIVE_MARK = "null"
 # How long a request waits for another one's lookup of the same key before looking it up itself.
 INFLIGHT_WAIT_SECONDS = 5.0
+_PAIR_SEPARATORS = re.compile("[&;]")
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,20 @@ def find_credentials(environ: dict[str, object], route: Route, query: str) -> li
             found.extend(Credential(part.strip(), "bearer") for part in authorization[7:].split(","))
     param = route.spec.key_query_param
     if param and query and param in query:
-        for pair in query.split("&"):
+        for pair in query_pairs(query):
             name, _sep, value = pair.partition("=")
             if unquote_plus(name) == param:
                 found.append(Credential(unquote_plus(value), "query"))
     return found
+
+
+def query_pairs(query: str) -> list[str]:
+    """The query's name=value pairs split at "&" and at ";" alike.
+
+    Some servers and frameworks still take ";" as a pair separator (HTML 4's recommendation), so ``x=1;apikey=K``
+    carries a key to them: the gateway reads and strips the key parameter by the same rule.
+    """
+    return _PAIR_SEPARATORS.split(query)
 
 
 class _Cache:

@@ -657,8 +657,19 @@ def _dropped_headers(key_header: str, bearer: bool) -> frozenset[str]:
 
 
 def _strip_query_param(query: str, param: str) -> str:
-    """The raw query without the key parameter; every other pair is kept byte for byte."""
-    return "&".join(pair for pair in query.split("&") if unquote_plus(pair.partition("=")[0]) != param)
+    """The raw query without the key parameter; every other pair is kept byte for byte.
+
+    Pairs are split at "&" and at ";" (as auth.query_pairs reads them), so ``x=1;apikey=K`` loses the key too.
+    """
+    kept: list[str] = []
+    for pair in query.split("&"):
+        parts = pair.split(";")
+        left = [part for part in parts if unquote_plus(part.partition("=")[0]) != param]
+        if len(left) == len(parts):
+            kept.append(pair)
+        elif left:
+            kept.append(";".join(left))
+    return "&".join(kept)
 
 
 def _control_plane(raw: str) -> bool:

@@ -14,6 +14,12 @@ _UNRESERVED_ESCAPE = re.compile(r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_LITERAL = re.compile(r"[\x00-\x20\x7f\\#]")
 _FORBIDDEN_ESCAPES = frozenset({"2e", "2f", "5c", "00", "7f"})
+# "%25" followed (after any number of further "25"s) by an escaped dot, slash, backslash or NUL: one more decoding
+# by an upstream (or a proxy between) turns it into exactly what _FORBIDDEN_ESCAPES refuses.
+_MULTI_ENCODED = re.compile(r"%25(?:25)*(?:2e|2f|5c|00)", re.IGNORECASE)
+# A segment's path parameters start at ";" (RFC 3986 §3.3; Tomcat, Jetty and Spring strip them before resolving
+# dot segments, so "..;x" is ".." to them). "%3B" counts too: some servers decode it first.
+_PATH_PARAMS = re.compile(r";|%3[Bb]")
 
 
 class BadRequestTarget(ValueError):
@@ -55,8 +61,9 @@ def split_request_target(raw_uri: str) -> tuple[str, str]:
     """Validate a raw request target and return (normalised path, raw query).
 
     The path keeps its percent-encoding except for escapes of unreserved characters, which are
-    decoded so that ``/api/%75sers`` matches ``/api/users``. Dot segments (literal or encoded),
-    encoded slashes or backslashes, control characters, empty segments and invalid UTF-8 are refused.
+    decoded so that ``/api/%75sers`` matches ``/api/users``. Dot segments (literal or encoded, also with path
+    parameters: ``..;x``), encoded or double-encoded dots, slashes or backslashes, control characters, empty
+    segments and invalid UTF-8 are refused.
     """
     if not raw_uri.startswith("/"):
         if "://" not in raw_uri:
@@ -74,6 +81,8 @@ def split_request_target(raw_uri: str) -> tuple[str, str]:
                 raise BadRequestTarget("The path contains an encoded '.', '/', '\\' or control character.")
         if path.count("%") != len(_ESCAPE.findall(path)):
             raise BadRequestTarget("The path contains a '%' that does not start a valid escape.")
+        if _MULTI_ENCODED.search(path):
+            raise BadRequestTarget("The path contains a double-encoded '.', '/', '\\' or NUL (such as '%252e').")
         path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
         raw_bytes = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path).encode("latin-1")
     else:
@@ -91,8 +100,10 @@ def split_request_target(raw_uri: str) -> tuple[str, str]:
             if segment == "":
                 raise BadRequestTarget("The path contains an empty segment ('//').")
         for segment in path.split("/")[1:]:
-            if segment in (".", ".."):
-                raise BadRequestTarget("The path contains a '.' or '..' segment.")
+            if _PATH_PARAMS.split(segment, 1)[0] in (".", ".."):
+                raise BadRequestTarget(
+                    "The path contains a '.' or '..' segment (path parameters such as ';x' included)."
+                )
     return path, query
 
 

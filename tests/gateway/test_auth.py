@@ -138,6 +138,40 @@ def test_credential_is_never_forwarded(gateway, acme, upstream, bob_app, key):
         assert "x-api-key" not in seen.headers and "authorization" not in seen.headers
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?x=1;apikey={key}",
+        "?apikey={key};x=1",
+        "?x=1;apikey={key}&y=2",
+        "?x=1&y=a;b;apikey={key}",
+    ],
+)
+def test_a_key_parameter_after_a_semicolon_is_read_and_never_forwarded(gateway, acme, upstream, bob_app, key, query):
+    api = publish(acme, upstream.url, base_path="/api/q", key_query_param="apikey")
+    subscribe(bob_app, api)
+    response = gateway.get("/api/q/a" + query.format(key=key))
+    assert response.status == 200
+    (seen,) = upstream.seen
+    assert key not in seen.path
+    assert "apikey" not in seen.path
+
+
+def test_the_other_query_pairs_keep_their_separators_when_the_key_is_stripped(gateway, acme, upstream, bob_app, key):
+    api = publish(acme, upstream.url, base_path="/api/q", key_query_param="apikey")
+    subscribe(bob_app, api)
+    assert gateway.get(f"/api/q/a?x=1;apikey={key};z=3&y=a;b").status == 200
+    assert upstream.paths == ["/a?x=1;z=3&y=a;b"]
+
+
+def test_a_semicolon_key_next_to_a_header_key_is_a_duplicate(gateway, acme, upstream, bob_app, key):
+    api = publish(acme, upstream.url, base_path="/api/q", key_query_param="apikey")
+    subscribe(bob_app, api)
+    response = gateway.get(f"/api/q/a?x=1;apikey={key}", headers={"X-API-Key": key})
+    assert response.status == 401
+    assert upstream.seen == []
+
+
 @pytest.mark.django_db
 def test_blocked_consumer_gets_403_not_401(gateway, users_api, bob_app, key):
     services.consumer_block(consumer=Consumer.objects.get(pk=bob_app.pk), actor=None)

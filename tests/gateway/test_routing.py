@@ -24,6 +24,18 @@ BAD_PATHS = [
     "/api/users/v1/%C0%AE%C0%AE/x",  # overlong UTF-8 for '..'
     "/api/users/v1/%ff",
     "/api/users/v1/%zz",
+    # Path parameters do not hide a dot segment (Tomcat, Jetty and Spring read "..;x" as "..").
+    "/api/users/v1/..;/..;/admin",
+    "/api/users/v1/x/..;jsessionid=1/admin",
+    "/api/users/v1/.;/admin",
+    "/api/users/v1/..%3b/admin",
+    "/api/users/v1/..%3B/admin",
+    # Double (and triple) encoding: one more decoding upstream would make a dot or a slash of them.
+    "/api/users/v1/%252e%252e/admin",
+    "/api/users/v1/%252E%252E/admin",
+    "/api/users/v1/x%252fy",
+    "/api/users/v1/x%255cy",
+    "/api/users/v1/%25252e%25252e/admin",
 ]
 
 
@@ -32,8 +44,24 @@ def test_unnormalised_paths_are_refused_with_400_and_never_reach_the_upstream(ga
     response = gateway.get(path, headers={"X-API-Key": key})
     assert response.status == 400
     assert response.header("Content-Type") == "application/problem+json"
-    assert response.json()["status"] == 400
+    body = response.json()
+    assert body["status"] == 400
+    assert body["type"].endswith("bad-path")
     assert upstream.seen == []
+
+
+def test_path_parameters_and_single_escapes_that_are_not_dots_still_pass(gateway, users_api, upstream, key):
+    for path in ["/api/users/v1/a;v=1/b", "/api/users/v1/...;x", "/api/users/v1/a..;/b", "/api/users/v1/100%25"]:
+        assert gateway.get(path, headers={"X-API-Key": key}).status == 200, path
+    assert upstream.paths == ["/svc/a;v=1/b", "/svc/...;x", "/svc/a..;/b", "/svc/100%25"]
+
+
+def test_the_double_encoding_refusal_names_what_to_fix(gateway, users_api, key):
+    response = gateway.get("/api/users/v1/%252e%252e/admin", headers={"X-API-Key": key})
+    assert response.status == 400
+    assert "double-encoded" in response.json()["detail"]
+    response = gateway.get("/api/users/v1/..;/admin", headers={"X-API-Key": key})
+    assert "path parameters" in response.json()["detail"]
 
 
 def test_prefix_must_end_on_a_segment_boundary(gateway, users_api, upstream, key):
