@@ -207,7 +207,9 @@ class Gateway:
             )
         if failure is not None:
             metrics.auth_failures_total.labels(route.api_id, failure.reason).inc()
-            if record is not None and failure.status == 403:
+            # A 403 for the API's own tenant is that consumer's traffic. Another tenant's key is not: its consumer
+            # and key ids must never show up in this tenant's usage, access log or metrics.
+            if record is not None and failure.status == 403 and failure.reason != "wrong_tenant":
                 done.record, done.key = record, record.key_id
             slug = "invalid-key" if failure.status == 401 else "forbidden"
             title = "Unauthorized" if failure.status == 401 else "Forbidden"

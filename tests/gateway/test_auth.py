@@ -177,3 +177,34 @@ def test_blocked_consumer_gets_403_not_401(gateway, users_api, bob_app, key):
     services.consumer_block(consumer=Consumer.objects.get(pk=bob_app.pk), actor=None)
     response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
     assert response.status == 403
+
+
+def test_another_tenants_key_leaves_no_trace_of_its_consumer_in_this_tenants_usage(
+    gateway, users_api, globex, bob_app, caplog, redis_client
+):
+    """A globex key sent to acme's API: 403, and acme's usage, access log and metrics name no globex consumer."""
+    import logging
+
+    from django.conf import settings
+
+    from apimgmt.models import UsageRecord
+    from apimgmt.usage import UsageFlusher, flusher_redis
+    from gateway.wsgi import get_gateway
+
+    intruder = services.consumer_create(tenant=globex, name="globex-app", actor=None)
+    intruder_row, intruder_key = services.api_key_create(consumer=intruder, actor=None)
+    unsubscribed = services.consumer_create(tenant=users_api.tenant, name="lurker", actor=None)
+    lurker_row, lurker_key = services.api_key_create(consumer=unsubscribed, actor=None)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": intruder_key}).status == 403
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": lurker_key}).status == 403
+    intruder_line, lurker_line = [r for r in caplog.records if r.name == "gateway.access"]
+    assert intruder_line.consumer == "" and intruder_line.key_prefix == ""
+    assert lurker_line.consumer == unsubscribed.id  # acme's own consumer: still its traffic
+
+    get_gateway().usage.flush()
+    flusher = UsageFlusher(client=flusher_redis(settings.REDIS_URL, block_ms=100), consumer="t", batch_size=64)
+    flusher.drain()
+    rows = {(r.tenant_id, r.consumer_id, r.key_id, r.status_code) for r in UsageRecord.objects.all()}
+    assert rows == {("acme", "", "", 403), ("acme", unsubscribed.id, lurker_row.key_id, 403)}
+    assert not any(intruder.id in row or intruder_row.key_id in row for row in rows)
