@@ -1,6 +1,7 @@
 """A tiny WSGI echo upstream for the demo and tests: answers with the request it received, as JSON.
 
-Run it with ``gunicorn apimgmt.echo:app`` (no Django needed).
+Run it with ``gunicorn apimgmt.echo:app --config python:apimgmt.echo_gunicorn`` (no Django needed; the
+project's ``gunicorn.conf.py`` holds the gateway's hooks and is not for it).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ case "${1:-}" in
     ;;
   echo)
     shift
-    exec gunicorn apimgmt.echo:app --bind "0.0.0.0:${PORT:-8000}" --workers 2 "$@"
+    exec gunicorn apimgmt.echo:app --config python:apimgmt.echo_gunicorn --bind "0.0.0.0:${PORT:-8000}" --workers 2 "$@"
     ;;
   demo)
     shift

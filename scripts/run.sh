@@ -41,34 +41,41 @@ demo_json=$("$PY" manage.py demo --json --upstream "http://127.0.0.1:$ECHO_PORT"
 
 pids=()
 cleanup() {
-  trap - INT TERM EXIT
+  trap - INT TERM HUP EXIT
   echo; echo "stopping…"
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup INT TERM EXIT
+trap cleanup INT TERM HUP EXIT
 
-.venv/bin/gunicorn apimgmt.echo:app --bind "127.0.0.1:$ECHO_PORT" --workers 1 --log-level warning &
+# gunicorn runs in a session of its own (setsid), so Ctrl-C reaches only this script, whose cleanup stops each
+# master, which stops its workers. A Ctrl-C that also hit the gevent workers directly made them print a
+# SystemExit traceback on the way out.
+detached=()
+command -v setsid >/dev/null && detached=(setsid)
+# The echo upstream has its own gunicorn settings: ./gunicorn.conf.py (the gateway's hooks) is not for it.
+"${detached[@]}" .venv/bin/gunicorn apimgmt.echo:app --config python:apimgmt.echo_gunicorn \
+  --bind "127.0.0.1:$ECHO_PORT" &
 pids+=($!)
 gunicorn_args=(apimgmt.wsgi:application --bind "$HOST:$PORT")
 [ -f gunicorn.conf.py ] && gunicorn_args+=(--config gunicorn.conf.py)
-.venv/bin/gunicorn "${gunicorn_args[@]}" &
+"${detached[@]}" .venv/bin/gunicorn "${gunicorn_args[@]}" &
 pids+=($!)
 if "$PY" manage.py help flush_usage >/dev/null 2>&1 && [ -n "${REDIS_URL:-}" ]; then
   "$PY" manage.py flush_usage --follow &
   pids+=($!)
 fi
 
-"$PY" - "$demo_json" "$HOST" "$PORT" <<'PYEOF'
+"$PY" - "$demo_json" "$HOST" "$PORT" "$ECHO_PORT" <<'PYEOF'
 import json, sys
-demo, host, port = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+demo, host, port, echo_port = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 base = f"http://{host}:{port}"
 print(f"""
 apimgmt is running.
   Admin:          {base}/admin/   (user {demo['admin_username']}, password {demo['admin_password']})
   Portal:         {demo['portal_url']}
   Management API: {base}/mgmt/v1/   (Authorization: Token {demo['api_token']})   docs: {base}/mgmt/docs/
-  Gateway:        {base}{demo['api_base_path']}/   -> echo upstream on 127.0.0.1:8081
+  Gateway:        {base}{demo['api_base_path']}/   -> echo upstream on 127.0.0.1:{echo_port}
   Demo API key:   {demo['api_key']}
   Probes:         {base}/health  {base}/ready  {base}/metrics
 

@@ -25,7 +25,7 @@ def empty_database() -> str:
     db = settings.DATABASES["default"]
     if "postgresql" not in db["ENGINE"]:
         pytest.skip("needs PostgreSQL")
-    name = "apimgmt_make_run_test"
+    name = f"{db['NAME']}_make_run"
     admin_url = f"postgresql://{db.get('USER') or 'postgres'}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
     with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -35,7 +35,7 @@ def empty_database() -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def test_make_run_serves_the_demo_and_stops_on_ctrl_c(empty_database: str, tmp_path: Path) -> None:
+def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_database: str, tmp_path: Path) -> None:
     port, echo_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO"))},
@@ -62,6 +62,7 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(empty_database: str, tmp_p
         text = log.read_text()
         key = re.search(r"Demo API key:\s+(ak_live_\w+)", text).group(1)  # type: ignore[union-attr]
         assert re.search(r"Admin:\s+http://127\.0\.0\.1:\d+/admin/\s+\(user admin, password \S+\)", text)
+        assert f"echo upstream on 127.0.0.1:{echo_port}" in text
         request = urllib.request.Request(f"http://127.0.0.1:{port}/demo/echo/hello?x=1", headers={"X-API-Key": key})
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.loads(response.read())
@@ -80,3 +81,7 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(empty_database: str, tmp_p
     for p in (port, echo_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=2)
+    # Nothing went wrong, so a first-time user must not see an error: no ERROR line, no traceback.
+    text = log.read_text(errors="replace")
+    problems = [line for line in text.splitlines() if "ERROR" in line or line.startswith("Traceback")]
+    assert not problems, text
