@@ -10,15 +10,22 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/test)
 TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
 
-.PHONY: run test check bench install system-deps lint typecheck clean
+.PHONY: run test check bench install lock system-deps lint typecheck clean
 
+# requirements-dev.txt is the whole development set (the runtime lock's pins plus the tools), every package with
+# its hashes: pip refuses anything the lock does not name.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve requirements.txt from requirements.in and requirements-dev.txt from requirements-dev.in (keeping the
+# current pins where they still fit; `make lock LOCK_ARGS=--upgrade` moves everything to the newest releases).
+lock: $(STAMP)
+	$(PY) scripts/lock.py compile $(LOCK_ARGS)
 
 # Debian packages the tests drive (Chromium for the portal journey); no-op when present.
 system-deps:
@@ -32,6 +39,8 @@ test: $(STAMP) system-deps
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
+	$(PY) scripts/lock.py check
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	DEBUG=1 $(PY) -m mypy apimgmt gateway portal
