@@ -31,7 +31,9 @@ class Lock:
 
 RUNTIME = Lock("requirements.txt", "requirements.in", ("requirements.in",))
 # The dev set is resolved on top of the runtime lock (`-c requirements.txt`), so it depends on that lock too.
-DEV = Lock("requirements-dev.txt", "requirements-dev.in", ("requirements.in", "requirements-dev.in", "requirements.txt"))
+DEV = Lock(
+    "requirements-dev.txt", "requirements-dev.in", ("requirements.in", "requirements-dev.in", "requirements.txt")
+)
 LOCKS = (RUNTIME, DEV)
 
 
@@ -79,7 +81,7 @@ def compile_lock(lock: Lock, *, upgrade: bool) -> None:
     command = [_uv(), "pip", "compile", "--quiet", *UV_OPTIONS, lock.source, "-o", lock.output]
     if upgrade:
         command.append("--upgrade")
-    subprocess.run(command, cwd=ROOT, check=True)
+    subprocess.run(command, cwd=ROOT, check=True)  # noqa: S603 (uv with fixed arguments)
     output = ROOT / lock.output
     lines = output.read_text().splitlines(keepends=True)
     # The digest goes right after uv's header comment block.
