@@ -1,8 +1,9 @@
-"""The rate-limit counter layout in Redis, and a read-only look at what is left in each window.
+"""The rate-limit contract between gateway and control plane: windows, counter scope, key layout, what is left.
 
-The gateway (gateway/ratelimit.py, ratelimit.lua) writes these keys and takes the layout, the window
-names and the calendar arithmetic from here, so writer and reader cannot drift; the portal reads them
-to show "quota left right now". Layout, per policy window and scope:
+One function, ``counter_windows``, turns a policy's config into windows (limits, GCRA arithmetic, calendar bounds in
+the tenant's zone, Redis keys), and one, ``counter_scope``, says whose counter a request touches. The gateway
+(gateway/ratelimit.py, ratelimit.lua) counts with them; the portal (portal/quota.py) reads the same keys with them
+to show "quota left right now"; so writer and reader cannot drift. Layout, per policy window and scope:
 
 - sliding ``rate_limiting`` windows (GCRA): ``rate_limit:{<tenant>}:<policy_id>:<label>:<scope>``
   holding the theoretical arrival time in epoch microseconds;
@@ -31,6 +32,12 @@ RATE_WINDOWS = {
 }
 # Config field -> window label of a quota policy (calendar days and months in the tenant's zone).
 QUOTA_WINDOWS = {"requests_per_day": "day", "requests_per_month": "month"}
+_RATE_LABELS = {name: label for name, (label, _seconds) in RATE_WINDOWS.items()}
+_CALENDAR_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+# What a policy's counter is shared by (config "key_extraction"), and the default when a config names none.
+DEFAULT_SCOPE = "consumer_id"
+SCOPES = ("consumer_id", "key_id", "ip", "tenant_id", "api")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class CounterWindow:
     label: str  # second, minute, hour, day, month
     sliding: bool
     limit: int  # capacity (limit + burst) for sliding windows
+    period: float  # window length in seconds (calendar: this window's, e.g. a 23-hour day at a DST switch)
     interval_us: float  # sliding: microseconds one request costs
     end: float  # calendar: window end, epoch seconds
     key: str
@@ -67,10 +75,31 @@ def calendar_key(prefix: str, label: str, start: float, scope: str) -> str:
     return f"{prefix}:{label}@{int(start)}:{scope}"
 
 
+def scope_of(config: dict[str, Any]) -> str:
+    """The policy's counter scope (one of SCOPES)."""
+    return str(config.get("key_extraction") or DEFAULT_SCOPE)
+
+
+def counter_scope(
+    config: dict[str, Any], *, tenant_id: str, api_id: str, consumer_id: str, key_id: str, client_ip: str
+) -> str:
+    """The scope value of a request's counter: whose requests share it (the last part of the Redis key)."""
+    scope = scope_of(config)
+    if scope == "key_id":
+        return key_id
+    if scope == "ip":
+        return client_ip
+    if scope == "tenant_id":
+        return tenant_id
+    if scope == "api":
+        return api_id
+    return consumer_id
+
+
 def calendar_bounds(label: str, tz_name: str, now: float) -> tuple[float, float]:
     """Start and end (epoch seconds) of the calendar window containing ``now``."""
     if label in ("second", "minute", "hour") or (label == "day" and tz_name == "UTC"):
-        period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[label]
+        period = _CALENDAR_SECONDS[label]
         start = math.floor(now / period) * period
         return start, start + period
     tz = ZoneInfo(tz_name)
@@ -99,12 +128,15 @@ def counter_windows(
     scope: str,
     now: float,
 ) -> list[CounterWindow]:
-    """Every window of one policy for one scope value, with the Redis key the gateway counts it under."""
+    """Every window of one policy for one scope value, with the Redis key the gateway counts it under.
+
+    The only place a policy config becomes windows: ``sliding`` rate limits are GCRA buckets of capacity
+    limit + burst_size refilled at one request per period / limit; ``fixed`` rate limits and quotas are calendar
+    counters (days and months in ``tz_name``).
+    """
     prefix = key_prefix(tenant_id, policy_id)
     sliding = policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
-    fields: dict[str, str] = (
-        {name: label for name, (label, _) in RATE_WINDOWS.items()} if policy_type == "rate_limiting" else QUOTA_WINDOWS
-    )
+    fields = _RATE_LABELS if policy_type == "rate_limiting" else QUOTA_WINDOWS
     windows: list[CounterWindow] = []
     for name, label in fields.items():
         limit = config.get(name)
@@ -114,15 +146,12 @@ def counter_windows(
             seconds = RATE_WINDOWS[name][1]
             capacity = int(limit) + int(config.get("burst_size") or 0)
             interval = seconds * 1e6 / int(limit)
-            windows.append(
-                CounterWindow(
-                    policy_id, policy_name, label, True, capacity, interval, 0.0, sliding_key(prefix, label, scope)
-                )
-            )
+            key = sliding_key(prefix, label, scope)
+            windows.append(CounterWindow(policy_id, policy_name, label, True, capacity, seconds, interval, 0.0, key))
         else:
             start, end = calendar_bounds(label, tz_name, now)
             key = calendar_key(prefix, label, start, scope)
-            windows.append(CounterWindow(policy_id, policy_name, label, False, int(limit), 0.0, end, key))
+            windows.append(CounterWindow(policy_id, policy_name, label, False, int(limit), end - start, 0.0, end, key))
     return windows
 
 

@@ -32,9 +32,6 @@ except ImportError:  # pragma: no cover - hiredis is in requirements.txt; redis-
 SCRIPT = (Path(__file__).with_name("ratelimit.lua")).read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
-# Window names of a rate_limiting policy's config fields (the layout and arithmetic live in apimgmt.limits,
-# which the portal reads the counters with).
-_RATE_LABELS = {name: label for name, (label, _seconds) in limits.RATE_WINDOWS.items()}
 GCRA, CALENDAR = 1, 2
 # After a Redis failure, skip Redis for this long: a stalled Redis must not cost every request a timeout.
 STORE_BACKOFF_SECONDS = 0.5
@@ -76,44 +73,37 @@ class LimitDecision:
     retry_after: int = 0
 
 
-def _scope(extraction: str, route: Route, record: KeyRecord, client_ip: str) -> str:
-    if extraction == "key_id":
-        return record.key_id
-    if extraction == "ip":
-        return client_ip
-    if extraction == "tenant_id":
-        return route.tenant_id
-    if extraction == "api":
-        return route.api_id
-    return record.consumer_id
-
-
 def windows_for(
     route: Route, record: KeyRecord, client_ip: str, plan_policies: list[PolicySpec], now: float
 ) -> list[Window]:
-    """Every window of the API's policies and the subscription plan's, for this caller."""
+    """Every window of the API's policies and the subscription plan's, for this caller.
+
+    The arithmetic, the scope and the keys come from apimgmt.limits (the portal reads the counters through the
+    same functions); this only adds what the limiter needs to enforce them.
+    """
     windows: list[Window] = []
-    tenant = route.tenant_id
+    spec = route.spec
     for policy in (*route.policies, *plan_policies):
-        config: dict[str, Any] = policy.config
-        scope = _scope(config.get("key_extraction", "consumer_id"), route, record, client_ip)
-        prefix = limits.key_prefix(tenant, policy.id)
-        sliding = policy.policy_type == "rate_limiting" and config.get("window_type", "sliding") == "sliding"
-        names = _RATE_LABELS if policy.policy_type == "rate_limiting" else limits.QUOTA_WINDOWS
-        for name, label in names.items():
-            limit = config.get(name)
-            if not limit:
-                continue
-            if sliding:
-                period = limits.RATE_WINDOWS[name][1]
-                capacity = int(limit) + int(config.get("burst_size") or 0)
-                interval = period * 1e6 / int(limit)
-                key = limits.sliding_key(prefix, label, scope)
-                windows.append(Window(policy, label, GCRA, capacity, period, interval, 0.0, key))
-            else:
-                start, end = limits.calendar_bounds(label, route.spec.tenant_timezone, now)
-                key = limits.calendar_key(prefix, label, start, scope)
-                windows.append(Window(policy, label, CALENDAR, int(limit), end - start, 0.0, end, key))
+        scope = limits.counter_scope(
+            policy.config,
+            tenant_id=spec.tenant_id,
+            api_id=spec.api_id,
+            consumer_id=record.consumer_id,
+            key_id=record.key_id,
+            client_ip=client_ip,
+        )
+        for w in limits.counter_windows(
+            tenant_id=spec.tenant_id,
+            tz_name=spec.tenant_timezone,
+            policy_id=policy.id,
+            policy_name=policy.name,
+            policy_type=policy.policy_type,
+            config=policy.config,
+            scope=scope,
+            now=now,
+        ):
+            kind = GCRA if w.sliding else CALENDAR
+            windows.append(Window(policy, w.label, kind, w.limit, w.period, w.interval_us, w.end, w.key))
     return windows
 
 

@@ -69,42 +69,23 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
     live_keys = list(app.keys.filter(active=True, revoked_at__isnull=True).values_list("key_id", "key_prefix"))
     for api in apis:
         for policy in _policies(app, api):
-            extraction = str(policy.config.get("key_extraction", "consumer_id"))
             shadow = policy.mode == Policy.Mode.SHADOW
-            if extraction == "ip":
-                for window in limits.counter_windows(
-                    tenant_id=tenant.id,
-                    tz_name=tenant.timezone,
-                    policy_id=policy.id,
-                    policy_name=policy.name,
-                    policy_type=policy.policy_type,
-                    config=policy.config,
-                    scope="-",
-                    now=now,
-                ):
-                    rows.append(
-                        QuotaRow(
-                            api.api_name,
-                            policy.name,
-                            window.label,
-                            SCOPE_WORDS["ip"],
-                            window.limit,
-                            None,
-                            None,
-                            shadow,
-                            "counted per calling address",
-                        )
-                    )
-                continue
-            if extraction == "key_id":
+            scope_kind = limits.scope_of(policy.config)
+            # Whose counter to read: the gateway's own rule (limits.counter_scope), once per live key for per-key
+            # limits; per-address counters cannot be shown (one per caller address).
+            if scope_kind == "key_id":
                 scopes = [(key_id, f"key {prefix}…") for key_id, prefix in live_keys]
-            elif extraction == "api":
-                scopes = [(api.pk, SCOPE_WORDS["api"])]
-            elif extraction == "tenant_id":
-                scopes = [(tenant.id, SCOPE_WORDS["tenant_id"])]
             else:
-                scopes = [(app.pk, SCOPE_WORDS["consumer_id"])]
-            for scope, words in scopes:
+                scopes = [("", SCOPE_WORDS.get(scope_kind, scope_kind))]
+            for key_id, words in scopes:
+                scope = limits.counter_scope(
+                    policy.config,
+                    tenant_id=tenant.id,
+                    api_id=api.pk,
+                    consumer_id=app.pk,
+                    key_id=key_id,
+                    client_ip="-",
+                )
                 for window in limits.counter_windows(
                     tenant_id=tenant.id,
                     tz_name=tenant.timezone,
@@ -115,6 +96,20 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
                     scope=scope,
                     now=now,
                 ):
+                    if scope_kind == "ip":
+                        row = QuotaRow(
+                            api.api_name,
+                            policy.name,
+                            window.label,
+                            words,
+                            window.limit,
+                            None,
+                            None,
+                            shadow,
+                            "counted per calling address",
+                        )
+                        rows.append(row)
+                        continue
                     row = QuotaRow(api.api_name, policy.name, window.label, words, window.limit, None, None, shadow)
                     pending.append((row, window))
     client = get_redis()

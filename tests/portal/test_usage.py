@@ -116,3 +116,72 @@ def test_quota_left_matches_what_the_gateway_counted(
     page = bob_client.get(f"/portal/acme/apps/{bob_app.pk}/usage/?api={api.pk}").content.decode()
     assert 'aria-label="7 of 10 left"' in page, page[page.find("quota-h") :][:3000]
     assert 'aria-label="97 of 100 left"' in page
+
+
+def _remaining_by_window(header: str) -> dict[str, int]:
+    """'"name.label";r=7;t=60, ...' (the gateway's RateLimit header) -> {"name.label": 7, ...}."""
+    found = {}
+    for item in header.split(", "):
+        name, *params = item.split(";")
+        found[name.strip('"')] = int(next(p for p in params if p.startswith("r="))[2:])
+    return found
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("scope", ["consumer_id", "key_id", "api", "tenant_id"])
+def test_quota_left_and_the_gateways_counters_agree_for_every_scope_and_window_type(
+    scope: str, acme: Tenant, bob: User, bob_app: Consumer, bob_key: tuple[ApiKey, str], echo_url: str, settings: Any
+) -> None:
+    """The portal reads exactly the counters the gateway counts in: same windows, same scope, same arithmetic."""
+    from portal.quota import quota_left
+
+    settings.UPSTREAM_ALLOW_PRIVATE = True
+    policies = [
+        services.policy_create(
+            tenant=acme,
+            name=f"{window_type}-{scope}",
+            policy_type="rate_limiting",
+            actor=None,
+            # Per hour: a sliding bucket refills one request per 7.2 s, so the portal's read moments later agrees.
+            config={"requests_per_hour": 500, "key_extraction": scope, "window_type": window_type, **extra},
+        )
+        for window_type, extra in (("sliding", {"burst_size": 5}), ("fixed", {}))
+    ]
+    quota = services.policy_create(
+        tenant=acme,
+        name=f"quota-{scope}",
+        policy_type="quota",
+        actor=None,
+        config={"requests_per_day": 1000, "requests_per_month": 20000, "key_extraction": scope},
+    )
+    api = services.api_create(
+        tenant=acme,
+        api_name="echo",
+        base_path="/echo",
+        upstream_url=echo_url,
+        status="active",
+        policies=[*policies, quota],
+        actor=None,
+    )
+    services.subscription_request(consumer=bob_app, api=api, actor=bob)
+    # A second app on the same API: it shares the api- and tenant-scoped counters, never the others.
+    other = services.consumer_create(tenant=acme, name="other-app", actor=None)
+    services.subscription_request(consumer=other, api=api, actor=None)
+    _, other_key = services.api_key_create(consumer=other, actor=None)
+    gateway = InProcessGateway()
+    for _ in range(2):
+        assert gateway.get("/echo/x", headers={"X-API-Key": other_key}).status == 200
+    for _ in range(3):
+        last = gateway.get("/echo/x", headers={"X-API-Key": bob_key[1]})
+        assert last.status == 200, last.body
+    counted = _remaining_by_window(last.header("RateLimit") or "")
+    assert len(counted) == 4  # sliding.hour, fixed.hour, quota.day, quota.month
+
+    report = quota_left(app=bob_app, apis=[api])
+    assert report.available
+    shown = {f"{row.policy_name}.{row.window}": row.remaining for row in report.rows}
+    assert shown == counted
+    used = 5 if scope in ("api", "tenant_id") else 3
+    assert shown[f"quota-{scope}.day"] == 1000 - used
+    assert shown[f"fixed-{scope}.hour"] == 500 - used
+    assert shown[f"sliding-{scope}.hour"] == 505 - used
