@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import authenticate, login, logout
 from django.contrib.auth.hashers import make_password
@@ -16,6 +18,7 @@ from django.forms import BaseForm
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -33,6 +36,11 @@ def _client_ip(request: HttpRequest) -> str:
     # Behind a load balancer REMOTE_ADDR is the balancer: one counter for everyone would let 20 wrong
     # passwords lock the whole portal. client_ip honours X-Forwarded-For from GATEWAY TRUSTED_PROXIES only.
     return client_ip(request) or "unknown"
+
+
+def site_link(path: str) -> str:
+    """An absolute link for a mail: always SITE_URL, never the request's Host header (an attacker chooses that)."""
+    return settings.SITE_URL.rstrip("/") + path
 
 
 def _send(request: HttpRequest, portal: Portal, *, to: str, template: str, context: dict[str, Any]) -> None:
@@ -115,7 +123,7 @@ def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
 
 def _send_verification(request: HttpRequest, portal: Portal, *, user: User) -> None:
     token = tokens.verification_token(user=user, tenant_id=portal.tenant.id)
-    link = request.build_absolute_uri(reverse("portal:verify", args=[portal.tenant.id, token]))
+    link = site_link(reverse("portal:verify", args=[portal.tenant.id, token]))
     _send(request, portal, to=user.email, template="portal/email/verify.txt", context={"user": user, "link": link})
 
 
@@ -127,16 +135,14 @@ def _mail_existing_account(request: HttpRequest, portal: Portal, *, email: str) 
         context = {
             "user": member,
             "member": True,
-            "login_link": request.build_absolute_uri(reverse("portal:login", args=[portal.tenant.id])),
-            "reset_link": request.build_absolute_uri(reverse("portal:password_reset", args=[portal.tenant.id])),
+            "login_link": site_link(reverse("portal:login", args=[portal.tenant.id])),
+            "reset_link": site_link(reverse("portal:password_reset", args=[portal.tenant.id])),
         }
         _send(request, portal, to=member.email, template="portal/email/signup_existing.txt", context=context)
         return True
     # Signed up, never confirmed: "sign up again", as the done page advises, sends the link again. The account's
     # user name and password stay as first chosen; a visitor cannot change them by signing up over it.
-    pending = accounts.filter(
-        is_active=False, last_login__isnull=True, is_staff=False, memberships__isnull=True
-    ).first()
+    pending = accounts.filter(tokens.PENDING_ACCOUNT, is_staff=False, memberships__isnull=True).first()
     if pending is not None:
         _send_verification(request, portal, user=pending)
         return True
@@ -159,10 +165,20 @@ def verify(request: HttpRequest, portal: Portal, token: str) -> HttpResponse:
             request, portal, "portal/message.html", {"title": "E-mail verification", "text": str(exc)}, status=400
         )
     if request.method == "POST":
-        with transaction.atomic():
-            user.is_active = True
-            user.save(update_fields=["is_active"])
-            services.membership_set(tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user)
+        try:
+            with transaction.atomic():
+                # Checked again on the locked row: of two confirmations racing, the second finds the link used.
+                user = tokens.check_verification_token(token, tenant_id=portal.tenant.id, lock=True)
+                user.is_active = True
+                user.last_login = timezone.now()  # the confirmation mark: this link (and any older one) is now spent
+                user.save(update_fields=["is_active", "last_login"])
+                services.membership_set(
+                    tenant=portal.tenant, user=user, role=TenantMembership.Role.DEVELOPER, actor=user
+                )
+        except tokens.BadToken as exc:
+            return page(
+                request, portal, "portal/message.html", {"title": "E-mail verification", "text": str(exc)}, status=400
+            )
         messages.success(request, "Your e-mail address is confirmed. Sign in to continue.")
         return HttpResponseRedirect(reverse("portal:login", args=[portal.tenant.id]))
     return page(request, portal, "portal/verify.html", {"verify_user": user})
@@ -204,7 +220,7 @@ def login_view(request: HttpRequest, portal: Portal) -> HttpResponse:
             return response
         user = authenticate(request, username=username, password=password)
         if user is None:
-            pending = User.objects.filter(username=username, is_active=False, last_login__isnull=True).first()
+            pending = User.objects.filter(tokens.PENDING_ACCOUNT, username=username).first()
             if pending is not None and pending.check_password(password):
                 form.add_error(None, "Confirm your e-mail address first: open the link we sent you.")
             else:
@@ -249,12 +265,19 @@ def password_reset(request: HttpRequest, portal: Portal) -> HttpResponse:
         )
         if throttle.throttled:
             return _mail_throttled(request, portal, template="portal/password_reset.html", form=form, throttle=throttle)
+        site = urlsplit(settings.SITE_URL)
         form.save(
             request=request,
-            use_https=request.is_secure(),
+            # The link is built from SITE_URL; domain_override keeps Django from reading the Host header at all.
+            domain_override=site.netloc,
+            use_https=site.scheme == "https",
             subject_template_name="portal/email/password_reset_subject.txt",
             email_template_name="portal/email/password_reset.txt",
-            extra_email_context={"tenant_id": portal.tenant.id, "tenant_name": portal.tenant.name},
+            extra_email_context={
+                "tenant_id": portal.tenant.id,
+                "tenant_name": portal.tenant.name,
+                "site_url": settings.SITE_URL.rstrip("/"),
+            },
         )
         # The same answer whether or not the address belongs to a member, so it reveals nothing.
         return page(request, portal, "portal/password_reset_done.html", {"email": form.cleaned_data["email"]})
@@ -270,6 +293,14 @@ class PortalPasswordResetConfirmView(PasswordResetConfirmView):
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         self.portal = resolve_portal(request, kwargs.pop("tenant"))
         return super().dispatch(request, *args, **kwargs)
+
+    def get_user(self, uidb64: str) -> Any:
+        # A link mailed before staff switched the account off or removed it from this tenant stops working: the
+        # same accounts the reset form would mail today (active members of this tenant), and no others.
+        user = super().get_user(uidb64)
+        if user is None or not user.is_active or not user.memberships.filter(tenant=self.portal.tenant).exists():
+            return None
+        return user
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         return {**super().get_context_data(**kwargs), "portal": self.portal, "tenant": self.portal.tenant}
@@ -297,8 +328,9 @@ def invite(request: HttpRequest, portal: Portal) -> HttpResponse:
     form = InviteForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         email = form.cleaned_data["email"]
-        token = tokens.invitation_token(tenant_id=portal.tenant.id, email=email)
-        link = request.build_absolute_uri(reverse("portal:signup", args=[portal.tenant.id]) + f"?invite={token}")
+        assert isinstance(request.user, User)  # portal_page(member=True): signed in
+        token = tokens.invitation_token(tenant_id=portal.tenant.id, email=email, inviter_id=request.user.pk)
+        link = site_link(reverse("portal:signup", args=[portal.tenant.id]) + f"?invite={token}")
         _send(
             request,
             portal,

@@ -10,6 +10,7 @@ from django.core import mail
 from django.test import Client
 from django.test.utils import override_settings
 
+from apimgmt import services
 from apimgmt.models import Tenant, TenantMembership
 from tests.portal.conftest import link_in_last_mail, path_of
 
@@ -169,3 +170,110 @@ def test_sign_out_needs_a_post(bob_client: Client, method: str) -> None:
     response = getattr(bob_client, method)("/portal/acme/logout/")
     assert response.status_code == (405 if method == "get" else 302)
     assert ("_auth_user_id" in bob_client.session) is (method == "get")
+
+
+def _switch_off(user: User, tenant: Tenant) -> None:
+    """What staff do to remove a developer: deactivate the account and delete its membership."""
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    TenantMembership.objects.filter(user=user, tenant=tenant).delete()
+
+
+@pytest.mark.parametrize("signed_in_before", [False, True])
+def test_a_switched_off_developer_cannot_come_back_with_the_old_verification_link(
+    open_acme: Tenant, signed_in_before: bool
+) -> None:
+    client = Client()
+    client.post("/portal/acme/signup/", SIGNUP)
+    link = path_of(link_in_last_mail())
+    assert client.post(link).status_code == 302
+    if signed_in_before:
+        assert _login(client, "erin", SIGNUP["password1"]) == 302
+    erin = User.objects.get(username="erin")
+    _switch_off(erin, open_acme)
+
+    replay = Client()
+    assert b"already been used" in replay.get(link).content
+    response = replay.post(link)
+    assert response.status_code == 400
+    assert b"already been used" in response.content
+    erin.refresh_from_db()
+    assert not erin.is_active
+    assert not TenantMembership.objects.filter(user=erin).exists()
+    assert _login(replay, "erin", SIGNUP["password1"]) == 400
+
+
+def test_signing_up_again_after_being_switched_off_mails_no_new_verification_link(open_acme: Tenant) -> None:
+    client = Client()
+    client.post("/portal/acme/signup/", SIGNUP)
+    assert client.post(path_of(link_in_last_mail())).status_code == 302
+    erin = User.objects.get(username="erin")
+    _switch_off(erin, open_acme)  # before erin ever signed in
+
+    mail.outbox.clear()
+    again = Client().post("/portal/acme/signup/", {**SIGNUP, "username": "erin2"})
+    assert again.status_code == 200 and b"Check your inbox" in again.content  # the same page as ever
+    assert len(mail.outbox) == 1
+    assert "/verify/" not in mail.outbox[0].body
+    assert "no access to the Acme portal" in mail.outbox[0].body
+    erin.refresh_from_db()
+    assert not erin.is_active and not User.objects.filter(username="erin2").exists()
+
+
+def test_a_reset_link_mailed_before_the_account_was_switched_off_no_longer_works(bob: User, acme: Tenant) -> None:
+    client = Client()
+    client.post("/portal/acme/password-reset/", {"email": "bob@example.com"})
+    link = path_of(link_in_last_mail())
+    _switch_off(bob, acme)
+
+    form_page = client.get(link, follow=True)
+    assert b"invalid or was already used" in form_page.content
+    assert b"Set the password" not in form_page.content
+    set_url = form_page.redirect_chain[-1][0] if form_page.redirect_chain else link
+    client.post(set_url, {"new_password1": "brand-new-pass-77", "new_password2": "brand-new-pass-77"})
+    bob.refresh_from_db()
+    assert bob.check_password("bob-password-123")
+
+
+def test_a_reset_link_stops_working_in_a_portal_the_account_was_removed_from(bob: User, acme: Tenant) -> None:
+    client = Client()
+    client.post("/portal/acme/password-reset/", {"email": "bob@example.com"})
+    link = path_of(link_in_last_mail())
+    TenantMembership.objects.filter(user=bob, tenant=acme).delete()  # still active: a member elsewhere, say
+
+    assert b"invalid or was already used" in client.get(link, follow=True).content
+
+
+def test_an_invitation_is_withdrawn_when_its_admin_is_no_longer_an_admin(alice: User, acme: Tenant) -> None:
+    admin = Client()
+    admin.force_login(alice)
+    assert admin.post("/portal/acme/invite/", {"email": "frank@example.com"}).status_code == 302
+    link = path_of(link_in_last_mail())
+    assert Client().get(link).status_code == 200
+
+    services.membership_set(tenant=acme, user=alice, role=TenantMembership.Role.DEVELOPER, actor=None)
+    response = Client().get(link)
+    assert response.status_code == 400
+    assert b"invitation was withdrawn" in response.content
+    signup = Client().post(link, {**SIGNUP, "username": "frank"})
+    assert signup.status_code == 400
+    assert not User.objects.filter(username="frank").exists()
+
+
+def test_a_used_invitation_cannot_bring_back_a_switched_off_account(alice: User, acme: Tenant) -> None:
+    admin = Client()
+    admin.force_login(alice)
+    admin.post("/portal/acme/invite/", {"email": "frank@example.com"})
+    link = path_of(link_in_last_mail())
+    token = link.split("invite=")[1]
+    form = {"password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42", "invite": token}
+    assert Client().post("/portal/acme/signup/", {**form, "username": "frank"}).status_code == 302
+    frank = User.objects.get(username="frank")
+    _switch_off(frank, acme)
+
+    again = Client().post("/portal/acme/signup/", {**form, "username": "frank2"})
+    assert again.status_code == 200
+    assert b"An account with this e-mail already exists" in again.content
+    frank.refresh_from_db()
+    assert not frank.is_active and not TenantMembership.objects.filter(user=frank).exists()
+    assert not User.objects.filter(username="frank2").exists()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from django.contrib.auth.models import User
+from django.core import mail
 from django.test import Client
+from django.test.utils import override_settings
 
 from apimgmt import services
 from apimgmt.models import Api, ApiKey, Consumer, Tenant
@@ -127,3 +131,45 @@ def test_the_catalog_lists_public_active_and_deprecated_apis_only(acme: Tenant) 
 
 def test_an_empty_catalog_says_so(acme: Tenant) -> None:
     assert b"No APIs published yet" in Client().get("/portal/acme/").content
+
+
+# A permissive ALLOWED_HOSTS lets any Host through to the views; the links in mails must still point at SITE_URL.
+LINKS_FROM_SITE_URL = override_settings(ALLOWED_HOSTS=["*"], SITE_URL="https://portal.example.com/")
+EVIL = {"HTTP_HOST": "evil.example"}
+
+
+def _mailed_links() -> list[str]:
+    assert mail.outbox, "no mail was sent"
+    links = [link for message in mail.outbox for link in re.findall(r"https?://\S+", message.body)]
+    assert links, "no link in the mails"
+    assert not any("evil.example" in message.body for message in mail.outbox)
+    return links
+
+
+@LINKS_FROM_SITE_URL
+def test_a_password_reset_link_points_at_site_url_whatever_the_host_header(bob: User) -> None:
+    Client().post("/portal/acme/password-reset/", {"email": "bob@example.com"}, **EVIL)
+    [link] = _mailed_links()
+    assert link.startswith("https://portal.example.com/portal/acme/password-reset/")
+
+
+@LINKS_FROM_SITE_URL
+def test_verification_and_existing_account_links_point_at_site_url_whatever_the_host_header(
+    open_acme: Tenant, bob: User
+) -> None:
+    form = {"password1": "a-long-pass-phrase-42", "password2": "a-long-pass-phrase-42"}
+    Client().post("/portal/acme/signup/", {**form, "username": "erin", "email": "erin@example.com"}, **EVIL)
+    Client().post("/portal/acme/signup/", {**form, "username": "bob2", "email": "bob@example.com"}, **EVIL)
+    links = _mailed_links()
+    assert len(links) == 3  # verify; then sign-in and reset for the existing member
+    assert all(link.startswith("https://portal.example.com/portal/acme/") for link in links)
+    assert any("/verify/" in link for link in links)
+
+
+@LINKS_FROM_SITE_URL
+def test_an_invitation_link_points_at_site_url_whatever_the_host_header(alice: User) -> None:
+    admin = Client()
+    admin.force_login(alice)
+    assert admin.post("/portal/acme/invite/", {"email": "frank@example.com"}, **EVIL).status_code == 302
+    [link] = _mailed_links()
+    assert link.startswith("https://portal.example.com/portal/acme/signup/?invite=")
