@@ -380,6 +380,7 @@ def plan_delete(*, plan: Plan, actor: Actor) -> None:
         "name": plan.name,
         "approval": plan.approval,
         "policies": sorted(plan.policies.values_list("pk", flat=True)),
+        "no_longer_offered_by": sorted(plan.apis.values_list("pk", flat=True)),
     }
     _delete_unless_refused(plan, refusal=plan_delete_refusal, action="plan.delete", changes=changes, actor=actor)
 
@@ -496,9 +497,11 @@ def api_create(
     actor: Actor,
     status: str = Api.Status.DRAFT,
     policies: Iterable[Policy] = (),
+    plans: Iterable[Plan] = (),
     targets: Sequence[tuple[str, int]] = (),
     **options: Any,
 ) -> Api:
+    """Publish an API; ``plans`` are the plans it offers (same tenant): with any, subscribing needs one of them."""
     unknown = sorted(set(options) - set(API_FIELDS))
     if unknown:
         raise ValidationError({name: "Unknown field." for name in unknown})
@@ -509,9 +512,11 @@ def api_create(
     )
     api_check(api)
     policy_list = _check_same_tenant(tenant.id, policies, "policies")
+    plan_list = _check_same_tenant(tenant.id, plans, "plans")
     target_list = _validate_targets(targets)
     _save_validated(api)
     api.policies.set(policy_list)
+    api.plans.set(plan_list)
     for url, weight in target_list:
         UpstreamTarget.objects.create(api=api, url=url, weight=weight)
     audit_record(
@@ -519,7 +524,13 @@ def api_create(
         tenant_id=tenant.id,
         action="api.create",
         obj=api,
-        changes={"api_name": api_name, "base_path": base_path, "upstream_url": upstream_url, "status": status},
+        changes={
+            "api_name": api_name,
+            "base_path": base_path,
+            "upstream_url": upstream_url,
+            "status": status,
+            "plans": sorted(p.pk for p in plan_list),
+        },
     )
     config_changed()
     return api
@@ -531,9 +542,11 @@ def api_update(
     api: Api,
     actor: Actor,
     policies: Iterable[Policy] | None = None,
+    plans: Iterable[Plan] | None = None,
     targets: Sequence[tuple[str, int]] | None = None,
     **fields: Any,
 ) -> Api:
+    """Change an API. A plan taken off ``plans`` is no longer offered; subscriptions already on it keep it."""
     if "tenant" in fields or "tenant_id" in fields:
         raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
     if "status" in fields:
@@ -549,6 +562,13 @@ def api_update(
         if old_ids != new_ids:
             api.policies.set(new)
             changes["policies"] = [old_ids, new_ids]
+    if plans is not None:
+        new_plans = _check_same_tenant(api.tenant_id, plans, "plans")
+        old_ids = sorted(api.plans.values_list("pk", flat=True))
+        new_ids = sorted(p.pk for p in new_plans)
+        if old_ids != new_ids:
+            api.plans.set(new_plans)
+            changes["plans"] = [old_ids, new_ids]
     if targets is not None:
         cleaned = _validate_targets(targets)
         old_targets = [[t.url, t.weight] for t in api.targets.all()]
@@ -639,6 +659,7 @@ def api_delete(*, api: Api, actor: Actor) -> None:
         "subscriptions_deleted_by_status": subscriptions,
         "targets_deleted": api.targets.count(),
         "policies_detached": sorted(api.policies.values_list("pk", flat=True)),
+        "plans_detached": sorted(api.plans.values_list("pk", flat=True)),
     }
     _delete_unless_refused(api, refusal=api_delete_refusal, action="api.delete", changes=changes, actor=actor)
 
@@ -856,12 +877,28 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
 # ---------------------------------------------------------------------------
 
 
+def subscription_plan_check(*, api: Api, plan: Plan | None) -> None:
+    """An API that offers plans takes subscriptions only on one of them ("no plan" would escape their limits)."""
+    offered = list(api.plans.order_by("name").values_list("pk", "name"))
+    if not offered:
+        return
+    names = ", ".join(name for _pk, name in offered)
+    if plan is None:
+        raise ValidationError({"plan_id": f"API {api.api_name!r} is offered on plans {names}: choose one of them."})
+    if plan.pk not in {pk for pk, _name in offered}:
+        raise ValidationError(
+            {"plan_id": f"Plan {plan.name!r} is not offered for API {api.api_name!r}; choose one of: {names}."}
+        )
+
+
 def subscription_check(*, consumer: Consumer, api: Api, plan: Plan | None) -> None:
-    """What subscription_request refuses: other tenants' objects, unroutable APIs, blocked consumers, duplicates."""
+    """What subscription_request refuses: other tenants' objects, a plan the API does not offer (or none when it
+    offers some), unroutable APIs, blocked consumers, duplicates."""
     if api.tenant_id != consumer.tenant_id:
         raise ValidationError({"api_id": "Unknown API for this consumer's tenant."})
     if plan is not None and plan.tenant_id != consumer.tenant_id:
         raise ValidationError({"plan_id": "Unknown plan for this consumer's tenant."})
+    subscription_plan_check(api=api, plan=plan)
     if not api.routable:
         raise ValidationError(
             {"api_id": f"This API is {api.status}; only active or deprecated APIs accept subscriptions."}

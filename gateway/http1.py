@@ -69,6 +69,15 @@ class _Stale(Exception):
     """A reused keep-alive connection was closed by the upstream before it answered."""
 
 
+def is_content_length(value: str) -> bool:
+    """A Content-Length value as RFC 9112 §6.3 has it: plain ASCII digits (not "+5", " 5", "5, 5" or "²").
+
+    str.isdigit() alone takes "²" (which int() then refuses), and more than 18 digits is no real body length (and
+    would reach int()'s digit limit).
+    """
+    return 0 < len(value) <= 18 and value.isascii() and value.isdigit()
+
+
 def can_send(idempotent: bool, scheme: str, target: str, headers: dict[str, str]) -> bool:
     """Whether this exchange may take the lean path (anything unusual goes through urllib3, which validates)."""
     if not idempotent or scheme != "http" or _UNSAFE_TARGET.search(target):
@@ -231,8 +240,10 @@ def _parse_head(head: bytes, method: str) -> Http1Response:
             headers.append((name, value))
             lower = name.lower()
             if lower == "content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+                if not is_content_length(value) or (length is not None and int(value) != length):
                     raise ExchangeFailed("invalid Content-Length")
+                if length is not None:
+                    headers.pop()  # the same length repeated: passed on once
                 length = int(value)
             elif lower == "transfer-encoding":
                 chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"

@@ -234,6 +234,10 @@ def forward_request(
                         decode_content=False,
                         chunked=chunked,
                     )
+                    if not _plain_framing(response):
+                        response.close()
+                        response.release_conn()
+                        raise http1.ExchangeFailed("invalid Content-Length")
             except http1.ForbiddenPeer as exc:
                 logger.warning("upstream %s resolved to a forbidden address %s; refused", target.host, exc)
                 raise UpstreamError(502, "The upstream's address is not allowed.") from exc
@@ -280,10 +284,31 @@ def response_headers(response: Any) -> list[tuple[str, str]]:
     else:
         raw = list(response.headers.iteritems())
         connection = response.headers.get("connection")
+        if "transfer-encoding" in response.headers:
+            # The body is de-chunked here (or runs to the end of the connection): its length is not what it says.
+            raw = [(n, v) for n, v in raw if n.lower() != "content-length"]
+        elif len(response.headers.getlist("content-length")) > 1:
+            # Repeats of one length (_plain_framing has vetted them): passed on once.
+            first = next(i for i, (n, _) in enumerate(raw) if n.lower() == "content-length")
+            raw = [h for i, h in enumerate(raw) if i == first or h[0].lower() != "content-length"]
     drop = HOP_BY_HOP
     if connection:
         drop = drop | {name.strip().lower() for name in connection.split(",")}
     return [(name, value) for name, value in raw if name.lower() not in drop]
+
+
+def _plain_framing(response: Any) -> bool:
+    """Whether a urllib3 response's Content-Length is usable: plain ASCII digits, repeats equal (RFC 9112 §6.3).
+
+    http.client and urllib3 are lenient ("+5" counts as 5, "²" or "5, 6" as no length at all); a proxy must not
+    pass such a length on, and answers 502 instead, as the lean client does. With Transfer-Encoding the length is
+    ignored (and dropped by response_headers).
+    """
+    headers = response.headers
+    if "content-length" not in headers or "transfer-encoding" in headers:
+        return True
+    values = headers.getlist("content-length")
+    return all(http1.is_content_length(v) for v in values) and len({int(v) for v in values}) == 1
 
 
 def body_is_small(response: Any, method: str) -> bool:

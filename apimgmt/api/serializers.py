@@ -178,6 +178,12 @@ class TargetSerializer(StrictModelSerializer):
 class ApiSerializer(StrictModelSerializer):
     tenant_id = serializers.CharField(max_length=63)
     policies = IdListField(required=False, max_length=100, help_text="Policy ids applied to all traffic.")
+    plans = IdListField(
+        required=False,
+        max_length=100,
+        help_text="Plan ids of the same tenant that this API offers. When any are listed, a subscription must name "
+        "one of them.",
+    )
     targets = TargetSerializer(  # type: ignore[call-arg]  # ListSerializer takes max_length; the stubs lag
         many=True, required=False, max_length=20, help_text="Extra weighted upstreams."
     )
@@ -187,7 +193,7 @@ class ApiSerializer(StrictModelSerializer):
     class Meta:
         model = Api
         # The writable fields are exactly what the API services accept (one list, in services.API_FIELDS).
-        fields = ["id", "tenant_id", "status", *API_FIELDS, "targets", "policies", "created_at", "updated_at"]
+        fields = ["id", "tenant_id", "status", *API_FIELDS, "targets", "policies", "plans", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
         validators: list[Any] = []
 

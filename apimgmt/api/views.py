@@ -117,6 +117,15 @@ class ScopedViewSet(RequestContextMixin, viewsets.GenericViewSet):
             raise exceptions.ValidationError({"policies": [f"Unknown policies for this tenant: {', '.join(missing)}."]})
         return [found[pk] for pk in wanted]
 
+    @staticmethod
+    def plans_of(tenant_id: str, ids: Iterable[str]) -> list[Plan]:
+        wanted = list(dict.fromkeys(ids))
+        found = {p.pk: p for p in Plan.objects.filter(tenant_id=tenant_id, pk__in=wanted)}
+        missing = [pk for pk in wanted if pk not in found]
+        if missing:
+            raise exceptions.ValidationError({"plans": [f"Unknown plans for this tenant: {', '.join(missing)}."]})
+        return [found[pk] for pk in wanted]
+
     def validated(self, serializer_class: type[Any], *, instance: Any = None, partial: bool = False) -> dict[str, Any]:
         serializer = serializer_class(instance, data=self.request.data, partial=partial)
         serializer.is_valid(raise_exception=True)
@@ -300,7 +309,7 @@ def _targets(items: list[dict[str, Any]] | None) -> list[tuple[str, int]] | None
 class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """APIs published through the gateway; status changes through activate, deprecate and retire."""
 
-    queryset = Api.objects.prefetch_related("policies", "targets")
+    queryset = Api.objects.prefetch_related("policies", "plans", "targets")
     serializer_class = s.ApiSerializer
     filter_fields = {
         "tenant_id": ("tenant_id", None),
@@ -321,16 +330,26 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin,
         data = self.validated(s.ApiSerializer)
         tenant = self.tenant_for_create(Api, data.pop("tenant_id"))
         policies = self.policies_of(tenant.id, data.pop("policies", []))
+        plans = self.plans_of(tenant.id, data.pop("plans", []))
         targets = _targets(data.pop("targets", None)) or []
-        api = services.api_create(tenant=tenant, actor=self.actor, policies=policies, targets=targets, **data)
+        api = services.api_create(
+            tenant=tenant, actor=self.actor, policies=policies, plans=plans, targets=targets, **data
+        )
         return self.render(self.get_queryset().get(pk=api.pk), status.HTTP_201_CREATED)
 
     def perform_service_update(self, obj: Api, data: dict[str, Any]) -> Api:
         new_status = data.pop("status", obj.status)
         ids = data.pop("policies", None)
         policies = self.policies_of(obj.tenant_id, ids) if ids is not None else None
+        plan_ids = data.pop("plans", None)
+        plans = self.plans_of(obj.tenant_id, plan_ids) if plan_ids is not None else None
         api = services.api_update(
-            api=obj, actor=self.actor, policies=policies, targets=_targets(data.pop("targets", None)), **data
+            api=obj,
+            actor=self.actor,
+            policies=policies,
+            plans=plans,
+            targets=_targets(data.pop("targets", None)),
+            **data,
         )
         if new_status != api.status:
             transition = self._TRANSITIONS.get(new_status)

@@ -366,7 +366,7 @@ def test_a_slow_head_gets_the_keepalive_timeout_for_the_whole_head_not_per_read(
     elapsed = time.monotonic() - started
     stop.set()
     sender.join()
-    assert 1.9 <= elapsed < 3
+    assert 1.9 <= elapsed < 5  # the trickle alone would take 20 s (room for a loaded machine)
     ours.settimeout(1)
     assert ours.recv(65536) == b""  # closed without an answer, as gunicorn does
     ours.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from apimgmt import services
 from tests.gateway.conftest import publish, subscribe
-from tests.gateway.upstreams import Answer, garbage, raw_upstream, recording_upstream, stall
+from tests.gateway.upstreams import Answer, garbage, raw_upstream, read_request_head, recording_upstream, stall
 from tests.support.servers import free_port
 
 
@@ -148,14 +150,15 @@ def test_invalid_upstream_response_gives_502(gateway, acme, bob_app, key):
         assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 502
 
 
-def test_stalling_upstream_gives_504_within_the_read_timeout_plus_10_percent(gateway, acme, bob_app, key):
+def test_stalling_upstream_gives_504_at_the_read_timeout_long_before_the_total_deadline(gateway, acme, bob_app, key):
     with raw_upstream(stall) as url:
         _api(acme, bob_app, url, read_timeout=0.5, total_timeout=5)
         started = time.monotonic()
         response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
         elapsed = time.monotonic() - started
     assert response.status == 504
-    assert 0.5 <= elapsed <= 0.55
+    assert "did not answer in time" in response.json()["detail"]
+    assert 0.5 <= elapsed < 2.5  # the read timeout, not the 5 s total (room for a loaded machine)
 
 
 def test_trickling_upstream_is_cut_at_the_total_deadline_with_504(gateway, acme, bob_app, key):
@@ -167,7 +170,7 @@ def test_trickling_upstream_is_cut_at_the_total_deadline_with_504(gateway, acme,
         response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
         elapsed = time.monotonic() - started
     assert response.status == 504
-    assert 1.2 <= elapsed <= 1.2 * 1.1
+    assert 1.2 <= elapsed < 3.5  # the trickle alone would take minutes (room for a loaded machine)
 
 
 def test_connect_failure_is_retried_for_get_but_not_for_post(gateway, acme, bob_app, key):
@@ -201,18 +204,19 @@ def test_circuit_breaker_opens_after_the_threshold_and_recovers_through_one_prob
     with recording_upstream() as flaky:
         healthy = {"ok": False}
         flaky.respond = lambda seen: Answer() if healthy["ok"] else Answer(status=503, body=b"down")
-        _api(acme, bob_app, flaky.url, cb_failure_threshold=3, cb_recovery_timeout=0.5)
+        # A recovery timeout long enough that the requests below all fall inside it on a loaded machine.
+        _api(acme, bob_app, flaky.url, cb_failure_threshold=3, cb_recovery_timeout=1.0)
         statuses = [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(5)]
         assert statuses == [503, 503, 503, 503, 503]
         assert len(flaky.seen) == 3  # the last two never reached the upstream
         opened = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
         assert opened.json()["type"].endswith("circuit-open") and opened.header("Retry-After") == "1"
-        time.sleep(0.55)
+        time.sleep(1.05)
         # Half-open: one probe fails → open again.
         assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 503
         assert len(flaky.seen) == 4
         assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).json()["type"].endswith("circuit-open")
-        time.sleep(0.55)
+        time.sleep(1.05)
         healthy["ok"] = True
         assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200  # the probe succeeds
         assert [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(3)] == [200] * 3
@@ -332,3 +336,52 @@ def test_requests_sharing_a_client_request_id_are_each_counted(gateway, acme, up
     get_gateway().usage.flush()
     UsageFlusher(client=redis_client, consumer="t").flush_once(block_ms=100)
     assert sum(r.request_count for r in UsageRecord.objects.filter(api_id=api.id)) == 3
+
+
+def _answer_with(head: bytes, body: bytes):
+    def behaviour(conn) -> None:
+        read_request_head(conn)
+        conn.sendall(head + b"\r\n\r\n" + body)
+        conn.close()
+
+    return behaviour
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])  # the lean HTTP/1.1 client and urllib3
+def test_chunked_response_that_also_claims_a_length_is_passed_on_without_that_length(
+    gateway, acme, bob_app, key, method
+):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked"
+    with raw_upstream(_answer_with(head, b"5\r\nhello\r\n0\r\n\r\n")) as url:
+        _api(acme, bob_app, url, retries=0)
+        response = gateway.request(
+            method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" * (method == "POST")
+        )
+    assert response.status == 200 and response.body == b"hello"
+    assert response.header("Content-Length") is None and response.header("Transfer-Encoding") is None
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("length", [b"+5", b"\xb2", b" 5x", b"5, 5", b"9" * 5000, b"-5"])
+def test_response_length_that_is_not_plain_digits_gives_502(gateway, acme, bob_app, key, method, length):
+    # "²" (one latin-1 byte) passes str.isdigit() but not int(); "+5" is a number to Python but not to HTTP.
+    with raw_upstream(_answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: " + length, b"hello")) as url:
+        _api(acme, bob_app, url, retries=0)
+        response = gateway.request(
+            method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" * (method == "POST")
+        )
+    assert response.status == 502
+    assert response.header("Content-Type") == "application/problem+json"
+    assert "invalid response" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_repeated_equal_length_is_passed_on_once(gateway, acme, bob_app, key, method):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Between: 1\r\nContent-Length: 5"
+    with raw_upstream(_answer_with(head, b"hello")) as url:
+        _api(acme, bob_app, url, retries=0)
+        response = gateway.request(
+            method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" * (method == "POST")
+        )
+    assert response.status == 200 and response.body == b"hello"
+    assert response.header_all("Content-Length") == ["5"] and response.header("X-Between") == "1"
