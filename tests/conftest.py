@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 import redis
-from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import connection
 
 from apimgmt import services
 from apimgmt.models import Api, ApiKey, Consumer, Tenant
 from apimgmt.redis_client import get_redis, reset_redis
+from tests.support.servers import app_server_env
 
 
 @pytest.fixture(autouse=True)
@@ -105,21 +104,7 @@ def bob_key(bob_app: Consumer, bob: User) -> tuple[ApiKey, str]:
 @pytest.fixture
 def live_env(transactional_db: Any) -> dict[str, str]:
     """Environment for a gunicorn subprocess that sees this test's (committed) database and Redis."""
-    db = settings.DATABASES["default"]
-    user = db.get("USER") or "postgres"
-    host = db.get("HOST") or "127.0.0.1"
-    port = db.get("PORT") or 5432
-    name = connection.settings_dict["NAME"]
-    return {
-        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{name}",
-        "REDIS_URL": settings.REDIS_URL or "",
-        "KEY_HASH_PEPPER": settings.KEY_HASH_PEPPER,
-        "SECRET_KEY": settings.SECRET_KEY,
-        "DEBUG": "0",
-        "UPSTREAM_ALLOW_PRIVATE": "1",
-        "ALLOWED_HOSTS": "*",
-        "DB_POOL": "0",
-    }
+    return app_server_env()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -60,6 +60,32 @@ def wsgi_server(app: Callable[..., Any]) -> Iterator[str]:
         server.server_close()
 
 
+def app_server_env() -> dict[str, str]:
+    """Environment for an app server subprocess that uses this test run's database and Redis.
+
+    Call it once the test database exists (in a test, or a fixture after ``django_db_setup``); the server sees
+    only committed rows, so the tests that talk to it use ``transactional_db``.
+    """
+    from django.conf import settings
+    from django.db import connection
+
+    db = settings.DATABASES["default"]
+    user = db.get("USER") or "postgres"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    name = connection.settings_dict["NAME"]
+    return {
+        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{name}",
+        "REDIS_URL": settings.REDIS_URL or "",
+        "KEY_HASH_PEPPER": settings.KEY_HASH_PEPPER,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "DEBUG": "0",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
+        "ALLOWED_HOSTS": "*",
+        "DB_POOL": "0",
+    }
+
+
 @contextmanager
 def gunicorn(
     env: dict[str, str],
