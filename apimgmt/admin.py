@@ -7,10 +7,12 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import get_fields_from_path
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Model, Q, QuerySet
+from django.db.models.constants import LOOKUP_SEP
 from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -89,11 +91,42 @@ def _admin_tenant_ids(request: HttpRequest) -> list[str]:
     return selectors.tenant_ids_for_user(request.user, roles=(TenantMembership.Role.ADMIN,))
 
 
+# Stored secrets' digests: no admin URL may filter on them. `?key_hash__startswith=ab` would answer "is there a key
+# whose HMAC starts with ab", a prefix oracle; Django's UserAdmin refuses password lookups the same way.
+SECRET_FIELDS = frozenset({"key_hash", "token_hash", "password"})
+
+
+class ScopedRelatedFieldListFilter(admin.RelatedOnlyFieldListFilter):
+    """A relation's filter choices are only what the rows this user may see point to: never another tenant's
+    ids or names (the stock filter lists every row of the related table)."""
+
+
+def scoped_list_filter(model: type[Model], entry: Any) -> Any:
+    """``entry`` of a ``list_filter`` with a relation's stock filter replaced by the scoped one."""
+    if isinstance(entry, str) and get_fields_from_path(model, entry)[-1].is_relation:
+        return (entry, ScopedRelatedFieldListFilter)
+    if isinstance(entry, tuple) and entry[1] in (admin.RelatedFieldListFilter, admin.RelatedOnlyFieldListFilter):
+        return (entry[0], ScopedRelatedFieldListFilter)
+    return entry
+
+
 class NotFoundAdmin(admin.ModelAdmin):
-    """Answer 404 for an object outside the user's reach, instead of the admin's redirect with a message."""
+    """Answer 404 for an object outside the user's reach, instead of the admin's redirect with a message.
+
+    Also the rules every apimgmt admin shares: list filters offer only values of rows the user can see, and no
+    URL lookup touches a secret's digest (``SECRET_FIELDS``; Django answers such a lookup with 400).
+    """
 
     def _get_obj_does_not_exist_redirect(self, request: HttpRequest, opts: Any, object_id: str) -> Any:
         raise Http404(f"No {opts.verbose_name} with this ID.")
+
+    def get_list_filter(self, request: HttpRequest) -> list[Any]:
+        return [scoped_list_filter(self.model, entry) for entry in super().get_list_filter(request)]
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        if not SECRET_FIELDS.isdisjoint(lookup.split(LOOKUP_SEP)):
+            return False
+        return super().lookup_allowed(lookup, value, request)
 
 
 class TenantScopedAdmin(NotFoundAdmin):
@@ -749,7 +782,7 @@ class ApiKeyAdmin(TenantScopedAdmin):
                     obj=obj,
                     changes={"name": data.get("name"), "expires_at": data.get("expires_at")},
                 )
-                services.config_changed()
+                services.keys_changed([obj.key_hash])
             return
         key, plaintext = services.api_key_create(
             consumer=data["consumer"],

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from apimgmt import keys, validation
 from apimgmt.context import client_ip_var, request_id_var
-from apimgmt.invalidation import config_changed
+from apimgmt.invalidation import config_changed, consumer_changed, keys_changed
 from apimgmt.models import (
     Api,
     ApiKey,
@@ -715,7 +715,7 @@ def _consumer_set_status(*, consumer: Consumer, status: str, actor: Actor) -> Co
         audit_record(
             actor=actor, tenant_id=consumer.tenant_id, action=action, obj=consumer, changes={"status": [old, status]}
         )
-        config_changed()
+        consumer_changed(consumer.pk)
     return consumer
 
 
@@ -742,6 +742,7 @@ def consumer_delete(*, consumer: Consumer, actor: Actor) -> None:
         obj=consumer,
         changes={"name": consumer.name},
     )
+    consumer_changed(consumer.pk)
     consumer.delete()
     config_changed()
 
@@ -848,7 +849,7 @@ def api_key_rotate(
         obj=successor,
         changes={"name": successor.name, "key_prefix": successor.key_prefix, "rotated_from": key.pk},
     )
-    config_changed()
+    keys_changed([key.key_hash])
     return successor, plaintext
 
 
@@ -868,7 +869,7 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
         obj=key,
         changes={"active": [True, False]},
     )
-    config_changed()
+    keys_changed([key.key_hash])
     return key
 
 
@@ -941,7 +942,7 @@ def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Pl
         },
     )
     if not manual:
-        config_changed()
+        consumer_changed(consumer.pk)
     return subscription
 
 
@@ -964,7 +965,7 @@ def _decide(
         obj=subscription,
         changes={"status": [old, to], "note": note[:500]},
     )
-    config_changed()
+    consumer_changed(subscription.consumer_id)
     return subscription
 
 

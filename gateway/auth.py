@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 import redis
 from django.conf import settings
 
-from apimgmt import keys, selectors
+from apimgmt import invalidation, keys, selectors
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from gateway.config import db_call
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 # once per request; short, so a key created a moment ago starts working quickly anyway.
 NEGATIVE_TTL_SECONDS = 2.0
 _NEGATIVE_MARK = "null"
+_TOMBSTONE = invalidation.TOMBSTONE.encode()
 # How long a request waits for another one's lookup of the same key before looking it up itself.
 INFLIGHT_WAIT_SECONDS = 5.0
 _PAIR_SEPARATORS = re.compile("[&;]")
@@ -98,7 +99,12 @@ class _Cache:
 
 
 class KeyResolver:
-    """Hash → KeyRecord through the worker's cache, then Redis (versioned key), then the database."""
+    """Hash → KeyRecord through the worker's cache, then Redis, then the database.
+
+    Entries leave by expiry (``GATEWAY_AUTH_CACHE_SECONDS``) or by eviction: the config poller hands evict() the
+    hashes the control plane named (apimgmt.invalidation). A lookup in flight when its key is evicted may have
+    read the old state, so its result is used for that request but not cached.
+    """
 
     def __init__(self) -> None:
         self.ttl = float(settings.GATEWAY["AUTH_CACHE_SECONDS"])
@@ -108,13 +114,26 @@ class KeyResolver:
         self.negative = _Cache(max(100, max_size // 10))
         self.lock = threading.Lock()
         self.inflight: dict[str, threading.Event] = {}
+        # Hashes evicted while their lookup was in flight (see evict()).
+        self.raced: set[str] = set()
+        # Lookups that went past the worker's cache (to Redis or the database), for operators and tests.
+        self.misses = 0
 
     def clear(self) -> None:
         with self.lock:
             self.positive.items.clear()
             self.negative.items.clear()
 
-    def resolve(self, key_hash: str, config_version: int) -> KeyRecord | None:
+    def evict(self, key_hashes: list[str]) -> None:
+        """Forget these keys now (the control plane changed them); every other entry stays."""
+        with self.lock:
+            for key_hash in key_hashes:
+                self.positive.items.pop(key_hash, None)
+                self.negative.items.pop(key_hash, None)
+                if key_hash in self.inflight:
+                    self.raced.add(key_hash)
+
+    def resolve(self, key_hash: str) -> KeyRecord | None:
         now = time.monotonic()
         hit, record = self.positive.get(key_hash, now)
         if hit:
@@ -138,10 +157,15 @@ class KeyResolver:
             hit, record = self.negative.get(key_hash, time.monotonic())
             if hit:
                 return None
+        self.misses += 1
         try:
-            record, cacheable = self._from_redis_or_db(key_hash, config_version)
-            if cacheable:
-                with self.lock:
+            record, cacheable = self._from_redis_or_db(key_hash)
+            with self.lock:
+                if key_hash in self.raced:
+                    cacheable = False
+                    if leader:
+                        self.raced.discard(key_hash)
+                if cacheable:
                     if record is None:
                         self.negative.put(key_hash, None, now + NEGATIVE_TTL_SECONDS)
                     else:
@@ -150,19 +174,21 @@ class KeyResolver:
             if leader:
                 with self.lock:
                     self.inflight.pop(key_hash, None)
+                    self.raced.discard(key_hash)
                 pending.set()
         return record
 
     def _from_redis_or_db(self, key_hash: str, config_version: int) -> tuple[KeyRecord | None, bool]:
         client = get_redis()
-        cache_key = f"cache:api:key:{config_version}:{key_hash}"
+        cache_key = invalidation.key_cache_name(key_hash)
         if client is not None:
             try:
                 cached = client.get(cache_key)
                 if cached is not None:
                     if cached in (b"null", _NEGATIVE_MARK):
                         return None, True
-                    return KeyRecord.from_json(json.loads(cached)), True
+                    if cached != _TOMBSTONE:  # evicted a moment ago: read the database, leave the tombstone
+                        return KeyRecord.from_json(json.loads(cached)), True
             except redis.RedisError:
                 logger.warning("key cache in Redis unavailable; reading the key from the database")
                 client = None
@@ -170,11 +196,12 @@ class KeyResolver:
         # or every thread (every greenlet under gevent) that ever missed the caches would keep one.
         record = db_call(selectors.key_record_by_hash, key_hash)
         if client is not None:
+            # NX: never over an eviction's tombstone (this read may have started before the change committed).
             try:
                 if record is None:
-                    client.set(cache_key, _NEGATIVE_MARK, ex=max(1, int(NEGATIVE_TTL_SECONDS)))
+                    client.set(cache_key, _NEGATIVE_MARK, ex=max(1, int(NEGATIVE_TTL_SECONDS)), nx=True)
                 else:
-                    client.set(cache_key, json.dumps(record.to_json()), ex=max(1, int(self.ttl)))
+                    client.set(cache_key, json.dumps(record.to_json()), ex=max(1, int(self.ttl)), nx=True)
             except redis.RedisError:
                 pass
         return record, True
@@ -199,7 +226,7 @@ def check_access(record: KeyRecord | None, route: Route, now: float) -> AuthFail
 
 
 def authenticate(
-    environ: dict[str, object], route: Route, query: str, resolver: KeyResolver, config_version: int
+    environ: dict[str, object], route: Route, query: str, resolver: KeyResolver
 ) -> tuple[KeyRecord | None, Credential | None, AuthFailure | None]:
     credentials = find_credentials(environ, route, query)
     if not credentials:
@@ -209,6 +236,6 @@ def authenticate(
     credential = credentials[0]
     if not keys.is_well_formed(credential.key):
         return None, credential, AuthFailure(401, "malformed", INVALID_KEY)
-    record = resolver.resolve(keys.hash_key(credential.key), config_version)
+    record = resolver.resolve(keys.hash_key(credential.key))
     failure = check_access(record, route, time.time())
     return record, credential, failure

@@ -108,7 +108,8 @@ class Gateway:
     def __init__(self) -> None:
         self.routes = RouteState()
         self.keys = auth.KeyResolver()
-        self.routes.on_change.append(self.keys.clear)
+        self.routes.on_evict.append(self.keys.evict)
+        self.routes.on_keys_lost.append(self.keys.clear)
         self.routes.on_change.append(self._prune_resilience)
         self._window_cache: dict[
             tuple[str, ...], tuple[Route, list[ratelimit.Window], tuple[list[str], list[Any]]]
@@ -191,7 +192,7 @@ class Gateway:
 
         # 2. Authenticate.
         try:
-            record, credential, failure = auth.authenticate(environ, route, query, self.keys, self.routes.version)
+            record, credential, failure = auth.authenticate(environ, route, query, self.keys)
         except (DatabaseError, redis.RedisError):
             logger.exception("key lookup failed")
             return self._error(

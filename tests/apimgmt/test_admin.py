@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from apimgmt import keys, services
 from apimgmt.models import (
@@ -25,6 +26,7 @@ from apimgmt.models import (
     UpstreamTarget,
     UsageRecord,
 )
+from apimgmt.tokens import api_token_create
 
 MODELS = [
     Tenant,
@@ -285,3 +287,117 @@ def test_consumer_owner_must_belong_to_the_tenant(admin_client_: Client, bob_app
     assert response.status_code == 200
     assert "must be a member of this consumer" in response.content.decode()
     assert Consumer.objects.get(pk=bob_app.pk).owner.username == "bob"
+
+
+@pytest.fixture
+def two_tenants_of_rows(
+    acme: Tenant, globex: Tenant, bob_key: tuple[ApiKey, str], acme_api: Api, carol: User
+) -> list[str]:
+    """Rows of every kind in acme and in globex; returns the strings of globex's that must never leak to acme."""
+    for tenant, prefix in ((acme, "acme"), (globex, "globex")):
+        policy = services.policy_create(
+            tenant=tenant,
+            name=f"{prefix}-burst",
+            policy_type="rate_limiting",
+            config={"requests_per_minute": 10},
+            actor=None,
+        )
+        plan = services.plan_create(tenant=tenant, name=f"{prefix}-platinum-plan", policies=[policy], actor=None)
+        api = (
+            acme_api
+            if tenant == acme
+            else services.api_create(
+                tenant=tenant,
+                api_name="globex-orders",
+                base_path="/globex/orders",
+                upstream_url="https://orders.globex.example.com",
+                status="active",
+                policies=[policy],
+                actor=None,
+            )
+        )
+        consumer = (
+            bob_key[0].consumer
+            if tenant == acme
+            else services.consumer_create(tenant=tenant, name="globex-app", owner=carol, actor=None)
+        )
+        key = bob_key[0] if tenant == acme else services.api_key_create(consumer=consumer, name="g", actor=None)[0]
+        subscription = services.subscription_request(consumer=consumer, api=api, plan=plan, actor=None)
+        UsageRecord.objects.create(
+            tenant=tenant,
+            api_id=api.pk,
+            consumer_id=consumer.pk,
+            key_id=key.pk,
+            timestamp=timezone.now().replace(second=0, microsecond=0),
+            status_code=200,
+            request_count=1,
+        )
+    return [
+        "globex",
+        "Globex",
+        "carol",
+        api.pk,
+        plan.pk,
+        policy.pk,
+        consumer.pk,
+        key.pk,
+        subscription.pk,
+    ]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("query", ["", "?_facets=1"])
+def test_a_tenant_admins_changelists_and_filters_never_name_another_tenant(
+    client: Client, scoped_staff: User, two_tenants_of_rows: list[str], model: type, query: str
+) -> None:
+    client.force_login(scoped_staff)
+    response = client.get(_url(model, "changelist") + query)
+    assert response.status_code == 200
+    page = response.content.decode()
+    leaked = [text for text in two_tenants_of_rows if text in page]
+    assert not leaked, f"{model.__name__} changelist shows {leaked}"
+
+
+def test_every_relation_filter_in_the_admin_is_scoped() -> None:
+    from django.contrib import admin as django_admin
+    from django.test import RequestFactory
+
+    from apimgmt.admin import NotFoundAdmin, ScopedRelatedFieldListFilter
+
+    request = RequestFactory().get("/admin/")
+    for model, model_admin in django_admin.site._registry.items():
+        if model._meta.app_label != "apimgmt":
+            continue
+        assert isinstance(model_admin, NotFoundAdmin), model
+        for entry in model_admin.get_list_filter(request):
+            if isinstance(entry, str):
+                field = model._meta.get_field(entry.split("__")[0])
+                assert not field.is_relation, f"{model.__name__}.list_filter {entry!r} is not scoped"
+            elif isinstance(entry, tuple) and issubclass(entry[1], django_admin.RelatedFieldListFilter):
+                assert entry[1] is ScopedRelatedFieldListFilter, (model, entry)
+
+
+@pytest.mark.parametrize(
+    ("model", "lookup"),
+    [
+        (ApiKey, "key_hash__startswith"),
+        (ApiKey, "key_hash"),
+        (ApiKey, "key_hash__regex"),
+        (Consumer, "keys__key_hash__startswith"),
+        (Subscription, "consumer__keys__key_hash__startswith"),
+        (ApiToken, "token_hash__startswith"),
+        (TenantMembership, "user__password__startswith"),
+    ],
+)
+def test_no_admin_lookup_answers_questions_about_a_stored_hash(
+    admin_client_: Client, bob_key: tuple[ApiKey, str], staff: User, model: type, lookup: str
+) -> None:
+    token, _plaintext = api_token_create(user=staff, name="ci", actor=staff)
+    secret = {ApiToken: token.token_hash, TenantMembership: staff.password}.get(model, bob_key[0].key_hash)
+    real = secret[:6]
+    fake = "0" * 6 if not real.startswith("0") else "f" * 6
+    url = _url(model, "changelist")
+    matching = admin_client_.get(f"{url}?{lookup}={real}")
+    other = admin_client_.get(f"{url}?{lookup}={fake}")
+    assert matching.status_code == other.status_code == 400
+    assert matching.content == other.content
