@@ -216,6 +216,15 @@ class Api(models.Model):
     openapi_spec = models.JSONField("OpenAPI document", null=True, blank=True)
     subscription_approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
     policies = models.ManyToManyField(Policy, blank=True, related_name="apis", db_table="am_api_policies")
+    plans = models.ManyToManyField(
+        Plan,
+        blank=True,
+        related_name="apis",
+        db_table="am_api_plans",
+        verbose_name="offered plans",
+        help_text="The plans developers choose from when subscribing. When any are listed, every new "
+        "subscription must name one of them; subscriptions made before keep their plan (or none).",
+    )
     created_at = models.DateTimeField(default=now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -279,12 +288,20 @@ class Consumer(models.Model):
         db_table = "am_consumers"
         ordering = ["tenant_id", "name"]
         verbose_name = "consumer"
+        # Names are unique per owner, so one developer's app names neither block nor reveal another's.
+        # Apps without an owner (made by an admin) share one namespace per tenant.
         constraints = [
             models.UniqueConstraint(
+                fields=["tenant", "owner", "name"],
+                name="uniq_consumer_owner_name",
+                violation_error_message="This owner already has an app with this name.",
+            ),
+            models.UniqueConstraint(
                 fields=["tenant", "name"],
-                name="uniq_consumer_tenant_name",
-                violation_error_message="A consumer with this name already exists in this tenant.",
-            )
+                condition=Q(owner__isnull=True),
+                name="uniq_consumer_unowned_name",
+                violation_error_message="An app without an owner already has this name in this tenant.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -362,11 +379,12 @@ class Subscription(models.Model):
         return f"{self.consumer_id} → {self.api_id} ({self.status})"
 
 
-class UsageRecord(models.Model):
-    """Aggregated traffic: one row per minute per (tenant, API, consumer, key, status code).
+class UsageBucket(models.Model):
+    """Traffic of one (tenant, API, consumer, key, status code) in one time bucket: what the usage tables share.
 
     API, consumer and key are plain id columns rather than foreign keys so that
-    billing history survives the deletion of what it describes.
+    billing history survives the deletion of what it describes. The tables are
+    partitioned by month of ``timestamp`` in PostgreSQL (apimgmt/usage_partitions.py).
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -374,7 +392,9 @@ class UsageRecord(models.Model):
     api_id = models.CharField("API ID", max_length=32, blank=True, default="")
     consumer_id = models.CharField("consumer ID", max_length=32, blank=True, default="")
     key_id = models.CharField("key ID", max_length=32, blank=True, default="")
-    timestamp = models.DateTimeField(help_text="Start of the minute bucket (UTC).")
+    timestamp = models.DateTimeField(
+        help_text="Start of the bucket: the minute, the UTC hour, or the tenant's local midnight (daily)."
+    )
     status_code = models.PositiveSmallIntegerField()
     request_count = models.BigIntegerField(default=0)
     error_count = models.BigIntegerField(default=0)
@@ -385,8 +405,18 @@ class UsageRecord(models.Model):
     upstream_latency_ms_sum = models.FloatField(default=0)
 
     class Meta:
-        db_table = "am_usage_records"
+        abstract = True
         ordering = ["-timestamp"]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.api_id} {self.timestamp:%Y-%m-%d %H:%M} {self.status_code}"
+
+
+class UsageRecord(UsageBucket):
+    """Aggregated traffic: one row per minute per (tenant, API, consumer, key, status code)."""
+
+    class Meta(UsageBucket.Meta):
+        db_table = "am_usage_records"
         verbose_name = "usage record"
         indexes = [
             models.Index(fields=["tenant", "-timestamp"], name="idx_usage_records_tenant_time"),
@@ -398,8 +428,40 @@ class UsageRecord(models.Model):
             )
         ]
 
-    def __str__(self) -> str:
-        return f"{self.tenant_id} {self.api_id} {self.timestamp:%Y-%m-%d %H:%M} {self.status_code}"
+
+class UsageHourly(UsageBucket):
+    """The minute rows summed per UTC hour (``timestamp`` is the hour's start); kept by the flusher."""
+
+    class Meta(UsageBucket.Meta):
+        db_table = "am_usage_hourly"
+        verbose_name = "hourly usage"
+        verbose_name_plural = "hourly usage"
+        indexes = [models.Index(fields=["tenant", "-timestamp"], name="idx_usage_hourly_tenant_time")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
+                name="uniq_usage_hourly_bucket",
+            )
+        ]
+
+
+class UsageDaily(UsageBucket):
+    """The minute rows summed per calendar day in the tenant's time zone (``timestamp``: that day's local midnight)."""
+
+    class Meta(UsageBucket.Meta):
+        db_table = "am_usage_daily"
+        verbose_name = "daily usage"
+        verbose_name_plural = "daily usage"
+        indexes = [
+            models.Index(fields=["tenant", "-timestamp"], name="idx_usage_daily_tenant_time"),
+            models.Index(fields=["tenant", "consumer_id", "-timestamp"], name="idx_usage_daily_consumer"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
+                name="uniq_usage_daily_bucket",
+            )
+        ]
 
 
 class AuditEvent(models.Model):
@@ -453,18 +515,22 @@ class ApiToken(models.Model):
         return f"{self.token_prefix}… ({self.user})"
 
 
-class UsageEventSeen(models.Model):
-    """Request ids the usage flusher already counted, so a replayed event is never counted twice.
+class UsageCopy(models.Model):
+    """A claimed minute of Redis usage buckets the flusher added to the usage tables (the claim's token).
 
-    Rows older than the retention window are deleted by the flusher.
+    Recorded in the same transaction as the rows, so a claim copied before (a flusher died after its commit, or
+    two flushers raced) is recognised and skipped: exactly once, with one row per copied tenant-minute, not per
+    request. Forgotten after two days (a claim lives seconds).
     """
 
-    request_id = models.CharField(primary_key=True, max_length=128)
-    seen_at = models.DateTimeField(default=now, db_index=True)
+    token = models.CharField(max_length=64, primary_key=True)
+    tenant_id = models.CharField("tenant ID", max_length=63)
+    minute = models.DateTimeField()
+    copied_at = models.DateTimeField(default=now, db_index=True)
 
     class Meta:
-        db_table = "am_usage_seen"
-        verbose_name = "processed usage event"
+        db_table = "am_usage_copies"
+        verbose_name = "copied usage minute"
 
     def __str__(self) -> str:
-        return self.request_id
+        return f"{self.tenant_id} {self.minute:%Y-%m-%d %H:%M} ({self.token})"

@@ -178,7 +178,7 @@ class KeyResolver:
                 pending.set()
         return record
 
-    def _from_redis_or_db(self, key_hash: str, config_version: int) -> tuple[KeyRecord | None, bool]:
+    def _from_redis_or_db(self, key_hash: str) -> tuple[KeyRecord | None, bool]:
         client = get_redis()
         cache_key = invalidation.key_cache_name(key_hash)
         if client is not None:

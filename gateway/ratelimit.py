@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from apimgmt import limits
+from apimgmt import limits, redis_client
 from apimgmt.selectors import KeyRecord, PolicySpec
 from gateway import metrics
 from gateway.routing import Route
@@ -271,25 +271,38 @@ def send_check(client: redis.Redis, keys: list[str], args: list[Any], before: li
     of CPU per request for the same bytes on the wire. Connection failures and timeouts raise redis.RedisError.
     """
     commands = [*before, ("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)]
-    conn = _connections.get(client)
+    # On a cluster, straight to the master of the keys' slot (they share one hash tag: one slot).
+    try:
+        node = redis_client.node_for_key(client, keys[0]) if keys else client
+    except redis.RedisError:
+        redis_client.topology_failed(client)
+        raise
+    except Exception as exc:  # the slot map has no master for this slot (mid-failover)
+        redis_client.topology_failed(client)
+        raise redis.ConnectionError(f"no Redis node for the limiter's slot: {exc}") from exc
+    conn = _connections.get(client, node)
     try:
         conn.send_packed_command(_pack(conn, commands))
     except BaseException:
         conn.disconnect()
-        _connections.put(conn)
+        _connections.put(conn, node)
+        redis_client.topology_failed(client)
         raise
-    return PendingCheck(client, conn, keys, args, len(commands))
+    return PendingCheck(client, conn, keys, args, len(commands), node)
 
 
 class PendingCheck:
     """A limiter call whose replies are still to be read; exactly one of result() or abandon() must follow."""
 
-    def __init__(self, client: redis.Redis, conn: Any, keys: list[str], args: list[Any], replies: int) -> None:
+    def __init__(
+        self, client: redis.Redis, conn: Any, keys: list[str], args: list[Any], replies: int, node: Any = None
+    ) -> None:
         self.client = client
         self.conn = conn
         self.keys = keys
         self.args = args
         self.replies = replies
+        self.node = client if node is None else node
 
     def result(self) -> tuple[Any, list[redis.ResponseError]]:
         """The script's reply and the error replies of the commands sent before it.
@@ -303,18 +316,27 @@ class PendingCheck:
             conn.disconnect()  # an unread reply would be taken as the answer to the next command
             raise
         finally:
-            _connections.put(conn)
+            redis_client.topology_failed(self.client)
+            _connections.put(conn, self.node)
         raw = replies[-1]
-        if isinstance(raw, redis.exceptions.NoScriptError):
+        if isinstance(raw, redis.exceptions.AskError):  # MovedError is an AskError
+            redis_client.topology_failed(self.client)
+            try:
+                raw = self.client.evalsha(SCRIPT_SHA, len(self.keys), *self.keys, *self.args)
+            except redis.exceptions.NoScriptError:
+                raw = self.client.eval(SCRIPT, len(self.keys), *self.keys, *self.args)
+        elif isinstance(raw, redis.exceptions.NoScriptError):
             raw = self.client.eval(SCRIPT, len(self.keys), *self.keys, *self.args)
         elif isinstance(raw, redis.ResponseError):
             raise raw
         return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
+            if isinstance(raw, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)):
+                redis_client.topology_failed(self.client)
 
     def abandon(self) -> None:
         """Drop the call unread (the request failed in between): the connection cannot be reused."""
         self.conn.disconnect()
-        _connections.put(self.conn)
+        _connections.put(self.conn, self.node)
 
 
 class _Connections:
@@ -322,35 +344,40 @@ class _Connections:
 
     redis-py's pool checkout polls every connection for unexpected data before handing it out: under gevent that
     is a poll() plus a Timeout object per request (about 20 µs). The limiter never leaves a reply unread (any
-    error disconnects), so its connections need no such check. Bounded, fork-aware, and rebuilt when the process
-    switches to another client (tests point REDIS_URL elsewhere).
+    error disconnects), so its connections need no such check. Bounded per node (a cluster has one per master),
+    fork-aware, and rebuilt when the process switches to another client (tests point REDIS_URL elsewhere).
     """
 
     MAX_IDLE = 64
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.idle: list[Any] = []
+        self.idle: dict[int, list[Any]] = {}  # by id() of the node's client
+        self.nodes: dict[int, Any] = {}  # keeps each node's client alive while its id() is a key
         self.client: redis.Redis | None = None
         self.pid = 0
 
-    def get(self, client: redis.Redis) -> Any:
+    def get(self, client: redis.Redis, node: Any) -> Any:
         if client is not self.client or self.pid != os.getpid():
             with self.lock:
-                stale, self.idle = self.idle, []
+                stale, self.idle, self.nodes = self.idle, {}, {}
                 self.client, self.pid = client, os.getpid()
             for conn in stale:
                 conn.disconnect()
         with self.lock:
-            if self.idle:
-                return self.idle.pop()
-        return client.connection_pool.make_connection()
+            idle = self.idle.get(id(node))
+            if idle:
+                return idle.pop()
+        return node.connection_pool.make_connection()
 
-    def put(self, conn: Any) -> None:
+    def put(self, conn: Any, node: Any) -> None:
         with self.lock:
-            if conn.pid == os.getpid() and len(self.idle) < self.MAX_IDLE:
-                self.idle.append(conn)
-                return
+            if conn.pid == os.getpid():
+                idle = self.idle.setdefault(id(node), [])
+                self.nodes[id(node)] = node
+                if len(idle) < self.MAX_IDLE:
+                    idle.append(conn)
+                    return
         conn.disconnect()
 
 

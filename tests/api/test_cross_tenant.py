@@ -128,5 +128,51 @@ def test_cannot_create_into_or_reference_another_tenant(
     assert _snapshot() == before
 
 
+def test_plan_api_links_stay_inside_a_tenant(acme_world: dict[str, Any], carol: User, client_for: Any) -> None:
+    """An API offers only its own tenant's plans; another tenant can neither link, see nor use those links."""
+    from apimgmt import services
+
+    acme_api, acme_plan = acme_world["api"], acme_world["plan"]
+    services.api_update(api=acme_api, plans=[acme_plan], actor=None)
+    c = client_for(carol)
+    before = _snapshot()
+    r = c.post(
+        "/mgmt/v1/apis/",
+        {
+            "tenant_id": "globex",
+            "api_name": "g",
+            "base_path": "/globex/g",
+            "upstream_url": "https://g.example.com",
+            "plans": [acme_plan.pk],
+        },
+        format="json",
+    )
+    assert r.status_code == 400, r.content
+    assert r.json()["errors"]["plans"] == [f"Unknown plans for this tenant: {acme_plan.pk}."]
+    assert _snapshot() == before
+    r = c.post(
+        "/mgmt/v1/apis/",
+        {"tenant_id": "globex", "api_name": "g", "base_path": "/globex/g", "upstream_url": "https://g.example.com"},
+        format="json",
+    )
+    assert r.status_code == 201 and r.json()["plans"] == []
+    globex_api = r.json()["id"]
+    r = c.patch(f"/mgmt/v1/apis/{globex_api}/", {"plans": [acme_plan.pk]}, format="json")
+    assert r.status_code == 400 and "plans" in r.json()["errors"]
+    r = c.patch(f"/mgmt/v1/apis/{acme_api.pk}/", {"plans": []}, format="json")
+    assert r.status_code == 404
+    assert list(acme_api.plans.all()) == [acme_plan]
+    r = c.post("/mgmt/v1/consumers/", {"tenant_id": "globex", "name": "g-app"}, format="json")
+    c.post(f"/mgmt/v1/apis/{globex_api}/activate/", {}, format="json")
+    r = c.post(
+        "/mgmt/v1/subscriptions/",
+        {"consumer_id": r.json()["id"], "api_id": globex_api, "plan_id": acme_plan.pk},
+        format="json",
+    )
+    assert r.status_code == 400 and "plan_id" in r.json()["errors"], r.content
+    listed = c.get("/mgmt/v1/apis/").content.decode()
+    assert acme_plan.pk not in listed and acme_api.pk not in listed
+
+
 def test_url_conf_resolves_v1_under_mgmt() -> None:
     assert get_resolver().resolve("/mgmt/v1/apis/").url_name == "api-list"

@@ -257,8 +257,21 @@ def test_consumer_lifecycle(acme: Tenant, bob: User) -> None:
     services.consumer_unblock(consumer=consumer, actor=None)
     assert last_event("consumer.unblock").changes == {"status": ["blocked", "active"]}
     with pytest.raises(ValidationError) as exc:
-        services.consumer_create(tenant=acme, name="mobile-app", actor=None)
-    assert "already exists" in str(exc.value)
+        services.consumer_create(tenant=acme, name="mobile-app", owner=bob, actor=bob)
+    assert "already has an app with this name" in str(exc.value)
+
+
+def test_app_names_are_unique_per_owner_not_per_tenant(acme: Tenant, bob: User, alice: User) -> None:
+    services.consumer_create(tenant=acme, name="billing", owner=bob, actor=bob)
+    # Another developer's "billing" is neither blocked by bob's nor told that bob has one.
+    services.consumer_create(tenant=acme, name="billing", owner=alice, actor=alice)
+    services.consumer_create(tenant=acme, name="billing", actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.consumer_create(tenant=acme, name="billing", actor=None)
+    assert "without an owner already has this name" in str(exc.value)
+    with pytest.raises(ValidationError):
+        services.consumer_create(tenant=acme, name="billing", owner=bob, actor=bob)
+    assert Consumer.objects.filter(name="billing").count() == 3
 
 
 def test_consumer_delete_revokes_its_keys_first(bob_app: Consumer, bob_key: tuple[ApiKey, str]) -> None:
@@ -391,6 +404,80 @@ def test_subscription_refusals(acme: Tenant, globex: Tenant, acme_api: Api, bob_
     with pytest.raises(ValidationError) as exc:
         services.subscription_request(consumer=bob_app, api=draft, actor=None)
     assert "draft" in errors_of(exc)["api_id"][0]
+
+
+# Plans offered by an API ----------------------------------------------------------
+
+
+@pytest.fixture
+def starter(acme: Tenant) -> Plan:
+    limit = services.policy_create(
+        tenant=acme, name="5-a-minute", policy_type="rate_limiting", config={"requests_per_minute": 5}, actor=None
+    )
+    return services.plan_create(tenant=acme, name="starter", policies=[limit], actor=None)
+
+
+def test_an_api_offering_plans_refuses_a_subscription_without_one(
+    acme: Tenant, acme_api: Api, bob_app: Consumer, starter: Plan
+) -> None:
+    services.api_update(api=acme_api, plans=[starter], actor=None)
+    assert last_event("api.update").changes["plans"] == [[], [starter.pk]]
+    with pytest.raises(ValidationError) as exc:
+        services.subscription_request(consumer=bob_app, api=acme_api, actor=None)
+    assert errors_of(exc)["plan_id"] == ["API 'users' is offered on plans starter: choose one of them."]
+    assert not Subscription.objects.exists()
+    sub = services.subscription_request(consumer=bob_app, api=acme_api, plan=starter, actor=None)
+    assert (sub.status, sub.plan) == ("active", starter)
+
+
+def test_a_plan_the_api_does_not_offer_is_refused(
+    acme: Tenant, globex: Tenant, acme_api: Api, bob_app: Consumer, starter: Plan
+) -> None:
+    gold = services.plan_create(tenant=acme, name="gold", actor=None)
+    services.api_update(api=acme_api, plans=[starter], actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.subscription_request(consumer=bob_app, api=acme_api, plan=gold, actor=None)
+    assert errors_of(exc)["plan_id"] == ["Plan 'gold' is not offered for API 'users'; choose one of: starter."]
+    foreign = services.plan_create(tenant=globex, name="starter", actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.subscription_request(consumer=bob_app, api=acme_api, plan=foreign, actor=None)
+    assert errors_of(exc)["plan_id"] == ["Unknown plan for this consumer's tenant."]
+    assert not Subscription.objects.exists()
+
+
+def test_an_api_offers_only_plans_of_its_own_tenant(acme: Tenant, globex: Tenant, starter: Plan) -> None:
+    foreign = services.plan_create(tenant=globex, name="g", actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.api_create(
+            tenant=acme, api_name="x", base_path="/x", upstream_url="https://x.example.com", plans=[foreign], actor=None
+        )
+    assert errors_of(exc)["plans"] == [f"Unknown plans for this tenant: {foreign.pk}."]
+    api = services.api_create(
+        tenant=acme, api_name="x", base_path="/x", upstream_url="https://x.example.com", plans=[starter], actor=None
+    )
+    with pytest.raises(ValidationError):
+        services.api_update(api=api, plans=[starter, foreign], actor=None)
+    assert list(api.plans.all()) == [starter]
+    assert last_event("api.create").changes["plans"] == [starter.pk]
+
+
+def test_subscriptions_made_before_the_api_offered_plans_keep_working(
+    acme_api: Api, bob_app: Consumer, starter: Plan
+) -> None:
+    old = services.subscription_request(consumer=bob_app, api=acme_api, actor=None)
+    services.api_update(api=acme_api, plans=[starter], actor=None)
+    old.refresh_from_db()
+    assert (old.status, old.plan) == ("active", None)
+    # Taking a plan off the list keeps its subscribers on it; deleting it drops the offer.
+    services.subscription_cancel(subscription=old, actor=None)
+    on_starter = services.subscription_request(consumer=bob_app, api=acme_api, plan=starter, actor=None)
+    services.api_update(api=acme_api, plans=[], actor=None)
+    on_starter.refresh_from_db()
+    assert (on_starter.status, on_starter.plan) == ("active", starter)
+
+
+def test_an_api_with_no_plans_still_takes_subscriptions_without_one(acme_api: Api, bob_app: Consumer) -> None:
+    assert services.subscription_request(consumer=bob_app, api=acme_api, actor=None).status == "active"
 
 
 def test_rotating_a_blocked_consumers_key_is_refused(bob_key: tuple[ApiKey, str]) -> None:

@@ -106,11 +106,14 @@ class Command(BaseCommand):
                 upstream_url=upstream,
                 status=Api.Status.ACTIVE,
                 policies=[rate],
+                plans=[plan],
                 openapi_spec=ECHO_OPENAPI,
                 actor=admin,
             )
         elif api.upstream_url != upstream:
             services.api_update(api=api, upstream_url=upstream, actor=admin)
+        if not api.plans.exists():
+            services.api_update(api=api, plans=[plan], actor=admin)
         if api.status != Api.Status.ACTIVE:
             services.api_activate(api=api, actor=admin)
 
