@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
+from apimgmt.client_address import client_address_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 
 access_logger = logging.getLogger("apimgmt.access")
@@ -18,33 +17,10 @@ access_logger = logging.getLogger("apimgmt.access")
 # Probes and scrapes run every few seconds; a success there is not worth a line at info level.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@cache
-def _trusted_proxies(entries: tuple[str, ...]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries if entry.strip())
-
-
-def _is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
 
 def client_ip(request: HttpRequest) -> str:
-    """The client address: REMOTE_ADDR, or the nearest X-Forwarded-For hop that is not a trusted proxy."""
-    remote = str(request.META.get("REMOTE_ADDR", ""))
-    networks = _trusted_proxies(tuple(settings.GATEWAY.get("TRUSTED_PROXIES", ())))
-    if not networks or not _is_trusted(remote, networks):
-        return remote
-    hops = [hop.strip() for hop in str(request.META.get("HTTP_X_FORWARDED_FOR", "")).split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _is_trusted(hop, networks):
-            return hop
-    return hops[0] if hops else remote
+    """The client address (apimgmt.client_address: REMOTE_ADDR, or X-Forwarded-For through TRUSTED_PROXIES)."""
+    return client_address_of(request.META)
 
 
 def _route_template(request: HttpRequest) -> str:

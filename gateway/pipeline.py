@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError
 
+from apimgmt import client_address
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
@@ -123,7 +123,7 @@ class Gateway:
         self.balancers: dict[str, tuple[tuple[Any, ...], Balancer]] = {}
         self.breakers: dict[str, tuple[tuple[Any, ...], CircuitBreaker]] = {}
         self.max_body = int(settings.GATEWAY["MAX_BODY_BYTES"])
-        self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.GATEWAY["TRUSTED_PROXIES"]]
+        self.trusted = client_address.configured_networks()
         self.started = False
         # Metric children by label values: labels() costs a lock and a dict build per call.
         self._counters: dict[tuple[str, str, str, str], Any] = {}
@@ -460,23 +460,9 @@ class Gateway:
         return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
 
     def _client_ip(self, environ: dict[str, Any]) -> str:
-        peer = environ.get("REMOTE_ADDR", "") or ""
-        if not self.trusted or not self._is_trusted(peer):
-            return peer
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-        # Walk from the nearest hop outwards; the first address we do not trust is the client.
-        for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                return hop
-        return hops[0] if hops else peer
-
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+        return client_address.client_address(
+            environ.get("REMOTE_ADDR", "") or "", environ.get("HTTP_X_FORWARDED_FOR", ""), self.trusted
+        )
 
     def _upstream_headers(
         self,
@@ -504,7 +490,7 @@ class Gateway:
         if environ.get("CONTENT_LENGTH"):
             headers["Content-Length"] = environ["CONTENT_LENGTH"]
         peer = environ.get("REMOTE_ADDR", "")
-        trusted_peer = bool(self.trusted) and self._is_trusted(peer)
+        trusted_peer = bool(self.trusted) and client_address.is_trusted(peer, self.trusted)
         prior = environ.get("HTTP_X_FORWARDED_FOR", "") if trusted_peer else ""
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else (client_ip if trusted_peer else peer)
         proto = environ.get("HTTP_X_FORWARDED_PROTO") if trusted_peer else None

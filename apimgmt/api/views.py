@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +26,7 @@ from apimgmt.api import serializers as s
 from apimgmt.api.exceptions import PROBLEM_CONTENT_TYPE
 from apimgmt.api.filters import FieldFilterBackend, StrictOrderingFilter
 from apimgmt.api.permissions import CHANGE, DECIDE, STAFF, VIEW, may_act_on, may_create, restrict, roles_of
+from apimgmt.client_address import client_address_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant, UsageRecord
 from apimgmt.selectors import is_platform_staff
@@ -35,11 +35,8 @@ ID_REGEX = r"[A-Za-z0-9_-]{1,64}"
 
 
 def _client_ip(request: HttpRequest) -> str | None:
-    candidate = request.META.get("REMOTE_ADDR") or ""
-    try:
-        return str(ipaddress.ip_address(candidate))
-    except ValueError:
-        return None
+    # The one rule for every part of the product (apimgmt.client_address): X-Forwarded-For only via TRUSTED_PROXIES.
+    return client_address_of(request.META) or None
 
 
 class RequestContextMixin:
