@@ -744,7 +744,6 @@ def consumer_delete(*, consumer: Consumer, actor: Actor) -> None:
     )
     consumer_changed(consumer.pk)
     consumer.delete()
-    config_changed()
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from apimgmt.redis_client import cache_settings
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 TESTING = "pytest" in sys.modules or (len(sys.argv) > 1 and sys.argv[1] == "test")
 
@@ -191,6 +193,9 @@ SLOW_QUERY_MS: int = env.int("SLOW_QUERY_MS", default=100)
 # ---------------------------------------------------------------------------
 
 REDIS_URL: str | None = env.str("REDIS_URL", default="") or _file_redis_url() or None
+# Sentinel and cluster URLs carry no password: it comes from here (apimgmt/redis_client.py).
+REDIS_PASSWORD: str = env.str("REDIS_PASSWORD", default="")
+REDIS_SENTINEL_PASSWORD: str = env.str("REDIS_SENTINEL_PASSWORD", default="")
 # Short timeouts: the gateway must decide quickly when Redis is unwell.
 REDIS_SOCKET_TIMEOUT: float = env.float("REDIS_SOCKET_TIMEOUT", default=0.25)
 REDIS_CONNECT_TIMEOUT: float = env.float("REDIS_CONNECT_TIMEOUT", default=0.25)
@@ -198,16 +203,16 @@ CACHE_TTL_SECONDS: int = env.int("CACHE_TTL_SECONDS", default=int(_file("cache",
 CACHE_MAX_SIZE: int = env.int("CACHE_MAX_SIZE", default=int(_file("cache", "max_size") or 10000))
 
 if REDIS_URL:
+    # redis://, redis+sentinel://… or redis+cluster://…; a URL that cannot work stops the start here.
     CACHES = {
-        "default": {
-            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "TIMEOUT": CACHE_TTL_SECONDS,
-            "OPTIONS": {
-                "SOCKET_CONNECT_TIMEOUT": REDIS_CONNECT_TIMEOUT,
-                "SOCKET_TIMEOUT": 1.0,
-            },
-        }
+        "default": cache_settings(
+            REDIS_URL,
+            ttl=CACHE_TTL_SECONDS,
+            connect_timeout=REDIS_CONNECT_TIMEOUT,
+            socket_timeout=1.0,
+            password=REDIS_PASSWORD or None,
+            sentinel_password=REDIS_SENTINEL_PASSWORD or None,
+        )
     }
 else:
     CACHES = {

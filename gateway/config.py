@@ -1,4 +1,8 @@
-"""The worker's route table and the configuration version it follows (polled from Redis in the background)."""
+"""The worker's route table, the configuration version it follows and the key evictions it applies.
+
+A background thread polls Redis (see apimgmt.invalidation for the contract): a moved version reloads the route
+table; eviction messages drop the named keys from the worker's key cache and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +47,14 @@ class RouteState:
         self.loaded_at = 0.0
         self.lock = threading.Lock()
         self.on_change: list[Callable[[], None]] = []
+        # Called with key hashes to drop from the key caches; on_keys_lost when evictions may have been missed.
+        self.on_evict: list[Callable[[list[str]], None]] = []
+        self.on_keys_lost: list[Callable[[], None]] = []
+        self.eviction_cursor: str | None = None
+        # Counters for operators and tests: route-table builds, key hashes evicted, times every key was dropped.
+        self.reloads = 0
+        self.evicted = 0
+        self.keys_lost = 0
         self.thread: threading.Thread | None = None
         self.pid = 0
         self.stopped = threading.Event()
@@ -82,7 +94,12 @@ class RouteState:
                 self.loaded_at = time.monotonic()
                 return self.table
             changed = wanted != self.version
+            # The counter went back: Redis lost its data, and with it any evictions not yet read.
+            went_back = 0 <= wanted < self.version
             self.table, self.version, self.loaded_at = table, wanted, time.monotonic()
+            self.reloads += 1
+        if went_back:
+            self._drop_all_keys()
         if changed:
             for callback in self.on_change:
                 callback()
@@ -101,6 +118,10 @@ class RouteState:
         if self.thread is not None and self.thread.is_alive() and self.pid == os.getpid():
             return
         self.pid = os.getpid()
+        try:
+            self.eviction_cursor = invalidation.eviction_cursor()
+        except Exception:  # Redis unavailable: the first successful poll starts from its end
+            self.eviction_cursor = None
         self.stopped.clear()
         self.thread = threading.Thread(target=self._poll, name="config-poller", daemon=True)
         self.thread.start()
@@ -112,5 +133,31 @@ class RouteState:
         while not self.stopped.wait(self.poll_seconds):
             try:
                 self.seen_version = invalidation.read_config_version()
+                self.apply_evictions()
             except Exception:  # noqa: S112 - Redis unavailable: keep the table; the safety reload still runs
                 continue
+
+    def apply_evictions(self) -> None:
+        """Read the eviction stream from this worker's cursor and drop what it names (all keys after a gap)."""
+        if self.eviction_cursor is None:
+            # Redis was unreachable when this worker started: evictions of that time are unknown.
+            self.eviction_cursor = invalidation.eviction_cursor()
+            self._drop_all_keys()
+            return
+        while True:
+            batch = invalidation.read_evictions(self.eviction_cursor)
+            self.eviction_cursor = batch.cursor
+            if not batch.complete:
+                logger.warning("key evictions were missed (trimmed or Redis lost its data); dropping every cached key")
+                self._drop_all_keys()
+            if batch.key_hashes:
+                self.evicted += len(batch.key_hashes)
+                for evict in self.on_evict:
+                    evict(batch.key_hashes)
+            if not batch.more:
+                return
+
+    def _drop_all_keys(self) -> None:
+        self.keys_lost += 1
+        for callback in self.on_keys_lost:
+            callback()

@@ -307,16 +307,18 @@ class PendingCheck:
     def result(self) -> tuple[Any, list[redis.ResponseError]]:
         """The script's reply and the error replies of the commands sent before it.
 
-        A script missing from Redis (NOSCRIPT, e.g. after a restart) costs one more round trip, with EVAL.
+        A script missing from Redis (NOSCRIPT, e.g. after a restart) costs one more round trip, with EVAL. On a
+        cluster, a slot that moved (MOVED/ASK: a reshard or a promoted replica) costs one call through the cluster
+        client, which follows the redirection; the refused call did not run, so the count stays exact.
         """
         conn = self.conn
         try:
             replies = [_read_reply(conn) for _ in range(self.replies)]
         except BaseException:
             conn.disconnect()  # an unread reply would be taken as the answer to the next command
+            redis_client.topology_failed(self.client)
             raise
         finally:
-            redis_client.topology_failed(self.client)
             _connections.put(conn, self.node)
         raw = replies[-1]
         if isinstance(raw, redis.exceptions.AskError):  # MovedError is an AskError
@@ -328,10 +330,10 @@ class PendingCheck:
         elif isinstance(raw, redis.exceptions.NoScriptError):
             raw = self.client.eval(SCRIPT, len(self.keys), *self.keys, *self.args)
         elif isinstance(raw, redis.ResponseError):
-            raise raw
-        return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
             if isinstance(raw, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)):
                 redis_client.topology_failed(self.client)
+            raise raw
+        return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
 
     def abandon(self) -> None:
         """Drop the call unread (the request failed in between): the connection cannot be reused."""
@@ -362,8 +364,9 @@ class _Connections:
             with self.lock:
                 stale, self.idle, self.nodes = self.idle, {}, {}
                 self.client, self.pid = client, os.getpid()
-            for conn in stale:
-                conn.disconnect()
+            for conns in stale.values():
+                for conn in conns:
+                    conn.disconnect()
         with self.lock:
             idle = self.idle.get(id(node))
             if idle:
