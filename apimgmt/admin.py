@@ -23,6 +23,7 @@ from django.utils.html import format_html
 from apimgmt import selectors, services, tokens
 from apimgmt.admin_usage import usage_overview
 from apimgmt.models import (
+    DEFAULT_ROTATION_OVERLAP_SECONDS,
     Api,
     ApiKey,
     ApiToken,
@@ -836,13 +837,15 @@ class ApiKeyAdmin(TenantScopedAdmin):
             done += 1
         _report(request, done, "Revoked", [])
 
-    @admin.action(description="Rotate selected keys (old key valid one more hour)")
+    @admin.action(
+        description=f"Rotate selected keys (old key valid {DEFAULT_ROTATION_OVERLAP_SECONDS // 60} more minutes)"
+    )
     def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
         created: list[tuple[ApiKey, str]] = []
         errors = []
         for key in queryset.select_related("consumer"):
             try:
-                successor, plaintext = services.api_key_rotate(key=key, overlap_seconds=3600, actor=request.user)
+                successor, plaintext = services.api_key_rotate(key=key, actor=request.user)
             except ValidationError as exc:
                 errors.append(f"{key.key_prefix}…: {_messages_of(exc)}")
                 continue

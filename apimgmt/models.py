@@ -155,6 +155,18 @@ class Plan(models.Model):
         return self.name
 
 
+class ApiQuerySet(models.QuerySet["Api"]):
+    """The API reads more than one caller needs, written once."""
+
+    def routable(self) -> ApiQuerySet:
+        """What the gateway routes (active or deprecated), whatever the tenant's state."""
+        return self.filter(status__in=Api.ROUTABLE_STATUSES)
+
+    def public_catalog(self) -> ApiQuerySet:
+        """What a portal lists and a developer may read through the management API (``Api.PUBLIC_CATALOG``)."""
+        return self.filter(Api.PUBLIC_CATALOG)
+
+
 class Api(models.Model):
     """An upstream service published through the gateway under ``base_path`` (and optionally a host)."""
 
@@ -171,6 +183,10 @@ class Api(models.Model):
     class Approval(models.TextChoices):
         AUTO = "auto", "Automatic"
         MANUAL = "manual", "Manual (an admin approves)"
+
+    ROUTABLE_STATUSES = (Status.ACTIVE, Status.DEPRECATED)
+    # The public catalog as a condition, for callers that combine it with others (apimgmt.api.permissions).
+    PUBLIC_CATALOG = Q(visibility=Visibility.PUBLIC, status__in=ROUTABLE_STATUSES)
 
     id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_api_id, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="apis")
@@ -228,6 +244,8 @@ class Api(models.Model):
     created_at = models.DateTimeField(default=now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ApiQuerySet.as_manager()
+
     class Meta:
         db_table = "am_apis"
         ordering = ["tenant_id", "api_name"]
@@ -247,7 +265,7 @@ class Api(models.Model):
 
     @property
     def routable(self) -> bool:
-        return self.status in (self.Status.ACTIVE, self.Status.DEPRECATED)
+        return self.status in self.ROUTABLE_STATUSES
 
 
 class UpstreamTarget(models.Model):
@@ -308,6 +326,17 @@ class Consumer(models.Model):
         return self.name
 
 
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    def live(self, now_: datetime | None = None) -> ApiKeyQuerySet:
+        """Keys that work now: not revoked and not expired (the queryset form of ``ApiKey.is_usable``)."""
+        moment = now_ or now()
+        return self.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=moment), active=True, revoked_at__isnull=True)
+
+
+# The default overlap of a key rotation: how long the old key keeps working (admin, portal, management API, services).
+DEFAULT_ROTATION_OVERLAP_SECONDS = 3600
+
+
 class ApiKey(models.Model):
     """A consumer's credential. Only the peppered HMAC of the key is stored; the plaintext is shown once."""
 
@@ -325,6 +354,8 @@ class ApiKey(models.Model):
     )
     created_at = models.DateTimeField(default=now, editable=False)
 
+    objects = ApiKeyQuerySet.as_manager()
+
     class Meta:
         db_table = "am_api_keys"
         ordering = ["-created_at"]
@@ -339,6 +370,16 @@ class ApiKey(models.Model):
     def is_usable(self, now_: datetime | None = None) -> bool:
         moment = now_ or now()
         return self.active and self.revoked_at is None and (self.expires_at is None or self.expires_at > moment)
+
+
+# Pending or active: a consumer has at most one open subscription per API (the constraint below says so too).
+OPEN_SUBSCRIPTION_STATUSES = ["pending", "active"]
+
+
+class SubscriptionQuerySet(models.QuerySet["Subscription"]):
+    def open(self) -> SubscriptionQuerySet:
+        """Pending or active subscriptions: the ones that hold a consumer's place on an API."""
+        return self.filter(status__in=OPEN_SUBSCRIPTION_STATUSES)
 
 
 class Subscription(models.Model):
@@ -362,6 +403,8 @@ class Subscription(models.Model):
     decision_note = models.CharField(max_length=500, blank=True, default="")
     created_at = models.DateTimeField(default=now, editable=False)
 
+    objects = SubscriptionQuerySet.as_manager()
+
     class Meta:
         db_table = "am_subscriptions"
         ordering = ["-created_at"]
@@ -369,7 +412,7 @@ class Subscription(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["consumer", "api"],
-                condition=Q(status__in=["pending", "active"]),
+                condition=Q(status__in=OPEN_SUBSCRIPTION_STATUSES),
                 name="uniq_open_subscription",
                 violation_error_message="This consumer already has a pending or active subscription to this API.",
             )

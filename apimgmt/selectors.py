@@ -50,9 +50,7 @@ def tenants_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Tenan
 
 def portal_catalog(tenant: Tenant) -> QuerySet[Api]:
     """APIs a tenant's portal lists: public, active or deprecated."""
-    return tenant.apis.filter(
-        visibility=Api.Visibility.PUBLIC, status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED]
-    ).order_by("api_name")
+    return tenant.apis.public_catalog().order_by("api_name")
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +114,8 @@ def _policy_spec(policy: Policy) -> PolicySpec:
 def route_snapshot() -> RouteSnapshot:
     """Every routable API of every active tenant, with its targets and policies, and every plan's policies."""
     apis = (
-        Api.objects.filter(status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED], tenant__status=Tenant.Status.ACTIVE)
+        Api.objects.routable()
+        .filter(tenant__status=Tenant.Status.ACTIVE)
         .select_related("tenant")
         .prefetch_related("targets", "policies")
     )

@@ -21,6 +21,8 @@ from apimgmt import keys, validation
 from apimgmt.context import client_ip_var, request_id_var
 from apimgmt.invalidation import config_changed, consumer_changed, keys_changed
 from apimgmt.models import (
+    DEFAULT_ROTATION_OVERLAP_SECONDS,
+    OPEN_SUBSCRIPTION_STATUSES,
     Api,
     ApiKey,
     AuditEvent,
@@ -624,7 +626,7 @@ def api_deprecate(*, api: Api, actor: Actor, sunset_at: datetime | None = None) 
 def api_retire(*, api: Api, actor: Actor) -> Api:
     """Retired APIs stop routing (404) and their open subscriptions are cancelled. One-way."""
     api = _api_transition(api=api, to=Api.Status.RETIRED, actor=actor)
-    Subscription.objects.filter(api=api, status__in=[Subscription.Status.PENDING, Subscription.Status.ACTIVE]).update(
+    Subscription.objects.filter(api=api).open().update(
         status=Subscription.Status.CANCELLED, decided_at=timezone.now(), decision_note="API retired"
     )
     return api
@@ -800,7 +802,7 @@ def api_key_create(
 
 @transaction.atomic
 def api_key_rotate(
-    *, key: ApiKey, actor: Actor, overlap_seconds: int = 3600, name: str | None = None
+    *, key: ApiKey, actor: Actor, overlap_seconds: int = DEFAULT_ROTATION_OVERLAP_SECONDS, name: str | None = None
 ) -> tuple[ApiKey, str]:
     """Create a successor key; the old one keeps working for ``overlap_seconds`` (0 = stops now)."""
     if (
@@ -905,9 +907,7 @@ def subscription_check(*, consumer: Consumer, api: Api, plan: Plan | None) -> No
         )
     if consumer.status != Consumer.Status.ACTIVE:
         raise ValidationError({"consumer_id": "This consumer is blocked."})
-    if Subscription.objects.filter(
-        consumer=consumer, api=api, status__in=[Subscription.Status.PENDING, Subscription.Status.ACTIVE]
-    ).exists():
+    if Subscription.objects.filter(consumer=consumer, api=api).open().exists():
         raise ValidationError({"api_id": "This consumer already has a pending or active subscription to this API."})
 
 
@@ -997,7 +997,7 @@ def subscription_cancel(*, subscription: Subscription, actor: Actor, note: str =
     return _decide(
         subscription=subscription,
         to=Subscription.Status.CANCELLED,
-        allowed_from=(Subscription.Status.PENDING, Subscription.Status.ACTIVE),
+        allowed_from=tuple(OPEN_SUBSCRIPTION_STATUSES),
         actor=actor,
         note=note,
         action="subscription.cancel",

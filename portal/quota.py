@@ -66,7 +66,7 @@ def quota_left(*, app: Consumer, apis: list[Api]) -> QuotaReport:
     tenant = app.tenant
     pending: list[tuple[QuotaRow, limits.CounterWindow]] = []
     rows: list[QuotaRow] = []
-    live_keys = list(app.keys.filter(active=True, revoked_at__isnull=True).values_list("key_id", "key_prefix"))
+    live_keys = list(app.keys.live().values_list("key_id", "key_prefix"))
     for api in apis:
         for policy in _policies(app, api):
             shadow = policy.mode == Policy.Mode.SHADOW
