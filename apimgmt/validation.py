@@ -61,11 +61,36 @@ def validate_host(value: str) -> str:
     return value.lower()
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits (what is reached is that IPv4 address): NAT64's
+# well-known prefix (RFC 6052), IPv4-translated (RFC 2765) and the deprecated IPv4-compatible form (RFC 4291).
+_EMBEDS_IPV4_AT_END = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (IPv4-mapped, 6to4, NAT64, IPv4-translated or -compatible)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if any(addr in network for network in _EMBEDS_IPV4_AT_END):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """True for any address that is not globally routable (loopback, private, CGNAT, link-local incl.
-    cloud metadata, multicast, reserved), also when written as an IPv4-mapped IPv6 address."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    cloud metadata, multicast, reserved), also when an IPv6 address embeds such an IPv4 address
+    (``[::ffff:127.0.0.1]``, ``[64:ff9b::7f00:1]``, ``[2002:7f00:1::]``, ``[::7f00:1]``, ``[::ffff:0:7f00:1]``)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = embedded_ipv4(addr)
+        if inner is not None:
+            addr = inner
+        elif addr.is_reserved:  # the rest of ::/8 (NAT64's local-use 64:ff9b:1::/48 too) and other IETF-reserved
+            return True
     return not addr.is_global or addr.is_multicast
 
 
@@ -112,7 +137,7 @@ def validate_upstream_url(value: str, *, allow_private: bool | None = None) -> s
     try:
         infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
-        return value  # Unresolvable now; the gateway re-checks the connected address.
+        return value  # Unresolvable now; the gateway checks the addresses it resolves before connecting.
     for info in infos:
         if is_forbidden_address(ipaddress.ip_address(info[4][0])):
             raise ValidationError(private_message)

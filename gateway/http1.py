@@ -6,7 +6,7 @@ import ipaddress
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from django.conf import settings
 
@@ -29,24 +29,56 @@ MAX_HEAD_BYTES = 64 * 1024
 RECV_SIZE = 64 * 1024
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _NO_BODY_STATUS = frozenset({204, 304})
+_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class ForbiddenPeer(Exception):
-    """The upstream's name now resolves to an address apimgmt refuses (loopback, private, metadata …)."""
+    """Every address the upstream's name resolves to is one apimgmt refuses (loopback, private, metadata …)."""
 
 
-def reject_forbidden_peer(sock: socket.socket) -> None:
-    """Close ``sock`` and raise ForbiddenPeer when it is connected to a non-global address.
+def connect_upstream(
+    host: str,
+    port: int,
+    timeout: float | None,
+    *,
+    socket_options: Sequence[tuple[int, int, int | bytes]] = (),
+    source_address: tuple[str, int] | None = None,
+) -> socket.socket:
+    """Resolve ``host``, set aside the addresses apimgmt refuses, and connect to the first other one that answers.
 
-    Upstream URLs are checked when an API is saved, but a name can be re-pointed later (DNS rebinding), so the
-    address actually connected to is checked again — unless UPSTREAM_ALLOW_PRIVATE allows internal upstreams.
+    Upstream URLs are checked when an API is saved, but a name can be re-pointed later (DNS rebinding). So each
+    connection resolves the name, vets the addresses (unless UPSTREAM_ALLOW_PRIVATE allows internal upstreams)
+    and connects to exactly a vetted one: a refused address is never contacted, so neither a port's state nor a
+    connect's timing there can be learnt through the gateway. Raises ForbiddenPeer when every address was
+    refused, ConnectFailed when none answered. Used by both clients (gateway/proxy.py for urllib3, whose TLS then
+    still sends SNI for, and verifies the certificate against, the host name).
     """
-    if settings.UPSTREAM_ALLOW_PRIVATE:
-        return
-    address = sock.getpeername()[0]
-    if is_forbidden_address(ipaddress.ip_address(address.split("%", 1)[0])):
-        sock.close()
-        raise ForbiddenPeer(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConnectFailed(timed_out=False) from exc
+    check = not settings.UPSTREAM_ALLOW_PRIVATE
+    error: OSError | None = None
+    tried = False
+    for family, kind, proto, _, address in infos:
+        if check and is_forbidden_address(ipaddress.ip_address(str(address[0]).split("%", 1)[0])):
+            continue
+        tried = True
+        sock = socket.socket(family, kind, proto)
+        try:
+            for option in socket_options:
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    if not tried:
+        raise ForbiddenPeer(", ".join(sorted({str(info[4][0]) for info in infos})))
+    raise ConnectFailed(timed_out=isinstance(error, TimeoutError)) from error
 
 
 class ConnectFailed(Exception):
@@ -102,15 +134,7 @@ class Http1Pool:
             self.host_header = f"[{host}]" if port == 80 else f"[{host}]:{port}"
 
     def _connect(self, timeout: float) -> socket.socket:
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except TimeoutError as exc:
-            raise ConnectFailed(timed_out=True) from exc
-        except OSError as exc:
-            raise ConnectFailed(timed_out=False) from exc
-        reject_forbidden_peer(sock)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return connect_upstream(self.host, self.port, timeout, socket_options=_NODELAY)
 
     def put(self, sock: socket.socket) -> None:
         with self.lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,18 +47,33 @@ CHUNK_SIZE = 64 * 1024
 # Responses up to this size are read at once and the connection returned to the pool before the client is served.
 SMALL_BODY = 64 * 1024
 POOL_MAXSIZE = 64
+# One answer for a refused connection and a refused address: two would tell an API's owner which internal ports
+# are open (a port-scan oracle).
+UNREACHABLE = "The upstream could not be reached (it refused the connection, or its address is not allowed)."
 
 _current_watch: contextvars.ContextVar[DeadlineWatch | None] = contextvars.ContextVar("upstream_watch", default=None)
 
 
-class _WatchedMixin:
-    """Hands the socket of each exchange to the deadline reaper before anything is sent."""
+class _WatchedMixin(HTTPConnection):
+    """Connects only to vetted addresses; hands the socket of each exchange to the deadline reaper before anything
+    is sent. (Placed before HTTPSConnection in WatchedHTTPSConnection's bases, so it serves both.)"""
 
-    sock: Any
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        http1.reject_forbidden_peer(self.sock)
+    def _new_conn(self) -> socket.socket:
+        # urllib3's own connect, with the address vetted before it is contacted (http1.connect_upstream); over
+        # https the TLS layer still sends SNI for, and verifies the certificate against, self.host.
+        timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+        try:
+            return http1.connect_upstream(
+                self._dns_host,
+                self.port,
+                timeout,
+                socket_options=self.socket_options or (),
+                source_address=self.source_address,
+            )
+        except http1.ConnectFailed as exc:
+            if exc.timed_out:
+                raise ConnectTimeoutError(self, f"Connection to {self.host} timed out.") from exc
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         if self.sock is None:
@@ -65,10 +81,10 @@ class _WatchedMixin:
         watch = _current_watch.get()
         if watch is not None and self.sock is not None:
             watch.sockets.append(self.sock)
-        super().request(*args, **kwargs)  # type: ignore[misc]
+        super().request(*args, **kwargs)
 
 
-class WatchedHTTPConnection(_WatchedMixin, HTTPConnection):
+class WatchedHTTPConnection(_WatchedMixin):
     pass
 
 
@@ -238,10 +254,11 @@ def forward_request(
                         response.close()
                         response.release_conn()
                         raise http1.ExchangeFailed("invalid Content-Length")
-            except http1.ForbiddenPeer as exc:
-                logger.warning("upstream %s resolved to a forbidden address %s; refused", target.host, exc)
-                raise UpstreamError(502, "The upstream's address is not allowed.") from exc
-            except (NewConnectionError, ConnectTimeoutError, http1.ConnectFailed) as exc:
+            except (NewConnectionError, ConnectTimeoutError, http1.ConnectFailed, http1.ForbiddenPeer) as exc:
+                if isinstance(exc, http1.ForbiddenPeer):
+                    logger.warning(
+                        "upstream %s resolves only to refused addresses (%s); not contacted", target.host, exc
+                    )
                 balancer.failed(target)
                 tried.add(target.url)
                 if attempt + 1 < attempts and not (body is not None and body.started):
@@ -249,11 +266,11 @@ def forward_request(
                     # jittered pause so that a crowd of workers does not retry in lockstep.
                     time.sleep(random.uniform(0.005, 0.025) * (attempt + 1))  # noqa: S311
                     continue
-                refused = isinstance(exc, NewConnectionError) or (
+                refused = isinstance(exc, (NewConnectionError, http1.ForbiddenPeer)) or (
                     isinstance(exc, http1.ConnectFailed) and not exc.timed_out
                 )
                 if refused and not watch.expired:
-                    raise UpstreamError(502, "The upstream refused the connection.") from exc
+                    raise UpstreamError(502, UNREACHABLE) from exc
                 raise UpstreamError(504, "The upstream did not accept the connection in time.") from exc
             except ReadTimeoutError as exc:
                 raise UpstreamError(504, "The upstream did not answer in time.") from exc

@@ -79,9 +79,30 @@ def test_bad_upstream_urls_are_refused_with_a_reason(url: str, message: str) -> 
     assert message in exc.value.messages[0]
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[64:ff9b::7f00:1]",  # NAT64 (RFC 6052) of 127.0.0.1
+        "[2002:7f00:1::]",  # 6to4 of 127.0.0.1
+        "[::7f00:1]",  # IPv4-compatible 127.0.0.1
+        "[::ffff:0:7f00:1]",  # IPv4-translated 127.0.0.1
+        "[64:ff9b::a9fe:a9fe]",  # NAT64 of the cloud metadata address
+        "[2002:a00:1::1]",  # 6to4 of 10.0.0.1
+        "[64:ff9b:1::a00:1]",  # NAT64 local-use prefix (RFC 8215)
+    ],
+)
+@override_settings(UPSTREAM_ALLOW_PRIVATE=False)
+def test_ipv6_forms_that_embed_a_private_ipv4_address_are_refused(host: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        validation.validate_upstream_url(f"http://{host}:8080/v1")
+    assert "loopback, private" in exc.value.messages[0]
+
+
 @override_settings(UPSTREAM_ALLOW_PRIVATE=False)
 def test_public_upstreams_pass() -> None:
     assert validation.validate_upstream_url("https://93.184.216.34/v1") == "https://93.184.216.34/v1"
+    for host in ("[64:ff9b::5db8:d822]", "[2002:5db8:d822::1]", "[2606:4700:4700::1111]"):  # 93.184.216.34 within
+        assert validation.validate_upstream_url(f"https://{host}/v1") == f"https://{host}/v1"
 
 
 @override_settings(UPSTREAM_ALLOW_PRIVATE=True)

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from apimgmt import services
-from tests.gateway.conftest import publish, subscribe
+from gateway.proxy import UNREACHABLE
+from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, garbage, raw_upstream, read_request_head, recording_upstream, stall
 from tests.support.servers import free_port
 
@@ -291,20 +292,55 @@ def test_chunked_body_crossing_the_cap_gets_413_and_the_upstream_never_gets_a_co
     assert len(upstream.seen[0].body) == 100_000
 
 
-def test_upstream_name_repointed_to_a_private_address_is_refused_at_connect_time(
-    gateway, settings, acme, bob_app, key, upstream
+def _counting_upstream(accepted: list[int]):
+    def behaviour(conn) -> None:
+        accepted.append(1)
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return behaviour
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])  # the lean HTTP/1.1 client and urllib3
+def test_upstream_name_repointed_to_a_private_address_is_refused_without_being_contacted(
+    gateway, settings, acme, bob_app, key, method
 ):
-    # Saved while allowed (or before its DNS changed); now the connected address is loopback.
-    api = _api(acme, bob_app, upstream.url)
-    settings.UPSTREAM_ALLOW_PRIVATE = False
-    for method in ("GET", "POST"):  # the lean HTTP/1.1 client and urllib3
+    # Saved while allowed (or before its DNS changed); now the name resolves to loopback. The address is vetted
+    # before the connect: the upstream never even sees a TCP connection (so its ports cannot be probed).
+    accepted: list[int] = []
+    with raw_upstream(_counting_upstream(accepted)) as url:
+        _api(acme, bob_app, url.replace("127.0.0.1", "localhost"), retries=0)
+        assert (
+            gateway.request(
+                method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" if method == "POST" else b""
+            ).status
+            == 200
+        )
+        accepted.clear()
+        settings.UPSTREAM_ALLOW_PRIVATE = False
+        gateway = InProcessGateway()  # fresh pools: no connection made while allowed is reused
         response = gateway.request(
             method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" if method == "POST" else b""
         )
-        assert response.status == 502, method
-        assert "not allowed" in response.json()["detail"]
-    assert upstream.seen == []
-    assert api.upstream_url.startswith("http://127.0.0.1")
+    assert response.status == 502
+    assert response.header("Content-Type") == "application/problem+json"
+    assert response.json()["detail"] == UNREACHABLE
+    assert accepted == []
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_refused_address_and_a_refused_connection_get_the_same_answer(gateway, settings, acme, bob_app, key, method):
+    # Two different answers would tell which internal ports are open.
+    _api(acme, bob_app, f"http://127.0.0.1:{free_port()}", retries=0)
+    refused = gateway.request(
+        method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" if method == "POST" else b""
+    )
+    settings.UPSTREAM_ALLOW_PRIVATE = False
+    not_allowed = InProcessGateway().request(
+        method, "/api/users/v1/x", headers={"X-API-Key": key}, body=b"{}" if method == "POST" else b""
+    )
+    assert refused.status == not_allowed.status == 502
+    assert refused.json()["detail"] == not_allowed.json()["detail"] == UNREACHABLE
 
 
 def test_lean_client_can_be_switched_off(settings_gateway, users_api, upstream, key):
