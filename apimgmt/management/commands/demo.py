@@ -15,7 +15,7 @@ from django.db import transaction
 
 from apimgmt import keys, services
 from apimgmt.ids import BASE62
-from apimgmt.models import Api, ApiKey, ApiToken, Consumer, Plan, Policy, Subscription, Tenant
+from apimgmt.models import Api, ApiKey, ApiToken, Consumer, Plan, Policy, Subscription, Tenant, TenantMembership
 
 TENANT_ID = "demo"
 ADMIN_USERNAME = "admin"
@@ -71,7 +71,7 @@ class Command(BaseCommand):
         tenant = Tenant.objects.filter(pk=TENANT_ID).first() or services.tenant_create(
             id=TENANT_ID, name="Demo Corp", open_signup=True, actor=admin
         )
-        services.membership_set(tenant=tenant, user=admin, role="admin", actor=admin)
+        services.membership_set(tenant=tenant, user=admin, role=TenantMembership.Role.ADMIN, actor=admin)
 
         rate = Policy.objects.filter(tenant=tenant, name="demo-rate-limit").first() or services.policy_create(
             tenant=tenant,
