@@ -60,6 +60,9 @@ def on_starting(server: Any) -> None:
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+    # The worker count gunicorn really runs (this file, the environment or --workers), for the workers' settings:
+    # rate limits kept locally while Redis is down are split across this many processes (settings GATEWAY WORKERS).
+    os.environ["GUNICORN_WORKERS"] = str(server.cfg.workers)
 
 
 def post_worker_init(worker: Any) -> None:

@@ -243,7 +243,11 @@ GATEWAY: dict[str, Any] = {
     "AUTH_CACHE_SECONDS": env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0),
     "AUTH_CACHE_MAX_SIZE": env.int("GATEWAY_AUTH_CACHE_MAX_SIZE", default=CACHE_MAX_SIZE),
     "USAGE_SPOOL_DIR": env.str("USAGE_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")),
-    "WORKERS": env.int("GATEWAY_WORKERS", default=int(_file("gateway", "workers") or 2)),
+    # Worker processes per pod, the number gunicorn runs (gunicorn.conf.py's on_starting exports it as
+    # GUNICORN_WORKERS, whether it came from there, GATEWAY_WORKERS or --workers): local rate limits divide by it.
+    "WORKERS": env.int(
+        "GUNICORN_WORKERS", default=env.int("GATEWAY_WORKERS", default=int(_file("gateway", "workers") or 2))
+    ),
     # Body-less idempotent requests to plain-http upstreams use the gateway's lean HTTP/1.1 client (about
     # +80 % requests/s in make bench); false sends everything through urllib3.
     "LEAN_HTTP1": env.bool("GATEWAY_LEAN_HTTP1", default=True),

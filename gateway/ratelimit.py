@@ -183,7 +183,9 @@ def decide(route: Route, blocked: bool, results: list[WindowResult]) -> LimitDec
 class LocalLimiter:
     """Per-worker counters used when Redis is down and a policy says on_store_error=local.
 
-    Each worker allows limit / GATEWAY["WORKERS"], so the whole deployment stays near the configured limit.
+    Local limits are per pod: each worker allows limit / GATEWAY["WORKERS"] (the number of worker processes
+    gunicorn runs in this pod), so one pod admits at most the configured limit. Pods do not know of each other
+    without Redis: N gateway replicas admit up to N times the limit until Redis is back (docs/operations.md).
     """
 
     MAX_KEYS = 100_000

@@ -210,3 +210,52 @@ def test_portal_reads_back_exactly_what_the_gateway_counted(gateway, acme, upstr
         )
     remaining = {(r.window.policy_id, r.window.label): r.remaining for r in limits.read_remaining(get_redis(), windows)}
     assert remaining == {(sliding.id, "minute"): 57, (quota.id, "day"): 47, (quota.id, "month"): 497}
+
+
+def _flood(url: str, headers: dict[str, str], total: int, threads: int = 16) -> list[int]:
+    """``total`` GETs from ``threads`` threads, each on a fresh connection (so every gunicorn worker gets some)."""
+    import requests
+
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for _ in range(n):
+            status = requests.get(url, headers={**headers, "Connection": "close"}, timeout=10).status_code
+            with lock:
+                statuses.append(status)
+
+    pool = [threading.Thread(target=worker, args=(total // threads,)) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return statuses
+
+
+def test_redis_stopped_a_pod_of_four_workers_admits_its_local_limit_once_not_twice(
+    live_env, acme, bob_app, bob_key, tmp_path
+):
+    """on_store_error=local splits the limit across the workers gunicorn runs (GUNICORN_WORKERS), per pod."""
+    from tests.gateway.upstreams import recording_upstream
+    from tests.support.faults import redis_server
+    from tests.support.servers import gunicorn
+
+    policy = _policy(acme, "local", {"requests_per_hour": 40, "window_type": "fixed"}, on_store_error="local")
+    with redis_server() as own_redis, recording_upstream() as upstream:
+        _api_with(acme, upstream, bob_app, policy)
+        env = {
+            **live_env,
+            "REDIS_URL": own_redis.url,
+            "GUNICORN_WORKERS": "4",
+            "GATEWAY_WORKERS": "2",  # the old, separate knob: it must not decide the share any more
+            "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        }
+        with gunicorn(env, workers=4, log_path=tmp_path / "gunicorn.log") as url:
+            own_redis.stop()
+            statuses = _flood(url + "/api/users/v1/x", {"X-API-Key": bob_key[1]}, total=480)
+    assert set(statuses) <= {200, 429}
+    # 4 workers x 40 // 4: the pod admits 40 in all (with GATEWAY_WORKERS=2 deciding, it was 4 x 20 = 80).
+    assert statuses.count(200) == 40
+    assert len(upstream.seen) == 40
