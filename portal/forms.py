@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,17 +12,38 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
 from apimgmt.models import Consumer, Plan, Tenant
+from portal.plans import PlanCard
+
+# The services speak to staff ("consumer", "tenant"); developers know apps and a portal.
+_DEVELOPER_WORDS = [
+    (re.compile(r"\bThis owner already has\b"), "You already have"),
+    (re.compile(r"\bthis consumer's tenant\b"), "this portal"),
+    (re.compile(r"\ba tenant admin\b", re.IGNORECASE), "an administrator"),
+    (re.compile(r"\btenant admins?\b", re.IGNORECASE), "administrators"),
+    (re.compile(r"\bconsumers\b"), "apps"),
+    (re.compile(r"\bconsumer\b"), "app"),
+    (re.compile(r"\bConsumer\b"), "App"),
+    (re.compile(r"\b(?:this|the|a) tenant\b"), "this portal"),
+    (re.compile(r"\btenant\b"), "portal"),
+]
+
+
+def for_developers(message: str) -> str:
+    """A service's message in the portal's words: "app" for consumer, "portal" for tenant."""
+    for pattern, words in _DEVELOPER_WORDS:
+        message = pattern.sub(words, message)
+    return message
 
 
 def add_service_errors(form: forms.Form, exc: ValidationError, *, field_map: dict[str, str] | None = None) -> None:
-    """Show a service's ValidationError next to the matching field (or above the form)."""
+    """Show a service's ValidationError next to the matching field (or above the form), in developers' words."""
     mapping = field_map or {}
     if hasattr(exc, "error_dict"):
         for field, errors in exc.message_dict.items():
             target = mapping.get(field, field)
-            form.add_error(target if target in form.fields else None, errors)
+            form.add_error(target if target in form.fields else None, [for_developers(e) for e in errors])
     else:
-        form.add_error(None, exc.messages)
+        form.add_error(None, [for_developers(e) for e in exc.messages])
 
 
 class SignUpForm(UserCreationForm):
@@ -78,7 +100,7 @@ class TenantPasswordResetForm(PasswordResetForm):
 
 class AppForm(forms.Form):
     name = forms.CharField(
-        label="App name", max_length=100, help_text="Unique in this portal, e.g. “billing-service (staging)”."
+        label="App name", max_length=100, help_text="Unique among your apps, e.g. “billing-service (staging)”."
     )
     description = forms.CharField(label="Description", required=False, widget=forms.Textarea(attrs={"rows": 3}))
 
@@ -90,29 +112,46 @@ class AppForm(forms.Form):
 
 
 class PlanChoiceField(forms.ModelChoiceField):
-    """Plans that need an admin's approval say so in the list."""
+    """One radio button per plan the API offers: its name, its limits in words, and whether it needs approval."""
+
+    def __init__(self, *args: Any, cards: list[PlanCard], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cards = {card.plan.pk: card for card in cards}
 
     def label_from_instance(self, obj: Any) -> str:
-        return f"{obj.name} — needs approval" if obj.approval == Plan.Approval.MANUAL else str(obj.name)
+        card = self.cards.get(obj.pk)
+        if card is None:
+            return str(obj.name)
+        return f"{obj.name}: {card.limits}" + (" (needs approval)" if card.needs_approval else "")
 
 
 class SubscribeForm(forms.Form):
-    app = forms.ModelChoiceField(queryset=Consumer.objects.none(), label="App", empty_label=None)
-    plan = PlanChoiceField(
-        queryset=Plan.objects.none(),
-        label="Plan",
-        required=False,
-        empty_label="Default (no plan)",
-        help_text="Plans marked “needs approval” wait for a tenant admin.",
-    )
+    """Subscribe one of the developer's apps not yet subscribed; on one of the API's plans when it offers any.
 
-    def __init__(self, *args: Any, apps: Any, plans: Any, **kwargs: Any) -> None:
+    Nothing is preselected: choosing a plan is the developer's decision, and "no plan" is not on offer when the
+    API has plans (the service refuses it too).
+    """
+
+    app = forms.ModelChoiceField(queryset=Consumer.objects.none(), label="App", empty_label=None)
+
+    def __init__(self, *args: Any, apps: Any, cards: list[PlanCard], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         app_field = self.fields["app"]
-        plan_field = self.fields["plan"]
-        assert isinstance(app_field, forms.ModelChoiceField) and isinstance(plan_field, forms.ModelChoiceField)
+        assert isinstance(app_field, forms.ModelChoiceField)
         app_field.queryset = apps
-        plan_field.queryset = plans
+        if cards:
+            self.fields["plan"] = PlanChoiceField(
+                queryset=Plan.objects.filter(pk__in=[card.plan.pk for card in cards]).order_by("name"),
+                cards=cards,
+                label="Plan",
+                empty_label=None,
+                widget=forms.RadioSelect,
+                error_messages={"required": "Choose a plan: this API is offered only on the plans above."},
+            )
+
+    @property
+    def plan_required(self) -> bool:
+        return "plan" in self.fields
 
 
 EXPIRY_CHOICES = [("", "Never"), ("30", "In 30 days"), ("90", "In 90 days"), ("365", "In a year")]

@@ -15,10 +15,11 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from apimgmt import selectors, services
-from apimgmt.models import Api, ApiKey, Consumer, Plan, Subscription
+from apimgmt.models import Api, ApiKey, Consumer, Subscription
 from portal import charts, quota
 from portal.access import Portal, owned_app, page, portal_page
-from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors
+from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors, for_developers
+from portal.plans import limits_in_words, plan_cards
 from portal.usage import usage_series
 
 
@@ -60,11 +61,27 @@ def _catalog_api(portal: Portal, api_id: str) -> Api:
     return api
 
 
-@require_GET
-@portal_page()
-def api_detail(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse:
-    api = _catalog_api(portal, api_id)
-    context: dict[str, Any] = {"api": api, "gateway_url": _gateway_url(request, api)}
+OPEN_STATUSES = (Subscription.Status.PENDING, Subscription.Status.ACTIVE)
+
+
+def _apps_to_subscribe(request: HttpRequest, portal: Portal, api: Api) -> QuerySet[Consumer]:
+    """The developer's apps without a pending or active subscription to the API (the others need no form)."""
+    taken = Subscription.objects.filter(api=api, status__in=OPEN_STATUSES).values("consumer_id")
+    return _my_apps(request, portal).exclude(pk__in=taken)
+
+
+def _api_page(
+    request: HttpRequest, portal: Portal, api: Api, *, form: SubscribeForm | None = None, status: int = 200
+) -> HttpResponse:
+    """The API page: how to call it, its plans as cards, and (for members) their subscriptions and the form."""
+    cards = plan_cards(api)
+    context: dict[str, Any] = {
+        "api": api,
+        "gateway_url": _gateway_url(request, api),
+        "plan_cards": cards,
+        "api_limits": limits_in_words(api.policies.all()),
+        "new_app_url": reverse("portal:app_create", args=[portal.tenant.id]) + f"?for_api={api.pk}",
+    }
     if portal.is_member:
         apps = _my_apps(request, portal)
         context["subscriptions"] = (
@@ -72,10 +89,21 @@ def api_detail(request: HttpRequest, portal: Portal, api_id: str) -> HttpRespons
             .select_related("consumer", "plan")
             .order_by("-created_at")
         )
-        if portal.can_write and apps.exists():
-            context["form"] = SubscribeForm(apps=apps, plans=_plans(portal))
         context["has_apps"] = apps.exists()
-    return page(request, portal, "portal/api_detail.html", context)
+        if portal.can_write and form is None:
+            candidates = _apps_to_subscribe(request, portal, api)
+            if candidates.exists():
+                # "Create an app" from this page comes back with the new app chosen.
+                chosen = candidates.filter(pk=request.GET.get("app") or "").first()
+                form = SubscribeForm(apps=candidates, cards=cards, initial={"app": chosen} if chosen else None)
+        context["form"] = form
+    return page(request, portal, "portal/api_detail.html", context, status=status)
+
+
+@require_GET
+@portal_page()
+def api_detail(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse:
+    return _api_page(request, portal, _catalog_api(portal, api_id))
 
 
 @require_GET
@@ -91,41 +119,31 @@ def api_openapi(request: HttpRequest, portal: Portal, api_id: str) -> JsonRespon
     return JsonResponse(document)
 
 
-def _plans(portal: Portal) -> QuerySet[Plan]:
-    return Plan.objects.filter(tenant=portal.tenant).order_by("name")
-
-
 @require_POST
 @portal_page(writer=True)
 def subscribe(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse:
     api = _catalog_api(portal, api_id)
-    apps = _my_apps(request, portal)
-    form = SubscribeForm(request.POST, apps=apps, plans=_plans(portal))
+    form = SubscribeForm(request.POST, apps=_my_apps(request, portal), cards=plan_cards(api))
     if form.is_valid():
         app = form.cleaned_data["app"]
         try:
             subscription = services.subscription_request(
-                consumer=app, api=api, plan=form.cleaned_data["plan"], actor=request.user
+                consumer=app, api=api, plan=form.cleaned_data.get("plan"), actor=request.user
             )
         except ValidationError as exc:
             add_service_errors(form, exc, field_map={"api_id": "__all__", "consumer_id": "app", "plan_id": "plan"})
         else:
+            on_plan = f" on the {subscription.plan.name} plan" if subscription.plan else ""
             if subscription.status == Subscription.Status.ACTIVE:
-                messages.success(request, f"{app.name} is subscribed to {api.api_name}. Its keys work now.")
+                messages.success(request, f"{app.name} is subscribed to {api.api_name}{on_plan}. Its keys work now.")
             else:
                 messages.info(
-                    request, f"{app.name}'s subscription to {api.api_name} is pending until a tenant admin approves it."
+                    request,
+                    f"{app.name}'s subscription to {api.api_name}{on_plan} is pending until an administrator "
+                    "approves it.",
                 )
             return HttpResponseRedirect(_app_url(portal, app))
-    subscriptions = Subscription.objects.filter(api=api, consumer__in=apps).select_related("consumer", "plan")
-    context = {
-        "api": api,
-        "gateway_url": _gateway_url(request, api),
-        "form": form,
-        "subscriptions": subscriptions,
-        "has_apps": True,
-    }
-    return page(request, portal, "portal/api_detail.html", context, status=400)
+    return _api_page(request, portal, api, form=form, status=400)
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +164,9 @@ def apps(request: HttpRequest, portal: Portal) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 @portal_page(writer=True)
 def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
+    # Started from an API's page: go back there with the new app chosen. Only a catalog API's id is taken,
+    # and the way back is built here, so this is no open redirect.
+    for_api = selectors.portal_catalog(portal.tenant).filter(pk=request.GET.get("for_api") or "").first()
     form = AppForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -159,11 +180,14 @@ def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
         except ValidationError as exc:
             add_service_errors(form, exc, field_map={"__all__": "name"})
         else:
+            if for_api is not None:
+                messages.success(request, f"App {app.name} created. Choose a plan and subscribe it below.")
+                api_url = reverse("portal:api", args=[portal.tenant.id, for_api.pk])
+                return HttpResponseRedirect(f"{api_url}?app={app.pk}#subscribe-h")
             messages.success(request, f"App {app.name} created. Subscribe it to an API, then create a key.")
             return HttpResponseRedirect(_app_url(portal, app))
-    return page(
-        request, portal, "portal/app_form.html", {"form": form, "app": None}, status=400 if form.errors else 200
-    )
+    context = {"form": form, "app": None, "for_api": for_api}
+    return page(request, portal, "portal/app_form.html", context, status=400 if form.errors else 200)
 
 
 @require_GET
@@ -227,7 +251,7 @@ def subscription_cancel(request: HttpRequest, portal: Portal, app_id: str, subsc
     try:
         services.subscription_cancel(subscription=subscription, actor=request.user, note="cancelled in the portal")
     except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
+        messages.error(request, for_developers(" ".join(exc.messages)))
     else:
         messages.success(request, f"Subscription to {subscription.api.api_name} cancelled.")
     return HttpResponseRedirect(_app_url(portal, app))

@@ -32,7 +32,7 @@ def test_a_developer_creates_renames_and_deletes_an_app(bob_client: Client, bob:
 
     duplicate = bob_client.post("/portal/acme/apps/new/", {"name": "billing"})
     assert duplicate.status_code == 400
-    assert b"already exists" in duplicate.content
+    assert b"You already have an app with this name" in duplicate.content
 
     bob_client.post(f"/portal/acme/apps/{app.pk}/edit/", {"name": "billing-v2", "description": ""})
     app.refresh_from_db()
@@ -106,6 +106,7 @@ def test_revoking_asks_first_then_revokes(bob_client: Client, bob_app: Consumer,
 def test_subscribing_on_an_automatic_plan_is_active_at_once(
     bob_client: Client, bob_app: Consumer, acme_api: Api, free_plan: Plan
 ) -> None:
+    services.api_update(api=acme_api, plans=[free_plan], actor=None)
     response = bob_client.post(f"/portal/acme/apis/{acme_api.pk}/subscribe/", {"app": bob_app.pk, "plan": free_plan.pk})
     assert response.status_code == 302
     assert Subscription.objects.get(consumer=bob_app, api=acme_api).status == "active"
@@ -116,6 +117,7 @@ def test_subscribing_on_an_automatic_plan_is_active_at_once(
 def test_a_manual_plan_waits_for_an_admin_and_the_developer_sees_the_decision(
     bob_client: Client, bob_app: Consumer, acme_api: Api, gold_plan: Plan, alice: User
 ) -> None:
+    services.api_update(api=acme_api, plans=[gold_plan], actor=None)
     bob_client.post(f"/portal/acme/apis/{acme_api.pk}/subscribe/", {"app": bob_app.pk, "plan": gold_plan.pk})
     subscription = Subscription.objects.get(consumer=bob_app, api=acme_api)
     assert subscription.status == "pending"
