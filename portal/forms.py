@@ -11,7 +11,7 @@ from django.contrib.auth.forms import PasswordResetForm, UserCreationForm, Usern
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
-from apimgmt.models import Consumer, Plan, Tenant
+from apimgmt.models import DEFAULT_ROTATION_OVERLAP_SECONDS, Consumer, Plan, Tenant
 from portal.plans import PlanCard
 
 # The services speak to staff ("consumer", "tenant"); developers know apps and a portal.
@@ -179,7 +179,7 @@ class KeyRotateForm(forms.Form):
         label="Overlap",
         choices=OVERLAP_CHOICES,
         coerce=int,
-        initial="3600",
+        initial=str(DEFAULT_ROTATION_OVERLAP_SECONDS),
         widget=forms.RadioSelect,
         help_text="How long the old key keeps working, so you can deploy the new one first.",
     )

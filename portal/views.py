@@ -61,12 +61,9 @@ def _catalog_api(portal: Portal, api_id: str) -> Api:
     return api
 
 
-OPEN_STATUSES = (Subscription.Status.PENDING, Subscription.Status.ACTIVE)
-
-
 def _apps_to_subscribe(request: HttpRequest, portal: Portal, api: Api) -> QuerySet[Consumer]:
     """The developer's apps without a pending or active subscription to the API (the others need no form)."""
-    taken = Subscription.objects.filter(api=api, status__in=OPEN_STATUSES).values("consumer_id")
+    taken = Subscription.objects.filter(api=api).open().values("consumer_id")
     return _my_apps(request, portal).exclude(pk__in=taken)
 
 
@@ -156,7 +153,7 @@ def subscribe(request: HttpRequest, portal: Portal, api_id: str) -> HttpResponse
 def apps(request: HttpRequest, portal: Portal) -> HttpResponse:
     my_apps = _my_apps(request, portal).prefetch_related(
         Prefetch("subscriptions", queryset=Subscription.objects.select_related("api").order_by("-created_at")),
-        Prefetch("keys", queryset=ApiKey.objects.filter(active=True, revoked_at__isnull=True), to_attr="live_keys"),
+        Prefetch("keys", queryset=ApiKey.objects.live(), to_attr="live_keys"),
     )
     return page(request, portal, "portal/apps.html", {"apps": my_apps})
 
@@ -195,9 +192,7 @@ def app_create(request: HttpRequest, portal: Portal) -> HttpResponse:
 def app_detail(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
     app = owned_app(request, portal, app_id)
     now = timezone.now()
-    subscribed = Subscription.objects.filter(
-        consumer=app, status__in=[Subscription.Status.ACTIVE, Subscription.Status.PENDING]
-    ).values_list("api_id", flat=True)
+    subscribed = Subscription.objects.filter(consumer=app).open().values_list("api_id", flat=True)
     context = {
         "app": app,
         "subscriptions": app.subscriptions.select_related("api", "plan").order_by("-created_at"),
@@ -237,7 +232,7 @@ def app_delete(request: HttpRequest, portal: Portal, app_id: str) -> HttpRespons
         services.consumer_delete(consumer=app, actor=request.user)
         messages.success(request, f"App {name} deleted; its keys no longer work.")
         return HttpResponseRedirect(_apps_url(portal))
-    live_keys = app.keys.filter(active=True, revoked_at__isnull=True).count()
+    live_keys = app.keys.live().count()
     return page(request, portal, "portal/app_delete.html", {"app": app, "live_keys": live_keys})
 
 
