@@ -196,7 +196,8 @@ REDIS_URL: str | None = env.str("REDIS_URL", default="") or _file_redis_url() or
 # Sentinel and cluster URLs carry no password: it comes from here (apimgmt/redis_client.py).
 REDIS_PASSWORD: str = env.str("REDIS_PASSWORD", default="")
 REDIS_SENTINEL_PASSWORD: str = env.str("REDIS_SENTINEL_PASSWORD", default="")
-# Short timeouts: the gateway must decide quickly when Redis is unwell.
+# Short timeouts for every Redis client, the gateway's and the Django cache's (portal lock-outs and mail
+# throttle, which fail open): the gateway must decide quickly when Redis is unwell.
 REDIS_SOCKET_TIMEOUT: float = env.float("REDIS_SOCKET_TIMEOUT", default=0.25)
 REDIS_CONNECT_TIMEOUT: float = env.float("REDIS_CONNECT_TIMEOUT", default=0.25)
 CACHE_TTL_SECONDS: int = env.int("CACHE_TTL_SECONDS", default=int(_file("cache", "ttl_seconds") or 300))
@@ -209,7 +210,7 @@ if REDIS_URL:
             REDIS_URL,
             ttl=CACHE_TTL_SECONDS,
             connect_timeout=REDIS_CONNECT_TIMEOUT,
-            socket_timeout=1.0,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
             password=REDIS_PASSWORD or None,
             sentinel_password=REDIS_SENTINEL_PASSWORD or None,
         )
