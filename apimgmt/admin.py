@@ -111,6 +111,22 @@ def scoped_list_filter(model: type[Model], entry: Any) -> Any:
     return entry
 
 
+def _tenant_label(obj: Any) -> str:
+    return f"{getattr(obj, 'name', None) or getattr(obj, 'api_name', None) or obj} ({obj.tenant_id})"
+
+
+class TenantLabelledChoiceField(forms.ModelChoiceField):
+    """A picker whose rows may belong to several tenants says whose each one is: "gold (acme)"."""
+
+    def label_from_instance(self, obj: Any) -> str:
+        return _tenant_label(obj)
+
+
+class TenantLabelledMultipleChoiceField(forms.ModelMultipleChoiceField):
+    def label_from_instance(self, obj: Any) -> str:
+        return _tenant_label(obj)
+
+
 class NotFoundAdmin(admin.ModelAdmin):
     """Answer 404 for an object outside the user's reach, instead of the admin's redirect with a message.
 
@@ -131,9 +147,17 @@ class NotFoundAdmin(admin.ModelAdmin):
 
 
 class TenantScopedAdmin(NotFoundAdmin):
-    """Staff who are not superusers see only rows of tenants they are members of (others answer 404)."""
+    """Staff who are not superusers see only rows of tenants they are members of (others answer 404).
+
+    Policy and plan pickers (and the other relation pickers) offer only the edited object's tenant's rows; on an
+    add form, those of the tenant chosen (pickers.js reloads the form with ``?tenant=``) or else every tenant's in
+    reach, each labelled "name (tenant)".
+    """
 
     tenant_path = "tenant"
+
+    class Media:
+        js = ("apimgmt/pickers.js",)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         qs = super().get_queryset(request)
@@ -142,20 +166,51 @@ class TenantScopedAdmin(NotFoundAdmin):
         tenant_ids = _admin_tenant_ids(request)
         return qs.filter(**{f"{self.tenant_path}__in": tenant_ids})
 
-    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
-        # Tenant-scoped staff only pick from their own tenants' rows.
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        # The pickers built while the form class is made (formfield_for_*) offer only this tenant's rows.
+        request._picker_tenant_id = self.picker_tenant_id(request, obj)  # type: ignore[attr-defined]
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def picker_tenant_id(self, request: HttpRequest, obj: Any) -> str | None:
+        """The tenant whose rows the form's pickers offer: the object's; on an add form, the tenant chosen
+        (``?tenant=`` or the posted one) or the only one the user administers; None when not known yet."""
+        if obj is not None:
+            return str(getattr(obj, "tenant_id", "") or "") or None
+        tenant_ids = None if selectors.is_platform_staff(request.user) else _admin_tenant_ids(request)
+        chosen = request.POST.get("tenant") or request.GET.get("tenant")
+        if chosen and (tenant_ids is None or chosen in tenant_ids):
+            return chosen
+        return tenant_ids[0] if tenant_ids is not None and len(tenant_ids) == 1 else None
+
+    def _picker_rows(self, request: HttpRequest, model: type[Any]) -> tuple[QuerySet[Any], bool]:
+        """Rows of ``model`` this form may offer, and whether they may span tenants (then labelled with it)."""
+        rows = model.objects.select_related("tenant") if model is not Tenant else model.objects.all()
         if not selectors.is_platform_staff(request.user):
-            tenant_ids = _admin_tenant_ids(request)
-            related = db_field.related_model
-            if related is Tenant:
-                kwargs["queryset"] = Tenant.objects.filter(id__in=tenant_ids)
-            elif related in (Consumer, Api, Plan, Policy):
-                kwargs["queryset"] = related.objects.filter(tenant_id__in=tenant_ids)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+            rows = rows.filter(**{"id__in" if model is Tenant else "tenant_id__in": _admin_tenant_ids(request)})
+        tenant_id = getattr(request, "_picker_tenant_id", None)
+        if tenant_id and model is not Tenant:
+            return rows.filter(tenant_id=tenant_id), False
+        return rows, True
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        # Staff pick only from their tenants' rows, and from the chosen tenant's once it is known.
+        related = db_field.related_model
+        if related in (Tenant, Consumer, Api, Plan, Policy):
+            kwargs["queryset"], spans_tenants = self._picker_rows(request, related)
+            if spans_tenants and related is not Tenant:
+                kwargs["form_class"] = TenantLabelledChoiceField
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if related is Tenant and field is not None and getattr(request, "_picker_tenant_id", None) is None:
+            # On an add form, choosing the tenant reloads the page so the pickers below offer only its rows.
+            field.widget.attrs["data-reload-with"] = "tenant"
+        return field
 
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
-        if not selectors.is_platform_staff(request.user) and db_field.related_model is Policy:
-            kwargs["queryset"] = Policy.objects.filter(tenant_id__in=_admin_tenant_ids(request))
+        related = db_field.related_model
+        if related in (Plan, Policy):
+            kwargs["queryset"], spans_tenants = self._picker_rows(request, related)
+            if spans_tenants:
+                kwargs["form_class"] = TenantLabelledMultipleChoiceField
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
@@ -460,11 +515,11 @@ class UpstreamTargetInline(admin.TabularInline):
 class ApiForm(forms.ModelForm):
     class Meta:
         model = Api
-        fields = ["tenant", "status", *services.API_FIELDS, "policies"]
+        fields = ["tenant", "status", *services.API_FIELDS, "policies", "plans"]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        candidate = Api(**{k: v for k, v in data.items() if k not in ("policies",)})
+        candidate = Api(**{k: v for k, v in data.items() if k not in ("policies", "plans")})
         if self.instance.pk:  # a change: tenant is read-only here, and the route checks need it
             candidate.pk, candidate.tenant_id = self.instance.pk, self.instance.tenant_id
         try:
@@ -493,13 +548,14 @@ class ApiAdmin(ServiceDeleteAdmin):
     list_filter = ["status", "visibility", "subscription_approval", "tenant"]
     search_fields = ["id", "api_name", "base_path", "host", "upstream_url", "tenant__id"]
     list_select_related = ["tenant"]
-    filter_horizontal = ["policies"]
+    filter_horizontal = ["policies", "plans"]
     inlines = [UpstreamTargetInline]
     actions = ["activate_apis", "deprecate_apis", "retire_apis"]
     fieldsets = [
         (None, {"fields": ["id", "tenant", "api_name", "description", "status", "sunset_at", "visibility"]}),
         ("Routing", {"fields": ["base_path", "host", "upstream_url", "strip_path"]}),
         ("Consumer keys", {"fields": ["key_header", "accept_bearer", "key_query_param", "subscription_approval"]}),
+        ("Plans", {"fields": ["plans"]}),
         (
             "Upstream behaviour",
             {
@@ -557,7 +613,13 @@ class ApiAdmin(ServiceDeleteAdmin):
                 cleaned = getattr(target_form, "cleaned_data", None)
                 if cleaned and not cleaned.get("DELETE") and cleaned.get("url"):
                     targets.append((cleaned["url"], cleaned.get("weight") or 1))
-        services.api_update(api=api, actor=request.user, policies=form.cleaned_data["policies"], targets=targets)
+        services.api_update(
+            api=api,
+            actor=request.user,
+            policies=form.cleaned_data["policies"],
+            plans=form.cleaned_data["plans"],
+            targets=targets,
+        )
 
     def construct_change_message(self, request: HttpRequest, form: Any, formsets: Any, add: bool = False) -> Any:
         # Targets are saved by the service, not by the formsets, so describe the form only.
@@ -870,6 +932,9 @@ class SubscriptionForm(forms.ModelForm):
             try:
                 services.subscription_check(consumer=data["consumer"], api=data["api"], plan=data.get("plan"))
             except ValidationError as exc:
+                fields = {"consumer_id": "consumer", "api_id": "api", "plan_id": "plan"}
+                if hasattr(exc, "error_dict"):
+                    exc = ValidationError({fields.get(k, k): v for k, v in exc.message_dict.items()})
                 _errors_to_form(self, exc)
         return data
 
@@ -887,6 +952,34 @@ class SubscriptionAdmin(TenantScopedAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Subscription | None = None) -> list[str]:
         return [*self.readonly_fields, "consumer", "api", "plan"] if obj else self.readonly_fields
+
+    def picker_tenant_id(self, request: HttpRequest, obj: Any) -> str | None:
+        """The API's tenant: the subscription's, or that of the API chosen on the add form (``?api=``)."""
+        api = obj.api if obj is not None else None
+        chosen = request.POST.get("api") or request.GET.get("api")
+        if api is None and chosen:
+            api = self._picker_rows(request, Api)[0].filter(pk=chosen).first()
+        request._picker_api = api  # type: ignore[attr-defined]
+        return api.tenant_id if api is not None else None
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        api = getattr(request, "_picker_api", None)
+        if db_field.name == "plan" and api is not None:
+            # Only the plans the API offers (none: it takes subscriptions without a plan).
+            kwargs["queryset"] = api.plans.select_related("tenant")
+            field = db_field.formfield(**kwargs)
+            field.help_text = (
+                f"The plans {api.api_name} offers; a subscription must choose one."
+                if api.plans.exists()
+                else f"{api.api_name} offers no plans: its subscriptions have none."
+            )
+            return field
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name == "api" and api is None and field is not None:
+            field.widget.attrs["data-reload-with"] = "api"
+        if db_field.name == "plan" and api is None and field is not None:
+            field.help_text = "Choose the API first: this list then offers only the plans it offers."
+        return field
 
     def save_model(self, request: HttpRequest, obj: Subscription, form: forms.ModelForm, change: bool) -> None:
         if change:
