@@ -70,7 +70,7 @@ SCOPES: dict[type[Model], TenantScope] = {
     # internal upstream addresses) stay with the tenant's admins and viewers.
     Api: TenantScope(
         "tenant_id",
-        developer_filter=Q(visibility=Api.Visibility.PUBLIC, status__in=[Api.Status.ACTIVE, Api.Status.DEPRECATED]),
+        developer_filter=Api.PUBLIC_CATALOG,
     ),
     Plan: TenantScope("tenant_id"),
     Policy: TenantScope("tenant_id"),

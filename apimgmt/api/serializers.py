@@ -9,6 +9,7 @@ from django.db.models import Manager
 from rest_framework import serializers
 
 from apimgmt.models import (
+    DEFAULT_ROTATION_OVERLAP_SECONDS,
     TENANT_ID_VALIDATOR,
     Api,
     ApiKey,
@@ -270,7 +271,7 @@ class ApiKeyRotateSerializer(StrictSerializer):
     overlap_seconds = serializers.IntegerField(
         min_value=0,
         max_value=MAX_OVERLAP_SECONDS,
-        default=3600,
+        default=DEFAULT_ROTATION_OVERLAP_SECONDS,
         help_text="How long the old key keeps working (0 = stops now).",
     )
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, help_text="Name of the new key.")

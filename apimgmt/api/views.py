@@ -28,7 +28,18 @@ from apimgmt.api.filters import FieldFilterBackend, StrictOrderingFilter
 from apimgmt.api.permissions import CHANGE, DECIDE, STAFF, VIEW, may_act_on, may_create, restrict, roles_of
 from apimgmt.client_address import client_address_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
-from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant, UsageRecord
+from apimgmt.models import (
+    Api,
+    ApiKey,
+    AuditEvent,
+    Consumer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    TenantMembership,
+    UsageRecord,
+)
 from apimgmt.selectors import is_platform_staff
 
 ID_REGEX = r"[A-Za-z0-9_-]{1,64}"
@@ -401,7 +412,7 @@ class ConsumerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateM
         tenant = self.tenant_for_create(Consumer, data.pop("tenant_id"))
         data.pop("status", None)
         # A developer's consumer is theirs; one created by an admin or staff belongs to nobody in particular.
-        owner = self.actor if roles_of(self.actor).get(tenant.id) == "developer" else None
+        owner = self.actor if roles_of(self.actor).get(tenant.id) == TenantMembership.Role.DEVELOPER else None
         consumer = services.consumer_create(tenant=tenant, actor=self.actor, owner=owner, **data)
         return self.render(self.get_queryset().get(pk=consumer.pk), status.HTTP_201_CREATED)
 
@@ -541,7 +552,10 @@ class SubscriptionViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin):
         data = self.validated(s.SubscriptionSerializer)
         consumer = self.consumer_for_write(data["consumer_id"])
         apis = Api.objects.filter(pk=data["api_id"], tenant_id=consumer.tenant_id)
-        if not is_platform_staff(self.actor) and roles_of(self.actor).get(consumer.tenant_id) != "admin":
+        if (
+            not is_platform_staff(self.actor)
+            and roles_of(self.actor).get(consumer.tenant_id) != TenantMembership.Role.ADMIN
+        ):
             # Developers subscribe to what the portal lists; a private API is for admins to hand out.
             apis = apis.filter(visibility=Api.Visibility.PUBLIC)
         api = apis.first()
