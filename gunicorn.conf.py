@@ -70,7 +70,9 @@ def post_worker_init(worker: Any) -> None:
     try:
         from django.conf import settings
 
-        if settings.APIMGMT_ROLE in ("all", "gateway"):
+        from apimgmt.process_role import serves_gateway
+
+        if serves_gateway(settings.APIMGMT_ROLE):
             from gateway.gunicorn_response import install
             from gateway.wsgi import get_gateway
 

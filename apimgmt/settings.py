@@ -13,6 +13,7 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from apimgmt.process_role import ProcessRole, serves_gateway
 from apimgmt.redis_client import cache_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -94,9 +95,9 @@ if not DEBUG and not TESTING and len(KEY_HASH_PEPPER) < 32:
 ALLOWED_HOSTS: list[str] = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
-APIMGMT_ROLE: str = env.str("APIMGMT_ROLE", default="all")
-if APIMGMT_ROLE not in ("all", "gateway", "control"):
-    raise ImproperlyConfigured(f"APIMGMT_ROLE must be one of all, gateway, control (got {APIMGMT_ROLE!r})")
+APIMGMT_ROLE: str = env.str("APIMGMT_ROLE", default=ProcessRole.ALL)
+if APIMGMT_ROLE not in tuple(ProcessRole):
+    raise ImproperlyConfigured(f"APIMGMT_ROLE must be one of {', '.join(ProcessRole)} (got {APIMGMT_ROLE!r})")
 
 # Allow upstream URLs on loopback/private networks (development, in-cluster services).
 UPSTREAM_ALLOW_PRIVATE: bool = env.bool("UPSTREAM_ALLOW_PRIVATE", default=DEBUG)
@@ -141,7 +142,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
-if APIMGMT_ROLE in ("all", "gateway"):
+if serves_gateway(APIMGMT_ROLE):
     # First, so API traffic never touches sessions, CSRF or URL resolution.
     MIDDLEWARE.insert(0, "gateway.middleware.GatewayMiddleware")
 

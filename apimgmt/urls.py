@@ -8,6 +8,7 @@ from django.urls import URLPattern, URLResolver, include, path
 from django_prometheus.exports import ExportToDjangoView
 
 from apimgmt import probes
+from apimgmt.process_role import serves_control_plane
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("health", probes.health, name="health"),
@@ -15,7 +16,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("metrics", ExportToDjangoView, name="prometheus-django-metrics"),
 ]
 
-if settings.APIMGMT_ROLE in ("all", "control"):
+if serves_control_plane(settings.APIMGMT_ROLE):
     urlpatterns += [
         path("admin/", admin.site.urls),
         path("mgmt/", include("apimgmt.api.urls")),

@@ -7,11 +7,13 @@ import os
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
+from apimgmt.process_role import serves_gateway
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apimgmt.settings")
 
 application = get_wsgi_application()
 
-if settings.APIMGMT_ROLE in ("all", "gateway"):
+if serves_gateway(settings.APIMGMT_ROLE):
     # API traffic is answered before Django builds a request (Django + gunicorn alone cost about 155 µs of
     # CPU per request, measured for issue 3); every other path reaches Django unchanged.
     from gateway.wsgi import GatewayApplication

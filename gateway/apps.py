@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.conf import settings
 
+from apimgmt.process_role import serves_gateway
+
 
 def _route_table_ready() -> bool:
     from gateway.wsgi import get_gateway
@@ -17,7 +19,7 @@ class GatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
-        if settings.APIMGMT_ROLE in ("all", "gateway"):
+        if serves_gateway(settings.APIMGMT_ROLE):
             from apimgmt.probes import READINESS_CHECKS
 
             READINESS_CHECKS["route_table"] = _route_table_ready
