@@ -14,9 +14,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# The runtime lock (make lock): the whole closure, pinned, with hashes; pip refuses anything it does not name.
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --upgrade pip \
-    && pip install -r /tmp/requirements.txt
+    && pip install --require-hashes -r /tmp/requirements.txt
 
 WORKDIR /app
 COPY . /app
