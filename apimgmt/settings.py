@@ -244,6 +244,10 @@ GATEWAY: dict[str, Any] = {
     "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
     "AUTH_CACHE_SECONDS": env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0),
     "AUTH_CACHE_MAX_SIZE": env.int("GATEWAY_AUTH_CACHE_MAX_SIZE", default=CACHE_MAX_SIZE),
+    # Key failures (unknown, revoked, expired) one client address may cause per window before it gets 429 without
+    # any key look-up until the window ends (gateway/auth_throttle.py); 0 turns the throttle off.
+    "AUTH_FAILURE_LIMIT": env.int("GATEWAY_AUTH_FAILURE_LIMIT", default=20),
+    "AUTH_FAILURE_WINDOW_SECONDS": env.int("GATEWAY_AUTH_FAILURE_WINDOW_SECONDS", default=60),
     "USAGE_SPOOL_DIR": env.str("USAGE_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool")),
     # Worker processes per pod, the number gunicorn runs (gunicorn.conf.py's on_starting exports it as
     # GUNICORN_WORKERS, whether it came from there, GATEWAY_WORKERS or --workers): local rate limits divide by it.
@@ -254,6 +258,10 @@ GATEWAY: dict[str, Any] = {
     # +80 % requests/s in make bench); false sends everything through urllib3.
     "LEAN_HTTP1": env.bool("GATEWAY_LEAN_HTTP1", default=True),
 }
+if GATEWAY["AUTH_FAILURE_LIMIT"] < 0 or GATEWAY["AUTH_FAILURE_WINDOW_SECONDS"] < 1:
+    raise ImproperlyConfigured(
+        "GATEWAY_AUTH_FAILURE_LIMIT must be 0 (off) or more, GATEWAY_AUTH_FAILURE_WINDOW_SECONDS 1 or more"
+    )
 
 # ---------------------------------------------------------------------------
 # Authentication, sessions and security

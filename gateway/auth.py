@@ -124,6 +124,11 @@ class KeyResolver:
             self.positive.items.clear()
             self.negative.items.clear()
 
+    def cached(self, key_hash: str) -> KeyRecord | None:
+        """The record when this worker's cache holds a live entry for the key (no Redis, no database)."""
+        hit, record = self.positive.get(key_hash, time.monotonic())
+        return record if hit else None
+
     def evict(self, key_hashes: list[str]) -> None:
         """Forget these keys now (the control plane changed them); every other entry stays."""
         with self.lock:
@@ -225,9 +230,18 @@ def check_access(record: KeyRecord | None, route: Route, now: float) -> AuthFail
     return None
 
 
+# A client address over its authentication-failure allowance (gateway.auth_throttle) presenting an uncached key.
+THROTTLED = AuthFailure(429, "throttled", "Too many requests with keys that are not valid came from your address.")
+
+
 def authenticate(
-    environ: dict[str, object], route: Route, query: str, resolver: KeyResolver
+    environ: dict[str, object], route: Route, query: str, resolver: KeyResolver, *, lookup: bool = True
 ) -> tuple[KeyRecord | None, Credential | None, AuthFailure | None]:
+    """The request's key record and credential, or why it may not pass.
+
+    ``lookup=False`` (the address is throttled): a well-formed key is accepted only from the worker's cache;
+    any other is THROTTLED, with no look-up in Redis or the database.
+    """
     credentials = find_credentials(environ, route, query)
     if not credentials:
         return None, None, AuthFailure(401, "missing", INVALID_KEY)
@@ -236,6 +250,12 @@ def authenticate(
     credential = credentials[0]
     if not keys.is_well_formed(credential.key):
         return None, credential, AuthFailure(401, "malformed", INVALID_KEY)
-    record = resolver.resolve(keys.hash_key(credential.key))
+    key_hash = keys.hash_key(credential.key)
+    if not lookup:
+        record = resolver.cached(key_hash)
+        if record is None:
+            return None, credential, THROTTLED
+    else:
+        record = resolver.resolve(key_hash)
     failure = check_access(record, route, time.time())
     return record, credential, failure

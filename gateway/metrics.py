@@ -28,6 +28,11 @@ rate_limited_total = Counter(
     ["api", "policy", "mode"],
 )
 auth_failures_total = Counter("api_auth_failures_total", "Requests refused by key authentication.", ["api", "reason"])
+auth_throttled_total = Counter(
+    "api_auth_throttled_total",
+    "Requests refused with 429 because their address had too many authentication failures (no key looked up).",
+    ["api"],
+)
 ratelimit_store_errors_total = Counter(
     "api_ratelimit_store_errors_total",
     "Rate-limit decisions taken without Redis, by on_store_error (open, closed, local).",

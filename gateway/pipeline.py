@@ -17,7 +17,7 @@ from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from apimgmt.validation import RESERVED_SEGMENTS
-from gateway import auth, metrics, ratelimit
+from gateway import auth, auth_throttle, metrics, ratelimit
 from gateway.accesslog import AccessLog
 from gateway.config import RouteState
 from gateway.problems import GatewayResponse, problem, status_line
@@ -108,6 +108,7 @@ class Gateway:
     def __init__(self) -> None:
         self.routes = RouteState()
         self.keys = auth.KeyResolver()
+        self.auth_throttle = auth_throttle.AuthFailureThrottle()
         self.routes.on_evict.append(self.keys.evict)
         self.routes.on_keys_lost.append(self.keys.clear)
         self.routes.on_change.append(self._prune_resilience)
@@ -190,9 +191,10 @@ class Gateway:
         client_ip = self._client_ip(environ)
         client_ip_var.set(client_ip)
 
-        # 2. Authenticate.
+        # 2. Authenticate (an address with too many failures gets no key look-ups for a while: gateway.auth_throttle).
+        throttled = self.auth_throttle.retry_after(client_ip) if self.auth_throttle.blocked else None
         try:
-            record, credential, failure = auth.authenticate(environ, route, query, self.keys)
+            record, credential, failure = auth.authenticate(environ, route, query, self.keys, lookup=throttled is None)
         except (DatabaseError, redis.RedisError):
             logger.exception("key lookup failed")
             return self._error(
@@ -207,6 +209,23 @@ class Gateway:
                 ),
             )
         if failure is not None:
+            retry = throttled if failure is auth.THROTTLED else None
+            if failure.reason in auth_throttle.COUNTED_REASONS:
+                retry = self.auth_throttle.failed(client_ip)
+            if retry is not None:
+                metrics.auth_throttled_total.labels(route.api_id).inc()
+                detail = f"{auth.THROTTLED.detail} Retry in {retry} s."
+                return self._error(
+                    done,
+                    problem(
+                        429,
+                        "auth-throttled",
+                        "Too many requests",
+                        detail,
+                        request_id,
+                        headers=[("Retry-After", str(retry))],
+                    ),
+                )
             metrics.auth_failures_total.labels(route.api_id, failure.reason).inc()
             # A 403 for the API's own tenant is that consumer's traffic. Another tenant's key is not: its consumer
             # and key ids must never show up in this tenant's usage, access log or metrics.
