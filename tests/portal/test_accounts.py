@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import pytest
+from django.apps import apps as django_apps
 from django.contrib.auth.models import User
 from django.core import mail
 from django.test import Client
@@ -277,3 +279,22 @@ def test_a_used_invitation_cannot_bring_back_a_switched_off_account(alice: User,
     frank.refresh_from_db()
     assert not frank.is_active and not TenantMembership.objects.filter(user=frank).exists()
     assert not User.objects.filter(username="frank2").exists()
+
+
+def test_accounts_confirmed_before_this_release_cannot_earn_a_new_verification_link(open_acme: Tenant) -> None:
+    migration = importlib.import_module("portal.migrations.0001_mark_confirmed_accounts")
+    lena = User.objects.create_user("lena", "lena@example.com", "a-long-pass-phrase-42")  # confirmed, never signed in
+    services.membership_set(tenant=open_acme, user=lena, role=TenantMembership.Role.DEVELOPER, actor=None)
+    Client().post("/portal/acme/signup/", SIGNUP)  # erin: signed up, not confirmed
+    migration.mark_confirmed_accounts(django_apps, None)
+    lena.refresh_from_db()
+    assert lena.last_login == lena.date_joined
+    assert User.objects.get(username="erin").last_login is None
+
+    _switch_off(lena, open_acme)
+    mail.outbox.clear()
+    for email in ("lena@example.com", SIGNUP["email"]):
+        Client().post("/portal/acme/signup/", {**SIGNUP, "username": "someone-new", "email": email})
+    lena_mail, erin_mail = mail.outbox
+    assert "/verify/" not in lena_mail.body and "no access to the Acme portal" in lena_mail.body
+    assert "/verify/" in erin_mail.body  # a pending sign-up still gets its link again
