@@ -702,12 +702,13 @@ class ConsumerAdmin(ServiceDeleteAdmin):
     actions = ["block_consumers", "unblock_consumers"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Consumer]:
-        return super().get_queryset(request).annotate(_keys=Count("keys", filter=Q(keys__active=True)))
+        # Live keys: not revoked and not expired (ApiKey.objects.live()), not merely "active".
+        return super().get_queryset(request).annotate(_keys=Count("keys", filter=Q(keys__in=ApiKey.objects.live())))
 
     def get_readonly_fields(self, request: HttpRequest, obj: Consumer | None = None) -> list[str]:
         return ["id", "created_at", "tenant", "status"] if obj else ["id", "created_at", "status"]
 
-    @admin.display(description="active keys", ordering="_keys")
+    @admin.display(description="live keys", ordering="_keys")
     def active_keys(self, obj: Consumer) -> int:
         return obj._keys  # type: ignore[attr-defined]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -401,3 +402,14 @@ def test_no_admin_lookup_answers_questions_about_a_stored_hash(
     other = admin_client_.get(f"{url}?{lookup}={fake}")
     assert matching.status_code == other.status_code == 400
     assert matching.content == other.content
+
+
+def test_the_consumer_list_counts_live_keys_only(admin_client_: Client, bob_app: Consumer) -> None:
+    services.api_key_create(consumer=bob_app, name="live", actor=None)
+    expired, _ = services.api_key_create(consumer=bob_app, name="expired", actor=None)
+    ApiKey.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    revoked, _ = services.api_key_create(consumer=bob_app, name="revoked", actor=None)
+    services.api_key_revoke(key=revoked, actor=None)
+
+    page = admin_client_.get(_url(Consumer, "changelist")).content.decode()
+    assert '<td class="field-active_keys">1</td>' in page
