@@ -129,3 +129,32 @@ def test_deprecated_api_routes_with_deprecation_and_sunset_headers(gateway, user
 def test_control_plane_paths_fall_through_to_django(gateway, users_api):
     assert gateway.get("/health").status == 200
     assert gateway.get("/health").json() == {"status": "ok"}
+
+
+def test_under_gunicorn_path_parameter_dots_and_double_encoding_are_refused(live_env, acme, bob_app, bob_key, tmp_path):
+    """The same refusals through the production worker (its lean path builds RAW_URI itself)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from tests.gateway.upstreams import recording_upstream
+    from tests.support.servers import gunicorn
+
+    with recording_upstream() as upstream:
+        subscribe(bob_app, publish(acme, upstream.url + "/svc", key_query_param="apikey"))
+        env = {**live_env, "USAGE_SPOOL_DIR": str(tmp_path / "spool"), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "p")}
+        with gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as url:
+            parts = urlsplit(url)
+
+            def get(target: str, headers: dict[str, str]) -> int:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                conn.request("GET", target, headers=headers)  # sent as written: no client-side normalisation
+                status = conn.getresponse().status
+                conn.close()
+                return status
+
+            header = {"X-API-Key": bob_key[1]}
+            assert get("/api/users/v1/..;/..;/admin", header) == 400
+            assert get("/api/users/v1/%252e%252e/admin", header) == 400
+            assert get("/api/users/v1/x%252fy", header) == 400
+            assert get(f"/api/users/v1/a?x=1;apikey={bob_key[1]}", {}) == 200
+    assert upstream.paths == ["/svc/a?x=1"]
