@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from apimgmt import limits
+
 # Control-plane prefixes an API may not claim (their first path segment).
 RESERVED_SEGMENTS = frozenset({"admin", "mgmt", "portal", "static", "health", "ready", "metrics"})
 # Unreserved and sub-delim characters of RFC 3986, plus ":" and "@"; no "%" (no encoded bytes in a base path).
@@ -170,14 +172,10 @@ def validate_timezone(value: str) -> str:
 # Policy configs
 # ---------------------------------------------------------------------------
 
-KEY_EXTRACTIONS = ("consumer_id", "key_id", "ip", "tenant_id", "api")
-RATE_WINDOWS = {
-    "requests_per_second": 1,
-    "requests_per_minute": 60,
-    "requests_per_hour": 3600,
-    "requests_per_day": 86400,
-}
-QUOTA_WINDOWS = ("requests_per_day", "requests_per_month")
+# The window fields and counter scopes are the rate-limit contract's (apimgmt.limits), written there once.
+KEY_EXTRACTIONS = limits.SCOPES
+RATE_WINDOWS = {name: seconds for name, (_label, seconds) in limits.RATE_WINDOWS.items()}
+QUOTA_WINDOWS = tuple(limits.QUOTA_WINDOWS)
 _MAX_LIMIT = 10**12
 
 
