@@ -58,6 +58,9 @@ def demo(transactional_db: Any, settings: Any) -> Iterator[tuple[Tenant, Api]]:
         yield tenant, api
 
 
+SITE_URL = "https://portal.example.test"
+
+
 def _mail_link(mail_dir: Path, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,6 +92,7 @@ def test_a_developer_goes_from_sign_up_to_a_first_call_and_back(
         "EMAIL_FILE_PATH": str(mail_dir),
         "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
         "GATEWAY_CONFIG_POLL_SECONDS": "0.1",
+        "SITE_URL": SITE_URL,
     }
     print(f"screenshots: {shots_dir}")
     skipped: list[str] = []
@@ -112,8 +116,10 @@ def test_a_developer_goes_from_sign_up_to_a_first_call_and_back(
         expect(page.get_by_role("heading", name="Check your inbox")).to_be_visible()
         shot("check-inbox")
 
-        # Verify with the link from the mail.
-        page.goto(_mail_link(mail_dir))
+        # Verify with the link from the mail: built from SITE_URL, followed on this server's free port.
+        link = _mail_link(mail_dir)
+        assert link.startswith(f"{SITE_URL}/portal/demo/verify/")
+        page.goto(base + link.removeprefix(SITE_URL))
         shot("verify")
         page.get_by_role("button", name="Confirm my e-mail address").click()
         expect(page.get_by_text("Your e-mail address is confirmed")).to_be_visible()
