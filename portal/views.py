@@ -19,7 +19,7 @@ from apimgmt.models import Api, ApiKey, Consumer, Subscription
 from portal import charts, quota
 from portal.access import Portal, owned_app, page, portal_page
 from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors, for_developers
-from portal.plans import limits_in_words, plan_cards
+from portal.plans import limit_phrases, plan_cards
 from portal.usage import usage_series
 
 
@@ -76,7 +76,7 @@ def _api_page(
         "api": api,
         "gateway_url": _gateway_url(request, api),
         "plan_cards": cards,
-        "api_limits": limits_in_words(api.policies.all()),
+        "api_limits": ", ".join(limit_phrases(api.policies.all())),
         "new_app_url": reverse("portal:app_create", args=[portal.tenant.id]) + f"?for_api={api.pk}",
     }
     if portal.is_member:

@@ -74,3 +74,17 @@ def app_and_browser(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, 
             yield base, browser
         finally:
             browser.close()
+
+
+def screenshot_dir(name: str) -> Path:
+    """Where a browser test keeps its screenshots as test artifacts: ``$TEST_OUTPUT_DIR`` (default ./test-output,
+    git-ignored) / screenshots / ``name``; emptied first so a folder shows one run."""
+    import os
+    import shutil
+
+    from tests.support.servers import ROOT
+
+    folder = Path(os.environ.get("TEST_OUTPUT_DIR") or ROOT / "test-output") / "screenshots" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
