@@ -158,6 +158,7 @@ def make_client(topology: RedisTopology) -> RedisClient:
         )
         return sentinel.master_for(topology.service_name, db=topology.db, **kwargs)
     kwargs.pop("max_connections")
+    kwargs.pop("retry_on_timeout")  # the cluster client's retry object decides (one retry, below)
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
         # Fail fast and let each caller apply its own failure rule (on_store_error, spool, database):

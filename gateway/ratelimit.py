@@ -371,9 +371,18 @@ class _Connections:
                     conn.disconnect()
         with self.lock:
             idle = self.idle.get(id(node))
-            if idle:
-                return idle.pop()
-        return node.connection_pool.make_connection()
+            conn = idle.pop() if idle else None
+        if conn is None:
+            conn = node.connection_pool.make_connection()
+        if conn._sock is None:
+            # Connect through the connection's own connect(): a Sentinel-managed connection asks the sentinels
+            # for the master there (send_packed_command's implicit connect would use its default address).
+            try:
+                conn.connect()
+            except BaseException:
+                self.put(conn, node)
+                raise
+        return conn
 
     def put(self, conn: Any, node: Any) -> None:
         with self.lock:

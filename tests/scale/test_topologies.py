@@ -1,0 +1,294 @@
+"""The gateway and control plane under gunicorn (2 workers) on a real Redis Cluster and a real Sentinel set.
+
+Both topologies are started by the tests from the redis-server binary (tests/support/redis_topologies.py) and
+killed afterwards. Marked ``redis_topology``: slower than the rest, still part of ``make test`` and ``.ci/run``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from django.contrib.auth.models import User
+
+from apimgmt import services
+from apimgmt.models import ApiKey, Consumer, Tenant
+from apimgmt.redis_client import reset_redis
+from tests.gateway.conftest import publish, subscribe
+from tests.gateway.upstreams import recording_upstream
+from tests.support.redis_topologies import LocalCluster, LocalSentinel, redis_cluster, redis_sentinel
+from tests.support.servers import gunicorn
+
+pytestmark = [pytest.mark.redis_topology, pytest.mark.timeout(240)]
+
+URL_PATH = "/api/users/v1/x"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with redis_cluster() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[LocalSentinel]:
+    with redis_sentinel() as started:
+        yield started
+
+
+def _point_this_process_at(settings: Any, url: str) -> None:
+    """The services called by the test publish to the same Redis the gateway reads."""
+    settings.REDIS_URL = url
+    reset_redis()
+
+
+def _serve(live_env: dict[str, str], tmp_path: Path, redis_url: str, **extra: str) -> Any:
+    env = {
+        **live_env,
+        "REDIS_URL": redis_url,
+        "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        "SESSION_COOKIE_SECURE": "0",
+        "CSRF_COOKIE_SECURE": "0",
+        **extra,
+    }
+    return gunicorn(env, workers=2, log_path=Path("/tmp/h7/gunicorn-debug.log"))
+
+
+def _until(predicate: Callable[[], bool], timeout: float) -> float:
+    """Seconds until ``predicate`` first came out true (measured at the start of that call)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        attempt = time.monotonic()
+        if predicate():
+            return attempt - started
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def _all_workers(url: str, key: str, want: int, n: int = 12) -> bool:
+    """n requests in a row on fresh connections (spread over both workers) all answer ``want``."""
+    return all(requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code == want for _ in range(n))
+
+
+def _hammer(url: str, key: str, *, threads: int, each: int) -> list[int]:
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with requests.Session() as session:
+            for _ in range(each):
+                status = session.get(url, headers={"X-API-Key": key}, timeout=10).status_code
+                with lock:
+                    statuses.append(status)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return statuses
+
+
+def _exactly_l_of_800(base: str, acme: Tenant, bob_app: Consumer, key: str) -> None:
+    with recording_upstream() as upstream:
+        policy = services.policy_create(
+            tenant=acme, name="q", policy_type="quota", config={"requests_per_day": 100}, actor=None
+        )
+        api = publish(acme, upstream.url, policies=[policy])
+        subscribe(bob_app, api)
+        statuses = _hammer(base + URL_PATH, key, threads=16, each=50)
+        assert Counter(statuses) == {200: 100, 429: 700}
+        assert len(upstream.seen) == 100
+
+
+def _revocation_within_one_second(base: str, acme: Tenant, bob_app: Consumer, row: ApiKey, key: str) -> None:
+    with recording_upstream() as upstream:
+        api = publish(acme, upstream.url, base_path="/api/orders/v1")
+        subscribe(bob_app, api)
+        url = base + "/api/orders/v1/x"
+        _until(lambda: _all_workers(url, key, 200), 10)
+        services.api_key_revoke(key=ApiKey.objects.get(pk=row.pk), actor=None)
+        assert _until(lambda: _all_workers(url, key, 401), 3) < 1.0
+
+
+def _csrf_post(session: requests.Session, url: str, data: dict[str, str]) -> requests.Response:
+    page = session.get(url, timeout=10)
+    match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert match, page.text[:500]
+    return session.post(url, data={**data, "csrfmiddlewaretoken": match.group(1)}, allow_redirects=False, timeout=10)
+
+
+def _portal_lockout_is_shared(base: str) -> None:
+    """Three wrong passwords lock bob's account on every worker: the counters live in the shared Django cache."""
+    url = base + "/portal/acme/login/"
+    for _ in range(3):
+        assert _csrf_post(requests.Session(), url, {"username": "bob", "password": "wrong"}).status_code == 400
+    locked = _csrf_post(requests.Session(), url, {"username": "bob", "password": "bob-password-123"})
+    assert locked.status_code == 429
+
+
+# -- Redis Cluster --------------------------------------------------------------------------------------------------
+
+
+def test_cluster_admits_exactly_the_limit_revokes_within_a_second_and_shares_lockouts(
+    cluster: LocalCluster,
+    live_env: dict[str, str],
+    tmp_path: Path,
+    settings: Any,
+    acme: Tenant,
+    bob: User,
+    bob_app: Consumer,
+    bob_key: tuple[ApiKey, str],
+) -> None:
+    _point_this_process_at(settings, cluster.url)
+    row, key = bob_key
+    with _serve(live_env, tmp_path, cluster.url, PORTAL_LOGIN_ACCOUNT_FAILURES="3") as base:
+        _exactly_l_of_800(base, acme, bob_app, key)
+        _revocation_within_one_second(base, acme, bob_app, row, key)
+        _portal_lockout_is_shared(base)
+
+
+def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_promotion(
+    cluster: LocalCluster,
+    live_env: dict[str, str],
+    tmp_path: Path,
+    settings: Any,
+    acme: Tenant,
+    bob_app: Consumer,
+    bob_key: tuple[ApiKey, str],
+) -> None:
+    _point_this_process_at(settings, cluster.url)
+    _, key = bob_key
+    with recording_upstream() as upstream, _serve(live_env, tmp_path, cluster.url) as base:
+        policy = services.policy_create(
+            tenant=acme,
+            name="per-minute",
+            policy_type="rate_limiting",
+            config={"requests_per_minute": 1_000_000, "window_type": "fixed"},
+            on_store_error="open",
+            actor=None,
+        )
+        api = publish(acme, upstream.url, policies=[policy])
+        subscribe(bob_app, api)
+        url = base + URL_PATH
+        _until(lambda: _all_workers(url, key, 200), 10)
+        statuses: list[int] = []
+        uncounted: list[bool] = []  # answered without limit headers: decided by on_store_error
+        stop = threading.Event()
+
+        def load() -> None:
+            with requests.Session() as session:
+                while not stop.is_set():
+                    response = session.get(url, headers={"X-API-Key": key}, timeout=10)
+                    statuses.append(response.status_code)
+                    uncounted.append("X-RateLimit-Remaining" not in response.headers)
+
+        pool = [threading.Thread(target=load) for _ in range(4)]
+        for t in pool:
+            t.start()
+        time.sleep(1)
+        # The master of the slot holding acme's counters dies without a word.
+        cluster.kill(cluster.master_port_of("rate_limit:{acme}:x"))
+        cluster.wait_healthy()
+        time.sleep(1.5)
+        stop.set()
+        for t in pool:
+            t.join()
+
+        assert statuses and set(statuses) == {200}, Counter(statuses)  # on_store_error=open: served, never a 500
+        assert any(uncounted)  # the failover was felt, and the policy's rule answered meanwhile
+
+        def counting() -> bool:
+            first = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            second = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            remaining = [r.headers.get("X-RateLimit-Remaining") for r in (first, second)]
+            return None not in remaining and int(remaining[1]) < int(remaining[0])  # type: ignore[arg-type]
+
+        # Back on the promoted replica without a restart: the counter moves again.
+        _until(counting, 10)
+
+
+# -- Sentinel -------------------------------------------------------------------------------------------------------
+
+
+def test_sentinel_master_killed_under_load_gateway_and_control_plane_follow_the_new_master(
+    sentinel: LocalSentinel,
+    live_env: dict[str, str],
+    tmp_path: Path,
+    settings: Any,
+    acme: Tenant,
+    bob: User,
+    bob_app: Consumer,
+    bob_key: tuple[ApiKey, str],
+) -> None:
+    url_ = sentinel.url(db=0)
+    _point_this_process_at(settings, url_)
+    row, key = bob_key
+    with recording_upstream() as upstream, _serve(live_env, tmp_path, url_, PORTAL_LOGIN_ACCOUNT_FAILURES="3") as base:
+        policy = services.policy_create(
+            tenant=acme,
+            name="per-minute",
+            policy_type="rate_limiting",
+            config={"requests_per_minute": 1_000_000, "window_type": "fixed"},
+            on_store_error="open",
+            actor=None,
+        )
+        api = publish(acme, upstream.url, policies=[policy])
+        subscribe(bob_app, api)
+        url = base + URL_PATH
+        _until(lambda: _all_workers(url, key, 200), 10)
+        statuses: list[int] = []
+        uncounted: list[bool] = []  # answered without limit headers: decided by on_store_error
+        stop = threading.Event()
+
+        def load() -> None:
+            with requests.Session() as session:
+                while not stop.is_set():
+                    response = session.get(url, headers={"X-API-Key": key}, timeout=10)
+                    statuses.append(response.status_code)
+                    uncounted.append("X-RateLimit-Remaining" not in response.headers)
+
+        pool = [threading.Thread(target=load) for _ in range(4)]
+        for t in pool:
+            t.start()
+        time.sleep(1)
+        old = sentinel.kill_master()
+        sentinel.wait_promoted(old)
+        time.sleep(1.5)
+        stop.set()
+        for t in pool:
+            t.join()
+        assert statuses and set(statuses) == {200}, Counter(statuses)
+        assert any(uncounted)
+
+        # The gateway counts on the new master ...
+        def counting() -> bool:
+            first = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            second = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            remaining = [r.headers.get("X-RateLimit-Remaining") for r in (first, second)]
+            return None not in remaining and int(remaining[1]) < int(remaining[0])  # type: ignore[arg-type]
+
+        _until(counting, 10)
+        # ... revocations reach both workers through it within a second ...
+        services.api_key_revoke(key=ApiKey.objects.get(pk=row.pk), actor=None)
+        assert _until(lambda: _all_workers(url, key, 401), 3) < 1.0
+        # ... and the control plane works: staff sign in to the admin, the portal's lockout counts in the cache.
+        settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.PBKDF2PasswordHasher"]  # what the server checks
+        User.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
+        admin = requests.Session()
+        signed_in = _csrf_post(
+            admin, base + "/admin/login/?next=/admin/", {"username": "ops", "password": "ops-password-123"}
+        )
+        assert signed_in.status_code == 302, re.findall(r'class="errornote">([^<]*)', signed_in.text)
+        assert signed_in.headers["Location"] == "/admin/"
+        assert admin.get(base + "/admin/", timeout=10).status_code == 200
+        _portal_lockout_is_shared(base)
