@@ -130,10 +130,10 @@ def parse_redis_url(url: str) -> RedisTopology:
     return RedisTopology(kind=CLUSTER, url=url, nodes=nodes)
 
 
-def _node_kwargs() -> dict[str, Any]:
+def _node_kwargs(socket_timeout: float | None, connect_timeout: float | None) -> dict[str, Any]:
     return {
-        "socket_timeout": settings.REDIS_SOCKET_TIMEOUT,
-        "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT,
+        "socket_timeout": settings.REDIS_SOCKET_TIMEOUT if socket_timeout is None else socket_timeout,
+        "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout,
         "health_check_interval": 0,
         "retry_on_timeout": False,
         "max_connections": 256,
@@ -141,9 +141,17 @@ def _node_kwargs() -> dict[str, Any]:
     }
 
 
-def make_client(topology: RedisTopology) -> RedisClient:
-    """A new client for ``topology`` with the gateway's short timeouts (one per process: see get_redis)."""
-    kwargs = _node_kwargs()
+def make_client(
+    topology: RedisTopology,
+    *,
+    socket_timeout: float | None = None,
+    connect_timeout: float | None = None,
+    retry: Retry | None = None,
+) -> RedisClient:
+    """A new client for ``topology``: the gateway's short timeouts unless given (the flusher blocks longer)."""
+    kwargs = _node_kwargs(socket_timeout, connect_timeout)
+    if retry is not None:
+        kwargs["retry"] = retry
     if topology.kind == STANDALONE:
         kwargs.pop("password")
         return redis.Redis.from_url(topology.url, **kwargs)
@@ -158,16 +166,21 @@ def make_client(topology: RedisTopology) -> RedisClient:
         )
         return sentinel.master_for(topology.service_name, db=topology.db, **kwargs)
     kwargs.pop("max_connections")
-    kwargs.pop("retry_on_timeout")  # the cluster client's retry object decides (one retry, below)
+    kwargs.pop("retry_on_timeout")  # the cluster client's retry object decides
+    # Fail fast and let each caller apply its own failure rule (on_store_error, spool, database): by default one
+    # retry, right after redis-py refreshed its slot map.
+    kwargs.setdefault("retry", Retry(NoBackoff(), 1))
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
-        # Fail fast and let each caller apply its own failure rule (on_store_error, spool, database):
-        # one retry, right after redis-py refreshed its slot map.
-        retry=Retry(NoBackoff(), 1),
         require_full_coverage=False,
         max_connections=256,
         **kwargs,
     )
+
+
+def client_for_url(url: str, **options: Any) -> RedisClient:
+    """A client of its own for ``url`` (any of the three forms), e.g. the flusher's with longer timeouts."""
+    return make_client(parse_redis_url(url), **options)
 
 
 class _Holder:

@@ -17,6 +17,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Q
 from django.utils.timezone import now
 
+from apimgmt import redis_client
 from apimgmt.models import ApiKey, Tenant
 
 logger = logging.getLogger("apimgmt.usage")
@@ -179,11 +180,11 @@ def flusher_redis(url: str, *, block_ms: int) -> redis.Redis:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(
+    # Any REDIS_URL form (standalone, redis+sentinel://, redis+cluster://), through the one client factory.
+    return redis_client.client_for_url(
         url,
         socket_timeout=block_ms / 1000 + 2.0,
-        socket_connect_timeout=2.0,
-        health_check_interval=0,
+        connect_timeout=2.0,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
     )
 
