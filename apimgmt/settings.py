@@ -263,6 +263,12 @@ if GATEWAY["AUTH_FAILURE_LIMIT"] < 0 or GATEWAY["AUTH_FAILURE_WINDOW_SECONDS"] <
         "GATEWAY_AUTH_FAILURE_LIMIT must be 0 (off) or more, GATEWAY_AUTH_FAILURE_WINDOW_SECONDS 1 or more"
     )
 
+# Usage history: whole months of am_usage_records and its rollups older than this are dropped by the flusher
+# (0 keeps everything).
+USAGE_RETENTION_DAYS = env.int("USAGE_RETENTION_DAYS", default=0)
+if USAGE_RETENTION_DAYS < 0:
+    raise ImproperlyConfigured("USAGE_RETENTION_DAYS must be 0 (keep everything) or a number of days")
+
 # ---------------------------------------------------------------------------
 # Authentication, sessions and security
 # ---------------------------------------------------------------------------

@@ -1,12 +1,23 @@
-"""The usage flusher: aggregates the gateway's usage events from a Redis stream into minute buckets, exactly once."""
+"""The usage flusher: copies the gateway's minute buckets from Redis into am_usage_records and its rollups, exactly once.
+
+Each round, per tenant: claim minutes (a script renames each minute's hash to a claimed name with a fresh token, so
+later increments start a new hash), read the claimed hashes, and in ONE database transaction record the tokens in
+``am_usage_copies`` (a token already there was copied before: skipped) and add the buckets to the minute, hour and
+day tables; commit; then delete the claimed hashes. A crash before the commit leaves the claim to be taken over when
+its lease ends; a crash after it finds the token recorded. Two flushers on the same claim meet on the token's
+primary key: one commits, the other skips. Work, Redis memory and database rows all follow buckets, never requests.
+Layout of the Redis side: apimgmt/usage_buckets.py.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
+import random
+import secrets
 import socket
 import time
+import zoneinfo
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -15,92 +26,109 @@ from typing import Any
 import redis
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Q
-from django.utils.timezone import now
 
-from apimgmt import redis_client
+from apimgmt import redis_client, usage_partitions
+from apimgmt import usage_buckets as contract
 from apimgmt.models import ApiKey, Tenant
 
 logger = logging.getLogger("apimgmt.usage")
 
-STREAM_KEY = "usage:events"
-GROUP = "usage-flushers"
-
-DEFAULT_BATCH_SIZE = 500
-# A pending entry untouched this long belongs to a flusher that died; another one takes it over.
-DEFAULT_CLAIM_IDLE = timedelta(seconds=60)
-# Processed request ids are remembered this long. Events older than the window cannot be
-# deduplicated any more, so they are dropped rather than risk being counted twice.
-DEFAULT_SEEN_RETENTION = timedelta(days=7)
+# A minute is copied once it is over plus this much (gateway workers send their buckets about once a second).
+DEFAULT_CLOSE_GRACE = timedelta(seconds=3)
+# A claim not released this long after it was taken belongs to a flusher that stopped; another one takes it over.
+DEFAULT_LEASE = timedelta(seconds=60)
+# Minutes (of one tenant) per database transaction.
+DEFAULT_BATCH_SIZE = 20
+# Copy tokens are remembered this long (a claim lives seconds; this is a wide margin).
+COPY_TOKEN_RETENTION = timedelta(days=2)
 # Keys' last_used_at is written at most this often (it is a hint for humans, not an audit trail).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Consumers of the group with nothing pending and idle this long are forgotten (dead flushers).
-FORGET_CONSUMERS_AFTER = timedelta(hours=1)
+TENANT_CACHE_SECONDS = 60.0
 
-_ROWS_PER_STATEMENT = 500
-_MAX = {"rid": 128, "tenant": 63, "api": 32, "consumer": 32, "key": 32}
+_ROWS_PER_STATEMENT = 1000
+_METRIC_COLUMNS = (
+    "request_count",
+    "error_count",
+    "bytes_in",
+    "bytes_out",
+    "latency_ms_sum",
+    "latency_ms_max",
+    "upstream_latency_ms_sum",
+)
+# The three tables a bucket is added to: minute rows, UTC hours, days in the tenant's time zone.
+TABLES = ("am_usage_records", "am_usage_hourly", "am_usage_daily")
 
-
-@dataclass(frozen=True)
-class UsageEvent:
-    """One gateway request as the stream carries it (see the usage-event contract)."""
-
-    entry_id: str
-    rid: str
-    ts: float
-    tenant: str
-    api: str
-    consumer: str
-    key: str
-    status: int
-    bytes_in: int
-    bytes_out: int
-    latency_ms: float
-    upstream_ms: float | None
-
-    @property
-    def bucket(self) -> datetime:
-        return datetime.fromtimestamp(math.floor(self.ts / 60) * 60, tz=UTC)
+CLAIM_SCRIPT = """
+-- KEYS[1]: dirty index, KEYS[2]: claims; then per minute its hash and the claimed name.
+-- ARGV[1]: now (ms), ARGV[2]: lease end (ms), ARGV[3]: number of minutes n; per minute: minute, claim;
+-- then claims of other flushers whose lease may have ended. Returns the claims taken.
+local taken = {}
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local minute, claim = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  if redis.call('ZSCORE', KEYS[1], minute) then
+    redis.call('ZREM', KEYS[1], minute)
+    if redis.call('EXISTS', KEYS[1 + 2 * i]) == 1 then
+      redis.call('RENAME', KEYS[1 + 2 * i], KEYS[2 + 2 * i])
+      redis.call('ZADD', KEYS[2], ARGV[2], claim)
+      taken[#taken + 1] = claim
+    end
+  end
+end
+for j = 4 + 2 * n, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[j])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[j])
+    taken[#taken + 1] = ARGV[j]
+  end
+end
+return taken
+"""
 
 
 @dataclass
 class FlushStats:
-    """What one or more batches did: every entry read ends up counted, a duplicate, or dropped."""
+    """What one or more rounds did."""
 
-    read: int = 0
-    counted: int = 0
-    duplicates: int = 0
-    dropped: int = 0
-    buckets: int = 0
+    minutes: int = 0  # claimed tenant-minutes copied
+    buckets: int = 0  # buckets added to am_usage_records
+    requests: int = 0  # requests those buckets count
+    skipped: int = 0  # claims found already copied (a flusher died after its commit, or two raced)
+    dropped: int = 0  # requests of buckets that could not be stored (unknown tenant, malformed)
 
     def add(self, other: FlushStats) -> None:
-        self.read += other.read
-        self.counted += other.counted
-        self.duplicates += other.duplicates
-        self.dropped += other.dropped
+        self.minutes += other.minutes
         self.buckets += other.buckets
+        self.requests += other.requests
+        self.skipped += other.skipped
+        self.dropped += other.dropped
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "read": self.read,
-            "counted": self.counted,
-            "duplicates": self.duplicates,
-            "dropped": self.dropped,
+            "minutes": self.minutes,
             "buckets": self.buckets,
+            "requests": self.requests,
+            "skipped": self.skipped,
+            "dropped": self.dropped,
         }
 
 
-@dataclass
-class _Bucket:
-    request_count: int = 0
-    error_count: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    latency_ms_sum: float = 0.0
-    latency_ms_max: float = 0.0
-    upstream_latency_ms_sum: float = 0.0
+Row = tuple[str, str, str, str, datetime, int]  # tenant, api, consumer, key, bucket start, status
+Totals = dict[Row, list[float]]
 
 
-BucketKey = tuple[str, str, str, str, datetime, int]
+@dataclass(frozen=True)
+class Claim:
+    tenant: str
+    member: str  # "<minute>:<token>"
+
+    @property
+    def minute(self) -> int:
+        return int(self.member.split(":", 1)[0])
+
+    @property
+    def token(self) -> str:
+        return self.member
 
 
 def _text(value: Any) -> str:
@@ -109,74 +137,8 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def parse_event(entry_id: str, fields: dict[Any, Any]) -> UsageEvent | None:
-    """The event in a stream entry, or None (with a warning) when it cannot be counted."""
-    data = {_text(k): _text(v) for k, v in fields.items()}
-    try:
-        upstream = data.get("upstream_ms", "")
-        event = UsageEvent(
-            entry_id=entry_id,
-            rid=data.get("rid") or f"stream:{entry_id}",
-            ts=float(data["ts"]),
-            tenant=data["tenant"],
-            api=data.get("api", ""),
-            consumer=data.get("consumer", ""),
-            key=data.get("key", ""),
-            status=int(data["status"]),
-            bytes_in=int(float(data.get("bytes_in") or 0)),
-            bytes_out=int(float(data.get("bytes_out") or 0)),
-            latency_ms=float(data.get("latency_ms") or 0),
-            upstream_ms=float(upstream) if upstream else None,
-        )
-    except (KeyError, ValueError) as exc:
-        logger.warning("usage event %s dropped: malformed (%s)", entry_id, exc.__class__.__name__)
-        return None
-    too_long = [name for name, limit in _MAX.items() if len(getattr(event, name)) > limit]
-    if too_long or not event.tenant or not (100 <= event.status <= 599) or not math.isfinite(event.ts):
-        logger.warning("usage event %s dropped: invalid %s", entry_id, ", ".join(too_long) or "tenant/status/ts")
-        return None
-    return event
-
-
-def aggregate(events: Iterable[UsageEvent]) -> dict[BucketKey, _Bucket]:
-    """Minute buckets per (tenant, api, consumer, key, minute, status).
-
-    ``error_count`` counts server errors (status >= 500), the same definition as the
-    HighErrorRate alert; 4xx answers are visible per status code.
-    """
-    buckets: dict[BucketKey, _Bucket] = {}
-    for event in events:
-        key = (event.tenant, event.api, event.consumer, event.key, event.bucket, event.status)
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = buckets[key] = _Bucket()
-        bucket.request_count += 1
-        bucket.error_count += 1 if event.status >= 500 else 0
-        bucket.bytes_in += event.bytes_in
-        bucket.bytes_out += event.bytes_out
-        bucket.latency_ms_sum += event.latency_ms
-        bucket.latency_ms_max = max(bucket.latency_ms_max, event.latency_ms)
-        bucket.upstream_latency_ms_sum += event.upstream_ms or 0.0
-    return buckets
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _next_stream_id(entry_id: str) -> str:
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
-
-
-def _stream_id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def flusher_redis(url: str, *, block_ms: int) -> redis.Redis:
-    """A client for the flusher: its blocking reads need a socket timeout longer than the block."""
+def flusher_redis(url: str, *, block_ms: int = 1000) -> redis.Redis:
+    """A client for the flusher (its own timeouts: a claim script over many buckets may take a while)."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
@@ -193,207 +155,220 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _add(totals: Totals, row: Row, values: list[float]) -> None:
+    existing = totals.get(row)
+    if existing is None:
+        totals[row] = list(values)
+        return
+    for i, value in enumerate(values):
+        if i == contract.MAX_INDEX:
+            existing[i] = max(existing[i], value)
+        else:
+            existing[i] += value
+
+
 @dataclass
 class UsageFlusher:
-    """Reads ``usage:events`` as a member of the ``usage-flushers`` group and writes ``am_usage_records``.
-
-    Order per batch: count in one database transaction (the request ids into
-    ``am_usage_seen`` and the bucket upserts together), commit, then XACK. A crash
-    before the commit leaves the entries pending (re-read or reclaimed later); a crash
-    after the commit and before the XACK re-delivers entries whose ids are already seen,
-    so they are skipped. Either way every event is counted exactly once.
-    """
+    """Copies closed minutes of usage buckets from Redis into PostgreSQL; any number may run at once."""
 
     client: redis.Redis
     consumer: str = field(default_factory=default_consumer_name)
     batch_size: int = DEFAULT_BATCH_SIZE
-    claim_idle: timedelta = DEFAULT_CLAIM_IDLE
-    seen_retention: timedelta = DEFAULT_SEEN_RETENTION
-    stream: str = STREAM_KEY
-    group: str = GROUP
+    close_grace: timedelta = DEFAULT_CLOSE_GRACE
+    lease: timedelta = DEFAULT_LEASE
     using: str = DEFAULT_DB_ALIAS
-    # Test seams: called inside the transaction just before COMMIT, and right after it (before XACK).
+    # Test seams: called inside the transaction just before COMMIT, and right after it (before the release).
     before_commit: Callable[[], None] | None = None
     after_commit: Callable[[], None] | None = None
-    _claim_cursor: str = "0-0"
+    _zones: dict[str, zoneinfo.ZoneInfo] = field(default_factory=dict)
+    _zones_at: float = 0.0
     _key_touched: dict[str, datetime] = field(default_factory=dict)
+    _claim_script: Any = None
 
-    # -- reading -----------------------------------------------------------------
+    # -- a round ---------------------------------------------------------------------------------------------------
 
-    def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    def tenants(self) -> list[str]:
+        return sorted(_text(t) for t in self.client.smembers(contract.TENANTS_KEY))
 
-    def _with_group(self, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except redis.ResponseError as exc:
-            # The group vanishes when Redis restarts without persistence: recreate it and go on.
-            if "NOGROUP" not in str(exc):
-                raise
-            self.ensure_group()
-            return call()
+    def flush_once(self, *, closed_only: bool = True) -> FlushStats:
+        """One pass over every tenant: copy each one's minutes that are ready (all of them with closed_only=False)."""
+        total = FlushStats()
+        tenants = self.tenants()
+        random.shuffle(tenants)  # several flushers start on different tenants
+        for tenant in tenants:
+            while True:
+                stats = self.flush_tenant(tenant, closed_only=closed_only)
+                total.add(stats)
+                if stats.minutes + stats.skipped < self.batch_size:
+                    break
+        return total
 
-    def _read_group(self, start: str, block_ms: int | None) -> list[tuple[str, dict[Any, Any] | None]]:
-        reply = self._with_group(
-            lambda: self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: start}, count=self.batch_size, block=block_ms
-            )
-        )
-        entries: list[tuple[str, dict[Any, Any] | None]] = []
-        for _stream, items in reply or []:
-            entries.extend((_text(entry_id), fields) for entry_id, fields in items)
-        return entries
+    def drain(self) -> FlushStats:
+        """Copy everything there is now, the minute in progress too (its later requests are copied later)."""
+        self.ensure_partitions()
+        total = self.flush_once(closed_only=False)
+        self.forget_copy_tokens()
+        return total
 
-    def read_batch(self, block_ms: int | None = None) -> list[tuple[str, dict[Any, Any] | None]]:
-        """Next entries to count: our own unacknowledged ones, then stale ones of dead flushers, then new ones."""
-        own = self._read_group("0", None)
-        if own:
-            return own
-        claimed = self._autoclaim()
-        if claimed:
-            return claimed
-        return self._read_group(">", block_ms)
-
-    def _autoclaim(self) -> list[tuple[str, dict[Any, Any] | None]]:
-        reply = self._with_group(
-            lambda: self.client.xautoclaim(
-                self.stream,
-                self.group,
-                self.consumer,
-                min_idle_time=int(self.claim_idle.total_seconds() * 1000),
-                start_id=self._claim_cursor,
-                count=self.batch_size,
-            )
-        )
-        next_cursor, items = reply[0], reply[1]
-        self._claim_cursor = _text(next_cursor)
-        entries = [(_text(entry_id), fields) for entry_id, fields in items]
-        if entries:
-            logger.info("reclaimed %d pending usage events of a stopped flusher", len(entries))
-        return entries
-
-    # -- counting ------------------------------------------------------------------
-
-    def process(self, entries: Sequence[tuple[str, dict[Any, Any] | None]]) -> FlushStats:
-        """Count a batch in one transaction, commit, then acknowledge it."""
-        stats = FlushStats(read=len(entries))
-        events: dict[str, UsageEvent] = {}
-        oldest_countable = time.time() - self.seen_retention.total_seconds()
-        for entry_id, fields in entries:
-            # An entry deleted from the stream while pending comes back without fields.
-            event = parse_event(entry_id, fields) if fields else None
-            if event is not None and event.ts < oldest_countable:
-                logger.warning("usage event %s dropped: older than the deduplication window", entry_id)
-                event = None
-            if event is None:
-                stats.dropped += 1
-            elif event.rid in events:
-                stats.duplicates += 1
-            else:
-                events[event.rid] = event
-        if events:
-            self._count(events, stats)
-            if self.after_commit is not None:
-                self.after_commit()
-        if entries:
-            self.client.xack(self.stream, self.group, *[entry_id for entry_id, _ in entries])
+    def flush_tenant(self, tenant: str, *, closed_only: bool = True) -> FlushStats:
+        """Claim up to batch_size minutes of one tenant, copy them in one transaction, then release them."""
+        claims = self._claim(tenant, closed_only=closed_only)
+        if not claims:
+            return FlushStats()
+        contents = self._read(claims)
+        stats = self._copy(tenant, contents)
+        if self.after_commit is not None:
+            self.after_commit()
+        self._release(tenant, claims)
         return stats
 
-    def _count(self, events: dict[str, UsageEvent], stats: FlushStats) -> None:
+    # -- Redis -------------------------------------------------------------------------------------------------------
+
+    def _claim(self, tenant: str, *, closed_only: bool) -> list[Claim]:
+        now = time.time()
+        ready_until = now - 60 - self.close_grace.total_seconds() if closed_only else float("inf")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrangebyscore(contract.dirty_key(tenant), "-inf", ready_until, start=0, num=self.batch_size)
+        pipe.zrangebyscore(contract.claims_key(tenant), "-inf", int(now * 1000), start=0, num=self.batch_size)
+        minutes_raw, stale_raw = pipe.execute()
+        minutes = [_text(m) for m in minutes_raw]
+        stale = [_text(m) for m in stale_raw]
+        if not minutes and not stale:
+            return []
+        keys = [contract.dirty_key(tenant), contract.claims_key(tenant)]
+        args: list[Any] = [int(now * 1000), int((now + self.lease.total_seconds()) * 1000), len(minutes)]
+        for minute in minutes:
+            member = f"{minute}:{secrets.token_hex(10)}"
+            keys += [contract.minute_key(tenant, int(minute)), contract.claimed_key(tenant, member)]
+            args += [minute, member]
+        args += stale
+        if self._claim_script is None or self._claim_script.registered_client is not self.client:
+            self._claim_script = self.client.register_script(CLAIM_SCRIPT)
+        taken = self._claim_script(keys=keys, args=args)
+        return [Claim(tenant, _text(member)) for member in taken]
+
+    def _read(self, claims: list[Claim]) -> list[tuple[Claim, dict[Any, Any]]]:
+        pipe = self.client.pipeline(transaction=False)
+        for claim in claims:
+            pipe.hgetall(contract.claimed_key(claim.tenant, claim.member))
+        return list(zip(claims, pipe.execute(), strict=True))
+
+    def _release(self, tenant: str, claims: list[Claim]) -> None:
+        # One slot (the tenant's tag), so one MULTI even on Redis Cluster.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(*[contract.claimed_key(tenant, c.member) for c in claims])
+        pipe.zrem(contract.claims_key(tenant), *[c.member for c in claims])
+        pipe.execute()
+
+    # -- PostgreSQL ------------------------------------------------------------------------------------------------
+
+    def _zone(self, tenant: str) -> zoneinfo.ZoneInfo | None:
+        """The tenant's time zone (None: the tenant no longer exists)."""
+        if time.monotonic() - self._zones_at > TENANT_CACHE_SECONDS or tenant not in self._zones:
+            self._zones = {}
+            for tenant_id, name in Tenant.objects.using(self.using).values_list("id", "timezone"):
+                try:
+                    self._zones[tenant_id] = zoneinfo.ZoneInfo(name)
+                except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                    self._zones[tenant_id] = zoneinfo.ZoneInfo("UTC")
+            self._zones_at = time.monotonic()
+        return self._zones.get(tenant)
+
+    def _copy(self, tenant: str, contents: list[tuple[Claim, dict[Any, Any]]]) -> FlushStats:
+        stats = FlushStats()
+        zone = self._zone(tenant)
+        if zone is None:
+            dropped = sum(_requests(fields) for _claim, fields in contents)
+            logger.warning("usage of %d requests dropped: tenant %s no longer exists", dropped, tenant)
+            stats.dropped += dropped
+            return stats
+        months = {datetime.fromtimestamp(claim.minute, tz=UTC) for claim, _fields in contents}
+        self.ensure_partitions(months)
         connection = connections[self.using]
-        with transaction.atomic(using=self.using):
-            with connection.cursor() as cursor:
-                fresh = self._mark_seen(cursor, sorted(events))
-                stats.duplicates += len(events) - len(fresh)
-                counted = [events[rid] for rid in sorted(fresh)]
-                known = set(
-                    Tenant.objects.using(self.using)
-                    .filter(id__in={e.tenant for e in counted})
-                    .values_list("id", flat=True)
-                )
-                unknown = [e for e in counted if e.tenant not in known]
-                if unknown:
-                    # A deleted tenant's usage has nowhere to go; it must not block the stream.
-                    logger.warning("%d usage events dropped: tenant no longer exists", len(unknown))
-                    stats.dropped += len(unknown)
-                    counted = [e for e in counted if e.tenant in known]
-                buckets = aggregate(counted)
-                self._upsert(cursor, buckets)
-                stats.counted += len(counted)
-                stats.buckets += len(buckets)
-            self._touch_keys(counted)
+        with transaction.atomic(using=self.using), connection.cursor() as cursor:
+            fresh = self._record_tokens(cursor, tenant, [claim for claim, _ in contents])
+            minutes: Totals = {}
+            hours: Totals = {}
+            days: Totals = {}
+            used: dict[str, datetime] = {}
+            for claim, fields in contents:
+                if claim.token not in fresh:
+                    stats.skipped += 1
+                    continue
+                stats.minutes += 1
+                start = datetime.fromtimestamp(claim.minute, tz=UTC)
+                hour = start.replace(minute=0)
+                local = start.astimezone(zone)
+                day = datetime(local.year, local.month, local.day, tzinfo=zone).astimezone(UTC)
+                for raw_field, raw_value in fields.items():
+                    try:
+                        dimension = contract.Dimension.parse(_text(raw_field))
+                        numbers = contract.decode(_text(raw_value))
+                    except ValueError:
+                        logger.warning("usage bucket %r of %s dropped: malformed", _text(raw_field), tenant)
+                        continue
+                    values = [float(v) for v in numbers]
+                    for i in (4, 5, 6):  # microseconds -> the columns' milliseconds
+                        values[i] /= 1000.0
+                    d = dimension
+                    _add(minutes, (tenant, d.api, d.consumer, d.key, start, d.status), values)
+                    _add(hours, (tenant, d.api, d.consumer, d.key, hour, d.status), values)
+                    _add(days, (tenant, d.api, d.consumer, d.key, day, d.status), values)
+                    stats.requests += numbers[0]
+                    if d.key and start > used.get(d.key, start - timedelta(1)):
+                        used[d.key] = start
+            stats.buckets = len(minutes)
+            for table, totals in zip(TABLES, (minutes, hours, days), strict=True):
+                self._upsert(cursor, table, totals)
+            self._touch_keys(used)
             if self.before_commit is not None:
                 self.before_commit()
+        return stats
 
-    def _mark_seen(self, cursor: Any, rids: Sequence[str]) -> set[str]:
-        """Insert the request ids; the ones returned were not seen before (so they are counted now)."""
-        fresh: set[str] = set()
-        seen_at = connections[self.using].ops.adapt_datetimefield_value(now())
-        for chunk in _chunks(rids, 1000):
-            values = ", ".join(["(%s, %s)"] * len(chunk))
-            params: list[Any] = []
-            for rid in chunk:
-                params += [rid, seen_at]
-            cursor.execute(
-                f"INSERT INTO am_usage_seen (request_id, seen_at) VALUES {values} "  # noqa: S608 (placeholders only)
-                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                params,
-            )
-            fresh.update(row[0] for row in cursor.fetchall())
-        return fresh
-
-    def _upsert(self, cursor: Any, buckets: dict[BucketKey, _Bucket]) -> None:
+    def _record_tokens(self, cursor: Any, tenant: str, claims: Sequence[Claim]) -> set[str]:
+        """Insert the claims' tokens; the ones returned were not copied before (so they are copied now)."""
         connection = connections[self.using]
-        if connection.vendor == "postgresql":
-            conflict, greatest = "ON CONSTRAINT uniq_usage_bucket", "GREATEST"
-        else:
-            conflict, greatest = '(tenant_id, api_id, consumer_id, key_id, "timestamp", status_code)', "MAX"
-        # A fixed row order means concurrent flushers lock buckets in the same order (no deadlocks).
-        rows = sorted(buckets.items(), key=lambda item: item[0])
-        for chunk in _chunks(rows, _ROWS_PER_STATEMENT):
-            values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(chunk))
+        copied_at = connection.ops.adapt_datetimefield_value(datetime.now(tz=UTC))
+        values = ", ".join(["(%s, %s, %s, %s)"] * len(claims))
+        params: list[Any] = []
+        for claim in sorted(claims, key=lambda c: c.token):
+            minute = connection.ops.adapt_datetimefield_value(datetime.fromtimestamp(claim.minute, tz=UTC))
+            params += [claim.token, tenant, minute, copied_at]
+        cursor.execute(
+            f"INSERT INTO am_usage_copies (token, tenant_id, minute, copied_at) VALUES {values} "  # noqa: S608
+            "ON CONFLICT (token) DO NOTHING RETURNING token",
+            params,
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+    def _upsert(self, cursor: Any, table: str, totals: Totals) -> None:
+        connection = connections[self.using]
+        greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+        updates = ", ".join(
+            f"{c} = {greatest}({table}.{c}, EXCLUDED.{c})"
+            if c == "latency_ms_max"
+            else f"{c} = {table}.{c} + EXCLUDED.{c}"
+            for c in _METRIC_COLUMNS
+        )
+        # A fixed row order means concurrent flushers lock rows in the same order (no deadlocks).
+        rows = sorted(totals.items(), key=lambda item: item[0])
+        placeholders = "(" + ", ".join(["%s"] * 13) + ")"
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ROWS_PER_STATEMENT]
             params: list[Any] = []
-            for (tenant, api, consumer, key, minute, status), b in chunk:
-                params += [
-                    tenant,
-                    api,
-                    consumer,
-                    key,
-                    connection.ops.adapt_datetimefield_value(minute),
-                    status,
-                    b.request_count,
-                    b.error_count,
-                    b.bytes_in,
-                    b.bytes_out,
-                    b.latency_ms_sum,
-                    b.latency_ms_max,
-                    b.upstream_latency_ms_sum,
-                ]
+            for (tenant, api, consumer, key, bucket, status), v in chunk:
+                bucket_value = connection.ops.adapt_datetimefield_value(bucket)
+                params += [tenant, api, consumer, key, bucket_value, status, int(v[0]), int(v[1]), int(v[2])]
+                params += [int(v[3]), v[4], v[5], v[6]]
             cursor.execute(
-                'INSERT INTO am_usage_records (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
-                "request_count, error_count, bytes_in, bytes_out, latency_ms_sum, latency_ms_max, "
-                f"upstream_latency_ms_sum) VALUES {values} ON CONFLICT {conflict} DO UPDATE SET "
-                "request_count = am_usage_records.request_count + EXCLUDED.request_count, "
-                "error_count = am_usage_records.error_count + EXCLUDED.error_count, "
-                "bytes_in = am_usage_records.bytes_in + EXCLUDED.bytes_in, "
-                "bytes_out = am_usage_records.bytes_out + EXCLUDED.bytes_out, "
-                "latency_ms_sum = am_usage_records.latency_ms_sum + EXCLUDED.latency_ms_sum, "
-                f"latency_ms_max = {greatest}(am_usage_records.latency_ms_max, EXCLUDED.latency_ms_max), "
-                "upstream_latency_ms_sum = am_usage_records.upstream_latency_ms_sum + EXCLUDED.upstream_latency_ms_sum",
+                f'INSERT INTO {table} (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
+                f"{', '.join(_METRIC_COLUMNS)}) VALUES {', '.join([placeholders] * len(chunk))} "
+                f'ON CONFLICT (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code) DO UPDATE SET {updates}',
                 params,
             )
 
-    def _touch_keys(self, events: Sequence[UsageEvent]) -> None:
-        latest: dict[str, float] = {}
-        for event in events:
-            if event.key and event.ts > latest.get(event.key, 0.0):
-                latest[event.key] = event.ts
-        for key_id, ts in sorted(latest.items()):
-            used_at = datetime.fromtimestamp(ts, tz=UTC)
+    def _touch_keys(self, used: dict[str, datetime]) -> None:
+        for key_id, used_at in sorted(used.items()):
             previous = self._key_touched.get(key_id)
             if previous is not None and used_at - previous < LAST_USED_RESOLUTION:
                 continue
@@ -405,98 +380,57 @@ class UsageFlusher:
         if len(self._key_touched) > 100_000:
             self._key_touched.clear()
 
-    # -- housekeeping --------------------------------------------------------------
+    # -- housekeeping ------------------------------------------------------------------------------------------------
 
-    def trim(self) -> int:
-        """Delete stream entries every group has acknowledged; never one that is pending or undelivered."""
+    def ensure_partitions(self, moments: Iterable[datetime] = ()) -> None:
+        """The partitions for these moments, this month and the next two exist (created ahead, not on demand)."""
+        today = datetime.now(tz=UTC)
+        usage_partitions.ensure(
+            [today, *(usage_partitions.add_months(today, n) for n in (1, 2)), *moments], using=self.using
+        )
+
+    def forget_copy_tokens(self) -> int:
+        """Delete copy tokens far older than any claim can live."""
+        cutoff = connections[self.using].ops.adapt_datetimefield_value(datetime.now(tz=UTC) - COPY_TOKEN_RETENTION)
+        with connections[self.using].cursor() as cursor:
+            cursor.execute("DELETE FROM am_usage_copies WHERE copied_at < %s", [cutoff])
+            return int(cursor.rowcount)
+
+    def lag_seconds(self) -> float:
+        """How long the oldest minute waiting to be copied has been closed (0 when nothing waits)."""
+        tenants = self.tenants()
+        if not tenants:
+            return 0.0
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zrange(contract.dirty_key(tenant), 0, 0, withscores=True)
+            pipe.zrange(contract.claims_key(tenant), 0, 0)
+        replies = pipe.execute()
+        oldest = float("inf")
+        for i in range(0, len(replies), 2):
+            for _member, score in replies[i]:
+                oldest = min(oldest, float(score))
+            for member in replies[i + 1]:
+                oldest = min(oldest, float(_text(member).split(":", 1)[0]))
+        if oldest == float("inf"):
+            return 0.0
+        return max(0.0, time.time() - (oldest + 60 + self.close_grace.total_seconds()))
+
+    def backlog_minutes(self) -> int:
+        """Tenant-minutes in Redis not yet copied (closed or not), claimed ones included."""
+        tenants = self.tenants()
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zcard(contract.dirty_key(tenant))
+            pipe.zcard(contract.claims_key(tenant))
+        return int(sum(pipe.execute())) if tenants else 0
+
+
+def _requests(fields: dict[Any, Any]) -> int:
+    total = 0
+    for value in fields.values():
         try:
-            names = sorted(_text(group["name"]) for group in self.client.xinfo_groups(self.stream))
-        except redis.ResponseError:
-            return 0  # no stream yet
-        if not names:
-            return 0
-        # Delivery positions and pending lists in one MULTI, so no entry can be read in between
-        # and slip past both.
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xinfo_groups(self.stream)
-        for name in names:
-            pipe.xpending(self.stream, name)
-        groups, *pendings = pipe.execute()
-        if sorted(_text(group["name"]) for group in groups) != names:
-            return 0  # a group came or went meanwhile; trim next time
-        bounds = [_next_stream_id(_text(group.get("last-delivered-id", "0-0"))) for group in groups]
-        bounds += [_text(pending["min"]) for pending in pendings if pending.get("pending")]
-        if not bounds:
-            return 0
-        min_id = min(bounds, key=_stream_id_key)
-        if min_id == "0-1":
-            return 0
-        trimmed = int(self.client.xtrim(self.stream, minid=min_id, approximate=False))
-        if trimmed:
-            logger.debug("trimmed %d acknowledged usage events", trimmed)
-        return trimmed
-
-    def purge_seen(self, *, chunk: int = 10_000) -> int:
-        """Forget processed request ids older than the retention window (in chunks: short locks)."""
-        cutoff = connections[self.using].ops.adapt_datetimefield_value(now() - self.seen_retention)
-        deleted = 0
-        while True:
-            with connections[self.using].cursor() as cursor:
-                cursor.execute(
-                    "DELETE FROM am_usage_seen WHERE request_id IN "
-                    "(SELECT request_id FROM am_usage_seen WHERE seen_at < %s LIMIT %s)",
-                    [cutoff, chunk],
-                )
-                count = cursor.rowcount
-            deleted += count
-            if count < chunk:
-                return deleted
-
-    def forget_idle_consumers(self) -> int:
-        """Remove group members with nothing pending that have been idle for long (stopped flushers)."""
-        try:
-            members = self.client.xinfo_consumers(self.stream, self.group)
-        except redis.ResponseError:
-            return 0
-        forgotten = 0
-        idle_ms = FORGET_CONSUMERS_AFTER.total_seconds() * 1000
-        for member in members:
-            name = _text(member["name"])
-            if name != self.consumer and not member.get("pending") and member.get("idle", 0) > idle_ms:
-                self.client.xgroup_delconsumer(self.stream, self.group, name)
-                forgotten += 1
-        return forgotten
-
-    def backlog(self) -> int:
-        """Events not yet acknowledged: pending plus not yet delivered (Redis 7's group lag)."""
-        try:
-            groups = self.client.xinfo_groups(self.stream)
-        except redis.ResponseError:
-            return 0
-        for group in groups:
-            if _text(group["name"]) == self.group:
-                lag = group.get("lag")
-                return int(group.get("pending", 0)) + (int(lag) if lag is not None else 0)
-        return int(self.client.xlen(self.stream))
-
-    # -- loops -----------------------------------------------------------------------
-
-    def flush_once(self, block_ms: int | None = None) -> FlushStats:
-        """Read and count one batch."""
-        entries = self.read_batch(block_ms)
-        if not entries:
-            return FlushStats()
-        return self.process(entries)
-
-    def drain(self) -> FlushStats:
-        """Count everything there is now (including stale pending entries), then trim and clean up."""
-        self.ensure_group()
-        total = FlushStats()
-        while True:
-            stats = self.flush_once()
-            total.add(stats)
-            if not stats.read:
-                break
-        self.trim()
-        self.purge_seen()
-        return total
+            total += contract.decode(_text(value))[0]
+        except ValueError:
+            continue
+    return total

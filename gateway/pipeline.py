@@ -33,7 +33,7 @@ from gateway.proxy import (
 )
 from gateway.resilience import Balancer, CircuitBreaker
 from gateway.routing import BadRequestTarget, Route, split_request_target
-from gateway.usage import UsageRecorder, xadd_commands
+from gateway.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class Gateway:
         assert record is not None and credential is not None
         done.record, done.key = record, record.key_id
 
-        # 3. Limit (and send buffered usage events in the same round trip).
+        # 3. Limit.
         plan_id = record.subscriptions.get(route.api_id, "")
         windows, script = self._windows(route, record, plan_id, plans, client_ip)
         limit_headers: list[tuple[str, str]] = []
@@ -252,8 +252,8 @@ class Gateway:
             # The API's key parameter never reaches the upstream, whichever place the credential came from.
             query = _strip_query_param(query, spec.key_query_param) if spec.key_query_param else query
         except BaseException:
-            if isinstance(pending, tuple):
-                pending[0].abandon()
+            if isinstance(pending, ratelimit.PendingCheck):
+                pending.abandon()
             raise
         if windows:
             decision = self._limit_decision(route, windows, pending)
@@ -437,45 +437,36 @@ class Gateway:
 
     def _send_limits(
         self, route: Route, windows: list[ratelimit.Window], script: tuple[list[str], list[Any]]
-    ) -> tuple[ratelimit.PendingCheck, list[dict[str, str]]] | ratelimit.LimitDecision:
-        """Send the limiter call (with the buffered usage events); a decision at once when Redis is out of reach."""
+    ) -> ratelimit.PendingCheck | ratelimit.LimitDecision:
+        """Send the limiter call; a decision at once when Redis is out of reach."""
         client = get_redis()
         if client is None or not self.store.available():
             return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
         keys, args = script
-        events = self.usage.take()
         try:
-            return ratelimit.send_check(client, keys, args, xadd_commands(events)), events
+            return ratelimit.send_check(client, keys, args, [])
         except redis.RedisError:
-            return self._store_failed(route, windows, events)
+            return self._store_failed(route, windows)
 
     def _limit_decision(
         self,
         route: Route,
         windows: list[ratelimit.Window],
-        pending: tuple[ratelimit.PendingCheck, list[dict[str, str]]] | ratelimit.LimitDecision | None,
+        pending: ratelimit.PendingCheck | ratelimit.LimitDecision | None,
     ) -> ratelimit.LimitDecision:
         if isinstance(pending, ratelimit.LimitDecision):
             return pending
         assert pending is not None
-        call, events = pending
         try:
-            raw, failed = call.result()
+            raw, _failed = pending.result()
         except redis.RedisError:
-            return self._store_failed(route, windows, events)
-        if failed:
-            logger.warning("usage events refused by Redis (%s); spooled", failed[0])
-            self.usage.spool(events)
+            return self._store_failed(route, windows)
         blocked, results_ = ratelimit.parse_result(windows, raw)
         return ratelimit.decide(route, blocked, results_)
 
-    def _store_failed(
-        self, route: Route, windows: list[ratelimit.Window], events: list[dict[str, str]]
-    ) -> ratelimit.LimitDecision:
+    def _store_failed(self, route: Route, windows: list[ratelimit.Window]) -> ratelimit.LimitDecision:
         logger.warning("rate-limit store unavailable; applying on_store_error")
         self.store.failed()
-        if events:
-            self.usage.spool(events)
         return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
 
     def _client_ip(self, environ: dict[str, Any]) -> str:
@@ -576,10 +567,8 @@ class Gateway:
             histograms = (metrics.request_duration.labels(tenant, api), metrics.upstream_duration.labels(tenant, api))
             self._histograms[(tenant, api)] = histograms
         histograms[0].observe(duration)
-        upstream_ms = ""
         if done.upstream_s is not None:
             histograms[1].observe(done.upstream_s)
-            upstream_ms = f"{done.upstream_s * 1000:.3f}"
         record = done.record
         self.access_log.write(
             {
@@ -597,20 +586,16 @@ class Gateway:
         )
         if route is not None:
             self.usage.record(
-                {
-                    "rid": self.usage.event_id(),
-                    "ts": f"{time.time():.3f}",
-                    "tenant": tenant,
-                    "api": api,
-                    "consumer": record.consumer_id if record else "",
-                    "key": done.key,
-                    "method": done.method,
-                    "status": status,
-                    "bytes_in": str(done.bytes_in),
-                    "bytes_out": str(done.bytes_out),
-                    "latency_ms": f"{duration * 1000:.3f}",
-                    "upstream_ms": upstream_ms,
-                }
+                tenant,
+                api,
+                record.consumer_id if record else "",
+                done.key,
+                done.status,
+                done.bytes_in,
+                done.bytes_out,
+                duration,
+                done.upstream_s,
+                time.time(),
             )
         # The request is over: later log lines of this thread or greenlet must not carry its id.
         request_id_var.set(None)

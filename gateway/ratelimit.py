@@ -265,7 +265,7 @@ def store_error_decision(route: Route, windows: list[Window], local: LocalLimite
 
 
 def send_check(client: redis.Redis, keys: list[str], args: list[Any], before: list[tuple[Any, ...]]) -> PendingCheck:
-    """Write the limiter's EVALSHA, preceded by ``before`` (the usage XADDs), and return without waiting.
+    """Write the limiter's EVALSHA, preceded by ``before`` (commands sharing the write), and return without waiting.
 
     The caller does work that does not depend on the answer, then calls result(): by then the reply has usually
     arrived (Redis answers in about 20 µs here), so the worker neither waits for it nor, under gevent, switches

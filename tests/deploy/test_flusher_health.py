@@ -86,7 +86,7 @@ def test_flusher_healthcheck_and_liveness_pass_while_redis_is_down_and_fail_once
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=5) as response:
         body = response.read().decode()
     assert response.status == 200
-    assert "apimgmt_usage_flusher_backlog_events" in body
+    assert "apimgmt_usage_flusher_lag_seconds" in body
     deadline = time.monotonic() + 10
     while "usage flush failed" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -7,7 +7,10 @@ import time
 import pytest
 
 from apimgmt import services
+from apimgmt import usage_buckets as contract
+from apimgmt.models import ApiKey
 from gateway.proxy import UNREACHABLE
+from gateway.wsgi import get_gateway
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, garbage, raw_upstream, read_request_head, recording_upstream, stall
 from tests.support.servers import free_port
@@ -223,43 +226,42 @@ def test_circuit_breaker_opens_after_the_threshold_and_recovers_through_one_prob
         assert [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(3)] == [200] * 3
 
 
-def test_usage_event_is_sent_with_the_next_rate_limit_round_trip(gateway, acme, upstream, bob_app, key, redis_client):
+def _usage_buckets(redis_client, tenant: str) -> dict[tuple[int, contract.Dimension], list[int]]:
+    """The tenant's minute buckets in Redis, after this worker sent what it summed."""
+    get_gateway().usage.flush()
+    found = {}
+    for key in redis_client.scan_iter(f"{contract.tag(tenant)}:m:*"):
+        minute = int(key.decode().rsplit(":", 1)[1])
+        for field, value in redis_client.hgetall(key).items():
+            found[(minute, contract.Dimension.parse(field.decode()))] = contract.decode(value.decode())
+    return found
+
+
+def test_usage_is_summed_per_minute_bucket_and_sent_by_the_worker(gateway, acme, upstream, bob_app, key, redis_client):
     policy = services.policy_create(
         tenant=acme, name="p", policy_type="rate_limiting", config={"requests_per_second": 1000}, actor=None
     )
     api = publish(acme, upstream.url, policies=[policy])
     subscribe(bob_app, api)
-    first = gateway.get("/api/users/v1/x", headers={"X-API-Key": key, "X-Request-ID": "usage-req-0001"})
-    assert first.status == 200
-    gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
-    entries = redis_client.xrange("usage:events")
-    fields = {k.decode(): v.decode() for k, v in entries[0][1].items()}
-    assert fields["rid"] != "usage-req-0001"  # the event's own id: the flusher deduplicates by it
-    assert fields["api"] == api.id and fields["tenant"] == "acme" and fields["consumer"] == bob_app.id
-    assert fields["status"] == "200" and fields["method"] == "GET" and fields["bytes_out"] == "12"
-    assert set(fields) == {
-        "rid",
-        "ts",
-        "tenant",
-        "api",
-        "consumer",
-        "key",
-        "method",
-        "status",
-        "bytes_in",
-        "bytes_out",
-        "latency_ms",
-        "upstream_ms",
-    }
+    for _ in range(3):
+        assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
+
+    buckets = _usage_buckets(redis_client, "acme")
+    key_id = ApiKey.objects.get(consumer=bob_app).key_id
+    ((minute, dimension), numbers), *others = buckets.items()
+    assert not others, "three requests, one bucket"
+    assert dimension == contract.Dimension(api.id, bob_app.id, key_id, 200)
+    assert minute == contract.minute_of(minute) and abs(minute - time.time()) < 120
+    requests_, errors, bytes_in, bytes_out, latency_sum, latency_max, upstream_sum = numbers
+    assert (requests_, errors, bytes_in, bytes_out) == (3, 0, 0, 36)
+    assert latency_sum >= latency_max > 0 and latency_sum >= upstream_sum > 0
+    assert redis_client.sismember(contract.TENANTS_KEY, "acme"), "the flusher's index knows the tenant"
 
 
-def test_refused_requests_produce_usage_events_too(gateway, users_api, redis_client):
+def test_refused_requests_are_counted_too(gateway, users_api, redis_client):
     gateway.get("/api/users/v1/x")
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and not redis_client.xlen("usage:events"):
-        time.sleep(0.05)
-    (entry,) = redis_client.xrange("usage:events")
-    assert entry[1][b"status"] == b"401" and entry[1][b"key"] == b""
+    (dimension,) = [d for _minute, d in _usage_buckets(redis_client, "acme")]
+    assert dimension.status == 401 and dimension.key == ""
 
 
 def test_chunked_request_body_is_streamed_to_the_upstream_unchanged(gateway, users_api, upstream, key):
@@ -370,7 +372,7 @@ def test_requests_sharing_a_client_request_id_are_each_counted(gateway, acme, up
     from gateway.wsgi import get_gateway
 
     get_gateway().usage.flush()
-    UsageFlusher(client=redis_client, consumer="t").flush_once(block_ms=100)
+    UsageFlusher(client=redis_client, consumer="t").drain()
     assert sum(r.request_count for r in UsageRecord.objects.filter(api_id=api.id)) == 3
 
 

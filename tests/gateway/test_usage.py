@@ -1,88 +1,129 @@
-"""Usage events, the spool that keeps them while Redis is down, the access log and readiness."""
+"""Usage buckets of a worker, the spool that keeps them while Redis is down, the access log and readiness."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import signal
 import subprocess
+import time
 
 import redis
 
+from apimgmt import usage_buckets as contract
 from apimgmt.redis_client import reset_redis
-from gateway.usage import STREAM_KEY, UsageRecorder
+from gateway.usage import UsageRecorder
 from tests.support.servers import free_port, wait_for_port
 
 
-def _event(n: int) -> dict[str, str]:
-    return {
-        "rid": f"rid-{n}",
-        "ts": "1.000",
-        "tenant": "acme",
-        "api": "api_x",
-        "consumer": "",
-        "key": "",
-        "method": "GET",
-        "status": "200",
-        "bytes_in": "0",
-        "bytes_out": "1",
-        "latency_ms": "1.0",
-        "upstream_ms": "",
-    }
+def _count(recorder: UsageRecorder, n: int, *, minute: int, status: int = 200) -> None:
+    for i in range(n):
+        recorder.record("acme", "api_x", "con_a", "key_a", status, 0, 1, 0.001, None, minute + i % 60)
+
+
+def _stored(client: redis.Redis, minute: int) -> int:
+    """Requests counted in Redis for acme's minute (the bucket hash the flusher copies)."""
+    return sum(contract.decode(v.decode())[0] for v in client.hvals(contract.minute_key("acme", minute)))
 
 
 def _redis_server(port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
     wait_for_port(port)
     return proc
 
 
-def test_events_are_spooled_while_redis_is_down_and_replayed_when_it_answers(settings, tmp_path):
+def test_buckets_are_spooled_while_redis_is_down_and_sent_when_it_answers(settings, tmp_path):
     from prometheus_client import REGISTRY
 
     port = free_port()
     proc = _redis_server(port)
     settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
     reset_redis()
+    minute = contract.minute_of(time.time())
     recorder = UsageRecorder(str(tmp_path / "spool"))
-    recorder.record(_event(1))
+    _count(recorder, 1, minute=minute)
     recorder.flush()
     proc.kill()
     proc.wait()
     before = REGISTRY.get_sample_value("api_usage_spooled_events_total") or 0
-    recorder.record(_event(2))
-    recorder.record(_event(3))
-    recorder.flush()
-    assert REGISTRY.get_sample_value("api_usage_spooled_events_total") - before == 2
-    lines = recorder.spool_path().read_text().splitlines()
-    assert [json.loads(line)["rid"] for line in lines] == ["rid-2", "rid-3"]
+    for _ in range(5):  # five failed flushes of 2,000 requests each: still one bucket on disk
+        _count(recorder, 2000, minute=minute)
+        recorder.flush()
+    assert REGISTRY.get_sample_value("api_usage_spooled_events_total") - before == 10_000
+    spool = json.loads(recorder.spool_path().read_text())
+    buckets = [b for batch in spool["batches"] for b in batch["buckets"]] + spool["unsent"].get("acme", [])
+    assert sum(values[0] for _minute, _field, values in buckets) == 10_000
+    assert len(buckets) <= 2, "the spool holds buckets, not requests"
+    assert recorder.spool_path().stat().st_size < 1000
 
     proc = _redis_server(port)  # Redis is back (empty: a restart without persistence)
     try:
         reset_redis()
-        recorder.record(_event(4))
+        _count(recorder, 4, minute=minute)
         recorder.flush()
-        client = redis.Redis(port=port)
-        rids = [fields[b"rid"].decode() for _, fields in client.xrange(STREAM_KEY)]
-        assert sorted(rids) == ["rid-2", "rid-3", "rid-4"]
+        assert _stored(redis.Redis(port=port), minute) == 10_004
         assert not recorder.spool_path().exists()
+        assert not recorder.unresolved and not recorder.unsent
     finally:
         proc.kill()
         proc.wait()
         reset_redis()
 
 
-def test_spool_of_a_dead_worker_is_replayed_at_start_up(redis_client, tmp_path):
+def test_a_batch_whose_answer_was_lost_is_applied_once(settings, tmp_path):
+    port = free_port()
+    proc = _redis_server(port)
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    reset_redis()
+    minute = contract.minute_of(time.time())
+    recorder = UsageRecorder(str(tmp_path / "spool"))
+    try:
+        _count(recorder, 1, minute=minute)
+        recorder.flush()
+        _count(recorder, 299, minute=minute)
+        proc.send_signal(signal.SIGSTOP)  # the batch is written, Redis runs it only when it wakes up
+        recorder.flush()
+        assert recorder.unresolved, "no answer: the batch is kept"
+        _count(recorder, 50, minute=minute)
+        recorder.flush()
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+        recorder.flush()  # sends the kept batch again (applied already: skipped), then the 50
+        recorder.flush()
+        assert _stored(redis.Redis(port=port), minute) == 350
+        assert not recorder.unresolved and not recorder.unsent
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        reset_redis()
+
+
+def test_spool_of_a_dead_worker_is_adopted_at_start_up(redis_client, tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
+    minute = contract.minute_of(time.time())
+    field = contract.Dimension("api_x", "con_a", "key_a", 200).field()
     dead_pid = 2**22 + 12345  # above the default pid_max: no such process
-    (spool / f"usage-{dead_pid}.jsonl").write_text(json.dumps(_event(7)) + "\n")
+    state = {
+        "version": 1,
+        "batches": [
+            {"worker": "dead", "number": 9, "tenant": "acme", "buckets": [[minute, field, [5, 0, 0, 5, 5, 1, 0]]]}
+        ],
+        "unsent": {"acme": [[minute, field, [2, 0, 0, 2, 2, 1, 0]]]},
+    }
+    (spool / f"usage-{dead_pid}.json").write_text(json.dumps(state))
+    # The dead worker's batch 9 had reached Redis before it died: adopting it must not count it again.
+    redis_client.set(contract.worker_key("acme", "dead"), 9)
+
     recorder = UsageRecorder(str(spool))
-    assert recorder.replay_spool(include_dead_workers=True) == 1
-    assert redis_client.xlen(STREAM_KEY) == 1
+    assert recorder.adopt_dead_spools() == 1
+
+    assert _stored(redis_client, minute) == 2
     assert list(spool.iterdir()) == []
 
 

@@ -1,26 +1,30 @@
-"""Helpers for usage tests: synthetic events as the gateway writes them, and totals to compare."""
+"""Helpers for usage tests: traffic counted the way the gateway counts it, and totals to compare."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from django.db.models import Sum
 
+from apimgmt import usage_buckets as contract
 from apimgmt.models import UsageRecord
-from apimgmt.usage import GROUP, STREAM_KEY
+from gateway.usage import UsageRecorder
 from tests.support.secrets_scan import SERVER_LOG_DIR, register_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
 Dimension = tuple[str, str, str, str, int]
+Event = dict[str, Any]
 
 
 def make_event(
@@ -31,27 +35,26 @@ def make_event(
     key: str = "key_bob",
     status: int = 200,
     ts: float | None = None,
-    rid: str | None = None,
     latency_ms: float = 12.5,
-) -> dict[str, str]:
+    upstream_ms: float | None = 5.0,
+) -> Event:
+    """One finished request as the gateway's recorder sees it."""
     return {
-        "rid": rid or uuid.uuid4().hex,
-        "ts": f"{time.time() if ts is None else ts:.3f}",
         "tenant": tenant,
         "api": api,
         "consumer": consumer,
         "key": key,
-        "method": "GET",
-        "status": str(status),
-        "bytes_in": "10",
-        "bytes_out": "100",
-        "latency_ms": str(latency_ms),
-        "upstream_ms": "5.0",
+        "status": status,
+        "bytes_in": 10,
+        "bytes_out": 100,
+        "latency_s": latency_ms / 1000,
+        "upstream_s": None if upstream_ms is None else upstream_ms / 1000,
+        "now": time.time() if ts is None else ts,
     }
 
 
-def mixed_events(n: int, **overrides: object) -> list[dict[str, str]]:
-    """n events over two APIs, two keys and a few status codes."""
+def mixed_events(n: int, **overrides: object) -> list[Event]:
+    """n requests over two APIs, two keys and a few status codes."""
     statuses = (200, 200, 200, 404, 429, 502)
     events = []
     for i in range(n):
@@ -65,14 +68,20 @@ def mixed_events(n: int, **overrides: object) -> list[dict[str, str]]:
     return events
 
 
-def emit(client: redis.Redis, events: list[dict[str, str]]) -> None:
-    pipe = client.pipeline(transaction=False)
+def recorder() -> UsageRecorder:
+    return UsageRecorder(tempfile.mkdtemp(prefix="usage-spool-"))
+
+
+def emit(client: redis.Redis, events: list[Event], *, using: UsageRecorder | None = None) -> None:
+    """Count the requests with a gateway recorder and send its buckets to ``client`` (one flush)."""
+    worker = using or recorder()
     for event in events:
-        pipe.xadd(STREAM_KEY, event)  # type: ignore[arg-type]
-    pipe.execute()
+        worker.record(**event)
+    worker.flush(client)
+    assert not worker.unresolved and not worker.unsent, "the buckets reached Redis"
 
 
-def emitted_counts(events: list[dict[str, str]]) -> Counter[Dimension]:
+def emitted_counts(events: list[Event]) -> Counter[Dimension]:
     return Counter((e["tenant"], e["api"], e["consumer"], e["key"], int(e["status"])) for e in events)
 
 
@@ -90,11 +99,13 @@ def stored_total() -> int:
     return int(UsageRecord.objects.aggregate(n=Sum("request_count"))["n"] or 0)
 
 
-def pending_count(client: redis.Redis) -> int:
-    try:
-        return int(client.xpending(STREAM_KEY, GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
+def waiting_minutes(client: redis.Redis) -> int:
+    """Tenant-minutes in Redis not yet copied (dirty or claimed)."""
+    total = 0
+    for tenant in client.smembers(contract.TENANTS_KEY):
+        name = tenant.decode()
+        total += int(client.zcard(contract.dirty_key(name))) + int(client.zcard(contract.claims_key(name)))
+    return total
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
