@@ -41,6 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=8000 \
     HOME=/tmp \
     PROMETHEUS_MULTIPROC_DIR=/var/run/apimgmt/prometheus \
+    METRICS_PORT=9100 \
     USAGE_SPOOL_DIR=/var/lib/apimgmt/spool
 
 RUN groupadd --system --gid 10001 apimgmt \
@@ -53,7 +54,9 @@ COPY --from=build --chown=root:root /app /app
 WORKDIR /app
 
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (API traffic, admin, portal, probes). 9100: Prometheus metrics of gunicorn's workers (METRICS_PORT),
+# for Prometheus only: never route it from outside.
+EXPOSE 8000 9100
 
 # /health is the liveness probe: cheap, no database. Python, because the slim image has no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -49,10 +49,17 @@ accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
-# Prometheus multiprocess mode: every worker writes its samples to files in this directory, which the
-# /metrics view aggregates. Set before any worker imports prometheus_client.
+# Prometheus multiprocess mode: every worker writes its samples to files in this directory, which the metrics
+# listener below sums. Set before any worker imports prometheus_client.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(tempfile.gettempdir(), f"apimgmt-prometheus-{os.getpid()}")
+
+# Metrics never go out on the port clients reach (they name every tenant, API and traffic volume): the arbiter serves
+# them, summed over its workers, on a listener of their own that only Prometheus is let through to (the image sets
+# METRICS_PORT=9100; the chart's NetworkPolicy and docker-compose keep clients off it). Unset or 0: no listener.
+_metrics_port = int(os.environ.get("METRICS_PORT") or 0)
+_metrics_address = os.environ.get("METRICS_ADDRESS", "0.0.0.0")  # noqa: S104 (Prometheus scrapes the pod IP)
+_metrics_server: Any = None
 
 
 def on_starting(server: Any) -> None:
@@ -60,6 +67,37 @@ def on_starting(server: Any) -> None:
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
+
+
+def when_ready(server: Any) -> None:
+    """Serve every worker's metrics (the gateway's and django-prometheus's) from the arbiter on METRICS_PORT."""
+    global _metrics_server
+    if not _metrics_port:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    try:
+        _metrics_server, _ = start_http_server(_metrics_port, addr=_metrics_address, registry=registry)
+    except OSError:
+        # API traffic goes on; Prometheus's ServiceTargetsDown alert shows the missing target.
+        server.log.exception("metrics listener could not bind %s:%s", _metrics_address, _metrics_port)
+        return
+    server.log.info("Metrics on http://%s:%s/metrics", _metrics_address, _metrics_port)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """A worker does not keep the arbiter's metrics socket open (a lingering worker would hold the port)."""
+    if _metrics_server is not None:
+        _metrics_server.socket.close()
+
+
+def on_exit(server: Any) -> None:
+    if _metrics_server is not None:
+        _metrics_server.shutdown()
+        _metrics_server.server_close()
     # The worker count gunicorn really runs (this file, the environment or --workers), for the workers' settings:
     # rate limits kept locally while Redis is down are split across this many processes (settings GATEWAY WORKERS).
     os.environ["GUNICORN_WORKERS"] = str(server.cfg.workers)

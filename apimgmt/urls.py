@@ -5,15 +5,14 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
-from django_prometheus.exports import ExportToDjangoView
 
 from apimgmt import probes
 from apimgmt.process_role import serves_control_plane
 
+# No /metrics here: clients reach this port. gunicorn.conf.py serves the metrics on METRICS_PORT.
 urlpatterns: list[URLPattern | URLResolver] = [
     path("health", probes.health, name="health"),
     path("ready", probes.ready, name="ready"),
-    path("metrics", ExportToDjangoView, name="prometheus-django-metrics"),
 ]
 
 if serves_control_plane(settings.APIMGMT_ROLE):

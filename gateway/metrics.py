@@ -28,6 +28,22 @@ rate_limited_total = Counter(
     ["api", "policy", "mode"],
 )
 auth_failures_total = Counter("api_auth_failures_total", "Requests refused by key authentication.", ["api", "reason"])
+
+# Reasons whose answers a client cannot tell apart share one label, or the metric would undo what the shared answer
+# hides (whether a key ever existed, was revoked or expired; whether a valid key belongs to another tenant); an
+# operator who needs to know which looks the key up (docs/operations.md, "Key validation failures"). missing,
+# malformed and duplicate stay apart: the client knows what it sent (the key checksum is public).
+AUTH_FAILURE_LABELS = {
+    "unknown": "invalid_key",
+    "revoked": "invalid_key",
+    "inactive": "invalid_key",
+    "expired": "invalid_key",
+    "wrong_tenant": "not_subscribed",
+}
+
+
+def count_auth_failure(api_id: str, reason: str) -> None:
+    auth_failures_total.labels(api_id, AUTH_FAILURE_LABELS.get(reason, reason)).inc()
 auth_throttled_total = Counter(
     "api_auth_throttled_total",
     "Requests refused with 429 because their address had too many authentication failures (no key looked up).",

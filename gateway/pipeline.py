@@ -226,7 +226,7 @@ class Gateway:
                         headers=[("Retry-After", str(retry))],
                     ),
                 )
-            metrics.auth_failures_total.labels(route.api_id, failure.reason).inc()
+            metrics.count_auth_failure(route.api_id, failure.reason)
             # A 403 for the API's own tenant is that consumer's traffic. Another tenant's key is not: its consumer
             # and key ids must never show up in this tenant's usage, access log or metrics.
             if record is not None and failure.status == 403 and failure.reason != "wrong_tenant":

@@ -198,7 +198,7 @@ def test_without_the_flusher_nothing_scrapes_or_serves_its_port() -> None:
     docs = render({"flusher": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}})
     assert not find(docs, "Deployment", f"{FULL}-flusher") and not find(docs, "Service", f"{FULL}-flusher")
     monitor = one(docs, "ServiceMonitor", FULL)
-    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["gateway", "control"]
 
 
@@ -387,18 +387,22 @@ def test_network_policies_can_be_switched_off() -> None:
 def test_service_monitor_scrapes_gateway_control_and_flusher_as_job_apimgmt(full_docs: Any) -> None:
     monitor = one(full_docs, "ServiceMonitor", FULL)
     endpoints = {e["port"]: e["path"] for e in monitor["spec"]["endpoints"]}
-    assert endpoints == {"http": "/metrics", "metrics": "/metrics"}
+    assert endpoints == {"metrics": "/metrics"}  # never the HTTP port: it serves no metrics
     expr = monitor["spec"]["selector"]["matchExpressions"][0]
     assert expr["values"] == ["gateway", "control", "flusher"]
     # The job label comes from a Service label that does not depend on the release name: the shipped
     # ServiceTargetsDown alert selects up{job="apimgmt"}.
     job_label = monitor["spec"]["jobLabel"]
-    for component, port in (("gateway", "http"), ("control", "http"), ("flusher", "metrics")):
+    for component, ports in (
+        ("gateway", ["http", "metrics"]),
+        ("control", ["http", "metrics"]),
+        ("flusher", ["metrics"]),
+    ):
         service = one(full_docs, "Service", f"{FULL}-{component}")
         assert _labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
         assert service["metadata"]["labels"]["app.kubernetes.io/component"] in expr["values"]
         assert service["metadata"]["labels"][job_label] == "apimgmt"
-        assert [p["name"] for p in service["spec"]["ports"]] == [port]
+        assert [p["name"] for p in service["spec"]["ports"]] == ports
     renamed = render({"fullnameOverride": "edge", "metrics": {"serviceMonitor": {"enabled": True}}})
     assert one(renamed, "Service", "edge-gateway")["metadata"]["labels"][job_label] == "apimgmt"
     rules = yaml.safe_load(RULES.read_text())
@@ -467,3 +471,39 @@ def test_notes_warn_about_a_generated_pepper() -> None:
     with helm.Chart.load(str(CHART)) as chart:
         notes = chart.render({}, name=RELEASE, namespace="apimgmt", is_install=True)["apimgmt/templates/NOTES.txt"]
     assert "KEY_HASH_PEPPER was generated" in notes and "kubectl" in notes
+
+
+@pytest.mark.parametrize("component", ["gateway", "control"])
+def test_web_pods_serve_metrics_on_their_own_port(component: str, full_docs: Any) -> None:
+    container = _containers(one(full_docs, "Deployment", f"{FULL}-{component}"))[0]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
+    assert _env(container)["METRICS_PORT"] == "9100"
+    service = one(full_docs, "Service", f"{FULL}-{component}")
+    assert {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    moved = render({"metrics": {"port": 9400}})
+    container = _containers(one(moved, "Deployment", f"{FULL}-{component}"))[0]
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+    assert _env(container)["METRICS_PORT"] == "9400"
+
+
+def test_ingress_never_routes_to_the_metrics_port(full_docs: Any) -> None:
+    (ingress,) = find(full_docs, "Ingress")
+    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert backends and all(backend["port"] == {"name": "http"} for backend in backends)
+
+
+def test_only_prometheus_reaches_the_metrics_port_and_the_ingress_controller_only_http() -> None:
+    docs = render(
+        {
+            "networkPolicy": {
+                "ingressFrom": {"namespaceSelector": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                "metricsNamespaceSelector": {"kubernetes.io/metadata.name": "monitoring"},
+            }
+        }
+    )
+    app = one(docs, "NetworkPolicy", f"{FULL}-app")
+    peers_by_port = {rule["ports"][0]["port"]: rule["from"] for rule in app["spec"]["ingress"]}
+    assert peers_by_port == {
+        "http": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    }

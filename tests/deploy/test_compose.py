@@ -134,6 +134,21 @@ def test_nginx_buffers_slow_clients_and_routes_the_control_plane() -> None:
     )
 
 
+def test_metrics_stay_off_the_public_port_in_nginx_compose_and_the_image(compose: dict[str, Any]) -> None:
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    # Exact and ^~ prefix locations win over `location /` whatever their order: /metrics never reaches an app.
+    assert re.search(r"location = /metrics {\s*return 404;\s*}", conf)
+    assert re.search(r"location \^~ /metrics/ {\s*return 404;\s*}", conf)
+    assert ":9100" not in conf, "nginx must not proxy the metrics port"
+    services = compose["services"]
+    for name in ("gateway", "control"):
+        assert services[name]["environment"]["METRICS_PORT"] == "9100"
+    published = [p for service in services.values() for p in service.get("ports", [])]
+    assert not [p for p in published if "9100" in str(p)], "the metrics port is never published"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "METRICS_PORT=9100" in dockerfile and re.search(r"^EXPOSE 8000 9100$", dockerfile, re.M)
+
+
 def _final_stage(dockerfile: str) -> list[str]:
     lines = [line.strip() for line in dockerfile.replace("\\\n", " ").splitlines() if line.strip()]
     starts = [i for i, line in enumerate(lines) if line.upper().startswith("FROM ")]

@@ -26,7 +26,9 @@ _PROMQL_WORDS = {"sum", "rate", "increase", "max", "avg", "by", "histogram_quant
 
 
 def _exposed_metric_names(client: Client) -> set[str]:
-    text = client.get("/metrics").content.decode() + generate_latest(FlusherMetrics().registry).decode()
+    client.get("/health")  # a request through Django's middleware, as any scrape would follow
+    # What the metrics listener exports (gunicorn.conf.py sums the workers' copies of this registry) and the flusher's.
+    text = generate_latest().decode() + generate_latest(FlusherMetrics().registry).decode()
     names = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
     return {name + suffix for name in names for suffix in _SUFFIXES}
 
