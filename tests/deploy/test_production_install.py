@@ -126,16 +126,28 @@ def migrated(venv: Path, app_env: dict[str, str]) -> subprocess.CompletedProcess
     return migrate
 
 
+@dataclass
+class Served:
+    base: str
+    metrics_url: str
+
+
 @contextmanager
-def _gunicorn(venv: Path, env: dict[str, str], log: Path) -> Iterator[str]:
-    """The image's command: gunicorn apimgmt.wsgi:application --config gunicorn.conf.py (bound to loopback)."""
-    port = free_port()
+def _gunicorn(venv: Path, env: dict[str, str], log: Path) -> Iterator[Served]:
+    """The image's command: gunicorn apimgmt.wsgi:application --config gunicorn.conf.py (bound to loopback), with
+    the metrics listener on a port of its own, as the image's METRICS_PORT has it."""
+    port, metrics_port = free_port(), free_port()
     register_log(log)  # the suite scans every server log for leaked secrets
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [str(venv / "bin" / "gunicorn"), "apimgmt.wsgi:application", "--config", "gunicorn.conf.py"],
             cwd=ROOT,
-            env={**env, "GUNICORN_BIND": f"127.0.0.1:{port}"},
+            env={
+                **env,
+                "GUNICORN_BIND": f"127.0.0.1:{port}",
+                "METRICS_PORT": str(metrics_port),
+                "METRICS_ADDRESS": "127.0.0.1",
+            },
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -152,7 +164,7 @@ def _gunicorn(venv: Path, env: dict[str, str], log: Path) -> Iterator[str]:
                     pass
                 assert time.monotonic() < deadline, f"gunicorn never answered /health:\n{log.read_text()[-4000:]}"
                 time.sleep(0.2)
-            yield base
+            yield Served(base, f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             with suppress(ProcessLookupError):  # graceful: workers send their buffered usage events on exit
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -170,6 +182,8 @@ class GatewayRun:
     good: requests.Response
     post: requests.Response
     bad_key: requests.Response
+    public_metrics: requests.Response
+    scraped: requests.Response
     log: str
     flush: subprocess.CompletedProcess[str]
 
@@ -184,16 +198,18 @@ def gateway_run(
         demo = _run(venv, "manage.py", "demo", "--json", "--upstream", upstream.url, env=app_env)
         assert demo.returncode == 0, demo.stderr
         credentials = json.loads(demo.stdout)
-        with _gunicorn(venv, {**app_env, "APIMGMT_ROLE": "gateway"}, log) as base:
-            url = f"{base}{credentials['api_base_path']}/hello?x=1"
+        with _gunicorn(venv, {**app_env, "APIMGMT_ROLE": "gateway"}, log) as served:
+            url = f"{served.base}{credentials['api_base_path']}/hello?x=1"
             key = {"X-API-Key": credentials["api_key"]}
             good = requests.get(url, headers=key, timeout=30)
             post = requests.post(url, headers=key, data=b'{"n": 1}', timeout=30)
             bad_key = requests.get(url, headers={"X-API-Key": "ak_live_" + "x" * 38}, timeout=30)
+            public_metrics = requests.get(f"{served.base}/metrics", timeout=30)
+            scraped = requests.get(served.metrics_url, timeout=30)
         # Right after the gateway stopped (its workers sent their usage events on the way out), and before the next
         # test empties Redis: the flusher, once.
         flush = _run(venv, "manage.py", "flush_usage", env=app_env)
-        yield GatewayRun(credentials, upstream, good, post, bad_key, log.read_text(), flush)
+        yield GatewayRun(credentials, upstream, good, post, bad_key, public_metrics, scraped, log.read_text(), flush)
 
 
 def test_production_venv_has_a_consistent_closure_and_no_dev_tools(venv: Path) -> None:
@@ -234,8 +250,8 @@ def test_gateway_proxies_a_request_with_a_real_key(gateway_run: GatewayRun) -> N
 def test_control_role_serves_the_admin_login(
     venv: Path, app_env: dict[str, str], migrated: object, tmp_path: Path
 ) -> None:
-    with _gunicorn(venv, {**app_env, "APIMGMT_ROLE": "control"}, tmp_path / "control.log") as base:
-        login = requests.get(f"{base}/admin/login/", timeout=30)
+    with _gunicorn(venv, {**app_env, "APIMGMT_ROLE": "control"}, tmp_path / "control.log") as served:
+        login = requests.get(f"{served.base}/admin/login/", timeout=30)
         log = (tmp_path / "control.log").read_text()
 
     assert login.status_code == 200, login.text[:2000]
@@ -252,3 +268,10 @@ def test_flush_usage_turns_the_gateways_events_into_rows(gateway_run: GatewayRun
         ).fetchall()
     # The two requests with the demo key, billed to it; the unknown key's request to the API, billed to no key.
     assert rows == [(200, True, 2), (401, False, 1)]
+
+
+def test_gateway_metrics_are_on_their_own_port_only(gateway_run: GatewayRun) -> None:
+    assert gateway_run.public_metrics.status_code == 404
+    assert "api_requests_total" not in gateway_run.public_metrics.text
+    assert gateway_run.scraped.status_code == 200
+    assert 'api_requests_total{api="' in gateway_run.scraped.text

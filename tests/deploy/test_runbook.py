@@ -15,7 +15,7 @@ import pytest
 
 from apimgmt import echo
 from tests.deploy.conftest import ROOT
-from tests.support.servers import gunicorn, wsgi_server
+from tests.support.servers import free_port, gunicorn, wsgi_server
 
 RUNBOOK = ROOT / "docs" / "operations.md"
 FENCE = re.compile(r"^```([a-z]+)(?: ([a-z]+))?\n(.*?)^```", re.M | re.S)
@@ -144,6 +144,10 @@ def live_runbook_env(live_env: dict[str, str], tmp_path: Path) -> Any:
         "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
         "BACKUP_DIR": str(tmp_path / "backups"),
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        # The metrics listener (gunicorn.conf.py), as in the image; the runbook reads it at $APIMGMT_METRICS_URL.
+        "METRICS_PORT": str(metrics_port := free_port()),
+        "METRICS_ADDRESS": "127.0.0.1",
+        "APIMGMT_METRICS_URL": f"http://127.0.0.1:{metrics_port}",
     }
     for key in ("PROMETHEUS_MULTIPROC_DIR", "USAGE_SPOOL_DIR", "BACKUP_DIR"):
         Path(env[key]).mkdir()
