@@ -240,6 +240,11 @@ GATEWAY: dict[str, Any] = {
     "MAX_BODY_BYTES": env.int(
         "GATEWAY_MAX_BODY_BYTES", default=int(_file("gateway", "max_body_bytes") or 10 * 1024**3)
     ),
+    # A request body must keep coming: each 64 KiB of it (or its rest, when less) within this many seconds, else
+    # 408 (a client dribbling a byte now and then must not hold an upstream connection). 0: no limit.
+    "BODY_READ_TIMEOUT": env.float("GATEWAY_BODY_READ_TIMEOUT", default=10.0),
+    # Bodies with a Content-Length up to this size are read whole before the upstream is contacted. 0: never.
+    "BUFFER_BODY_BYTES": env.int("GATEWAY_BUFFER_BODY_BYTES", default=64 * 1024),
     # Proxies whose X-Forwarded-For we believe (IPs or CIDRs).
     "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
     "AUTH_CACHE_SECONDS": env.float("GATEWAY_AUTH_CACHE_SECONDS", default=30.0),

@@ -24,6 +24,7 @@ from gateway.problems import GatewayResponse, problem, status_line
 from gateway.proxy import (
     HOP_BY_HOP,
     BodyTooLarge,
+    ClientBodyError,
     RequestBody,
     UpstreamError,
     Upstreams,
@@ -124,6 +125,8 @@ class Gateway:
         self.balancers: dict[str, tuple[tuple[Any, ...], Balancer]] = {}
         self.breakers: dict[str, tuple[tuple[Any, ...], CircuitBreaker]] = {}
         self.max_body = int(settings.GATEWAY["MAX_BODY_BYTES"])
+        self.body_read_timeout = float(settings.GATEWAY["BODY_READ_TIMEOUT"])
+        self.buffer_body_bytes = int(settings.GATEWAY["BUFFER_BODY_BYTES"])
         self.trusted = client_address.configured_networks()
         self.started = False
         # Metric children by label values: labels() costs a lock and a dict build per call.
@@ -290,9 +293,47 @@ class Gateway:
                 )
 
         # 4. Proxy.
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        try:
+            length = int(length_text) if length_text else None
+        except ValueError:
+            return self._error(
+                done, problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id)
+            )
+        if length is not None and length > self.max_body:
+            return self._error(
+                done,
+                problem(
+                    413,
+                    "body-too-large",
+                    "Request body too large",
+                    f"The request body may be at most {self.max_body} bytes.",
+                    request_id,
+                ),
+            )
+        body = None
+        if length or chunked:
+            body = RequestBody(
+                environ["wsgi.input"],
+                length,
+                self.max_body,
+                client_socket=environ.get("gunicorn.socket"),
+                reaper=self.upstreams.reaper,
+                read_timeout=self.body_read_timeout,
+            )
+            if length is not None and length <= self.buffer_body_bytes:
+                # A small body is read whole first: a slow client then never holds an upstream connection.
+                try:
+                    body.buffer()
+                except ClientBodyError as exc:
+                    done.bytes_in = body.sent
+                    return self._client_body_failed(done, exc)
         breaker = self._breaker(route)
         allowed, wait = breaker.allow()
         if not allowed:
+            if body is not None:
+                body.close()
             return self._error(
                 done,
                 problem(
@@ -304,28 +345,6 @@ class Gateway:
                     headers=[("Retry-After", str(max(1, int(wait + 0.999))))],
                 ),
             )
-        length_text = environ.get("CONTENT_LENGTH") or ""
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        try:
-            length = int(length_text) if length_text else None
-        except ValueError:
-            breaker.release()
-            return self._error(
-                done, problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id)
-            )
-        if length is not None and length > self.max_body:
-            breaker.release()
-            return self._error(
-                done,
-                problem(
-                    413,
-                    "body-too-large",
-                    "Request body too large",
-                    f"The request body may be at most {self.max_body} bytes.",
-                    request_id,
-                ),
-            )
-        body = RequestBody(environ["wsgi.input"], length, self.max_body) if (length or chunked) else None
         try:
             upstream = forward_request(
                 self.upstreams,
@@ -342,7 +361,12 @@ class Gateway:
                 retries=spec.retries,
             )
         except UpstreamError as exc:
-            breaker.failure()
+            if body is not None and body.started and not body.complete:
+                # It broke while the client's body was still arriving: the gateway cannot tell a slow or vanished
+                # client from a failing upstream there, so it is not held against the upstream.
+                breaker.release()
+            else:
+                breaker.failure()
             done.bytes_in = body.sent if body else 0
             title = "Bad gateway" if exc.status == 502 else "Gateway timeout"
             slug = "upstream-unavailable" if exc.status == 502 else "upstream-timeout"
@@ -359,6 +383,13 @@ class Gateway:
                     request_id,
                 ),
             )
+        except ClientBodyError as exc:
+            breaker.release()  # the client's fault, never the upstream's
+            done.bytes_in = body.sent if body else 0
+            return self._client_body_failed(done, exc)
+        finally:
+            if body is not None:
+                body.close()
         response = upstream.response
         if response.status >= 500 and response.status != 501:
             breaker.failure()
@@ -538,6 +569,10 @@ class Gateway:
                 mapping.pop(api_id, None)
 
     # -- results and records ------------------------------------------------------------------------------------
+
+    def _client_body_failed(self, done: Finished, exc: ClientBodyError) -> Result:
+        slug, title = ("body-timeout", "Request timeout") if exc.status == 408 else ("bad-body", "Bad request")
+        return self._error(done, problem(exc.status, slug, title, exc.detail, done.request_id))
 
     def _error(
         self, done: Finished, response: GatewayResponse, extra_headers: list[tuple[str, str]] | None = None

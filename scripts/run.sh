@@ -13,6 +13,8 @@ export UPSTREAM_ALLOW_PRIVATE=${UPSTREAM_ALLOW_PRIVATE:-1}
 export SITE_URL=${SITE_URL:-http://$HOST:$PORT}
 export USAGE_SPOOL_DIR=${USAGE_SPOOL_DIR:-$PWD/var/spool}
 export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}
+# Prometheus metrics of every worker on their own port (gunicorn.conf.py), never on $PORT.
+export METRICS_PORT=${METRICS_PORT:-9100} METRICS_ADDRESS=${METRICS_ADDRESS:-$HOST}
 mkdir -p var "$USAGE_SPOOL_DIR" "$PROMETHEUS_MULTIPROC_DIR"
 
 # PostgreSQL and Redis when they answer on their default ports, else SQLite and local memory.
@@ -67,7 +69,7 @@ if "$PY" manage.py help flush_usage >/dev/null 2>&1 && [ -n "${REDIS_URL:-}" ]; 
 fi
 
 "$PY" - "$demo_json" "$HOST" "$PORT" "$ECHO_PORT" <<'PYEOF'
-import json, sys
+import json, os, sys
 demo, host, port, echo_port = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 base = f"http://{host}:{port}"
 print(f"""
@@ -77,7 +79,8 @@ apimgmt is running.
   Management API: {base}/mgmt/v1/   (Authorization: Token {demo['api_token']})   docs: {base}/mgmt/docs/
   Gateway:        {base}{demo['api_base_path']}/   -> echo upstream on 127.0.0.1:{echo_port}
   Demo API key:   {demo['api_key']}
-  Probes:         {base}/health  {base}/ready  {base}/metrics
+  Probes:         {base}/health  {base}/ready
+  Metrics:        http://{host}:{os.environ['METRICS_PORT']}/metrics   (Prometheus only; /metrics on {port} is 404)
 
 Try:  curl -H 'X-API-Key: {demo['api_key']}' {base}{demo['api_base_path']}/hello
 Ctrl-C stops everything.

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,13 +37,14 @@ def empty_database() -> str:
 
 
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_database: str, tmp_path: Path) -> None:
-    port, echo_port = free_port(), free_port()
+    port, echo_port, metrics_port = free_port(), free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO"))},
         "DATABASE_URL": empty_database,
         "REDIS_URL": settings.REDIS_URL or "",
         "PORT": str(port),
         "ECHO_PORT": str(echo_port),
+        "METRICS_PORT": str(metrics_port),
         "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
     }
@@ -71,6 +73,13 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_datab
         assert key not in json.dumps(body["headers"])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
             assert response.status == 200
+        # Metrics on their own port, as printed; never on the port clients reach.
+        assert f"Metrics:        http://127.0.0.1:{metrics_port}/metrics" in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert b"api_requests_total" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as public:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert public.value.code == 404
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
