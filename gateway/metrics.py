@@ -44,6 +44,8 @@ AUTH_FAILURE_LABELS = {
 
 def count_auth_failure(api_id: str, reason: str) -> None:
     auth_failures_total.labels(api_id, AUTH_FAILURE_LABELS.get(reason, reason)).inc()
+
+
 auth_throttled_total = Counter(
     "api_auth_throttled_total",
     "Requests refused with 429 because their address had too many authentication failures (no key looked up).",
