@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import random
 import socket
 import threading
@@ -113,28 +114,83 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+class ClientBodyError(Exception):
+    """The client's request body did not arrive whole: too slow (408), or cut short or malformed (400).
+
+    Never the upstream's fault: the pipeline does not count it against the API's circuit breaker.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
 class RequestBody:
-    """Streams wsgi.input to the upstream in chunks, counting bytes and enforcing the cap.
+    """Reads wsgi.input in pieces for the upstream, counting bytes, enforcing the cap and the client's pace.
 
     With a Content-Length over the cap the pipeline answers 413 before contacting the upstream. A chunked body
     (no length) cannot be judged up front: it is streamed, and BodyTooLarge is raised as soon as the cap is
     crossed, which aborts the upstream request mid-body (the connection is closed, so the upstream never sees
     a complete request) and gives the client 413.
+
+    A slow client must not hold an upstream connection (or a worker) for long: each piece of up to CHUNK_SIZE
+    bytes (or the rest of the body, when less) must arrive within ``read_timeout`` seconds, or ClientBodyError
+    (408). The deadline reaper enforces it by shutting the client socket down for reading, which wakes a blocked
+    read whatever the server (gunicorn's readers loop until a piece is whole, so a socket timeout per recv() could
+    be kept alive by a byte now and then); the answer can still be written. Small bodies are read whole with
+    ``buffer()`` before the upstream is contacted at all. Time spent waiting for the client does not count against
+    the upstream exchange's total deadline (``upstream_watch``).
     """
 
-    def __init__(self, stream: Any, length: int | None, cap: int) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        length: int | None,
+        cap: int,
+        *,
+        client_socket: Any = None,
+        reaper: DeadlineReaper | None = None,
+        read_timeout: float = 0.0,
+    ) -> None:
         self.stream = stream
         self.length = length
         self.cap = cap
         self.sent = 0
         self.started = False
+        self.complete = False
+        self.buffered: bytes | None = None
+        self.upstream_watch: DeadlineWatch | None = None
+        self.read_timeout = read_timeout
+        self._reaper = reaper if client_socket is not None and read_timeout > 0 else None
+        self._client_socket = client_socket
+        self._client_watch: DeadlineWatch | None = None
+
+    def buffer(self) -> None:
+        """Read the whole body now (before the upstream is contacted); raises ClientBodyError or BodyTooLarge."""
+        self.buffered = b"".join(self._pieces())
 
     def __iter__(self) -> Iterator[bytes]:
         self.started = True
+        if self.buffered is not None:
+            if self.buffered:
+                yield self.buffered
+            return
+        yield from self._pieces()
+
+    def close(self) -> None:
+        """Stop watching the client's pace (the exchange is over, whichever way)."""
+        if self._client_watch is not None and self._reaper is not None:
+            self._reaper.done(self._client_watch)
+            self._client_watch = None
+
+    def _pieces(self) -> Iterator[bytes]:
         remaining = self.length
         while remaining is None or remaining > 0:
-            chunk = self.stream.read(CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining))
+            chunk = self._read(CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining))
             if not chunk:
+                if remaining is not None:
+                    raise self._failed(f"The request body ended after {self.sent} of its {self.length} bytes.")
                 break
             self.sent += len(chunk)
             if self.sent > self.cap:
@@ -142,6 +198,45 @@ class RequestBody:
             if remaining is not None:
                 remaining -= len(chunk)
             yield chunk
+        self.complete = True
+        self.close()
+
+    def _read(self, size: int) -> bytes:
+        watch = self._client_watch
+        if watch is None and self._reaper is not None:
+            watch = self._client_watch = self._reaper.watch(math.inf, how=socket.SHUT_RD)
+            watch.sockets.append(self._client_socket)
+        upstream = self.upstream_watch
+        paused = upstream.deadline if upstream is not None else 0.0
+        if upstream is not None:
+            upstream.deadline = math.inf  # waiting for the client is not the upstream's time
+        started = time.monotonic()
+        if watch is not None:
+            watch.deadline = started + self.read_timeout
+        try:
+            chunk = self.stream.read(size)
+        except Exception as exc:  # gunicorn's NoMoreData or InvalidChunkSize, a reset connection ...
+            raise self._failed(f"The request body could not be read ({type(exc).__name__}).") from exc
+        finally:
+            if watch is not None:
+                watch.deadline = math.inf
+            if upstream is not None:
+                upstream.deadline = paused + (time.monotonic() - started)
+        if watch is not None and watch.expired:
+            raise self._failed("The request body arrived too slowly.")
+        return chunk
+
+    def _failed(self, detail: str) -> ClientBodyError:
+        """408 when the reaper cut the read short (the client was too slow), else 400 with ``detail``."""
+        watch = self._client_watch
+        self.close()
+        if watch is not None and watch.expired:
+            return ClientBodyError(
+                408,
+                f"The request body arrived too slowly: each {CHUNK_SIZE // 1024} KiB of it (or the rest of it, when "
+                f"less) must arrive within {self.read_timeout:g} s.",
+            )
+        return ClientBodyError(400, detail)
 
 
 class Upstreams:
@@ -206,6 +301,8 @@ def forward_request(
     """Send the request to one of the API's targets; retry a refused connect for idempotent methods."""
     started = time.monotonic()
     watch = upstreams.reaper.watch(started + total_timeout)
+    if body is not None:
+        body.upstream_watch = watch
     token = _current_watch.set(watch)
     attempts = 1 + (retries if method in IDEMPOTENT_METHODS else 0)
     tried: set[str] = set()

@@ -121,18 +121,24 @@ class CircuitBreaker:
 
 @dataclass
 class DeadlineWatch:
-    """One upstream exchange's total deadline; the reaper shuts its socket down when the deadline passes."""
+    """A deadline on some sockets: the reaper shuts them down (``how``) when it passes.
+
+    One upstream exchange's total deadline (both directions cut), or a client's request body read (only reading
+    is cut, so that the client still gets its answer).
+    """
 
     deadline: float
     sockets: list[socket.socket] = field(default_factory=list)
     expired: bool = False
+    how: int = socket.SHUT_RDWR
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
 
 class DeadlineReaper:
-    """A per-worker thread that cuts upstream sockets whose exchange ran past its total deadline.
+    """A per-worker thread that cuts upstream sockets whose exchange ran past its total deadline, and client
+    sockets whose request body is too slow.
 
     Socket timeouts bound each read; only this bounds the sum (an upstream trickling a byte a second
     would otherwise hold a worker forever). Shutting a socket down wakes the blocked reader with EOF.
@@ -147,8 +153,8 @@ class DeadlineReaper:
         self.thread: threading.Thread | None = None
         self.running_pid = 0
 
-    def watch(self, deadline: float) -> DeadlineWatch:
-        watch = DeadlineWatch(deadline)
+    def watch(self, deadline: float, how: int = socket.SHUT_RDWR) -> DeadlineWatch:
+        watch = DeadlineWatch(deadline, how=how)
         with self.lock:
             was_idle = not self.by_id
             self.by_id[id(watch)] = watch
@@ -192,4 +198,4 @@ class DeadlineReaper:
                 watch.expired = True
                 for sock in watch.sockets:
                     with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+                        sock.shutdown(watch.how)

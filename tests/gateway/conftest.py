@@ -57,8 +57,10 @@ class InProcessGateway:
         remote_addr: str = "127.0.0.1",
         host: str = "testserver",
         chunked: bool = False,
+        environ_extra: dict[str, Any] | None = None,
     ) -> Response:
-        """One request; ``chunked`` sends the body as gunicorn hands over a chunked upload (decoded, no length)."""
+        """One request; ``chunked`` sends the body as gunicorn hands over a chunked upload (decoded, no length);
+        ``environ_extra`` adds or replaces environ entries (a socket's file as wsgi.input, gunicorn.socket ...)."""
         path, _, query = target.partition("?")
         environ: dict[str, Any] = {
             "REQUEST_METHOD": method,
@@ -82,6 +84,7 @@ class InProcessGateway:
             environ["HTTP_TRANSFER_ENCODING"] = "chunked"
         elif body:
             environ["CONTENT_LENGTH"] = str(len(body))
+        environ.update(environ_extra or {})
         for name, value in (headers or {}).items():
             key = name.upper().replace("-", "_")
             if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):

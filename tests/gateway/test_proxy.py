@@ -12,7 +12,16 @@ from apimgmt.models import ApiKey
 from gateway.proxy import UNREACHABLE
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
-from tests.gateway.upstreams import Answer, garbage, raw_upstream, read_request_head, recording_upstream, stall
+from tests.gateway.upstreams import (
+    Answer,
+    Received,
+    answering,
+    garbage,
+    raw_upstream,
+    read_request_head,
+    recording_upstream,
+    stall,
+)
 from tests.support.servers import free_port
 
 
@@ -294,23 +303,14 @@ def test_chunked_body_crossing_the_cap_gets_413_and_the_upstream_never_gets_a_co
     assert len(upstream.seen[0].body) == 100_000
 
 
-def _counting_upstream(accepted: list[int]):
-    def behaviour(conn) -> None:
-        accepted.append(1)
-        read_request_head(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    return behaviour
-
-
 @pytest.mark.parametrize("method", ["GET", "POST"])  # the lean HTTP/1.1 client and urllib3
 def test_upstream_name_repointed_to_a_private_address_is_refused_without_being_contacted(
     gateway, settings, acme, bob_app, key, method
 ):
     # Saved while allowed (or before its DNS changed); now the name resolves to loopback. The address is vetted
     # before the connect: the upstream never even sees a TCP connection (so its ports cannot be probed).
-    accepted: list[int] = []
-    with raw_upstream(_counting_upstream(accepted)) as url:
+    received = Received()
+    with raw_upstream(answering(received)) as url:
         _api(acme, bob_app, url.replace("127.0.0.1", "localhost"), retries=0)
         assert (
             gateway.request(
@@ -318,7 +318,7 @@ def test_upstream_name_repointed_to_a_private_address_is_refused_without_being_c
             ).status
             == 200
         )
-        accepted.clear()
+        received.connections = 0
         settings.UPSTREAM_ALLOW_PRIVATE = False
         gateway = InProcessGateway()  # fresh pools: no connection made while allowed is reused
         response = gateway.request(
@@ -327,7 +327,7 @@ def test_upstream_name_repointed_to_a_private_address_is_refused_without_being_c
     assert response.status == 502
     assert response.header("Content-Type") == "application/problem+json"
     assert response.json()["detail"] == UNREACHABLE
-    assert accepted == []
+    assert received.connections == 0
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

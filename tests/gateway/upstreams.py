@@ -167,3 +167,40 @@ def garbage(conn: socket.socket) -> None:
     read_request_head(conn)
     conn.sendall(b"this is not HTTP\r\n\r\n")
     conn.close()
+
+
+@dataclass
+class Received:
+    """What an ``answering`` upstream got: connections accepted, and the bodies of the requests it got whole."""
+
+    connections: int = 0
+    bodies: list[bytes] = field(default_factory=list)
+
+
+def answering(received: Received) -> Callable[[socket.socket], None]:
+    """A behaviour for raw_upstream: read each request (its body by Content-Length) and answer 200 "ok".
+
+    A request cut short (the connection closed before the end of its body) is never answered nor recorded.
+    """
+
+    def behaviour(conn: socket.socket) -> None:
+        received.connections += 1
+        while True:
+            data = read_request_head(conn)
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            received.bodies.append(body)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return behaviour
