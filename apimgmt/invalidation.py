@@ -6,7 +6,8 @@ Two channels, both in Redis, both written only after the transaction commits:
   counter every ``GATEWAY_CONFIG_POLL_SECONDS`` and rebuilds its route table when it moves. Key caches stay warm.
 - **Key-level changes** (a key revoked, rotated or edited; a consumer blocked, unblocked or deleted; a
   subscription granted, approved, rejected or cancelled) name the affected key hashes on the stream
-  ``route_cache:evictions`` (field ``keys``: comma-separated SHA-256 hex hashes). Each worker reads the stream
+  ``route_cache:evictions`` (field ``keys``: comma-separated SHA-256 hex hashes; an entry with a field ``all``
+  drops every cached key, for operators after a change made by SQL). Each worker reads the stream
   from where it last stopped at the same poll and drops exactly those entries from its key cache; nothing else
   is reloaded or cooled. The Redis-level key cache ``cache:api:key:<hash>`` is overwritten with a short-lived
   tombstone at the same moment, so a lookup that read the database before the commit cannot put the old state
@@ -206,6 +207,8 @@ def read_evictions(cursor: str, count: int = 1000) -> Evictions:
     hashes: list[str] = []
     entries = fresh[0][1] if fresh else []
     for entry_id, fields in entries:
+        if b"all" in fields or "all" in fields:  # an operator's "drop every cached key" (docs/operations.md)
+            complete = False
         value = fields.get(b"keys") or fields.get("keys") or b""
         hashes.extend(h for h in (value.decode() if isinstance(value, bytes) else value).split(",") if h)
         cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

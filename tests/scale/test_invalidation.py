@@ -162,5 +162,59 @@ def test_a_lookup_that_raced_a_revocation_does_not_keep_the_old_state(
 
 @pytest.fixture
 def settings_gateway_poll(settings: object) -> None:
-    """Poll fast, as production does (0.25 s): the tests wait for the poller, not for a fixed sleep."""
-    settings.GATEWAY = {**settings.GATEWAY, "CONFIG_POLL_SECONDS": 0.05}  # type: ignore[attr-defined]
+    """Poll fast (production: 0.25 s), the tests wait for the poller rather than sleep; revoked keys tried from one
+    address are not throttled here (the failed-key throttle has tests of its own)."""
+    settings.GATEWAY = {  # type: ignore[attr-defined]
+        **settings.GATEWAY,  # type: ignore[attr-defined]
+        "CONFIG_POLL_SECONDS": 0.05,
+        "AUTH_FAILURE_LIMIT": 0,
+    }
+
+
+def test_an_operators_drop_all_message_empties_every_workers_key_cache(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    upstream: Recorder,
+    redis_client: redis.Redis,
+    settings_gateway_poll: None,
+) -> None:
+    """What docs/operations.md tells an operator to run after changing keys by SQL."""
+    api = publish(acme, upstream.url)
+    subscribe(bob_app, api)
+    (row, plaintext) = _bulk_keys(bob_app, 1)[0]
+    url = "/api/users/v1/x"
+    assert gateway.get(url, headers={"X-API-Key": plaintext}).status == 200
+    ApiKey.objects.filter(pk=row.pk).update(active=False)  # by SQL: no service told the gateways
+    assert gateway.get(url, headers={"X-API-Key": plaintext}).status == 200  # still cached
+
+    for name in redis_client.scan_iter("cache:api:key:*"):
+        redis_client.unlink(name)
+    redis_client.xadd(invalidation.EVICTIONS_STREAM, {"all": "1"}, maxlen=invalidation.EVICTIONS_MAXLEN)
+    _until(lambda: gateway.get(url, headers={"X-API-Key": plaintext}).status == 401, 2)
+    assert get_gateway().routes.keys_lost >= 1
+
+
+def test_a_worker_that_may_have_missed_evictions_drops_every_cached_key(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    upstream: Recorder,
+    redis_client: redis.Redis,
+    settings_gateway_poll: None,
+) -> None:
+    """Redis lost the stream (a restart without persistence, a failover to a replica that lagged): the worker
+    cannot know which keys changed meanwhile, so it forgets them all once."""
+    api = publish(acme, upstream.url)
+    (row, plaintext) = _bulk_keys(bob_app, 1)[0]
+    subscribe(bob_app, api)  # an eviction message (the key's subscriptions changed): the cursor leaves the start
+    url = "/api/users/v1/x"
+    gw = get_gateway()
+    assert gateway.get(url, headers={"X-API-Key": plaintext}).status == 200
+    _until(lambda: gw.routes.eviction_cursor not in (None, invalidation.START), 2)
+    lost = gw.routes.keys_lost
+
+    ApiKey.objects.filter(pk=row.pk).update(active=False)  # a change whose message Redis then lost
+    redis_client.delete(invalidation.EVICTIONS_STREAM, invalidation.key_cache_name(keys.hash_key(plaintext)))
+    _until(lambda: gateway.get(url, headers={"X-API-Key": plaintext}).status == 401, 2)
+    assert gw.routes.keys_lost == lost + 1
