@@ -20,7 +20,9 @@ from tests.gateway.upstreams import (
     raw_upstream,
     read_request_head,
     recording_upstream,
+    self_signed_certificate,
     stall,
+    tls_answering,
 )
 from tests.support.servers import free_port
 
@@ -423,3 +425,32 @@ def test_a_repeated_equal_length_is_passed_on_once(gateway, acme, bob_app, key, 
         )
     assert response.status == 200 and response.body == b"hello"
     assert response.header_all("Content-Length") == ["5"] and response.header("X-Between") == "1"
+
+
+def test_https_upstream_is_reached_at_its_vetted_address_with_sni_and_certificate_checked_for_its_name(
+    gateway, settings, monkeypatch, tmp_path, acme, bob_app, key
+):
+    cert, private_key = self_signed_certificate(tmp_path, "localhost")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted as its own CA by the gateway's TLS
+    server_names: list[str | None] = []
+    with raw_upstream(tls_answering(cert, private_key, server_names)) as url:
+        _api(acme, bob_app, url.replace("http://127.0.0.1", "https://localhost"), retries=0)
+        response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+        assert (response.status, response.body) == (200, b"ok")
+        assert server_names == ["localhost"]  # the name, though the socket was connected to a vetted address
+
+        settings.UPSTREAM_ALLOW_PRIVATE = False  # localhost is now refused: not even the handshake starts
+        refused = InProcessGateway().get("/api/users/v1/x", headers={"X-API-Key": key})
+        assert (refused.status, refused.json()["detail"]) == (502, UNREACHABLE)
+        assert server_names == ["localhost"]
+
+
+def test_https_upstream_whose_certificate_names_another_host_gives_502(
+    gateway, monkeypatch, tmp_path, acme, bob_app, key
+):
+    cert, private_key = self_signed_certificate(tmp_path, "other.example")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    with raw_upstream(tls_answering(cert, private_key, [])) as url:
+        _api(acme, bob_app, url.replace("http://127.0.0.1", "https://localhost"), retries=0)
+        response = gateway.get("/api/users/v1/x", headers={"X-API-Key": key})
+    assert response.status == 502

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -202,5 +205,39 @@ def answering(received: Received) -> Callable[[socket.socket], None]:
                 body += chunk
             received.bodies.append(body)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return behaviour
+
+
+def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throw-away certificate (and its key) for DNS name ``name``, made with the openssl command line."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-nodes", "-days", "1",
+            "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", str(key), "-out", str(cert),
+            "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def tls_answering(cert: Path, key: Path, server_names: list[str | None]) -> Callable[[socket.socket], None]:
+    """A behaviour for raw_upstream: TLS with ``cert``, recording the SNI name asked for, then answer 200 "ok"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def record(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+        server_names.append(name)
+
+    context.sni_callback = record  # type: ignore[assignment]
+
+    def behaviour(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            read_request_head(tls)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     return behaviour
