@@ -84,9 +84,15 @@ def portal_page(
                     )
                 return HttpResponseRedirect(login_url(portal.tenant, request.get_full_path()))
             if writer and not portal.can_write:
-                reason = "Your role in this portal is read-only; ask a tenant admin for developer access."
+                reason = (
+                    "Your role in this portal is read-only; ask an administrator of this portal for developer access."
+                )
                 return page(request, portal, "portal/forbidden.html", {"reason": reason}, status=403)
-            return view(request, portal, *args, **kwargs)
+            try:
+                return view(request, portal, *args, **kwargs)
+            except Http404:
+                # In a known portal, "not found" is the portal's own page, with its name and a way back.
+                return page(request, portal, "portal/404.html", status=404)
 
         return wrapper
 

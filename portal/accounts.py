@@ -118,7 +118,9 @@ def signup(request: HttpRequest, portal: Portal) -> HttpResponse:
             return HttpResponseRedirect(reverse("portal:apps", args=[portal.tenant.id]))
         _send_verification(request, portal, user=user)
         return page(request, portal, "portal/signup_done.html", {"email": email})
-    return page(request, portal, "portal/signup.html", {"form": form, "invite": invite_token})
+    # An invalid form answers 400, as the sign-in form does.
+    status = 400 if form.errors else 200
+    return page(request, portal, "portal/signup.html", {"form": form, "invite": invite_token}, status=status)
 
 
 def _send_verification(request: HttpRequest, portal: Portal, *, user: User) -> None:
@@ -323,7 +325,7 @@ class PortalPasswordResetConfirmView(PasswordResetConfirmView):
 @portal_page(member=True)
 def invite(request: HttpRequest, portal: Portal) -> HttpResponse:
     if not portal.is_admin:
-        reason = "Only the tenant's admins can invite developers."
+        reason = "Only this portal's administrators can invite developers."
         return page(request, portal, "portal/forbidden.html", {"reason": reason}, status=403)
     form = InviteForm(request.POST or None)
     if request.method == "POST" and form.is_valid():

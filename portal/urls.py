@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver, include, path
+from django.urls import URLPattern, URLResolver, include, path, re_path
 
 from portal import accounts, views
 
@@ -38,6 +38,9 @@ tenant_patterns: list[URLPattern | URLResolver] = [
         name="password_reset_confirm",
     ),
     path("invite/", accounts.invite, name="invite"),
+    # Last: any other address inside a portal gets the portal's own 404 page. Only addresses ending in "/", so
+    # APPEND_SLASH still sends /portal/<t>/apps to /portal/<t>/apps/ (and anything else to this page).
+    re_path(r"^(?P<unknown>.+/)$", views.not_found, name="not_found"),
 ]
 
 urlpatterns: list[URLPattern | URLResolver] = [path("<slug:tenant>/", include(tenant_patterns))]

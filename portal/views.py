@@ -47,6 +47,12 @@ def _gateway_url(request: HttpRequest, api: Api) -> str:
 # ---------------------------------------------------------------------------
 
 
+@portal_page()
+def not_found(request: HttpRequest, portal: Portal, unknown: str) -> HttpResponse:
+    """Any address in a portal that no page answers: the portal's branded 404."""
+    raise Http404(f"No portal page at {unknown!r}.")
+
+
 @require_GET
 @portal_page()
 def catalog(request: HttpRequest, portal: Portal) -> HttpResponse:
@@ -196,7 +202,9 @@ def app_detail(request: HttpRequest, portal: Portal, app_id: str) -> HttpRespons
     context = {
         "app": app,
         "subscriptions": app.subscriptions.select_related("api", "plan").order_by("-created_at"),
-        "keys": [(key, _key_state(key, now)) for key in app.keys.order_by("-created_at")],
+        "keys": [
+            (key, _key_state(key, now)) for key in app.keys.select_related("rotated_from").order_by("-created_at")
+        ],
         "unsubscribed_apis": selectors.portal_catalog(portal.tenant).exclude(pk__in=list(subscribed)),
     }
     return page(request, portal, "portal/app_detail.html", context)
@@ -266,6 +274,26 @@ def _key_state(key: ApiKey, now: datetime) -> str:
     return "active"
 
 
+MAX_CURL_LINES = 3
+
+
+def _curl_lines(request: HttpRequest, app: Consumer, plaintext: str) -> list[dict[str, str]]:
+    """Ready-to-paste calls with the new key, one per API the app is subscribed to (active first, up to three)."""
+    subscriptions = (
+        Subscription.objects.filter(consumer=app, api__in=Api.objects.routable())
+        .open()
+        .select_related("api")
+        .order_by("status", "api__api_name")[:MAX_CURL_LINES]
+    )
+    return [
+        {
+            "api_name": sub.api.api_name,
+            "line": f'curl -H "{sub.api.key_header}: {plaintext}" {_gateway_url(request, sub.api)}/',
+        }
+        for sub in subscriptions
+    ]
+
+
 def _owned_key(app: Consumer, key_id: str) -> ApiKey:
     key = app.keys.filter(pk=key_id).first()
     if key is None:
@@ -290,7 +318,13 @@ def key_create(request: HttpRequest, portal: Portal, app_id: str) -> HttpRespons
             add_service_errors(form, exc, field_map={"consumer_id": "__all__"})
         else:
             # Rendered straight from the POST (never stored in the session or redirected through a URL).
-            return page(request, portal, "portal/key_created.html", {"app": app, "key": key, "plaintext": plaintext})
+            context = {
+                "app": app,
+                "key": key,
+                "plaintext": plaintext,
+                "curl_lines": _curl_lines(request, app, plaintext),
+            }
+            return page(request, portal, "portal/key_created.html", context)
     return page(request, portal, "portal/key_form.html", {"app": app, "form": form}, status=400 if form.errors else 200)
 
 
@@ -310,7 +344,13 @@ def key_rotate(request: HttpRequest, portal: Portal, app_id: str, key_id: str) -
             add_service_errors(form, exc, field_map={"key_id": "__all__"})
         else:
             old.refresh_from_db()
-            context = {"app": app, "key": key, "plaintext": plaintext, "previous": old}
+            context = {
+                "app": app,
+                "key": key,
+                "plaintext": plaintext,
+                "previous": old,
+                "curl_lines": _curl_lines(request, app, plaintext),
+            }
             return page(request, portal, "portal/key_created.html", context)
     return page(
         request,

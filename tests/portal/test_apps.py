@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 
 import pytest
@@ -17,10 +18,9 @@ from apimgmt.models import Api, ApiKey, Consumer, Plan, Subscription
 def _new_key(client: Client, app: Consumer, name: str = "ci") -> tuple[str, bytes]:
     response = client.post(f"/portal/acme/apps/{app.pk}/keys/new/", {"name": name, "expires_in_days": ""})
     assert response.status_code == 200
-    text = response.content.decode()
-    start = text.index('data-testid="new-key"')
-    value = text[text.rindex('value="', 0, start) + 7 :]
-    return value[: value.index('"')], response.content
+    match = re.search(r'data-testid="new-key">([^<]+)</textarea>', response.content.decode())
+    assert match, "no new key on the page"
+    return match.group(1), response.content
 
 
 def test_a_developer_creates_renames_and_deletes_an_app(bob_client: Client, bob: User) -> None:

@@ -156,7 +156,7 @@ def test_control_plane_pages_work_without_a_single_csp_violation(
         page.get_by_label("Key name").fill("laptop")
         page.get_by_role("button", name="Create key").click()
         key = page.get_by_test_id("new-key").input_value()
-        page.get_by_role("button", name="Copy").click()
+        page.get_by_role("button", name="Copy", exact=True).click()
         expect(page.get_by_text("Copied to the clipboard.")).to_be_visible()
         assert page.evaluate("navigator.clipboard.readText()") == key
         assert complaints.take() == []
@@ -191,7 +191,7 @@ def test_control_plane_pages_work_without_a_single_csp_violation(
         page.get_by_label("Name").fill("ci")
         page.get_by_role("button", name="Save", exact=True).click()
         secret = page.locator("code[id^=secret-]").inner_text()
-        page.get_by_role("button", name="Copy").click()
+        page.get_by_role("button", name="Copy", exact=True).click()
         expect(page.get_by_role("button", name="Copied")).to_be_visible()
         assert page.evaluate("navigator.clipboard.readText()") == secret
         _inject_inline_script(page)  # the page has the strict policy: inline script never runs
