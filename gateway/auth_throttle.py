@@ -83,6 +83,9 @@ class AuthFailureThrottle:
             return None
         end = start + self.window
         with self.lock:
+            # Ended refusals go now: while any entry is left, every request pays a look at this map.
+            for stale in [s for s, until in self.blocked.items() if until <= now]:
+                del self.blocked[stale]
             if len(self.blocked) >= MAX_ADDRESSES:
                 self.blocked.clear()
             self.blocked[scope] = end
