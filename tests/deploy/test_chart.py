@@ -487,9 +487,35 @@ def test_web_pods_serve_metrics_on_their_own_port(component: str, full_docs: Any
 
 
 def test_ingress_never_routes_to_the_metrics_port(full_docs: Any) -> None:
-    (ingress,) = find(full_docs, "Ingress")
-    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    ingresses = find(full_docs, "Ingress")
+    assert len(ingresses) == 2
+    backends = [
+        path["backend"]["service"]
+        for ingress in ingresses
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
     assert backends and all(backend["port"] == {"name": "http"} for backend in backends)
+
+
+def test_ingress_refuses_metrics_on_every_host(full_docs: Any) -> None:
+    blocked = one(full_docs, "Ingress", f"{FULL}-blocked")
+    assert blocked["metadata"]["annotations"]["nginx.ingress.kubernetes.io/denylist-source-range"] == "0.0.0.0/0,::/0"
+    routes = {
+        rule["host"]: {(p["path"], p["pathType"]): p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
+        for rule in blocked["spec"]["rules"]
+    }
+    assert routes == {
+        "api.example-apis.com": {("/metrics", "Prefix"): f"{FULL}-gateway"},
+        "console.example.com": {("/metrics", "Prefix"): f"{FULL}-control"},
+    }
+    # Same class as the main Ingress, so the same controller serves (and refuses) these paths.
+    assert blocked["spec"]["ingressClassName"] == one(full_docs, "Ingress", FULL)["spec"]["ingressClassName"]
+    # The deny annotation never lands on the main Ingress (it would refuse every path).
+    assert "nginx.ingress.kubernetes.io/denylist-source-range" not in one(full_docs, "Ingress", FULL)["metadata"].get(
+        "annotations", {}
+    )
+    assert not find(render({"ingress": {"enabled": True, "blockedPaths": []}}), "Ingress", f"{FULL}-blocked")
 
 
 def test_only_prometheus_reaches_the_metrics_port_and_the_ingress_controller_only_http() -> None:
