@@ -21,6 +21,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from apimgmt import selectors, services, tokens
+from apimgmt.admin_home import home_context
 from apimgmt.admin_usage import usage_overview
 from apimgmt.models import (
     DEFAULT_ROTATION_OVERLAP_SECONDS,
@@ -42,6 +43,18 @@ from apimgmt.validation import validate_policy_config, validate_timezone
 admin.site.site_header = "apimgmt administration"
 admin.site.site_title = "apimgmt"
 admin.site.index_title = "Platform"
+# "View site" leads to the portals' landing page (portal/views.portal_index), not to a 404 at "/".
+admin.site.site_url = "/portal/"
+# The home page is an overview of the platform (apimgmt/admin_home.py) above the list of models.
+admin.site.index_template = "admin/apimgmt/home.html"
+_models_index = admin.site.index
+
+
+def _platform_home(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> TemplateResponse:
+    return _models_index(request, extra_context={**home_context(request.user), **(extra_context or {})})
+
+
+admin.site.index = _platform_home  # type: ignore[method-assign]
 
 
 def _report(request: HttpRequest, done: int, verb: str, errors: list[str]) -> None:

@@ -43,4 +43,7 @@ tenant_patterns: list[URLPattern | URLResolver] = [
     re_path(r"^(?P<unknown>.+/)$", views.not_found, name="not_found"),
 ]
 
-urlpatterns: list[URLPattern | URLResolver] = [path("<slug:tenant>/", include(tenant_patterns))]
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("", views.portal_index, name="index"),
+    path("<slug:tenant>/", include(tenant_patterns)),
+]

@@ -9,13 +9,14 @@ from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.db.models import Prefetch, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from apimgmt import selectors, services
-from apimgmt.models import Api, ApiKey, Consumer, Subscription
+from apimgmt.models import Api, ApiKey, Consumer, Subscription, Tenant
 from portal import charts, quota
 from portal.access import Portal, owned_app, page, portal_page
 from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors, for_developers
@@ -45,6 +46,21 @@ def _gateway_url(request: HttpRequest, api: Api) -> str:
 # ---------------------------------------------------------------------------
 # Catalog and docs
 # ---------------------------------------------------------------------------
+
+
+@require_GET
+def portal_index(request: HttpRequest) -> HttpResponse:
+    """/portal/: the portals of the tenants the visitor belongs to (every active one for platform staff).
+
+    Anonymous visitors get no list: which companies run portals here is not for everyone to read; each
+    provider hands out its own portal's address.
+    """
+    tenants = (
+        selectors.tenants_visible_to(request.user).filter(status=Tenant.Status.ACTIVE).order_by("name")
+        if request.user.is_authenticated
+        else Tenant.objects.none()
+    )
+    return render(request, "portal/index.html", {"tenants": tenants})
 
 
 @portal_page()

@@ -1,0 +1,148 @@
+"""The admin's home page: how the platform is doing, per tenant the user administers.
+
+Traffic, 5xx and 429 of the last 24 hours from the hourly usage rollups; subscriptions waiting for a decision;
+keys that expire within 7 days; APIs whose calls the gateway itself answered 502/503/504 in the last 15 minutes
+(an open circuit answers 503, an unreachable or failing upstream 502 or 504: circuit state lives in each gateway
+worker, so this is what the control plane can see of it); the latest audit events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db.models import Max, Q, QuerySet, Sum
+from django.urls import reverse
+from django.utils.timezone import now
+
+from apimgmt import selectors
+from apimgmt.models import (
+    Api,
+    ApiKey,
+    AuditEvent,
+    Subscription,
+    Tenant,
+    TenantMembership,
+    UsageHourly,
+    UsageRecord,
+)
+
+TRAFFIC_WINDOW = timedelta(hours=24)
+EXPIRY_WINDOW = timedelta(days=7)
+FAILING_WINDOW = timedelta(minutes=15)
+FAILING_STATUSES = (502, 503, 504)
+LIST_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class TenantTraffic:
+    tenant: Tenant
+    requests: int
+    server_errors: int
+    rate_limited: int
+    usage_url: str
+    portal_url: str
+
+    @property
+    def error_percent(self) -> float:
+        return round(100 * self.server_errors / self.requests, 1) if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class FailingApi:
+    api_id: str
+    api_name: str
+    tenant_id: str
+    failures: int
+    last_seen: datetime
+    change_url: str
+
+
+def _tenants(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Tenant]:
+    """Platform staff see every tenant; other staff the tenants they administer (as the rest of the admin)."""
+    if selectors.is_platform_staff(user):
+        return Tenant.objects.all()
+    return Tenant.objects.filter(id__in=selectors.tenant_ids_for_user(user, roles=(TenantMembership.Role.ADMIN,)))
+
+
+def tenant_traffic(tenants: QuerySet[Tenant], *, at: datetime) -> list[TenantTraffic]:
+    """One row per tenant, busiest first, zeros for tenants without traffic."""
+    sums = {
+        row["tenant_id"]: row
+        for row in UsageHourly.objects.filter(tenant__in=tenants, timestamp__gte=at - TRAFFIC_WINDOW)
+        .values("tenant_id")
+        .annotate(
+            requests=Sum("request_count"),
+            server_errors=Sum("request_count", filter=Q(status_code__gte=500)),
+            rate_limited=Sum("request_count", filter=Q(status_code=429)),
+        )
+    }
+    rows = [
+        TenantTraffic(
+            tenant=tenant,
+            requests=sums.get(tenant.id, {}).get("requests") or 0,
+            server_errors=sums.get(tenant.id, {}).get("server_errors") or 0,
+            rate_limited=sums.get(tenant.id, {}).get("rate_limited") or 0,
+            usage_url=reverse("admin:apimgmt_tenant_usage", args=[tenant.id]),
+            portal_url=f"/portal/{tenant.id}/",
+        )
+        for tenant in tenants.order_by("id")
+    ]
+    return sorted(rows, key=lambda row: -row.requests)
+
+
+def failing_apis(tenants: QuerySet[Tenant], *, at: datetime) -> list[FailingApi]:
+    """APIs with gateway-answered 502/503/504 in the last minutes, most failures first."""
+    rows = list(
+        UsageRecord.objects.filter(
+            tenant__in=tenants, timestamp__gte=at - FAILING_WINDOW, status_code__in=FAILING_STATUSES
+        )
+        .values("api_id", "tenant_id")
+        .annotate(failures=Sum("request_count"), last_seen=Max("timestamp"))
+        .order_by("-failures")[:LIST_LIMIT]
+    )
+    names = dict(Api.objects.filter(pk__in=[row["api_id"] for row in rows]).values_list("pk", "api_name"))
+    return [
+        FailingApi(
+            api_id=row["api_id"],
+            api_name=names.get(row["api_id"], "(deleted API)"),
+            tenant_id=row["tenant_id"],
+            failures=row["failures"] or 0,
+            last_seen=row["last_seen"],
+            change_url=reverse("admin:apimgmt_api_change", args=[row["api_id"]]) if row["api_id"] in names else "",
+        )
+        for row in rows
+    ]
+
+
+def home_context(user: AbstractBaseUser | AnonymousUser) -> dict[str, Any]:
+    at = now()
+    tenants = _tenants(user)
+    pending = Subscription.objects.filter(status=Subscription.Status.PENDING, api__tenant__in=tenants)
+    # Keys being replaced by a rotation expire on purpose; only keys nobody has replaced yet need attention.
+    expiring = ApiKey.objects.filter(
+        active=True,
+        revoked_at__isnull=True,
+        expires_at__gt=at,
+        expires_at__lte=at + EXPIRY_WINDOW,
+        consumer__tenant__in=tenants,
+        successors__isnull=True,
+    )
+    return {
+        "traffic": tenant_traffic(tenants, at=at),
+        "pending_count": pending.count(),
+        "pending": pending.select_related("consumer", "api", "plan").order_by("created_at")[:LIST_LIMIT],
+        "pending_url": reverse("admin:apimgmt_subscription_changelist") + "?status__exact=pending",
+        "expiring_count": expiring.count(),
+        "expiring": expiring.select_related("consumer").order_by("expires_at")[:LIST_LIMIT],
+        "failing": failing_apis(tenants, at=at),
+        "failing_minutes": int(FAILING_WINDOW.total_seconds() // 60),
+        "audit": (
+            AuditEvent.objects.all()
+            if selectors.is_platform_staff(user)
+            else AuditEvent.objects.filter(tenant_id__in=tenants.values("id"))
+        )[:LIST_LIMIT],
+    }
