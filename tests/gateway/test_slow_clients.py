@@ -190,7 +190,7 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
     _, key = bob_key
     env = {
         **live_env,
-        "GATEWAY_BODY_READ_TIMEOUT": "1.5",
+        "GATEWAY_BODY_READ_TIMEOUT": "3",
         "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
         "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
@@ -221,7 +221,7 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
         started = time.monotonic()
         during = requests.get(url, headers={"X-API-Key": key}, timeout=5)
         assert during.status_code == 200
-        assert time.monotonic() - started < 1.0  # served promptly meanwhile
+        assert time.monotonic() - started < 2.0  # served meanwhile, not after the slow clients (cut at 3 s)
         for thread in clients:
             thread.join(20)
 
