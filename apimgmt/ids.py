@@ -44,3 +44,11 @@ def new_plan_id() -> str:
 
 def new_subscription_id() -> str:
     return new_id("sub")
+
+
+def new_event_id() -> str:
+    return new_id("evt")
+
+
+def new_webhook_endpoint_id() -> str:
+    return new_id("whk")

@@ -136,6 +136,9 @@ class Plan(models.Model):
     description = models.TextField(blank=True)
     policies = models.ManyToManyField(Policy, blank=True, related_name="plans", db_table="am_plan_policies")
     approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
+    archived_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="Archived: no new subscriptions; existing ones untouched."
+    )
     created_at = models.DateTimeField(default=now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -401,6 +404,11 @@ class Subscription(models.Model):
     )
     decided_at = models.DateTimeField(null=True, blank=True)
     decision_note = models.CharField(max_length=500, blank=True, default="")
+    # A plan change waiting for the next quota window (services.subscription_change_plan, effective=next_period).
+    pending_plan = models.ForeignKey(
+        Plan, null=True, blank=True, on_delete=models.PROTECT, related_name="pending_subscriptions", editable=False
+    )
+    plan_change_at = models.DateTimeField("plan change takes effect", null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=now, editable=False)
 
     objects = SubscriptionQuerySet.as_manager()
@@ -577,3 +585,109 @@ class UsageCopy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.minute:%Y-%m-%d %H:%M} ({self.token})"
+
+
+class Event(models.Model):
+    """Something that happened in a tenant (``key.revoked``, ``subscription.plan_changed`` …): the outbox.
+
+    Written by the services in the transaction of the change it describes, so a change and its event commit or
+    roll back together; ``manage.py deliver_events`` fans it out to the tenant's webhook endpoints. ``dedupe_key``
+    (unique) makes a notice that several processes may decide to send, such as ``key.expiring``, exist once.
+    """
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_event_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    event_type = models.CharField(max_length=64)
+    data = models.JSONField(default=dict)
+    occurred_at = models.DateTimeField(default=now)
+    dedupe_key = models.CharField(max_length=200, null=True, blank=True, unique=True, editable=False)
+    dispatched_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When deliveries to the matching endpoints were queued."
+    )
+
+    class Meta:
+        db_table = "am_events"
+        ordering = ["-occurred_at", "-id"]
+        verbose_name = "event"
+        indexes = [
+            models.Index(fields=["tenant", "-occurred_at"], name="idx_events_tenant_time"),
+            models.Index(fields=["occurred_at"], condition=Q(dispatched_at__isnull=True), name="idx_events_undispatched"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.id}"
+
+
+class WebhookEndpoint(models.Model):
+    """A tenant's receiver of events: a URL, the event types it wants and the secret its requests are signed with.
+
+    The secret (``whsec_`` + base64) must be kept to sign, so it is stored as is; it is shown once, when created or
+    rotated. After a rotation the previous secret also signs until ``previous_secret_expires_at``.
+    """
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        DISABLED = "disabled", "Disabled"
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_webhook_endpoint_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    url = models.CharField("URL", max_length=2000)
+    description = models.CharField(max_length=200, blank=True, default="")
+    event_types = models.JSONField(default=list, blank=True, help_text="Event types sent here; empty: every type.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    disabled_reason = models.CharField(max_length=500, blank=True, default="", editable=False)
+    secret = models.CharField(max_length=100, editable=False)
+    previous_secret = models.CharField(max_length=100, blank=True, default="", editable=False)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    failing_since = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="First failed attempt since the last success."
+    )
+    created_at = models.DateTimeField(default=now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "am_webhook_endpoints"
+        ordering = ["tenant_id", "url"]
+        verbose_name = "webhook endpoint"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def wants(self, event_type: str) -> bool:
+        return not self.event_types or event_type in self.event_types
+
+
+class WebhookDelivery(models.Model):
+    """One event sent (or to be sent) to one endpoint: status, attempts, the last answer and its latency."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    id = models.BigAutoField(primary_key=True)
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="deliveries")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField("latency (ms)", null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    replay_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays")
+    created_at = models.DateTimeField(default=now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "am_webhook_deliveries"
+        ordering = ["-created_at", "-id"]
+        verbose_name = "webhook delivery"
+        verbose_name_plural = "webhook deliveries"
+        indexes = [
+            models.Index(fields=["next_attempt_at"], condition=Q(status="pending"), name="idx_deliveries_due"),
+            models.Index(fields=["endpoint", "-created_at"], name="idx_deliveries_endpoint_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} → {self.endpoint_id} ({self.status})"
