@@ -54,7 +54,7 @@ def platform(acme: Tenant, globex: Tenant, acme_api: Api, bob: User, bob_app: Co
 def test_the_home_page_says_how_the_platform_is_doing(client: Client, staff: User, platform: dict[str, Any]) -> None:
     client.force_login(staff)
     html = client.get("/admin/").content.decode()
-    assert _row(html, "acme").strip() == "Acme (acme) 112 5 (4.5 %) 7 Usage · Portal"
+    assert _row(html, "acme").strip() == "Acme (acme) Usage · Portal 112 5 (4.5 %) 7"
     assert "No traffic yet" in _row(html, "globex")
     assert 'href="/admin/apimgmt/tenant/acme/usage/"' in html and 'href="/portal/acme/"' in html
     assert "Waiting for approval (1)" in html and "bob-app → users" in html
