@@ -297,9 +297,7 @@ class UsageFlusher:
                     continue
                 stats.minutes += 1
                 start = datetime.fromtimestamp(claim.minute, tz=UTC)
-                hour = start.replace(minute=0)
-                local = start.astimezone(zone)
-                day = datetime(local.year, local.month, local.day, tzinfo=zone).astimezone(UTC)
+                hour, day = hour_and_day(start, zone)
                 for raw_field, raw_value in fields.items():
                     try:
                         dimension = contract.Dimension.parse(_text(raw_field))
@@ -319,7 +317,7 @@ class UsageFlusher:
                         used[d.key] = start
             stats.buckets = len(minutes)
             for table, totals in zip(TABLES, (minutes, hours, days), strict=True):
-                self._upsert(cursor, table, totals)
+                upsert_totals(cursor, table, totals, using=self.using)
             self._touch_keys(used)
             if self.before_commit is not None:
                 self.before_commit()
@@ -340,32 +338,6 @@ class UsageFlusher:
             params,
         )
         return {row[0] for row in cursor.fetchall()}
-
-    def _upsert(self, cursor: Any, table: str, totals: Totals) -> None:
-        connection = connections[self.using]
-        greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
-        updates = ", ".join(
-            f"{c} = {greatest}({table}.{c}, EXCLUDED.{c})"
-            if c == "latency_ms_max"
-            else f"{c} = {table}.{c} + EXCLUDED.{c}"
-            for c in _METRIC_COLUMNS
-        )
-        # A fixed row order means concurrent flushers lock rows in the same order (no deadlocks).
-        rows = sorted(totals.items(), key=lambda item: item[0])
-        placeholders = "(" + ", ".join(["%s"] * 13) + ")"
-        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-            chunk = rows[start : start + _ROWS_PER_STATEMENT]
-            params: list[Any] = []
-            for (tenant, api, consumer, key, bucket, status), v in chunk:
-                bucket_value = connection.ops.adapt_datetimefield_value(bucket)
-                params += [tenant, api, consumer, key, bucket_value, status, int(v[0]), int(v[1]), int(v[2])]
-                params += [int(v[3]), v[4], v[5], v[6]]
-            cursor.execute(
-                f'INSERT INTO {table} (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
-                f"{', '.join(_METRIC_COLUMNS)}) VALUES {', '.join([placeholders] * len(chunk))} "
-                f'ON CONFLICT (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code) DO UPDATE SET {updates}',
-                params,
-            )
 
     def _touch_keys(self, used: dict[str, datetime]) -> None:
         for key_id, used_at in sorted(used.items()):
@@ -434,3 +406,78 @@ def _requests(fields: dict[Any, Any]) -> int:
         except ValueError:
             continue
     return total
+
+
+def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Add ``totals`` to one usage table (an upsert per row that adds, keeping the maximum a maximum)."""
+    connection = connections[using]
+    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+    updates = ", ".join(
+        f"{c} = {greatest}({table}.{c}, EXCLUDED.{c})" if c == "latency_ms_max" else f"{c} = {table}.{c} + EXCLUDED.{c}"
+        for c in _METRIC_COLUMNS
+    )
+    # A fixed row order means concurrent flushers lock rows in the same order (no deadlocks).
+    rows = sorted(totals.items(), key=lambda item: item[0])
+    placeholders = "(" + ", ".join(["%s"] * 13) + ")"
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        params: list[Any] = []
+        for (tenant, api, consumer, key, bucket, status), v in chunk:
+            bucket_value = connection.ops.adapt_datetimefield_value(bucket)
+            params += [tenant, api, consumer, key, bucket_value, status, int(v[0]), int(v[1]), int(v[2])]
+            params += [int(v[3]), v[4], v[5], v[6]]
+        cursor.execute(
+            f'INSERT INTO {table} (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
+            f"{', '.join(_METRIC_COLUMNS)}) VALUES {', '.join([placeholders] * len(chunk))} "
+            f'ON CONFLICT (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code) DO UPDATE SET {updates}',
+            params,
+        )
+
+
+def hour_and_day(minute: datetime, zone: zoneinfo.ZoneInfo) -> tuple[datetime, datetime]:
+    """The UTC hour and the tenant's local day (as the instant of its midnight) a minute belongs to."""
+    local = minute.astimezone(zone)
+    return minute.replace(minute=0, second=0, microsecond=0), datetime(
+        local.year, local.month, local.day, tzinfo=zone
+    ).astimezone(UTC)
+
+
+def add_minute(
+    *,
+    tenant_id: str,
+    timestamp: datetime | str,
+    status_code: int,
+    api_id: str = "",
+    consumer_id: str = "",
+    key_id: str = "",
+    request_count: int = 0,
+    error_count: int = 0,
+    bytes_in: int = 0,
+    bytes_out: int = 0,
+    latency_ms_sum: float = 0.0,
+    latency_ms_max: float = 0.0,
+    upstream_latency_ms_sum: float = 0.0,
+    using: str = DEFAULT_DB_ALIAS,
+) -> None:
+    """Add one minute's totals to am_usage_records and its hourly and daily rollups, the way the flusher does.
+
+    For loading history (imports, fixtures): the same columns as a UsageRecord.
+    """
+    from django.utils.dateparse import parse_datetime
+
+    minute = parse_datetime(timestamp) if isinstance(timestamp, str) else timestamp
+    if minute is None or minute.tzinfo is None:
+        raise ValueError(f"timestamp must be an aware datetime, not {timestamp!r}")
+    minute = minute.astimezone(UTC).replace(second=0, microsecond=0)
+    name = Tenant.objects.using(using).values_list("timezone", flat=True).get(id=tenant_id)
+    try:
+        zone = zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        zone = zoneinfo.ZoneInfo("UTC")
+    hour, day = hour_and_day(minute, zone)
+    usage_partitions.ensure([minute, day], using=using)
+    values = [request_count, error_count, bytes_in, bytes_out, latency_ms_sum, latency_ms_max, upstream_latency_ms_sum]
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        for table, bucket in zip(TABLES, (minute, hour, day), strict=True):
+            row = (tenant_id, api_id, consumer_id, key_id, bucket, status_code)
+            upsert_totals(cursor, table, {row: [float(v) for v in values]}, using=using)

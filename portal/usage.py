@@ -11,7 +11,7 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.db.models.functions.datetime import TruncBase
 from django.utils import timezone
 
-from apimgmt.models import Consumer, UsageRecord
+from apimgmt.models import Consumer, UsageDaily, UsageRecord
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,10 @@ def usage_series(*, app: Consumer, api_id: str | None, interval: str, now: datet
         trunc = TruncDay("timestamp", tzinfo=tz)
     else:
         raise ValueError(f"interval must be 'hour' or 'day', not {interval!r}")
-    records = UsageRecord.objects.filter(tenant_id=app.tenant_id, consumer_id=app.pk, timestamp__gte=starts[0])
+    # 30 days come from the daily rollup (rows at the tenant's local midnight); 24 hours from one app's minute
+    # rows, which also serves time zones whose hours are not UTC hours.
+    table = UsageDaily if interval == "day" else UsageRecord
+    records = table.objects.filter(tenant_id=app.tenant_id, consumer_id=app.pk, timestamp__gte=starts[0])
     if api_id:
         records = records.filter(api_id=api_id)
     rows = (

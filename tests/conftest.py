@@ -16,6 +16,20 @@ from apimgmt.redis_client import get_redis, reset_redis
 from tests.support.servers import app_server_env
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> None:
+    """The usage tables are partitioned by month: tests write rows from January 2025 on, so those months exist (in
+    production the flusher creates each month ahead of its rows)."""
+    from datetime import UTC, datetime
+
+    from apimgmt import usage_partitions
+
+    first = datetime(2025, 1, 1, tzinfo=UTC)
+    months = range((datetime.now(tz=UTC).year - 2025) * 12 + datetime.now(tz=UTC).month + 3)
+    with django_db_blocker.unblock():
+        usage_partitions.ensure([usage_partitions.add_months(first, n) for n in months])
+
+
 @pytest.fixture(autouse=True)
 def clean_redis() -> Iterator[redis.Redis | None]:
     """Every test starts with an empty Redis database (the one REDIS_URL names)."""

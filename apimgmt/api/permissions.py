@@ -20,6 +20,8 @@ from apimgmt.models import (
     Subscription,
     Tenant,
     TenantMembership,
+    UsageDaily,
+    UsageHourly,
     UsageRecord,
 )
 from apimgmt.selectors import is_platform_staff
@@ -78,6 +80,8 @@ SCOPES: dict[type[Model], TenantScope] = {
     ApiKey: TenantScope("consumer__tenant_id", _owned_via_consumer, "owned", frozenset({CHANGE})),
     Subscription: TenantScope("consumer__tenant_id", _owned_via_consumer, "owned", frozenset({CHANGE})),
     UsageRecord: TenantScope("tenant_id", _owned_usage, "owned"),
+    UsageHourly: TenantScope("tenant_id", _owned_usage, "owned"),
+    UsageDaily: TenantScope("tenant_id", _owned_usage, "owned"),
     AuditEvent: TenantScope("tenant_id", developer_reads="none"),
 }
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 
-from apimgmt.models import UsageRecord
+from apimgmt.usage import add_minute
 
 pytestmark = pytest.mark.django_db
 
@@ -101,7 +101,7 @@ def test_contract_table(staff: User, client_for: Any) -> None:
     assert r.status_code == 200 and r.json()["key_id"] == rotated["key_id"] and r.json()["active"] is False
     assert "key" not in r.json()
 
-    UsageRecord.objects.create(
+    add_minute(
         tenant_id="acme",
         api_id=api_id,
         consumer_id=consumer_id,
@@ -115,7 +115,7 @@ def test_contract_table(staff: User, client_for: Any) -> None:
         latency_ms_sum=80.0,
         latency_ms_max=30.0,
     )
-    UsageRecord.objects.create(
+    add_minute(
         tenant_id="acme",
         api_id=api_id,
         consumer_id=consumer_id,

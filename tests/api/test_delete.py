@@ -15,6 +15,7 @@ from django.urls import reverse
 from apimgmt import services
 from apimgmt.invalidation import CONFIG_VERSION_KEY
 from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant, UsageRecord
+from apimgmt.usage import add_minute
 from tests.api.conftest import V1
 from tests.api.test_cross_tenant import _snapshot
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
@@ -45,9 +46,9 @@ def assert_conflict(response: Any, *phrases: str) -> None:
 @pytest.fixture
 def usage_of(acme: Tenant) -> Any:
     def make(api: Api) -> UsageRecord:
-        return UsageRecord.objects.create(
-            tenant=acme, api_id=api.pk, timestamp="2026-01-01T10:00:00Z", status_code=200, request_count=7
-        )
+        # As the flusher writes it: the minute row and its hourly and daily rollups.
+        add_minute(tenant_id=acme.pk, api_id=api.pk, timestamp="2026-01-01T10:00:00Z", status_code=200, request_count=7)
+        return UsageRecord.objects.get(tenant=acme, api_id=api.pk)
 
     return make
 

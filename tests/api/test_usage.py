@@ -8,7 +8,8 @@ import pytest
 from django.contrib.auth.models import User
 
 from apimgmt import services
-from apimgmt.models import Api, ApiKey, Consumer, Tenant, UsageRecord
+from apimgmt.models import Api, ApiKey, Consumer, Tenant
+from apimgmt.usage import add_minute
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +17,7 @@ WINDOW = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-03T00:00:00Z"}
 
 
 def record(tenant: str, api: str, consumer: str, key: str, at: str, code: int, count: int, latency: float) -> None:
-    UsageRecord.objects.create(
+    add_minute(
         tenant_id=tenant,
         api_id=api,
         consumer_id=consumer,

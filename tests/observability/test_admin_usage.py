@@ -10,13 +10,14 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils.timezone import now
 
-from apimgmt.models import Api, Consumer, Tenant, UsageRecord
+from apimgmt.models import Api, Consumer, Tenant
+from apimgmt.usage import add_minute
 
 
 def _record(tenant: Tenant, *, api: str, consumer: str, status: int, count: int, ago: timedelta) -> None:
     minute = (now() - ago).replace(second=0, microsecond=0)
-    UsageRecord.objects.create(
-        tenant=tenant,
+    add_minute(
+        tenant_id=tenant.id,
         api_id=api,
         consumer_id=consumer,
         key_id="",

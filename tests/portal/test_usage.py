@@ -13,14 +13,15 @@ from django.utils import timezone
 
 import apimgmt.echo
 from apimgmt import services
-from apimgmt.models import Api, ApiKey, Consumer, Tenant, UsageRecord
+from apimgmt.models import Api, ApiKey, Consumer, Tenant
+from apimgmt.usage import add_minute
 from tests.gateway.conftest import InProcessGateway
 from tests.support.servers import wsgi_server
 
 
 def _record(app: Consumer, api_id: str, minutes_ago: int, status: int, count: int, errors: int = 0) -> None:
     bucket = (timezone.now() - timedelta(minutes=minutes_ago)).replace(second=0, microsecond=0)
-    UsageRecord.objects.create(
+    add_minute(
         tenant_id=app.tenant_id,
         api_id=api_id,
         consumer_id=app.pk,
