@@ -26,8 +26,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import redis
 from django.db import transaction
@@ -89,8 +91,39 @@ def read_config_version() -> int:
     return int(value) if value is not None else 0
 
 
+@dataclass
+class _Notifications:
+    config: bool = False
+    key_hashes: set[str] = field(default_factory=set)
+
+
+# Set inside ``coalesced_notifications``: what its changes will tell the gateways at the end.
+_pending: ContextVar[_Notifications | None] = ContextVar("pending_notifications", default=None)
+
+
+@contextmanager
+def coalesced_notifications() -> Iterator[None]:
+    """Inside a transaction: the changes made in the block tell the gateways once, after the commit (one version
+    bump, one set of evictions) rather than once per change. For bulk changes such as ``config apply``."""
+    notifications = _Notifications()
+    token = _pending.set(notifications)
+    try:
+        yield
+    finally:
+        _pending.reset(token)
+    if notifications.config:
+        transaction.on_commit(bump_config_version)
+    if notifications.key_hashes:
+        hashes = sorted(notifications.key_hashes)
+        transaction.on_commit(lambda: publish_evictions(hashes))
+
+
 def config_changed() -> None:
     """A route-level change: bump the version once the current transaction commits (immediately outside one)."""
+    pending = _pending.get()
+    if pending is not None:
+        pending.config = True
+        return
     transaction.on_commit(bump_config_version)
 
 
@@ -133,6 +166,10 @@ def publish_evictions(key_hashes: Iterable[str]) -> bool:
 def keys_changed(key_hashes: Iterable[str]) -> None:
     """Keys whose state changed: evict them on every worker once the current transaction commits."""
     hashes = list(key_hashes)
+    pending = _pending.get()
+    if pending is not None:
+        pending.key_hashes.update(hashes)
+        return
     transaction.on_commit(lambda: publish_evictions(hashes))
 
 

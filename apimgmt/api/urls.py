@@ -6,7 +6,7 @@ from django.urls import URLPattern, URLResolver, include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 from rest_framework.routers import SimpleRouter
 
-from apimgmt.api import views
+from apimgmt.api import config_views, views
 
 router = SimpleRouter()
 router.register("tenants", views.TenantViewSet, basename="tenant")
@@ -21,6 +21,18 @@ router.register("audit-events", views.AuditEventViewSet, basename="audit-event")
 v1: list[URLPattern | URLResolver] = [
     *router.urls,
     path("usage/", views.UsageView.as_view(), name="usage"),
+    # Configuration as code (apimgmt/api/config_views.py).
+    path("config/schema/", config_views.ConfigSchemaView.as_view(), name="config-schema"),
+    path("config/schema", config_views.ConfigSchemaAliasView.as_view()),
+    path("tenants/<str:tenant_id>/config/", config_views.TenantConfigView.as_view(), name="tenant-config"),
+    path(
+        "tenants/<str:tenant_id>/config/plan/", config_views.TenantConfigPlanView.as_view(), name="tenant-config-plan"
+    ),
+    path(
+        "tenants/<str:tenant_id>/config/apply/",
+        config_views.TenantConfigApplyView.as_view(),
+        name="tenant-config-apply",
+    ),
 ]
 
 urlpatterns: list[URLPattern | URLResolver] = [

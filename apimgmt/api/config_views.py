@@ -1,0 +1,212 @@
+"""Configuration as code over the management API: the schema, export, plan and apply of one tenant's document.
+
+Thin edges over apimgmt.config_doc. Reading a tenant's configuration shows its internals (upstreams, key settings),
+so export and plan need what reading those needs (tenant admin or viewer, or platform staff); apply changes APIs,
+plans and policies, so it needs a tenant admin (or platform staff). Another tenant is a 404.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpResponse, JsonResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apimgmt import config_doc
+from apimgmt.api.exceptions import PROBLEM_CONTENT_TYPE, problem
+from apimgmt.api.permissions import CHANGE, VIEW, restrict, sees_internals
+from apimgmt.api.serializers import JSONObjectField, ProblemSerializer, StrictCharField, StrictSerializer
+from apimgmt.api.views import RequestContextMixin
+from apimgmt.models import Tenant
+
+# What the document is called in messages about a request body.
+BODY = "request body"
+
+
+class ConfigRequestSerializer(StrictSerializer):
+    document = JSONObjectField(required=False, help_text="The document as a JSON object.")
+    text = StrictCharField(
+        required=False, trim_whitespace=False, max_length=10_000_000, help_text="Or: the document as YAML or JSON text."
+    )
+    prune = serializers.BooleanField(default=False, help_text="Delete what the document does not mention.")
+    variables = serializers.DictField(
+        child=StrictCharField(allow_blank=True, trim_whitespace=False),
+        required=False,
+        help_text="Values for ${NAME} references in the document (the server's environment is never read).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("document" in attrs) == ("text" in attrs):
+            raise serializers.ValidationError({"document": ["Send the document either as `document` or as `text`."]})
+        return attrs
+
+
+class ConfigApplySerializer(ConfigRequestSerializer):
+    dry_run = serializers.BooleanField(default=False, help_text="Make every change, then roll all of it back.")
+    fingerprint = StrictCharField(
+        required=False, max_length=100, help_text="The plan's fingerprint: refuse (409) if the tenant changed since."
+    )
+
+
+class ChangeSerializer(serializers.Serializer):
+    action = serializers.ChoiceField(choices=["create", "update", "delete"])
+    kind = serializers.ChoiceField(choices=["policy", "plan", "api", "consumer", "subscription"])
+    name = serializers.CharField()
+    fields = serializers.DictField(required=False, help_text='{"field": {"old": …, "new": …}} of an update.')  # type: ignore[assignment]
+    refused = serializers.CharField(required=False, help_text="Why this delete would be refused.")
+
+
+class SummarySerializer(serializers.Serializer):
+    create = serializers.IntegerField()  # type: ignore[assignment]  # a field, popped by the metaclass
+    update = serializers.IntegerField()  # type: ignore[assignment]  # a field, popped by the metaclass
+    delete = serializers.IntegerField()
+    refused = serializers.IntegerField()
+
+
+class PlanSerializer(serializers.Serializer):
+    tenant_id = serializers.CharField()
+    prune = serializers.BooleanField()
+    fingerprint = serializers.CharField(help_text="Pass it to apply to refuse changes made since this plan.")
+    summary = SummarySerializer()
+    changes = ChangeSerializer(many=True)
+    applied = serializers.BooleanField(required=False, help_text="Apply only: false for a dry run.")
+
+
+def _document_from(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The canonical document from a validated request body (ConfigError names what to fix)."""
+    variables = data.get("variables", {})
+    if "text" in data:
+        return config_doc.read_document(data["text"], BODY, variables), BODY
+    return config_doc.read_document(json.dumps(data["document"]), BODY + ".json", variables), BODY
+
+
+def _config_error(exc: config_doc.ConfigError) -> Response:
+    return problem(
+        status.HTTP_400_BAD_REQUEST,
+        f"The configuration document is invalid ({len(exc.problems)} problem(s)); fix the places listed in errors.",
+        errors=exc.as_errors(),
+    )
+
+
+class TenantConfigBase(RequestContextMixin, APIView):
+    """The tenant of the URL, if the caller may take ``action`` on its configuration."""
+
+    def tenant(self, tenant_id: str, action: str) -> Tenant:
+        visible = restrict(Tenant.objects.filter(pk=tenant_id), self.request.user, VIEW).first()
+        if visible is None:
+            raise exceptions.NotFound()
+        if action == VIEW and not sees_internals(self.request.user, visible.id):
+            raise exceptions.PermissionDenied(
+                f"Your role in tenant {visible.id} does not allow reading its configuration."
+            )
+        if action == CHANGE and not restrict(Tenant.objects.filter(pk=visible.pk), self.request.user, CHANGE).exists():
+            raise exceptions.PermissionDenied(f"Only admins of tenant {visible.id} can apply its configuration.")
+        return visible
+
+
+_ERRORS = {
+    (409, PROBLEM_CONTENT_TYPE): OpenApiResponse(
+        response=ProblemSerializer,
+        description="A delete would be refused (the plan is in `plan`), or the tenant changed since the plan.",
+    ),
+}
+
+
+class ConfigSchemaView(RequestContextMixin, APIView):
+    """The JSON Schema of configuration documents (also docs/config.schema.json)."""
+
+    permission_classes: list[Any] = []
+    authentication_classes: list[Any] = []
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="JSON Schema of configuration documents")
+    def get(self, request: Request) -> HttpResponse:
+        return HttpResponse(config_doc.schema_text(), content_type="application/schema+json")
+
+
+class ConfigSchemaAliasView(ConfigSchemaView):
+    """The same schema at the address without the final slash, which editors' `$schema` settings tend to use."""
+
+    schema = None  # documented once, under config/schema/
+
+
+class TenantConfigView(TenantConfigBase):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("output", str, enum=["json", "yaml"], description="json (default) or yaml text."),
+            OpenApiParameter("consumers", bool, description="Include consumers and their open subscriptions."),
+        ],
+        responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "application/yaml"): OpenApiTypes.STR},
+        summary="Export the tenant's configuration document (stable order; no keys or secrets)",
+    )
+    def get(self, request: Request, tenant_id: str) -> HttpResponse:
+        output = request.query_params.get("output", "json")
+        consumers = request.query_params.get("consumers", "false")
+        if output not in ("json", "yaml"):
+            raise exceptions.ValidationError({"output": ["output must be json or yaml."]})
+        if consumers not in ("true", "false"):
+            raise exceptions.ValidationError({"consumers": ["consumers must be true or false."]})
+        tenant = self.tenant(tenant_id, VIEW)
+        try:
+            document = config_doc.export_document(tenant, consumers=consumers == "true")
+        except config_doc.ConfigError as exc:
+            return _config_error(exc)
+        if output == "yaml":
+            return HttpResponse(config_doc.dump_text(document, "yaml"), content_type="application/yaml; charset=utf-8")
+        return JsonResponse(document, json_dumps_params={"ensure_ascii": False})
+
+
+class TenantConfigPlanView(TenantConfigBase):
+    @extend_schema(
+        request=ConfigRequestSerializer,
+        responses={200: PlanSerializer},
+        summary="Plan: what applying the document would create, update (old → new) and delete; changes nothing",
+    )
+    def post(self, request: Request, tenant_id: str) -> Response:
+        tenant = self.tenant(tenant_id, VIEW)
+        body = ConfigRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            document, source = _document_from(body.validated_data)
+            plan = config_doc.plan_for(tenant, document, source=source, prune=body.validated_data["prune"])
+        except config_doc.ConfigError as exc:
+            return _config_error(exc)
+        return Response(plan.as_json())
+
+
+class TenantConfigApplyView(TenantConfigBase):
+    @extend_schema(
+        request=ConfigApplySerializer,
+        responses={200: PlanSerializer, **_ERRORS},
+        summary="Apply the document: all or nothing, audited, gateways told once",
+    )
+    def post(self, request: Request, tenant_id: str) -> Response:
+        tenant = self.tenant(tenant_id, CHANGE)
+        body = ConfigApplySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            document, source = _document_from(data)
+            plan = config_doc.apply_document(
+                tenant=tenant,
+                document=document,
+                source=source,
+                actor=request.user,
+                prune=data["prune"],
+                dry_run=data["dry_run"],
+                expected_fingerprint=data.get("fingerprint"),
+            )
+        except config_doc.ConfigError as exc:
+            return _config_error(exc)
+        except config_doc.PlanRefused as exc:
+            response = problem(status.HTTP_409_CONFLICT, f"Nothing applied: {exc}")
+            response.data["plan"] = exc.plan.as_json()
+            return response
+        except config_doc.StalePlan as exc:
+            return problem(status.HTTP_409_CONFLICT, str(exc))
+        return Response({**plan.as_json(), "applied": not data["dry_run"]})

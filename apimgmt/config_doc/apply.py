@@ -1,0 +1,289 @@
+"""Applying a plan: every change through the services, all or nothing in one transaction, gateways told once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils.dateparse import parse_datetime
+
+from apimgmt import services
+from apimgmt.config_doc.document import API_MODEL_FIELD, ConfigError, Problem
+from apimgmt.config_doc.plan import CREATE, DELETE, SECTION_OF, UPDATE, Change, ConfigPlan, make_plan
+from apimgmt.config_doc.state import TenantState, read_state
+from apimgmt.invalidation import coalesced_notifications
+from apimgmt.models import Api, Consumer, Plan, Policy, Subscription, Tenant
+
+# Service field names that the document calls differently (for error messages).
+_DOCUMENT_FIELD = {"api_name": "name", "plan_id": "plan", "api_id": "api", "consumer_id": "name"}
+
+
+class StalePlan(Exception):
+    """The tenant changed after the plan the caller reviewed; nothing was applied."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"The tenant's configuration changed since the plan was made (plan {expected}, now {actual}); "
+            "make the plan again, review it, and apply that."
+        )
+
+
+class PlanRefused(Exception):
+    """The plan contains deletes their services would refuse; nothing was applied."""
+
+    def __init__(self, plan: ConfigPlan) -> None:
+        self.plan = plan
+        super().__init__("; ".join(f"{c.label}: {c.refusal}" for c in plan.refusals))
+
+
+class _DryRun(Exception):
+    """Raised to roll back a dry run."""
+
+
+def apply_document(
+    *,
+    tenant: Tenant,
+    document: dict[str, Any],
+    source: str,
+    actor: services.Actor,
+    prune: bool = False,
+    dry_run: bool = False,
+    expected_fingerprint: str | None = None,
+) -> ConfigPlan:
+    """Plan and apply in one transaction, with the tenant's rows locked so no edit slips in between.
+
+    A dry run makes every change, so the services check everything they would, then rolls it all back (no audit
+    row, no message to the gateways). Raises ConfigError, StalePlan or PlanRefused with nothing changed.
+    """
+    plan: ConfigPlan | None = None
+    try:
+        with transaction.atomic():
+            # The tenant row first: two applies to one tenant run one after the other.
+            Tenant.objects.select_for_update().get(pk=tenant.pk)
+            state = read_state(tenant, consumers="consumers" in document, lock=True)
+            if expected_fingerprint and expected_fingerprint != state.fingerprint():
+                raise StalePlan(expected_fingerprint, state.fingerprint())
+            plan = make_plan(state=state, document=document, source=source, prune=prune)
+            if plan.refusals:
+                raise PlanRefused(plan)
+            with coalesced_notifications():
+                _Applier(tenant, state, plan, actor).run()
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    assert plan is not None
+    return plan
+
+
+# The order of the changes: what others refer to first; deleted APIs before the APIs made or changed (so a renamed
+# API can take its old route over); plans and policies deleted last, once nothing refers to them any more.
+_STEPS = (
+    (("policy", "plan"), (CREATE, UPDATE)),
+    (("subscription", "consumer", "api"), (DELETE,)),
+    (("api", "consumer", "subscription"), (CREATE, UPDATE)),
+    (("plan", "policy"), (DELETE,)),
+)
+
+
+class _Applier:
+    def __init__(self, tenant: Tenant, state: TenantState, plan: ConfigPlan, actor: services.Actor) -> None:
+        self.tenant = tenant
+        self.state = state
+        self.plan = plan
+        self.actor = actor
+        self.policies: dict[str, Policy] = {name: row for name, (_item, row) in state.policies.items()}
+        self.plans: dict[str, Plan] = {name: row for name, (_item, row) in state.plans.items()}
+        self.apis: dict[str, Api] = {name: row for name, (_item, row) in state.apis.items()}
+        self.consumers: dict[str, Consumer] = {key: row for key, (_item, row) in (state.consumers or {}).items()}
+
+    def run(self) -> None:
+        for kinds, actions in _STEPS:
+            for kind in kinds:
+                for change in self.plan.changes:
+                    if change.kind == kind and change.action in actions:
+                        self._guarded(change, getattr(self, f"_{change.action}_{kind}"))
+
+    def _guarded(self, change: Change, step: Callable[[Change], None]) -> None:
+        """Run one change; a service's refusal becomes an error naming the object and the field."""
+        where = f"{SECTION_OF.get(change.kind, 'consumers')}[{change.key}]"
+        try:
+            step(change)
+        except ValidationError as exc:
+            if hasattr(exc, "error_dict"):
+                problems = [
+                    Problem(f"{where}.{_DOCUMENT_FIELD.get(name, name)}" if name != "__all__" else where, message)
+                    for name, messages in exc.message_dict.items()
+                    for message in messages
+                ]
+            else:
+                problems = [Problem(where, message) for message in exc.messages]
+            raise ConfigError(self.plan.source, problems) from exc
+        except services.DeletionRefused as exc:
+            raise ConfigError(self.plan.source, [Problem(where, exc.message)]) from exc
+
+    # Policies --------------------------------------------------------------------------------------------
+
+    def _create_policy(self, change: Change) -> None:
+        item = change.desired
+        self.policies[change.key] = services.policy_create(
+            tenant=self.tenant,
+            actor=self.actor,
+            name=item["name"],
+            description=item["description"],
+            policy_type=item["policy_type"],
+            config=item["config"],
+            mode=item["mode"],
+            on_store_error=item["on_store_error"],
+        )
+
+    def _update_policy(self, change: Change) -> None:
+        fields = {name: change.desired[name] for name in change.fields}
+        services.policy_update(policy=change.row, actor=self.actor, **fields)
+
+    def _delete_policy(self, change: Change) -> None:
+        services.policy_delete(policy=change.row, actor=self.actor)
+
+    # Plans -----------------------------------------------------------------------------------------------
+
+    def _create_plan(self, change: Change) -> None:
+        item = change.desired
+        self.plans[change.key] = services.plan_create(
+            tenant=self.tenant,
+            actor=self.actor,
+            name=item["name"],
+            description=item["description"],
+            approval=item["approval"],
+            policies=[self.policies[name] for name in item["policies"]],
+        )
+
+    def _update_plan(self, change: Change) -> None:
+        fields = {name: change.desired[name] for name in change.fields if name != "policies"}
+        policies = [self.policies[n] for n in change.desired["policies"]] if "policies" in change.fields else None
+        services.plan_update(plan=change.row, actor=self.actor, policies=policies, **fields)
+
+    def _delete_plan(self, change: Change) -> None:
+        services.plan_delete(plan=change.row, actor=self.actor)
+
+    # APIs ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _api_value(name: str, value: Any) -> Any:
+        if name == "sunset_at" and value is not None:
+            parsed: datetime | None = parse_datetime(value)
+            return parsed
+        return value
+
+    def _create_api(self, change: Change) -> None:
+        item = change.desired
+        options = {
+            API_MODEL_FIELD.get(name, name): self._api_value(name, item.get(name))
+            for name in item
+            if name not in ("name", "base_path", "upstream_url", "status", "targets", "policies", "plans")
+        }
+        self.apis[change.key] = services.api_create(
+            tenant=self.tenant,
+            actor=self.actor,
+            api_name=item["name"],
+            base_path=item["base_path"],
+            upstream_url=item["upstream_url"],
+            status=item["status"],
+            policies=[self.policies[n] for n in item["policies"]],
+            plans=[self.plans[n] for n in item["plans"]],
+            targets=[(t["url"], t["weight"]) for t in item["targets"]],
+            **options,
+        )
+
+    def _update_api(self, change: Change) -> None:
+        item = change.desired
+        fields = {
+            API_MODEL_FIELD.get(name, name): self._api_value(name, item.get(name))
+            for name in change.fields
+            if name not in ("status", "targets", "policies", "plans")
+        }
+        api: Api = change.row
+        api = services.api_update(
+            api=api,
+            actor=self.actor,
+            policies=[self.policies[n] for n in item["policies"]] if "policies" in change.fields else None,
+            plans=[self.plans[n] for n in item["plans"]] if "plans" in change.fields else None,
+            targets=[(t["url"], t["weight"]) for t in item["targets"]] if "targets" in change.fields else None,
+            **fields,
+        )
+        if "status" in change.fields:
+            wanted = item["status"]
+            if api.status == Api.Status.DRAFT and wanted != Api.Status.RETIRED:
+                api = services.api_activate(api=api, actor=self.actor)
+            if wanted == Api.Status.ACTIVE:
+                services.api_activate(api=api, actor=self.actor)
+            elif wanted == Api.Status.DEPRECATED:
+                services.api_deprecate(api=api, actor=self.actor)
+            elif wanted == Api.Status.RETIRED:
+                services.api_retire(api=api, actor=self.actor)
+
+    def _delete_api(self, change: Change) -> None:
+        services.api_delete(api=change.row, actor=self.actor)
+
+    # Consumers and subscriptions -------------------------------------------------------------------------
+
+    @staticmethod
+    def _user(username: str | None) -> Any:
+        if username is None:
+            return None
+        user_model = get_user_model()
+        return user_model._default_manager.get(**{user_model.USERNAME_FIELD: username})
+
+    def _create_consumer(self, change: Change) -> None:
+        item = change.desired
+        consumer = services.consumer_create(
+            tenant=self.tenant,
+            actor=self.actor,
+            name=item["name"],
+            owner=self._user(item["owner"]),
+            description=item["description"],
+        )
+        if item["status"] == Consumer.Status.BLOCKED:
+            consumer = services.consumer_block(consumer=consumer, actor=self.actor)
+        self.consumers[change.key] = consumer
+
+    def _update_consumer(self, change: Change) -> None:
+        consumer: Consumer = change.row
+        fields: dict[str, Any] = {name: change.desired[name] for name in change.fields if name in ("description",)}
+        if fields:
+            consumer = services.consumer_update(consumer=consumer, actor=self.actor, **fields)
+        if "status" in change.fields:
+            block = change.desired["status"] == Consumer.Status.BLOCKED
+            (services.consumer_block if block else services.consumer_unblock)(consumer=consumer, actor=self.actor)
+
+    def _delete_consumer(self, change: Change) -> None:
+        services.consumer_delete(consumer=change.row, actor=self.actor)
+
+    def _create_subscription(self, change: Change) -> None:
+        item = change.desired
+        subscription = services.subscription_request(
+            consumer=self.consumers[item["consumer"]],
+            api=self.apis[item["api"]],
+            plan=self.plans[item["plan"]] if item["plan"] else None,
+            actor=self.actor,
+        )
+        if item["status"] == Subscription.Status.ACTIVE and subscription.status == Subscription.Status.PENDING:
+            services.subscription_approve(subscription=subscription, actor=self.actor, note="configuration applied")
+
+    def _update_subscription(self, change: Change) -> None:
+        if "plan" in change.fields:
+            # A subscription never moves to another plan: the old one is cancelled and a new one requested.
+            services.subscription_cancel(
+                subscription=change.row, actor=self.actor, note="plan changed by configuration"
+            )
+            self._create_subscription(change)
+        elif change.fields.get("status") == [Subscription.Status.PENDING, Subscription.Status.ACTIVE]:
+            services.subscription_approve(subscription=change.row, actor=self.actor, note="configuration applied")
+
+    def _delete_subscription(self, change: Change) -> None:
+        services.subscription_cancel(subscription=change.row, actor=self.actor, note="not in the configuration")

@@ -1,0 +1,139 @@
+"""``manage.py config export|diff|apply``: a tenant's configuration as code, with exit codes for CI.
+
+Exit codes: 0 = no changes, 2 = changes planned (diff, apply --dry-run) or applied, 1 = error (bad document,
+refused delete, stale plan, unknown tenant); every message names the file, the object and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from apimgmt import config_doc
+from apimgmt.models import Tenant
+
+EXIT_NO_CHANGES = 0
+EXIT_ERROR = 1
+EXIT_CHANGES = 2
+
+
+class Command(BaseCommand):
+    help = "Export, diff (plan) or apply a tenant's configuration document (YAML or JSON)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="operation", required=True, metavar="{export,diff,apply}")
+
+        export = sub.add_parser("export", help="Write the tenant's configuration (stable order, no secrets).")
+        export.add_argument("--tenant", required=True)
+        export.add_argument("-o", "--output", help="File to write (default: standard output).")
+        export.add_argument("--format", choices=("yaml", "json"), help="Default: from the file name, else yaml.")
+        export.add_argument(
+            "--consumers", action="store_true", help="Include consumers and their open subscriptions (never keys)."
+        )
+
+        diff = sub.add_parser("diff", help="Show what apply would change (creates, updates old → new, deletes).")
+        apply = sub.add_parser("apply", help="Make the tenant match the file, all or nothing.")
+        for command in (diff, apply):
+            command.add_argument("--tenant", required=True)
+            command.add_argument("-f", "--file", required=True, help="The document; '-' reads standard input.")
+            command.add_argument("--prune", action="store_true", help="Delete what the file does not mention.")
+            command.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+        apply.add_argument("--dry-run", action="store_true", help="Make every change, then roll all of it back.")
+        apply.add_argument(
+            "--fingerprint",
+            help="Refuse unless the tenant is still as it was when the plan with this fingerprint was made.",
+        )
+        apply.add_argument("--actor", help="User name recorded in the audit events (default: system).")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            code = getattr(self, f"_{options['operation']}")(options)
+        except config_doc.ConfigError as exc:
+            self.stderr.write(str(exc))
+            code = EXIT_ERROR
+        except config_doc.PlanRefused as exc:
+            self._write_plan(exc.plan, options)
+            self.stderr.write(
+                f"{exc.plan.source}: nothing applied: {len(exc.plan.refusals)} delete(s) would be refused."
+            )
+            code = EXIT_ERROR
+        except (config_doc.StalePlan, CommandError) as exc:
+            self.stderr.write(str(exc))
+            code = EXIT_ERROR
+        sys.exit(code)
+
+    # Steps --------------------------------------------------------------------------------------------------
+
+    def _tenant(self, options: dict[str, Any]) -> Tenant:
+        tenant = Tenant.objects.filter(pk=options["tenant"]).first()
+        if tenant is None:
+            raise CommandError(f"No tenant {options['tenant']!r}.")
+        return tenant
+
+    def _read(self, options: dict[str, Any]) -> tuple[str, str]:
+        name = options["file"]
+        if name == "-":
+            return sys.stdin.read(), "<stdin>"
+        try:
+            return Path(name).read_text(encoding="utf-8"), name
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"{name}: cannot read: {exc}") from exc
+
+    def _write_plan(self, plan: config_doc.ConfigPlan, options: dict[str, Any]) -> None:
+        if options.get("json"):
+            import json
+
+            self.stdout.write(json.dumps(plan.as_json(), indent=2, ensure_ascii=False))
+        else:
+            self.stdout.write(plan.text(), ending="")
+
+    def _export(self, options: dict[str, Any]) -> int:
+        tenant = self._tenant(options)
+        output = options.get("output")
+        fmt = options.get("format") or ("json" if output and output.endswith(".json") else "yaml")
+        document = config_doc.export_document(tenant, consumers=options["consumers"], source=output or "<stdout>")
+        text = config_doc.dump_text(document, fmt)
+        if output:
+            Path(output).write_text(text, encoding="utf-8")
+        else:
+            self.stdout.write(text, ending="")
+        return EXIT_NO_CHANGES
+
+    def _diff(self, options: dict[str, Any]) -> int:
+        tenant = self._tenant(options)
+        text, source = self._read(options)
+        plan = config_doc.plan_document(tenant, text, source=source, variables=os.environ, prune=options["prune"])
+        self._write_plan(plan, options)
+        if plan.refusals:
+            return EXIT_ERROR
+        return EXIT_CHANGES if plan.has_changes else EXIT_NO_CHANGES
+
+    def _apply(self, options: dict[str, Any]) -> int:
+        tenant = self._tenant(options)
+        text, source = self._read(options)
+        actor = None
+        if options.get("actor"):
+            user_model = get_user_model()
+            actor = user_model._default_manager.filter(**{user_model.USERNAME_FIELD: options["actor"]}).first()
+            if actor is None:
+                raise CommandError(f"--actor: no user named {options['actor']!r}.")
+        document = config_doc.read_document(text, source, os.environ)
+        plan = config_doc.apply_document(
+            tenant=tenant,
+            document=document,
+            source=source,
+            actor=actor,
+            prune=options["prune"],
+            dry_run=options["dry_run"],
+            expected_fingerprint=options.get("fingerprint"),
+        )
+        self._write_plan(plan, options)
+        if plan.has_changes and not options.get("json"):
+            done = "checked and rolled back (dry run)" if options["dry_run"] else "applied"
+            self.stdout.write(f"{len(plan.changes)} change(s) {done}.")
+        return EXIT_CHANGES if plan.has_changes else EXIT_NO_CHANGES
