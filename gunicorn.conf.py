@@ -57,7 +57,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 # Metrics never go out on the port clients reach (they name every tenant, API and traffic volume): the arbiter serves
 # them, summed over its workers, on a listener of their own that only Prometheus is let through to (the image sets
 # METRICS_PORT=9100; the chart's NetworkPolicy and docker-compose keep clients off it). Unset or 0: no listener.
-_metrics_port = int(os.environ.get("METRICS_PORT") or 0)
+_metrics_port_setting = os.environ.get("METRICS_PORT") or "0"
+if not _metrics_port_setting.isascii() or not _metrics_port_setting.isdigit() or int(_metrics_port_setting) > 65535:
+    raise ValueError(f"METRICS_PORT must be a TCP port number (1-65535, or 0 for none), got {_metrics_port_setting!r}")
+_metrics_port = int(_metrics_port_setting)
 _metrics_address = os.environ.get("METRICS_ADDRESS", "0.0.0.0")  # noqa: S104 (Prometheus scrapes the pod IP)
 _metrics_server: Any = None
 

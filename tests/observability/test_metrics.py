@@ -182,3 +182,19 @@ def test_refused_keys_a_client_cannot_tell_apart_share_one_reason(deployment: Me
     }
     # ... and so does anyone who reads the metrics.
     assert reasons == {"invalid_key": 3, "not_subscribed": 1}
+
+
+@pytest.mark.parametrize("value", ["abc", "70000", "-1", "\uff19\uff11\uff10\uff10"])
+def test_a_bad_metrics_port_stops_gunicorn_with_a_message_naming_it(value: str) -> None:
+    from tests.support.servers import ROOT, VENV_BIN
+
+    checked = subprocess.run(
+        [str(VENV_BIN / "gunicorn"), "--check-config", "-c", "gunicorn.conf.py", "apimgmt.wsgi:application"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "METRICS_PORT": value, "DEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode != 0
+    assert f"METRICS_PORT must be a TCP port number (1-65535, or 0 for none), got {value!r}" in checked.stderr
