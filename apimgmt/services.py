@@ -8,7 +8,7 @@ message that says what to fix; nothing half-written is left behind.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -17,7 +17,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
-from apimgmt import keys, validation
+from apimgmt import events, keys, limits, validation
 from apimgmt.context import client_ip_var, request_id_var
 from apimgmt.invalidation import config_changed, consumer_changed, keys_changed
 from apimgmt.models import (
@@ -356,21 +356,25 @@ def plan_update(*, plan: Plan, actor: Actor, policies: Iterable[Policy] | None =
 
 
 def plan_delete_refusal(plan: Plan) -> str | None:
-    """Why the plan cannot be deleted now (subscriptions reference it), or None."""
+    """Why the plan cannot be deleted now (open subscriptions are on it, or will move to it), or None."""
     by_status = dict(
-        plan.subscriptions.order_by().values_list("status").annotate(n=models.Count("pk")).values_list("status", "n")
+        plan.subscriptions.open()
+        .order_by()
+        .values_list("status")
+        .annotate(n=models.Count("pk"))
+        .values_list("status", "n")
     )
-    if not by_status:
+    incoming = plan.pending_subscriptions.count()
+    if not by_status and not incoming:
         return None
     total = sum(by_status.values())
-    detail = ", ".join(f"{by_status[st]} {st}" for st in Subscription.Status.values if by_status.get(st))
-    # Subscription.plan is PROTECT: a closed subscription keeps its plan as history, and there is no way to move
-    # a subscription to another plan, so cancelling alone does not free the plan. Say so rather than "cancel first".
+    parts = [f"{by_status[st]} {st}" for st in OPEN_SUBSCRIPTION_STATUSES if by_status.get(st)]
+    if incoming:
+        parts.append(f"{incoming} scheduled to move to it")
     return (
-        f"Plan {plan.name!r} is referenced by {_count(total, 'subscription')} ({detail}); a plan can be deleted only"
-        " when no subscription references it. Subscriptions cannot be moved to another plan, and cancelled or"
-        " rejected ones keep their plan as history: they go only with their API (retire it, then delete it) or"
-        " their consumer."
+        f"Plan {plan.name!r} is used by {_count(total + incoming, 'subscription')} ({', '.join(parts)}); move them to"
+        " another plan (change-plan) or end them first, then delete it. Archive it to stop new subscriptions"
+        " meanwhile."
     )
 
 
@@ -384,6 +388,12 @@ def plan_delete(*, plan: Plan, actor: Actor) -> None:
         "policies": sorted(plan.policies.values_list("pk", flat=True)),
         "no_longer_offered_by": sorted(plan.apis.values_list("pk", flat=True)),
     }
+    reason = plan_delete_refusal(plan)
+    if reason is None:
+        # Cancelled and rejected subscriptions keep their history in the audit log; their plan becomes none.
+        closed = list(plan.subscriptions.values_list("pk", flat=True))
+        changes["closed_subscriptions_detached"] = closed
+        Subscription.objects.filter(pk__in=closed).update(plan=None)
     _delete_unless_refused(plan, refusal=plan_delete_refusal, action="plan.delete", changes=changes, actor=actor)
 
 
@@ -606,6 +616,8 @@ def _api_transition(*, api: Api, to: str, actor: Actor, extra: dict[str, Any] | 
     api.save(update_fields=update)
     changes = {"status": [old, to], **{k: _json_value(v) for k, v in (extra or {}).items()}}
     audit_record(actor=actor, tenant_id=api.tenant_id, action=f"api.{to}", obj=api, changes=changes)
+    if to in (Api.Status.DEPRECATED, Api.Status.RETIRED):
+        events.emit(tenant_id=api.tenant_id, event_type=f"api.{to}", data=events.api_data(api))
     config_changed()
     return api
 
@@ -626,9 +638,20 @@ def api_deprecate(*, api: Api, actor: Actor, sunset_at: datetime | None = None) 
 def api_retire(*, api: Api, actor: Actor) -> Api:
     """Retired APIs stop routing (404) and their open subscriptions are cancelled. One-way."""
     api = _api_transition(api=api, to=Api.Status.RETIRED, actor=actor)
-    Subscription.objects.filter(api=api).open().update(
-        status=Subscription.Status.CANCELLED, decided_at=timezone.now(), decision_note="API retired"
+    cancelled = list(Subscription.objects.filter(api=api).open().select_for_update())
+    Subscription.objects.filter(pk__in=[sub.pk for sub in cancelled]).update(
+        status=Subscription.Status.CANCELLED,
+        decided_at=timezone.now(),
+        decision_note="API retired",
+        pending_plan=None,
+        plan_change_at=None,
     )
+    for subscription in cancelled:
+        subscription.status = Subscription.Status.CANCELLED
+        subscription.decision_note = "API retired"
+        events.emit(
+            tenant_id=api.tenant_id, event_type="subscription.cancelled", data=events.subscription_data(subscription)
+        )
     return api
 
 
@@ -717,6 +740,8 @@ def _consumer_set_status(*, consumer: Consumer, status: str, actor: Actor) -> Co
         audit_record(
             actor=actor, tenant_id=consumer.tenant_id, action=action, obj=consumer, changes={"status": [old, status]}
         )
+        event_type = "consumer.blocked" if status == Consumer.Status.BLOCKED else "consumer.unblocked"
+        events.emit(tenant_id=consumer.tenant_id, event_type=event_type, data=events.consumer_data(consumer))
         consumer_changed(consumer.pk)
     return consumer
 
@@ -797,6 +822,7 @@ def api_key_create(
         obj=key,
         changes={"name": name, "key_prefix": key.key_prefix, "consumer_id": consumer.pk, "expires_at": expires_at},
     )
+    events.emit(tenant_id=consumer.tenant_id, event_type="key.created", data=events.key_data(key))
     return key, plaintext
 
 
@@ -850,6 +876,9 @@ def api_key_rotate(
         obj=successor,
         changes={"name": successor.name, "key_prefix": successor.key_prefix, "rotated_from": key.pk},
     )
+    tenant_id = key.consumer.tenant_id
+    events.emit(tenant_id=tenant_id, event_type="key.rotated", data=events.key_data(key, successor_key_id=successor.pk))
+    events.emit(tenant_id=tenant_id, event_type="key.created", data=events.key_data(successor, rotated_from=key.pk))
     keys_changed([key.key_hash])
     return successor, plaintext
 
@@ -870,6 +899,7 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
         obj=key,
         changes={"active": [True, False]},
     )
+    events.emit(tenant_id=key.consumer.tenant_id, event_type="key.revoked", data=events.key_data(key))
     keys_changed([key.key_hash])
     return key
 
@@ -900,6 +930,8 @@ def subscription_check(*, consumer: Consumer, api: Api, plan: Plan | None) -> No
         raise ValidationError({"api_id": "Unknown API for this consumer's tenant."})
     if plan is not None and plan.tenant_id != consumer.tenant_id:
         raise ValidationError({"plan_id": "Unknown plan for this consumer's tenant."})
+    if plan is not None and plan.archived_at is not None:
+        raise ValidationError({"plan_id": f"Plan {plan.name!r} is archived and takes no new subscriptions."})
     subscription_plan_check(api=api, plan=plan)
     if not api.routable:
         raise ValidationError(
@@ -940,9 +972,21 @@ def subscription_request(*, consumer: Consumer, api: Api, actor: Actor, plan: Pl
             "status": subscription.status,
         },
     )
+    events.emit(
+        tenant_id=consumer.tenant_id,
+        event_type="subscription.requested",
+        data=events.subscription_data(subscription),
+    )
     if not manual:
         consumer_changed(consumer.pk)
     return subscription
+
+
+_DECISION_EVENTS: dict[str, str] = {
+    Subscription.Status.ACTIVE: "subscription.approved",
+    Subscription.Status.REJECTED: "subscription.rejected",
+    Subscription.Status.CANCELLED: "subscription.cancelled",
+}
 
 
 def _decide(
@@ -956,13 +1000,24 @@ def _decide(
     subscription.decided_at = timezone.now()
     subscription.decided_by = actor if isinstance(actor, User) and actor.pk else None
     subscription.decision_note = note[:500]
-    subscription.save(update_fields=["status", "decided_at", "decided_by", "decision_note"])
+    if to not in OPEN_SUBSCRIPTION_STATUSES:
+        # A closed subscription moves nowhere: a scheduled plan change goes with it.
+        subscription.pending_plan = None
+        subscription.plan_change_at = None
+    subscription.save(
+        update_fields=["status", "decided_at", "decided_by", "decision_note", "pending_plan", "plan_change_at"]
+    )
     audit_record(
         actor=actor,
         tenant_id=subscription.api.tenant_id,
         action=action,
         obj=subscription,
         changes={"status": [old, to], "note": note[:500]},
+    )
+    events.emit(
+        tenant_id=subscription.api.tenant_id,
+        event_type=_DECISION_EVENTS[to],
+        data=events.subscription_data(subscription),
     )
     consumer_changed(subscription.consumer_id)
     return subscription
@@ -1002,3 +1057,217 @@ def subscription_cancel(*, subscription: Subscription, actor: Actor, note: str =
         note=note,
         action="subscription.cancel",
     )
+
+
+# ---------------------------------------------------------------------------
+# Plan changes and archived plans
+# ---------------------------------------------------------------------------
+
+PLAN_CHANGE_EFFECTIVE = ("now", "next_period")
+
+
+def plan_change_boundary(*, plan: Plan | None, tz_name: str, now: datetime) -> datetime:
+    """When a next-period change takes effect: the start of the next calendar quota window in the tenant's zone
+    (a month when the current plan has a monthly quota, else a day)."""
+    label = "day"
+    if plan is not None:
+        for policy in plan.policies.all():
+            if policy.policy_type == Policy.Type.QUOTA and policy.config.get("requests_per_month"):
+                label = "month"
+    _start, end = limits.calendar_bounds(label, tz_name, now.timestamp())
+    return datetime.fromtimestamp(end, tz=UTC)
+
+
+def _counted_windows(subscription: Subscription, plan: Plan | None, now: float) -> dict[tuple[str, str], list[Any]]:
+    """The calendar counters (quota days and months, fixed rate windows) ``plan`` counts this subscription's
+    traffic under, by (window label, scope value). Only counters owned by the consumer or its keys: a counter shared
+    by an API, a tenant or an address is everyone's and carries over as it is."""
+    found: dict[tuple[str, str], list[Any]] = {}
+    if plan is None:
+        return found
+    tenant = subscription.consumer.tenant
+    key_ids: list[str] | None = None
+    for policy in plan.policies.all():
+        scope = limits.scope_of(policy.config)
+        if scope == "consumer_id":
+            values = [subscription.consumer_id]
+        elif scope == "key_id":
+            if key_ids is None:
+                key_ids = list(subscription.consumer.keys.live().values_list("pk", flat=True))
+            values = key_ids
+        else:
+            continue
+        for value in values:
+            for window in limits.counter_windows(
+                tenant_id=tenant.id,
+                tz_name=tenant.timezone,
+                policy_id=policy.pk,
+                policy_name=policy.name,
+                policy_type=policy.policy_type,
+                config=policy.config,
+                scope=value,
+                now=now,
+            ):
+                if not window.sliding:
+                    found.setdefault((window.label, value), []).append(window)
+    return found
+
+
+# Raise a counter to at least ARGV[1] (never lower it) and keep the gateway's expiry (window end + 60 s).
+_CARRY_OVER_SCRIPT = """
+local used = tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > current then
+  redis.call('INCRBY', KEYS[1], used - current)
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+end
+return math.max(used, current)
+"""
+
+
+def carry_over_quota(*, subscription: Subscription, old_plan: Plan | None, new_plan: Plan | None) -> int:
+    """Count what the old plan's calendar counters hold for this window on the new plan's matching counters
+    (same window label, same consumer or key), so quota used in the current window is not granted again.
+
+    A counter both plans share (the same policy) is already the same key. Counters of the new plan are raised to
+    at least the old value, never lowered, so switching back and forth within a window never forgets traffic.
+    Returns how many counters were raised. Without Redis there are no shared counters: nothing to carry.
+    """
+    from apimgmt.redis_client import get_redis
+
+    client = get_redis()
+    if client is None or old_plan is None or new_plan is None:
+        return 0
+    now = timezone.now().timestamp()
+    old = _counted_windows(subscription, old_plan, now)
+    new = _counted_windows(subscription, new_plan, now)
+    raised = 0
+    for slot, targets in new.items():
+        sources = [w.key for w in old.get(slot, [])]
+        if not sources:
+            continue
+        used = max(int(v or 0) for v in client.mget(sources))
+        for window in targets:
+            if used and window.key not in sources:
+                client.eval(_CARRY_OVER_SCRIPT, 1, window.key, used, int(window.end * 1000) + 60000)
+                raised += 1
+    return raised
+
+
+def _plan_change_check(*, subscription: Subscription, plan: Plan) -> None:
+    if plan.tenant_id != subscription.api.tenant_id:
+        raise ValidationError({"plan_id": "Unknown plan for this subscription's tenant."})
+    if plan.archived_at is not None:
+        raise ValidationError({"plan_id": f"Plan {plan.name!r} is archived and takes no new subscriptions."})
+    if subscription.status not in OPEN_SUBSCRIPTION_STATUSES:
+        raise ValidationError({"status": f"A {subscription.status} subscription cannot change plan."})
+    if plan.pk == subscription.plan_id:
+        raise ValidationError({"plan_id": f"The subscription is already on plan {plan.name!r}."})
+    subscription_plan_check(api=subscription.api, plan=plan)
+
+
+def _apply_plan_change(*, subscription: Subscription, actor: Actor, effective: str) -> Subscription:
+    """Move a locked subscription to its pending plan: audited, event emitted, keys re-read by every gateway, and
+    (after commit) the quota already used in this window carried over."""
+    old_plan, new_plan = subscription.plan, subscription.pending_plan
+    assert new_plan is not None
+    subscription.plan = new_plan
+    subscription.pending_plan = None
+    scheduled_at = subscription.plan_change_at
+    subscription.plan_change_at = None
+    subscription.save(update_fields=["plan", "pending_plan", "plan_change_at"])
+    changes = {"plan_id": [old_plan.pk if old_plan else None, new_plan.pk], "effective": effective}
+    tenant_id = subscription.api.tenant_id
+    audit_record(actor=actor, tenant_id=tenant_id, action="subscription.change_plan", obj=subscription, changes=changes)
+    events.emit(
+        tenant_id=tenant_id,
+        event_type="subscription.plan_changed",
+        data=events.subscription_data(
+            subscription,
+            previous_plan_id=old_plan.pk if old_plan else None,
+            effective=effective,
+            effective_at=_json_value(scheduled_at or timezone.now()),
+        ),
+    )
+    consumer_changed(subscription.consumer_id)
+    transaction.on_commit(lambda: carry_over_quota(subscription=subscription, old_plan=old_plan, new_plan=new_plan))
+    return subscription
+
+
+@transaction.atomic
+def subscription_change_plan(
+    *, subscription: Subscription, plan: Plan, actor: Actor, effective: str = "now"
+) -> Subscription:
+    """Move a subscription to another plan without re-keying.
+
+    ``now``: the new plan's limits apply within a second; quota already used in the current window carries over.
+    ``next_period``: the change waits for the start of the next calendar quota window in the tenant's zone
+    (``plan_change_at``), then ``deliver_events`` applies it; until then ``pending_plan`` shows it, and a new
+    change or a cancellation replaces it.
+    """
+    if effective not in PLAN_CHANGE_EFFECTIVE:
+        raise ValidationError({"effective": f"effective must be one of {', '.join(PLAN_CHANGE_EFFECTIVE)}."})
+    subscription = (
+        Subscription.objects.select_for_update(of=("self",))
+        .select_related("api", "plan", "consumer__tenant")
+        .get(pk=subscription.pk)
+    )
+    _plan_change_check(subscription=subscription, plan=plan)
+    if effective == "next_period" and subscription.status != Subscription.Status.ACTIVE:
+        raise ValidationError({"effective": "Only an active subscription can change plan at the next period."})
+    subscription.pending_plan = plan
+    if effective == "now":
+        return _apply_plan_change(subscription=subscription, actor=actor, effective=effective)
+    subscription.plan_change_at = plan_change_boundary(
+        plan=subscription.plan, tz_name=subscription.consumer.tenant.timezone, now=timezone.now()
+    )
+    subscription.save(update_fields=["pending_plan", "plan_change_at"])
+    audit_record(
+        actor=actor,
+        tenant_id=subscription.api.tenant_id,
+        action="subscription.schedule_plan_change",
+        obj=subscription,
+        changes={"plan_id": [subscription.plan_id, plan.pk], "effective_at": subscription.plan_change_at},
+    )
+    return subscription
+
+
+def subscription_apply_due_plan_changes(*, now: datetime | None = None, batch_size: int = 200) -> int:
+    """Apply scheduled plan changes whose time has come (run by ``deliver_events``; safe in several processes)."""
+    moment = now or timezone.now()
+    applied = 0
+    while True:
+        with transaction.atomic():
+            due = list(
+                Subscription.objects.filter(pending_plan__isnull=False, plan_change_at__lte=moment)
+                .select_for_update(skip_locked=True, of=("self",))
+                .select_related("api", "plan", "pending_plan", "consumer__tenant")[:batch_size]
+            )
+            for subscription in due:
+                _apply_plan_change(subscription=subscription, actor=None, effective="next_period")
+        applied += len(due)
+        if len(due) < batch_size:
+            return applied
+
+
+@transaction.atomic
+def plan_archive(*, plan: Plan, actor: Actor) -> Plan:
+    """No new subscriptions (nor plan changes) to an archived plan; its subscriptions keep it until moved."""
+    plan = Plan.objects.select_for_update().get(pk=plan.pk)
+    if plan.archived_at is None:
+        plan.archived_at = timezone.now()
+        plan.save(update_fields=["archived_at", "updated_at"])
+        audit_record(actor=actor, tenant_id=plan.tenant_id, action="plan.archive", obj=plan, changes={"archived": True})
+    return plan
+
+
+@transaction.atomic
+def plan_unarchive(*, plan: Plan, actor: Actor) -> Plan:
+    plan = Plan.objects.select_for_update().get(pk=plan.pk)
+    if plan.archived_at is not None:
+        plan.archived_at = None
+        plan.save(update_fields=["archived_at", "updated_at"])
+        audit_record(
+            actor=actor, tenant_id=plan.tenant_id, action="plan.unarchive", obj=plan, changes={"archived": False}
+        )
+    return plan

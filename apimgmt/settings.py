@@ -102,6 +102,19 @@ if APIMGMT_ROLE not in tuple(ProcessRole):
 # Allow upstream URLs on loopback/private networks (development, in-cluster services).
 UPSTREAM_ALLOW_PRIVATE: bool = env.bool("UPSTREAM_ALLOW_PRIVATE", default=DEBUG)
 
+# Webhooks (apimgmt/webhooks.py, manage.py deliver_events). Endpoint URLs pass the upstreams' address checks;
+# private addresses only with WEBHOOK_ALLOW_PRIVATE. A failed delivery is retried with exponential backoff
+# (RETRY_BASE_SECONDS doubling, at most RETRY_MAX_DELAY_SECONDS apart, with jitter) for RETRY_WINDOW_SECONDS, then
+# marked failed; an endpoint failing without a success for DISABLE_AFTER_SECONDS is disabled.
+WEBHOOK_ALLOW_PRIVATE: bool = env.bool("WEBHOOK_ALLOW_PRIVATE", default=UPSTREAM_ALLOW_PRIVATE)
+WEBHOOK_TIMEOUT_SECONDS: float = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+WEBHOOK_RETRY_BASE_SECONDS: float = env.float("WEBHOOK_RETRY_BASE_SECONDS", default=5.0)
+WEBHOOK_RETRY_MAX_DELAY_SECONDS: float = env.float("WEBHOOK_RETRY_MAX_DELAY_SECONDS", default=3 * 3600.0)
+WEBHOOK_RETRY_WINDOW_SECONDS: float = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default=24 * 3600.0)
+WEBHOOK_DISABLE_AFTER_SECONDS: float = env.float("WEBHOOK_DISABLE_AFTER_SECONDS", default=3 * 86400.0)
+if min(WEBHOOK_TIMEOUT_SECONDS, WEBHOOK_RETRY_BASE_SECONDS, WEBHOOK_RETRY_MAX_DELAY_SECONDS) <= 0:
+    raise ImproperlyConfigured("WEBHOOK_TIMEOUT_SECONDS and WEBHOOK_RETRY_*_SECONDS must be positive")
+
 SITE_URL: str = env.str("SITE_URL", default="http://127.0.0.1:8000")
 
 # ---------------------------------------------------------------------------

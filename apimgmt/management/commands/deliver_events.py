@@ -1,0 +1,160 @@
+"""``manage.py deliver_events [--follow]``: send the event outbox to webhook endpoints and apply due plan changes."""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections
+
+from apimgmt import events, services, webhooks
+from apimgmt.slow_queries import install_slow_query_logging
+
+# How often --follow looks for keys crossing a key.expiring threshold and for plan changes that are due.
+SCAN_EVERY_SECONDS = 30.0
+SUMMARY_EVERY_SECONDS = 60.0
+
+
+class DelivererMetrics:
+    """The deliverer's own /metrics (it serves no HTTP otherwise), in a registry of its own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.events = Counter(
+            "apimgmt_webhook_events_dispatched", "Events fanned out to webhook endpoints.", registry=self.registry
+        )
+        self.attempts = Counter(
+            "apimgmt_webhook_delivery_attempts",
+            "Delivery attempts by outcome (succeeded; retried: failed, will retry; failed: gave up).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.disabled = Counter(
+            "apimgmt_webhook_endpoints_disabled", "Endpoints disabled after sustained failure.", registry=self.registry
+        )
+        self.backlog = Gauge(
+            "apimgmt_webhook_deliveries_pending",
+            "Deliveries to active endpoints not yet succeeded or failed (retries waiting included).",
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "apimgmt_webhook_deliverer_last_success_timestamp_seconds",
+            "When this deliverer last completed a round (also when there was nothing to send).",
+            registry=self.registry,
+        )
+
+    def serve(self, port: int) -> DelivererMetrics:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=self.registry)
+        return self
+
+    def observe(self, stats: webhooks.DeliveryStats) -> None:
+        self.events.inc(stats.dispatched)
+        self.attempts.labels("succeeded").inc(stats.succeeded)
+        self.attempts.labels("retried").inc(stats.retried)
+        self.attempts.labels("failed").inc(stats.failed)
+        self.disabled.inc(len(stats.disabled))
+        self.last_success.set_to_current_time()
+
+
+def scan() -> tuple[int, int]:
+    """Notices and changes decided by time rather than by a request: key.expiring, scheduled plan changes."""
+    return events.key_expiring_notices(), services.subscription_apply_due_plan_changes()
+
+
+class Command(BaseCommand):
+    help = (
+        "Send events (the am_events outbox) to the tenants' webhook endpoints, retrying with backoff; emit "
+        "key.expiring notices and apply plan changes that are due. Without --follow: one round, then exit. "
+        "With --follow: until SIGTERM."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--follow", action="store_true", help="Keep running; stop cleanly on SIGTERM/SIGINT.")
+        parser.add_argument("--batch-size", type=int, default=100, help="Deliveries claimed per round.")
+        parser.add_argument("--concurrency", type=int, default=8, help="Deliveries sent in parallel.")
+        parser.add_argument("--pause-ms", type=int, default=500, help="--follow: pause between rounds.")
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=0,
+            help="--follow: serve the deliverer's Prometheus metrics (attempts, backlog, last success) on this port.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["batch_size"] < 1 or options["concurrency"] < 1 or options["pause_ms"] < 1:
+            raise CommandError("--batch-size, --concurrency and --pause-ms must be at least 1")
+        install_slow_query_logging()
+        deliverer = webhooks.Deliverer(batch_size=options["batch_size"], concurrency=options["concurrency"])
+        try:
+            if options["follow"]:
+                metrics = DelivererMetrics().serve(options["metrics_port"]) if options["metrics_port"] else None
+                self._follow(deliverer, pause=options["pause_ms"] / 1000, metrics=metrics)
+                return
+            try:
+                notices, changes = scan()
+                stats = deliverer.run_once()
+            except DatabaseError as exc:
+                raise CommandError(f"delivery round failed: {exc}") from exc
+        finally:
+            deliverer.close()
+        self.stdout.write(
+            f"dispatched {stats.dispatched} events; deliveries: {stats.succeeded} succeeded, {stats.retried} to "
+            f"retry, {stats.failed} failed; {notices} key.expiring notices; {changes} plan changes applied"
+        )
+
+    def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
+        stopping = False
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        webhooks.logger.info("event deliverer started")
+        total = webhooks.DeliveryStats()
+        last_scan = -SCAN_EVERY_SECONDS
+        last_summary = time.monotonic()
+        backoff = 0.0
+        while not stopping:
+            try:
+                now = time.monotonic()
+                if now - last_scan >= SCAN_EVERY_SECONDS:
+                    scan()
+                    last_scan = now
+                # Deliveries in flight are always recorded before a stop.
+                stats = deliverer.run_once()
+                total.add(stats)
+                if metrics is not None:
+                    metrics.observe(stats)
+                    metrics.backlog.set(webhooks.pending_backlog())
+                if now - last_summary >= SUMMARY_EVERY_SECONDS and (
+                    total.dispatched or total.succeeded or total.failed
+                ):
+                    webhooks.logger.info("events delivered", extra=total.as_dict())
+                    total = webhooks.DeliveryStats()
+                    last_summary = now
+                backoff = 0.0
+                busy = stats.succeeded + stats.retried + stats.failed >= deliverer.batch_size
+                self._sleep(0 if busy else pause, lambda: stopping)
+            except DatabaseError as exc:
+                backoff = min(max(backoff * 2, 0.2), 5.0)
+                webhooks.logger.warning(
+                    "event delivery failed, retrying in %.1fs: %s: %s", backoff, exc.__class__.__name__, exc
+                )
+                connections["default"].close()
+                self._sleep(backoff, lambda: stopping)
+        webhooks.logger.info("event deliverer stopped", extra=total.as_dict())
+
+    @staticmethod
+    def _sleep(seconds: float, stopped: Any) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stopped():
+            time.sleep(0.05)
