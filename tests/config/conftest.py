@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.db.models import Q
 
 from apimgmt import services
 from apimgmt.models import (
@@ -97,7 +98,7 @@ def snapshot(*tenants: str) -> dict[str, Any]:
         "consumers": sorted(map(repr, Consumer.objects.filter(tenant__in=tenants).values_list())),
         "keys": sorted(map(repr, ApiKey.objects.filter(consumer__tenant__in=tenants).values_list())),
         "subscriptions": sorted(map(repr, Subscription.objects.filter(consumer__tenant__in=tenants).values_list())),
-        "audit": AuditEvent.objects.count(),
+        "audit": AuditEvent.objects.filter(Q(tenant__in=tenants) | Q(tenant__isnull=True)).count(),
     }
 
 
