@@ -382,12 +382,14 @@ def plan_delete_refusal(plan: Plan) -> str | None:
 def plan_delete(*, plan: Plan, actor: Actor) -> None:
     """Delete a plan no subscription references; otherwise raise DeletionRefused with their count."""
     plan = Plan.objects.select_for_update().get(pk=plan.pk)
-    changes = {
+    changes: dict[str, Any] = {
         "name": plan.name,
         "approval": plan.approval,
         "policies": sorted(plan.policies.values_list("pk", flat=True)),
-        "no_longer_offered_by": sorted(plan.apis.values_list("pk", flat=True)),
     }
+    offered_by = sorted(plan.apis.values_list("pk", flat=True))
+    if offered_by:  # the APIs that offered it offer it no more
+        changes["no_longer_offered_by"] = offered_by
     reason = plan_delete_refusal(plan)
     if reason is None:
         # Cancelled and rejected subscriptions keep their history in the audit log; their plan becomes none.

@@ -496,3 +496,10 @@ def test_consumer_owner_must_be_a_member_of_the_tenant(acme: Tenant, carol: User
     with pytest.raises(ValidationError):
         services.consumer_update(consumer=consumer, owner=carol, actor=None)
     assert Consumer.objects.get(pk=consumer.pk).owner == bob
+
+
+def test_deleting_an_offered_plan_takes_it_off_its_apis_and_says_so(acme_api: Api, starter: Plan) -> None:
+    services.api_update(api=acme_api, plans=[starter], actor=None)
+    services.plan_delete(plan=starter, actor=None)
+    assert not acme_api.plans.exists()
+    assert last_event("plan.delete").changes["no_longer_offered_by"] == [acme_api.pk]
