@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers, status
@@ -156,9 +156,9 @@ class TenantConfigView(TenantConfigBase):
             document = config_doc.export_document(tenant, consumers=consumers == "true")
         except config_doc.ConfigError as exc:
             return _config_error(exc)
-        if output == "yaml":
-            return HttpResponse(config_doc.dump_text(document, "yaml"), content_type="application/yaml; charset=utf-8")
-        return JsonResponse(document, json_dumps_params={"ensure_ascii": False})
+        # The text the command writes (a literal "${" written "$${"), so what is exported can be posted back.
+        content_type = "application/yaml; charset=utf-8" if output == "yaml" else "application/json"
+        return HttpResponse(config_doc.dump_text(document, output), content_type=content_type)
 
 
 class TenantConfigPlanView(TenantConfigBase):

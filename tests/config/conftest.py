@@ -122,3 +122,19 @@ def run_config(tmp_path: Path) -> Callable[..., tuple[int, str, str]]:
 @pytest.fixture
 def world(acme: Tenant, alice: User) -> dict[str, Any]:
     return build_world(acme, actor=alice)
+
+
+@pytest.fixture
+def client_for(db: Any) -> Callable[[User], Any]:
+    """An API client that sends ``Authorization: Token <token>`` for the user."""
+    from rest_framework.test import APIClient
+
+    from apimgmt.tokens import api_token_create
+
+    def make(user: User) -> APIClient:
+        _token, plaintext = api_token_create(user=user, actor=None, name="tests")
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {plaintext}")
+        return client
+
+    return make
