@@ -99,3 +99,37 @@ def test_import_rule_catches_a_forbidden_import(tmp_path: Path, module: str, lin
 
     assert linted.returncode == 1
     assert broken in linted.stdout
+
+
+def _top_level_imports(paths: list[Path]) -> set[str]:
+    import ast
+
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_package_the_product_imports_is_a_direct_runtime_dependency() -> None:
+    """Not only somewhere in the closure: a package reached only through another's dependencies disappears when that
+    one stops needing it."""
+    from importlib.metadata import packages_distributions
+
+    sources = [p for package in ("apimgmt", "gateway", "portal") for p in (ROOT / package).rglob("*.py")]
+    sources.append(ROOT / "gunicorn.conf.py")
+    modules = _top_level_imports(sources) - set(sys.stdlib_module_names) - {"apimgmt", "gateway", "portal"}
+    distributions = packages_distributions()
+    direct = {
+        re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        for match in re.finditer(r"^([A-Za-z0-9][\w.-]*)", (ROOT / "requirements.in").read_text(), re.M)
+    }
+    missing = {}
+    for module in sorted(modules):
+        names = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [module])}
+        if not names & direct:
+            missing[module] = sorted(names)
+    assert not missing, f"imported by the product but not named in requirements.in: {missing}"
