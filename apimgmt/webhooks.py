@@ -354,7 +354,8 @@ def dispatch_events(*, batch_size: int = 500) -> int:
             WebhookDelivery(endpoint=endpoint, event=event, next_attempt_at=now, created_at=now)
             for event in batch
             for endpoint in endpoints.get(event.tenant_id, [])
-            if endpoint.wants(event.event_type)
+            # An endpoint hears of what happened after it was created, never of the past.
+            if endpoint.wants(event.event_type) and endpoint.created_at <= event.occurred_at
         )
         Event.objects.filter(pk__in=[e.pk for e in batch]).update(dispatched_at=now)
     return len(batch)

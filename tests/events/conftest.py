@@ -26,4 +26,6 @@ def receiver() -> Iterator[Receiver]:
 
 def event_types(tenant_id: str = "acme") -> list[str]:
     """The tenant's events, oldest first."""
-    return list(Event.objects.filter(tenant_id=tenant_id).order_by("occurred_at", "id").values_list("event_type", flat=True))
+    return list(
+        Event.objects.filter(tenant_id=tenant_id).order_by("occurred_at", "id").values_list("event_type", flat=True)
+    )
