@@ -276,6 +276,8 @@ GATEWAY: dict[str, Any] = {
     # +80 % requests/s in make bench); false sends everything through urllib3.
     "LEAN_HTTP1": env.bool("GATEWAY_LEAN_HTTP1", default=True),
 }
+if GATEWAY["BODY_READ_TIMEOUT"] < 0 or GATEWAY["BUFFER_BODY_BYTES"] < 0:
+    raise ImproperlyConfigured("GATEWAY_BODY_READ_TIMEOUT and GATEWAY_BUFFER_BODY_BYTES must be 0 (off) or more")
 if GATEWAY["AUTH_FAILURE_LIMIT"] < 0 or GATEWAY["AUTH_FAILURE_WINDOW_SECONDS"] < 1:
     raise ImproperlyConfigured(
         "GATEWAY_AUTH_FAILURE_LIMIT must be 0 (off) or more, GATEWAY_AUTH_FAILURE_WINDOW_SECONDS 1 or more"

@@ -232,3 +232,12 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
         posted = requests.post(base + "/api/users/v1/y", headers={"X-API-Key": key}, data=b"{}", timeout=5)
         assert (posted.status_code, posted.content) == (200, b"ok")
         assert not any(len(body) == 200_000 for body in received.bodies)
+
+
+@pytest.mark.parametrize(("name", "value"), [("GATEWAY_BODY_READ_TIMEOUT", "-1"), ("GATEWAY_BUFFER_BODY_BYTES", "-5")])
+def test_negative_body_settings_stop_start_up_with_a_clear_message(name: str, value: str) -> None:
+    from tests.support.settings_probe import run_python
+
+    result = run_python("import django; django.setup()", {"DEBUG": "1", name: value})
+    assert result.returncode != 0
+    assert "GATEWAY_BODY_READ_TIMEOUT and GATEWAY_BUFFER_BODY_BYTES must be 0 (off) or more" in result.stderr
