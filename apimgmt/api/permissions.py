@@ -142,6 +142,16 @@ def may_create(user: User, model: type[Model], tenant_id: str) -> bool:
     return role == ADMIN or (role == DEVELOPER and model in DEVELOPER_CREATES)
 
 
+def sees_internals(user: User, tenant_id: str) -> bool:
+    """Whether the user sees a tenant's infrastructure (upstreams, targets, key settings): staff, admins, viewers.
+
+    Developers read the catalog only: what to call and its documentation, never where the traffic goes.
+    """
+    if is_platform_staff(user):
+        return True
+    return roles_of(user).get(tenant_id) in (ADMIN, VIEWER)
+
+
 def may_act_on(user: User, obj: Model, action: str) -> bool:
     """Whether ``action`` is allowed on this (already visible) object."""
     model = type(obj)

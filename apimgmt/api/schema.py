@@ -33,9 +33,15 @@ class ManagementAutoSchema(AutoSchema):
         return responses
 
 
+# Answers that promise to carry nothing more: a developer's catalog entry must never grow an internal field (and
+# closing it keeps ApiOrCatalogEntry's oneOf exclusive: a full Api has fields the catalog entry forbids).
+CLOSED_RESPONSES = ("ApiCatalog",)
+
+
 def reject_unknown_request_fields(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Postprocessing hook: request bodies are closed objects, as the API enforces."""
+    """Postprocessing hook: request bodies are closed objects, as the API enforces; so are CLOSED_RESPONSES."""
     for name, component in result.get("components", {}).get("schemas", {}).items():
-        if name.endswith("Request") and component.get("type") == "object":
+        closed = name.endswith("Request") or name in CLOSED_RESPONSES
+        if closed and component.get("type") == "object":
             component["additionalProperties"] = False
     return result

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db.models import Manager
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apimgmt.models import (
@@ -43,6 +44,51 @@ def _check_json(value: Any, depth: int = 0) -> None:
             _check_json(item, depth + 1)
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string: a number or a boolean is refused, not turned into text (DRF's CharField would take 0 as "0")."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON number without a fraction: strings ("5") and booleans are refused."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, (str, bool)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A JSON number: strings ("1.5") and booleans are refused."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, (str, bool)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """JSON true or false: "yes", 1 and "true" are refused."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+# What a model field becomes in a request body: the JSON type the schema states, nothing DRF would coerce into it.
+_STRICT_FIELDS: dict[type[serializers.Field], type[serializers.Field]] = {
+    serializers.CharField: StrictCharField,
+    serializers.IntegerField: StrictIntegerField,
+    serializers.FloatField: StrictFloatField,
+    serializers.BooleanField: StrictBooleanField,
+}
+
+
 class SafeJSONField(serializers.JSONField):
     def to_internal_value(self, data: Any) -> Any:
         value = super().to_internal_value(data)
@@ -63,7 +109,7 @@ class JSONObjectField(SafeJSONField):
 class IdListField(serializers.ListField):
     """A list of related ids, rendered from a many-to-many manager."""
 
-    child = serializers.CharField(max_length=ID_FIELD_LENGTH)
+    child = StrictCharField(max_length=ID_FIELD_LENGTH)
 
     def to_representation(self, data: Any) -> list[str]:
         if isinstance(data, Manager):
@@ -104,8 +150,51 @@ class StrictSerializer(StrictSerializerMixin, serializers.Serializer):
 
 
 class StrictModelSerializer(StrictSerializerMixin, serializers.ModelSerializer):
+    serializer_field_mapping = {
+        model_field: _STRICT_FIELDS.get(field, field)
+        for model_field, field in serializers.ModelSerializer.serializer_field_mapping.items()
+    }
+
     class Meta:
         validators: list[Any] = []  # uniqueness is the services' job, with their messages
+
+
+class WholeItemSerializer(StrictModelSerializer):
+    """An item of a list that replaces the whole list: its required fields stay required in a PATCH.
+
+    DRF hands a partial update down to nested serializers, which then skip their required fields; but a PATCH
+    that sends ``targets`` replaces every target, so each item must be complete.
+    """
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            missing = {
+                name: [str(field.error_messages["required"])]
+                for name, field in self.fields.items()
+                if field.required and not field.read_only and name not in data
+            }
+            if missing:
+                raise serializers.ValidationError(missing)
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class OpenApiDocumentField(JSONObjectField):
+    """An API's OpenAPI document: always an object in answers (``{}`` while there is none), never null."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("help_text", "The API's OpenAPI document; {} when it has none. Send {} to remove it.")
+        # DRF formats error messages: "{{}}" is a literal "{}".
+        kwargs.setdefault("error_messages", {"null": "Send {{}} for no OpenAPI document, not null."})
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance: Any) -> Any:
+        value = super().get_attribute(instance)
+        return {} if value is None else value
+
+    def to_internal_value(self, data: Any) -> Any:
+        # Stored as "no document" (what the admin, the portal and config documents also write), shown as {}.
+        return super().to_internal_value(data) or None
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +203,7 @@ class StrictModelSerializer(StrictSerializerMixin, serializers.ModelSerializer):
 
 
 class TenantSerializer(StrictModelSerializer):
-    id = serializers.CharField(max_length=63, validators=[TENANT_ID_VALIDATOR], help_text="Slug, e.g. acme.")
+    id = StrictCharField(max_length=63, validators=[TENANT_ID_VALIDATOR], help_text="Slug, e.g. acme.")
     create_only_fields = ("id",)
 
     class Meta:
@@ -130,7 +219,7 @@ class TenantSerializer(StrictModelSerializer):
 
 
 class PolicySerializer(StrictModelSerializer):
-    tenant_id = serializers.CharField(max_length=63)
+    tenant_id = StrictCharField(max_length=63)
     config = JSONObjectField(help_text='Validated per policy_type; e.g. {"requests_per_minute": 1000}.')
     create_only_fields = ("tenant_id",)
 
@@ -153,7 +242,7 @@ class PolicySerializer(StrictModelSerializer):
 
 
 class PlanSerializer(StrictModelSerializer):
-    tenant_id = serializers.CharField(max_length=63)
+    tenant_id = StrictCharField(max_length=63)
     policies = IdListField(required=False, max_length=100, help_text="Policy ids of the same tenant.")
     create_only_fields = ("tenant_id",)
 
@@ -169,7 +258,9 @@ class PlanSerializer(StrictModelSerializer):
 # ---------------------------------------------------------------------------
 
 
-class TargetSerializer(StrictModelSerializer):
+class TargetSerializer(WholeItemSerializer):
+    """One extra upstream: every target needs its url (weight defaults to 1)."""
+
     class Meta:
         model = UpstreamTarget
         fields = ["url", "weight"]
@@ -177,7 +268,7 @@ class TargetSerializer(StrictModelSerializer):
 
 
 class ApiSerializer(StrictModelSerializer):
-    tenant_id = serializers.CharField(max_length=63)
+    tenant_id = StrictCharField(max_length=63)
     policies = IdListField(required=False, max_length=100, help_text="Policy ids applied to all traffic.")
     plans = IdListField(
         required=False,
@@ -188,7 +279,7 @@ class ApiSerializer(StrictModelSerializer):
     targets = TargetSerializer(  # type: ignore[call-arg]  # ListSerializer takes max_length; the stubs lag
         many=True, required=False, max_length=20, help_text="Extra weighted upstreams."
     )
-    openapi_spec = JSONObjectField(required=False, allow_null=True)
+    openapi_spec = OpenApiDocumentField(required=False)
     create_only_fields = ("tenant_id",)
 
     class Meta:
@@ -197,6 +288,37 @@ class ApiSerializer(StrictModelSerializer):
         fields = ["id", "tenant_id", "status", *API_FIELDS, "targets", "policies", "plans", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
         validators: list[Any] = []
+
+
+class ApiCatalogSerializer(serializers.ModelSerializer):
+    """An API as developers see it in the catalog: how to call it and its documentation, nothing internal.
+
+    Upstream addresses, extra targets, key settings, timeouts, retries, circuit-breaker settings and policies are
+    left out: they are the tenant's infrastructure, not part of what a developer calls.
+    """
+
+    tenant_id = StrictCharField(read_only=True)
+    openapi_spec = OpenApiDocumentField(read_only=True)
+    plans = IdListField(read_only=True, help_text="The plans to subscribe on; when any are listed, choose one.")
+
+    class Meta:
+        model = Api
+        fields = [
+            "id",
+            "tenant_id",
+            "api_name",
+            "description",
+            "base_path",
+            "host",
+            "status",
+            "sunset_at",
+            "subscription_approval",
+            "plans",
+            "openapi_spec",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
 
 
 class ApiDeprecateSerializer(StrictSerializer):
@@ -213,9 +335,12 @@ class EmptySerializer(StrictSerializer):
 
 
 class ConsumerSerializer(StrictModelSerializer):
-    tenant_id = serializers.CharField(max_length=63)
+    tenant_id = StrictCharField(max_length=63)
     owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
-        slug_field="username", read_only=True, help_text="The user who owns it."
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="Username of the developer who owns it; null for consumers made by an admin or staff.",
     )
     create_only_fields = ("tenant_id",)
 
@@ -227,9 +352,9 @@ class ConsumerSerializer(StrictModelSerializer):
 
 
 class ApiKeySerializer(StrictModelSerializer):
-    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
-    tenant_id = serializers.CharField(source="consumer.tenant_id", read_only=True)
-    rotated_from = serializers.CharField(source="rotated_from_id", read_only=True, allow_null=True)
+    consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH)
+    tenant_id = StrictCharField(source="consumer.tenant_id", read_only=True)
+    rotated_from = StrictCharField(source="rotated_from_id", read_only=True, allow_null=True)
     create_only_fields = ("consumer_id",)
 
     class Meta:
@@ -252,7 +377,7 @@ class ApiKeySerializer(StrictModelSerializer):
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
-    key = serializers.CharField(read_only=True, help_text="The plaintext key. Shown in this response only.")
+    key = StrictCharField(read_only=True, help_text="The plaintext key. Shown in this response only.")
 
     class Meta(ApiKeySerializer.Meta):
         fields = [*ApiKeySerializer.Meta.fields, "key"]
@@ -268,13 +393,13 @@ class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):
 
 
 class ApiKeyRotateSerializer(StrictSerializer):
-    overlap_seconds = serializers.IntegerField(
+    overlap_seconds = StrictIntegerField(
         min_value=0,
         max_value=MAX_OVERLAP_SECONDS,
         default=DEFAULT_ROTATION_OVERLAP_SECONDS,
         help_text="How long the old key keeps working (0 = stops now).",
     )
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True, help_text="Name of the new key.")
+    name = StrictCharField(max_length=100, required=False, allow_blank=True, help_text="Name of the new key.")
 
 
 # ---------------------------------------------------------------------------
@@ -283,11 +408,16 @@ class ApiKeyRotateSerializer(StrictSerializer):
 
 
 class SubscriptionSerializer(StrictModelSerializer):
-    tenant_id = serializers.CharField(source="consumer.tenant_id", read_only=True)
-    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
-    api_id = serializers.CharField(max_length=ID_FIELD_LENGTH)
-    plan_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False, allow_null=True)
-    decided_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    tenant_id = StrictCharField(source="consumer.tenant_id", read_only=True)
+    consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH)
+    api_id = StrictCharField(max_length=ID_FIELD_LENGTH)
+    plan_id = StrictCharField(max_length=ID_FIELD_LENGTH, required=False, allow_null=True)
+    decided_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="Username of who approved, rejected or cancelled it; null while pending or if decided automatically.",
+    )
 
     class Meta:
         model = Subscription
@@ -308,7 +438,7 @@ class SubscriptionSerializer(StrictModelSerializer):
 
 
 class DecisionSerializer(StrictSerializer):
-    note = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    note = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
 
 
 # ---------------------------------------------------------------------------
@@ -319,10 +449,10 @@ class DecisionSerializer(StrictSerializer):
 class UsageQuerySerializer(StrictSerializer):
     """Query parameters of GET usage/ (unknown parameters are rejected)."""
 
-    tenant_id = serializers.CharField(max_length=63, required=False)
-    api_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
-    consumer_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
-    key_id = serializers.CharField(max_length=ID_FIELD_LENGTH, required=False)
+    tenant_id = StrictCharField(max_length=63, required=False)
+    api_id = StrictCharField(max_length=ID_FIELD_LENGTH, required=False)
+    consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH, required=False)
+    key_id = StrictCharField(max_length=ID_FIELD_LENGTH, required=False)
     interval = serializers.ChoiceField(choices=["minute", "hour", "day"], default="hour")
     group_by = serializers.ChoiceField(
         choices=["api_id", "consumer_id", "key_id", "status_code"], required=False, help_text="A second dimension."

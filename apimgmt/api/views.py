@@ -13,7 +13,13 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import SAFE_METHODS
@@ -25,7 +31,17 @@ from apimgmt import services
 from apimgmt.api import serializers as s
 from apimgmt.api.exceptions import PROBLEM_CONTENT_TYPE
 from apimgmt.api.filters import FieldFilterBackend, StrictOrderingFilter
-from apimgmt.api.permissions import CHANGE, DECIDE, STAFF, VIEW, may_act_on, may_create, restrict, roles_of
+from apimgmt.api.permissions import (
+    CHANGE,
+    DECIDE,
+    STAFF,
+    VIEW,
+    may_act_on,
+    may_create,
+    restrict,
+    roles_of,
+    sees_internals,
+)
 from apimgmt.client_address import client_address_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.models import (
@@ -302,12 +318,30 @@ class PlanViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin
 
 
 def _targets(items: list[dict[str, Any]] | None) -> list[tuple[str, int]] | None:
+    """Validated targets (s.TargetSerializer: url always present) as the services take them."""
     if items is None:
         return None
     return [(item["url"], item.get("weight", 1)) for item in items]
 
 
+def _api_or_catalog_entry(many: bool = False) -> PolymorphicProxySerializer:
+    return PolymorphicProxySerializer(
+        component_name="ApiOrCatalogEntry",
+        serializers=[s.ApiSerializer, s.ApiCatalogSerializer],
+        resource_type_field_name=None,
+        many=many,
+    )
+
+
+_AS_SEEN = (
+    "Tenant admins, viewers and platform staff get the full API; developers get its catalog entry (no upstreams, "
+    "targets, key settings or other internals)."
+)
+
+
 @extend_schema_view(
+    list=extend_schema(responses=_api_or_catalog_entry(many=True), description=_AS_SEEN),
+    retrieve=extend_schema(responses=_api_or_catalog_entry(), description=_AS_SEEN),
     activate=extend_schema(request=None, summary="Publish: the gateway routes it within a second"),
     deprecate=extend_schema(request=s.ApiDeprecateSerializer, summary="Deprecate (still routed, Deprecation header)"),
     retire=extend_schema(request=None, summary="Retire for good: stops routing, open subscriptions cancelled"),
@@ -370,6 +404,26 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin,
 
     def perform_destroy(self, instance: Api) -> None:
         services.api_delete(api=instance, actor=self.actor)
+
+    def as_seen_by_caller(self, api: Api) -> Any:
+        """The full API for those who see the tenant's internals, the catalog entry for developers."""
+        full = sees_internals(self.request.user, api.tenant_id)
+        return (s.ApiSerializer if full else s.ApiCatalogSerializer)(api).data
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        if page is None:
+            return Response([self.as_seen_by_caller(api) for api in queryset])
+        return self.get_paginated_response([self.as_seen_by_caller(api) for api in page])
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return Response(self.as_seen_by_caller(self.get_object()))
+
+    def render(self, obj: Any, code: int = status.HTTP_200_OK, serializer_class: type[Any] | None = None) -> Response:
+        if serializer_class is None and isinstance(obj, Api):
+            return Response(self.as_seen_by_caller(obj), status=code)
+        return super().render(obj, code, serializer_class)
 
     @action(detail=True, methods=["post"])
     def activate(self, request: Request, pk: str) -> Response:

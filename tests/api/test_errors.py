@@ -35,6 +35,15 @@ BASE = {"tenant_id": "acme", "api_name": "orders", "base_path": "/orders", "upst
         ({"policies": "pol_x"}, "policies"),
         ({"targets": [{"url": "https://t.example.com", "weight": 0}]}, "targets.0.weight"),
         ({"targets": [{"url": "https://t.example.com", "extra": 1}]}, "targets.0.extra"),
+        ({"targets": [{"weight": 1}]}, "targets.0.url"),
+        ({"api_name": 0}, "api_name"),
+        ({"description": 7}, "description"),
+        ({"retries": "3"}, "retries"),
+        ({"connect_timeout": "1.5"}, "connect_timeout"),
+        ({"strip_path": "true"}, "strip_path"),
+        ({"accept_bearer": 1}, "accept_bearer"),
+        ({"policies": [7]}, "policies.0"),
+        ({"openapi_spec": None}, "openapi_spec"),
         ({"openapi_spec": ["not", "an", "object"]}, "openapi_spec"),
         ({"openapi_spec": {"info": "nul \u0000 inside"}}, "openapi_spec"),
         ({"api_name": None}, "api_name"),
@@ -100,3 +109,38 @@ def test_service_errors_keep_their_field_names(bob: User, client_for: Any, bob_a
     c = client_for(bob)
     r = c.post("/mgmt/v1/keys/", {"consumer_id": bob_app.pk, "expires_at": "2001-01-01T00:00:00Z"}, format="json")
     assert r.status_code == 400 and r.json()["errors"]["expires_at"] == ["expires_at must be in the future."]
+
+
+def test_a_patched_target_without_url_is_a_400_naming_it_not_a_500(alice: User, acme_api: Api, client_for: Any) -> None:
+    """A PATCH replaces the whole target list, so every target needs its url even though the PATCH is partial."""
+    r = client_for(alice).patch(f"/mgmt/v1/apis/{acme_api.pk}/", {"targets": [{"weight": 1}]}, format="json")
+    assert r.status_code == 400, r.content
+    assert r["Content-Type"] == "application/problem+json"
+    assert r.json()["errors"] == {"targets.0.url": ["This field is required."]}
+    assert "targets.0.url" in r.json()["detail"]
+    assert not acme_api.targets.exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/mgmt/v1/consumers/", {"tenant_id": "acme", "name": 0}),
+        ("/mgmt/v1/keys/", {"consumer_id": 12345}),
+        ("/mgmt/v1/subscriptions/", {"consumer_id": "con_x", "api_id": True}),
+        ("/mgmt/v1/policies/", {"tenant_id": "acme", "name": 5, "policy_type": "quota", "config": {}}),
+    ],
+)
+def test_numbers_and_booleans_are_not_taken_as_text(
+    path: str, body: dict[str, Any], alice: User, client_for: Any
+) -> None:
+    """The schema says string: 0 is refused, not stored as "0" (schemathesis' negative data found these)."""
+    r = client_for(alice).post(path, body, format="json")
+    assert r.status_code == 400, r.content
+    wrong = next(name for name, value in body.items() if not isinstance(value, (str, dict)))
+    assert wrong in r.json()["errors"], r.json()
+
+
+def test_null_openapi_spec_is_refused_with_a_hint(alice: User, acme_api: Api, client_for: Any) -> None:
+    r = client_for(alice).patch(f"/mgmt/v1/apis/{acme_api.pk}/", {"openapi_spec": None}, format="json")
+    assert r.status_code == 400, r.content
+    assert r.json()["errors"]["openapi_spec"] == ["Send {} for no OpenAPI document, not null."]
