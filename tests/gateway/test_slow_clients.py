@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 
+from apimgmt import services
 from apimgmt.models import Api
 from tests.gateway.conftest import InProcessGateway, Response, publish, subscribe
 from tests.gateway.upstreams import Received, answering, raw_upstream
@@ -201,10 +202,14 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
         gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as base,
     ):
         # A breaker that three counted failures open (on each worker), and a total timeout shorter than the stalls.
-        _api(acme, bob_app, upstream, cb_failure_threshold=3, connect_timeout=1, total_timeout=1)
+        api = _api(acme, bob_app, upstream, cb_failure_threshold=3, connect_timeout=1, total_timeout=1)
+        # bob's key sends the slow bodies; another consumer's requests must not suffer for it.
+        other = services.consumer_create(tenant=acme, name="other-app", actor=None)
+        subscribe(other, api)
+        _, other_key = services.api_key_create(consumer=other, name="default", actor=None)
         url = base + "/api/users/v1/x"
         deadline = time.monotonic() + 15
-        while requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code != 200:
+        while requests.get(url, headers={"X-API-Key": other_key}, timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "the gateway did not start serving the API"
             time.sleep(0.1)
 
@@ -219,7 +224,7 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
             thread.start()
         time.sleep(0.5)  # all 16 are now dribbling
         started = time.monotonic()
-        during = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+        during = requests.get(url, headers={"X-API-Key": other_key}, timeout=5)
         assert during.status_code == 200
         assert time.monotonic() - started < 2.0  # served meanwhile, not after the slow clients (cut at 3 s)
         for thread in clients:
@@ -227,9 +232,9 @@ def test_sixteen_slow_body_clients_under_gunicorn_get_408_while_others_are_serve
 
         assert results == [b"408"] * 16
         # Neither worker counted a failure: fresh connections (spread over both workers) all get through.
-        statuses = [requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code for _ in range(12)]
+        statuses = [requests.get(url, headers={"X-API-Key": other_key}, timeout=5).status_code for _ in range(12)]
         assert statuses == [200] * 12
-        posted = requests.post(base + "/api/users/v1/y", headers={"X-API-Key": key}, data=b"{}", timeout=5)
+        posted = requests.post(base + "/api/users/v1/y", headers={"X-API-Key": other_key}, data=b"{}", timeout=5)
         assert (posted.status_code, posted.content) == (200, b"ok")
         assert not any(len(body) == 200_000 for body in received.bodies)
 
