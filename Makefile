@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/test)
 TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
 
-.PHONY: run test check bench bench-scale install lock system-deps lint typecheck clean
+.PHONY: run test check bench bench-scale bench-usage install lock system-deps lint typecheck clean
 
 # requirements-dev.txt is the whole development set (the runtime lock's pins plus the tools), every package with
 # its hashes: pip refuses anything the lock does not name.
@@ -59,6 +59,12 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	DATABASE_URL=$(or $(BENCH_SCALE_DATABASE_URL),postgres://postgres@127.0.0.1:5432/apimgmt_bench_scale) \
 	  REDIS_URL=$(or $(BENCH_SCALE_REDIS_URL),redis://127.0.0.1:6379/4) $(PY) bench/scale.py $(BENCH_ARGS)
+
+# Usage accounting at fleet rate: flusher capacity, bytes per request, Redis memory, rollup queries, wrk end to end
+# (bench/usage.py; its own redis-server and database; BENCH_ARGS="--duration 30" shortens the wrk runs).
+bench-usage: $(STAMP)
+	DATABASE_URL= BENCH_USAGE_DATABASE_URL=$(or $(BENCH_USAGE_DATABASE_URL),postgres://postgres@127.0.0.1:5432/apimgmt_bench_usage) \
+	  $(PY) bench/usage.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -8,12 +8,11 @@ from datetime import datetime, timedelta
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.db.models import Q, Sum
-from django.db.models.functions import TruncHour
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils.timezone import now
 
-from apimgmt.models import Api, Consumer, Tenant, UsageHourly
+from apimgmt.models import Api, Consumer, Tenant, UsageHourlyTotal
 
 WINDOW = timedelta(hours=24)
 TOP = 5
@@ -87,13 +86,14 @@ def usage_overview(request: HttpRequest, tenant_id: str) -> HttpResponse:
     end = now()
     # Whole hours, so the chart's 24 bars line up with the buckets they show.
     start = end.replace(minute=0, second=0, microsecond=0) - WINDOW + timedelta(hours=1)
-    # Whole UTC hours: the hourly rollup answers without reading minute rows.
-    records = UsageHourly.objects.filter(tenant=tenant, timestamp__gte=start)
-    totals = records.aggregate(**_sums())
+    # Whole UTC hours of the tenant's totals (and each API's and consumer's): a few rows per hour, never one per key.
+    records = UsageHourlyTotal.objects.filter(tenant=tenant, timestamp__gte=start)
+    whole = records.filter(dimension="tenant")
+    totals = whole.aggregate(**_sums())
     requests = totals["requests"] or 0
     hourly = {
-        row["hour"]: (row["requests"] or 0, row["errors"] or 0)
-        for row in records.annotate(hour=TruncHour("timestamp")).values("hour").annotate(**_sums())
+        row["timestamp"]: (row["requests"] or 0, row["errors"] or 0)
+        for row in whole.values("timestamp").annotate(**_sums())
     }
     api_names = dict(Api.objects.filter(tenant=tenant).values_list("id", "api_name"))
     consumer_names = dict(Consumer.objects.filter(tenant=tenant).values_list("id", "name"))
@@ -108,8 +108,8 @@ def usage_overview(request: HttpRequest, tenant_id: str) -> HttpResponse:
         "errors": totals["errors"] or 0,
         "rate_limited": totals["rate_limited"] or 0,
         "error_rate_percent": round(100 * (totals["errors"] or 0) / requests, 1) if requests else 0.0,
-        "top_apis": _top(records, "api_id", api_names),
-        "top_consumers": _top(records, "consumer_id", consumer_names),
+        "top_apis": _top(records.filter(dimension="api"), "value", api_names),
+        "top_consumers": _top(records.filter(dimension="consumer"), "value", consumer_names),
         "bars": _chart(hourly, start),
         "chart_width": CHART_WIDTH,
         "chart_height": CHART_HEIGHT,

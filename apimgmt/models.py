@@ -566,6 +566,63 @@ class ApiToken(models.Model):
         return f"{self.token_prefix}… ({self.user})"
 
 
+class UsageTotal(models.Model):
+    """Traffic of a whole tenant, one of its APIs or one of its consumers in one time bucket, per status code.
+
+    ``dimension`` says which (``tenant``, ``api``, ``consumer``) and ``value`` which one (empty for the tenant).
+    Kept by the flusher beside the per-key rollups so tenant-wide pages read a few rows per bucket, not one per key.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+", db_constraint=True)
+    dimension = models.CharField(max_length=16)
+    value = models.CharField(max_length=32, blank=True, default="")
+    timestamp = models.DateTimeField(help_text="Start of the bucket: the UTC hour, or the tenant's local midnight.")
+    status_code = models.PositiveSmallIntegerField()
+    request_count = models.BigIntegerField(default=0)
+    error_count = models.BigIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+    latency_ms_max = models.FloatField(default=0)
+    upstream_latency_ms_sum = models.FloatField(default=0)
+
+    class Meta:
+        abstract = True
+        ordering = ["-timestamp"]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.dimension}={self.value} {self.timestamp:%Y-%m-%d %H:%M} {self.status_code}"
+
+
+class UsageHourlyTotal(UsageTotal):
+    """Per UTC hour: the tenant, each API and each consumer (the admin overview, GET usage/ by hour)."""
+
+    class Meta(UsageTotal.Meta):
+        db_table = "am_usage_hourly_totals"
+        verbose_name = "hourly usage total"
+        indexes = [models.Index(fields=["tenant", "dimension", "-timestamp"], name="idx_usage_hourly_totals_time")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "dimension", "value", "timestamp", "status_code"], name="uniq_usage_hourly_total"
+            )
+        ]
+
+
+class UsageDailyTotal(UsageTotal):
+    """Per day in the tenant's time zone: the tenant, each API and each consumer (GET usage/ by day)."""
+
+    class Meta(UsageTotal.Meta):
+        db_table = "am_usage_daily_totals"
+        verbose_name = "daily usage total"
+        indexes = [models.Index(fields=["tenant", "dimension", "-timestamp"], name="idx_usage_daily_totals_time")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "dimension", "value", "timestamp", "status_code"], name="uniq_usage_daily_total"
+            )
+        ]
+
+
 class UsageCopy(models.Model):
     """A claimed minute of Redis usage buckets the flusher added to the usage tables (the claim's token).
 

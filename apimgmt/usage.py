@@ -46,6 +46,7 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 TENANT_CACHE_SECONDS = 60.0
 
 _ROWS_PER_STATEMENT = 1000
+_ARRAY_ROWS_PER_STATEMENT = 20_000
 _METRIC_COLUMNS = (
     "request_count",
     "error_count",
@@ -57,6 +58,23 @@ _METRIC_COLUMNS = (
 )
 # The three tables a bucket is added to: minute rows, UTC hours, days in the tenant's time zone.
 TABLES = ("am_usage_records", "am_usage_hourly", "am_usage_daily")
+# ... and the hourly and daily totals of the tenant, each API and each consumer (tenant-wide pages read these).
+TOTAL_TABLES = ("am_usage_hourly_totals", "am_usage_daily_totals")
+_BUCKET_KEY = (
+    ("tenant_id", "varchar"),
+    ("api_id", "varchar"),
+    ("consumer_id", "varchar"),
+    ("key_id", "varchar"),
+    ('"timestamp"', "timestamptz"),
+    ("status_code", "smallint"),
+)
+_DIMENSION_KEY = (
+    ("tenant_id", "varchar"),
+    ("dimension", "varchar"),
+    ("value", "varchar"),
+    ('"timestamp"', "timestamptz"),
+    ("status_code", "smallint"),
+)
 
 CLAIM_SCRIPT = """
 -- KEYS[1]: dirty index, KEYS[2]: claims; then per minute its hash and the claimed name.
@@ -210,9 +228,12 @@ class UsageFlusher:
         self.forget_copy_tokens()
         return total
 
-    def flush_tenant(self, tenant: str, *, closed_only: bool = True) -> FlushStats:
-        """Claim up to batch_size minutes of one tenant, copy them in one transaction, then release them."""
-        claims = self._claim(tenant, closed_only=closed_only)
+    def flush_tenant(self, tenant: str, *, closed_only: bool = True, before: float | None = None) -> FlushStats:
+        """Claim up to batch_size minutes of one tenant, copy them in one transaction, then release them.
+
+        ``before`` (epoch s): only minutes starting earlier (the benchmark's compressed time).
+        """
+        claims = self._claim(tenant, closed_only=closed_only, before=before)
         if not claims:
             return FlushStats()
         contents = self._read(claims)
@@ -224,9 +245,11 @@ class UsageFlusher:
 
     # -- Redis -------------------------------------------------------------------------------------------------------
 
-    def _claim(self, tenant: str, *, closed_only: bool) -> list[Claim]:
+    def _claim(self, tenant: str, *, closed_only: bool, before: float | None = None) -> list[Claim]:
         now = time.time()
         ready_until = now - 60 - self.close_grace.total_seconds() if closed_only else float("inf")
+        if before is not None:
+            ready_until = min(ready_until, before - 1)
         pipe = self.client.pipeline(transaction=False)
         pipe.zrangebyscore(contract.dirty_key(tenant), "-inf", ready_until, start=0, num=self.batch_size)
         pipe.zrangebyscore(contract.claims_key(tenant), "-inf", int(now * 1000), start=0, num=self.batch_size)
@@ -318,6 +341,8 @@ class UsageFlusher:
             stats.buckets = len(minutes)
             for table, totals in zip(TABLES, (minutes, hours, days), strict=True):
                 upsert_totals(cursor, table, totals, using=self.using)
+            for table, totals in zip(TOTAL_TABLES, (hours, days), strict=True):
+                upsert_totals(cursor, table, dimension_totals(totals), using=self.using)
             self._touch_keys(used)
             if self.before_commit is not None:
                 self.before_commit()
@@ -340,17 +365,32 @@ class UsageFlusher:
         return {row[0] for row in cursor.fetchall()}
 
     def _touch_keys(self, used: dict[str, datetime]) -> None:
+        """Set the keys' last_used_at (one statement), at most once a minute per key across all flushers."""
+        due = []
         for key_id, used_at in sorted(used.items()):
             previous = self._key_touched.get(key_id)
-            if previous is not None and used_at - previous < LAST_USED_RESOLUTION:
-                continue
-            # The condition makes it at most once a minute across all flushers, not just this one.
-            ApiKey.objects.using(self.using).filter(key_id=key_id).filter(
-                Q(last_used_at__isnull=True) | Q(last_used_at__lte=used_at - LAST_USED_RESOLUTION)
-            ).update(last_used_at=used_at)
-            self._key_touched[key_id] = used_at
+            if previous is None or used_at - previous >= LAST_USED_RESOLUTION:
+                due.append((key_id, used_at))
+                self._key_touched[key_id] = used_at
         if len(self._key_touched) > 100_000:
             self._key_touched.clear()
+        for start in range(0, len(due), _ROWS_PER_STATEMENT):
+            chunk = due[start : start + _ROWS_PER_STATEMENT]
+            if connections[self.using].vendor != "postgresql":
+                for key_id, used_at in chunk:
+                    ApiKey.objects.using(self.using).filter(key_id=key_id).filter(
+                        Q(last_used_at__isnull=True) | Q(last_used_at__lte=used_at - LAST_USED_RESOLUTION)
+                    ).update(last_used_at=used_at)
+                continue
+            with connections[self.using].cursor() as cursor:
+                # The condition makes it at most once a minute across all flushers, not just this one.
+                cursor.execute(
+                    "UPDATE am_api_keys SET last_used_at = v.used_at "
+                    "FROM unnest(%s::varchar[], %s::timestamptz[]) AS v (key_id, used_at) "
+                    "WHERE am_api_keys.key_id = v.key_id AND "
+                    "(am_api_keys.last_used_at IS NULL OR am_api_keys.last_used_at <= v.used_at - interval '1 minute')",
+                    [[key_id for key_id, _ in chunk], [used_at for _, used_at in chunk]],
+                )
 
     # -- housekeeping ------------------------------------------------------------------------------------------------
 
@@ -411,6 +451,8 @@ def _requests(fields: dict[Any, Any]) -> int:
 def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAULT_DB_ALIAS) -> None:
     """Add ``totals`` to one usage table (an upsert per row that adds, keeping the maximum a maximum)."""
     connection = connections[using]
+    keys = _DIMENSION_KEY if table in TOTAL_TABLES else _BUCKET_KEY
+    width = len(keys) + len(_METRIC_COLUMNS)
     greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
     updates = ", ".join(
         f"{c} = {greatest}({table}.{c}, EXCLUDED.{c})" if c == "latency_ms_max" else f"{c} = {table}.{c} + EXCLUDED.{c}"
@@ -418,20 +460,39 @@ def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAU
     )
     # A fixed row order means concurrent flushers lock rows in the same order (no deadlocks).
     rows = sorted(totals.items(), key=lambda item: item[0])
-    placeholders = "(" + ", ".join(["%s"] * 13) + ")"
+    insert = f"INSERT INTO {table} ({', '.join(name for name, _ in keys)}, {', '.join(_METRIC_COLUMNS)}) "
+    conflict = f"ON CONFLICT ({', '.join(name for name, _ in keys)}) DO UPDATE SET {updates}"
+    if connection.vendor == "postgresql":
+        # One array per column, one short statement: no per-row placeholders for the driver to parse.
+        types = [sql_type for _, sql_type in keys] + ["bigint"] * 4 + ["float8"] * 3
+        unnest = "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ") "  # noqa: S608
+        for start in range(0, len(rows), _ARRAY_ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ARRAY_ROWS_PER_STATEMENT]
+            columns: list[list[Any]] = [[] for _ in range(width)]
+            for key, v in chunk:
+                for i, value in enumerate(key):
+                    columns[i].append(value)
+                for i in range(7):
+                    columns[len(keys) + i].append(int(v[i]) if i < 4 else v[i])
+            cursor.execute(insert + unnest + conflict, columns)  # table and column names are ours
+        return
+    placeholders = "(" + ", ".join(["%s"] * width) + ")"
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
         params: list[Any] = []
-        for (tenant, api, consumer, key, bucket, status), v in chunk:
-            bucket_value = connection.ops.adapt_datetimefield_value(bucket)
-            params += [tenant, api, consumer, key, bucket_value, status, int(v[0]), int(v[1]), int(v[2])]
-            params += [int(v[3]), v[4], v[5], v[6]]
-        cursor.execute(
-            f'INSERT INTO {table} (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code, '  # noqa: S608
-            f"{', '.join(_METRIC_COLUMNS)}) VALUES {', '.join([placeholders] * len(chunk))} "
-            f'ON CONFLICT (tenant_id, api_id, consumer_id, key_id, "timestamp", status_code) DO UPDATE SET {updates}',
-            params,
-        )
+        for key, v in chunk:
+            params += [connection.ops.adapt_datetimefield_value(k) if isinstance(k, datetime) else k for k in key]
+            params += [int(v[0]), int(v[1]), int(v[2]), int(v[3]), v[4], v[5], v[6]]
+        cursor.execute(insert + f"VALUES {', '.join([placeholders] * len(chunk))} " + conflict, params)
+
+
+def dimension_totals(totals: Totals) -> Totals:
+    """Per-key rollup rows summed for the whole tenant, each API and each consumer (the totals tables' rows)."""
+    result: Totals = {}
+    for (tenant, api, consumer, _key, bucket, status), values in totals.items():
+        for dimension, value in (("tenant", ""), ("api", api), ("consumer", consumer)):
+            _add(result, (tenant, dimension, value, bucket, status), values)  # type: ignore[arg-type]
+    return result
 
 
 def hour_and_day(minute: datetime, zone: zoneinfo.ZoneInfo) -> tuple[datetime, datetime]:
@@ -479,5 +540,7 @@ def add_minute(
     values = [request_count, error_count, bytes_in, bytes_out, latency_ms_sum, latency_ms_max, upstream_latency_ms_sum]
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         for table, bucket in zip(TABLES, (minute, hour, day), strict=True):
-            row = (tenant_id, api_id, consumer_id, key_id, bucket, status_code)
-            upsert_totals(cursor, table, {row: [float(v) for v in values]}, using=using)
+            row: Totals = {(tenant_id, api_id, consumer_id, key_id, bucket, status_code): [float(v) for v in values]}
+            upsert_totals(cursor, table, row, using=using)
+            if table != "am_usage_records":
+                upsert_totals(cursor, TOTAL_TABLES[table == "am_usage_daily"], dimension_totals(row), using=using)

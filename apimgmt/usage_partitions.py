@@ -1,6 +1,7 @@
 """Monthly partitions of the usage tables: created ahead by the flusher, dropped whole for USAGE_RETENTION_DAYS.
 
-``am_usage_records`` (minutes), ``am_usage_hourly`` and ``am_usage_daily`` are PostgreSQL tables partitioned by
+``am_usage_records`` (minutes), ``am_usage_hourly``, ``am_usage_daily`` and their ``_totals`` (per tenant, API,
+consumer) are PostgreSQL tables partitioned by
 range of ``"timestamp"``, one partition per calendar month (UTC): ``<table>_pYYYYMM``. A query with a time range only
 reads the months it needs, and retention is ``DROP TABLE`` of whole months (no row-by-row ``DELETE``, no bloat).
 On other databases (SQLite in development) the tables are plain and these functions do nothing.
@@ -17,7 +18,13 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 logger = logging.getLogger("apimgmt.usage")
 
-PARTITIONED_TABLES = ("am_usage_records", "am_usage_hourly", "am_usage_daily")
+PARTITIONED_TABLES = (
+    "am_usage_records",
+    "am_usage_hourly",
+    "am_usage_daily",
+    "am_usage_hourly_totals",
+    "am_usage_daily_totals",
+)
 
 _created: set[tuple[str, str, str]] = set()  # (database alias, table, partition) known to exist
 _lock = threading.Lock()

@@ -11,12 +11,22 @@ import redis
 from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
-from django.db.models import Sum
+from django.db.models import Max, Sum
 from django.test.utils import CaptureQueriesContext
 
 from apimgmt import usage_buckets as contract
 from apimgmt import usage_partitions
-from apimgmt.models import ApiKey, Consumer, Tenant, UsageCopy, UsageDaily, UsageHourly, UsageRecord
+from apimgmt.models import (
+    ApiKey,
+    Consumer,
+    Tenant,
+    UsageCopy,
+    UsageDaily,
+    UsageDailyTotal,
+    UsageHourly,
+    UsageHourlyTotal,
+    UsageRecord,
+)
 from apimgmt.usage import UsageFlusher, flusher_redis
 from gateway.usage import SCRIPT, Batch, _script_args
 from tests.usage.helpers import (
@@ -307,6 +317,14 @@ def test_rollups_equal_the_sum_of_their_minutes(flusher: UsageFlusher, redis_cli
             assert row.latency_ms_sum == pytest.approx(minutes["lat"])
         total = model.objects.aggregate(n=Sum("request_count"))["n"]
         assert total == len(events) == stored_total()
+    for model, per_key in ((UsageHourlyTotal, UsageHourly), (UsageDailyTotal, UsageDaily)):
+        for dimension, field in (("tenant", None), ("api", "api_id"), ("consumer", "consumer_id")):
+            for total in model.objects.filter(dimension=dimension):
+                rows = per_key.objects.filter(timestamp=total.timestamp, status_code=total.status_code)
+                if field:
+                    rows = rows.filter(**{field: total.value})
+                summed = rows.aggregate(n=Sum("request_count"), m=Max("latency_ms_max"))
+                assert (total.request_count, total.latency_ms_max) == (summed["n"], summed["m"]), (dimension, total)
     for day in UsageDaily.objects.all():
         local = day.timestamp.astimezone(ZoneInfo("Asia/Kolkata"))
         assert (local.hour, local.minute) == (0, 0), "daily rows start at the tenant's local midnight"
@@ -359,6 +377,7 @@ def test_retention_drops_whole_months_and_nothing_else(flusher: UsageFlusher, re
     dropped = usage_partitions.drop_before(datetime(2024, 6, 15, tzinfo=UTC))
 
     assert set(dropped) == {f"{table}_p202405" for table in usage_partitions.PARTITIONED_TABLES}
+    assert len(dropped) == 5, "minutes, hours, days and both totals tables"
     assert sorted(r.timestamp for r in UsageRecord.objects.all())[0] == kept, "June 2024 is only half past"
     assert stored_total() == 2
     assert UsageHourly.objects.aggregate(n=Sum("request_count"))["n"] == 2

@@ -19,9 +19,18 @@ from portal.usage import usage_series
 pytestmark = pytest.mark.django_db
 
 
+TABLES = (
+    "am_usage_records",
+    "am_usage_hourly",
+    "am_usage_daily",
+    "am_usage_hourly_totals",
+    "am_usage_daily_totals",
+)
+
+
 def _tables(queries: CaptureQueriesContext) -> set[str]:
     sql = " ".join(q["sql"] for q in queries.captured_queries)
-    return {t for t in ("am_usage_records", "am_usage_hourly", "am_usage_daily") if f'"{t}"' in sql or f" {t} " in sql}
+    return {t for t in TABLES if f'"{t}"' in sql}
 
 
 def test_usage_by_day_reads_the_daily_rollup_and_its_days_are_the_tenants(
@@ -40,7 +49,7 @@ def test_usage_by_day_reads_the_daily_rollup_and_its_days_are_the_tenants(
             "/mgmt/v1/usage/?tenant_id=acme&interval=day&from=2026-01-01T00:00:00Z&to=2026-01-10T00:00:00Z"
         )
     assert body.status_code == 200, body.content
-    assert _tables(queries) == {"am_usage_daily"}
+    assert _tables(queries) == {"am_usage_daily_totals"}, "a whole tenant: its totals, not a row per key"
     buckets = {row["bucket"]: row["requests"] for row in body.json()["results"]}
     assert buckets == {"2026-01-05T05:00:00Z": 3, "2026-01-06T05:00:00Z": 4}, "local midnights, as UTC instants"
 
@@ -62,7 +71,7 @@ def test_usage_by_hour_reads_the_hourly_rollup_and_by_minute_the_minutes(
 
     with CaptureQueriesContext(connection) as queries:
         hourly = client.get(f"/mgmt/v1/usage/?{window}&interval=hour").json()["results"]
-    assert _tables(queries) == {"am_usage_hourly"}
+    assert _tables(queries) == {"am_usage_hourly_totals"}
     assert [(row["bucket"], row["requests"]) for row in hourly] == [
         ("2026-01-01T10:00:00Z", 9),
         ("2026-01-01T11:00:00Z", 9),
@@ -84,9 +93,30 @@ def test_admin_overview_reads_hours_and_the_portal_month_reads_days(
     with CaptureQueriesContext(connection) as queries:
         page = client.get("/admin/apimgmt/tenant/acme/usage/")
     assert page.status_code == 200 and "11" in page.content.decode()
-    assert _tables(queries) == {"am_usage_hourly"}
+    assert _tables(queries) == {"am_usage_hourly_totals"}
 
     with CaptureQueriesContext(connection) as queries:
         series = usage_series(app=bob_app, api_id=None, interval="day")
     assert _tables(queries) == {"am_usage_daily"}
     assert series.total_requests == 11
+
+
+def test_usage_of_one_key_or_for_a_developer_reads_the_per_key_rows(
+    client: Client, staff: User, bob: User, acme: Tenant, bob_app: Consumer
+) -> None:
+    at = datetime(2026, 1, 1, 10, tzinfo=UTC)
+    add_minute(tenant_id="acme", consumer_id=bob_app.pk, key_id="key_b", timestamp=at, status_code=200, request_count=5)
+    add_minute(tenant_id="acme", consumer_id="con_else", key_id="key_e", timestamp=at, status_code=200, request_count=7)
+    window = "tenant_id=acme&interval=day&from=2025-12-30T00:00:00Z&to=2026-01-03T00:00:00Z"
+
+    client.force_login(staff)
+    with CaptureQueriesContext(connection) as queries:
+        by_key = client.get(f"/mgmt/v1/usage/?{window}&key_id=key_b").json()["results"]
+    assert _tables(queries) == {"am_usage_daily"} and [r["requests"] for r in by_key] == [5]
+    grouped = client.get(f"/mgmt/v1/usage/?{window}&group_by=consumer_id").json()["results"]
+    assert {r["consumer_id"]: r["requests"] for r in grouped} == {bob_app.pk: 5, "con_else": 7}
+
+    client.force_login(bob)  # a developer sees only their own apps' usage
+    with CaptureQueriesContext(connection) as queries:
+        mine = client.get(f"/mgmt/v1/usage/?{window}").json()["results"]
+    assert _tables(queries) == {"am_usage_daily"} and [r["requests"] for r in mine] == [5]
