@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
 from apimgmt import services
-from apimgmt.config_doc.document import API_MODEL_FIELD, ConfigError, Problem
+from apimgmt.config_doc.document import API_MODEL_FIELD, API_MOMENTS, ConfigError, Problem
 from apimgmt.config_doc.plan import CREATE, DELETE, SECTION_OF, UPDATE, Change, ConfigPlan, make_plan
 from apimgmt.config_doc.state import TenantState, read_state
 from apimgmt.invalidation import coalesced_notifications
@@ -175,7 +175,7 @@ class _Applier:
 
     @staticmethod
     def _api_value(name: str, value: Any) -> Any:
-        if name == "sunset_at" and value is not None:
+        if name in API_MOMENTS and value is not None:
             parsed: datetime | None = parse_datetime(value)
             return parsed
         return value

@@ -17,45 +17,32 @@ from typing import Any
 
 import jsonschema
 import yaml
-from django.core.exceptions import ValidationError
+from django.core.exceptions import FieldDoesNotExist, ValidationError
+from django.db import models
 from django.utils.dateparse import parse_datetime
 
 from apimgmt import validation
-from apimgmt.config_doc.schema import FORMAT, document_schema
+from apimgmt.config_doc.schema import API_MODEL_FIELD, FORMAT, api_document_fields, document_schema
 from apimgmt.models import Api, Consumer, Plan, Policy
 
 SECTIONS = ("policies", "plans", "apis", "consumers")
+
+
+def _api_field(name: str) -> models.Field[Any, Any] | None:
+    try:
+        field = Api._meta.get_field(API_MODEL_FIELD.get(name, name))
+    except FieldDoesNotExist:
+        return None
+    return field if isinstance(field, models.Field) else None
+
+
 # Field order of each kind in the canonical document (the order `export` writes).
 POLICY_FIELDS = ("name", "description", "policy_type", "mode", "on_store_error", "config")
 PLAN_FIELDS = ("name", "description", "approval", "policies")
-API_FIELDS = (
-    "name",
-    "description",
-    "status",
-    "visibility",
-    "subscription_approval",
-    "base_path",
-    "host",
-    "strip_path",
-    "upstream_url",
-    "targets",
-    "sunset_at",
-    "key_header",
-    "accept_bearer",
-    "key_query_param",
-    "connect_timeout",
-    "read_timeout",
-    "total_timeout",
-    "retries",
-    "cb_failure_threshold",
-    "cb_recovery_timeout",
-    "policies",
-    "plans",
-    "openapi_spec",
-)
-# Document field -> model field, where they differ.
-API_MODEL_FIELD = {"name": "api_name"}
-API_FLOATS = ("connect_timeout", "read_timeout", "total_timeout", "cb_recovery_timeout")
+API_FIELDS = api_document_fields()
+# How the model stores some of them: floats (a YAML 2 is 2.0) and moments (UTC, ISO 8601).
+_API_FLOATS = {n for n in API_FIELDS if isinstance(_api_field(n), models.FloatField)}
+API_MOMENTS = {n for n in API_FIELDS if isinstance(_api_field(n), models.DateTimeField)}
 CONSUMER_FIELDS = ("name", "owner", "description", "status", "subscriptions")
 SUBSCRIPTION_FIELDS = ("api", "plan", "status")
 
@@ -314,7 +301,7 @@ def canonical_api(item: Mapping[str, Any]) -> dict[str, Any]:
             out[field] = item[field]
         else:
             out[field] = _model_default(Api, API_MODEL_FIELD.get(field, field))
-        if field in API_FLOATS:
+        if field in _API_FLOATS and out[field] is not None:
             out[field] = float(out[field])
     return out
 
@@ -403,17 +390,19 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
         routes.setdefault(route, api["name"])
         if api["total_timeout"] < api["connect_timeout"]:
             problems.append(Problem(f"{where}.total_timeout", "total_timeout must be at least connect_timeout."))
-        if api["sunset_at"] is not None:
-            parsed = parse_datetime(api["sunset_at"])
+        for moment in sorted(API_MOMENTS):
+            if api[moment] is None:
+                continue
+            parsed = parse_datetime(api[moment])
             if parsed is None or parsed.tzinfo is None:
                 problems.append(
                     Problem(
-                        f"{where}.sunset_at",
-                        "sunset_at must be a date and time with a time zone, e.g. 2027-01-01T00:00:00Z.",
+                        f"{where}.{moment}",
+                        f"{moment} must be a date and time with a time zone, e.g. 2027-01-01T00:00:00Z.",
                     )
                 )
             else:
-                api["sunset_at"] = format_datetime(parsed)
+                api[moment] = format_datetime(parsed)
     if "consumers" in document:
         unique("consumers", [consumer_key(c) for c in document["consumers"]], "consumers")
         for consumer in document["consumers"]:

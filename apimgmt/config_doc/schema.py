@@ -9,10 +9,73 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from apimgmt import validation
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Model
+
+from apimgmt import services, validation
 from apimgmt.models import Api, Consumer, Plan, Policy
 
 FORMAT = "apimgmt/config/v1"
+# An API in the document: these first, in this order (what people look for), then every other field the API services
+# accept (services.API_FIELDS, in their order), then what it refers to. A field added to the services is thereby
+# exported, planned and applied, with its schema taken from the model field.
+API_LEADING: tuple[str, ...] = ("name", "description", "status", "visibility", "subscription_approval")
+API_LEADING += ("base_path", "host", "strip_path", "upstream_url", "targets")
+API_TRAILING = ("policies", "plans", "openapi_spec")
+# Document field -> model field, where they differ.
+API_MODEL_FIELD = {"name": "api_name"}
+
+
+def api_document_fields() -> tuple[str, ...]:
+    placed = {API_MODEL_FIELD.get(name, name) for name in API_LEADING + API_TRAILING}
+    middle = tuple(name for name in services.API_FIELDS if name not in placed)
+    return API_LEADING + middle + API_TRAILING
+
+
+def model_field_schema(model: type[Model], name: str) -> dict[str, Any]:
+    """A model field as JSON Schema: type, bounds from its validators, choices, default and help text."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    schema: dict[str, Any]
+    if isinstance(field, models.BooleanField):
+        schema = {"type": "boolean"}
+    elif isinstance(field, models.IntegerField):
+        schema = {"type": "integer"}
+        if isinstance(field, (models.PositiveIntegerField, models.PositiveSmallIntegerField)):
+            schema["minimum"] = 0
+    elif isinstance(field, models.FloatField):
+        schema = {"type": "number"}
+    elif isinstance(field, models.DateTimeField):
+        schema = {"type": "string", "format": "date-time"}
+    elif isinstance(field, models.JSONField):
+        schema = {"type": "object"}
+    else:
+        schema = {"type": "string"}
+        if field.max_length:
+            schema["maxLength"] = field.max_length
+    for validator in field.validators:
+        if isinstance(validator, MinValueValidator):
+            schema["minimum"] = validator.limit_value
+        elif isinstance(validator, MaxValueValidator):
+            schema["maximum"] = validator.limit_value
+    if field.choices:
+        choices = [(value, label) for value, label in field.flatchoices]
+        schema = {"enum": [value for value, _label in choices]}
+        if not field.help_text:
+            schema["description"] = "; ".join(f"{value}: {label}" for value, label in choices) + "."
+    if field.null:
+        schema["type"] = [schema["type"], "null"] if "type" in schema else None
+        if "enum" in schema:
+            schema["enum"].append(None)
+    if field.has_default() or field.null:
+        default = field.get_default()
+        schema["default"] = default if not isinstance(default, dict) else None
+    if field.help_text:
+        schema["description"] = str(field.help_text)
+    return schema
+
+
 SCHEMA_ID = "urn:apimgmt:config:v1"
 NAME_MAX = 100
 
@@ -50,10 +113,6 @@ def _policy_config(windows: list[str], extra: dict[str, Any]) -> dict[str, Any]:
         "additionalProperties": False,
         "anyOf": [{"required": [name]} for name in windows],
     }
-
-
-def _timeout(default: float, maximum: float, what: str) -> dict[str, Any]:
-    return {"type": "number", "minimum": 0.01, "maximum": maximum, "default": default, "description": what}
 
 
 def document_schema() -> dict[str, Any]:
@@ -115,45 +174,34 @@ def document_schema() -> dict[str, Any]:
             "weight": {"type": "integer", "minimum": 1, "maximum": 100, "default": 1},
         },
     }
+    special: dict[str, Any] = {
+        "name": _name("Unique in the tenant: the API's key in this document."),
+        "description": {"type": "string", "default": ""},
+        "status": _choice(
+            list(Api.Status.values),
+            Api.Status.DRAFT,
+            "draft → active ⇄ deprecated → retired; an API never goes back to draft or out of retired.",
+        ),
+        "base_path": {"type": "string", "pattern": "^/", "maxLength": 200, "description": "e.g. /api/users/v1"},
+        "upstream_url": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "targets": {"type": "array", "items": target, "maxItems": 20, "description": "Extra weighted upstreams."},
+        "sunset_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "default": None,
+            "description": "Announced retirement (Sunset header), with a time zone.",
+        },
+        "policies": _names("Names of the policies applied to all of the API's traffic."),
+        "plans": _names("Names of the plans the API offers; with any, a subscription must name one of them."),
+        "openapi_spec": {"type": ["object", "null"], "default": None, "description": "Shown in the portal."},
+    }
     api = {
         "type": "object",
         "required": ["name", "base_path", "upstream_url"],
         "additionalProperties": False,
         "properties": {
-            "name": _name("Unique in the tenant: the API's key in this document."),
-            "description": {"type": "string", "default": ""},
-            "status": _choice(
-                list(Api.Status.values),
-                Api.Status.DRAFT,
-                "draft → active ⇄ deprecated → retired; an API never goes back to draft or out of retired.",
-            ),
-            "visibility": _choice(list(Api.Visibility.values), Api.Visibility.PUBLIC, "Listed in the portal or not."),
-            "subscription_approval": _choice(
-                list(Api.Approval.values), Api.Approval.AUTO, "manual: an admin approves."
-            ),
-            "base_path": {"type": "string", "pattern": "^/", "maxLength": 200, "description": "e.g. /api/users/v1"},
-            "host": {"type": "string", "maxLength": 253, "default": "", "description": "Route only this Host."},
-            "strip_path": {"type": "boolean", "default": True},
-            "upstream_url": {"type": "string", "minLength": 1, "maxLength": 2000},
-            "targets": {"type": "array", "items": target, "maxItems": 20, "description": "Extra weighted upstreams."},
-            "sunset_at": {
-                "type": ["string", "null"],
-                "format": "date-time",
-                "default": None,
-                "description": "Announced retirement (Sunset header), with a time zone.",
-            },
-            "key_header": {"type": "string", "minLength": 1, "maxLength": 64, "default": "X-API-Key"},
-            "accept_bearer": {"type": "boolean", "default": True},
-            "key_query_param": {"type": "string", "maxLength": 64, "default": ""},
-            "connect_timeout": _timeout(2.0, 60, "Seconds."),
-            "read_timeout": _timeout(30.0, 3600, "Seconds."),
-            "total_timeout": _timeout(60.0, 3600, "Seconds; at least connect_timeout."),
-            "retries": {"type": "integer", "minimum": 0, "maximum": 5, "default": 1},
-            "cb_failure_threshold": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
-            "cb_recovery_timeout": {"type": "number", "minimum": 0.1, "maximum": 3600, "default": 30.0},
-            "policies": _names("Names of the policies applied to all of the API's traffic."),
-            "plans": _names("Names of the plans the API offers; with any, a subscription must name one of them."),
-            "openapi_spec": {"type": ["object", "null"], "default": None, "description": "Shown in the portal."},
+            name: special.get(name) or model_field_schema(Api, API_MODEL_FIELD.get(name, name))
+            for name in api_document_fields()
         },
     }
     subscription = {

@@ -10,6 +10,9 @@ from typing import Any
 from django.db.models import Prefetch
 
 from apimgmt.config_doc.document import (
+    API_FIELDS,
+    API_MODEL_FIELD,
+    API_MOMENTS,
     FORMAT,
     Problem,
     canonical_api,
@@ -135,9 +138,8 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
                 a.api_name,
                 canonical_api(
                     {
-                        **{field: getattr(a, field) for field in _API_MODEL_FIELDS},
-                        "name": a.api_name,
-                        "sunset_at": format_datetime(a.sunset_at),
+                        **{field: getattr(a, API_MODEL_FIELD.get(field, field)) for field in _API_COLUMNS},
+                        **{field: format_datetime(getattr(a, field)) for field in API_MOMENTS},
                         "targets": targets.get(a.pk, []),
                         "policies": [policy_names[i] for i in api_policies.get(a.pk, [])],
                         "plans": [plan_names[i] for i in api_plans.get(a.pk, [])],
@@ -154,26 +156,8 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
     return state
 
 
-_API_MODEL_FIELDS = (
-    "description",
-    "status",
-    "visibility",
-    "subscription_approval",
-    "base_path",
-    "host",
-    "strip_path",
-    "upstream_url",
-    "key_header",
-    "accept_bearer",
-    "key_query_param",
-    "connect_timeout",
-    "read_timeout",
-    "total_timeout",
-    "retries",
-    "cb_failure_threshold",
-    "cb_recovery_timeout",
-    "openapi_spec",
-)
+# The API's document fields that are plain columns of its row.
+_API_COLUMNS = tuple(name for name in API_FIELDS if name not in ("targets", "policies", "plans"))
 
 
 def _links(through: Any, left: str, right: str, **tenant_filter: Any) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""``manage.py config export|diff|apply``: a tenant's configuration as code, with exit codes for CI.
+"""``manage.py config export|diff|apply|schema``: a tenant's configuration as code, with exit codes for CI.
 
 Exit codes: 0 = no changes, 2 = changes planned (diff, apply --dry-run) or applied, 1 = error (bad document,
 refused delete, stale plan, unknown tenant); every message names the file, the object and the field.
@@ -26,7 +26,8 @@ class Command(BaseCommand):
     help = "Export, diff (plan) or apply a tenant's configuration document (YAML or JSON)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="operation", required=True, metavar="{export,diff,apply}")
+        sub = parser.add_subparsers(dest="operation", required=True, metavar="{export,diff,apply,schema}")
+        sub.add_parser("schema", help="Print the document's JSON Schema (as docs/config.schema.json holds it).")
 
         export = sub.add_parser("export", help="Write the tenant's configuration (stable order, no secrets).")
         export.add_argument("--tenant", required=True)
@@ -91,6 +92,10 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(plan.as_json(), indent=2, ensure_ascii=False))
         else:
             self.stdout.write(plan.text(), ending="")
+
+    def _schema(self, options: dict[str, Any]) -> int:
+        self.stdout.write(config_doc.schema_text(), ending="")
+        return EXIT_NO_CHANGES
 
     def _export(self, options: dict[str, Any]) -> int:
         tenant = self._tenant(options)
