@@ -41,3 +41,12 @@ def test_subscribing_without_a_plan_to_an_api_that_offers_plans_is_400(
         format="json",
     )
     assert r.status_code == 201 and r.json()["status"] == "active"
+
+
+def test_developers_see_which_plans_an_api_offers(bob: User, acme_api: Api, acme_plan: Plan, client_for: Any) -> None:
+    from apimgmt import services
+
+    services.api_update(api=acme_api, plans=[acme_plan], actor=None)
+    entry = client_for(bob).get(f"/mgmt/v1/apis/{acme_api.pk}/").json()
+    assert entry["plans"] == [acme_plan.pk]
+    assert "upstream_url" not in entry  # still the catalog entry, not the full API
