@@ -17,14 +17,17 @@ from typing import Any
 import pytest
 import requests
 from django.contrib.auth.models import User
+from django.db.models import Sum
 
 from apimgmt import services
-from apimgmt.models import ApiKey, Consumer, Tenant
+from apimgmt.models import ApiKey, Consumer, Tenant, UsageRecord
 from apimgmt.redis_client import reset_redis
+from apimgmt.usage import UsageFlusher, flusher_redis
 from tests.gateway.conftest import publish, subscribe
 from tests.gateway.upstreams import recording_upstream
 from tests.support.redis_topologies import LocalCluster, LocalSentinel, redis_cluster, redis_sentinel
 from tests.support.servers import gunicorn
+from tests.usage.helpers import stored_total
 
 pytestmark = [pytest.mark.redis_topology, pytest.mark.timeout(240)]
 
@@ -32,9 +35,17 @@ URL_PATH = "/api/users/v1/x"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def _cluster() -> Iterator[LocalCluster]:
     with redis_cluster() as started:
         yield started
+
+
+@pytest.fixture
+def cluster(_cluster: LocalCluster) -> LocalCluster:
+    """The module's cluster, emptied (each test's database starts empty too)."""
+    _cluster.wait_healthy()
+    _cluster.flush()
+    return _cluster
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,43 @@ def _serve(live_env: dict[str, str], tmp_path: Path, redis_url: str, **extra: st
         "CSRF_COOKIE_SECURE": "0",
         **extra,
     }
-    return gunicorn(env, workers=2, log_path=Path("/tmp/h7/gunicorn-debug.log"))
+    return gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log")
+
+
+# Every API request a test made that got an answer (what usage must store, exactly once).
+SENT: Counter[int] = Counter()
+_sent_lock = threading.Lock()
+
+
+def _get(url: str, key: str, session: Any = requests, timeout: float = 5) -> requests.Response:
+    response = session.get(url, headers={"X-API-Key": key}, timeout=timeout)
+    with _sent_lock:
+        SENT[response.status_code] += 1
+    return response
+
+
+@pytest.fixture(autouse=True)
+def _count_from_zero() -> None:
+    SENT.clear()
+
+
+def _usage_stored_exactly_once(redis_url: str) -> None:
+    """The flusher (on the same topology) copies every answered request into am_usage_records, once."""
+    flusher = UsageFlusher(client=flusher_redis(redis_url), consumer="scale-test")
+    expected = sum(SENT.values())
+    deadline = time.monotonic() + 20
+    while stored_total() < expected and time.monotonic() < deadline:
+        flusher.drain()
+        time.sleep(0.3)
+    time.sleep(1.5)  # a late or repeated batch would show up now
+    flusher.drain()
+    stored = Counter(
+        {
+            row["status_code"]: row["n"]
+            for row in UsageRecord.objects.values("status_code").annotate(n=Sum("request_count"))
+        }
+    )
+    assert stored == SENT
 
 
 def _until(predicate: Callable[[], bool], timeout: float) -> float:
@@ -76,7 +123,7 @@ def _until(predicate: Callable[[], bool], timeout: float) -> float:
 
 def _all_workers(url: str, key: str, want: int, n: int = 12) -> bool:
     """n requests in a row on fresh connections (spread over both workers) all answer ``want``."""
-    return all(requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code == want for _ in range(n))
+    return all(_get(url, key).status_code == want for _ in range(n))
 
 
 def _hammer(url: str, key: str, *, threads: int, each: int) -> list[int]:
@@ -86,7 +133,7 @@ def _hammer(url: str, key: str, *, threads: int, each: int) -> list[int]:
     def worker() -> None:
         with requests.Session() as session:
             for _ in range(each):
-                status = session.get(url, headers={"X-API-Key": key}, timeout=10).status_code
+                status = _get(url, key, session, timeout=10).status_code
                 with lock:
                     statuses.append(status)
 
@@ -153,6 +200,7 @@ def test_cluster_admits_exactly_the_limit_revokes_within_a_second_and_shares_loc
     row, key = bob_key
     with _serve(live_env, tmp_path, cluster.url, PORTAL_LOGIN_ACCOUNT_FAILURES="3") as base:
         _exactly_l_of_800(base, acme, bob_app, key)
+        _usage_stored_exactly_once(cluster.url)
         _revocation_within_one_second(base, acme, bob_app, row, key)
         _portal_lockout_is_shared(base)
 
@@ -188,7 +236,7 @@ def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_pr
         def load() -> None:
             with requests.Session() as session:
                 while not stop.is_set():
-                    response = session.get(url, headers={"X-API-Key": key}, timeout=10)
+                    response = _get(url, key, session, timeout=10)
                     statuses.append(response.status_code)
                     uncounted.append("X-RateLimit-Remaining" not in response.headers)
 
@@ -208,13 +256,14 @@ def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_pr
         assert any(uncounted)  # the failover was felt, and the policy's rule answered meanwhile
 
         def counting() -> bool:
-            first = requests.get(url, headers={"X-API-Key": key}, timeout=5)
-            second = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            first, second = _get(url, key), _get(url, key)
             remaining = [r.headers.get("X-RateLimit-Remaining") for r in (first, second)]
             return None not in remaining and int(remaining[1]) < int(remaining[0])  # type: ignore[arg-type]
 
         # Back on the promoted replica without a restart: the counter moves again.
         _until(counting, 10)
+        # Usage held in the gateways' memory and spool during the failover reaches the database, once.
+        _usage_stored_exactly_once(cluster.url)
 
 
 # -- Sentinel -------------------------------------------------------------------------------------------------------
@@ -253,7 +302,7 @@ def test_sentinel_master_killed_under_load_gateway_and_control_plane_follow_the_
         def load() -> None:
             with requests.Session() as session:
                 while not stop.is_set():
-                    response = session.get(url, headers={"X-API-Key": key}, timeout=10)
+                    response = _get(url, key, session, timeout=10)
                     statuses.append(response.status_code)
                     uncounted.append("X-RateLimit-Remaining" not in response.headers)
 
@@ -272,12 +321,13 @@ def test_sentinel_master_killed_under_load_gateway_and_control_plane_follow_the_
 
         # The gateway counts on the new master ...
         def counting() -> bool:
-            first = requests.get(url, headers={"X-API-Key": key}, timeout=5)
-            second = requests.get(url, headers={"X-API-Key": key}, timeout=5)
+            first, second = _get(url, key), _get(url, key)
             remaining = [r.headers.get("X-RateLimit-Remaining") for r in (first, second)]
             return None not in remaining and int(remaining[1]) < int(remaining[0])  # type: ignore[arg-type]
 
         _until(counting, 10)
+        # ... the flusher follows it too: every answered request stored once ...
+        _usage_stored_exactly_once(url_)
         # ... revocations reach both workers through it within a second ...
         services.api_key_revoke(key=ApiKey.objects.get(pk=row.pk), actor=None)
         assert _until(lambda: _all_workers(url, key, 401), 3) < 1.0

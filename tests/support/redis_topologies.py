@@ -46,6 +46,12 @@ def free_ports(start: int, stop: int, count: int, *, bus_offset: int = 0) -> lis
     raise RuntimeError(f"no {count} free ports in {start}-{stop}")
 
 
+def _replica_in_sync(port: int) -> bool:
+    """A master, or a replica whose link to its master is up (it has the master's data)."""
+    info = redis.Redis(port=port, socket_timeout=1, decode_responses=True).info("replication")
+    return bool(info["role"] == "master" or info.get("master_link_status") == "up")
+
+
 def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,6 +77,8 @@ class _Servers:
             conf.write_text(config)
             argv.append(str(conf))
         argv += ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        # A replica's first full sync starts at once (Redis waits 5 s by default for more replicas to join).
+        argv += ["--repl-diskless-sync-delay", "0"]
         argv += ["--dir", str(self.workdir), "--logfile", str(logfile), *args]
         self.procs[port] = subprocess.Popen(argv, start_new_session=True)
         _until(lambda: redis.Redis(port=port, socket_timeout=0.5).ping(), 10, f"redis-server on {port}")
@@ -116,8 +124,15 @@ class LocalCluster:
     def kill(self, port: int) -> None:
         self.servers.kill(port)
 
+    def flush(self) -> None:
+        """Empty every master (the replicas follow)."""
+        for port in self.servers.procs:
+            node = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+            if node.execute_command("ROLE")[0] == "master":
+                node.flushall()
+
     def wait_healthy(self, timeout: float = 30) -> None:
-        """Every slot served by a live master, as every live node sees it."""
+        """Every slot served by a live master, as every live node sees it, and every replica in sync."""
 
         def healthy() -> bool:
             for port in self.servers.procs:
@@ -128,7 +143,8 @@ class LocalCluster:
             served = sum(
                 int(end) - int(start) + 1 for start, end, master, *_ in slots if int(master[1]) in self.servers.procs
             )
-            return served == 16384
+            # ... and every replica has its master's data (a failover then loses nothing already written).
+            return served == 16384 and all(_replica_in_sync(port) for port in self.servers.procs)
 
         _until(healthy, timeout, "cluster state ok")
 
@@ -256,6 +272,7 @@ def redis_sentinel(*, down_after_ms: int = 1000) -> Iterator[LocalSentinel]:
             return True
 
         _until(watched, 30, "sentinels see the replica")
+        _until(lambda: _replica_in_sync(replica), 30, "replica in sync")
         yield setup
     finally:
         servers.stop_all()
