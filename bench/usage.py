@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import free_port, load_1min, process  # noqa: E402
+from bench.bench import free_port, load_1min, process, tree_cpu_seconds  # noqa: E402
 
 GATEWAY_RPS = 6_800  # one gateway node on this machine (make bench), the figure the targets are ratios of
 
@@ -362,7 +363,7 @@ def end_to_end(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         policy_type="rate_limiting",
         config={"requests_per_second": 1_000_000, "burst_size": 1000},
     )
-    upstream_port, proxy_port, gateway_port = free_port(), free_port(), free_port()
+    upstream_port, proxy_port, gateway_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     api = services.api_create(
         tenant=tenant,
         api_name="e2e",
@@ -400,6 +401,7 @@ def end_to_end(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "UPSTREAM_ALLOW_PRIVATE": "1",
         "APIMGMT_ROLE": "gateway",
         "USAGE_SPOOL_DIR": str(workdir / "spool"),
+        "METRICS_PORT": str(metrics_port),
         "DEBUG": "1",
     }
     gunicorn = str(ROOT / ".venv" / "bin" / "gunicorn")
@@ -416,19 +418,20 @@ def end_to_end(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "--workers",
             "2",
         ]
-        with process(args, env=env, log=workdir / "gateway.log"):
+        with process(args, env=env, log=workdir / "gateway.log") as gateway_proc:
             wait_for(url, {"X-API-Key": keys[0]})
             time.sleep(2.5)  # the probe's bucket reaches Redis (workers send once a second)
             baseline = 0
             if flusher:
                 UsageFlusher(client=flusher_redis(os.environ["REDIS_URL"]), consumer="bench-baseline").drain()
                 baseline = _stored("e2e")
-            served_before = _served(gateway_port)
+            served_before = _served(metrics_port)
             with (
                 process([sys.executable, "manage.py", "flush_usage", "--follow"], env=env, log=workdir / "flusher.log")
                 if flusher
                 else _null()
             ):
+                cpu_before = tree_cpu_seconds(gateway_proc.pid)
                 out = subprocess.run(
                     ["wrk", "-t2", "-c64", f"-d{options.duration}s", "-s", str(script), url],
                     capture_output=True,
@@ -436,16 +439,18 @@ def end_to_end(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     check=True,
                 ).stdout
                 ended = time.monotonic()
+                cpu = tree_cpu_seconds(gateway_proc.pid) - cpu_before
                 completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
                 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
                 non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
                 time.sleep(1.5)
-                served = _served(gateway_port) - served_before
+                served = _served(metrics_port) - served_before
                 row: dict[str, Any] = {
                     "rps": rps,
                     "wrk_completed": completed,
                     "gateway_served": served,
                     "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+                    "gateway_cpu_us_per_request": round(cpu / completed * 1e6, 1) if completed else None,
                 }
                 if flusher:
                     deadline = ended + 180
@@ -463,9 +468,25 @@ def end_to_end(options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return row
 
     with process([NGINX, "-c", str(nginx_conf(workdir, upstream_port, proxy_port)), "-p", str(workdir)]):
-        off = run(off_conf, flusher=False)
-        on = run(ROOT / "gunicorn.conf.py", flusher=True)
-    return {"accounting_off": off, "accounting_on": on, "rps_ratio_on_off": round(on["rps"] / off["rps"], 3)}
+        # Interleaved rounds, so load from elsewhere on a shared machine falls on both alike; medians compared.
+        offs, ons = [], []
+        for _ in range(options.rounds):
+            offs.append(run(off_conf, flusher=False))
+            ons.append(run(ROOT / "gunicorn.conf.py", flusher=True))
+
+    def median(rows: list[dict[str, Any]], field: str) -> float:
+        return float(statistics.median(r[field] for r in rows if r.get(field) is not None))
+
+    return {
+        "accounting_off": offs,
+        "accounting_on": ons,
+        "every_on_run_stored_equals_served": all(r["stored_equals_served"] for r in ons),
+        "max_lag_to_fully_stored_s": max(r["lag_to_fully_stored_s"] for r in ons),
+        "rps_ratio_on_off_median": round(median(ons, "rps") / median(offs, "rps"), 3),
+        "cpu_per_request_ratio_on_off_median": round(
+            median(ons, "gateway_cpu_us_per_request") / median(offs, "gateway_cpu_us_per_request"), 3
+        ),
+    }
 
 
 def _stored(tenant: str) -> int:
@@ -508,6 +529,7 @@ def main() -> None:
     parser.add_argument("--query-days", type=int, default=30)
     parser.add_argument("--query-hours", type=int, default=48, help="hourly rows generated (the overview reads 24)")
     parser.add_argument("--duration", type=int, default=60, help="seconds of wrk per end-to-end run")
+    parser.add_argument("--rounds", type=int, default=2, help="end-to-end rounds (accounting off, then on)")
     parser.add_argument("--only", default="", help="comma-separated subset: capacity,memory,queries,e2e")
     options = parser.parse_args()
     only = set(filter(None, options.only.split(",")))

@@ -119,7 +119,7 @@ def test_runbook_names_the_products_tables_keys_metrics_and_endpoints() -> None:
         "rate_limit:",
         "route_cache:version",
         "cache:api:key:",
-        "usage:events",
+        "usage:tenants",
         "api_requests_total",
         "api_request_duration_seconds",
         "/health",
