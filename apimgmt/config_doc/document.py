@@ -83,7 +83,13 @@ class ConfigError(Exception):
 # ---------------------------------------------------------------------------
 
 
-class _DocumentLoader(yaml.SafeLoader):
+# libyaml's parser and emitter when PyYAML was built with it (the wheels are): parsing a 500-API document in pure
+# Python takes seconds.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _DocumentLoader(_Loader):  # type: ignore[misc,valid-type]
     """Safe YAML without surprises: no aliases (a small file cannot expand into a huge one), no duplicate keys, and
     timestamps stay strings (``sunset_at`` is parsed with its time zone, not by YAML's rules)."""
 
@@ -92,21 +98,24 @@ class _DocumentLoader(yaml.SafeLoader):
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        # Each node is built once; meeting one again means an alias (*name) refers to it.
+        if node in self.constructed_objects or node in self.recursive_objects:
             raise yaml.MarkedYAMLError(
-                None, None, "aliases (*name) are not allowed; write the value out", event.start_mark
+                None,
+                None,
+                "this value is used again through an alias (*name); aliases are not allowed, write it out",
+                node.start_mark,
             )
-        return super().compose_node(parent, index)
+        return super().construct_object(node, deep=deep)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: set[str] = set()
         for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.MarkedYAMLError(None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -127,7 +136,7 @@ def parse_text(text: str, source: str) -> Any:
         raise ConfigError(source, [Problem(where, f"not valid YAML: {message}")]) from exc
 
 
-class _DocumentDumper(yaml.SafeDumper):
+class _DocumentDumper(_Dumper):  # type: ignore[misc,valid-type]
     def represent_str(self, data: str) -> Any:
         # Multi-line text (descriptions) as a literal block, which reads and diffs better than "\n" escapes.
         if "\n" in data:

@@ -240,17 +240,17 @@ def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]
             consumer_row = state.consumers[key][1]
             deleted_consumers.add(consumer_row.pk)
             plan.changes.append(Change(DELETE, "consumer", key, row=consumer_row))
-    kept_apis: list[Api] = []
+    kept_apis: list[str] = []  # deletes that are refused: these stay, with what they refer to
     deleted_apis: set[str] = set()
     for key in sorted(set(state.apis) - wanted["apis"]):
         api_row = state.apis[key][1]
         refusal = services.api_delete_refusal(api_row)
         if refusal:
-            kept_apis.append(api_row)
+            kept_apis.append(key)
         else:
             deleted_apis.add(api_row.pk)
         plan.changes.append(Change(DELETE, "api", key, refusal=refusal, row=api_row))
-    kept_plans = []
+    kept_plans: list[str] = []
     for key in sorted(set(state.plans) - wanted["plans"]):
         plan_row = state.plans[key][1]
         still = (
@@ -260,18 +260,19 @@ def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]
         if refusal:
             kept_plans.append(key)
         plan.changes.append(Change(DELETE, "plan", key, refusal=refusal, row=plan_row))
+    # Who still uses each policy after the plan: only kept objects can (the document refers to its own policies).
+    users_of: dict[str, list[str]] = {}
+    for key in kept_apis:
+        for name in state.apis[key][0]["policies"]:
+            users_of.setdefault(name, []).append(f"API {key!r}")
+    for key in kept_plans:
+        for name in state.plans[key][0]["policies"]:
+            users_of.setdefault(name, []).append(f"plan {key!r}")
     for key in sorted(set(state.policies) - wanted["policies"]):
-        policy_row = state.policies[key][1]
-        users = [
-            f"API {state_key!r}"
-            for state_key in sorted(state.apis)
-            if state.apis[state_key][1] in kept_apis and key in state.apis[state_key][0]["policies"]
-        ]
-        users += [f"plan {name!r}" for name in kept_plans if key in state.plans[name][0]["policies"]]
         refusal = None
-        if users:
+        if key in users_of:
             refusal = (
-                f"Policy {key!r} stays attached to {', '.join(users)}, whose deletion is refused; "
+                f"Policy {key!r} stays attached to {', '.join(users_of[key])}, whose deletion is refused; "
                 "detach it from them first, then delete it."
             )
-        plan.changes.append(Change(DELETE, "policy", key, refusal=refusal, row=policy_row))
+        plan.changes.append(Change(DELETE, "policy", key, refusal=refusal, row=state.policies[key][1]))

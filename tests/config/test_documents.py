@@ -80,12 +80,15 @@ BAD_DOCUMENTS = [
     ),
     pytest.param(
         HEADER + "policies: &p\n- {name: a, policy_type: quota, config: {requests_per_day: 1}}\nplans: *p\n",
-        ["line 4 column 8: not valid YAML: aliases (*name) are not allowed; write the value out"],
+        [
+            "line 2 column 11: not valid YAML: this value is used again through an alias (*name); aliases are not "
+            "allowed, write it out"
+        ],
         id="alias",
     ),
     pytest.param(
         HEADER + "apis:\n- {name: users\n",
-        ["line 4 column 1: not valid YAML: expected ',' or '}', but got '<stream end>'"],
+        ["line 4 column 1: not valid YAML: did not find expected ',' or '}'"],
         id="syntax",
     ),
     pytest.param(
@@ -311,3 +314,13 @@ def test_without_a_consumers_section_consumers_are_left_alone_even_with_prune(
         "plans",
         "apis",
     }
+
+
+def test_the_example_in_the_guide_is_a_valid_document() -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "config-as-code.md").read_text()
+    example = guide.split("```yaml\nformat: apimgmt/config/v1", 1)[1].split("```", 1)[0]
+    document = config_doc.read_document(
+        "format: apimgmt/config/v1" + example, "docs/config-as-code.md", {"USERS_UPSTREAM": "https://u.example.com"}
+    )
+    assert [a["name"] for a in document["apis"]] == ["orders", "users"]
+    assert document["consumers"][1]["subscriptions"] == [{"api": "users", "plan": "free", "status": "pending"}]
