@@ -582,6 +582,18 @@ class ApiAdmin(ServiceDeleteAdmin):
                 ]
             },
         ),
+        (
+            "WebSocket and streams",
+            {
+                "fields": [
+                    "websocket",
+                    "websocket_max_connections",
+                    "websocket_idle_timeout",
+                    "websocket_max_message_bytes",
+                    "stream_timeout",
+                ]
+            },
+        ),
         ("Policies and documentation", {"fields": ["policies", "openapi_spec"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
     ]

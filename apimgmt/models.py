@@ -231,6 +231,37 @@ class Api(models.Model):
         validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
         help_text="Seconds the circuit stays open before one probe request.",
     )
+    # WebSocket and long-lived streams (docs/operations.md, "WebSocket and streams").
+    websocket = models.BooleanField(
+        "WebSocket",
+        default=False,
+        help_text="Let GET requests with 'Upgrade: websocket' through to the upstream (ws:// or wss://).",
+    )
+    websocket_max_connections = models.PositiveIntegerField(
+        "WebSocket connections per key",
+        default=10,
+        validators=[MinValueValidator(1), MaxValueValidator(100_000)],
+        help_text="Open WebSocket connections one key may hold across all gateways; one more gets 429.",
+    )
+    websocket_idle_timeout = models.FloatField(
+        "WebSocket idle timeout",
+        default=300.0,
+        validators=[MinValueValidator(1), MaxValueValidator(86_400)],
+        help_text="Seconds without a frame in either direction before the gateway closes the connection (1008).",
+    )
+    websocket_max_message_bytes = models.PositiveIntegerField(
+        "WebSocket maximum message size",
+        default=1_048_576,
+        validators=[MinValueValidator(1), MaxValueValidator(64 * 1024 * 1024)],
+        help_text="Bytes; a larger message from the client closes its connection (1009).",
+    )
+    stream_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(86_400)],
+        help_text="Seconds allowed between chunks of a streamed response (text/event-stream, or chunked without a "
+        "length); when set it replaces the total timeout for such responses. Empty: they end at the total timeout.",
+    )
     visibility = models.CharField(max_length=16, choices=Visibility.choices, default=Visibility.PUBLIC)
     openapi_spec = models.JSONField("OpenAPI document", null=True, blank=True)
     subscription_approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
@@ -668,7 +699,9 @@ class Event(models.Model):
         verbose_name = "event"
         indexes = [
             models.Index(fields=["tenant", "-occurred_at"], name="idx_events_tenant_time"),
-            models.Index(fields=["occurred_at"], condition=Q(dispatched_at__isnull=True), name="idx_events_undispatched"),
+            models.Index(
+                fields=["occurred_at"], condition=Q(dispatched_at__isnull=True), name="idx_events_undispatched"
+            ),
         ]
 
     def __str__(self) -> str:

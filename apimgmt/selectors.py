@@ -101,6 +101,12 @@ class RouteSpec:
     retries: int
     cb_failure_threshold: int
     cb_recovery_timeout: float
+    # WebSocket and streams (gateway/websocket.py, gateway/streams.py).
+    websocket: bool = False
+    websocket_max_connections: int = 10
+    websocket_idle_timeout: float = 300.0
+    websocket_max_message_bytes: int = 1_048_576
+    stream_timeout: float | None = None
     policies: list[PolicySpec] = field(default_factory=list)
 
 
@@ -141,6 +147,11 @@ _ROUTE_COLUMNS = (
     "retries",
     "cb_failure_threshold",
     "cb_recovery_timeout",
+    "websocket",
+    "websocket_max_connections",
+    "websocket_idle_timeout",
+    "websocket_max_message_bytes",
+    "stream_timeout",
 )
 _POLICY_COLUMNS = ("id", "name", "policy_type", "config", "mode", "on_store_error")
 
@@ -193,6 +204,11 @@ def route_snapshot() -> RouteSnapshot:
             retries=retries,
             cb_failure_threshold=cb_failure_threshold,
             cb_recovery_timeout=cb_recovery_timeout,
+            websocket=websocket,
+            websocket_max_connections=websocket_max_connections,
+            websocket_idle_timeout=websocket_idle_timeout,
+            websocket_max_message_bytes=websocket_max_message_bytes,
+            stream_timeout=stream_timeout,
             policies=by_api.get(api_id, []),
         )
         for (
@@ -215,6 +231,11 @@ def route_snapshot() -> RouteSnapshot:
             retries,
             cb_failure_threshold,
             cb_recovery_timeout,
+            websocket,
+            websocket_max_connections,
+            websocket_idle_timeout,
+            websocket_max_message_bytes,
+            stream_timeout,
         ) in routable.order_by("tenant_id", "api_name").values_list(*_ROUTE_COLUMNS)
     ]
     plan_policies = {

@@ -236,6 +236,13 @@ class GatewayWorker(GeventWorker):
             and not os.environ.get("SCRIPT_NAME")
         )
 
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: stop as gunicorn does; open WebSocket connections are closed with 1001 (gateway.websocket)."""
+        super().handle_exit(sig, frame)
+        relay = sys.modules.get("gateway.websocket")
+        if relay is not None:
+            relay.begin_shutdown()
+
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(1)
         if self.lean is None:

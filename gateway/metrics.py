@@ -65,3 +65,20 @@ circuit_open = Gauge(
 usage_spooled_events = Counter(
     "api_usage_spooled_events", "Usage events written to the local spool because Redis was unavailable."
 )
+# WebSocket (gateway/websocket.py): labels are the API id and a fixed direction, nothing the client chooses.
+websocket_connections = Gauge(
+    "api_websocket_connections",
+    "Open WebSocket connections relayed by the gateway (summed over live workers).",
+    ["api"],
+    multiprocess_mode="livesum",
+)
+websocket_messages_total = Counter(
+    "api_websocket_messages_total",
+    "WebSocket messages relayed: direction=in from clients to the upstream, out from the upstream to clients.",
+    ["api", "direction"],
+)
+websocket_connection_seconds = Counter(
+    "api_websocket_connection_seconds",
+    "Seconds WebSocket connections were open, added when each one ends.",
+    ["api"],
+)

@@ -193,6 +193,10 @@ class Gateway:
         done.route = route
         client_ip = self._client_ip(environ)
         client_ip_var.set(client_ip)
+        # A WebSocket handshake (APIs that allow it): its key may also come in a protocol entry or the query.
+        upgrade = route.spec.websocket and "HTTP_UPGRADE" in environ and _websocket().wants_upgrade(environ)
+        if upgrade:
+            environ, query = _websocket().move_credentials(environ, route, query)
 
         # 2. Authenticate (an address with too many failures gets no key look-ups for a while: gateway.auth_throttle).
         throttled = self.auth_throttle.retry_after(client_ip) if self.auth_throttle.blocked else None
@@ -293,6 +297,10 @@ class Gateway:
                 )
 
         # 4. Proxy.
+        if upgrade:
+            return _websocket().open_connection(
+                self, environ, route, record, credential, done, upstream_headers, target_path, query, limit_headers
+            )
         length_text = environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         try:
@@ -698,6 +706,13 @@ def _strip_query_param(query: str, param: str) -> str:
         elif left:
             kept.append(";".join(left))
     return "&".join(kept)
+
+
+def _websocket() -> Any:
+    """gateway.websocket, imported on first use (it builds on this module; APIs without WebSocket never load it)."""
+    from gateway import websocket
+
+    return websocket
 
 
 def _control_plane(raw: str) -> bool:

@@ -38,5 +38,8 @@ class GatewayApplication:
         if result is None:
             environ[CHECKED] = True  # GatewayMiddleware need not look at it again
             return self.app(environ, start_response)
+        if result.status == "101 Switching Protocols":
+            # An accepted WebSocket handshake (gateway.websocket.Upgrade): the connection is taken over from here.
+            return result.run(environ)  # type: ignore[attr-defined]
         start_response(result.status, result.headers)
         return result.body

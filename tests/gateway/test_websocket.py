@@ -1,0 +1,424 @@
+"""WebSocket through the gateway under gunicorn (two workers), with the `websockets` library as client and upstream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+from websockets.sync.server import Server, ServerConnection, serve
+
+from apimgmt import services
+from apimgmt.models import Api, ApiKey
+from tests.gateway.conftest import publish, subscribe
+from tests.gateway.upstreams import recording_upstream
+from tests.support.servers import gunicorn
+
+
+class WsUpstream:
+    """A real WebSocket server on loopback: /echo echoes, /close-first closes (4000) after the first message,
+    /die drops the TCP connection after the first message. Every handshake's path and headers are kept."""
+
+    def __init__(self) -> None:
+        self.handshakes: list[tuple[str, dict[str, str], str | None]] = []
+        self.server: Server = serve(
+            self._handle,
+            "127.0.0.1",
+            0,
+            subprotocols=["chat"],
+            select_subprotocol=self._select,
+            compression=None,
+            ping_interval=None,
+        )
+        self.port = self.server.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _select(connection: ServerConnection, offered: Any) -> Any:
+        return "chat" if "chat" in offered else None
+
+    def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        assert request is not None
+        self.handshakes.append((request.path, {k.lower(): v for k, v in request.headers.raw_items()}, ws.subprotocol))
+        path = request.path.split("?", 1)[0]
+        try:
+            for message in ws:
+                if path.endswith("/close-first"):
+                    ws.close(4000, "upstream says bye")
+                    return
+                if path.endswith("/die"):
+                    ws.socket.shutdown(socket.SHUT_RDWR)
+                    ws.socket.close()
+                    return
+                ws.send(message)
+        except ConnectionClosed:
+            pass
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def ws_upstream() -> Iterator[WsUpstream]:
+    upstream = WsUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def live_gateway(live_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    env = {
+        **live_env,
+        "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "GATEWAY_WORKERS": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    with gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as url:
+        yield url.replace("http://", "ws://")
+
+
+def _ws_api(tenant: Any, consumer: Any, upstream_url: str, **options: Any) -> Api:
+    api = publish(tenant, upstream_url + "/svc", websocket=True, **options)
+    subscribe(consumer, api)
+    return api
+
+
+def _connect(url: str, key: str | None = None, **kwargs: Any) -> ClientConnection:
+    headers = {"X-API-Key": key} if key else None
+    kwargs.setdefault("open_timeout", 10)
+    kwargs.setdefault("close_timeout", 5)
+    return connect(url, additional_headers=headers, proxy=None, ping_interval=None, legacy=True, **kwargs)
+
+
+def _wait_routable(url: str, key: str, timeout: float = 10) -> None:
+    """Until both workers have loaded the API (a handshake succeeds several times in a row)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            for _ in range(6):
+                with _connect(url, key):
+                    pass
+            return
+        except (InvalidStatus, OSError):
+            time.sleep(0.1)
+    raise AssertionError("the API never became routable")
+
+
+def _closed_with(ws: ClientConnection, timeout: float = 5) -> tuple[int, str, float]:
+    """Wait for the connection to close; (code, reason, seconds waited)."""
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed) as caught:
+        ws.recv(timeout=timeout)
+    frame = caught.value.rcvd
+    assert frame is not None, "closed without a close frame"
+    return frame.code, frame.reason, time.monotonic() - started
+
+
+# -- protocol ------------------------------------------------------------------------------------------------------
+
+
+def test_text_binary_fragmented_messages_and_ping_pass_both_ways(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    with _connect(url, key) as ws:
+        ws.send("héllo")
+        assert ws.recv(timeout=5) == "héllo"
+        ws.send(b"\x00\x01\xff" * 1000)
+        assert ws.recv(timeout=5) == b"\x00\x01\xff" * 1000
+        ws.send(["frag", "mented ", "text"])  # one message in three frames
+        assert ws.recv(timeout=5) == "fragmented text"
+        ws.send([b"a" * 70_000, b"b" * 70_000])
+        assert ws.recv(timeout=5) == b"a" * 70_000 + b"b" * 70_000
+        pong = ws.ping(b"are you there")
+        assert pong.wait(5), "no pong came back through the gateway"
+        ws.close(1000, "done here")
+    assert ws.close_code == 1000
+    path, headers, _ = ws_upstream.handshakes[-1]
+    assert path == "/svc/echo"
+    assert headers["x-consumer-id"] == bob_app.id
+    assert headers["x-tenant-id"] == acme.id
+
+
+def test_client_close_reaches_upstream_and_upstream_close_reaches_client(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    _wait_routable(live_gateway + "/api/users/v1/echo", key)
+    with _connect(live_gateway + "/api/users/v1/close-first", key) as ws:
+        ws.send("hi")
+        code, reason, _ = _closed_with(ws)
+    assert (code, reason) == (4000, "upstream says bye")
+
+    ws = _connect(live_gateway + "/api/users/v1/echo", key)
+    ws.close(4001, "client says bye")
+    assert ws.close_code == 4001  # the upstream's answer to our close came back through the gateway
+
+
+def test_subprotocol_is_negotiated_with_the_upstream(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    with _connect(url, key, subprotocols=["other", "chat"]) as ws:
+        assert ws.subprotocol == "chat"
+
+
+# -- upstream failures ---------------------------------------------------------------------------------------------
+
+
+def test_upstream_that_refuses_the_upgrade_gets_502(live_gateway, acme, bob_app, bob_key):
+    _, key = bob_key
+    with recording_upstream() as plain:  # an HTTP server: answers 200, never 101
+        _ws_api(acme, bob_app, plain.url)
+        url = live_gateway + "/api/users/v1/echo"
+        http_url = url.replace("ws://", "http://")
+        started = time.monotonic()
+        while requests.get(http_url, headers={"X-API-Key": key}, timeout=5).status_code != 200:
+            assert time.monotonic() - started < 10
+            time.sleep(0.1)
+        with pytest.raises(InvalidStatus) as caught:
+            _connect(url, key)
+    response = caught.value.response
+    assert response.status_code == 502
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert b"refused the WebSocket upgrade" in response.body
+
+
+def test_upstream_dying_mid_stream_closes_the_client_with_1011(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    _wait_routable(live_gateway + "/api/users/v1/echo", key)
+    with _connect(live_gateway + "/api/users/v1/die", key) as ws:
+        ws.send("hi")
+        code, reason, _ = _closed_with(ws)
+    assert code == 1011
+    assert "upstream" in reason
+
+
+# -- refusals before any upgrade -----------------------------------------------------------------------------------
+
+
+def test_bad_key_gets_401_before_any_upgrade(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    count = len(ws_upstream.handshakes)
+    for bad in (None, "ak_live_" + "x" * 38):
+        with pytest.raises(InvalidStatus) as caught:
+            _connect(url, bad)
+        assert caught.value.response.status_code == 401
+        assert caught.value.response.headers["Content-Type"] == "application/problem+json"
+    assert len(ws_upstream.handshakes) == count  # the upstream never heard of them
+
+
+def test_connections_over_the_per_key_cap_get_429_across_workers(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url, websocket_max_connections=3)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    held = [_connect(url, key) for _ in range(3)]  # spread over both workers by fresh connections
+    try:
+        for _ in range(4):
+            with pytest.raises(InvalidStatus) as caught:
+                _connect(url, key)
+            assert caught.value.response.status_code == 429
+            assert b"3 open WebSocket connection" in caught.value.response.body
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the released lease frees a place at once
+            try:
+                held.append(_connect(url, key))
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline, "closing a connection did not free its place"
+                time.sleep(0.05)
+    finally:
+        for ws in held:
+            ws.close()
+
+
+# -- controls ------------------------------------------------------------------------------------------------------
+
+
+def test_message_over_the_size_cap_closes_with_1009(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url, websocket_max_message_bytes=1000)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    with _connect(url, key) as ws:
+        ws.send("x" * 1000)
+        assert ws.recv(timeout=5) == "x" * 1000
+        ws.send(["y" * 600, "y" * 600])  # over the cap only in its second fragment
+        code, reason, _ = _closed_with(ws)
+    assert code == 1009
+    assert "1000 bytes" in reason
+
+
+def test_idle_connection_is_closed_after_the_idle_timeout(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url, websocket_idle_timeout=1.5)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    with _connect(url, key) as ws:
+        for _ in range(3):  # traffic keeps it open past the timeout
+            time.sleep(0.8)
+            ws.send("ping")
+            assert ws.recv(timeout=5) == "ping"
+        code, reason, waited = _closed_with(ws)
+    assert code == 1008
+    assert "Idle" in reason
+    assert 1.3 < waited < 3.0
+
+
+def _worker_pids(gateway_port: int) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if b"gunicorn" in cmdline and f"127.0.0.1:{gateway_port}".encode() in cmdline:
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if b"gunicorn" in (Path("/proc") / str(ppid) / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+    return pids
+
+
+def _serving_pid(ws: ClientConnection, pids: set[int]) -> int:
+    """The gunicorn worker holding the server side of this client connection (from /proc)."""
+    client_port = ws.local_address[1]
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == client_port and fields[3] == "01":
+            inode = fields[9]
+    assert inode, "server side of the connection not found"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the connection")
+
+
+def test_revoking_the_key_closes_its_connections_on_both_workers_within_one_second(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    key_row, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url, websocket_max_connections=40)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    _, other_key = services.api_key_create(consumer=bob_app, actor=None)
+    pids = _worker_pids(int(url.rsplit(":", 1)[1].split("/", 1)[0]))
+    assert len(pids) == 2
+    held: list[ClientConnection] = []
+    seen: set[int] = set()
+    while seen != pids:  # until each worker holds at least one of the key's connections
+        assert len(held) < 30, "connections never reached both workers"
+        ws = _connect(url, key)
+        held.append(ws)
+        seen.add(_serving_pid(ws, pids))
+    bystander = _connect(url, other_key)
+    results: list[tuple[int, str, float]] = []
+    lock = threading.Lock()
+
+    def watch(ws: ClientConnection) -> None:
+        code, reason, _ = _closed_with(ws, timeout=10)
+        with lock:
+            results.append((code, reason, time.monotonic()))
+
+    watchers = [threading.Thread(target=watch, args=(ws,)) for ws in held]
+    for thread in watchers:
+        thread.start()
+    time.sleep(0.2)
+    revoked_at = time.monotonic()
+    services.api_key_revoke(key=ApiKey.objects.get(pk=key_row.pk), actor=None)
+    for thread in watchers:
+        thread.join(15)
+    assert len(results) == len(held)
+    assert {code for code, _, _ in results} == {1008}
+    slowest = max(closed_at for _, _, closed_at in results) - revoked_at
+    assert slowest < 1.0, f"the slowest connection closed {slowest:.2f} s after the revocation"
+    bystander.send("still here")  # another key's connection is untouched
+    assert bystander.recv(timeout=5) == "still here"
+    bystander.close()
+
+
+# -- secrets -------------------------------------------------------------------------------------------------------
+
+
+def test_the_key_is_not_forwarded_by_any_of_its_three_routes(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    ws_upstream.handshakes.clear()
+    with _connect(url, key) as ws:  # header
+        ws.send("1")
+        ws.recv(timeout=5)
+    with connect(f"{url}?apikey={key}&x=1", proxy=None, open_timeout=10) as ws:  # query parameter
+        ws.send("2")
+        ws.recv(timeout=5)
+    with connect(url, subprotocols=["chat", f"apikey.{key}"], proxy=None, open_timeout=10) as ws:  # protocol entry
+        assert ws.subprotocol == "chat"
+        ws.send("3")
+        ws.recv(timeout=5)
+    assert len(ws_upstream.handshakes) == 3
+    for path, headers, _ in ws_upstream.handshakes:
+        assert key not in path
+        assert all(key not in value for value in headers.values())
+    assert ws_upstream.handshakes[1][0] == "/svc/echo?x=1"
+
+
+def test_two_keys_in_one_handshake_get_401(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    with pytest.raises(InvalidStatus) as caught:
+        connect(f"{url}?apikey={key}", additional_headers={"X-API-Key": key}, proxy=None, open_timeout=10)
+    assert caught.value.response.status_code == 401
+
+
+# -- shutdown ------------------------------------------------------------------------------------------------------
+
+
+def test_graceful_worker_shutdown_closes_connections_with_1001(live_env, tmp_path, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    env = {**live_env, "USAGE_SPOOL_DIR": str(tmp_path / "spool"), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "p")}
+    with gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as http_url:
+        url = http_url.replace("http://", "ws://") + "/api/users/v1/echo"
+        _wait_routable(url, key)
+        ws = _connect(url, key)
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        port = int(http_url.rsplit(":", 1)[1])
+        (worker,) = _worker_pids(port)
+        os.kill(worker, signal.SIGTERM)
+        code, reason, waited = _closed_with(ws, timeout=10)
+    assert code == 1001
+    assert "restarting" in reason
+    assert waited < 3
