@@ -411,6 +411,8 @@ SPECTACULAR_SETTINGS: dict[str, Any] = {
     "ENUM_NAME_OVERRIDES": {
         "ApprovalEnum": "apimgmt.models.Plan.Approval",
         "ApiStatusEnum": "apimgmt.models.Api.Status",
+        "SubscriptionStatusEnum": "apimgmt.models.Subscription.Status",
+        "WebhookEndpointStatusEnum": "apimgmt.models.WebhookEndpoint.Status",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -69,6 +69,8 @@ class SummarySerializer(serializers.Serializer):
     refused = serializers.IntegerField()
 
 
+# Its own component name: "Plan" is the subscription plan resource (serializers.PlanSerializer).
+@extend_schema_serializer(component_name="ConfigPlan")
 class PlanSerializer(serializers.Serializer):
     tenant_id = serializers.CharField()
     prune = serializers.BooleanField()

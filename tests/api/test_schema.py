@@ -7,12 +7,14 @@ import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import requests
 import schemathesis
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.db import connections
 from django.db.models import Model
 from django.test import Client
@@ -56,7 +58,19 @@ def test_schema_documents_every_route_with_request_and_response_schemas(client: 
             ok = [code for code in operation["responses"] if code.startswith("2")]
             assert ok, (path, method)
             if method in ("post", "put", "patch") and not path.endswith(
-                ("/activate/", "/retire/", "/revoke/", "/suspend/", "/block/", "/unblock/")
+                (
+                    "/activate/",
+                    "/retire/",
+                    "/revoke/",
+                    "/suspend/",
+                    "/block/",
+                    "/unblock/",
+                    "/archive/",
+                    "/unarchive/",
+                    "/enable/",
+                    "/disable/",
+                    "/replay/",
+                )
             ):
                 assert "requestBody" in operation, (path, method)
             assert operation["responses"]["400"]["content"]["application/problem+json"]
@@ -64,6 +78,15 @@ def test_schema_documents_every_route_with_request_and_response_schemas(client: 
     assert create_key["responses"]["201"]["content"]["application/json"]["examples"]
     assert paths["/mgmt/v1/usage/"]["get"]["responses"]["200"]["content"]["application/json"]["examples"]
     assert doc["components"]["schemas"]["ApiKeyRequest"]["additionalProperties"] is False
+
+
+def test_schema_generates_without_warnings_and_validates(tmp_path: Path) -> None:
+    """A warning means a wrong schema: two serializers named "Plan" made one component stand for both, and enum
+    collisions renamed SubscriptionStatusEnum to a hash. Clients generated from the schema break on either."""
+    call_command("spectacular", "--fail-on-warn", "--validate", "--file", str(tmp_path / "schema.yml"))
+    components = _generated_schema()["components"]["schemas"]
+    assert {"Plan", "ConfigPlan", "ApiStatusEnum", "SubscriptionStatusEnum"} <= set(components)
+    assert "policies" in components["Plan"]["properties"]
 
 
 def test_swagger_ui_and_redoc_are_served_with_local_assets(client: Client) -> None:
