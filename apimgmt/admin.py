@@ -994,9 +994,10 @@ class SubscriptionAdmin(TenantScopedAdmin):
             # Only the plans the API offers (none: it takes subscriptions without a plan).
             kwargs["queryset"] = api.plans.select_related("tenant")
             field = db_field.formfield(**kwargs)
+            field.required = api.plans.exists()
             field.help_text = (
                 f"The plans {api.api_name} offers; a subscription must choose one."
-                if api.plans.exists()
+                if field.required
                 else f"{api.api_name} offers no plans: its subscriptions have none."
             )
             return field
