@@ -203,6 +203,8 @@ class OpenApiDocumentField(JSONObjectField):
 
 
 class TenantSerializer(StrictModelSerializer):
+    """A tenant: an organisation owning APIs, consumers, plans and policies. Its id is a slug."""
+
     id = StrictCharField(max_length=63, validators=[TENANT_ID_VALIDATOR], help_text="Slug, e.g. acme.")
     create_only_fields = ("id",)
 
@@ -219,6 +221,8 @@ class TenantSerializer(StrictModelSerializer):
 
 
 class PolicySerializer(StrictModelSerializer):
+    """A rate-limit or quota policy; `config` is validated per `policy_type`."""
+
     tenant_id = StrictCharField(max_length=63)
     config = JSONObjectField(help_text='Validated per policy_type; e.g. {"requests_per_minute": 1000}.')
     create_only_fields = ("tenant_id",)
@@ -242,6 +246,8 @@ class PolicySerializer(StrictModelSerializer):
 
 
 class PlanSerializer(StrictModelSerializer):
+    """A subscription plan: the policies its subscribers get and whether subscribing needs approval."""
+
     tenant_id = StrictCharField(max_length=63)
     policies = IdListField(required=False, max_length=100, help_text="Policy ids of the same tenant.")
     create_only_fields = ("tenant_id",)
@@ -268,6 +274,8 @@ class TargetSerializer(WholeItemSerializer):
 
 
 class ApiSerializer(StrictModelSerializer):
+    """An API as its tenant's admins, viewers and platform staff see it, upstreams and key settings included."""
+
     tenant_id = StrictCharField(max_length=63)
     policies = IdListField(required=False, max_length=100, help_text="Policy ids applied to all traffic.")
     plans = IdListField(
@@ -322,6 +330,8 @@ class ApiCatalogSerializer(serializers.ModelSerializer):
 
 
 class ApiDeprecateSerializer(StrictSerializer):
+    """Deprecate an API, optionally announcing when it retires (the Sunset header)."""
+
     sunset_at = serializers.DateTimeField(required=False, allow_null=True, help_text="Announced retirement date.")
 
 
@@ -335,6 +345,8 @@ class EmptySerializer(StrictSerializer):
 
 
 class ConsumerSerializer(StrictModelSerializer):
+    """A consumer (an "app" in the portal): who calls APIs, with keys and subscriptions."""
+
     tenant_id = StrictCharField(max_length=63)
     owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="username",
@@ -352,6 +364,8 @@ class ConsumerSerializer(StrictModelSerializer):
 
 
 class ApiKeySerializer(StrictModelSerializer):
+    """An API key of a consumer; the plaintext is never part of it (see the create and rotate answers)."""
+
     consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH)
     tenant_id = StrictCharField(source="consumer.tenant_id", read_only=True)
     rotated_from = StrictCharField(source="rotated_from_id", read_only=True, allow_null=True)
@@ -377,6 +391,8 @@ class ApiKeySerializer(StrictModelSerializer):
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
+    """A key just created, with its plaintext `key`: the only answer that ever carries it."""
+
     key = StrictCharField(read_only=True, help_text="The plaintext key. Shown in this response only.")
 
     class Meta(ApiKeySerializer.Meta):
@@ -384,6 +400,8 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
 
 
 class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):
+    """The successor key with its plaintext, and when the rotated key stops working."""
+
     previous_key_expires_at = serializers.DateTimeField(
         read_only=True, allow_null=True, help_text="When the rotated key stops working."
     )
@@ -393,6 +411,8 @@ class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):
 
 
 class ApiKeyRotateSerializer(StrictSerializer):
+    """Rotate a key: a successor now, the old key working for `overlap_seconds` more."""
+
     overlap_seconds = StrictIntegerField(
         min_value=0,
         max_value=MAX_OVERLAP_SECONDS,
@@ -408,6 +428,8 @@ class ApiKeyRotateSerializer(StrictSerializer):
 
 
 class SubscriptionSerializer(StrictModelSerializer):
+    """A consumer's access to an API on a plan; pending ones wait for a tenant admin."""
+
     tenant_id = StrictCharField(source="consumer.tenant_id", read_only=True)
     consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH)
     api_id = StrictCharField(max_length=ID_FIELD_LENGTH)
@@ -438,6 +460,8 @@ class SubscriptionSerializer(StrictModelSerializer):
 
 
 class DecisionSerializer(StrictSerializer):
+    """An optional note for an approval, rejection or cancellation."""
+
     note = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
 
 
