@@ -17,7 +17,7 @@ from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from apimgmt.validation import RESERVED_SEGMENTS
-from gateway import auth, auth_throttle, metrics, ratelimit
+from gateway import auth, auth_throttle, metrics, ratelimit, streams
 from gateway.accesslog import AccessLog
 from gateway.config import RouteState
 from gateway.problems import GatewayResponse, problem, status_line
@@ -445,10 +445,16 @@ class Gateway:
                 out_headers,
                 [data] if data else [],
             )
+        # A stream (SSE, or no length) of an API with a stream_timeout: an idle gap instead of the total deadline.
+        chunks = (
+            streams.chunks(upstream, spec.stream_timeout)
+            if spec.stream_timeout and streams.is_stream(response)
+            else None
+        )
         return Result(
             f"{response.status} {response.reason or status_line(response.status)[4:]}",
             out_headers,
-            StreamedBody(self, upstream, done),
+            StreamedBody(self, upstream, done, chunks),
         )
 
     # -- steps --------------------------------------------------------------------------------------------------
@@ -648,16 +654,18 @@ class Gateway:
 class StreamedBody:
     """The upstream's body streamed to the client; closing it (WSGI close()) records the request."""
 
-    def __init__(self, gateway: Gateway, upstream: Any, done: Finished) -> None:
+    def __init__(self, gateway: Gateway, upstream: Any, done: Finished, chunks: Iterator[bytes] | None = None) -> None:
         self.gateway = gateway
         self.upstream = upstream
         self.done = done
         self.closed = False
+        self.chunks = chunks  # gateway.streams.chunks for a stream; else the body as urllib3 or http1 reads it
 
     def __iter__(self) -> Iterator[bytes]:
         response = self.upstream.response
         try:
-            for chunk in response.stream(64 * 1024, decode_content=False):
+            chunks = self.chunks if self.chunks is not None else response.stream(64 * 1024, decode_content=False)
+            for chunk in chunks:
                 self.done.bytes_out += len(chunk)
                 yield chunk
         except Exception as exc:
