@@ -541,6 +541,9 @@ class Registry:
             for session in list(self.sessions):
                 if session.closing_since == 0.0:
                     session.close(GOING_AWAY, "The gateway is restarting; reconnect.")
+        routes = self.gateway.routes
+        if routes.seen_version is not None and routes.seen_version != routes.version:
+            routes.current()  # the poller saw a change; with no request arriving, nothing else would load it
         if self.routes_changed:
             self.routes_changed = False
             self._check_routes()

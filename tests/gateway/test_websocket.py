@@ -422,3 +422,29 @@ def test_graceful_worker_shutdown_closes_connections_with_1001(live_env, tmp_pat
     assert code == 1001
     assert "restarting" in reason
     assert waited < 3
+
+
+def test_retiring_the_api_or_blocking_the_consumer_closes_connections_with_1008(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    api = _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+
+    ws = _connect(url, key)
+    blocked_at = time.monotonic()
+    services.consumer_block(consumer=bob_app, actor=None)
+    code, reason, _ = _closed_with(ws)
+    assert code == 1008
+    assert "key" in reason
+    assert time.monotonic() - blocked_at < 1.5
+
+    services.consumer_unblock(consumer=bob_app, actor=None)
+    _wait_routable(url, key)
+    ws = _connect(url, key)
+    retired_at = time.monotonic()
+    services.api_retire(api=api, actor=None)
+    code, reason, _ = _closed_with(ws)
+    assert (code, reason) == (1008, "The API was retired.")
+    assert time.monotonic() - retired_at < 1.5
