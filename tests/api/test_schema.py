@@ -308,3 +308,30 @@ def test_every_operation_survives_fuzzing_under_gunicorn_and_matches_its_schema(
         headers={"Authorization": f"Token {seeded_world}"},
         excluded_checks=[positive_data_acceptance],
     )
+
+
+def test_the_fuzzing_runs_every_phase_and_the_checks_that_found_past_defects() -> None:
+    """Pinned so a schemathesis upgrade or a config file cannot quietly narrow the run above."""
+    phases = fuzzed.config.phases
+    assert phases.examples.enabled and phases.coverage.enabled and phases.fuzzing.enabled
+    checks = fuzzed.config.checks
+    for name in ("not_a_server_error", "response_schema_conformance", "content_type_conformance"):
+        assert getattr(checks, name).enabled, name
+
+
+@pytest.mark.parametrize("kind", ["[", '{"a":'])
+def test_a_body_nested_1000_deep_is_a_400_problem_under_gunicorn(
+    kind: str, fuzz_server: str, fuzz_session: requests.Session, seeded_world: str
+) -> None:
+    """Under the production worker (gevent) too: the parser's depth limit, not a RecursionError and an HTML 500."""
+    closing = "]" if kind == "[" else "}"
+    body = kind * 1000 + ("" if kind == "[" else "1") + closing * 1000
+    r = fuzz_session.post(
+        f"{fuzz_server}/mgmt/v1/consumers/",
+        data=body,
+        headers={"Authorization": f"Token {seeded_world}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text[:200]
+    assert r.headers["Content-Type"] == "application/problem+json"
+    assert "nested deeper than 64 levels" in r.json()["detail"]
