@@ -12,7 +12,7 @@ from typing import Any
 
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -54,7 +54,7 @@ class ConfigApplySerializer(ConfigRequestSerializer):
     )
 
 
-class ChangeSerializer(serializers.Serializer):
+class ConfigChangeSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=["create", "update", "delete"])
     kind = serializers.ChoiceField(choices=["policy", "plan", "api", "consumer", "subscription"])
     name = serializers.CharField()
@@ -62,21 +62,19 @@ class ChangeSerializer(serializers.Serializer):
     refused = serializers.CharField(required=False, help_text="Why this delete would be refused.")
 
 
-class SummarySerializer(serializers.Serializer):
+class ConfigSummarySerializer(serializers.Serializer):
     create = serializers.IntegerField()  # type: ignore[assignment]  # a field, popped by the metaclass
     update = serializers.IntegerField()  # type: ignore[assignment]  # a field, popped by the metaclass
     delete = serializers.IntegerField()
     refused = serializers.IntegerField()
 
 
-# Its own component name: "Plan" is the subscription plan resource (serializers.PlanSerializer).
-@extend_schema_serializer(component_name="ConfigPlan")
-class PlanSerializer(serializers.Serializer):
+class ConfigPlanSerializer(serializers.Serializer):
     tenant_id = serializers.CharField()
     prune = serializers.BooleanField()
     fingerprint = serializers.CharField(help_text="Pass it to apply to refuse changes made since this plan.")
-    summary = SummarySerializer()
-    changes = ChangeSerializer(many=True)
+    summary = ConfigSummarySerializer()
+    changes = ConfigChangeSerializer(many=True)
     applied = serializers.BooleanField(required=False, help_text="Apply only: false for a dry run.")
 
 
@@ -170,7 +168,7 @@ class TenantConfigView(TenantConfigBase):
 class TenantConfigPlanView(TenantConfigBase):
     @extend_schema(
         request=ConfigRequestSerializer,
-        responses={200: PlanSerializer},
+        responses={200: ConfigPlanSerializer},
         summary="Plan: what applying the document would create, update (old → new) and delete; changes nothing",
     )
     def post(self, request: Request, tenant_id: str) -> Response:
@@ -188,7 +186,7 @@ class TenantConfigPlanView(TenantConfigBase):
 class TenantConfigApplyView(TenantConfigBase):
     @extend_schema(
         request=ConfigApplySerializer,
-        responses={200: PlanSerializer, **_ERRORS},
+        responses={200: ConfigPlanSerializer, **_ERRORS},
         summary="Apply the document: all or nothing, audited, gateways told once",
     )
     def post(self, request: Request, tenant_id: str) -> Response:

@@ -9,6 +9,7 @@ at once, each naming the file, the object and the field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -169,6 +170,44 @@ def _escape(value: Any) -> Any:
 # ---------------------------------------------------------------------------
 # Variables
 # ---------------------------------------------------------------------------
+
+
+def clean_values(data: Any, source: str) -> Any:
+    """What the database or the gateway could not take, refused up front: NUL characters, text that is not valid
+    Unicode, numbers that are not finite; mapping keys become strings (YAML reads ``200:`` in an OpenAPI
+    document as a number)."""
+    problems: list[Problem] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(Problem(path, "text must be valid Unicode (no lone surrogates)."))
+            if "\x00" in value:
+                problems.append(Problem(path, "text must not contain NUL characters."))
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(path, "numbers must be finite (no NaN or infinity)."))
+            return value
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    problems.append(Problem(path, f"keys must be text, not {key!r}."))
+                    continue
+                name = str(key)
+                out[name] = clean(item, f"{path}.{name}" if path else name)
+                clean(name, path)
+            return out
+        if isinstance(value, list):
+            return [clean(v, f"{path}[{_label(v, i)}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(data, "")
+    if problems:
+        raise ConfigError(source, problems)
+    return cleaned
 
 
 def expand_variables(data: Any, variables: Mapping[str, str], source: str) -> Any:
@@ -436,7 +475,7 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
 
 def read_document(text: str, source: str, variables: Mapping[str, str]) -> dict[str, Any]:
     """Text → canonical document, or ConfigError listing every problem (file, object, field)."""
-    data = parse_text(text, source)
+    data = clean_values(parse_text(text, source), source)
     data = expand_variables(data, variables, source)
     check_shape(data, source)
     document = canonical_document(data)

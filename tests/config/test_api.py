@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,11 @@ def test_a_bad_document_is_a_400_naming_each_place_and_changes_nothing(
         "plans[x]": ["unknown field(s) ('colour' was unexpected)"],
     }
     assert snapshot("acme") == before
+    lone_surrogate = _document(apis=[{**NEW_API, "description": "\ud800"}])
+    body = json.dumps({"document": lone_surrogate})  # ASCII with a \ud800 escape, as any JSON encoder may send it
+    r = client.post(CONFIG + "apply/", body, content_type="application/json")
+    assert r.status_code == 400
+    assert r.json()["errors"] == {"apis[new].description": ["text must be valid Unicode (no lone surrogates)."]}
     r = client.post(CONFIG + "apply/", {"document": document, "text": "x"}, format="json")
     assert r.status_code == 400 and "either as `document` or as `text`" in r.json()["errors"]["document"][0]
 

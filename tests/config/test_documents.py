@@ -102,6 +102,24 @@ BAD_DOCUMENTS = [
 ]
 
 
+BAD_DOCUMENTS += [
+    pytest.param(
+        HEADER
+        + 'apis:\n- {name: "a\\0b", base_path: /u, upstream_url: "https://u.example.com", connect_timeout: .nan}\n',
+        [
+            "apis[a\x00b].name: text must not contain NUL characters.",
+            "apis[a\x00b].connect_timeout: numbers must be finite (no NaN or infinity).",
+        ],
+        id="nul-and-nan",
+    ),
+    pytest.param(
+        HEADER + "policies:\n- {name: p, policy_type: quota, config: {requests_per_day: .inf}}\n",
+        ["policies[p].config.requests_per_day: numbers must be finite (no NaN or infinity)."],
+        id="infinity",
+    ),
+]
+
+
 @pytest.mark.parametrize(("text", "messages"), BAD_DOCUMENTS)
 def test_a_bad_document_names_file_object_and_field_and_changes_nothing(
     world: dict[str, Any], run_config: Run, tmp_path: Path, text: str, messages: list[str]
