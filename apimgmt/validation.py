@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
@@ -188,26 +189,37 @@ def _positive_int(config: dict[str, Any], name: str, *, allow_zero: bool = False
     return value
 
 
+def _unknown_fields(config: dict[str, Any], allowed: set[str]) -> str:
+    """The config's unknown field names, each with the closest allowed one when there is a likely typo:
+    "requests_per_minut (did you mean `requests_per_minute`?)"; empty when every field is known."""
+    named = []
+    for name in sorted(str(key) for key in set(config) - allowed):
+        close = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.6)
+        named.append(f"{name} (did you mean `{close[0]}`?)" if close else name)
+    return ", ".join(named)
+
+
 def validate_policy_config(policy_type: str, config: Any) -> dict[str, Any]:
-    """Validate and normalise a policy's config; the error names the offending field."""
+    """Validate and normalise a policy's config; the error names the offending field (and the closest valid one
+    for a field it does not know: the admin, the management API and config documents all come through here)."""
     if not isinstance(config, dict):
         raise ValidationError("config must be a JSON object.")
     if policy_type == "rate_limiting":
         allowed = set(RATE_WINDOWS) | {"burst_size", "key_extraction", "window_type"}
         windows = [w for w in RATE_WINDOWS if w in config]
-        if not windows:
-            raise ValidationError("rate_limiting config needs at least one of " + ", ".join(RATE_WINDOWS) + ".")
+        needed = "rate_limiting config needs at least one of " + ", ".join(RATE_WINDOWS)
     elif policy_type == "quota":
         allowed = set(QUOTA_WINDOWS) | {"key_extraction"}
         windows = [w for w in QUOTA_WINDOWS if w in config]
-        if not windows:
-            raise ValidationError("quota config needs requests_per_day and/or requests_per_month.")
+        needed = "quota config needs requests_per_day and/or requests_per_month"
     else:
         raise ValidationError(f"policy_type must be rate_limiting or quota (got {policy_type!r}).")
-    unknown = sorted(set(config) - allowed)
+    unknown = _unknown_fields(config, allowed)
+    if not windows:
+        raise ValidationError(f"{needed}" + (f"; unknown config field(s): {unknown}." if unknown else "."))
     if unknown:
         raise ValidationError(
-            f"unknown config field(s) for {policy_type}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}."
+            f"unknown config field(s) for {policy_type}: {unknown}; allowed: {', '.join(sorted(allowed))}."
         )
     normalised: dict[str, Any] = {w: _positive_int(config, w) for w in windows}
     extraction = config.get("key_extraction", "consumer_id")

@@ -131,7 +131,24 @@ def test_the_operations_guide_policy_is_accepted_as_written() -> None:
             {"requests_per_minute": 5, "window_type": "fixed", "burst_size": 3},
             "burst_size only applies",
         ),
-        ("rate_limiting", {"requests_per_minute": 5, "rpm": 3}, "unknown config field(s) for rate_limiting: rpm"),
+        ("rate_limiting", {"requests_per_minute": 5, "rpm": 3}, "unknown config field(s) for rate_limiting: rpm;"),
+        (
+            "rate_limiting",
+            {"requests_per_minute": 5, "burst": 3},
+            "unknown config field(s) for rate_limiting: burst (did you mean `burst_size`?);",
+        ),
+        (
+            "rate_limiting",
+            {"requests_per_minut": 5},
+            "needs at least one of requests_per_second, requests_per_minute, requests_per_hour, requests_per_day; "
+            "unknown config field(s): requests_per_minut (did you mean `requests_per_minute`?).",
+        ),
+        (
+            "quota",
+            {"requests_per_mont": 5},
+            "quota config needs requests_per_day and/or requests_per_month; unknown config field(s): "
+            "requests_per_mont (did you mean `requests_per_month`?).",
+        ),
         ("quota", {"requests_per_minute": 5}, "quota config needs"),
         ("quota", {"requests_per_month": -5}, "requests_per_month must be a positive integer"),
         ("quota", {"requests_per_day": 10, "burst_size": 1}, "unknown config field(s) for quota: burst_size"),
