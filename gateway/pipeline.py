@@ -451,6 +451,8 @@ class Gateway:
             if spec.stream_timeout and streams.is_stream(response)
             else None
         )
+        if chunks is not None:
+            out_headers.append(("X-Accel-Buffering", "no"))  # nginx in front passes each event on at once too
         return Result(
             f"{response.status} {response.reason or status_line(response.status)[4:]}",
             out_headers,

@@ -533,3 +533,14 @@ def test_only_prometheus_reaches_the_metrics_port_and_the_ingress_controller_onl
         "http": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
         "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
     }
+
+
+def test_ingress_keeps_websockets_and_streams_open_an_hour_unless_annotations_say_otherwise() -> None:
+    read, send = "nginx.ingress.kubernetes.io/proxy-read-timeout", "nginx.ingress.kubernetes.io/proxy-send-timeout"
+    annotations = one(render({"ingress": {"enabled": True}}), "Ingress", FULL)["metadata"]["annotations"]
+    assert annotations[read] == annotations[send] == "3600"
+
+    own = {read: "120", "cert-manager.io/cluster-issuer": "letsencrypt"}
+    docs = render({"ingress": {"enabled": True, "annotations": own, "streamIdleSeconds": 900}})
+    annotations = one(docs, "Ingress", FULL)["metadata"]["annotations"]
+    assert annotations == {read: "120", send: "900", "cert-manager.io/cluster-issuer": "letsencrypt"}

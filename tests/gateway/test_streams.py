@@ -80,9 +80,11 @@ def live_gateway(live_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _read_events(base_url: str, target: str, key: str, limit: float) -> tuple[list[tuple[int, float, float]], float]:
-    """GET ``target`` over a plain socket; (number, sent, arrived) of each event as its bytes arrive, and the time
-    the response ended (the gateway closed it or finished it)."""
+def _read_events(
+    base_url: str, target: str, key: str, limit: float
+) -> tuple[list[tuple[int, float, float]], float, bytes]:
+    """GET ``target`` over a plain socket; (number, sent, arrived) of each event as its bytes arrive, the time the
+    response ended (the gateway closed it or finished it) and the response head."""
     host, port = base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=limit)
     sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n".encode())
@@ -103,7 +105,7 @@ def _read_events(base_url: str, target: str, key: str, limit: float) -> tuple[li
             if number > len(events):
                 events.append((number, float(match[2]), arrived))
     sock.close()
-    return events, time.monotonic() - started
+    return events, time.monotonic() - started, received.partition(b"\r\n\r\n")[0]
 
 
 def _publish_when_routable(acme: Any, bob_app: Any, key: str, gateway: str, upstream: str, **options: Any) -> None:
@@ -120,7 +122,8 @@ def test_sse_runs_past_the_total_deadline_with_each_event_passed_on_at_once(
 ):
     _, key = bob_key
     _publish_when_routable(acme, bob_app, key, live_gateway, sse_upstream, stream_timeout=2.0)
-    events, lasted = _read_events(live_gateway, "/api/users/v1/events?n=8&gap=1", key, limit=20)
+    events, lasted, head = _read_events(live_gateway, "/api/users/v1/events?n=8&gap=1", key, limit=20)
+    assert b"\r\nX-Accel-Buffering: no" in head  # an nginx in front passes each event on at once too
     assert [number for number, _, _ in events] == list(range(1, 9))  # 8 s through a 3 s total deadline
     delays = [arrived - sent for _, sent, arrived in events]
     assert max(delays) < 0.1, f"events were held back: {[round(d, 3) for d in delays]}"
@@ -132,7 +135,7 @@ def test_a_stream_without_a_length_in_close_framing_also_passes_event_by_event(
 ):
     _, key = bob_key
     _publish_when_routable(acme, bob_app, key, live_gateway, sse_upstream, stream_timeout=2.0)
-    events, _ = _read_events(live_gateway, "/api/users/v1/events?n=5&gap=1&framing=close", key, limit=20)
+    events, _, _ = _read_events(live_gateway, "/api/users/v1/events?n=5&gap=1&framing=close", key, limit=20)
     assert [number for number, _, _ in events] == list(range(1, 6))
     assert max(arrived - sent for _, sent, arrived in events) < 0.1
 
@@ -142,7 +145,8 @@ def test_without_stream_timeout_the_total_deadline_still_ends_a_stream(
 ):
     _, key = bob_key
     _publish_when_routable(acme, bob_app, key, live_gateway, sse_upstream)
-    events, lasted = _read_events(live_gateway, "/api/users/v1/events?n=8&gap=1", key, limit=20)
+    events, lasted, head = _read_events(live_gateway, "/api/users/v1/events?n=8&gap=1", key, limit=20)
+    assert b"X-Accel-Buffering" not in head
     assert 2 <= len(events) <= 4  # the events of the first 3 s
     assert 2.5 < lasted < 5
 
@@ -150,6 +154,8 @@ def test_without_stream_timeout_the_total_deadline_still_ends_a_stream(
 def test_a_stream_silent_for_longer_than_stream_timeout_is_cut(live_gateway, acme, bob_app, bob_key, sse_upstream):
     _, key = bob_key
     _publish_when_routable(acme, bob_app, key, live_gateway, sse_upstream, stream_timeout=1.0)
-    events, lasted = _read_events(live_gateway, "/api/users/v1/events?n=6&gap=0.3&pause_after=3&pause=5", key, limit=20)
+    events, lasted, _ = _read_events(
+        live_gateway, "/api/users/v1/events?n=6&gap=0.3&pause_after=3&pause=5", key, limit=20
+    )
     assert [number for number, _, _ in events] == [1, 2, 3]
     assert 1.3 < lasted < 3.5  # 0.6 s of events, then cut about 1 s into the silence
