@@ -207,7 +207,7 @@ def fuzz_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[str]:
     """The app under gunicorn (production worker class and config), on the test database, for the whole module."""
     with django_db_blocker.unblock():
         env = app_server_env()
-    with gunicorn(env, workers=2) as base_url:
+    with gunicorn(env, workers=1) as base_url:  # one client, one request at a time
         yield base_url
 
 
