@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 # A Sec-WebSocket-Protocol entry "apikey.<key>" carries the key (browsers cannot set headers on a WebSocket).
 PROTOCOL_KEY_PREFIX = "apikey."
+# Offered beside it, the bare entry is what the gateway answers when the upstream chooses no subprotocol: browsers
+# fail a handshake that offered protocols and got none back. It is the gateway's, never passed upstream.
+PROTOCOL_MARKER = "apikey"
 # The query parameter a handshake may carry the key in when the API names none of its own.
 DEFAULT_KEY_PARAM = "apikey"
 RECV_SIZE = 65536
@@ -247,9 +250,12 @@ def open_connection(
         title = "Gateway timeout" if exc.status == 504 else "Bad gateway"
         return gateway._error(done, problem(exc.status, slug, title, exc.detail, request_id), limit_headers)
     extra = [*limit_headers, *route.extra_headers, ("X-Request-ID", request_id)]
+    subprotocol = accepted.subprotocol
+    if subprotocol is None and PROTOCOL_MARKER in offered.subprotocols:
+        subprotocol = PROTOCOL_MARKER
     response = client.send(
         AcceptConnection(
-            subprotocol=accepted.subprotocol,
+            subprotocol=subprotocol,
             extra_headers=[(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra],
         )
     )
@@ -321,7 +327,7 @@ def _connect_upstream(
                     host=_host_header(target),
                     target=url,
                     extra_headers=forwarded,
-                    subprotocols=list(offered.subprotocols),
+                    subprotocols=[p for p in offered.subprotocols if p != PROTOCOL_MARKER],
                 )
             )
         )

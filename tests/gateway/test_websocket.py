@@ -385,7 +385,13 @@ def test_the_key_is_not_forwarded_by_any_of_its_three_routes(live_gateway, acme,
         assert ws.subprotocol == "chat"
         ws.send("3")
         ws.recv(timeout=5)
-    assert len(ws_upstream.handshakes) == 3
+    # A browser offering only the key (and the bare marker) gets the marker back, as browsers require.
+    with connect(url, subprotocols=["apikey", f"apikey.{key}"], proxy=None, open_timeout=10) as ws:
+        assert ws.subprotocol == "apikey"
+        ws.send("4")
+        ws.recv(timeout=5)
+    assert len(ws_upstream.handshakes) == 4
+    assert "sec-websocket-protocol" not in ws_upstream.handshakes[3][1]  # the marker is the gateway's own
     for path, headers, _ in ws_upstream.handshakes:
         assert key not in path
         assert all(key not in value for value in headers.values())
