@@ -10,8 +10,11 @@ Steps (each bounded; the whole run takes a few minutes):
 2. Route table: build time and query count in this process; a new gunicorn worker's RSS and the time from spawn
    to its first proxied request.
 3. Key churn: wrk -t2 -c64 over the 1,000 traffic keys with no churn, then with 10 revocations per second beside
-   it (through the services, as an admin would); gateway requests/s of both, and the gateway's database queries
-   per second (django_db_execute_total of the gateway workers, from their Prometheus multiprocess files).
+   it (through the services, as an admin would), interleaved three times; gateway requests/s and CPU per request
+   of both, and the gateway's database queries per second (django_db_execute_total of the gateway workers, from
+   their Prometheus multiprocess files). The gateway runs with a one-hour key cache TTL so that what is measured
+   is the churn, not the 30 s TTL's periodic refill (about workers x keys / 30 lookups per second, with or
+   without churn).
 4. Cluster against standalone: the same gateway row (one key, c=64) on a 3-master local Redis Cluster and on
    standalone Redis, interleaved; requests/s and gateway CPU per request.
 
@@ -336,7 +339,7 @@ def main() -> None:
 
         base_path = fleet["base_path"]
         spawned = time.monotonic()
-        with gateway(env, workdir) as (base, pid, prom):
+        with gateway({**env, "GATEWAY_AUTH_CACHE_SECONDS": "3600"}, workdir) as (base, pid, prom):
             url = f"{base}{base_path}/items/1"
             wait_for(url, {"X-API-Key": fleet["traffic"][0]}, timeout=120)
             results["new_worker"] = {
@@ -344,12 +347,13 @@ def main() -> None:
                 "worker_rss_mib_after_first_request": rss_mib(pid),
             }
             log(f"new gateway: {results['new_worker']}")
-            wrk_keys(url, fleet["traffic"], 3, workdir)  # warm every traffic key into both workers
+            for _ in range(2):
+                wrk_keys(url, fleet["traffic"], 4, workdir)  # warm every traffic key into both workers
             results["new_worker"]["worker_rss_mib_warm"] = rss_mib(pid)
 
             runs: dict[str, list[dict[str, Any]]] = {"no_churn": [], "churn": []}
             churn_pool = list(ApiKey.objects.filter(consumer__name="churn", revoked_at__isnull=True))
-            for round_ in range(2):
+            for round_ in range(3):
                 for kind in ("no_churn", "churn"):
                     stop = threading.Event()
                     revoked = [0]
@@ -363,6 +367,7 @@ def main() -> None:
                             stop.wait(max(0.0, next_at - time.monotonic()))
 
                     before = gateway_queries(prom)
+                    cpu_before = tree_cpu_seconds(pid)
                     thread = threading.Thread(target=churn) if kind == "churn" else None
                     if thread:
                         thread.start()
@@ -371,6 +376,8 @@ def main() -> None:
                     if thread:
                         thread.join()
                     row["revocations"] = revoked[0]
+                    used = tree_cpu_seconds(pid) - cpu_before
+                    row["cpu_us_per_request"] = round(used / row["requests"] * 1e6, 1) if row["requests"] else None
                     row["gateway_db_queries"] = gateway_queries(prom) - before
                     row["gateway_db_queries_per_second"] = round(row["gateway_db_queries"] / options.duration, 2)
                     runs[kind].append(row)
@@ -379,6 +386,7 @@ def main() -> None:
                 kind: {
                     "rps_median": statistics.median(r["rps"] for r in rows),
                     "db_queries_per_second_median": statistics.median(r["gateway_db_queries_per_second"] for r in rows),
+                    "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in rows),
                     "runs": rows,
                 }
                 for kind, rows in runs.items()
@@ -386,6 +394,10 @@ def main() -> None:
             base_rps = results["churn"]["no_churn"]["rps_median"]
             results["churn"]["rps_change_percent"] = round(
                 (results["churn"]["churn"]["rps_median"] - base_rps) / base_rps * 100, 1
+            )
+            base_cpu = results["churn"]["no_churn"]["cpu_us_per_request_median"]
+            results["churn"]["cpu_per_request_change_percent"] = round(
+                (results["churn"]["churn"]["cpu_us_per_request_median"] / base_cpu - 1) * 100, 1
             )
 
         if not options.skip_cluster:
@@ -398,10 +410,13 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "churn"}, indent=2))
     churn = results["churn"]
+    without, with_ = churn["no_churn"], churn["churn"]
     print(
-        f"churn: {churn['no_churn']['rps_median']:.0f} req/s without, {churn['churn']['rps_median']:.0f} req/s with "
-        f"10 revocations/s ({churn['rps_change_percent']:+.1f} %); gateway DB queries/s "
-        f"{churn['no_churn']['db_queries_per_second_median']} without, {churn['churn']['db_queries_per_second_median']} with"
+        f"churn: {without['rps_median']:.0f} req/s without, {with_['rps_median']:.0f} req/s with 10 revocations/s "
+        f"({churn['rps_change_percent']:+.1f} %); CPU {without['cpu_us_per_request_median']} vs "
+        f"{with_['cpu_us_per_request_median']} us/request ({churn['cpu_per_request_change_percent']:+.1f} %); "
+        f"gateway DB queries/s {without['db_queries_per_second_median']:.1f} without, "
+        f"{with_['db_queries_per_second_median']:.1f} with"
     )
     print(f"results: {out}")
 

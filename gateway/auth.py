@@ -16,6 +16,7 @@ from django.conf import settings
 from apimgmt import invalidation, keys, selectors
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
+from gateway import metrics
 from gateway.config import db_call
 from gateway.routing import Route
 
@@ -163,6 +164,7 @@ class KeyResolver:
             if hit:
                 return None
         self.misses += 1
+        metrics.key_cache_misses_total.inc()
         try:
             record, cacheable = self._from_redis_or_db(key_hash)
             with self.lock:

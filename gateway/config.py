@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from apimgmt import invalidation, selectors
+from gateway import metrics
 from gateway.routing import RouteTable
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class RouteState:
             went_back = 0 <= wanted < self.version
             self.table, self.version, self.loaded_at = table, wanted, time.monotonic()
             self.reloads += 1
+        metrics.route_table_loads_total.inc()
         if went_back:
             self._drop_all_keys()
         if changed:
@@ -152,6 +154,7 @@ class RouteState:
                 self._drop_all_keys()
             if batch.key_hashes:
                 self.evicted += len(batch.key_hashes)
+                metrics.key_cache_evictions_total.inc(len(batch.key_hashes))
                 for evict in self.on_evict:
                     evict(batch.key_hashes)
             if not batch.more:
@@ -159,5 +162,6 @@ class RouteState:
 
     def _drop_all_keys(self) -> None:
         self.keys_lost += 1
+        metrics.key_cache_lost_total.inc()
         for callback in self.on_keys_lost:
             callback()

@@ -62,6 +62,19 @@ circuit_open = Gauge(
     ["api"],
     multiprocess_mode="max",
 )
+# Invalidation (apimgmt/invalidation.py): route-level changes rebuild the route table; key-level changes evict keys.
+route_table_loads_total = Counter(
+    "api_route_table_loads_total", "Route tables a worker built (a route-level change, the periodic safety reload)."
+)
+key_cache_evictions_total = Counter(
+    "api_key_cache_evictions_total", "Keys dropped from a worker's key cache because the control plane changed them."
+)
+key_cache_lost_total = Counter(
+    "api_key_cache_lost_total", "Times a worker dropped every cached key because evictions may have been missed."
+)
+key_cache_misses_total = Counter(
+    "api_key_cache_misses_total", "Key lookups that went past the worker's cache (to Redis, then the database)."
+)
 usage_spooled_events = Counter(
     "api_usage_spooled_events", "Usage events written to the local spool because Redis was unavailable."
 )

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import pytest
 import redis
 from django.contrib.auth.models import User
+from prometheus_client import REGISTRY
 
 from apimgmt import invalidation, keys, selectors, services
 from apimgmt.models import ApiKey, Consumer, Tenant
+from gateway import config as gateway_config
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Recorder
@@ -32,6 +34,10 @@ def _bulk_keys(consumer: Consumer, count: int) -> list[tuple[ApiKey, str]]:
         made.append((row, plaintext))
     ApiKey.objects.bulk_create([row for row, _ in made])
     return made
+
+
+def _metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 def _until(predicate: Callable[[], bool], timeout: float) -> float:
@@ -55,6 +61,7 @@ def test_revoking_100_keys_reloads_no_routes_and_cools_no_other_key(
         assert gateway.get(url, headers={"X-API-Key": plaintext}).status == 200
     gw = get_gateway()
     reloads, misses, evicted = gw.routes.reloads, gw.keys.misses, gw.routes.evicted
+    exported = {name: _metric(name) for name in ("api_route_table_loads_total", "api_key_cache_misses_total")}
 
     for i, (row, _plaintext) in enumerate(doomed):
         services.api_key_revoke(key=row, actor=None)
@@ -66,6 +73,8 @@ def test_revoking_100_keys_reloads_no_routes_and_cools_no_other_key(
 
     assert gw.routes.reloads == reloads
     assert gw.keys.misses == misses  # not one of the 1,000 left the worker's cache
+    assert {name: _metric(name) for name in exported} == exported  # what operators see says the same
+    assert _metric("api_key_cache_evictions_total") >= 100
     for _row, plaintext in doomed:
         assert gateway.get(url, headers={"X-API-Key": plaintext}).status == 401
     assert gw.keys.misses == misses + 100
@@ -161,13 +170,18 @@ def test_a_lookup_that_raced_a_revocation_does_not_keep_the_old_state(
 
 
 @pytest.fixture
-def settings_gateway_poll(settings: object) -> None:
+def settings_gateway_poll(settings: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """Poll fast (production: 0.25 s), the tests wait for the poller rather than sleep; revoked keys tried from one
-    address are not throttled here (the failed-key throttle has tests of its own)."""
+    address are not throttled here (the failed-key throttle has tests of its own); no periodic safety reload of the
+    route table during a slow run (it happens every 30 s whatever changes, and would blur the reload count)."""
+    monkeypatch.setattr(gateway_config, "SAFETY_RELOAD_SECONDS", 3600.0)
     settings.GATEWAY = {  # type: ignore[attr-defined]
         **settings.GATEWAY,  # type: ignore[attr-defined]
         "CONFIG_POLL_SECONDS": 0.05,
         "AUTH_FAILURE_LIMIT": 0,
+        # Entries also leave by age (30 s by default); what is measured here is eviction, on a machine that may
+        # be slow enough for a run to outlast the age.
+        "AUTH_CACHE_SECONDS": 3600.0,
     }
 
 
