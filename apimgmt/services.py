@@ -372,7 +372,7 @@ def plan_delete_refusal(plan: Plan) -> str | None:
     if incoming:
         parts.append(f"{incoming} scheduled to move to it")
     return (
-        f"Plan {plan.name!r} is used by {_count(total + incoming, 'subscription')} ({', '.join(parts)}); move them to"
+        f"Plan {plan.name!r} is referenced by {_count(total + incoming, 'subscription')} ({', '.join(parts)}); move them to"
         " another plan (change-plan) or end them first, then delete it. Archive it to stop new subscriptions"
         " meanwhile."
     )
@@ -394,8 +394,9 @@ def plan_delete(*, plan: Plan, actor: Actor) -> None:
     if reason is None:
         # Cancelled and rejected subscriptions keep their history in the audit log; their plan becomes none.
         closed = list(plan.subscriptions.values_list("pk", flat=True))
-        changes["closed_subscriptions_detached"] = closed
-        Subscription.objects.filter(pk__in=closed).update(plan=None)
+        if closed:
+            changes["closed_subscriptions_detached"] = closed
+            Subscription.objects.filter(pk__in=closed).update(plan=None)
     _delete_unless_refused(plan, refusal=plan_delete_refusal, action="plan.delete", changes=changes, actor=actor)
 
 

@@ -23,6 +23,8 @@ from apimgmt.models import (
     UsageDaily,
     UsageHourly,
     UsageRecord,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 from apimgmt.selectors import is_platform_staff
 
@@ -83,6 +85,9 @@ SCOPES: dict[type[Model], TenantScope] = {
     UsageHourly: TenantScope("tenant_id", _owned_usage, "owned"),
     UsageDaily: TenantScope("tenant_id", _owned_usage, "owned"),
     AuditEvent: TenantScope("tenant_id", developer_reads="none"),
+    # Webhooks are the tenant's integration with its own systems: admins manage them, viewers read them.
+    WebhookEndpoint: TenantScope("tenant_id", developer_reads="none"),
+    WebhookDelivery: TenantScope("endpoint__tenant_id", developer_reads="none"),
 }
 
 # Models a developer may create in their tenant (keys and subscriptions are checked through their consumer).

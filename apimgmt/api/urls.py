@@ -6,7 +6,7 @@ from django.urls import URLPattern, URLResolver, include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 from rest_framework.routers import SimpleRouter
 
-from apimgmt.api import config_views, views
+from apimgmt.api import config_views, views, webhook_views
 
 router = SimpleRouter()
 router.register("tenants", views.TenantViewSet, basename="tenant")
@@ -17,8 +17,15 @@ router.register("plans", views.PlanViewSet, basename="plan")
 router.register("policies", views.PolicyViewSet, basename="policy")
 router.register("subscriptions", views.SubscriptionViewSet, basename="subscription")
 router.register("audit-events", views.AuditEventViewSet, basename="audit-event")
+# Events out (apimgmt/api/webhook_views.py): webhooks, their delivery log, plan changes and archived plans.
+router.register("webhooks", webhook_views.WebhookEndpointViewSet, basename="webhook")
+router.register("webhook-deliveries", webhook_views.WebhookDeliveryViewSet, basename="webhook-delivery")
+router.register("subscriptions", webhook_views.SubscriptionPlanViewSet, basename="subscription-plan")
+router.register("plans", webhook_views.PlanArchiveViewSet, basename="plan-archive")
 
 v1: list[URLPattern | URLResolver] = [
+    # Before the router, whose apis/{id}/ would take "import" for an id.
+    path("apis/import/", config_views.ApiImportView.as_view(), name="api-import"),
     *router.urls,
     path("usage/", views.UsageView.as_view(), name="usage"),
     # Configuration as code (apimgmt/api/config_views.py).

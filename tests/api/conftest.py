@@ -80,4 +80,18 @@ def acme_world(
         "key": bob_key[0],
         "subscription": bob_subscription,
         "audit-event": AuditEvent.objects.filter(tenant_id="acme").order_by("id").first(),
+        **_acme_events_out(acme, bob_subscription, acme_plan),
     }
+
+
+def _acme_events_out(acme: Tenant, subscription: Subscription, plan: Plan) -> dict[str, Any]:
+    """The events-out resources (apimgmt/api/webhook_views.py): a webhook endpoint with one delivery, and the
+    subscription and plan again under the basenames of their change-plan and archive actions."""
+    from apimgmt import webhooks
+    from apimgmt.models import Event, WebhookDelivery
+
+    endpoint, _secret = webhooks.webhook_endpoint_create(tenant=acme, url="https://93.184.215.14/hooks", actor=None)
+    event = Event.objects.create(tenant=acme, event_type="key.created", data={})
+    # An id no other row of the matrix shows (the list tests look for `"<pk>"` in other tenants' answers).
+    delivery = WebhookDelivery.objects.create(id=9_876_543_210, endpoint=endpoint, event=event)
+    return {"webhook": endpoint, "webhook-delivery": delivery, "subscription-plan": subscription, "plan-archive": plan}

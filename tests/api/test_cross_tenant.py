@@ -71,7 +71,20 @@ DETAIL_ROUTES = _detail_routes()
 
 def test_the_matrix_covers_every_resource() -> None:
     basenames = {basename for basename, *_ in DETAIL_ROUTES}
-    assert basenames == {"tenant", "api", "consumer", "key", "plan", "policy", "subscription", "audit-event"}
+    assert basenames == {
+        "tenant",
+        "api",
+        "consumer",
+        "key",
+        "plan",
+        "policy",
+        "subscription",
+        "audit-event",
+        "webhook",
+        "webhook-delivery",
+        "subscription-plan",
+        "plan-archive",
+    }
     assert len(DETAIL_ROUTES) >= 25  # retrieve/update/… plus every action
 
 

@@ -147,20 +147,20 @@ def test_a_plan_with_an_open_subscription_is_refused_with_the_count(
     c = client_for(alice)
     before = _snapshot()
     r = c.delete(f"{V1}/plans/{acme_plan.pk}/")
-    assert_conflict(r, "referenced by 1 subscription (1 active)", "cannot be moved to another plan")
+    assert_conflict(r, "referenced by 1 subscription (1 active)", "move them to another plan (change-plan)")
     assert _snapshot() == before
 
 
-def test_a_plan_kept_by_closed_subscriptions_says_so(
+def test_a_plan_left_only_by_closed_subscriptions_is_deleted_and_they_keep_their_history(
     alice: User, acme_plan: Plan, bob_subscription: Subscription, client_for: Any
 ) -> None:
     services.subscription_cancel(subscription=bob_subscription, actor=None)
-    c = client_for(alice)
-    before = _snapshot()
-    r = c.delete(f"{V1}/plans/{acme_plan.pk}/")
-    # Cancelling does not free the plan, and the answer does not pretend it would.
-    assert_conflict(r, "1 subscription (1 cancelled)", "keep their plan as history")
-    assert _snapshot() == before
+    r = client_for(alice).delete(f"{V1}/plans/{acme_plan.pk}/")
+    assert r.status_code == 204, r.content
+    bob_subscription.refresh_from_db()
+    assert (bob_subscription.status, bob_subscription.plan_id) == ("cancelled", None)
+    audit = AuditEvent.objects.get(action="plan.delete", object_id=acme_plan.pk)
+    assert audit.changes["closed_subscriptions_detached"] == [bob_subscription.pk]
 
 
 # ---------------------------------------------------------------------------
