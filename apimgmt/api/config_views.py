@@ -1,4 +1,5 @@
-"""Configuration as code over the management API: the schema, export, plan and apply of one tenant's document.
+"""Configuration as code over the management API: the schema, export, plan and apply of one tenant's document, and
+the import of an API from its OpenAPI document.
 
 Thin edges over apimgmt.config_doc. Reading a tenant's configuration shows its internals (upstreams, key settings),
 so export and plan need what reading those needs (tenant admin or viewer, or platform staff); apply changes APIs,
@@ -14,16 +15,25 @@ from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers, status
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apimgmt import config_doc
 from apimgmt.api.exceptions import PROBLEM_CONTENT_TYPE, problem
-from apimgmt.api.permissions import CHANGE, VIEW, restrict, sees_internals
-from apimgmt.api.serializers import JSONObjectField, ProblemSerializer, StrictCharField, StrictSerializer
+from apimgmt.api.parsers import ManagementJSONParser
+from apimgmt.api.permissions import CHANGE, VIEW, may_create, restrict, sees_internals
+from apimgmt.api.serializers import (
+    ApiSerializer,
+    JSONObjectField,
+    ProblemSerializer,
+    StrictCharField,
+    StrictSerializer,
+)
 from apimgmt.api.views import RequestContextMixin
-from apimgmt.models import Tenant
+from apimgmt.config_doc.openapi import import_openapi
+from apimgmt.models import Api, Tenant
 
 # What the document is called in messages about a request body.
 BODY = "request body"
@@ -214,3 +224,88 @@ class TenantConfigApplyView(TenantConfigBase):
         except config_doc.StalePlan as exc:
             return problem(status.HTTP_409_CONFLICT, str(exc))
         return Response({**plan.as_json(), "applied": not data["dry_run"]})
+
+
+# ---------------------------------------------------------------------------
+# OpenAPI import
+# ---------------------------------------------------------------------------
+
+# A spec larger than this is refused before parsing (a few thousand operations fit).
+MAX_SPEC_BYTES = 5 * 1024 * 1024
+
+
+class ApiImportRequestSerializer(StrictSerializer):
+    tenant_id = StrictCharField(max_length=63)
+    spec = JSONObjectField(required=False, help_text="The OpenAPI 3.0/3.1 document as a JSON object.")
+    spec_text = StrictCharField(
+        required=False, trim_whitespace=False, max_length=MAX_SPEC_BYTES, help_text="Or: the document as YAML or JSON."
+    )
+    file = serializers.FileField(required=False, help_text="Or (multipart): the document as a file.")
+    base_path = StrictCharField(required=False, max_length=200, help_text="New APIs: default /<title as a slug>.")
+    upstream_url = StrictCharField(required=False, max_length=2000, help_text="Default: the spec's first server.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        given = [name for name in ("spec", "spec_text", "file") if name in attrs]
+        if len(given) != 1:
+            raise serializers.ValidationError({"spec": ["Send the OpenAPI document once: as spec, spec_text or file."]})
+        return attrs
+
+
+class ApiImportResultSerializer(serializers.Serializer):
+    created = serializers.BooleanField()
+    operations = serializers.IntegerField(help_text="Operations (path and method) in the spec.")
+    notes = serializers.ListField(child=serializers.CharField(), help_text="What did not map (security schemes …).")
+    api = ApiSerializer()
+
+
+class ApiImportView(RequestContextMixin, APIView):
+    """Create or update an API from its OpenAPI document; the same roles as creating an API (tenant admins)."""
+
+    parser_classes = [ManagementJSONParser, MultiPartParser]
+
+    @extend_schema(
+        request={"application/json": ApiImportRequestSerializer, "multipart/form-data": ApiImportRequestSerializer},
+        responses={201: ApiImportResultSerializer, 200: ApiImportResultSerializer},
+        summary="Import an API from an OpenAPI 3.0/3.1 document: 201 created, 200 updated (same info.title)",
+    )
+    def post(self, request: Request) -> Response:
+        body = ApiImportRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        tenant = restrict(Tenant.objects.filter(pk=data["tenant_id"]), request.user, VIEW).first()
+        if tenant is None:
+            raise exceptions.ValidationError({"tenant_id": [f"Unknown tenant {data['tenant_id']!r}."]})
+        if not may_create(request.user, Api, tenant.id):
+            raise exceptions.PermissionDenied(f"Your role in tenant {tenant.id} does not allow creating APIs.")
+        if "file" in data:
+            upload = data["file"]
+            if upload.size > MAX_SPEC_BYTES:
+                raise exceptions.ValidationError({"file": [f"The spec must be at most {MAX_SPEC_BYTES} bytes."]})
+            try:
+                text, source = upload.read().decode("utf-8"), upload.name or "file"
+            except UnicodeDecodeError:
+                raise exceptions.ValidationError({"file": ["The spec must be UTF-8 text (YAML or JSON)."]}) from None
+        elif "spec_text" in data:
+            text, source = data["spec_text"], "spec_text"
+        else:
+            text, source = json.dumps(data["spec"]), "spec.json"
+        try:
+            result = import_openapi(
+                tenant=tenant,
+                text=text,
+                source=source,
+                actor=request.user,
+                base_path=data.get("base_path"),
+                upstream_url=data.get("upstream_url"),
+            )
+        except config_doc.ConfigError as exc:
+            return problem(
+                status.HTTP_400_BAD_REQUEST,
+                f"The OpenAPI document cannot be imported ({len(exc.problems)} problem(s)); see errors, keyed by "
+                "JSON pointer into the document (or by the API field).",
+                errors=exc.as_errors(),
+            )
+        api = Api.objects.prefetch_related("policies", "plans", "targets").get(pk=result.api.pk)
+        body_out = {"created": result.created, "operations": result.operations, "notes": result.notes}
+        body_out["api"] = ApiSerializer(api).data
+        return Response(body_out, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

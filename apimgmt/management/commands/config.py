@@ -1,4 +1,4 @@
-"""``manage.py config export|diff|apply|schema``: a tenant's configuration as code, with exit codes for CI.
+"""``manage.py config export|diff|apply|schema|import-openapi``: a tenant's configuration as code, with exit codes for CI.
 
 Exit codes: 0 = no changes, 2 = changes planned (diff, apply --dry-run) or applied, 1 = error (bad document,
 refused delete, stale plan, unknown tenant); every message names the file, the object and the field.
@@ -26,7 +26,9 @@ class Command(BaseCommand):
     help = "Export, diff (plan) or apply a tenant's configuration document (YAML or JSON)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="operation", required=True, metavar="{export,diff,apply,schema}")
+        sub = parser.add_subparsers(
+            dest="operation", required=True, metavar="{export,diff,apply,schema,import-openapi}"
+        )
         sub.add_parser("schema", help="Print the document's JSON Schema (as docs/config.schema.json holds it).")
 
         export = sub.add_parser("export", help="Write the tenant's configuration (stable order, no secrets).")
@@ -51,9 +53,18 @@ class Command(BaseCommand):
         )
         apply.add_argument("--actor", help="User name recorded in the audit events (default: system).")
 
+        openapi = sub.add_parser(
+            "import-openapi", help="Create or update an API from its OpenAPI 3.0/3.1 document (YAML or JSON)."
+        )
+        openapi.add_argument("spec", help="The OpenAPI document; '-' reads standard input.")
+        openapi.add_argument("--tenant", required=True)
+        openapi.add_argument("--base-path", help="Where the gateway publishes it (new APIs: default /<title slug>).")
+        openapi.add_argument("--upstream", help="Upstream URL (default: the spec's first server).")
+        openapi.add_argument("--actor", help="User name recorded in the audit events (default: system).")
+
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            code = getattr(self, f"_{options['operation']}")(options)
+            code = getattr(self, "_" + options["operation"].replace("-", "_"))(options)
         except config_doc.ConfigError as exc:
             self.stderr.write(str(exc))
             code = EXIT_ERROR
@@ -70,14 +81,23 @@ class Command(BaseCommand):
 
     # Steps --------------------------------------------------------------------------------------------------
 
+    def _actor(self, options: dict[str, Any]) -> Any:
+        if not options.get("actor"):
+            return None
+        user_model = get_user_model()
+        actor = user_model._default_manager.filter(**{user_model.USERNAME_FIELD: options["actor"]}).first()
+        if actor is None:
+            raise CommandError(f"--actor: no user named {options['actor']!r}.")
+        return actor
+
     def _tenant(self, options: dict[str, Any]) -> Tenant:
         tenant = Tenant.objects.filter(pk=options["tenant"]).first()
         if tenant is None:
             raise CommandError(f"No tenant {options['tenant']!r}.")
         return tenant
 
-    def _read(self, options: dict[str, Any]) -> tuple[str, str]:
-        name = options["file"]
+    def _read(self, options: dict[str, Any], name: str | None = None) -> tuple[str, str]:
+        name = name or options["file"]
         if name == "-":
             return sys.stdin.read(), "<stdin>"
         try:
@@ -121,12 +141,7 @@ class Command(BaseCommand):
     def _apply(self, options: dict[str, Any]) -> int:
         tenant = self._tenant(options)
         text, source = self._read(options)
-        actor = None
-        if options.get("actor"):
-            user_model = get_user_model()
-            actor = user_model._default_manager.filter(**{user_model.USERNAME_FIELD: options["actor"]}).first()
-            if actor is None:
-                raise CommandError(f"--actor: no user named {options['actor']!r}.")
+        actor = self._actor(options)
         document = config_doc.read_document(text, source, os.environ)
         plan = config_doc.apply_document(
             tenant=tenant,
@@ -142,3 +157,30 @@ class Command(BaseCommand):
             done = "checked and rolled back (dry run)" if options["dry_run"] else "applied"
             self.stdout.write(f"{len(plan.changes)} change(s) {done}.")
         return EXIT_CHANGES if plan.has_changes else EXIT_NO_CHANGES
+
+    def _import_openapi(self, options: dict[str, Any]) -> int:
+        from apimgmt.config_doc.openapi import import_openapi
+
+        tenant = self._tenant(options)
+        text, source = self._read(options, options["spec"])
+        result = import_openapi(
+            tenant=tenant,
+            text=text,
+            source=source,
+            actor=self._actor(options),
+            base_path=options.get("base_path"),
+            upstream_url=options.get("upstream"),
+        )
+        api = result.api
+        if result.created:
+            self.stdout.write(
+                f"Created API {api.api_name!r} ({api.status}) at {api.base_path} → {api.upstream_url}: "
+                f"{result.operations} operations in its spec."
+            )
+        elif result.changes:
+            self.stdout.write(f"Updated API {api.api_name!r}: {', '.join(sorted(result.changes))}.")
+        else:
+            self.stdout.write(f"API {api.api_name!r} already matches the spec; nothing changed.")
+        for note in result.notes:
+            self.stdout.write(f"note: {note}")
+        return EXIT_CHANGES if result.created or result.changes else EXIT_NO_CHANGES
