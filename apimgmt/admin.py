@@ -150,6 +150,14 @@ class NotFoundAdmin(admin.ModelAdmin):
     def _get_obj_does_not_exist_redirect(self, request: HttpRequest, opts: Any, object_id: str) -> Any:
         raise Http404(f"No {opts.verbose_name} with this ID.")
 
+    def save_form(self, request: HttpRequest, form: Any, change: bool) -> Any:
+        """On a change, hand save_model the row as stored, not the instance the form already edited: the update
+        services compare the fields they are given with the object's, and would find nothing changed."""
+        obj = super().save_form(request, form, change)
+        if change and obj.pk is not None:
+            return type(obj)._default_manager.get(pk=obj.pk)
+        return obj
+
     def get_list_filter(self, request: HttpRequest) -> list[Any]:
         return [scoped_list_filter(self.model, entry) for entry in super().get_list_filter(request)]
 
@@ -392,16 +400,109 @@ class TenantMembershipAdmin(TenantScopedAdmin):
 # ---------------------------------------------------------------------------
 
 
+def _count_field(label: str, example: str) -> forms.IntegerField:
+    return forms.IntegerField(label=label, min_value=1, required=False, help_text=f"For example {example}.")
+
+
+_SCOPE_CHOICES = [
+    ("", "Default: per app (consumer_id)"),
+    ("consumer_id", "Per app (consumer_id)"),
+    ("key_id", "Per key (key_id)"),
+    ("ip", "Per client IP (ip)"),
+    ("api", "Shared by every caller of the API (api)"),
+    ("tenant_id", "Shared by every caller in the tenant (tenant_id)"),
+]
+
+# Typed form fields per policy type: form field name -> the config key it fills. The JSON config below them
+# stays for what they do not cover; a type not listed here is edited as JSON only.
+POLICY_TYPE_FIELDS: dict[str, dict[str, str]] = {
+    Policy.Type.RATE_LIMITING: {
+        "rate_requests_per_second": "requests_per_second",
+        "rate_requests_per_minute": "requests_per_minute",
+        "rate_requests_per_hour": "requests_per_hour",
+        "rate_requests_per_day": "requests_per_day",
+        "rate_burst_size": "burst_size",
+        "rate_window_type": "window_type",
+        "rate_key_extraction": "key_extraction",
+    },
+    Policy.Type.QUOTA: {
+        "quota_requests_per_day": "requests_per_day",
+        "quota_requests_per_month": "requests_per_month",
+        "quota_key_extraction": "key_extraction",
+    },
+}
+# The fields whose presence means "this type's form fields were used" (every config needs one of them).
+_WINDOW_FIELDS = {
+    "rate_requests_per_second",
+    "rate_requests_per_minute",
+    "rate_requests_per_hour",
+    "rate_requests_per_day",
+    "quota_requests_per_day",
+    "quota_requests_per_month",
+}
+
+
 class PolicyForm(forms.ModelForm):
+    """A policy's limits as typed fields per type (with help and an example); the JSON config for the rest."""
+
+    rate_requests_per_second = _count_field("Requests per second", "10")
+    rate_requests_per_minute = _count_field("Requests per minute", "1000")
+    rate_requests_per_hour = _count_field("Requests per hour", "20000")
+    rate_requests_per_day = _count_field("Requests per day", "100000")
+    rate_burst_size = forms.IntegerField(
+        label="Burst size",
+        min_value=0,
+        required=False,
+        help_text="Extra requests allowed at once on top of a sliding window, for example 100. Not for fixed windows.",
+    )
+    rate_window_type = forms.ChoiceField(
+        label="Window",
+        required=False,
+        choices=[
+            ("", "Default: sliding"),
+            ("sliding", "Sliding (a rolling limit; bursts on top)"),
+            ("fixed", "Fixed (calendar-aligned windows)"),
+        ],
+    )
+    rate_key_extraction = forms.ChoiceField(
+        label="Counted for", required=False, choices=_SCOPE_CHOICES, help_text="Whose calls share one counter."
+    )
+    quota_requests_per_day = _count_field("Requests per day", "50000 (days in the tenant's time zone)")
+    quota_requests_per_month = _count_field("Requests per month", "1000000 (calendar months)")
+    quota_key_extraction = forms.ChoiceField(
+        label="Counted for", required=False, choices=_SCOPE_CHOICES, help_text="Whose calls share one counter."
+    )
+
     class Meta:
         model = Policy
         fields = ["tenant", "name", "description", "policy_type", "config", "mode", "on_store_error"]
+        help_texts = {
+            "config": "Filled from the fields above when you use them. Edit the JSON only for settings they do not "
+            'cover, for example {"requests_per_minute": 1000, "burst_size": 100, "key_extraction": "consumer_id", '
+            '"window_type": "sliding"}.',
+        }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["config"].required = False
+        if self.instance.pk:  # a change: show the stored config in the typed fields of its type
+            for name, key in POLICY_TYPE_FIELDS.get(self.instance.policy_type, {}).items():
+                value = (self.instance.config or {}).get(key)
+                if value is not None:
+                    self.fields[name].initial = value
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        if "config" in data and data.get("policy_type"):
+        policy_type = data.get("policy_type") or self.instance.policy_type
+        typed = POLICY_TYPE_FIELDS.get(policy_type, {})
+        used = {key: data[name] for name, key in typed.items() if data.get(name) not in (None, "") and name in data}
+        if any(name in _WINDOW_FIELDS and data.get(name) not in (None, "") for name in typed):
+            data["config"] = used  # the typed fields win over the JSON box
+        elif data.get("config") in (None, ""):
+            data["config"] = {}
+        if policy_type:
             try:
-                data["config"] = validate_policy_config(data["policy_type"], data["config"])
+                data["config"] = validate_policy_config(policy_type, data["config"])
             except ValidationError as exc:
                 self.add_error("config", exc)
         return data
@@ -415,6 +516,31 @@ class PolicyAdmin(ServiceDeleteAdmin):
     search_fields = ["id", "name", "tenant__id"]
     list_select_related = ["tenant"]
     readonly_fields = ["id", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["id", "tenant", "name", "description", "policy_type", "mode", "on_store_error"]}),
+        (
+            "Rate limit (policy type rate_limiting)",
+            {
+                "fields": [
+                    ("rate_requests_per_second", "rate_requests_per_minute"),
+                    ("rate_requests_per_hour", "rate_requests_per_day"),
+                    "rate_burst_size",
+                    "rate_window_type",
+                    "rate_key_extraction",
+                ],
+                "description": "At least one window. Every window is checked on every call.",
+            },
+        ),
+        (
+            "Quota (policy type quota)",
+            {
+                "fields": ["quota_requests_per_day", "quota_requests_per_month", "quota_key_extraction"],
+                "description": "At least one of the two; calendar days and months in the tenant's time zone.",
+            },
+        ),
+        ("Config as JSON", {"fields": ["config"]}),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Policy | None = None) -> list[str]:
         base = list(self.readonly_fields)
