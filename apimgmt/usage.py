@@ -103,6 +103,15 @@ end
 return taken
 """
 
+RELEASE_SCRIPT = """
+-- KEYS[1]: claims; KEYS[2..]: the claimed hashes, in the order of their claims in ARGV.
+for i = 1, #ARGV do
+  redis.call('DEL', KEYS[i + 1])
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+return #ARGV
+"""
+
 
 @dataclass
 class FlushStats:
@@ -202,6 +211,7 @@ class UsageFlusher:
     _zones_at: float = 0.0
     _key_touched: dict[str, datetime] = field(default_factory=dict)
     _claim_script: Any = None
+    _release_script: Any = None
 
     # -- a round ---------------------------------------------------------------------------------------------------
 
@@ -277,11 +287,11 @@ class UsageFlusher:
         return list(zip(claims, pipe.execute(), strict=True))
 
     def _release(self, tenant: str, claims: list[Claim]) -> None:
-        # One slot (the tenant's tag), so one MULTI even on Redis Cluster.
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(*[contract.claimed_key(tenant, c.member) for c in claims])
-        pipe.zrem(contract.claims_key(tenant), *[c.member for c in claims])
-        pipe.execute()
+        """Delete the copied hashes and their claims, atomically (one script: one slot, also on Redis Cluster)."""
+        if self._release_script is None or self._release_script.registered_client is not self.client:
+            self._release_script = self.client.register_script(RELEASE_SCRIPT)
+        keys = [contract.claims_key(tenant), *[contract.claimed_key(tenant, c.member) for c in claims]]
+        self._release_script(keys=keys, args=[c.member for c in claims])
 
     # -- PostgreSQL ------------------------------------------------------------------------------------------------
 
