@@ -135,6 +135,20 @@ class UsageRecorder:
                     bucket[5] = latency
                 bucket[6] += upstream
 
+    def add_transfer(
+        self, tenant: str, api: str, consumer: str, key: str, status: int, bytes_in: int, bytes_out: int, now: float
+    ) -> None:
+        """Bytes of a request counted before (a WebSocket connection's messages, added when it ends): no request,
+        no latency, only the two byte counts in the bucket of ``now``'s minute."""
+        bucket_key = (tenant, api, consumer, key, int(now // 60) * 60, status)
+        with self.lock:
+            bucket = self.current.get(bucket_key)
+            if bucket is None:
+                self.current[bucket_key] = [0, 0, bytes_in, bytes_out, 0, 0, 0]
+            else:
+                bucket[2] += bytes_in
+                bucket[3] += bytes_out
+
     # -- background -----------------------------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -678,6 +678,18 @@ class Session:
             with contextlib.suppress(OSError):
                 self.upstream_sock.close()
             metrics.websocket_connection_seconds.labels(self.route.api_id).inc(time.monotonic() - started)
+            if self.bytes_in or self.bytes_out:
+                # The handshake was billed as one request (status 101); the messages' bytes join it, once.
+                self.registry.gateway.usage.add_transfer(
+                    self.route.tenant_id,
+                    self.route.api_id,
+                    self.record.consumer_id,
+                    self.record.key_id,
+                    101,
+                    self.bytes_in,
+                    self.bytes_out,
+                    time.time(),
+                )
 
     # -- reading ----------------------------------------------------------------------------------------------
 

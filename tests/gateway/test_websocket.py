@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import Server, ServerConnection, serve
 
 from apimgmt import services
+from apimgmt import usage_buckets as contract
 from apimgmt.models import Api, ApiKey
 from tests.gateway.conftest import publish, subscribe
 from tests.gateway.upstreams import recording_upstream
@@ -454,3 +456,30 @@ def test_retiring_the_api_or_blocking_the_consumer_closes_connections_with_1008(
     code, reason, _ = _closed_with(ws)
     assert (code, reason) == (1008, "The API was retired.")
     assert time.monotonic() - retired_at < 1.5
+
+
+def test_a_connection_is_billed_as_one_request_with_its_message_bytes_each_way(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    api = _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    key_row, measured = services.api_key_create(consumer=bob_app, actor=None)  # a key of its own: exact counts
+    with _connect(url, measured) as ws:
+        for message in ("x" * 10, "é" * 10, b"\x00" * 100):  # 10 + 20 + 100 bytes each way
+            ws.send(message)
+            assert ws.recv(timeout=5) == message
+    field = contract.Dimension(api.pk, bob_app.pk, key_row.pk, 101).field()
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    deadline = time.monotonic() + 10
+    while True:
+        totals = [0] * len(contract.METRICS)
+        for name in client.scan_iter(match=contract.minute_key(acme.id, 0).replace(":m:0", ":m:*")):
+            value = client.hget(name, field)
+            if value is not None:
+                contract.merge(totals, contract.decode(value.decode()))
+        if totals[:4] == [1, 0, 130, 130] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert totals[:4] == [1, 0, 130, 130]  # one request (the handshake), no error, the bytes each way
