@@ -162,11 +162,16 @@ class _Applier:
             approval=item["approval"],
             policies=[self.policies[name] for name in item["policies"]],
         )
+        if item["archived"]:
+            self.plans[change.key] = services.plan_archive(plan=self.plans[change.key], actor=self.actor)
 
     def _update_plan(self, change: Change) -> None:
-        fields = {name: change.desired[name] for name in change.fields if name != "policies"}
+        fields = {name: change.desired[name] for name in change.fields if name not in ("policies", "archived")}
         policies = [self.policies[n] for n in change.desired["policies"]] if "policies" in change.fields else None
-        services.plan_update(plan=change.row, actor=self.actor, policies=policies, **fields)
+        plan = services.plan_update(plan=change.row, actor=self.actor, policies=policies, **fields)
+        if "archived" in change.fields:
+            archive = services.plan_archive if change.desired["archived"] else services.plan_unarchive
+            archive(plan=plan, actor=self.actor)
 
     def _delete_plan(self, change: Change) -> None:
         services.plan_delete(plan=change.row, actor=self.actor)
@@ -276,13 +281,18 @@ class _Applier:
             services.subscription_approve(subscription=subscription, actor=self.actor, note="configuration applied")
 
     def _update_subscription(self, change: Change) -> None:
-        if "plan" in change.fields:
-            # A subscription never moves to another plan: the old one is cancelled and a new one requested.
+        plan_name = change.desired["plan"]
+        if "plan" in change.fields and plan_name is not None and change.row.plan_id is not None:
+            # Moved at once, keys and the quota used so far kept (as change-plan in the management API).
+            services.subscription_change_plan(subscription=change.row, plan=self.plans[plan_name], actor=self.actor)
+        elif "plan" in change.fields:
+            # To or from "no plan" is not a move: the old subscription is cancelled and a new one requested.
             services.subscription_cancel(
                 subscription=change.row, actor=self.actor, note="plan changed by configuration"
             )
             self._create_subscription(change)
-        elif change.fields.get("status") == [Subscription.Status.PENDING, Subscription.Status.ACTIVE]:
+            return
+        if change.fields.get("status") == [Subscription.Status.PENDING, Subscription.Status.ACTIVE]:
             services.subscription_approve(subscription=change.row, actor=self.actor, note="configuration applied")
 
     def _delete_subscription(self, change: Change) -> None:

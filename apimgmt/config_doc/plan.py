@@ -230,11 +230,13 @@ def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]
     """What the document does not mention, each with the refusal its DELETE would meet after the other changes."""
     wanted = {section: {item["name"] for item in document[section]} for section in ("policies", "plans", "apis")}
     deleted_consumers: set[str] = set()
+    cancelled: set[str] = set()
     if "consumers" in document and state.consumers is not None:
         wanted_consumers = {consumer_key(c): c for c in document["consumers"]}
         for (consumer, api_name), subscription in sorted(state.subscriptions.items()):
             item = wanted_consumers.get(consumer)
             if item is not None and api_name not in {s["api"] for s in item["subscriptions"]}:
+                cancelled.add(subscription.pk)
                 plan.changes.append(Change(DELETE, "subscription", f"{consumer} → {api_name}", row=subscription))
         for key in sorted(set(state.consumers) - set(wanted_consumers)):
             consumer_row = state.consumers[key][1]
@@ -253,9 +255,10 @@ def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]
     kept_plans: list[str] = []
     for key in sorted(set(state.plans) - wanted["plans"]):
         plan_row = state.plans[key][1]
-        still = (
-            plan_row.subscriptions.exclude(api_id__in=deleted_apis).exclude(consumer_id__in=deleted_consumers).exists()
-        )
+        # What plan_delete refuses for (open subscriptions on it, or scheduled to move to it), less what goes first.
+        staying = Subscription.objects.exclude(pk__in=cancelled).exclude(api_id__in=deleted_apis)
+        staying = staying.exclude(consumer_id__in=deleted_consumers)
+        still = staying.open().filter(plan=plan_row).exists() or staying.filter(pending_plan=plan_row).exists()
         refusal = services.plan_delete_refusal(plan_row) if still else None
         if refusal:
             kept_plans.append(key)

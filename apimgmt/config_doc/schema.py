@@ -162,6 +162,11 @@ def document_schema() -> dict[str, Any]:
             "name": _name("Unique in the tenant; APIs and subscriptions refer to the plan by it."),
             "description": {"type": "string", "default": ""},
             "approval": _choice(list(Plan.Approval.values), Plan.Approval.AUTO, "manual: an admin approves."),
+            "archived": {
+                "type": "boolean",
+                "default": False,
+                "description": "No new subscriptions (nor moves to it); existing ones keep it.",
+            },
             "policies": _names("Names of the policies the plan's subscribers get."),
         },
     }

@@ -115,6 +115,7 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
                         "name": p.name,
                         "description": p.description,
                         "approval": p.approval,
+                        "archived": p.archived_at is not None,
                         "policies": [policy_names[i] for i in plan_policies.get(p.pk, [])],
                     }
                 ),

@@ -196,6 +196,26 @@ def test_a_renamed_api_takes_over_its_old_route_with_prune(
     assert Api.objects.get(base_path="/api/beta").api_name == "beta-2"
 
 
+def test_archiving_a_plan_in_the_file_archives_it_and_the_round_trip_keeps_it(
+    world: dict[str, Any], run_config: Run, tmp_path: Path
+) -> None:
+    path = tmp_path / "acme.yaml"
+    run_config("export", "--tenant", "acme", "-o", str(path))
+    text = path.read_text()
+    assert "- name: free\n  description: Try it\n  approval: manual\n  archived: false\n" in text
+    path.write_text(text.replace("approval: manual\n  archived: false", "approval: manual\n  archived: true"))
+
+    code, out, _err = run_config("apply", "--tenant", "acme", "-f", str(path))
+
+    assert code == 2
+    assert "~ plan free\n    archived: false → true\n" in out
+    assert Plan.objects.get(name="free").archived_at is not None
+    again = tmp_path / "again.yaml"
+    run_config("export", "--tenant", "acme", "-o", str(again))
+    assert again.read_bytes() == path.read_bytes()
+    assert run_config("apply", "--tenant", "acme", "-f", str(path))[0] == 0
+
+
 def test_without_prune_objects_the_file_does_not_mention_are_left_alone(
     world: dict[str, Any], run_config: Run, tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 
 from apimgmt import config_doc, services
 from apimgmt.config_doc.schema import document_schema
-from apimgmt.models import Api, ApiKey, Consumer, Plan, Policy, Subscription, Tenant
+from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant
 from tests.config.conftest import build_world, snapshot
 
 pytestmark = pytest.mark.django_db
@@ -289,7 +289,7 @@ def test_consumers_and_subscriptions_are_applied_and_exported_without_keys(
     assert code == 0, out
 
 
-def test_a_subscription_left_out_is_cancelled_only_with_prune_and_a_plan_change_resubscribes(
+def test_a_subscription_left_out_is_cancelled_only_with_prune_and_a_plan_change_moves_it(
     world: dict[str, Any], bob: User, run_config: Run, tmp_path: Path
 ) -> None:
     path = tmp_path / "acme.yaml"
@@ -309,11 +309,9 @@ def test_a_subscription_left_out_is_cancelled_only_with_prune_and_a_plan_change_
     statuses = Subscription.objects.filter(consumer__name="billing").values_list(
         "api__api_name", "plan__name", "status"
     )
-    assert sorted(statuses) == [
-        ("orders", None, "cancelled"),
-        ("users", "free", "active"),  # free needs an approval; the document says active, so the apply gives it
-        ("users", "gold", "cancelled"),
-    ]
+    # users moved from gold to free (change-plan: same subscription, same keys); orders cancelled by the prune.
+    assert sorted(statuses) == [("orders", None, "cancelled"), ("users", "free", "active")]
+    assert AuditEvent.objects.filter(action="subscription.change_plan").count() == 1
 
 
 def test_without_a_consumers_section_consumers_are_left_alone_even_with_prune(
