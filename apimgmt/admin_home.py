@@ -1,6 +1,6 @@
 """The admin's home page: how the platform is doing, per tenant the user administers.
 
-Traffic, 5xx and 429 of the last 24 hours from the hourly usage rollups; subscriptions waiting for a decision;
+Traffic, 5xx and 429 of the last 24 hours from the hourly per-tenant totals (a few rows per tenant and hour); subscriptions waiting for a decision;
 keys that expire within 7 days; APIs whose calls the gateway itself answered 502/503/504 in the last 15 minutes
 (an open circuit answers 503, an unreachable or failing upstream 502 or 504: circuit state lives in each gateway
 worker, so this is what the control plane can see of it); the latest audit events.
@@ -26,7 +26,7 @@ from apimgmt.models import (
     Subscription,
     Tenant,
     TenantMembership,
-    UsageHourly,
+    UsageHourlyTotal,
     UsageRecord,
 )
 
@@ -72,7 +72,9 @@ def tenant_traffic(tenants: QuerySet[Tenant], *, at: datetime) -> list[TenantTra
     """One row per tenant, busiest first, zeros for tenants without traffic."""
     sums = {
         row["tenant_id"]: row
-        for row in UsageHourly.objects.filter(tenant__in=tenants, timestamp__gte=at - TRAFFIC_WINDOW)
+        for row in UsageHourlyTotal.objects.filter(
+            tenant__in=tenants, dimension="tenant", timestamp__gte=at - TRAFFIC_WINDOW
+        )
         .values("tenant_id")
         .annotate(
             requests=Sum("request_count"),

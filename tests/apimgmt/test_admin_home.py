@@ -13,14 +13,17 @@ from django.test import Client
 from django.utils import timezone
 
 from apimgmt import services
-from apimgmt.models import Api, Consumer, Tenant, UsageHourly, UsageRecord
+from apimgmt.models import Api, Consumer, Tenant, UsageHourlyTotal, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
 
-def _hour(tenant: Tenant, hours_ago: float, status: int, count: int, api_id: str = "") -> None:
+def _hour(tenant: Tenant, hours_ago: float, status: int, count: int) -> None:
+    """One hour of a tenant's totals, as the usage flusher keeps them."""
     start = (timezone.now() - timedelta(hours=hours_ago)).replace(minute=0, second=0, microsecond=0)
-    UsageHourly.objects.create(tenant=tenant, api_id=api_id, timestamp=start, status_code=status, request_count=count)
+    UsageHourlyTotal.objects.create(
+        tenant=tenant, dimension="tenant", value="", timestamp=start, status_code=status, request_count=count
+    )
 
 
 def _row(html: str, testid: str) -> str:
@@ -31,10 +34,10 @@ def _row(html: str, testid: str) -> str:
 
 @pytest.fixture
 def platform(acme: Tenant, globex: Tenant, acme_api: Api, bob: User, bob_app: Consumer) -> dict[str, Any]:
-    _hour(acme, 1, 200, 100, acme_api.pk)
-    _hour(acme, 2, 500, 5, acme_api.pk)
-    _hour(acme, 3, 429, 7, acme_api.pk)
-    _hour(acme, 30, 200, 999, acme_api.pk)  # older than a day: not counted
+    _hour(acme, 1, 200, 100)
+    _hour(acme, 2, 500, 5)
+    _hour(acme, 3, 429, 7)
+    _hour(acme, 30, 200, 999)  # older than a day: not counted
     services.api_update(api=acme_api, subscription_approval="manual", actor=None)
     pending = services.subscription_request(consumer=bob_app, api=acme_api, actor=bob)
     soon, _ = services.api_key_create(

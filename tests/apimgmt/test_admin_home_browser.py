@@ -12,7 +12,7 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 
 from apimgmt import services
-from apimgmt.models import UsageHourly
+from apimgmt.models import UsageHourlyTotal
 from tests.support.browser import app_and_browser, require_chromium, screenshot_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
@@ -44,7 +44,9 @@ def platform(transactional_db: Any, settings: Any) -> None:
     services.api_key_create(consumer=app, name="ci", expires_at=timezone.now() + timedelta(days=2), actor=None)
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
     for status, count in ((200, 1200), (429, 31), (503, 4)):
-        UsageHourly.objects.create(tenant=acme, api_id=api.pk, timestamp=hour, status_code=status, request_count=count)
+        UsageHourlyTotal.objects.create(
+            tenant=acme, dimension="tenant", value="", timestamp=hour, status_code=status, request_count=count
+        )
 
 
 def test_the_admin_home_at_1280_and_390_px(platform: None, live_env: dict[str, str], tmp_path: Path) -> None:
