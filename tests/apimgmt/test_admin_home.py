@@ -101,3 +101,24 @@ def test_the_portals_landing_page_lists_only_the_visitors_portals(
     client.force_login(staff)
     page = client.get("/portal/").content.decode()
     assert 'href="/portal/acme/"' in page and 'href="/portal/globex/"' in page
+
+
+def test_the_home_page_costs_the_same_queries_for_many_tenants(
+    client: Client, staff: User, platform: dict[str, Any]
+) -> None:
+    client.force_login(staff)
+    client.get("/admin/")  # warm: content types, session
+
+    def count() -> int:
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        with CaptureQueriesContext(connection) as queries:
+            assert client.get("/admin/").status_code == 200
+        return len(queries)
+
+    few = count()
+    for i in range(8):
+        tenant = services.tenant_create(id=f"t{i}", name=f"T{i}", actor=None)
+        _hour(tenant, 1, 200, i + 1)
+    assert count() == few
