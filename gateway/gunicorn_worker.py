@@ -50,6 +50,8 @@ _HEADER_LINE = re.compile(rb"([!#$%&'*+.^`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e](
 _NOT_SIMPLE = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING", "EXPECT", "UPGRADE", "HTTP2-SETTINGS", "TE", "TRAILER"})
 _UNLIMITED = 1 << 20
 READ_SIZE = 65536
+# This process's worker (set when it starts serving).
+running_worker: GatewayWorker | None = None
 
 
 class _EmptyInput:
@@ -235,6 +237,11 @@ class GatewayWorker(GeventWorker):
             and hooks_default
             and not os.environ.get("SCRIPT_NAME")
         )
+
+    def init_process(self) -> None:
+        global running_worker
+        running_worker = self  # gateway.websocket closes its connections (1001) once this worker stops being alive
+        super().init_process()
 
     def handle_exit(self, sig: Any, frame: Any) -> None:
         """SIGTERM: stop as gunicorn does; open WebSocket connections are closed with 1001 (gateway.websocket)."""

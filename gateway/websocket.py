@@ -22,6 +22,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any
@@ -96,6 +97,12 @@ _NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 # Set by gateway.gunicorn_worker when the worker is told to stop (SIGTERM): every connection gets 1001.
 _shutting_down = False
+
+
+def _worker_alive() -> bool:
+    """False once the gunicorn worker is on its way out (max_requests reached, or told to stop)."""
+    worker = getattr(sys.modules.get("gateway.gunicorn_worker"), "running_worker", None)
+    return worker is None or bool(worker.alive)
 
 
 def begin_shutdown() -> None:
@@ -543,10 +550,10 @@ class Registry:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        if _shutting_down:
+        if _shutting_down or not _worker_alive():
             for session in list(self.sessions):
                 if session.closing_since == 0.0:
-                    session.close(GOING_AWAY, "The gateway is restarting; reconnect.")
+                    session.close_soon(GOING_AWAY, "The gateway is restarting; reconnect.")
         routes = self.gateway.routes
         if routes.seen_version is not None and routes.seen_version != routes.version:
             routes.current()  # the poller saw a change; with no request arriving, nothing else would load it
@@ -561,7 +568,7 @@ class Registry:
                 if now - session.closing_since > CLOSE_WAIT_SECONDS:
                     session.abort()
             elif now - session.last_activity > session.route.spec.websocket_idle_timeout:
-                session.close(
+                session.close_soon(
                     POLICY_VIOLATION,
                     f"Idle for more than {session.route.spec.websocket_idle_timeout:g} s.",
                 )
@@ -578,9 +585,9 @@ class Registry:
         for session in list(self.sessions):
             route = routes.get(session.route.api_id)
             if route is None:
-                session.close(POLICY_VIOLATION, "The API was retired.")
+                session.close_soon(POLICY_VIOLATION, "The API was retired.")
             elif not route.spec.websocket:
-                session.close(POLICY_VIOLATION, "WebSocket was turned off for this API.")
+                session.close_soon(POLICY_VIOLATION, "WebSocket was turned off for this API.")
             else:
                 session.route = route
                 self.recheck.add(session.key_hash)  # its subscription may have changed with the API
@@ -600,11 +607,11 @@ class Registry:
             for session in list(sessions):
                 route = routes.get(session.route.api_id)
                 if route is None:
-                    session.close(POLICY_VIOLATION, "The API was retired.")
+                    session.close_soon(POLICY_VIOLATION, "The API was retired.")
                     continue
                 failure = auth.check_access(record, route, time.time())
                 if failure is not None:
-                    session.close(POLICY_VIOLATION, "The key no longer allows this API.")
+                    session.close_soon(POLICY_VIOLATION, "The key no longer allows this API.")
 
 
 _registries: dict[int, Registry] = {}
@@ -771,8 +778,15 @@ class Session:
     def _send_upstream(self, event: Event) -> None:
         _send(self.upstream, self.upstream_sock, self.upstream_lock, event)
 
+    def close_soon(self, code: int, reason: str) -> None:
+        """close() in a greenlet of its own: the housekeeper never waits for a client that does not read."""
+        if not self.closing_since:
+            self._closing()
+            gevent.spawn(self.close, code, reason)
+
     def close(self, code: int, reason: str) -> None:
         """The gateway ends the connection: ``code`` and ``reason`` to the client, 1001 to the upstream."""
+        self._closing()  # first: a send that blocks on a client that does not read is cut after CLOSE_WAIT_SECONDS
         self._send_client(CloseConnection(code, reason))
         self._send_upstream(CloseConnection(GOING_AWAY, "The gateway closed the client's connection."))
         self._closing()

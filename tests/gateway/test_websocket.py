@@ -483,3 +483,26 @@ def test_a_connection_is_billed_as_one_request_with_its_message_bytes_each_way(
             break
         time.sleep(0.2)
     assert totals[:4] == [1, 0, 130, 130]  # one request (the handshake), no error, the bytes each way
+
+
+def test_a_worker_retiring_after_max_requests_closes_its_connections_with_1001(
+    live_env, tmp_path, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    env = {
+        **live_env,
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "p"),
+        "GUNICORN_MAX_REQUESTS": "40",
+        "GUNICORN_MAX_REQUESTS_JITTER": "0",
+    }
+    with gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as http_url:
+        url = http_url.replace("http://", "ws://") + "/api/users/v1/echo"
+        _wait_routable(url, key)
+        ws = _connect(url, key)
+        for _ in range(45):  # plain requests until the worker has served its 40
+            requests.get(http_url + "/api/users/v1/echo", headers={"X-API-Key": key}, timeout=10)
+        code, reason, _ = _closed_with(ws, timeout=10)
+    assert code == 1001
+    assert "restarting" in reason
