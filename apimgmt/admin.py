@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import get_fields_from_path
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -30,6 +31,7 @@ from apimgmt.models import (
     ApiToken,
     AuditEvent,
     Consumer,
+    Event,
     Plan,
     Policy,
     Subscription,
@@ -37,6 +39,8 @@ from apimgmt.models import (
     TenantMembership,
     UpstreamTarget,
     UsageRecord,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 from apimgmt.validation import validate_policy_config, validate_timezone
 
@@ -68,7 +72,14 @@ def _report(request: HttpRequest, done: int, verb: str, errors: list[str]) -> No
 
 
 def _secret_page(
-    request: HttpRequest, *, title: str, noun: str, back_url: str, back_label: str, secrets: list[dict[str, str]]
+    request: HttpRequest,
+    *,
+    title: str,
+    noun: str,
+    back_url: str,
+    back_label: str,
+    secrets: list[dict[str, str]],
+    storage_note: str = "",
 ) -> TemplateResponse:
     """Show freshly created secrets on the response page itself: never in a message, cookie or session."""
     response = TemplateResponse(
@@ -81,6 +92,7 @@ def _secret_page(
             "back_url": back_url,
             "back_label": back_label,
             "secrets": secrets,
+            "storage_note": storage_note,
         },
     )
     response["Cache-Control"] = "no-store"
@@ -585,12 +597,27 @@ class PolicyAdmin(ServiceDeleteAdmin):
 
 @admin.register(Plan)
 class PlanAdmin(ServiceDeleteAdmin):
-    list_display = ["name", "tenant", "approval", "policy_list", "subscriber_count"]
-    list_filter = ["approval", "tenant"]
+    list_display = ["name", "tenant", "approval", "policy_list", "subscriber_count", "archived_at"]
+    list_filter = ["approval", "tenant", ("archived_at", admin.EmptyFieldListFilter)]
     search_fields = ["id", "name", "tenant__id"]
     list_select_related = ["tenant"]
     filter_horizontal = ["policies"]
-    readonly_fields = ["id", "created_at", "updated_at"]
+    readonly_fields = ["id", "archived_at", "created_at", "updated_at"]
+    actions = ["archive_plans", "unarchive_plans"]
+
+    @admin.action(description="Archive selected plans (no new subscriptions; existing ones keep them)")
+    def archive_plans(self, request: HttpRequest, queryset: QuerySet[Plan]) -> None:
+        rows = list(queryset.filter(archived_at__isnull=True))
+        for plan in rows:
+            services.plan_archive(plan=plan, actor=request.user)
+        _report(request, len(rows), "Archived", [])
+
+    @admin.action(description="Take selected plans out of the archive")
+    def unarchive_plans(self, request: HttpRequest, queryset: QuerySet[Plan]) -> None:
+        rows = list(queryset.filter(archived_at__isnull=False))
+        for plan in rows:
+            services.plan_unarchive(plan=plan, actor=request.user)
+        _report(request, len(rows), "Unarchived", [])
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
         return (
@@ -1340,3 +1367,282 @@ class ApiTokenAdmin(NotFoundAdmin):
             tokens.api_token_revoke(token=token, actor=request.user)
             done += 1
         _report(request, done, "Revoked", [])
+
+
+# ---------------------------------------------------------------------------
+# Events out: webhook endpoints, their delivery log, the event outbox, plan changes (apimgmt/webhooks.py)
+# ---------------------------------------------------------------------------
+
+
+def _event_type_choices() -> list[tuple[str, str]]:
+    from apimgmt import events
+
+    return [(name, f"{name} — {meaning}") for name, meaning in events.CATALOGUE.items()]
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    event_types = forms.MultipleChoiceField(
+        choices=_event_type_choices,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every event type.",
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["tenant", "url", "description", "event_types"]
+
+    def clean(self) -> dict[str, Any]:
+        from apimgmt import webhooks
+
+        data = super().clean() or {}
+        if data.get("url"):
+            try:
+                data["url"] = webhooks.validate_webhook_url(data["url"])
+            except ValidationError as exc:
+                _errors_to_form(self, exc)
+        return data
+
+
+class WebhookEndpointAdmin(ServiceDeleteAdmin):
+    """A tenant's webhook receivers: the signing secret is shown once (on add and on rotation), never again."""
+
+    form = WebhookEndpointForm
+    list_display = ["url", "tenant", "status", "event_type_list", "failing_since", "created_at"]
+    list_filter = ["status", "tenant"]
+    search_fields = ["id", "url", "description", "tenant__id"]
+    list_select_related = ["tenant"]
+    readonly_fields = [
+        "id",
+        "status",
+        "disabled_reason",
+        "previous_secret_expires_at",
+        "failing_since",
+        "created_at",
+        "updated_at",
+    ]
+    actions = ["rotate_secrets", "enable_endpoints", "disable_endpoints"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: WebhookEndpoint | None = None) -> list[str]:
+        return [*self.readonly_fields, "tenant"] if obj else self.readonly_fields
+
+    @admin.display(description="event types")
+    def event_type_list(self, obj: WebhookEndpoint) -> str:
+        return ", ".join(obj.event_types) or "every type"
+
+    def delete_refusal(self, obj: WebhookEndpoint) -> str | None:
+        return None
+
+    def delete_through_service(self, request: HttpRequest, obj: WebhookEndpoint) -> None:
+        from apimgmt import webhooks
+
+        webhooks.webhook_endpoint_delete(endpoint=obj, actor=request.user)
+
+    def save_model(self, request: HttpRequest, obj: WebhookEndpoint, form: forms.ModelForm, change: bool) -> None:
+        from apimgmt import webhooks
+
+        data = form.cleaned_data
+        if change:
+            webhooks.webhook_endpoint_update(
+                endpoint=obj,
+                actor=request.user,
+                url=data["url"],
+                description=data["description"],
+                event_types=list(data["event_types"]),
+            )
+            return
+        created, secret = webhooks.webhook_endpoint_create(
+            tenant=data["tenant"],
+            url=data["url"],
+            description=data["description"],
+            event_types=data["event_types"],
+            actor=request.user,
+        )
+        obj.pk = created.pk
+        obj._state.adding = False
+        request._new_webhook_secrets = [(created, secret)]  # type: ignore[attr-defined]
+
+    def response_add(
+        self, request: HttpRequest, obj: WebhookEndpoint, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        created = getattr(request, "_new_webhook_secrets", None)
+        if not created:
+            return super().response_add(request, obj, post_url_continue)
+        return self._secret_page(request, created, "New webhook endpoint")
+
+    @staticmethod
+    def _secret_page(request: HttpRequest, created: list[tuple[WebhookEndpoint, str]], title: str) -> TemplateResponse:
+        return _secret_page(
+            request,
+            title=title,
+            noun="the signing secret",
+            back_url=reverse("admin:apimgmt_webhookendpoint_changelist"),
+            back_label="Webhook endpoints",
+            secrets=[
+                {
+                    "owner": endpoint.tenant_id,
+                    "name": endpoint.url,
+                    "id": endpoint.pk,
+                    "url": reverse("admin:apimgmt_webhookendpoint_change", args=[endpoint.pk]),
+                    "secret": secret,
+                }
+                for endpoint, secret in created
+            ],
+            storage_note="It is kept only to sign requests and is never displayed again.",
+        )
+
+    @admin.action(description="Rotate signing secrets (the old ones keep signing for a day)")
+    def rotate_secrets(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> TemplateResponse:
+        from apimgmt import webhooks
+
+        created = [webhooks.webhook_endpoint_rotate_secret(endpoint=e, actor=request.user) for e in queryset]
+        return self._secret_page(request, created, "New webhook signing secrets")
+
+    @admin.action(description="Enable selected endpoints")
+    def enable_endpoints(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        from apimgmt import webhooks
+
+        rows = list(queryset.exclude(status=WebhookEndpoint.Status.ACTIVE))
+        for endpoint in rows:
+            webhooks.webhook_endpoint_enable(endpoint=endpoint, actor=request.user)
+        _report(request, len(rows), "Enabled", [])
+
+    @admin.action(description="Disable selected endpoints")
+    def disable_endpoints(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        from apimgmt import webhooks
+
+        rows = list(queryset.exclude(status=WebhookEndpoint.Status.DISABLED))
+        for endpoint in rows:
+            webhooks.webhook_endpoint_disable(endpoint=endpoint, actor=request.user)
+        _report(request, len(rows), "Disabled", [])
+
+
+admin.site.register(WebhookEndpoint, WebhookEndpointAdmin)
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """The delivery log: what was sent where, the answer, the latency and the attempts; any delivery replays."""
+
+    tenant_path = "endpoint__tenant"
+    list_display = [
+        "created_at",
+        "endpoint",
+        "event_type",
+        "status",
+        "attempts",
+        "response_code",
+        "latency_ms",
+        "last_attempt_at",
+        "next_attempt_at",
+    ]
+    list_filter = ["status", "endpoint__tenant"]
+    search_fields = ["event__id", "event__event_type", "endpoint__url", "endpoint__id"]
+    list_select_related = ["endpoint", "event"]
+    readonly_fields = [
+        "endpoint",
+        "event",
+        "status",
+        "attempts",
+        "response_code",
+        "latency_ms",
+        "last_error",
+        "next_attempt_at",
+        "last_attempt_at",
+        "completed_at",
+        "created_at",
+        "replay_of",
+        "payload",
+    ]
+    actions = ["replay_deliveries"]
+    show_full_result_count = False
+
+    @admin.display(description="event type", ordering="event__event_type")
+    def event_type(self, obj: WebhookDelivery) -> str:
+        return obj.event.event_type
+
+    @admin.display(description="data")
+    def payload(self, obj: WebhookDelivery) -> str:
+        import json
+
+        return json.dumps(obj.event.data, indent=2, sort_keys=True)
+
+    @admin.action(description="Replay selected deliveries (same event, same webhook-id)")
+    def replay_deliveries(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        from apimgmt import webhooks
+
+        done, errors = 0, []
+        for delivery in queryset.select_related("endpoint"):
+            try:
+                webhooks.webhook_delivery_replay(delivery=delivery, actor=request.user)
+                done += 1
+            except ValidationError as exc:
+                errors.append(f"{delivery.pk}: {_messages_of(exc)}")
+        _report(request, done, "Replayed", errors)
+
+
+@admin.register(Event)
+class EventAdmin(ReadOnlyAdmin):
+    """The outbox: every event, written with the change that caused it; delivery is in the delivery log."""
+
+    list_display = ["occurred_at", "tenant", "event_type", "id", "dispatched_at"]
+    list_filter = ["event_type", "tenant"]
+    search_fields = ["id", "event_type", "tenant__id"]
+    readonly_fields = ["id", "tenant", "event_type", "data", "occurred_at", "dispatched_at"]
+    show_full_result_count = False
+
+
+class ChangePlanForm(forms.Form):
+    plan = forms.ModelChoiceField(queryset=Plan.objects.none(), help_text="Archived plans are not offered.")
+    effective = forms.ChoiceField(
+        choices=[
+            ("now", "Now (quota already used in this window carries over)"),
+            ("next_period", "At the start of the next quota window (the tenant's time zone)"),
+        ],
+        initial="now",
+        widget=forms.RadioSelect,
+    )
+
+
+def change_subscription_plans(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Subscription]
+) -> HttpResponse | None:
+    """Admin action: an intermediate page choosing the plan and when, then the same service as the API."""
+    tenants = set(queryset.values_list("api__tenant_id", flat=True))
+    if len(tenants) != 1:
+        messages.error(request, "Choose subscriptions of one tenant: plans belong to a tenant.")
+        return None
+    plans = Plan.objects.filter(tenant_id__in=tenants, archived_at__isnull=True)
+    form = ChangePlanForm(request.POST if "apply" in request.POST else None)
+    form.fields["plan"].queryset = plans  # type: ignore[attr-defined]
+    if form.is_bound and form.is_valid():
+        done, errors = 0, []
+        for subscription in queryset:
+            try:
+                services.subscription_change_plan(
+                    subscription=subscription,
+                    plan=form.cleaned_data["plan"],
+                    effective=form.cleaned_data["effective"],
+                    actor=request.user,
+                )
+                done += 1
+            except ValidationError as exc:
+                errors.append(f"{subscription.pk}: {_messages_of(exc)}")
+        _report(request, done, "Moved" if form.cleaned_data["effective"] == "now" else "Scheduled", errors)
+        return None
+    return TemplateResponse(
+        request,
+        "admin/apimgmt/change_plan.html",
+        {
+            **admin.site.each_context(request),
+            "title": "Change plan",
+            "form": form,
+            "subscriptions": queryset,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "opts": Subscription._meta,
+        },
+    )
+
+
+change_subscription_plans.short_description = "Change plan of selected subscriptions…"  # type: ignore[attr-defined]
+SubscriptionAdmin.actions = [*SubscriptionAdmin.actions, change_subscription_plans]

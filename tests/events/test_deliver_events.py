@@ -1,0 +1,123 @@
+"""``manage.py deliver_events`` as real processes: --follow delivers, serves its metrics and stops on SIGTERM;
+key.expiring is sent exactly once per threshold across two processes; a receiver that hangs never slows the admin."""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from apimgmt import events, services, webhooks
+from apimgmt.models import Consumer, Event, WebhookDelivery
+from tests.events.conftest import deliver_events
+from tests.gateway.upstreams import raw_upstream, stall
+from tests.support.servers import free_port, wait_for_port
+from tests.support.webhook_receiver import verify
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_follow_delivers_serves_metrics_and_stops_on_sigterm(live_env, acme, alice, bob_app, receiver):
+    endpoint, secret = webhooks.webhook_endpoint_create(tenant=acme, url=receiver.url, actor=alice)
+    port = free_port()
+    with deliver_events(live_env, "--follow", "--metrics-port", str(port), "--pause-ms", "100") as proc:
+        wait_for_port(port, timeout=30)
+        services.consumer_block(consumer=bob_app, actor=alice)
+        _wait(lambda: len(receiver.received) == 1)
+        assert verify(secret, receiver.received[0].headers, receiver.received[0].body)
+        _wait(lambda: WebhookDelivery.objects.filter(status="succeeded").exists())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'apimgmt_webhook_delivery_attempts_total{outcome="succeeded"} 1.0' in text
+        assert "apimgmt_webhook_events_dispatched_total 1.0" in text
+        last = next(line for line in text.splitlines() if line.startswith("apimgmt_webhook_deliverer_last_success"))
+        assert abs(float(last.split()[-1]) - time.time()) < 30
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert WebhookDelivery.objects.get(endpoint=endpoint).attempts == 1
+
+
+def test_key_expiring_is_sent_exactly_once_per_threshold_across_two_delivery_processes(
+    live_env, acme, alice, bob_app, receiver
+):
+    webhooks.webhook_endpoint_create(tenant=acme, url=receiver.url, actor=alice, event_types=["key.expiring"])
+    now = timezone.now()
+    in_three_days, _ = services.api_key_create(consumer=bob_app, actor=alice, expires_at=now + timedelta(days=3))
+    in_twelve_hours, _ = services.api_key_create(consumer=bob_app, actor=alice, expires_at=now + timedelta(hours=12))
+    services.api_key_create(consumer=bob_app, actor=alice, expires_at=now + timedelta(days=30))  # not yet
+    for _round in range(3):  # two processes at once, three times: each scans and delivers
+        with deliver_events(live_env) as first, deliver_events(live_env) as second:
+            assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    notices = sorted((r.payload["data"]["key_id"], r.payload["data"]["threshold"]) for r in receiver.received)
+    assert notices == sorted([(in_three_days.pk, "7d"), (in_twelve_hours.pk, "1d")])
+    # A day later the first key crosses the 1-day threshold: one more notice, once, however often it is scanned.
+    later = now + timedelta(days=2, hours=1)
+    results: list[int] = []
+    scans = [threading.Thread(target=lambda: results.append(events.key_expiring_notices(now=later))) for _ in range(2)]
+    for t in scans:
+        t.start()
+    for t in scans:
+        t.join()
+    assert events.key_expiring_notices(now=later) == 0
+    labels = sorted(Event.objects.filter(event_type="key.expiring").values_list("data__key_id", "data__threshold"))
+    assert labels == sorted([(in_three_days.pk, "7d"), (in_three_days.pk, "1d"), (in_twelve_hours.pk, "1d")])
+
+
+def test_a_rotated_or_revoked_key_gets_no_expiry_notice(acme, alice, bob_app):
+    soon = timezone.now() + timedelta(days=2)
+    rotated, _ = services.api_key_create(consumer=bob_app, actor=alice, expires_at=soon)
+    services.api_key_rotate(key=rotated, actor=alice, overlap_seconds=3600)
+    revoked, _ = services.api_key_create(consumer=bob_app, actor=alice, expires_at=soon)
+    services.api_key_revoke(key=revoked, actor=alice)
+    assert events.key_expiring_notices() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hanging_receiver_does_not_delay_an_admin_save(live_env, acme, alice, staff):
+    consumers = [services.consumer_create(tenant=acme, name=f"app-{n}", actor=alice) for n in range(12)]
+    extra = services.consumer_create(tenant=acme, name="first", actor=alice)
+    client = Client()
+    client.force_login(staff)
+
+    def save_times() -> list[float]:
+        times = []
+        for consumer in consumers:
+            status = Consumer.Status.BLOCKED if consumer.status == Consumer.Status.ACTIVE else Consumer.Status.ACTIVE
+            action = "block_consumers" if status == Consumer.Status.BLOCKED else "unblock_consumers"
+            started = time.perf_counter()
+            r = client.post(
+                "/admin/apimgmt/consumer/", {"action": action, "_selected_action": [consumer.pk]}, follow=False
+            )
+            times.append(time.perf_counter() - started)
+            assert r.status_code == 302
+            consumer.status = status
+        return times
+
+    save_times()  # warm up
+    baseline = statistics.median(save_times())
+    with raw_upstream(stall) as url:
+        webhooks.webhook_endpoint_create(tenant=acme, url=url + "/hook", actor=alice)
+        with deliver_events(live_env, "--follow", "--pause-ms", "50"):
+            services.consumer_block(consumer=extra, actor=alice)
+            # Claimed (leased) and never answered: the deliverer is stuck on the receiver, which says nothing for 30 s.
+            _wait(
+                lambda: WebhookDelivery.objects.filter(
+                    attempts=0, next_attempt_at__gt=timezone.now() + timedelta(seconds=60)
+                ).exists()
+            )
+            hanging = save_times()
+            assert WebhookDelivery.objects.filter(attempts__gt=0).count() == 0  # still hanging throughout
+    assert statistics.median(hanging) - baseline < 0.050, (baseline, hanging)
+    assert max(hanging) < 1.0  # not one save waited for the receiver (WEBHOOK_TIMEOUT_SECONDS=30 in the deliverer)
+    assert Event.objects.filter(event_type__in=["consumer.blocked", "consumer.unblocked"]).count() == 37
