@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from apimgmt import services
-from apimgmt.invalidation import read_config_version
+from apimgmt.invalidation import EVICTIONS_STREAM, read_config_version
 from apimgmt.models import Api, AuditEvent, Plan, Policy, Tenant
 from tests.config.conftest import snapshot
 
@@ -315,3 +318,74 @@ def test_unknown_tenant_and_unreadable_file_are_errors(acme: Tenant, run_config:
     assert run_config("export", "--tenant", "nope") == (1, "", "No tenant 'nope'.\n")
     code, _out, err = run_config("diff", "--tenant", "acme", "-f", str(tmp_path / "missing.yaml"))
     assert code == 1 and "missing.yaml: cannot read" in err
+
+
+@pytest.mark.django_db(transaction=True)
+def test_blocking_many_consumers_evicts_their_keys_in_one_message(
+    acme: Tenant, redis_client: Any, run_config: Run, tmp_path: Path
+) -> None:
+    hashes = []
+    for name in ("a", "b", "c"):
+        consumer = services.consumer_create(tenant=acme, name=name, actor=None)
+        hashes.append(services.api_key_create(consumer=consumer, actor=None)[0].key_hash)
+    length = redis_client.xlen(EVICTIONS_STREAM)
+    path = tmp_path / "acme.yaml"
+    path.write_text(
+        "format: apimgmt/config/v1\nconsumers:\n"
+        + "".join(f"- {{name: {name}, status: blocked}}\n" for name in ("a", "b", "c"))
+    )
+
+    assert run_config("apply", "--tenant", "acme", "-f", str(path))[0] == 2
+
+    assert redis_client.xlen(EVICTIONS_STREAM) == length + 1
+    ((_id, fields),) = redis_client.xrevrange(EVICTIONS_STREAM, count=1)
+    assert sorted(fields[b"keys"].decode().split(",")) == sorted(hashes)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_apply_waits_for_an_admin_edit_in_progress_then_refuses_the_stale_plan(
+    world: dict[str, Any], run_config: Run, tmp_path: Path
+) -> None:
+    from django.db import connection, transaction
+
+    from apimgmt import config_doc
+
+    acme = Tenant.objects.get(pk="acme")
+    path = tmp_path / "acme.yaml"
+    run_config("export", "--tenant", "acme", "-o", str(path))
+    document = config_doc.read_document(path.read_text(), str(path), {})
+    fingerprint = config_doc.plan_for(acme, document, source=str(path)).fingerprint
+    locked, go = threading.Event(), threading.Event()
+
+    def admin_edit() -> None:
+        try:
+            with transaction.atomic():
+                api = Api.objects.select_for_update().get(tenant="acme", api_name="beta")
+                locked.set()
+                go.wait(10)
+                services.api_update(api=api, description="edited in the admin", actor=None)
+        finally:
+            connection.close()
+
+    def apply() -> Any:
+        try:
+            return config_doc.apply_document(
+                tenant=acme, document=document, source=str(path), actor=None, expected_fingerprint=fingerprint
+            )
+        except config_doc.StalePlan as exc:
+            return exc
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        editing = pool.submit(admin_edit)
+        assert locked.wait(10)
+        applying = pool.submit(apply)
+        time.sleep(0.5)
+        assert not applying.done()  # waiting for the row the admin holds
+        go.set()
+        editing.result(10)
+        outcome = applying.result(10)
+
+    assert isinstance(outcome, config_doc.StalePlan)
+    assert Api.objects.get(tenant="acme", api_name="beta").description == "edited in the admin"
