@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from apimgmt.models import Event
+from tests.api.conftest import client_for  # noqa: F401  (a fixture these tests use too)
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,13 +7,12 @@ import pytest
 
 from apimgmt import services, webhooks
 from apimgmt.models import AuditEvent, WebhookDelivery, WebhookEndpoint
-from tests.api.conftest import client_for  # noqa: F401  (fixture)
 from tests.support.webhook_receiver import verify
 
 V1 = "/mgmt/v1"
 
 
-def test_create_shows_the_secret_once_and_never_again(alice, client_for, receiver):  # noqa: F811
+def test_create_shows_the_secret_once_and_never_again(alice, client_for, receiver):
     c = client_for(alice)
     r = c.post(
         f"{V1}/webhooks/",
@@ -30,7 +29,7 @@ def test_create_shows_the_secret_once_and_never_again(alice, client_for, receive
     assert body["secret"] not in str(AuditEvent.objects.values_list("changes", flat=True))
 
 
-def test_rotating_the_secret_returns_the_new_one_and_the_overlap(alice, client_for, receiver):  # noqa: F811
+def test_rotating_the_secret_returns_the_new_one_and_the_overlap(alice, client_for, receiver):
     c = client_for(alice)
     created = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": receiver.url}, format="json").json()
     r = c.post(f"{V1}/webhooks/{created['id']}/rotate-secret/", {"overlap_seconds": 600}, format="json")
@@ -40,7 +39,7 @@ def test_rotating_the_secret_returns_the_new_one_and_the_overlap(alice, client_f
     assert bad.status_code == 400 and "overlap_seconds" in bad.json()["errors"]
 
 
-def test_bad_urls_and_event_types_are_400s_naming_the_field(alice, client_for, settings):  # noqa: F811
+def test_bad_urls_and_event_types_are_400s_naming_the_field(alice, client_for, settings):
     settings.WEBHOOK_ALLOW_PRIVATE = False
     c = client_for(alice)
     r = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": "http://127.0.0.1:9/x"}, format="json")
@@ -55,7 +54,7 @@ def test_bad_urls_and_event_types_are_400s_naming_the_field(alice, client_for, s
     assert not WebhookEndpoint.objects.exists()
 
 
-def test_patch_changes_url_and_filter_through_the_same_checks(alice, client_for, receiver, settings):  # noqa: F811
+def test_patch_changes_url_and_filter_through_the_same_checks(alice, client_for, receiver, settings):
     c = client_for(alice)
     created = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": receiver.url}, format="json").json()
     r = c.patch(f"{V1}/webhooks/{created['id']}/", {"event_types": ["consumer.blocked"]}, format="json")
@@ -67,7 +66,7 @@ def test_patch_changes_url_and_filter_through_the_same_checks(alice, client_for,
 
 
 @pytest.mark.parametrize("who", ["bob", "vera"])
-def test_developers_and_viewers_cannot_manage_webhooks(who, request, alice, client_for, receiver):  # noqa: F811
+def test_developers_and_viewers_cannot_manage_webhooks(who, request, alice, client_for, receiver):
     endpoint, _ = webhooks.webhook_endpoint_create(tenant=alice.memberships.get().tenant, url=receiver.url, actor=alice)
     user = request.getfixturevalue(who)
     c = client_for(user)
@@ -82,7 +81,7 @@ def test_developers_and_viewers_cannot_manage_webhooks(who, request, alice, clie
     assert WebhookEndpoint.objects.get().status == "active"
 
 
-def test_delivery_log_and_replay_through_the_api(alice, bob_app, client_for, receiver):  # noqa: F811
+def test_delivery_log_and_replay_through_the_api(alice, bob_app, client_for, receiver):
     c = client_for(alice)
     created = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": receiver.url}, format="json").json()
     services.consumer_block(consumer=bob_app, actor=alice)
@@ -103,7 +102,7 @@ def test_delivery_log_and_replay_through_the_api(alice, bob_app, client_for, rec
     assert WebhookDelivery.objects.filter(status="succeeded").count() == 2
 
 
-def test_a_disabled_endpoint_is_enabled_again_and_replay_waits_for_it(alice, bob_app, client_for, receiver):  # noqa: F811
+def test_a_disabled_endpoint_is_enabled_again_and_replay_waits_for_it(alice, bob_app, client_for, receiver):
     c = client_for(alice)
     created = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": receiver.url}, format="json").json()
     services.consumer_block(consumer=bob_app, actor=alice)
@@ -116,7 +115,7 @@ def test_a_disabled_endpoint_is_enabled_again_and_replay_waits_for_it(alice, bob
     assert r.json()["status"] == "active" and r.json()["failing_since"] is None
 
 
-def test_delete_removes_the_endpoint_and_its_log(alice, client_for, receiver):  # noqa: F811
+def test_delete_removes_the_endpoint_and_its_log(alice, client_for, receiver):
     c = client_for(alice)
     created = c.post(f"{V1}/webhooks/", {"tenant_id": "acme", "url": receiver.url}, format="json").json()
     assert c.delete(f"{V1}/webhooks/{created['id']}/").status_code == 204

@@ -1,0 +1,212 @@
+"""Plan changes without re-keying: now (quota used this window carries over, on the gateway's own counters) or at
+the next quota window in the tenant's zone; audited, subscription.plan_changed emitted; archived plans take no new
+subscriptions; a plan nobody is on any more can be deleted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from apimgmt import services
+from apimgmt.models import AuditEvent, Event, Plan, Subscription
+from apimgmt.redis_client import get_redis
+from gateway.wsgi import reset_gateway
+from tests.gateway.conftest import InProcessGateway, publish
+from tests.gateway.upstreams import Recorder, recording_upstream
+
+V1 = "/mgmt/v1"
+
+
+@pytest.fixture
+def upstream() -> Iterator[Recorder]:
+    with recording_upstream() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def gateway(settings: Any, tmp_path: Any) -> Iterator[InProcessGateway]:
+    settings.GATEWAY = {**settings.GATEWAY, "USAGE_SPOOL_DIR": str(tmp_path / "spool")}
+    gw = InProcessGateway()
+    yield gw
+    reset_gateway()
+
+
+@pytest.fixture
+def plans(acme, alice) -> tuple[Plan, Plan]:
+    """acme's "small" plan (5 requests a day) and "big" plan (8 a day), each counted per consumer."""
+    small_quota = services.policy_create(
+        tenant=acme, name="five", policy_type="quota", config={"requests_per_day": 5}, actor=alice
+    )
+    big_quota = services.policy_create(
+        tenant=acme, name="eight", policy_type="quota", config={"requests_per_day": 8}, actor=alice
+    )
+    small = services.plan_create(tenant=acme, name="small", policies=[small_quota], actor=alice)
+    big = services.plan_create(tenant=acme, name="big", policies=[big_quota], actor=alice)
+    return small, big
+
+
+@pytest.fixture
+def on_small(acme, bob_app, plans, upstream, django_capture_on_commit_callbacks) -> Subscription:
+    small, big = plans
+    api = publish(acme, upstream.url, plans=[small, big])
+    with django_capture_on_commit_callbacks(execute=True):
+        return services.subscription_request(consumer=bob_app, api=api, plan=small, actor=None)
+
+
+def _statuses(gateway: InProcessGateway, key: str, n: int) -> list[int]:
+    return [gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status for _ in range(n)]
+
+
+def test_change_now_keeps_the_key_and_the_quota_already_used_today(
+    gateway,
+    on_small,
+    plans,
+    bob_key,
+    alice,
+    client_for,
+    django_capture_on_commit_callbacks,
+):
+    small, big = plans
+    _key, plaintext = bob_key
+    assert _statuses(gateway, plaintext, 4) == [200] * 4  # 4 of small's 5
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client_for(alice).post(
+            f"{V1}/subscriptions/{on_small.pk}/change-plan/", {"plan_id": big.pk, "effective": "now"}, format="json"
+        )
+    assert r.status_code == 200, r.content
+    assert r.json()["plan_id"] == big.pk and r.json()["pending_plan_id"] is None
+    time.sleep(1.2)  # every gateway worker follows a key-level change within a second
+    # The same key, on big's 8: the 4 already used today count, so 4 more and then 429.
+    assert _statuses(gateway, plaintext, 6) == [200] * 4 + [429] * 2
+    day_keys = [k for k in get_redis().scan_iter("rate_limit:{acme}:*") if b":day@" in k or ":day@" in str(k)]
+    by_policy = {big.policies.get().pk: 8, small.policies.get().pk: 4}
+    for name in day_keys:
+        policy_id = (name.decode() if isinstance(name, bytes) else name).split(":")[2]
+        assert int(get_redis().get(name)) == by_policy[policy_id]
+    event = Event.objects.get(event_type="subscription.plan_changed")
+    assert event.data["previous_plan_id"] == small.pk and event.data["plan_id"] == big.pk
+    assert event.data["effective"] == "now"
+    audit = AuditEvent.objects.get(action="subscription.change_plan", object_id=on_small.pk)
+    assert audit.changes == {"plan_id": [small.pk, big.pk], "effective": "now"}
+
+
+def test_switching_back_and_forth_in_one_window_never_forgets_traffic(
+    gateway, on_small, plans, bob_key, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    _key, plaintext = bob_key
+    assert _statuses(gateway, plaintext, 3) == [200] * 3
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+    time.sleep(1.2)
+    assert _statuses(gateway, plaintext, 2) == [200] * 2  # 5 of big's 8 used
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=small, actor=None)
+    time.sleep(1.2)
+    assert _statuses(gateway, plaintext, 1) == [429]  # 5 used: small's 5 are gone
+
+
+def test_change_at_the_next_period_waits_for_the_tenants_next_quota_window(acme, on_small, plans, alice, client_for):
+    services.tenant_update(tenant=acme, timezone="Europe/Berlin", actor=None)
+    small, big = plans
+    r = client_for(alice).post(
+        f"{V1}/subscriptions/{on_small.pk}/change-plan/",
+        {"plan_id": big.pk, "effective": "next_period"},
+        format="json",
+    )
+    assert r.status_code == 200, r.content
+    body = r.json()
+    assert body["plan_id"] == small.pk and body["pending_plan_id"] == big.pk
+    local_now = timezone.now().astimezone(ZoneInfo("Europe/Berlin"))
+    tomorrow = datetime.combine(local_now.date() + timedelta(days=1), datetime.min.time(), ZoneInfo("Europe/Berlin"))
+    switch = Subscription.objects.get(pk=on_small.pk).plan_change_at
+    assert switch == tomorrow
+    assert not Event.objects.filter(event_type="subscription.plan_changed").exists()
+    assert services.subscription_apply_due_plan_changes(now=tomorrow - timedelta(seconds=1)) == 0
+    assert services.subscription_apply_due_plan_changes(now=tomorrow) == 1
+    assert services.subscription_apply_due_plan_changes(now=tomorrow + timedelta(hours=1)) == 0  # once
+    on_small.refresh_from_db()
+    assert (on_small.plan_id, on_small.pending_plan_id, on_small.plan_change_at) == (big.pk, None, None)
+    event = Event.objects.get(event_type="subscription.plan_changed")
+    assert event.data["effective"] == "next_period"
+    assert datetime.fromisoformat(event.data["effective_at"]) == tomorrow
+
+
+def test_a_monthly_quota_moves_the_change_to_the_first_of_next_month(acme, plans, alice):
+    monthly = services.policy_create(
+        tenant=acme, name="monthly", policy_type="quota", config={"requests_per_month": 1000}, actor=alice
+    )
+    plan = services.plan_create(tenant=acme, name="monthly", policies=[monthly], actor=alice)
+    now = datetime(2026, 1, 31, 23, 30, tzinfo=ZoneInfo("UTC"))
+    assert services.plan_change_boundary(plan=plan, tz_name="Asia/Tokyo", now=now) == datetime(
+        2026, 2, 1, tzinfo=ZoneInfo("Asia/Tokyo")
+    ).astimezone(ZoneInfo("UTC")).replace(month=2, day=28, hour=15)
+    assert services.plan_change_boundary(plan=None, tz_name="UTC", now=now) == datetime(
+        2026, 2, 1, tzinfo=ZoneInfo("UTC")
+    )
+
+
+def test_bad_changes_are_400s_naming_the_field(on_small, plans, acme, alice, client_for, globex, carol):
+    small, big = plans
+    c = client_for(alice)
+    url = f"{V1}/subscriptions/{on_small.pk}/change-plan/"
+    r = c.post(url, {"plan_id": small.pk}, format="json")
+    assert r.status_code == 400 and "already on plan 'small'" in r.json()["errors"]["plan_id"][0]
+    r = c.post(url, {"plan_id": big.pk, "effective": "tomorrow"}, format="json")
+    assert r.status_code == 400 and "effective" in r.json()["errors"]
+    foreign = services.plan_create(tenant=globex, name="theirs", actor=carol)
+    r = c.post(url, {"plan_id": foreign.pk}, format="json")
+    assert r.status_code == 400 and "Unknown plan" in r.json()["errors"]["plan_id"][0]
+    unoffered = services.plan_create(tenant=acme, name="unoffered", actor=alice)
+    r = c.post(url, {"plan_id": unoffered.pk}, format="json")
+    assert r.status_code == 400 and "not offered" in r.json()["errors"]["plan_id"][0]
+    assert Subscription.objects.get(pk=on_small.pk).plan_id == small.pk
+
+
+def test_a_developer_cannot_move_their_own_subscription(on_small, plans, bob, client_for):
+    r = client_for(bob).post(f"{V1}/subscriptions/{on_small.pk}/change-plan/", {"plan_id": plans[1].pk}, format="json")
+    assert r.status_code == 403
+
+
+def test_an_archived_plan_keeps_its_subscribers_takes_no_new_ones_and_goes_once_unused(
+    acme,
+    on_small,
+    plans,
+    bob,
+    alice,
+    client_for,
+):
+    small, big = plans
+    c = client_for(alice)
+    r = c.post(f"{V1}/plans/{small.pk}/archive/", {}, format="json")
+    assert r.status_code == 200 and r.json()["archived_at"]
+    assert Subscription.objects.get(pk=on_small.pk).status == "active"  # untouched
+    other = services.consumer_create(tenant=acme, name="other", owner=bob, actor=bob)
+    small.refresh_from_db()
+    with pytest.raises(ValidationError, match="archived and takes no new subscriptions"):
+        services.subscription_request(consumer=other, api=on_small.api, plan=small, actor=bob)
+    # Still on it: deleting is refused, saying how to free it.
+    r = c.delete(f"{V1}/plans/{small.pk}/")
+    assert r.status_code == 409 and "change-plan" in r.json()["detail"]
+    services.subscription_change_plan(subscription=on_small, plan=big, actor=alice)
+    with pytest.raises(ValidationError, match="archived"):
+        services.subscription_change_plan(subscription=on_small, plan=small, actor=alice)
+    assert c.delete(f"{V1}/plans/{small.pk}/").status_code == 204
+    assert not Plan.objects.filter(pk=small.pk).exists()
+
+
+def test_a_plan_that_subscriptions_are_scheduled_to_move_to_cannot_be_deleted(on_small, plans, alice):
+    _small, big = plans
+    services.subscription_change_plan(subscription=on_small, plan=big, effective="next_period", actor=alice)
+    reason = services.plan_delete_refusal(big)
+    assert reason is not None and "1 scheduled to move to it" in reason
+    services.subscription_cancel(subscription=on_small, actor=alice)  # a cancelled subscription moves nowhere
+    assert services.plan_delete_refusal(big) is None
+    assert Subscription.objects.get(pk=on_small.pk).pending_plan_id is None
