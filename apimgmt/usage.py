@@ -44,6 +44,15 @@ COPY_TOKEN_RETENTION = timedelta(days=2)
 # Keys' last_used_at is written at most this often (it is a hint for humans, not an audit trail).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 TENANT_CACHE_SECONDS = 60.0
+# The previous release's per-request stream, still written by old gateways during a rolling upgrade.
+LEGACY_STREAM = "usage:events"
+LEGACY_BATCH = 5000
+# Delete counted entries; the stream itself once it is empty (old gateways recreate it if they still write).
+LEGACY_DELETE_SCRIPT = """
+redis.call('XDEL', KEYS[1], unpack(ARGV))
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 
 _ROWS_PER_STATEMENT = 1000
 _ARRAY_ROWS_PER_STATEMENT = 20_000
@@ -208,10 +217,11 @@ class UsageFlusher:
     before_commit: Callable[[], None] | None = None
     after_commit: Callable[[], None] | None = None
     _zones: dict[str, zoneinfo.ZoneInfo] = field(default_factory=dict)
-    _zones_at: float = 0.0
+    _zones_at: float = -TENANT_CACHE_SECONDS
     _key_touched: dict[str, datetime] = field(default_factory=dict)
     _claim_script: Any = None
     _release_script: Any = None
+    _legacy_script: Any = None
 
     # -- a round ---------------------------------------------------------------------------------------------------
 
@@ -221,6 +231,8 @@ class UsageFlusher:
     def flush_once(self, *, closed_only: bool = True) -> FlushStats:
         """One pass over every tenant: copy each one's minutes that are ready (all of them with closed_only=False)."""
         total = FlushStats()
+        if self.client.exists(LEGACY_STREAM):
+            total.add(self.drain_legacy_stream())
         tenants = self.tenants()
         random.shuffle(tenants)  # several flushers start on different tenants
         for tenant in tenants:
@@ -235,6 +247,7 @@ class UsageFlusher:
         """Copy everything there is now, the minute in progress too (its later requests are copied later)."""
         self.ensure_partitions()
         total = self.flush_once(closed_only=False)
+        total.add(self.drain_legacy_stream())
         self.forget_copy_tokens()
         return total
 
@@ -252,6 +265,56 @@ class UsageFlusher:
             self.after_commit()
         self._release(tenant, claims)
         return stats
+
+    def drain_legacy_stream(self) -> FlushStats:
+        """Count the per-request events gateways of the previous release appended to ``usage:events``, once.
+
+        During a rolling upgrade the old gateways still write that stream. Each batch of entries is stored in one
+        transaction with a copy token naming its first and last entry (read again after a crash: the same entries
+        from the stream's head, the same token, skipped), then deleted from the stream.
+        """
+        total = FlushStats()
+        while True:
+            entries = self.client.xrange(LEGACY_STREAM, count=LEGACY_BATCH)
+            if not entries:
+                return total
+            ids = [_text(entry_id) for entry_id, _fields in entries]
+            stats = FlushStats()
+            minutes: Totals = {}
+            zones: dict[str, zoneinfo.ZoneInfo] = {}
+            for _entry_id, fields in entries:
+                event = _legacy_event(fields or {})
+                zone = self._zone(event[0][0]) if event else None
+                if event is None or zone is None:
+                    stats.dropped += 1
+                    continue
+                row, values = event
+                zones[row[0]] = zone
+                _add(minutes, row, values)
+                stats.requests += 1
+            self.ensure_partitions(row[4] for row in minutes)
+            connection = connections[self.using]
+            with transaction.atomic(using=self.using), connection.cursor() as cursor:
+                now_value = connection.ops.adapt_datetimefield_value(datetime.now(tz=UTC))
+                cursor.execute(
+                    "INSERT INTO am_usage_copies (token, tenant_id, minute, copied_at) VALUES (%s, '', %s, %s) "
+                    "ON CONFLICT (token) DO NOTHING RETURNING token",
+                    [f"legacy:{ids[0]}:{ids[-1]}", now_value, now_value],
+                )
+                if cursor.fetchone() is None:
+                    stats = FlushStats(skipped=1)
+                else:
+                    self._store(cursor, minutes, zones)
+                    stats.buckets = len(minutes)
+                if self.before_commit is not None:
+                    self.before_commit()
+            if self.after_commit is not None:
+                self.after_commit()
+            if self._legacy_script is None or self._legacy_script.registered_client is not self.client:
+                self._legacy_script = self.client.register_script(LEGACY_DELETE_SCRIPT)
+            self._legacy_script(keys=[LEGACY_STREAM], args=ids)
+            total.add(stats)
+            logger.info("usage events of the previous release counted", extra=stats.as_dict())
 
     # -- Redis -------------------------------------------------------------------------------------------------------
 
@@ -296,8 +359,9 @@ class UsageFlusher:
     # -- PostgreSQL ------------------------------------------------------------------------------------------------
 
     def _zone(self, tenant: str) -> zoneinfo.ZoneInfo | None:
-        """The tenant's time zone (None: the tenant no longer exists)."""
-        if time.monotonic() - self._zones_at > TENANT_CACHE_SECONDS or tenant not in self._zones:
+        """The tenant's time zone (None: the tenant no longer exists). Reloaded every minute, and on a miss."""
+        age = time.monotonic() - self._zones_at
+        if age > TENANT_CACHE_SECONDS or (tenant not in self._zones and age > 1.0):
             self._zones = {}
             for tenant_id, name in Tenant.objects.using(self.using).values_list("id", "timezone"):
                 try:
@@ -321,8 +385,6 @@ class UsageFlusher:
         with transaction.atomic(using=self.using), connection.cursor() as cursor:
             fresh = self._record_tokens(cursor, tenant, [claim for claim, _ in contents])
             minutes: Totals = {}
-            hours: Totals = {}
-            days: Totals = {}
             used: dict[str, datetime] = {}
             for claim, fields in contents:
                 if claim.token not in fresh:
@@ -330,7 +392,6 @@ class UsageFlusher:
                     continue
                 stats.minutes += 1
                 start = datetime.fromtimestamp(claim.minute, tz=UTC)
-                hour, day = hour_and_day(start, zone)
                 for raw_field, raw_value in fields.items():
                     try:
                         dimension = contract.Dimension.parse(_text(raw_field))
@@ -343,20 +404,28 @@ class UsageFlusher:
                         values[i] /= 1000.0
                     d = dimension
                     _add(minutes, (tenant, d.api, d.consumer, d.key, start, d.status), values)
-                    _add(hours, (tenant, d.api, d.consumer, d.key, hour, d.status), values)
-                    _add(days, (tenant, d.api, d.consumer, d.key, day, d.status), values)
                     stats.requests += numbers[0]
                     if d.key and start > used.get(d.key, start - timedelta(1)):
                         used[d.key] = start
             stats.buckets = len(minutes)
-            for table, totals in zip(TABLES, (minutes, hours, days), strict=True):
-                upsert_totals(cursor, table, totals, using=self.using)
-            for table, totals in zip(TOTAL_TABLES, (hours, days), strict=True):
-                upsert_totals(cursor, table, dimension_totals(totals), using=self.using)
+            self._store(cursor, minutes, {tenant: zone})
             self._touch_keys(used)
             if self.before_commit is not None:
                 self.before_commit()
         return stats
+
+    def _store(self, cursor: Any, minutes: Totals, zones: dict[str, zoneinfo.ZoneInfo]) -> None:
+        """Add minute rows to am_usage_records, their hours and days to the rollups, and those to the totals."""
+        hours: Totals = {}
+        days: Totals = {}
+        for (tenant, api, consumer, key, start, status), values in minutes.items():
+            hour, day = hour_and_day(start, zones[tenant])
+            _add(hours, (tenant, api, consumer, key, hour, status), values)
+            _add(days, (tenant, api, consumer, key, day, status), values)
+        for table, totals in zip(TABLES, (minutes, hours, days), strict=True):
+            upsert_totals(cursor, table, totals, using=self.using)
+        for table, totals in zip(TOTAL_TABLES, (hours, days), strict=True):
+            upsert_totals(cursor, table, dimension_totals(totals), using=self.using)
 
     def _record_tokens(self, cursor: Any, tenant: str, claims: Sequence[Claim]) -> set[str]:
         """Insert the claims' tokens; the ones returned were not copied before (so they are copied now)."""
@@ -446,6 +515,32 @@ class UsageFlusher:
             pipe.zcard(contract.dirty_key(tenant))
             pipe.zcard(contract.claims_key(tenant))
         return int(sum(pipe.execute())) if tenants else 0
+
+
+def _legacy_event(fields: dict[Any, Any]) -> tuple[Row, list[float]] | None:
+    """A ``usage:events`` entry of the previous release as a minute row and its numbers (None: not countable)."""
+    data = {_text(k): _text(v) for k, v in fields.items()}
+    try:
+        ts = float(data["ts"])
+        status = int(data["status"])
+        latency = float(data.get("latency_ms") or 0)
+        upstream = float(data.get("upstream_ms") or 0)
+        values = [1.0, 1.0 if status >= 500 else 0.0, float(int(float(data.get("bytes_in") or 0)))]
+        values += [float(int(float(data.get("bytes_out") or 0))), latency, latency, upstream]
+        row: Row = (
+            data["tenant"],
+            data.get("api", ""),
+            data.get("consumer", ""),
+            data.get("key", ""),
+            datetime.fromtimestamp(contract.minute_of(ts), tz=UTC),
+            status,
+        )
+    except (KeyError, ValueError, OverflowError, OSError):
+        return None
+    lengths = dict(zip(("tenant", "api", "consumer", "key"), row[:4], strict=True))
+    if not row[0] or not 100 <= status <= 599 or any(len(v) > contract.MAX_LENGTHS[k] for k, v in lengths.items()):
+        return None
+    return row, values
 
 
 def _requests(fields: dict[Any, Any]) -> int:

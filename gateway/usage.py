@@ -310,8 +310,46 @@ class UsageRecorder:
                 self._write_spool()  # now ours: the file of the dead worker may go
             claimed.unlink(missing_ok=True)
             adopted += 1
+        adopted += self._adopt_previous_release_spools()
         if adopted:
             self.flush()
+        return adopted
+
+    def _adopt_previous_release_spools(self) -> int:
+        """Spool files of the previous release (``usage-<pid>.jsonl``, one JSON event per line): counted in here."""
+        adopted = 0
+        for path in sorted(self.spool_dir.glob("usage-*.jsonl")):
+            if _owner_alive(path):
+                continue
+            claimed = path.with_name(f"{path.name}.adopted-{os.getpid()}")
+            try:
+                os.rename(path, claimed)
+                lines = claimed.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                    upstream = event.get("upstream_ms") or ""
+                    self.record(
+                        str(event["tenant"]),
+                        str(event.get("api", "")),
+                        str(event.get("consumer", "")),
+                        str(event.get("key", "")),
+                        int(event["status"]),
+                        int(float(event.get("bytes_in") or 0)),
+                        int(float(event.get("bytes_out") or 0)),
+                        float(event.get("latency_ms") or 0) / 1000,
+                        float(upstream) / 1000 if upstream else None,
+                        float(event["ts"]),
+                    )
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a torn last line from a crash
+            with self.flush_lock:
+                self._absorb()
+                self._write_spool()  # now ours: the old file may go
+            claimed.unlink(missing_ok=True)
+            adopted += 1
         return adopted
 
 

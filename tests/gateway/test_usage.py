@@ -127,6 +127,36 @@ def test_spool_of_a_dead_worker_is_adopted_at_start_up(redis_client, tmp_path):
     assert list(spool.iterdir()) == []
 
 
+def test_spool_of_a_dead_worker_of_the_previous_release_is_counted(redis_client, tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    minute = contract.minute_of(time.time())
+    dead_pid = 2**22 + 12346
+    events = [
+        {
+            "rid": f"r{i}",
+            "ts": f"{minute + i:.3f}",
+            "tenant": "acme",
+            "api": "api_x",
+            "consumer": "con_a",
+            "key": "key_a",
+            "method": "GET",
+            "status": "200",
+            "bytes_in": "0",
+            "bytes_out": "1",
+            "latency_ms": "1.000",
+            "upstream_ms": "",
+        }
+        for i in range(3)
+    ]
+    (spool / f"usage-{dead_pid}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"torn')
+
+    assert UsageRecorder(str(spool)).adopt_dead_spools() == 1
+
+    assert _stored(redis_client, minute) == 3
+    assert list(spool.iterdir()) == []
+
+
 def test_access_log_line_has_the_request_facts_and_never_the_key(gateway, users_api, key, caplog):
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         gateway.get("/api/users/v1/x?secret=1", headers={"X-API-Key": key, "X-Request-ID": "log-req-00001"})

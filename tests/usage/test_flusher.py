@@ -400,3 +400,52 @@ def test_flush_usage_drops_partitions_beyond_usage_retention_days(
 
     assert "am_usage_records_p202302" in capsys.readouterr().out
     assert stored_total() == 1
+
+
+# -- upgrading from the per-request stream ----------------------------------------------------------------------------
+
+
+def _previous_release_event(i: int, ts: float) -> dict[str, str]:
+    """An entry as gateways of the previous release appended it to usage:events."""
+    return {
+        "rid": f"rid-{i}",
+        "ts": f"{ts:.3f}",
+        "tenant": "acme",
+        "api": ("api_users", "api_orders")[i % 2],
+        "consumer": "con_bob",
+        "key": "key_bob",
+        "method": "GET",
+        "status": ("200", "502")[i % 5 == 0],
+        "bytes_in": "10",
+        "bytes_out": "100",
+        "latency_ms": "12.500",
+        "upstream_ms": "5.000",
+    }
+
+
+def test_events_of_the_previous_release_are_counted_once_during_a_rolling_upgrade(
+    flusher: UsageFlusher, redis_client: redis.Redis
+) -> None:
+    now = time.time()
+    for i in range(30):
+        redis_client.xadd("usage:events", _previous_release_event(i, now - 120))
+    redis_client.xadd("usage:events", {"ts": "not-a-number", "tenant": "acme", "status": "200"})
+    emit(redis_client, mixed_events(12))  # new gateways meanwhile
+
+    def die() -> None:
+        raise SystemExit("killed between commit and trim")
+
+    flusher.after_commit = die
+    with pytest.raises(SystemExit):
+        flusher.drain_legacy_stream()
+    assert stored_total() == 30 and redis_client.xlen("usage:events") == 31
+    flusher.after_commit = None
+
+    stats = flusher.drain()
+
+    assert stats.skipped == 1, "the batch committed before the crash is recognised"
+    assert stored_total() == 42
+    assert redis_client.exists("usage:events") == 0
+    fives = UsageRecord.objects.filter(status_code=502).aggregate(n=Sum("request_count"), e=Sum("error_count"))
+    assert fives == {"n": 6 + 2, "e": 6 + 2}, "six old events and two new requests answered 502"
+    assert UsageHourlyTotal.objects.filter(dimension="tenant").aggregate(n=Sum("request_count"))["n"] == 42

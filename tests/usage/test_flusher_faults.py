@@ -238,7 +238,10 @@ def test_redis_restarted_empty_the_flusher_goes_on(
 
 def test_follow_stops_cleanly_on_sigterm(flusher_env: dict[str, str], tmp_path: Path) -> None:
     proc = _follow(flusher_env, tmp_path)
-    time.sleep(2)
+    log_file = tmp_path / "flusher.log"
+    # Its handlers are in place once it says so (start-up takes seconds on a loaded machine).
+    assert wait_until(lambda: log_file.exists() and "usage flusher started" in log_file.read_text(), 30)
+    time.sleep(0.5)
     started = time.monotonic()
     assert _stop(proc) == 0
     assert time.monotonic() - started < 3
