@@ -122,3 +122,14 @@ def test_the_home_page_costs_the_same_queries_for_many_tenants(
         tenant = services.tenant_create(id=f"t{i}", name=f"T{i}", actor=None)
         _hour(tenant, 1, 200, i + 1)
     assert count() == few
+
+
+def test_a_tenant_without_traffic_says_so_instead_of_an_empty_chart(
+    client: Client, staff: User, acme: Tenant, globex: Tenant
+) -> None:
+    client.force_login(staff)
+    _hour(acme, 1, 200, 3)
+    quiet = client.get("/admin/apimgmt/tenant/globex/usage/").content.decode()
+    assert "No traffic yet." in quiet and "usage-chart" not in quiet
+    busy = client.get("/admin/apimgmt/tenant/acme/usage/").content.decode()
+    assert "No traffic yet." not in busy and "usage-chart" in busy
