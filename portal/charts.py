@@ -24,15 +24,20 @@ SERIES = (
 )
 
 
-def nice_ceiling(value: int) -> int:
-    """The smallest 1, 2 or 5 times a power of ten at or above value, so axis ticks are round numbers."""
-    if value <= 4:
-        return 4
-    exponent = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
-        if step * exponent >= value:
-            return step * exponent
-    return 10 * exponent
+MAX_TICKS = 5  # intervals on the y axis, at most
+
+
+def axis_ticks(peak: int) -> list[int]:
+    """Evenly spaced whole-number ticks from 0 to at least ``peak``: a step of 1, 2 or 5 times a power of ten,
+    at most MAX_TICKS intervals (5 → 0 1 2 3 4 5; 37 → 0 10 20 30 40; never 0 1 2 4 5)."""
+    peak = max(peak, 1)
+    step = 1
+    while True:
+        for factor in (1, 2, 5):
+            if math.ceil(peak / (step * factor)) <= MAX_TICKS:
+                top = step * factor * math.ceil(peak / (step * factor))
+                return list(range(0, top + 1, step * factor))
+        step *= 10
 
 
 def bucket_label(series: Series, index: int) -> str:
@@ -44,7 +49,8 @@ def usage_chart(series: Series, *, title: str) -> SafeString:
     """Grouped bars per bucket: requests, errors and 429s."""
     count = len(series.buckets)
     peak = max((max(b.requests, b.errors, b.rate_limited) for b in series.buckets), default=0)
-    top = nice_ceiling(peak)
+    ticks = axis_ticks(peak)
+    top = ticks[-1]
     plot_w = WIDTH - PAD_LEFT - PAD_RIGHT
     plot_h = HEIGHT - PAD_TOP - PAD_BOTTOM
     slot = plot_w / max(count, 1)
@@ -59,8 +65,7 @@ def usage_chart(series: Series, *, title: str) -> SafeString:
         f'<title id="chart-{series.interval}-t">{escape(title)}: {series.total_requests} requests, '
         f"{series.total_errors} errors, {series.total_rate_limited} rate limited</title>",
     ]
-    for fraction in (0, 0.25, 0.5, 0.75, 1):
-        value = round(top * fraction)
+    for value in ticks:
         gy = y(value)
         parts.append(f'<line class="grid" x1="{PAD_LEFT}" x2="{WIDTH - PAD_RIGHT}" y1="{gy:.1f}" y2="{gy:.1f}"/>')
         parts.append(f'<text class="axis" x="{PAD_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end">{value}</text>')
