@@ -1,6 +1,6 @@
 #!/bin/sh
 # Container entry point: create the writable directories the app expects, then run the given command.
-# Shortcuts: gateway | control | migrate | flush-usage | echo | demo; anything else runs as given.
+# Shortcuts: gateway | control | migrate | flush-usage | deliver-events | echo | demo; anything else runs as given.
 set -eu
 
 mkdir -p "${PROMETHEUS_MULTIPROC_DIR:-/var/run/apimgmt/prometheus}" "${USAGE_SPOOL_DIR:-/var/lib/apimgmt/spool}"
@@ -23,6 +23,10 @@ case "${1:-}" in
   flush-usage)
     shift
     exec python manage.py flush_usage --follow "$@"
+    ;;
+  deliver-events)
+    shift
+    exec python manage.py deliver_events --follow "$@"
     ;;
   echo)
     shift

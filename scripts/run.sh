@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: migrate, load the demo, start the echo upstream, the app (gateway + control plane) and the usage
-# flusher, print the URLs and credentials; Ctrl-C stops everything.
+# `make run`: migrate, load the demo, start the echo upstream, the app (gateway + control plane), the usage
+# flusher and the event deliverer, print the URLs and credentials; Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -67,6 +67,9 @@ if "$PY" manage.py help flush_usage >/dev/null 2>&1 && [ -n "${REDIS_URL:-}" ]; 
   "$PY" manage.py flush_usage --follow &
   pids+=($!)
 fi
+# Events out: webhooks, key.expiring notices and scheduled plan changes (with or without Redis).
+"$PY" manage.py deliver_events --follow &
+pids+=($!)
 
 "$PY" - "$demo_json" "$HOST" "$PORT" "$ECHO_PORT" <<'PYEOF'
 import json, os, sys

@@ -199,7 +199,22 @@ def test_without_the_flusher_nothing_scrapes_or_serves_its_port() -> None:
     assert not find(docs, "Deployment", f"{FULL}-flusher") and not find(docs, "Service", f"{FULL}-flusher")
     monitor = one(docs, "ServiceMonitor", FULL)
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
-    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["gateway", "control"]
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["gateway", "control", "deliverer"]
+
+
+def test_deliverer_runs_deliver_events_in_follow_mode_with_metrics_liveness_and_webhook_egress(full_docs: Any) -> None:
+    container = _containers(one(full_docs, "Deployment", f"{FULL}-deliverer"))[0]
+    assert container["args"] == ["python", "manage.py", "deliver_events", "--follow", "--metrics-port", "9100"]
+    probe = container["livenessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/metrics", "metrics")
+    assert "readinessProbe" not in container  # nothing routes traffic to it
+    service = one(full_docs, "Service", f"{FULL}-deliverer")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["name"] == "metrics"
+    egress = one(full_docs, "NetworkPolicy", f"{FULL}-deliverer-webhooks")["spec"]["egress"]
+    assert egress == [{}]  # receivers are anywhere unless networkPolicy.webhookEgress says otherwise
+    docs = render({"deliverer": {"enabled": False}})
+    assert not find(docs, "Deployment", f"{FULL}-deliverer") and not find(docs, "Service", f"{FULL}-deliverer")
+    assert not find(docs, "NetworkPolicy", f"{FULL}-deliverer-webhooks")
 
 
 def test_usage_spool_is_an_emptydir_whose_size_limit_comes_from_values() -> None:
@@ -389,7 +404,7 @@ def test_service_monitor_scrapes_gateway_control_and_flusher_as_job_apimgmt(full
     endpoints = {e["port"]: e["path"] for e in monitor["spec"]["endpoints"]}
     assert endpoints == {"metrics": "/metrics"}  # never the HTTP port: it serves no metrics
     expr = monitor["spec"]["selector"]["matchExpressions"][0]
-    assert expr["values"] == ["gateway", "control", "flusher"]
+    assert expr["values"] == ["gateway", "control", "flusher", "deliverer"]
     # The job label comes from a Service label that does not depend on the release name: the shipped
     # ServiceTargetsDown alert selects up{job="apimgmt"}.
     job_label = monitor["spec"]["jobLabel"]
@@ -397,6 +412,7 @@ def test_service_monitor_scrapes_gateway_control_and_flusher_as_job_apimgmt(full
         ("gateway", ["http", "metrics"]),
         ("control", ["http", "metrics"]),
         ("flusher", ["metrics"]),
+        ("deliverer", ["metrics"]),
     ):
         service = one(full_docs, "Service", f"{FULL}-{component}")
         assert _labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])

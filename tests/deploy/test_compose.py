@@ -17,7 +17,7 @@ from tests.deploy.conftest import ROOT
 from tests.support.servers import free_port, wait_for_port
 
 COMPOSE = ROOT / "docker-compose.yml"
-APP_SERVICES = ("control", "gateway", "flusher")
+APP_SERVICES = ("control", "gateway", "flusher", "deliverer")
 SECRET_NAMES = re.compile(r"(SECRET|PASSWORD|PEPPER|TOKEN|DATABASE_URL|REDIS_URL)", re.I)
 
 
@@ -34,6 +34,7 @@ def test_compose_runs_every_part_of_the_product(compose: dict[str, Any]) -> None
         "control",
         "gateway",
         "flusher",
+        "deliverer",
         "nginx",
         "echo",
     }
@@ -47,13 +48,14 @@ def test_redis_is_append_only_because_the_usage_stream_lives_there(compose: dict
 
 def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("postgres", "redis", "control", "gateway", "flusher", "nginx", "echo"):
+    for name in ("postgres", "redis", "control", "gateway", "flusher", "deliverer", "nginx", "echo"):
         check = services[name]["healthcheck"]
         assert not check.get("disable") and check["test"], name
     for name in ("control", "gateway"):
         assert "/ready" in " ".join(services[name]["healthcheck"]["test"])
     # The flusher serves no /health (it is not gunicorn): its check asks its metrics port.
     assert "127.0.0.1:9100/metrics" in " ".join(services["flusher"]["healthcheck"]["test"])
+    assert "127.0.0.1:9100/metrics" in " ".join(services["deliverer"]["healthcheck"]["test"])  # the same, for events
     # The one-shot migration has none on purpose (the image's /health would fail).
     assert services["migrate"]["healthcheck"] == {"disable": True}
     assert services["flusher"]["restart"] == "unless-stopped"

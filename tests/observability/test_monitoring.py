@@ -14,6 +14,7 @@ from django.test import Client
 from prometheus_client import generate_latest
 
 import gateway.metrics  # noqa: F401  (registers the gateway's metrics in this process)
+from apimgmt.management.commands.deliver_events import DelivererMetrics
 from apimgmt.management.commands.flush_usage import FlusherMetrics
 from tests.support.promtool import promtool
 
@@ -29,6 +30,7 @@ def _exposed_metric_names(client: Client) -> set[str]:
     client.get("/health")  # a request through Django's middleware, as any scrape would follow
     # What the metrics listener exports (gunicorn.conf.py sums the workers' copies of this registry) and the flusher's.
     text = generate_latest().decode() + generate_latest(FlusherMetrics().registry).decode()
+    text += generate_latest(DelivererMetrics().registry).decode()  # and the event deliverer's
     names = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
     return {name + suffix for name in names for suffix in _SUFFIXES}
 
