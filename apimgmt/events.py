@@ -3,7 +3,7 @@
 ``emit`` writes one ``Event`` row with the caller's database connection, so it commits or rolls back with the change
 that caused it (the services call it next to their ``AuditEvent``). ``manage.py deliver_events`` reads the rows later
 and sends them (apimgmt/webhooks.py); nothing here does I/O beyond that one INSERT. Every event type is named in
-``CATALOGUE``, and docs/events/<type>.schema.json describes its ``data``.
+``CATALOGUE``, and docs/events/<type>.schema.json describes the body a receiver gets for it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ CATALOGUE: dict[str, str] = {
     "consumer.unblocked": "A blocked consumer was unblocked.",
     "api.deprecated": "An API was deprecated; sunset_at is its announced retirement, when set.",
     "api.retired": "An API was retired: it stopped routing and its open subscriptions were cancelled.",
-    "webhook.test": "A test event sent on request to one endpoint.",
 }
 EVENT_TYPES = tuple(CATALOGUE)
 
