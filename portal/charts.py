@@ -11,8 +11,8 @@ from portal.usage import Series
 
 WIDTH = 720
 HEIGHT = 240
-PAD_LEFT = 48
-PAD_RIGHT = 12
+PAD_LEFT = 84  # room for the y labels at the phone font size (portal.css), e.g. "15000"
+PAD_RIGHT = 28  # half of the newest bucket's label, which is always drawn
 PAD_TOP = 12
 PAD_BOTTOM = 36
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
+from django.utils import timezone
 
 import apimgmt.echo
 from apimgmt import services
-from apimgmt.models import ApiKey, Consumer, Tenant
+from apimgmt.models import ApiKey, Consumer, Tenant, UsageRecord
 from tests.gateway.conftest import InProcessGateway
 from tests.support.browser import app_and_browser, require_chromium, screenshot_dir
 from tests.support.servers import wsgi_server
@@ -125,6 +127,8 @@ def test_at_390_px_keys_subscriptions_and_quotas_are_cards_with_every_control_in
     _five_a_minute(acme, grace, app, echo_url)
     for name in ("production", "staging"):
         services.api_key_create(consumer=app, name=name, actor=grace)
+    minute = timezone.now().replace(second=0, microsecond=0) - timedelta(hours=2)
+    UsageRecord.objects.create(tenant=acme, consumer_id=app.pk, timestamp=minute, status_code=200, request_count=12345)
     shots = screenshot_dir("portal-phone-tables")
     with app_and_browser({**live_env, "USAGE_SPOOL_DIR": str(tmp_path / "spool")}, tmp_path / "gunicorn.log") as (
         base,
@@ -152,6 +156,17 @@ def test_at_390_px_keys_subscriptions_and_quotas_are_cards_with_every_control_in
         page.screenshot(path=str(shots / "app-390.png"), full_page=True)
 
         page.get_by_role("link", name="Usage", exact=True).click()
+        # The chart's axis labels stay readable on a phone (the chart is scaled to the screen's width).
+        heights = page.locator("svg.chart text.axis").evaluate_all(
+            "els => els.map((el) => el.getBoundingClientRect().height)"
+        )
+        assert heights and min(heights) >= 9, heights
+        clipped = page.locator("svg.chart").first.evaluate(
+            """svg => { const box = svg.getBoundingClientRect();
+                return Array.from(svg.querySelectorAll("text.axis")).map((t) => [t.textContent, t.getBoundingClientRect()])
+                  .filter(([, r]) => r.left < box.left - 0.5 || r.right > box.right + 0.5).map(([text]) => text); }"""
+        )
+        assert not clipped, f"axis labels cut off at the chart's edge: {clipped}"
         table = page.get_by_test_id("quota-table")
         playwright_sync.expect(table).to_be_visible()
         in_view(table.locator('td[data-label="Left"]'))
