@@ -7,105 +7,203 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('apimgmt', '0003_usage_partitioned'),
+        ("apimgmt", "0003_usage_partitioned"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='plan',
-            name='archived_at',
-            field=models.DateTimeField(blank=True, editable=False, help_text='Archived: no new subscriptions; existing ones untouched.', null=True),
+            model_name="plan",
+            name="archived_at",
+            field=models.DateTimeField(
+                blank=True,
+                editable=False,
+                help_text="Archived: no new subscriptions; existing ones untouched.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='subscription',
-            name='pending_plan',
-            field=models.ForeignKey(blank=True, editable=False, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='pending_subscriptions', to='apimgmt.plan'),
+            model_name="subscription",
+            name="pending_plan",
+            field=models.ForeignKey(
+                blank=True,
+                editable=False,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="pending_subscriptions",
+                to="apimgmt.plan",
+            ),
         ),
         migrations.AddField(
-            model_name='subscription',
-            name='plan_change_at',
-            field=models.DateTimeField(blank=True, editable=False, null=True, verbose_name='plan change takes effect'),
+            model_name="subscription",
+            name="plan_change_at",
+            field=models.DateTimeField(blank=True, editable=False, null=True, verbose_name="plan change takes effect"),
         ),
         migrations.CreateModel(
-            name='Event',
+            name="Event",
             fields=[
-                ('id', models.CharField(default=apimgmt.ids.new_event_id, editable=False, max_length=32, primary_key=True, serialize=False, verbose_name='ID')),
-                ('event_type', models.CharField(max_length=64)),
-                ('data', models.JSONField(default=dict)),
-                ('occurred_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('dedupe_key', models.CharField(blank=True, editable=False, max_length=200, null=True, unique=True)),
-                ('dispatched_at', models.DateTimeField(blank=True, editable=False, help_text='When deliveries to the matching endpoints were queued.', null=True)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='apimgmt.tenant')),
+                (
+                    "id",
+                    models.CharField(
+                        default=apimgmt.ids.new_event_id,
+                        editable=False,
+                        max_length=32,
+                        primary_key=True,
+                        serialize=False,
+                        verbose_name="ID",
+                    ),
+                ),
+                ("event_type", models.CharField(max_length=64)),
+                ("data", models.JSONField(default=dict)),
+                ("occurred_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("dedupe_key", models.CharField(blank=True, editable=False, max_length=200, null=True, unique=True)),
+                (
+                    "dispatched_at",
+                    models.DateTimeField(
+                        blank=True,
+                        editable=False,
+                        help_text="When deliveries to the matching endpoints were queued.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="apimgmt.tenant"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'event',
-                'db_table': 'am_events',
-                'ordering': ['-occurred_at', '-id'],
+                "verbose_name": "event",
+                "db_table": "am_events",
+                "ordering": ["-occurred_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='WebhookEndpoint',
+            name="WebhookEndpoint",
             fields=[
-                ('id', models.CharField(default=apimgmt.ids.new_webhook_endpoint_id, editable=False, max_length=32, primary_key=True, serialize=False, verbose_name='ID')),
-                ('url', models.CharField(max_length=2000, verbose_name='URL')),
-                ('description', models.CharField(blank=True, default='', max_length=200)),
-                ('event_types', models.JSONField(blank=True, default=list, help_text='Event types sent here; empty: every type.')),
-                ('status', models.CharField(choices=[('active', 'Active'), ('disabled', 'Disabled')], default='active', max_length=16)),
-                ('disabled_reason', models.CharField(blank=True, default='', editable=False, max_length=500)),
-                ('secret', models.CharField(editable=False, max_length=100)),
-                ('previous_secret', models.CharField(blank=True, default='', editable=False, max_length=100)),
-                ('previous_secret_expires_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('failing_since', models.DateTimeField(blank=True, editable=False, help_text='First failed attempt since the last success.', null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='webhook_endpoints', to='apimgmt.tenant')),
+                (
+                    "id",
+                    models.CharField(
+                        default=apimgmt.ids.new_webhook_endpoint_id,
+                        editable=False,
+                        max_length=32,
+                        primary_key=True,
+                        serialize=False,
+                        verbose_name="ID",
+                    ),
+                ),
+                ("url", models.CharField(max_length=2000, verbose_name="URL")),
+                ("description", models.CharField(blank=True, default="", max_length=200)),
+                (
+                    "event_types",
+                    models.JSONField(blank=True, default=list, help_text="Event types sent here; empty: every type."),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("disabled", "Disabled")], default="active", max_length=16
+                    ),
+                ),
+                ("disabled_reason", models.CharField(blank=True, default="", editable=False, max_length=500)),
+                ("secret", models.CharField(editable=False, max_length=100)),
+                ("previous_secret", models.CharField(blank=True, default="", editable=False, max_length=100)),
+                ("previous_secret_expires_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                (
+                    "failing_since",
+                    models.DateTimeField(
+                        blank=True, editable=False, help_text="First failed attempt since the last success.", null=True
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="webhook_endpoints",
+                        to="apimgmt.tenant",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'webhook endpoint',
-                'db_table': 'am_webhook_endpoints',
-                'ordering': ['tenant_id', 'url'],
+                "verbose_name": "webhook endpoint",
+                "db_table": "am_webhook_endpoints",
+                "ordering": ["tenant_id", "url"],
             },
         ),
         migrations.CreateModel(
-            name='WebhookDelivery',
+            name="WebhookDelivery",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('succeeded', 'Succeeded'), ('failed', 'Failed')], default='pending', max_length=16)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('next_attempt_at', models.DateTimeField(blank=True, null=True)),
-                ('last_attempt_at', models.DateTimeField(blank=True, null=True)),
-                ('response_code', models.PositiveSmallIntegerField(blank=True, null=True)),
-                ('latency_ms', models.FloatField(blank=True, null=True, verbose_name='latency (ms)')),
-                ('last_error', models.CharField(blank=True, default='', max_length=500)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('event', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deliveries', to='apimgmt.event')),
-                ('replay_of', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='replays', to='apimgmt.webhookdelivery')),
-                ('endpoint', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deliveries', to='apimgmt.webhookendpoint')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("pending", "Pending"), ("succeeded", "Succeeded"), ("failed", "Failed")],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("next_attempt_at", models.DateTimeField(blank=True, null=True)),
+                ("last_attempt_at", models.DateTimeField(blank=True, null=True)),
+                ("response_code", models.PositiveSmallIntegerField(blank=True, null=True)),
+                ("latency_ms", models.FloatField(blank=True, null=True, verbose_name="latency (ms)")),
+                ("last_error", models.CharField(blank=True, default="", max_length=500)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "event",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="deliveries", to="apimgmt.event"
+                    ),
+                ),
+                (
+                    "replay_of",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="replays",
+                        to="apimgmt.webhookdelivery",
+                    ),
+                ),
+                (
+                    "endpoint",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="deliveries",
+                        to="apimgmt.webhookendpoint",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'webhook delivery',
-                'verbose_name_plural': 'webhook deliveries',
-                'db_table': 'am_webhook_deliveries',
-                'ordering': ['-created_at', '-id'],
+                "verbose_name": "webhook delivery",
+                "verbose_name_plural": "webhook deliveries",
+                "db_table": "am_webhook_deliveries",
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['tenant', '-occurred_at'], name='idx_events_tenant_time'),
+            model_name="event",
+            index=models.Index(fields=["tenant", "-occurred_at"], name="idx_events_tenant_time"),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(condition=models.Q(('dispatched_at__isnull', True)), fields=['occurred_at'], name='idx_events_undispatched'),
+            model_name="event",
+            index=models.Index(
+                condition=models.Q(("dispatched_at__isnull", True)),
+                fields=["occurred_at"],
+                name="idx_events_undispatched",
+            ),
         ),
         migrations.AddIndex(
-            model_name='webhookdelivery',
-            index=models.Index(condition=models.Q(('status', 'pending')), fields=['next_attempt_at'], name='idx_deliveries_due'),
+            model_name="webhookdelivery",
+            index=models.Index(
+                condition=models.Q(("status", "pending")), fields=["next_attempt_at"], name="idx_deliveries_due"
+            ),
         ),
         migrations.AddIndex(
-            model_name='webhookdelivery',
-            index=models.Index(fields=['endpoint', '-created_at'], name='idx_deliveries_endpoint_time'),
+            model_name="webhookdelivery",
+            index=models.Index(fields=["endpoint", "-created_at"], name="idx_deliveries_endpoint_time"),
         ),
     ]
