@@ -112,6 +112,8 @@ WEBHOOK_RETRY_BASE_SECONDS: float = env.float("WEBHOOK_RETRY_BASE_SECONDS", defa
 WEBHOOK_RETRY_MAX_DELAY_SECONDS: float = env.float("WEBHOOK_RETRY_MAX_DELAY_SECONDS", default=3 * 3600.0)
 WEBHOOK_RETRY_WINDOW_SECONDS: float = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default=24 * 3600.0)
 WEBHOOK_DISABLE_AFTER_SECONDS: float = env.float("WEBHOOK_DISABLE_AFTER_SECONDS", default=3 * 86400.0)
+# Events and finished deliveries older than this are deleted by the deliverer (0 keeps everything).
+EVENT_RETENTION_DAYS: int = env.int("EVENT_RETENTION_DAYS", default=30)
 if min(WEBHOOK_TIMEOUT_SECONDS, WEBHOOK_RETRY_BASE_SECONDS, WEBHOOK_RETRY_MAX_DELAY_SECONDS) <= 0:
     raise ImproperlyConfigured("WEBHOOK_TIMEOUT_SECONDS and WEBHOOK_RETRY_*_SECONDS must be positive")
 

@@ -478,6 +478,26 @@ class Deliverer:
         self.pool.shutdown(wait=True)
 
 
+def forget_old(*, now: datetime | None = None) -> tuple[int, int]:
+    """Delete finished deliveries and delivered events older than EVENT_RETENTION_DAYS; return (deliveries, events).
+
+    A delivery still pending, and its event, stay whatever their age (an endpoint disabled for a while resumes).
+    """
+    days = settings.EVENT_RETENTION_DAYS
+    if days <= 0:
+        return 0, 0
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    deliveries, _ = (
+        WebhookDelivery.objects.filter(created_at__lt=cutoff).exclude(status=WebhookDelivery.Status.PENDING).delete()
+    )
+    old_events, _ = (
+        Event.objects.filter(occurred_at__lt=cutoff, dispatched_at__isnull=False)
+        .exclude(deliveries__status=WebhookDelivery.Status.PENDING)
+        .delete()
+    )
+    return deliveries, old_events
+
+
 def pending_backlog() -> int:
     """Deliveries due now or later that have not succeeded or failed yet."""
     return WebhookDelivery.objects.filter(

@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from apimgmt import services, webhooks
-from apimgmt.models import AuditEvent, WebhookDelivery, WebhookEndpoint
+from apimgmt.models import AuditEvent, Event, WebhookDelivery, WebhookEndpoint
 from tests.support.webhook_receiver import Receiver, verify
 
 
@@ -229,3 +229,18 @@ def test_envelope_is_compact_json_with_id_type_timestamp_and_data(acme, alice, b
     assert payload["data"] == {"consumer_id": bob_app.pk, "name": "bob-app", "status": "blocked"}
     assert payload["timestamp"].endswith("Z") and timezone.now().isoformat()[:4] == payload["timestamp"][:4]
     assert receiver.received[0].headers["content-type"] == "application/json"
+
+
+def test_old_events_and_finished_deliveries_are_forgotten_but_pending_ones_stay(acme, alice, bob_app, receiver):
+    webhooks.webhook_endpoint_create(tenant=acme, url=receiver.url, actor=alice)
+    services.consumer_block(consumer=bob_app, actor=alice)
+    services.consumer_unblock(consumer=bob_app, actor=alice)
+    webhooks.dispatch_events()
+    done, waiting = WebhookDelivery.objects.order_by("id")
+    done.status = "succeeded"
+    done.save()
+    later = timezone.now() + timedelta(days=31)
+    assert webhooks.forget_old(now=later) == (1, 1)
+    assert list(WebhookDelivery.objects.values_list("pk", flat=True)) == [waiting.pk]
+    assert list(Event.objects.values_list("pk", flat=True)) == [waiting.event_id]
+    assert webhooks.forget_old(now=timezone.now()) == (0, 0)  # nothing is 30 days old yet

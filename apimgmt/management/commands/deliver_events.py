@@ -15,6 +15,8 @@ from apimgmt.slow_queries import install_slow_query_logging
 
 # How often --follow looks for keys crossing a key.expiring threshold and for plan changes that are due.
 SCAN_EVERY_SECONDS = 30.0
+# How often --follow deletes events and finished deliveries past EVENT_RETENTION_DAYS.
+HOUSEKEEPING_EVERY_SECONDS = 3600.0
 SUMMARY_EVERY_SECONDS = 60.0
 
 
@@ -121,6 +123,7 @@ class Command(BaseCommand):
         webhooks.logger.info("event deliverer started")
         total = webhooks.DeliveryStats()
         last_scan = -SCAN_EVERY_SECONDS
+        last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
         backoff = 0.0
         while not stopping:
@@ -129,6 +132,9 @@ class Command(BaseCommand):
                 if now - last_scan >= SCAN_EVERY_SECONDS:
                     scan()
                     last_scan = now
+                if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
+                    webhooks.forget_old()
+                    last_housekeeping = now
                 # Deliveries in flight are always recorded before a stop.
                 stats = deliverer.run_once()
                 total.add(stats)
