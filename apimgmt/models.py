@@ -264,6 +264,11 @@ class Api(models.Model):
     )
     visibility = models.CharField(max_length=16, choices=Visibility.choices, default=Visibility.PUBLIC)
     openapi_spec = models.JSONField("OpenAPI document", null=True, blank=True)
+    restrict_to_spec = models.BooleanField(
+        "restrict to the OpenAPI document",
+        default=False,
+        help_text="Route only the operations of the OpenAPI document: another path gets 404, another method 405.",
+    )
     subscription_approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
     policies = models.ManyToManyField(Policy, blank=True, related_name="apis", db_table="am_api_policies")
     plans = models.ManyToManyField(

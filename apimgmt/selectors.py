@@ -13,7 +13,8 @@ from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Case, JSONField, QuerySet, Value, When
+from django.db.models.fields.json import KeyTransform
 
 from apimgmt.models import (
     Api,
@@ -107,6 +108,8 @@ class RouteSpec:
     websocket_idle_timeout: float = 300.0
     websocket_max_message_bytes: int = 1_048_576
     stream_timeout: float | None = None
+    # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/config_doc/operations.py).
+    spec_paths: dict[str, Any] | None = None
     policies: list[PolicySpec] = field(default_factory=list)
 
 
@@ -209,6 +212,7 @@ def route_snapshot() -> RouteSnapshot:
             websocket_idle_timeout=websocket_idle_timeout,
             websocket_max_message_bytes=websocket_max_message_bytes,
             stream_timeout=stream_timeout,
+            spec_paths=spec_paths if isinstance(spec_paths, dict) else None,
             policies=by_api.get(api_id, []),
         )
         for (
@@ -236,7 +240,17 @@ def route_snapshot() -> RouteSnapshot:
             websocket_idle_timeout,
             websocket_max_message_bytes,
             stream_timeout,
-        ) in routable.order_by("tenant_id", "api_name").values_list(*_ROUTE_COLUMNS)
+            spec_paths,
+        ) in routable.order_by("tenant_id", "api_name")
+        # Only restricted APIs bring their paths (documents can be large), in the same query.
+        .annotate(
+            spec_paths=Case(
+                When(restrict_to_spec=True, then=KeyTransform("paths", "openapi_spec")),
+                default=Value(None),
+                output_field=JSONField(),
+            )
+        )
+        .values_list(*_ROUTE_COLUMNS, "spec_paths")
     ]
     plan_policies = {
         plan.id: [_policy_spec(p) for p in plan.policies.all()]

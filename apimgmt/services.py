@@ -428,6 +428,7 @@ API_FIELDS = (
     "stream_timeout",
     "visibility",
     "openapi_spec",
+    "restrict_to_spec",
     "subscription_approval",
 )
 
@@ -449,6 +450,8 @@ def api_check(api: Api) -> None:
             errors[field] = exc.messages
     if api.openapi_spec is not None and not isinstance(api.openapi_spec, dict):
         errors["openapi_spec"] = ["openapi_spec must be a JSON object (an OpenAPI document)."]
+    elif api.restrict_to_spec and not (api.openapi_spec or {}).get("paths"):
+        errors["restrict_to_spec"] = ["restrict_to_spec needs an OpenAPI document with paths (openapi_spec)."]
     if errors:
         raise ValidationError(errors)
     if api.total_timeout < api.connect_timeout:

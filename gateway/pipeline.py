@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from apimgmt import client_address
+from apimgmt.config_doc.operations import ALLOWED, NO_PATH, Match
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
@@ -193,6 +194,11 @@ class Gateway:
         done.route = route
         client_ip = self._client_ip(environ)
         client_ip_var.set(client_ip)
+        # An API restricted to its OpenAPI document routes only the operations in it (before any key look-up).
+        if route.operations is not None:
+            operation = route.operations.match(method, path[len(route.spec.base_path) :])
+            if operation.status != ALLOWED:
+                return self._error(done, _not_in_spec(operation, method, request_id))
         # A WebSocket handshake (APIs that allow it): its key may also come in a protocol entry or the query.
         upgrade = route.spec.websocket and "HTTP_UPGRADE" in environ and _websocket().wants_upgrade(environ)
         if upgrade:
@@ -700,6 +706,20 @@ def _dropped_headers(key_header: str, bearer: bool) -> frozenset[str]:
         if len(_DROPPED) < 1024:
             _DROPPED[(key_header, bearer)] = dropped
     return dropped
+
+
+def _not_in_spec(operation: Match, method: str, request_id: str) -> GatewayResponse:
+    """404 for a path the API's OpenAPI document does not have, 405 (with Allow) for a method its path lacks."""
+    if operation.status == NO_PATH:
+        return problem(404, "not-in-spec", "Not found", "This API's OpenAPI document has no such path.", request_id)
+    return problem(
+        405,
+        "method-not-in-spec",
+        "Method not allowed",
+        f"{method} is not an operation of {operation.template} in this API's OpenAPI document.",
+        request_id,
+        headers=[("Allow", ", ".join(sorted(operation.allow)))],
+    )
 
 
 def _strip_query_param(query: str, param: str) -> str:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from apimgmt.config_doc.operations import OperationTable
 from apimgmt.selectors import PolicySpec, RouteSnapshot, RouteSpec
 
 # Escapes of unreserved characters that are safe to decode before matching (RFC 3986 §6.2.2.2);
@@ -47,6 +48,8 @@ class Route:
     policies: list[PolicySpec]
     key_header_environ: str
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
+    # restrict_to_spec: the operations the API's OpenAPI document allows (None: every path and method).
+    operations: OperationTable | None = None
 
     @property
     def api_id(self) -> str:
@@ -136,6 +139,7 @@ def build_route(spec: RouteSpec, plan_policies: dict[str, list[PolicySpec]]) -> 
         policies=list(spec.policies),
         key_header_environ="HTTP_" + spec.key_header.upper().replace("-", "_"),
         extra_headers=extra,
+        operations=OperationTable({"paths": spec.spec_paths}) if spec.spec_paths is not None else None,
     )
 
 

@@ -243,6 +243,9 @@ class ApiImportRequestSerializer(StrictSerializer):
     file = serializers.FileField(required=False, help_text="Or (multipart): the document as a file.")
     base_path = StrictCharField(required=False, max_length=200, help_text="New APIs: default /<title as a slug>.")
     upstream_url = StrictCharField(required=False, max_length=2000, help_text="Default: the spec's first server.")
+    restrict_to_spec = serializers.BooleanField(
+        required=False, help_text="Route only the spec's operations (404/405 for others); default: unchanged."
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         given = [name for name in ("spec", "spec_text", "file") if name in attrs]
@@ -297,6 +300,7 @@ class ApiImportView(RequestContextMixin, APIView):
                 actor=request.user,
                 base_path=data.get("base_path"),
                 upstream_url=data.get("upstream_url"),
+                restrict_to_spec=data.get("restrict_to_spec"),
             )
         except config_doc.ConfigError as exc:
             return problem(

@@ -10,7 +10,8 @@ that is wrong and nothing is created. The mapping:
 - security schemes → where the gateway reads the key: ``apiKey`` in a header → ``key_header``, in the query →
   ``key_query_param``, ``http`` ``bearer`` → ``accept_bearer``; others (OAuth 2, OpenID Connect, basic, cookies) do
   not map and are reported;
-- the document itself → ``openapi_spec``, which the portal shows.
+- the document itself → ``openapi_spec``, which the portal shows; with ``restrict_to_spec`` the gateway routes only
+  its operations (apimgmt/config_doc/operations.py).
 """
 
 from __future__ import annotations
@@ -171,7 +172,12 @@ def _auth_fields(spec: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 
 
 def api_fields_from_spec(
-    spec: dict[str, Any], *, source: str, upstream_url: str | None, base_path: str | None
+    spec: dict[str, Any],
+    *,
+    source: str,
+    upstream_url: str | None,
+    base_path: str | None,
+    restrict_to_spec: bool | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The API's fields as the spec gives them (name, description, upstream, key settings, the spec)."""
     info = spec["info"]
@@ -207,6 +213,8 @@ def api_fields_from_spec(
         )
     if base_path:
         fields["base_path"] = base_path
+    if restrict_to_spec is not None:
+        fields["restrict_to_spec"] = restrict_to_spec
     fields.update(_auth_fields(spec, notes))
     return fields, notes
 
@@ -220,10 +228,13 @@ def import_openapi(
     actor: services.Actor,
     base_path: str | None = None,
     upstream_url: str | None = None,
+    restrict_to_spec: bool | None = None,
 ) -> ImportResult:
     """Create the API the spec describes in the tenant, or update the API of the same name. All or nothing."""
     spec = read_spec(text, source)
-    fields, notes = api_fields_from_spec(spec, source=source, upstream_url=upstream_url, base_path=base_path)
+    fields, notes = api_fields_from_spec(
+        spec, source=source, upstream_url=upstream_url, base_path=base_path, restrict_to_spec=restrict_to_spec
+    )
     existing = Api.objects.select_for_update().filter(tenant=tenant, api_name=fields["api_name"]).order_by("pk")
     matches = list(existing[:2])
     if len(matches) > 1:

@@ -254,3 +254,16 @@ def test_a_broken_spec_over_the_api_is_a_400_keyed_by_json_pointer(
     r = client.post(IMPORT, {"tenant_id": "acme", "spec": spec, "spec_text": "x"}, format="json")
     assert r.status_code == 400 and "once" in r.json()["errors"]["spec"][0]
     assert snapshot("acme") == before
+
+
+def test_restrict_to_spec_is_set_by_the_import_and_left_alone_unless_given(
+    acme: Tenant, run_config: Run, tmp_path: Path
+) -> None:
+    path = _write(tmp_path, large_spec(resources=2))
+    assert run_config("import-openapi", str(path), "--tenant", "acme", "--restrict-to-spec")[0] == 2
+    assert Api.objects.get().restrict_to_spec is True
+    assert run_config("import-openapi", str(path), "--tenant", "acme")[0] == 0
+    assert Api.objects.get().restrict_to_spec is True
+    code, out, _err = run_config("import-openapi", str(path), "--tenant", "acme", "--no-restrict-to-spec")
+    assert code == 2 and out.startswith("Updated API 'Pet Store': restrict_to_spec.")
+    assert Api.objects.get().restrict_to_spec is False

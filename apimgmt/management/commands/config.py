@@ -6,6 +6,7 @@ refused delete, stale plan, unknown tenant); every message names the file, the o
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ class Command(BaseCommand):
         openapi.add_argument("--tenant", required=True)
         openapi.add_argument("--base-path", help="Where the gateway publishes it (new APIs: default /<title slug>).")
         openapi.add_argument("--upstream", help="Upstream URL (default: the spec's first server).")
+        openapi.add_argument(
+            "--restrict-to-spec",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="Route only the spec's operations (404/405 for others); default: new APIs no, existing unchanged.",
+        )
         openapi.add_argument("--actor", help="User name recorded in the audit events (default: system).")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -170,6 +177,7 @@ class Command(BaseCommand):
             actor=self._actor(options),
             base_path=options.get("base_path"),
             upstream_url=options.get("upstream"),
+            restrict_to_spec=options.get("restrict_to_spec"),
         )
         api = result.api
         if result.created:
