@@ -70,8 +70,7 @@ def populate(upstream: str, rebuild: bool) -> dict[str, Any]:
     if not rebuild and cache.exists() and ApiKey.objects.count() >= TENANTS * CONSUMERS_PER_TENANT * KEYS_PER_CONSUMER:
         log("fleet already in the database (use --rebuild to make it again)")
         saved = json.loads(cache.read_text())
-        Api.objects.filter(pk=saved["api_id"]).update(upstream_url=upstream)
-        Api.objects.filter(tenant_id__startswith="t").update(upstream_url=upstream)
+        Api.objects.update(upstream_url=upstream)  # nginx listens on a new port each run
         return saved
     started = time.monotonic()
     with connection.cursor() as cur:

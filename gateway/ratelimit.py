@@ -323,7 +323,9 @@ class PendingCheck:
         finally:
             _connections.put(conn, self.node)
         raw = replies[-1]
-        if isinstance(raw, redis.exceptions.AskError):  # MovedError is an AskError
+        if isinstance(raw, (redis.exceptions.AskError, redis.exceptions.TryAgainError)):  # MOVED is an AskError
+            # The slot is moving (a reshard) or moved (a failover): the cluster client follows MOVED and ASK and
+            # waits out TRYAGAIN (keys of one call caught half-migrated). Only a RedisCluster answers these.
             redis_client.topology_failed(self.client)
             try:
                 raw = self.client.evalsha(SCRIPT_SHA, len(self.keys), *self.keys, *self.args)
@@ -332,7 +334,7 @@ class PendingCheck:
         elif isinstance(raw, redis.exceptions.NoScriptError):
             raw = self.client.eval(SCRIPT, len(self.keys), *self.keys, *self.args)
         elif isinstance(raw, redis.ResponseError):
-            if isinstance(raw, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)):
+            if isinstance(raw, redis.exceptions.ClusterDownError):
                 redis_client.topology_failed(self.client)
             raise raw
         return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]

@@ -205,6 +205,43 @@ def test_cluster_admits_exactly_the_limit_revokes_within_a_second_and_shares_loc
         _portal_lockout_is_shared(base)
 
 
+def test_cluster_slot_of_a_tenant_moved_while_requests_flow_limits_stay_exact(
+    cluster: LocalCluster,
+    live_env: dict[str, str],
+    tmp_path: Path,
+    settings: Any,
+    acme: Tenant,
+    bob_app: Consumer,
+    bob_key: tuple[ApiKey, str],
+) -> None:
+    """A reshard of acme's slot mid-run (keys move one by one: MOVED, ASK and TRYAGAIN all happen): no 500, and the
+    quota still admits exactly its limit."""
+    _point_this_process_at(settings, cluster.url)
+    _, key = bob_key
+    with recording_upstream() as upstream, _serve(live_env, tmp_path, cluster.url) as base:
+        policy = services.policy_create(
+            tenant=acme,
+            name="q",
+            policy_type="quota",
+            config={"requests_per_day": 300},
+            on_store_error="closed",
+            actor=None,
+        )
+        api = publish(acme, upstream.url, policies=[policy])
+        subscribe(bob_app, api)
+        url = base + URL_PATH
+        _until(lambda: _get(url, key).status_code == 200, 10)
+        moved: list[tuple[int, int]] = []
+        mover = threading.Timer(0.5, lambda: moved.append(cluster.migrate_slot_of("rate_limit:{acme}:x", pause=0.02)))
+        mover.start()
+        statuses = _hammer(url, key, threads=8, each=100)
+        mover.join()
+        assert moved and cluster.master_port_of("rate_limit:{acme}:x") == moved[0][1]
+        assert 500 not in statuses and 503 not in statuses, Counter(statuses)  # closed: a store error would be 503
+        assert SENT[200] == 300  # the one warm-up request and 299 of the 800
+        assert len(upstream.seen) == 300
+
+
 def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_promotion(
     cluster: LocalCluster,
     live_env: dict[str, str],

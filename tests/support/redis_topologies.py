@@ -124,6 +124,25 @@ class LocalCluster:
     def kill(self, port: int) -> None:
         self.servers.kill(port)
 
+    def migrate_slot_of(self, key: str, *, pause: float = 0.0) -> tuple[int, int]:
+        """Move ``key``'s slot to another master the way ``redis-cli --cluster reshard`` does (IMPORTING/MIGRATING,
+        MIGRATE key by key with ``pause`` between keys, then SETSLOT NODE everywhere); returns (from, to) ports."""
+        slot = key_slot(key.encode())
+        source = self.master_port_of(key)
+        nodes = {port: redis.Redis(port=port, socket_timeout=5, decode_responses=True) for port in self.servers.procs}
+        masters = [p for p, n in nodes.items() if n.execute_command("ROLE")[0] == "master"]
+        target = next(p for p in masters if p != source)
+        src_id, dst_id = nodes[source].cluster("MYID"), nodes[target].cluster("MYID")
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := nodes[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+            for moving in keys:
+                nodes[source].execute_command("MIGRATE", "127.0.0.1", target, moving, 0, 5000)
+                time.sleep(pause)
+        for port in masters:
+            nodes[port].execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return source, target
+
     def flush(self) -> None:
         """Empty every master (the replicas follow)."""
         for port in self.servers.procs:
