@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -389,3 +390,32 @@ def test_an_apply_waits_for_an_admin_edit_in_progress_then_refuses_the_stale_pla
 
     assert isinstance(outcome, config_doc.StalePlan)
     assert Api.objects.get(tenant="acme", api_name="beta").description == "edited in the admin"
+
+
+def test_two_apis_of_one_name_cannot_be_keyed_and_are_named(acme: Tenant, run_config: Run, tmp_path: Path) -> None:
+    for base_path in ("/a", "/b"):
+        services.api_create(
+            tenant=acme, api_name="twin", base_path=base_path, upstream_url="https://t.example.com", actor=None
+        )
+    code, out, err = run_config("export", "--tenant", "acme")
+    assert (code, out) == (1, "")
+    assert err == "<stdout>: apis[twin]: the tenant has more than one API named 'twin'; rename one first.\n"
+    path = tmp_path / "acme.yaml"
+    path.write_text("format: apimgmt/config/v1\n")
+    assert run_config("diff", "--tenant", "acme", "-f", str(path))[0] == 1
+
+
+def test_diff_as_json_for_machines(world: dict[str, Any], run_config: Run, tmp_path: Path) -> None:
+    path = tmp_path / "acme.yaml"
+    run_config("export", "--tenant", "acme", "-o", str(path))
+    path.write_text(path.read_text().replace("requests_per_minute: 100", "requests_per_minute: 150"))
+
+    code, out, _err = run_config("diff", "--tenant", "acme", "-f", str(path), "--json")
+
+    assert code == 2
+    plan = json.loads(out)
+    assert plan["summary"] == {"create": 0, "update": 1, "delete": 0, "refused": 0}
+    (change,) = plan["changes"]
+    assert (change["kind"], change["name"]) == ("policy", "standard")
+    assert change["fields"]["config"]["old"]["requests_per_minute"] == 100
+    assert change["fields"]["config"]["new"]["requests_per_minute"] == 150
