@@ -16,6 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from apimgmt import selectors, services
+from apimgmt.charts import legend
 from apimgmt.models import Api, ApiKey, Consumer, Subscription, Tenant
 from portal import charts, quota
 from portal.access import Portal, owned_app, page, portal_page
@@ -415,6 +416,7 @@ def usage(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
         "hourly": hourly,
         "daily": daily,
         "hourly_chart": charts.usage_chart(hourly, title=f"Requests per hour, {label}"),
+        "chart_legend": legend(charts.SERIES),
         "daily_chart": charts.usage_chart(daily, title=f"Requests per day, {label}"),
         "quotas": quota.quota_left(app=app, apis=[selected] if selected else list(subscribed_apis)),
     }

@@ -48,7 +48,12 @@ def test_staff_see_a_tenants_last_24_hours(client: Client, staff: User, traffic:
     assert top_apis.index(acme_api.api_name) < top_apis.index("api_other"), "busiest first"
     assert "bob-app" in page.split('class="usage-top-consumers"')[1]
     assert "api_globex" not in page and "4242" not in page, "another tenant's traffic is not shown"
-    assert page.count("<rect ") == 48, "24 hourly bars, each with its error overlay"
+    # One bar per status class and hour with traffic (2xx, 5xx and 429 here), on axes with even ticks.
+    assert page.count("<rect ") == 3
+    assert ": 700 2xx and 3xx</title>" in page and ": 100 5xx</title>" in page
+    assert ": 200 429 Too Many Requests</title>" in page
+    assert [int(t) for t in re.findall(r'text-anchor="end">(\d+)</text>', page)] == [0, 200, 400, 600, 800]
+    assert "Hour (UTC)" in page and 'class="legend-item"' in page
 
 
 def test_a_tenant_without_traffic_gets_an_empty_overview(client: Client, staff: User, acme: Tenant) -> None:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from portal.charts import axis_ticks
+from apimgmt.charts import axis_ticks
 
 
 @pytest.mark.parametrize(

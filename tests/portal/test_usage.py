@@ -47,7 +47,7 @@ def test_usage_shows_requests_errors_and_429s_per_hour_and_day(
     page = bob_client.get(f"/portal/acme/apps/{bob_app.pk}/usage/").content.decode()
     assert 'data-testid="requests-24h">50<' in page
     assert 'data-testid="requests-30d">150<' in page
-    assert "10 errors" in page and "7 rate limited" in page  # the chart's accessible title
+    assert "10 errors" in page and "7 429 too many requests" in page  # the chart's accessible title
     assert page.count("<svg") == 2 and "999" not in page
 
     filtered = bob_client.get(f"/portal/acme/apps/{bob_app.pk}/usage/?api={acme_api.pk}")
