@@ -108,7 +108,7 @@ class RouteSpec:
     websocket_idle_timeout: float = 300.0
     websocket_max_message_bytes: int = 1_048_576
     stream_timeout: float | None = None
-    # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/config_doc/operations.py).
+    # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/spec_operations.py).
     spec_paths: dict[str, Any] | None = None
     policies: list[PolicySpec] = field(default_factory=list)
 

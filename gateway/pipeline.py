@@ -13,10 +13,10 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from apimgmt import client_address
-from apimgmt.config_doc.operations import ALLOWED, NO_PATH, Match
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
+from apimgmt.spec_operations import ALLOWED, NO_PATH, Match
 from apimgmt.validation import RESERVED_SEGMENTS
 from gateway import auth, auth_throttle, metrics, ratelimit, streams
 from gateway.accesslog import AccessLog

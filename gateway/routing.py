@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from apimgmt.config_doc.operations import OperationTable
 from apimgmt.selectors import PolicySpec, RouteSnapshot, RouteSpec
+from apimgmt.spec_operations import OperationTable
 
 # Escapes of unreserved characters that are safe to decode before matching (RFC 3986 §6.2.2.2);
 # "." is unreserved too but is refused instead, so "%2e%2e" can never become a dot segment.

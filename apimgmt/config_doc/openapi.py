@@ -11,7 +11,7 @@ that is wrong and nothing is created. The mapping:
   ``key_query_param``, ``http`` ``bearer`` → ``accept_bearer``; others (OAuth 2, OpenID Connect, basic, cookies) do
   not map and are reported;
 - the document itself → ``openapi_spec``, which the portal shows; with ``restrict_to_spec`` the gateway routes only
-  its operations (apimgmt/config_doc/operations.py).
+  its operations (apimgmt/spec_operations.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from apimgmt.config_doc.operations import ALLOWED, NO_METHOD, NO_PATH, OperationTable
+from apimgmt.spec_operations import ALLOWED, NO_METHOD, NO_PATH, OperationTable
 from tests.config.specs import large_spec
 
 SPEC = {

@@ -1,10 +1,10 @@
-"""The operations an API's OpenAPI document allows, as a table compiled once and asked once per request.
+"""The operations an API's OpenAPI document allows (restrict_to_spec): the contract between control plane and gateway.
 
-For the gateway's ``restrict_to_spec`` (not wired yet): compile an ``OperationTable`` from the stored spec when the
-route table loads, then ``match(method, path)`` with the request path below the API's base path. Paths follow the
-spec's precedence: a literal segment wins over a template (``/pets/mine`` before ``/pets/{petId}``), backtracking
-when the literal branch has no way on; a template matches one non-empty segment, also inside a segment
-(``/files/{name}.{ext}``). ``HEAD`` is allowed wherever ``GET`` is.
+The gateway compiles an ``OperationTable`` from a restricted API's spec paths when its route table loads
+(gateway/routing.py) and asks ``match(method, path)`` with the request path below the API's base path
+(gateway/pipeline.py). Paths follow the spec's precedence: a literal segment wins over a template (``/pets/mine``
+before ``/pets/{petId}``), backtracking when the literal branch has no way on; a template matches one non-empty
+segment, also inside a segment (``/files/{name}.{ext}``). ``HEAD`` is allowed wherever ``GET`` is.
 """
 
 from __future__ import annotations
