@@ -678,10 +678,18 @@ class UpstreamTargetInline(admin.TabularInline):
     fields = ["url", "weight"]
 
 
+class BlankJSONField(forms.JSONField):
+    """A JSON box that is empty, not "null", while there is no document (an empty box stores none)."""
+
+    def prepare_value(self, value: Any) -> Any:
+        return "" if value is None else super().prepare_value(value)
+
+
 class ApiForm(forms.ModelForm):
     class Meta:
         model = Api
         fields = ["tenant", "status", *services.API_FIELDS, "policies", "plans"]
+        field_classes = {"openapi_spec": BlankJSONField}
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

@@ -103,3 +103,15 @@ def test_nothing_else_is_written_when_nothing_changed(root: Client, acme: Tenant
     root.post(url, {"tenant": "acme", "name": "gold", "description": "", "approval": "auto"})
     assert AuditEvent.objects.count() == before
     assert Plan.objects.get(pk=plan.pk).name == "gold" and Policy.objects.count() == 0
+
+
+def test_the_openapi_box_of_a_new_api_is_empty_not_null(root: Client, acme_api: Api) -> None:
+    import re
+
+    page = root.get(reverse("admin:apimgmt_api_add")).content.decode()
+    box = re.search(r'<textarea name="openapi_spec"[^>]*>(.*?)</textarea>', page, re.S)
+    assert box and box.group(1).strip() == ""
+    services.api_update(api=acme_api, openapi_spec={"openapi": "3.0.3"}, actor=None)
+    page = root.get(reverse("admin:apimgmt_api_change", args=[acme_api.pk])).content.decode()
+    box = re.search(r'<textarea name="openapi_spec"[^>]*>(.*?)</textarea>', page, re.S)
+    assert box and "3.0.3" in box.group(1)
