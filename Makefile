@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/test)
 TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
 
-.PHONY: run test check bench bench-scale bench-usage install lock system-deps lint typecheck clean
+.PHONY: run test check bench bench-scale bench-usage bench-websocket install lock system-deps lint typecheck clean
 
 # requirements-dev.txt is the whole development set (the runtime lock's pins plus the tools), every package with
 # its hashes: pip refuses anything the lock does not name.
@@ -54,6 +54,11 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	@bash bench/run.sh
+
+# WebSocket echo round trips (gateway vs direct, 64 connections) and 2,000 idle connections on one worker.
+bench-websocket: $(STAMP)
+	DATABASE_URL=$(or $(BENCH_DATABASE_URL),postgres://postgres@127.0.0.1:5432/apimgmt_bench) \
+	REDIS_URL=$(or $(BENCH_REDIS_URL),redis://127.0.0.1:6379/3) .venv/bin/python -m bench.websocket
 
 # 10,000 APIs / 1,000 tenants / 1,000,000 keys: route table, key churn, Redis Cluster vs standalone (bench/scale.py).
 bench-scale: $(STAMP)

@@ -105,7 +105,7 @@ def _connect(url: str, key: str | None = None, **kwargs: Any) -> ClientConnectio
     return connect(url, additional_headers=headers, proxy=None, ping_interval=None, legacy=True, **kwargs)
 
 
-def _wait_routable(url: str, key: str, timeout: float = 10) -> None:
+def _wait_routable(url: str, key: str, timeout: float = 30) -> None:
     """Until both workers have loaded the API (a handshake succeeds several times in a row)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:

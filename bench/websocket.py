@@ -1,0 +1,283 @@
+"""make bench-websocket: WebSocket echo round trips through the gateway against the same client talking to the
+upstream directly, and 2,000 idle connections on one gateway worker (its memory, and whether the idle timeout
+still fires on time). JSON results go to bench/results/.
+
+Round trips: ``--connections`` (64) clients each send a 64-byte message and wait for its echo, as fast as they
+can, for ``--duration`` seconds; direct and through the gateway alternate ``--repeat`` times and medians are
+reported. The target (issue 16) is at least 40 % of the direct rate. Idle: ``--idle`` connections (2,000) opened
+through one gateway worker, its RSS before and after, then each must be closed (1008) within a second of the
+API's idle timeout. The client and the echo upstream are asyncio ``websockets`` processes of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.bench import ROOT, VENV_BIN, free_port, process, rss_mib
+
+MESSAGE = "x" * 64
+
+
+# -- the processes ---------------------------------------------------------------------------------------------
+
+
+async def _echo_server(port: int) -> None:
+    from websockets.asyncio.server import serve
+
+    async def echo(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", port, compression=None, ping_interval=None, max_size=None):
+        await asyncio.Future()
+
+
+async def _round_trips(url: str, headers: dict[str, str], connections: int, duration: float) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    sockets = [
+        await connect(url, additional_headers=headers, compression=None, ping_interval=None, proxy=None)
+        for _ in range(connections)
+    ]
+    counts = [0] * connections
+    latencies: list[float] = []
+    stop = time.monotonic() + duration
+
+    async def drive(index: int) -> None:
+        ws = sockets[index]
+        while time.monotonic() < stop:
+            sent = time.perf_counter()
+            await ws.send(MESSAGE)
+            await ws.recv()
+            latencies.append(time.perf_counter() - sent)
+            counts[index] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(drive(i) for i in range(connections)))
+    elapsed = time.monotonic() - started
+    for ws in sockets:
+        await ws.close()
+    latencies.sort()
+    return {
+        "round_trips": sum(counts),
+        "per_second": round(sum(counts) / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3) if latencies else None,
+    }
+
+
+async def _idle(url: str, headers: dict[str, str], count: int, idle_timeout: float) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    sockets = []
+    opened = []  # when each connection's handshake completed: its idle time starts there
+    for _ in range(count):
+        sockets.append(await connect(url, additional_headers=headers, compression=None, ping_interval=None, proxy=None))
+        opened.append(time.monotonic())
+    print(json.dumps({"opened": len(sockets)}), flush=True)
+    sys.stdin.readline()  # the parent measures the worker's memory, then lets the connections wait
+
+    async def closed(ws: Any) -> tuple[int | None, float]:
+        try:
+            await asyncio.wait_for(ws.recv(), timeout=idle_timeout + 30)
+        except ConnectionClosed as exc:
+            return (exc.rcvd.code if exc.rcvd else None), time.monotonic()
+        except TimeoutError:
+            return None, time.monotonic()
+        return None, time.monotonic()
+
+    outcomes = await asyncio.gather(*(closed(ws) for ws in sockets))
+    codes = [code for code, _ in outcomes]
+    late = [at - since - idle_timeout for (_, at), since in zip(outcomes, opened, strict=True)]
+    return {
+        "connections": len(sockets),
+        "closed_1008": codes.count(1008),
+        "latest_close_after_timeout_s": round(max(late), 3),
+        "earliest_close_after_timeout_s": round(min(late), 3),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+
+def _client(mode: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "bench.websocket", mode, *args],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _measure(url: str, headers: dict[str, str], connections: int, duration: float) -> dict[str, Any]:
+    proc = _client("round-trips", url, json.dumps(headers), str(connections), str(duration))
+    out, _ = proc.communicate(timeout=duration + 120)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections on one worker (0: skip)")
+    parser.add_argument("--idle-timeout", type=float, default=30.0)
+    options = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-ws-"))
+    (workdir / "prom").mkdir()
+    upstream_port, gateway_port = free_port(), free_port()
+    env = {
+        "DEBUG": "0",
+        "SECRET_KEY": "bench-secret-key-" + "x" * 40,
+        "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
+        "ALLOWED_HOSTS": "*",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
+        "USAGE_SPOOL_DIR": str(workdir / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"),
+        "LOG_LEVEL": "WARNING",
+        # One worker holds every idle connection: each takes a greenlet slot.
+        "GUNICORN_WORKER_CONNECTIONS": str(max(1000, options.idle + 200)),
+    }
+    database = os.environ.get("DATABASE_URL", "").rsplit("/", 1)[-1].split("?", 1)[0] or "apimgmt_bench"
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{database}"'],
+        capture_output=True,
+        check=False,
+    )
+    subprocess.run(
+        [str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True
+    )
+    setup = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "bench.websocket", "setup", f"http://127.0.0.1:{upstream_port}"],
+        cwd=ROOT,
+        env={**os.environ, **env, "BENCH_WS_IDLE_TIMEOUT": str(options.idle_timeout)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
+    headers = {"X-API-Key": key}
+    direct = f"ws://127.0.0.1:{upstream_port}/echo"
+    through = f"ws://127.0.0.1:{gateway_port}/bench-ws/echo"
+    gunicorn = str(VENV_BIN / "gunicorn")
+    gateway_args = [gunicorn, "apimgmt.wsgi:application", "--config", "gunicorn.conf.py", "--bind"]
+    report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+    upstream = [str(VENV_BIN / "python"), "-m", "bench.websocket", "upstream", str(upstream_port)]
+    with process(upstream):
+        with process([*gateway_args, f"127.0.0.1:{gateway_port}", "--workers", "2"], env=env, log=workdir / "gw.log"):
+            _wait(through, headers)
+            _measure(through, headers, 4, 1)  # warm-up
+            rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+            for _ in range(options.repeat):
+                rounds["direct"].append(_measure(direct, {}, options.connections, options.duration))
+                rounds["gateway"].append(_measure(through, headers, options.connections, options.duration))
+            medians = {
+                name: {
+                    "per_second": statistics.median(r["per_second"] for r in runs),
+                    "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                    "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                    "runs": runs,
+                }
+                for name, runs in rounds.items()
+            }
+            report["round_trips"] = {"connections": options.connections, "duration_s": options.duration, **medians}
+            report["gateway_vs_direct"] = round(medians["gateway"]["per_second"] / medians["direct"]["per_second"], 2)
+        if options.idle:
+            idle_port = free_port()
+            with process(
+                [*gateway_args, f"127.0.0.1:{idle_port}", "--workers", "1"], env=env, log=workdir / "idle.log"
+            ) as gw:
+                url = f"ws://127.0.0.1:{idle_port}/bench-ws/echo"
+                _wait(url, headers)
+                before = rss_mib(gw.pid)
+                idle = _client("idle", url, json.dumps(headers), str(options.idle), str(options.idle_timeout))
+                assert idle.stdin is not None and idle.stdout is not None
+                json.loads(idle.stdout.readline())
+                after = rss_mib(gw.pid)
+                idle.stdin.write("\n")
+                idle.stdin.flush()
+                out, _ = idle.communicate(timeout=options.idle_timeout + 120)
+                report["idle"] = {
+                    **json.loads(out.strip().splitlines()[-1]),
+                    "idle_timeout_s": options.idle_timeout,
+                    "worker_rss_mib_before": before,
+                    "worker_rss_mib_with_connections": after,
+                    "rss_growth_mib": round(sum(after) - sum(before), 1),
+                }
+    print(json.dumps(report, indent=2))
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench-websocket-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json").write_text(
+        json.dumps(report, indent=2) + "\n"
+    )
+
+
+def _wait(url: str, headers: dict[str, str], timeout: float = 30) -> None:
+    from websockets.sync.client import connect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with connect(url, additional_headers=headers, proxy=None, open_timeout=5):
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def setup(upstream: str) -> None:
+    """The bench tenant's WebSocket API (cap and idle timeout for the idle run), subscribed; prints the key."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "apimgmt.settings")
+    django.setup()
+    from apimgmt import services
+    from apimgmt.models import Api, Tenant
+
+    tenant = Tenant.objects.filter(pk="bench").first() or services.tenant_create(id="bench", name="Bench", actor=None)
+    Api.objects.filter(tenant=tenant, base_path="/bench-ws").delete()
+    api = services.api_create(
+        tenant=tenant,
+        api_name="bench-ws",
+        base_path="/bench-ws",
+        upstream_url=upstream,
+        status="active",
+        websocket=True,
+        websocket_max_connections=100_000,
+        websocket_idle_timeout=float(os.environ["BENCH_WS_IDLE_TIMEOUT"]),
+        actor=None,
+    )
+    consumer = services.consumer_create(tenant=tenant, name=f"bench-ws-{api.id}", actor=None)
+    services.subscription_request(consumer=consumer, api=api, actor=None)
+    _, key = services.api_key_create(consumer=consumer, actor=None)
+    print(json.dumps({"key": key}))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode == "upstream":
+        asyncio.run(_echo_server(int(sys.argv[2])))
+    elif mode == "round-trips":
+        result = asyncio.run(_round_trips(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+        print(json.dumps(result))
+    elif mode == "idle":
+        result = asyncio.run(_idle(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+        print(json.dumps(result))
+    elif mode == "setup":
+        setup(sys.argv[2])
+    else:
+        main()
