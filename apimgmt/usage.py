@@ -3,7 +3,7 @@
 Each round, per tenant: claim minutes (a script renames each minute's hash to a claimed name with a fresh token, so
 later increments start a new hash), read the claimed hashes, and in ONE database transaction record the tokens in
 ``am_usage_copies`` (a token already there was copied before: skipped) and add the buckets to the minute, hour and
-day tables; commit; then delete the claimed hashes. A crash before the commit leaves the claim to be taken over when
+day tables and to the hour and day totals per tenant, API and consumer; commit; then delete the claimed hashes. A crash before the commit leaves the claim to be taken over when
 its lease ends; a crash after it finds the token recorded. Two flushers on the same claim meet on the token's
 primary key: one commits, the other skips. Work, Redis memory and database rows all follow buckets, never requests.
 Layout of the Redis side: apimgmt/usage_buckets.py.
