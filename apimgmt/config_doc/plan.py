@@ -16,8 +16,7 @@ from apimgmt.models import Api, Subscription
 CREATE = "create"
 UPDATE = "update"
 DELETE = "delete"
-# The order changes are made in: what others refer to first; deletes last, referrers before what they refer to.
-KINDS = ("policy", "plan", "api", "consumer", "subscription")
+# The document section of each kind of object (subscriptions are listed under their consumer).
 SECTION_OF = {"policy": "policies", "plan": "plans", "api": "apis", "consumer": "consumers"}
 # Where an API's status may go from where (the services' transitions; draft is only ever a starting point).
 _API_REACHABLE = {
@@ -30,7 +29,9 @@ _API_REACHABLE = {
 
 @dataclass
 class Change:
-    """One object to create, update or delete. ``fields``: {field: [old, new]} (creates: [None, new])."""
+    """One object to create, update or delete. ``fields`` (updates): {field: [old, new]}; ``refusal``: why a delete
+    would be refused. The plan lists changes in the order: policies, plans, APIs, consumers, subscriptions, then
+    deletes; apply makes them in its own order (apimgmt/config_doc/apply.py, ``_STEPS``)."""
 
     action: str
     kind: str
