@@ -200,7 +200,7 @@ class Gateway:
             if operation.status != ALLOWED:
                 return self._error(done, _not_in_spec(operation, method, request_id))
         # A WebSocket handshake (APIs that allow it): its key may also come in a protocol entry or the query.
-        upgrade = route.spec.websocket and "HTTP_UPGRADE" in environ and _websocket().wants_upgrade(environ)
+        upgrade = "HTTP_UPGRADE" in environ and route.spec.websocket and _websocket().wants_upgrade(environ)
         if upgrade:
             environ, query = _websocket().move_credentials(environ, route, query)
 
