@@ -191,6 +191,7 @@ class TenantScopedAdmin(NotFoundAdmin):
 
     class Media:
         js = ("apimgmt/pickers.js",)
+        css = {"all": ("apimgmt/admin_tablet.css",)}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         qs = super().get_queryset(request)
