@@ -506,3 +506,31 @@ def test_a_worker_retiring_after_max_requests_closes_its_connections_with_1001(
         code, reason, _ = _closed_with(ws, timeout=10)
     assert code == 1001
     assert "restarting" in reason
+
+
+def test_connection_leases_are_counted_in_redis_and_a_dead_workers_expire(monkeypatch, acme, bob_app, bob_key):
+    """The cap's bookkeeping on the real Redis: a worker that dies never releases, its leases lapse."""
+    from types import SimpleNamespace
+
+    from gateway import websocket
+
+    route = SimpleNamespace(tenant_id=acme.id, api_id="api_leases")
+    record = SimpleNamespace(key_id=bob_key[0].pk)
+    monkeypatch.setattr(websocket, "LEASE_SECONDS", 1.0)
+    dead_worker, live_worker = websocket.Leases(), websocket.Leases()
+    held = [dead_worker.acquire(route, record, 2), dead_worker.acquire(route, record, 2)]
+    assert all(lease is not None for lease in held)
+    assert live_worker.acquire(route, record, 2) is None
+    name = websocket.lease_set_name(acme.id, "api_leases", bob_key[0].pk)
+    assert name.startswith(f"websocket:{{{acme.id}}}:")  # the tenant's hash tag: one cluster slot per tenant
+    time.sleep(1.2)  # the dead worker renews nothing
+    lease = live_worker.acquire(route, record, 2)
+    assert lease is not None
+    live_worker.renew()
+    time.sleep(0.6)
+    live_worker.renew()
+    time.sleep(0.6)  # 1.2 s after acquiring, kept by its renewals
+    assert live_worker.acquire(route, record, 2) is not None
+    assert live_worker.acquire(route, record, 2) is None
+    live_worker.release(lease)
+    assert live_worker.acquire(route, record, 2) is not None
