@@ -71,6 +71,7 @@ def populate(upstream: str, rebuild: bool) -> dict[str, Any]:
         log("fleet already in the database (use --rebuild to make it again)")
         saved = json.loads(cache.read_text())
         Api.objects.update(upstream_url=upstream)  # nginx listens on a new port each run
+        ApiKey.objects.filter(consumer__name="churn").update(active=True, revoked_at=None)  # revoke them again
         return saved
     started = time.monotonic()
     with connection.cursor() as cur:
@@ -294,6 +295,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run (churn comparison)")
     parser.add_argument("--rebuild", action="store_true", help="make the fleet again even if it exists")
     parser.add_argument("--skip-cluster", action="store_true", help="no Redis Cluster comparison")
+    parser.add_argument("--skip-churn", action="store_true", help="no key churn comparison")
     options = parser.parse_args()
 
     database_url = os.environ["DATABASE_URL"]
@@ -337,67 +339,70 @@ def main() -> None:
         log(f"route table in process: {results['route_table']}")
 
         base_path = fleet["base_path"]
-        spawned = time.monotonic()
-        with gateway({**env, "GATEWAY_AUTH_CACHE_SECONDS": "3600"}, workdir) as (base, pid, prom):
-            url = f"{base}{base_path}/items/1"
-            wait_for(url, {"X-API-Key": fleet["traffic"][0]}, timeout=120)
-            results["new_worker"] = {
-                "first_proxied_request_seconds": round(time.monotonic() - spawned, 2),
-                "worker_rss_mib_after_first_request": rss_mib(pid),
-            }
-            log(f"new gateway: {results['new_worker']}")
-            for _ in range(2):
-                wrk_keys(url, fleet["traffic"], 4, workdir)  # warm every traffic key into both workers
-            results["new_worker"]["worker_rss_mib_warm"] = rss_mib(pid)
-
-            runs: dict[str, list[dict[str, Any]]] = {"no_churn": [], "churn": []}
-            churn_pool = list(ApiKey.objects.filter(consumer__name="churn", revoked_at__isnull=True))
-            for round_ in range(3):
-                for kind in ("no_churn", "churn"):
-                    stop = threading.Event()
-                    revoked = [0]
-
-                    def churn(stop: threading.Event = stop, revoked: list[int] = revoked) -> None:
-                        next_at = time.monotonic()
-                        while not stop.is_set() and churn_pool:
-                            services.api_key_revoke(key=churn_pool.pop(), actor=None)
-                            revoked[0] += 1
-                            next_at += 0.1  # 10 per second
-                            stop.wait(max(0.0, next_at - time.monotonic()))
-
-                    before = gateway_queries(prom)
-                    cpu_before = tree_cpu_seconds(pid)
-                    thread = threading.Thread(target=churn) if kind == "churn" else None
-                    if thread:
-                        thread.start()
-                    row = wrk_keys(url, fleet["traffic"], options.duration, workdir)
-                    stop.set()
-                    if thread:
-                        thread.join()
-                    row["revocations"] = revoked[0]
-                    used = tree_cpu_seconds(pid) - cpu_before
-                    row["cpu_us_per_request"] = round(used / row["requests"] * 1e6, 1) if row["requests"] else None
-                    row["gateway_db_queries"] = gateway_queries(prom) - before
-                    row["gateway_db_queries_per_second"] = round(row["gateway_db_queries"] / options.duration, 2)
-                    runs[kind].append(row)
-                    log(f"round {round_ + 1} {kind}: {row}")
-            results["churn"] = {
-                kind: {
-                    "rps_median": statistics.median(r["rps"] for r in rows),
-                    "db_queries_per_second_median": statistics.median(r["gateway_db_queries_per_second"] for r in rows),
-                    "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in rows),
-                    "runs": rows,
+        if not options.skip_churn:
+            spawned = time.monotonic()
+            with gateway({**env, "GATEWAY_AUTH_CACHE_SECONDS": "3600"}, workdir) as (base, pid, prom):
+                url = f"{base}{base_path}/items/1"
+                wait_for(url, {"X-API-Key": fleet["traffic"][0]}, timeout=120)
+                results["new_worker"] = {
+                    "first_proxied_request_seconds": round(time.monotonic() - spawned, 2),
+                    "worker_rss_mib_after_first_request": rss_mib(pid),
                 }
-                for kind, rows in runs.items()
-            }
-            base_rps = results["churn"]["no_churn"]["rps_median"]
-            results["churn"]["rps_change_percent"] = round(
-                (results["churn"]["churn"]["rps_median"] - base_rps) / base_rps * 100, 1
-            )
-            base_cpu = results["churn"]["no_churn"]["cpu_us_per_request_median"]
-            results["churn"]["cpu_per_request_change_percent"] = round(
-                (results["churn"]["churn"]["cpu_us_per_request_median"] / base_cpu - 1) * 100, 1
-            )
+                log(f"new gateway: {results['new_worker']}")
+                for _ in range(2):
+                    wrk_keys(url, fleet["traffic"], 4, workdir)  # warm every traffic key into both workers
+                results["new_worker"]["worker_rss_mib_warm"] = rss_mib(pid)
+
+                runs: dict[str, list[dict[str, Any]]] = {"no_churn": [], "churn": []}
+                churn_pool = list(ApiKey.objects.filter(consumer__name="churn", revoked_at__isnull=True))
+                for round_ in range(3):
+                    for kind in ("no_churn", "churn"):
+                        stop = threading.Event()
+                        revoked = [0]
+
+                        def churn(stop: threading.Event = stop, revoked: list[int] = revoked) -> None:
+                            next_at = time.monotonic()
+                            while not stop.is_set() and churn_pool:
+                                services.api_key_revoke(key=churn_pool.pop(), actor=None)
+                                revoked[0] += 1
+                                next_at += 0.1  # 10 per second
+                                stop.wait(max(0.0, next_at - time.monotonic()))
+
+                        before = gateway_queries(prom)
+                        cpu_before = tree_cpu_seconds(pid)
+                        thread = threading.Thread(target=churn) if kind == "churn" else None
+                        if thread:
+                            thread.start()
+                        row = wrk_keys(url, fleet["traffic"], options.duration, workdir)
+                        stop.set()
+                        if thread:
+                            thread.join()
+                        row["revocations"] = revoked[0]
+                        used = tree_cpu_seconds(pid) - cpu_before
+                        row["cpu_us_per_request"] = round(used / row["requests"] * 1e6, 1) if row["requests"] else None
+                        row["gateway_db_queries"] = gateway_queries(prom) - before
+                        row["gateway_db_queries_per_second"] = round(row["gateway_db_queries"] / options.duration, 2)
+                        runs[kind].append(row)
+                        log(f"round {round_ + 1} {kind}: {row}")
+                results["churn"] = {
+                    kind: {
+                        "rps_median": statistics.median(r["rps"] for r in rows),
+                        "db_queries_per_second_median": statistics.median(
+                            r["gateway_db_queries_per_second"] for r in rows
+                        ),
+                        "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in rows),
+                        "runs": rows,
+                    }
+                    for kind, rows in runs.items()
+                }
+                base_rps = results["churn"]["no_churn"]["rps_median"]
+                results["churn"]["rps_change_percent"] = round(
+                    (results["churn"]["churn"]["rps_median"] - base_rps) / base_rps * 100, 1
+                )
+                base_cpu = results["churn"]["no_churn"]["cpu_us_per_request_median"]
+                results["churn"]["cpu_per_request_change_percent"] = round(
+                    (results["churn"]["churn"]["cpu_us_per_request_median"] / base_cpu - 1) * 100, 1
+                )
 
         if not options.skip_cluster:
             results["cluster_vs_standalone"] = cluster_vs_standalone(
@@ -408,7 +413,10 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "churn"}, indent=2))
-    churn = results["churn"]
+    churn = results.get("churn")
+    if churn is None:
+        print(f"results: {out}")
+        return
     without, with_ = churn["no_churn"], churn["churn"]
     print(
         f"churn: {without['rps_median']:.0f} req/s without, {with_['rps_median']:.0f} req/s with 10 revocations/s "
