@@ -8,13 +8,15 @@ and sends them (apimgmt/webhooks.py); nothing here does I/O beyond that one INSE
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from apimgmt.models import Api, ApiKey, Consumer, Event, Subscription
+from apimgmt import limits
+from apimgmt.models import Api, ApiKey, Consumer, Event, Policy, Subscription, Tenant
 
 # Event type -> what it means. The keys are the product's contract with receivers (docs/webhooks.md).
 CATALOGUE: dict[str, str] = {
@@ -31,8 +33,12 @@ CATALOGUE: dict[str, str] = {
     "consumer.unblocked": "A blocked consumer was unblocked.",
     "api.deprecated": "An API was deprecated; sunset_at is its announced retirement, when set.",
     "api.retired": "An API was retired: it stopped routing and its open subscriptions were cancelled.",
+    "quota.threshold": "A quota window of a consumer (or key) reached 80 %, then 100 % (each once per window).",
 }
 EVENT_TYPES = tuple(CATALOGUE)
+
+# quota.threshold: the shares of a quota window that are announced, each once per window and counter.
+QUOTA_THRESHOLDS = (80, 100)
 
 # key.expiring thresholds, largest first: a notice per threshold, the tightest that applies.
 KEY_EXPIRING_THRESHOLDS: tuple[tuple[str, timedelta], ...] = (("7d", timedelta(days=7)), ("1d", timedelta(days=1)))
@@ -151,4 +157,98 @@ def key_expiring_notices(*, now: datetime | None = None) -> int:
                 dedupe_key=dedupe,
             )
         sent += event is not None
+    return sent
+
+
+def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits.CounterWindow, str, str]]:
+    """The quota windows counting this subscription's traffic, with their scope ("consumer_id"/"key_id") and value:
+    the plan's and the API's quota policies whose counter belongs to the consumer or one of its keys."""
+    tenant = subscription.consumer.tenant
+    policies: list[Policy] = [*subscription.api.policies.all()]
+    if subscription.plan is not None:
+        policies += list(subscription.plan.policies.all())
+    found = []
+    for policy in policies:
+        if policy.policy_type != Policy.Type.QUOTA:
+            continue
+        scope = limits.scope_of(policy.config)
+        if scope == "consumer_id":
+            values = [subscription.consumer_id]
+        elif scope == "key_id":
+            values = [k.pk for k in subscription.consumer.keys.all() if k.is_usable()]
+        else:
+            continue  # shared by an API, a tenant or an address: nobody's own quota
+        for value in values:
+            for window in limits.counter_windows(
+                tenant_id=tenant.id,
+                tz_name=tenant.timezone,
+                policy_id=policy.pk,
+                policy_name=policy.name,
+                policy_type=policy.policy_type,
+                config=policy.config,
+                scope=value,
+                now=now,
+            ):
+                found.append((window, scope, value))
+    return found
+
+
+def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_size: int = 500) -> int:
+    """Emit ``quota.threshold`` for every consumer or key quota window at 80 % or 100 %, once per window; return
+    how many.
+
+    It reads the gateway's own counters (``apimgmt.limits`` names them) from here, the deliverer, in batches of
+    MGET: the gateway's request path does not change by one command. Exactly once per window, counter and threshold
+    however many requests cross it at once and however many deliverers scan: the notice's dedupe key is the
+    counter's Redis key (policy, window start, consumer or key) and the threshold, under a unique index.
+    """
+    moment = (now or timezone.now()).timestamp()
+    subscriptions = (
+        Subscription.objects.filter(status=Subscription.Status.ACTIVE, consumer__tenant__status=Tenant.Status.ACTIVE)
+        .select_related("consumer__tenant", "plan", "api")
+        .prefetch_related("api__policies", "plan__policies", "consumer__keys")
+        .order_by("pk")
+    )
+    counters: dict[str, tuple[limits.CounterWindow, str, str, Subscription]] = {}
+    for subscription in subscriptions.iterator(chunk_size=500):
+        for window, scope, value in _quota_counters(subscription, moment):
+            counters.setdefault(window.key, (window, scope, value, subscription))
+    keys = list(counters)
+    sent = 0
+    for start in range(0, len(keys), batch_size):
+        batch = keys[start : start + batch_size]
+        due: list[tuple[str, int, int]] = []
+        for key, raw in zip(batch, client.mget(batch), strict=True):
+            used = int(raw or 0)
+            limit = counters[key][0].limit
+            due += [(key, t, used) for t in QUOTA_THRESHOLDS if used >= math.ceil(limit * t / 100)]
+        dedupe = {f"quota.threshold:{key}:{t}": (key, t, used) for key, t, used in due}
+        already = set(Event.objects.filter(dedupe_key__in=list(dedupe)).values_list("dedupe_key", flat=True))
+        for dedupe_key, (key, threshold, used) in dedupe.items():
+            if dedupe_key in already:
+                continue
+            window, scope, value, subscription = counters[key]
+            data = {
+                "consumer_id": subscription.consumer_id,
+                "key_id": value if scope == "key_id" else None,
+                "api_id": subscription.api_id,
+                "subscription_id": subscription.pk,
+                "plan_id": subscription.plan_id,
+                "policy_id": window.policy_id,
+                "policy_name": window.policy_name,
+                "window": window.label,
+                "window_start": _iso(datetime.fromtimestamp(window.end - window.period, tz=UTC)),
+                "window_end": _iso(datetime.fromtimestamp(window.end, tz=UTC)),
+                "limit": window.limit,
+                "used": min(used, window.limit),
+                "threshold": threshold,
+            }
+            with transaction.atomic():
+                event = emit(
+                    tenant_id=subscription.consumer.tenant_id,
+                    event_type="quota.threshold",
+                    data=data,
+                    dedupe_key=dedupe_key,
+                )
+            sent += event is not None
     return sent

@@ -7,6 +7,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import redis
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
@@ -15,6 +16,8 @@ from apimgmt.slow_queries import install_slow_query_logging
 
 # How often --follow looks for keys crossing a key.expiring threshold and for plan changes that are due.
 SCAN_EVERY_SECONDS = 30.0
+# How often --follow reads the quota counters for quota.threshold notices.
+QUOTA_SCAN_EVERY_SECONDS = 10.0
 # How often --follow deletes events and finished deliveries past EVENT_RETENTION_DAYS.
 HOUSEKEEPING_EVERY_SECONDS = 3600.0
 SUMMARY_EVERY_SECONDS = 60.0
@@ -70,11 +73,19 @@ def scan() -> tuple[int, int]:
     return events.key_expiring_notices(), services.subscription_apply_due_plan_changes()
 
 
+def quota_scan() -> int:
+    """quota.threshold notices from the gateway's counters (none without Redis: there are no shared counters)."""
+    from apimgmt.redis_client import get_redis
+
+    client = get_redis()
+    return events.quota_threshold_notices(client=client) if client is not None else 0
+
+
 class Command(BaseCommand):
     help = (
         "Send events (the am_events outbox) to the tenants' webhook endpoints, retrying with backoff; emit "
-        "key.expiring notices and apply plan changes that are due. Without --follow: one round, then exit. "
-        "With --follow: until SIGTERM."
+        "key.expiring and quota.threshold notices and apply plan changes that are due. "
+        "Without --follow: one round, then exit. With --follow: until SIGTERM."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -101,14 +112,16 @@ class Command(BaseCommand):
                 return
             try:
                 notices, changes = scan()
+                notices += quota_scan()
                 stats = deliverer.run_once()
-            except DatabaseError as exc:
+            except (DatabaseError, redis.RedisError) as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
         finally:
             deliverer.close()
         self.stdout.write(
             f"dispatched {stats.dispatched} events; deliveries: {stats.succeeded} succeeded, {stats.retried} to "
-            f"retry, {stats.failed} failed; {notices} key.expiring notices; {changes} plan changes applied"
+            f"retry, {stats.failed} failed; {notices} key.expiring and quota.threshold notices; {changes} plan changes "
+            "applied"
         )
 
     def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
@@ -123,6 +136,7 @@ class Command(BaseCommand):
         webhooks.logger.info("event deliverer started")
         total = webhooks.DeliveryStats()
         last_scan = -SCAN_EVERY_SECONDS
+        last_quota_scan = -QUOTA_SCAN_EVERY_SECONDS
         last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
         backoff = 0.0
@@ -132,6 +146,9 @@ class Command(BaseCommand):
                 if now - last_scan >= SCAN_EVERY_SECONDS:
                     scan()
                     last_scan = now
+                if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS:
+                    quota_scan()
+                    last_quota_scan = now
                 if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
                     webhooks.forget_old()
                     last_housekeeping = now
@@ -150,12 +167,13 @@ class Command(BaseCommand):
                 backoff = 0.0
                 busy = stats.succeeded + stats.retried + stats.failed >= deliverer.batch_size
                 self._sleep(0 if busy else pause, lambda: stopping)
-            except DatabaseError as exc:
+            except (DatabaseError, redis.RedisError) as exc:
                 backoff = min(max(backoff * 2, 0.2), 5.0)
                 webhooks.logger.warning(
                     "event delivery failed, retrying in %.1fs: %s: %s", backoff, exc.__class__.__name__, exc
                 )
-                connections["default"].close()
+                if isinstance(exc, DatabaseError):
+                    connections["default"].close()
                 self._sleep(backoff, lambda: stopping)
         webhooks.logger.info("event deliverer stopped", extra=total.as_dict())
 
