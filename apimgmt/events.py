@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apimgmt import limits
@@ -205,6 +206,11 @@ def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_s
     moment = (now or timezone.now()).timestamp()
     subscriptions = (
         Subscription.objects.filter(status=Subscription.Status.ACTIVE, consumer__tenant__status=Tenant.Status.ACTIVE)
+        # Only subscriptions that some quota counts: the plan's or the API's.
+        .filter(
+            Q(pk__in=Subscription.objects.filter(plan__policies__policy_type=Policy.Type.QUOTA).values("pk"))
+            | Q(pk__in=Subscription.objects.filter(api__policies__policy_type=Policy.Type.QUOTA).values("pk"))
+        )
         .select_related("consumer__tenant", "plan", "api")
         .prefetch_related("api__policies", "plan__policies", "consumer__keys")
         .order_by("pk")
