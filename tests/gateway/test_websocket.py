@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from apimgmt import services
 from apimgmt import usage_buckets as contract
 from apimgmt.models import Api, ApiKey
 from tests.gateway.conftest import publish, subscribe
-from tests.gateway.upstreams import recording_upstream
+from tests.gateway.upstreams import recording_upstream, self_signed_certificate
 from tests.support.servers import gunicorn
 
 
@@ -30,19 +31,20 @@ class WsUpstream:
     """A real WebSocket server on loopback: /echo echoes, /close-first closes (4000) after the first message,
     /die drops the TCP connection after the first message. Every handshake's path and headers are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.handshakes: list[tuple[str, dict[str, str], str | None]] = []
         self.server: Server = serve(
             self._handle,
             "127.0.0.1",
             0,
+            ssl=tls,
             subprotocols=["chat"],
             select_subprotocol=self._select,
             compression=None,
             ping_interval=None,
         )
         self.port = self.server.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://localhost:{self.port}" if tls else f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -534,3 +536,41 @@ def test_connection_leases_are_counted_in_redis_and_a_dead_workers_expire(monkey
     assert live_worker.acquire(route, record, 2) is None
     live_worker.release(lease)
     assert live_worker.acquire(route, record, 2) is not None
+
+
+@pytest.mark.parametrize("certificate_name", ["localhost", "other.example"])
+def test_a_wss_upstream_is_reached_with_its_certificate_checked_for_its_name(
+    live_env, tmp_path, acme, bob_app, bob_key, certificate_name
+):
+    _, key = bob_key
+    cert, private_key = self_signed_certificate(tmp_path, certificate_name)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, private_key)
+    upstream = WsUpstream(tls)
+    try:
+        _ws_api(acme, bob_app, upstream.url)  # https://localhost:<port>: wss to it
+        env = {
+            **live_env,
+            "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "p"),
+            "SSL_CERT_FILE": str(cert),  # the gateway trusts this certificate as its own CA
+        }
+        with gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as http_url:
+            url = http_url.replace("http://", "ws://") + "/api/users/v1/echo"
+            if certificate_name == "localhost":
+                _wait_routable(url, key)
+                with _connect(url, key) as ws:
+                    ws.send("over tls")
+                    assert ws.recv(timeout=5) == "over tls"
+            else:
+                started = time.monotonic()
+                while True:
+                    with pytest.raises(InvalidStatus) as caught:
+                        _connect(url, key)
+                    if caught.value.response.status_code != 404 or time.monotonic() - started > 30:
+                        break
+                    time.sleep(0.2)  # the worker has not loaded the API yet
+                assert caught.value.response.status_code == 502
+                assert upstream.handshakes == []  # no WebSocket handshake reached a server with the wrong name
+    finally:
+        upstream.stop()
