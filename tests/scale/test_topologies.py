@@ -79,7 +79,7 @@ SENT: Counter[int] = Counter()
 _sent_lock = threading.Lock()
 
 
-def _get(url: str, key: str, session: Any = requests, timeout: float = 5) -> requests.Response:
+def _get(url: str, key: str, session: Any = requests, timeout: float = 15) -> requests.Response:
     response = session.get(url, headers={"X-API-Key": key}, timeout=timeout)
     with _sent_lock:
         SENT[response.status_code] += 1
@@ -133,7 +133,7 @@ def _hammer(url: str, key: str, *, threads: int, each: int) -> list[int]:
     def worker() -> None:
         with requests.Session() as session:
             for _ in range(each):
-                status = _get(url, key, session, timeout=10).status_code
+                status = _get(url, key, session).status_code
                 with lock:
                     statuses.append(status)
 
@@ -273,7 +273,7 @@ def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_pr
         def load() -> None:
             with requests.Session() as session:
                 while not stop.is_set():
-                    response = _get(url, key, session, timeout=10)
+                    response = _get(url, key, session)
                     statuses.append(response.status_code)
                     uncounted.append("X-RateLimit-Remaining" not in response.headers)
 
@@ -339,7 +339,7 @@ def test_sentinel_master_killed_under_load_gateway_and_control_plane_follow_the_
         def load() -> None:
             with requests.Session() as session:
                 while not stop.is_set():
-                    response = _get(url, key, session, timeout=10)
+                    response = _get(url, key, session)
                     statuses.append(response.status_code)
                     uncounted.append("X-RateLimit-Remaining" not in response.headers)
 
