@@ -1243,6 +1243,33 @@ def subscription_change_plan(
     return subscription
 
 
+@transaction.atomic
+def subscription_request_plan_change(*, subscription: Subscription, plan: Plan, actor: Actor) -> Subscription:
+    """A developer asks to move their subscription to another plan. A plan that takes subscriptions automatically
+    takes the move too (applied now, quota carried over); one that needs approval records the request
+    (``pending_plan`` without ``plan_change_at``) for a tenant admin, who approves it with
+    ``subscription_change_plan`` or drops it by cancelling or by another change."""
+    subscription = (
+        Subscription.objects.select_for_update(of=("self",))
+        .select_related("api", "plan", "consumer__tenant")
+        .get(pk=subscription.pk)
+    )
+    _plan_change_check(subscription=subscription, plan=plan)
+    subscription.pending_plan = plan
+    subscription.plan_change_at = None
+    if plan.approval == Plan.Approval.AUTO and subscription.api.subscription_approval == Api.Approval.AUTO:
+        return _apply_plan_change(subscription=subscription, actor=actor, effective="now")
+    subscription.save(update_fields=["pending_plan", "plan_change_at"])
+    audit_record(
+        actor=actor,
+        tenant_id=subscription.api.tenant_id,
+        action="subscription.request_plan_change",
+        obj=subscription,
+        changes={"plan_id": [subscription.plan_id, plan.pk]},
+    )
+    return subscription
+
+
 def subscription_apply_due_plan_changes(*, now: datetime | None = None, batch_size: int = 200) -> int:
     """Apply scheduled plan changes whose time has come (run by ``deliver_events``; safe in several processes)."""
     moment = now or timezone.now()

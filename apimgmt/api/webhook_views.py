@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from apimgmt import events, services, webhooks
 from apimgmt.api import serializers as s
-from apimgmt.api.permissions import DECIDE
+from apimgmt.api.permissions import CHANGE, DECIDE, may_act_on
 from apimgmt.api.views import ReadMixin, ScopedViewSet, destroy_schema
 from apimgmt.models import Plan, Subscription, WebhookDelivery, WebhookEndpoint
 
@@ -255,8 +255,9 @@ class WebhookDeliveryViewSet(ScopedViewSet, ReadMixin):
 @extend_schema_view(
     change_plan=extend_schema(
         request=ChangePlanSerializer,
-        responses={200: SubscriptionPlanSerializer},
-        summary="Move a subscription to another plan without re-keying (tenant admins)",
+        responses={200: SubscriptionPlanSerializer, 202: SubscriptionPlanSerializer},
+        summary="Move a subscription to another plan without re-keying; a developer's move to a plan that needs "
+        "approval waits for a tenant admin (202)",
     ),
 )
 class SubscriptionPlanViewSet(ScopedViewSet):
@@ -264,7 +265,8 @@ class SubscriptionPlanViewSet(ScopedViewSet):
 
     queryset = Subscription.objects.select_related("consumer", "decided_by")
     serializer_class = SubscriptionPlanSerializer
-    action_permissions = {"change_plan": DECIDE}
+    # Developers may ask for their own subscriptions (CHANGE); what happens then depends on the plan (below).
+    action_permissions = {"change_plan": CHANGE}
 
     @action(detail=True, methods=["post"], url_path="change-plan")
     def change_plan(self, request: Request, pk: str) -> Response:
@@ -275,10 +277,21 @@ class SubscriptionPlanViewSet(ScopedViewSet):
             raise exceptions.ValidationError(
                 {"plan_id": [f"Unknown plan {data['plan_id']!r} for this subscription's tenant."]}
             )
-        changed = services.subscription_change_plan(
-            subscription=subscription, plan=plan, effective=data["effective"], actor=self.actor
-        )
-        return self.render(self.get_queryset().get(pk=changed.pk))
+        if may_act_on(self.actor, subscription, DECIDE):
+            changed = services.subscription_change_plan(
+                subscription=subscription, plan=plan, effective=data["effective"], actor=self.actor
+            )
+            return self.render(self.get_queryset().get(pk=changed.pk))
+        # A developer: moved now when the plan (and API) take subscriptions automatically, else a request waiting
+        # for a tenant admin (202, pending_plan_id set).
+        if data["effective"] != "now":
+            raise exceptions.ValidationError(
+                {"effective": ["Developers change plan now (or ask for it); tenant admins schedule changes."]}
+            )
+        changed = services.subscription_request_plan_change(subscription=subscription, plan=plan, actor=self.actor)
+        waiting = changed.pending_plan_id is not None
+        code = status.HTTP_202_ACCEPTED if waiting else status.HTTP_200_OK
+        return self.render(self.get_queryset().get(pk=changed.pk), code)
 
 
 @extend_schema_view(

@@ -170,9 +170,28 @@ def test_bad_changes_are_400s_naming_the_field(on_small, plans, acme, alice, cli
     assert Subscription.objects.get(pk=on_small.pk).plan_id == small.pk
 
 
-def test_a_developer_cannot_move_their_own_subscription(on_small, plans, bob, client_for):
-    r = client_for(bob).post(f"{V1}/subscriptions/{on_small.pk}/change-plan/", {"plan_id": plans[1].pk}, format="json")
-    assert r.status_code == 403
+def test_a_developer_moves_to_an_automatic_plan_and_asks_for_one_that_needs_approval(
+    acme, on_small, plans, bob, vera, alice, client_for, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    manual = services.plan_create(tenant=acme, name="gold", approval="manual", actor=alice)
+    services.api_update(api=on_small.api, plans=[small, big, manual], actor=alice)
+    url = f"{V1}/subscriptions/{on_small.pk}/change-plan/"
+    assert client_for(vera).post(url, {"plan_id": big.pk}, format="json").status_code == 403  # viewers read only
+    c = client_for(bob)
+    r = c.post(url, {"plan_id": big.pk, "effective": "next_period"}, format="json")
+    assert r.status_code == 400 and "tenant admins schedule" in r.json()["errors"]["effective"][0]
+    with django_capture_on_commit_callbacks(execute=True):
+        r = c.post(url, {"plan_id": big.pk}, format="json")
+    assert r.status_code == 200 and r.json()["plan_id"] == big.pk  # automatic: moved at once
+    r = c.post(url, {"plan_id": manual.pk}, format="json")
+    assert r.status_code == 202 and r.json()["plan_id"] == big.pk and r.json()["pending_plan_id"] == manual.pk
+    assert AuditEvent.objects.filter(action="subscription.request_plan_change", object_id=on_small.pk).exists()
+    assert services.subscription_apply_due_plan_changes() == 0  # a request waits for an admin, not for a date
+    with django_capture_on_commit_callbacks(execute=True):
+        r = client_for(alice).post(url, {"plan_id": manual.pk}, format="json")
+    assert r.status_code == 200 and r.json()["plan_id"] == manual.pk and r.json()["pending_plan_id"] is None
+    assert Event.objects.filter(event_type="subscription.plan_changed").count() == 2
 
 
 def test_an_archived_plan_keeps_its_subscribers_takes_no_new_ones_and_goes_once_unused(
