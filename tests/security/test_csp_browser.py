@@ -169,9 +169,9 @@ def test_control_plane_pages_work_without_a_single_csp_violation(
         _strict(page.goto(f"{portal}/apps/{cast.app.pk}/usage/"))
         meter = page.get_by_role("meter", name="3 of 4 left")
         expect(meter).to_be_visible()
-        used, whole = meter.locator("rect").bounding_box(), meter.bounding_box()
-        assert used is not None and whole is not None
-        assert used["width"] == pytest.approx(whole["width"] / 4, abs=2)
+        left, whole = meter.locator("rect").bounding_box(), meter.bounding_box()
+        assert left is not None and whole is not None
+        assert left["width"] == pytest.approx(whole["width"] * 3 / 4, abs=2)  # the bar draws what is left
         assert complaints.take() == []
 
         # Django admin: login, the API list (filters, select-all), a change form, a key shown once and copied.
