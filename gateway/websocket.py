@@ -58,6 +58,7 @@ from gateway.pipeline import Finished, Gateway, Result
 from gateway.problems import problem
 from gateway.proxy import UNREACHABLE
 from gateway.routing import Route, Target
+from gateway.wsgi import RELAY
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,11 @@ def _take_query_param(query: str, name: str) -> tuple[str, list[str]]:
 
 
 def relay_supported(environ: dict[str, Any]) -> bool:
-    """Whether this server can hand the connection over (gunicorn's socket, gevent's cooperative sockets)."""
-    return environ.get("gunicorn.socket") is not None and monkey.is_module_patched("socket")
+    """Whether this server can hand the connection over: apimgmt.wsgi under gunicorn with gevent's sockets (not
+    GatewayMiddleware, which could only answer a 101 with an empty body)."""
+    return (
+        bool(environ.get(RELAY)) and environ.get("gunicorn.socket") is not None and monkey.is_module_patched("socket")
+    )
 
 
 class Upgrade(Result):

@@ -8,6 +8,8 @@ from typing import Any
 from gateway.pipeline import Gateway
 
 CHECKED = "apimgmt.gateway_checked"
+# Set for requests asking to upgrade: this server can hand the connection over to gateway.websocket.
+RELAY = "apimgmt.websocket_relay"
 _gateway: Gateway | None = None
 
 
@@ -34,6 +36,8 @@ class GatewayApplication:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if "HTTP_UPGRADE" in environ:
+            environ[RELAY] = True
         result = get_gateway().handle(environ)
         if result is None:
             environ[CHECKED] = True  # GatewayMiddleware need not look at it again

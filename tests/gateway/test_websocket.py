@@ -574,3 +574,28 @@ def test_a_wss_upstream_is_reached_with_its_certificate_checked_for_its_name(
                 assert upstream.handshakes == []  # no WebSocket handshake reached a server with the wrong name
     finally:
         upstream.stop()
+
+
+_HANDSHAKE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+def test_an_api_without_websocket_proxies_an_upgrade_request_as_plain_http(gateway, users_api, upstream, key):
+    response = gateway.get("/api/users/v1/echo", headers={**_HANDSHAKE, "X-API-Key": key})
+    assert response.status == 200
+    seen = upstream.seen[-1].headers
+    assert "upgrade" not in seen and "sec-websocket-key" in seen  # hop-by-hop dropped, as before
+
+
+def test_a_server_that_cannot_hand_the_connection_over_answers_501_before_contacting_the_upstream(
+    gateway, acme, bob_app, key, upstream
+):
+    _ws_api(acme, bob_app, upstream.url)
+    response = gateway.get("/api/users/v1/echo", headers={**_HANDSHAKE, "X-API-Key": key})
+    assert response.status == 501
+    assert response.json()["type"].endswith("websocket-unsupported")
+    assert upstream.seen == []
