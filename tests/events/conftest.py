@@ -52,7 +52,7 @@ def deliver_events(env: dict[str, str], *args: str) -> Iterator[subprocess.Popen
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "deliver_events", *args],
         cwd=ROOT,
-        env={**os.environ, **env, "WEBHOOK_ALLOW_PRIVATE": "1", "WEBHOOK_TIMEOUT_SECONDS": "30"},
+        env={**os.environ, "WEBHOOK_ALLOW_PRIVATE": "1", "WEBHOOK_TIMEOUT_SECONDS": "30", **env},
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
