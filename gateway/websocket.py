@@ -226,8 +226,10 @@ def open_connection(
     try:
         client.initiate_upgrade_connection(_handshake_headers(environ), environ.get("RAW_URI") or "/")
         offered = next((e for e in client.events() if isinstance(e, Request)), None)
-    except RemoteProtocolError as exc:
-        hint = exc.event_hint
+        if offered is None:
+            raise RemoteProtocolError("no upgrade request", event_hint=RejectConnection())
+    except Exception as exc:  # wsproto's verdict, or h11's (inside it) on a header it will not write
+        hint = getattr(exc, "event_hint", None)
         status = hint.status_code if isinstance(hint, RejectConnection) and hint.status_code == 426 else 400
         extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
         return gateway._error(
@@ -235,7 +237,6 @@ def open_connection(
             problem(status, "bad-handshake", "Bad request", f"Not a valid WebSocket handshake: {exc}.", request_id),
             limit_headers + extra,
         )
-    assert offered is not None
     registry = registry_for(gateway)
     key_hash = keys.hash_key(credential.key)
     lease = registry.leases.acquire(route, record, spec.websocket_max_connections)

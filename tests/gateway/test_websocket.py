@@ -599,3 +599,30 @@ def test_a_server_that_cannot_hand_the_connection_over_answers_501_before_contac
     assert response.status == 501
     assert response.json()["type"].endswith("websocket-unsupported")
     assert upstream.seen == []
+
+
+def test_an_invalid_handshake_gets_400_or_426_naming_what_is_wrong(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    host, port = url.removeprefix("ws://").split("/", 1)[0].split(":")
+    count = len(ws_upstream.handshakes)
+
+    def answer(headers: dict[str, str]) -> tuple[int, bytes]:
+        lines = "".join(f"{name}: {value}\r\n" for name, value in {**_HANDSHAKE, **headers}.items() if value)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET /api/users/v1/echo HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n{lines}\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return int(data.split(b" ", 2)[1]), data
+
+    status, data = answer({"Sec-WebSocket-Version": "8"})
+    assert status == 426 and b"Sec-WebSocket-Version: 13" in data
+    status, data = answer({"Sec-WebSocket-Key": ""})
+    assert status == 400 and b"Sec-WebSocket-Key" in data
+    assert len(ws_upstream.handshakes) == count
