@@ -109,7 +109,7 @@ def test_a_hanging_receiver_does_not_delay_an_admin_save(live_env, acme, alice, 
     with raw_upstream(stall) as url:
         webhooks.webhook_endpoint_create(tenant=acme, url=url + "/hook", actor=alice)
         # 10 s: long enough to hang through every save below, short enough for the deliverer to stop soon after.
-        with deliver_events({**live_env, "WEBHOOK_TIMEOUT_SECONDS": "10"}, "--follow", "--pause-ms", "50"):
+        with deliver_events({**live_env, "WEBHOOK_TIMEOUT_SECONDS": "10"}, "--follow", "--pause-ms", "250"):
             services.consumer_block(consumer=extra, actor=alice)
             # Claimed (leased) and never answered: the deliverer is stuck on the receiver, which says nothing for 30 s.
             _wait(
