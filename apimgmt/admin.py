@@ -1154,7 +1154,7 @@ class SubscriptionAdmin(TenantScopedAdmin):
         api = getattr(request, "_picker_api", None)
         if db_field.name == "plan" and api is not None:
             # Only the plans the API offers (none: it takes subscriptions without a plan).
-            kwargs["queryset"] = api.plans.select_related("tenant")
+            kwargs["queryset"] = api.plans.filter(archived_at__isnull=True).select_related("tenant")
             field = db_field.formfield(**kwargs)
             field.required = api.plans.exists()
             field.help_text = (

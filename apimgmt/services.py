@@ -922,13 +922,14 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
 
 def subscription_plan_check(*, api: Api, plan: Plan | None) -> None:
     """An API that offers plans takes subscriptions only on one of them ("no plan" would escape their limits)."""
-    offered = list(api.plans.order_by("name").values_list("pk", "name"))
+    offered = list(api.plans.order_by("name").values_list("pk", "name", "archived_at"))
     if not offered:
         return
-    names = ", ".join(name for _pk, name in offered)
+    # Archived plans take no new subscriptions (refused with their own message): not suggested.
+    names = ", ".join(name for _pk, name, archived_at in offered if archived_at is None) or "none open now"
     if plan is None:
         raise ValidationError({"plan_id": f"API {api.api_name!r} is offered on plans {names}: choose one of them."})
-    if plan.pk not in {pk for pk, _name in offered}:
+    if plan.pk not in {pk for pk, _name, _archived_at in offered}:
         raise ValidationError(
             {"plan_id": f"Plan {plan.name!r} is not offered for API {api.api_name!r}; choose one of: {names}."}
         )

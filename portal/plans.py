@@ -54,7 +54,8 @@ class PlanCard:
 
 
 def plan_cards(api: Api) -> list[PlanCard]:
-    """The plans an API offers, each with its limits in words and whether subscribing waits for approval."""
+    """The plans an API offers (archived ones take no new subscriptions: left out), each with its limits in
+    words and whether subscribing waits for approval."""
     api_manual = api.subscription_approval == Api.Approval.MANUAL
     return [
         PlanCard(
@@ -62,5 +63,5 @@ def plan_cards(api: Api) -> list[PlanCard]:
             limits=limits_in_words(plan.policies.all()),
             needs_approval=api_manual or plan.approval == Plan.Approval.MANUAL,
         )
-        for plan in api.plans.prefetch_related("policies").order_by("name")
+        for plan in api.plans.filter(archived_at__isnull=True).prefetch_related("policies").order_by("name")
     ]

@@ -503,3 +503,12 @@ def test_deleting_an_offered_plan_takes_it_off_its_apis_and_says_so(acme_api: Ap
     services.plan_delete(plan=starter, actor=None)
     assert not acme_api.plans.exists()
     assert last_event("plan.delete").changes["no_longer_offered_by"] == [acme_api.pk]
+
+
+def test_an_archived_plan_is_not_suggested(acme: Tenant, acme_api: Api, bob_app: Consumer, starter: Plan) -> None:
+    old = services.plan_create(tenant=acme, name="legacy", actor=None)
+    services.api_update(api=acme_api, plans=[starter, old], actor=None)
+    services.plan_archive(plan=old, actor=None)
+    with pytest.raises(ValidationError) as exc:
+        services.subscription_request(consumer=bob_app, api=acme_api, actor=None)
+    assert errors_of(exc)["plan_id"] == ["API 'users' is offered on plans starter: choose one of them."]

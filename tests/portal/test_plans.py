@@ -174,3 +174,9 @@ def test_after_choosing_starter_the_sixth_call_in_a_minute_gets_429(
             statuses.append(requests.get(f"{base}/echo/hello", headers={"X-API-Key": plaintext}, timeout=10))
         assert [r.status_code for r in statuses] == [200, 200, 200, 200, 200, 429]
         assert int(statuses[-1].headers["Retry-After"]) > 0
+
+
+def test_an_archived_plan_gets_no_card(planned_api: Api, pro: Plan) -> None:
+    services.plan_archive(plan=pro, actor=None)
+    page = Client().get(f"/portal/acme/apis/{planned_api.pk}/").content.decode()
+    assert 'data-plan="starter"' in page and 'data-plan="pro"' not in page
