@@ -254,8 +254,19 @@ class PlanSerializer(StrictModelSerializer):
 
     class Meta:
         model = Plan
-        fields = ["id", "tenant_id", "name", "description", "policies", "approval", "created_at", "updated_at"]
-        read_only_fields = ["id", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "tenant_id",
+            "name",
+            "description",
+            "policies",
+            "approval",
+            "archived_at",
+            "created_at",
+            "updated_at",
+        ]
+        # archived_at changes through POST plans/{id}/archive/ and unarchive/ (apimgmt/api/webhook_views.py).
+        read_only_fields = ["id", "archived_at", "created_at", "updated_at"]
         validators: list[Any] = []
 
 
@@ -440,6 +451,12 @@ class SubscriptionSerializer(StrictModelSerializer):
         allow_null=True,
         help_text="Username of who approved, rejected or cancelled it; null while pending or if decided automatically.",
     )
+    pending_plan_id = serializers.CharField(
+        read_only=True,
+        allow_null=True,
+        help_text="The plan it moves to: at plan_change_at, or (no date) when a tenant admin grants the request.",
+    )
+    plan_change_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
     class Meta:
         model = Subscription
@@ -453,6 +470,8 @@ class SubscriptionSerializer(StrictModelSerializer):
             "decided_by",
             "decided_at",
             "decision_note",
+            "pending_plan_id",
+            "plan_change_at",
             "created_at",
         ]
         read_only_fields = ["id", "status", "decided_at", "decision_note", "created_at"]

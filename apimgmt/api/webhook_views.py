@@ -116,21 +116,6 @@ class ChangePlanSerializer(s.StrictSerializer):
     )
 
 
-class SubscriptionPlanSerializer(s.SubscriptionSerializer):
-    pending_plan_id = serializers.CharField(read_only=True, allow_null=True)
-    plan_change_at = serializers.DateTimeField(read_only=True, allow_null=True)
-
-    class Meta(s.SubscriptionSerializer.Meta):
-        fields = [*s.SubscriptionSerializer.Meta.fields, "pending_plan_id", "plan_change_at"]
-
-
-class PlanArchiveSerializer(s.PlanSerializer):
-    archived_at = serializers.DateTimeField(read_only=True, allow_null=True)
-
-    class Meta(s.PlanSerializer.Meta):
-        fields = [*s.PlanSerializer.Meta.fields, "archived_at"]
-
-
 # ---------------------------------------------------------------------------
 # Webhook endpoints and deliveries
 # ---------------------------------------------------------------------------
@@ -255,7 +240,7 @@ class WebhookDeliveryViewSet(ScopedViewSet, ReadMixin):
 @extend_schema_view(
     change_plan=extend_schema(
         request=ChangePlanSerializer,
-        responses={200: SubscriptionPlanSerializer, 202: SubscriptionPlanSerializer},
+        responses={200: s.SubscriptionSerializer, 202: s.SubscriptionSerializer},
         summary="Move a subscription to another plan without re-keying; a developer's move to a plan that needs "
         "approval waits for a tenant admin (202)",
     ),
@@ -264,7 +249,7 @@ class SubscriptionPlanViewSet(ScopedViewSet):
     """``POST /mgmt/v1/subscriptions/{id}/change-plan/``: mounted next to the subscriptions resource."""
 
     queryset = Subscription.objects.select_related("consumer", "decided_by")
-    serializer_class = SubscriptionPlanSerializer
+    serializer_class = s.SubscriptionSerializer
     # Developers may ask for their own subscriptions (CHANGE); what happens then depends on the plan (below).
     action_permissions = {"change_plan": CHANGE}
 
@@ -304,7 +289,7 @@ class PlanArchiveViewSet(ScopedViewSet):
     """``POST /mgmt/v1/plans/{id}/archive/`` and ``unarchive/``: mounted next to the plans resource."""
 
     queryset = Plan.objects.prefetch_related("policies")
-    serializer_class = PlanArchiveSerializer
+    serializer_class = s.PlanSerializer
 
     @action(detail=True, methods=["post"])
     def archive(self, request: Request, pk: str) -> Response:
