@@ -34,7 +34,7 @@ import gevent.lock
 import redis
 from gevent import monkey
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -656,8 +656,10 @@ class Session:
         self.record = record
         self.key_hash = key_hash
         self.lease = lease
-        self.client = client
-        self.upstream = upstream
+        # Past the handshake each side is wsproto's frame-level Connection (one wrapper less per frame).
+        assert client.connection is not None and upstream.connection is not None
+        self.client: Connection = client.connection
+        self.upstream: Connection = upstream.connection
         self.upstream_sock = upstream_sock
         self.client_sock: Any = None
         self.client_lock = gevent.lock.Semaphore()
@@ -686,6 +688,10 @@ class Session:
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client_sock.sendall(response)
             self.last_activity = time.monotonic()
+            # Frames the upstream sent right behind its 101 (read with it) are already parsed: pass them on now,
+            # not when the upstream next sends something.
+            for event in self.upstream.events():
+                self._from_upstream(event)
             reader = gevent.spawn(self._pump, self.upstream_sock, self.upstream, self._from_upstream)
             self._pump(client_sock, self.client, self._from_client)
             reader.join(timeout=CLOSE_WAIT_SECONDS)
@@ -725,7 +731,7 @@ class Session:
 
     # -- reading ----------------------------------------------------------------------------------------------
 
-    def _pump(self, sock: Any, conn: WSConnection, handle: Any) -> None:
+    def _pump(self, sock: Any, conn: Connection, handle: Any) -> None:
         """Read one side until its connection is closed; each event goes to ``handle``."""
         while conn.state is not ConnectionState.CLOSED:
             try:
@@ -844,7 +850,7 @@ def _same_kind(event: Message[Any]) -> Message[Any]:
 _SENDABLE_WHEN_OPEN = (Message, Ping, Pong)
 
 
-def _send(conn: WSConnection, sock: Any, lock: gevent.lock.Semaphore, event: Event) -> None:
+def _send(conn: Connection, sock: Any, lock: gevent.lock.Semaphore, event: Event) -> None:
     """Frame and write ``event`` when the connection's state allows it (a closing side gets no more data)."""
     if sock is None:
         return

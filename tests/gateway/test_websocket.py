@@ -57,6 +57,8 @@ class WsUpstream:
         assert request is not None
         self.handshakes.append((request.path, {k.lower(): v for k, v in request.headers.raw_items()}, ws.subprotocol))
         path = request.path.split("?", 1)[0]
+        if path.endswith("/greet"):
+            ws.send("welcome")  # unasked, right behind the handshake
         try:
             for message in ws:
                 if path.endswith("/close-first"):
@@ -172,6 +174,18 @@ def test_client_close_reaches_upstream_and_upstream_close_reaches_client(
     ws = _connect(live_gateway + "/api/users/v1/echo", key)
     ws.close(4001, "client says bye")
     assert ws.close_code == 4001  # the upstream's answer to our close came back through the gateway
+
+
+def test_a_greeting_the_upstream_sends_right_after_the_handshake_arrives_unasked(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/greet"
+    _wait_routable(url, key)
+    for _ in range(5):
+        with _connect(url, key) as ws:
+            assert ws.recv(timeout=5) == "welcome"
 
 
 def test_subprotocol_is_negotiated_with_the_upstream(live_gateway, acme, bob_app, bob_key, ws_upstream):
