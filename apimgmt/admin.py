@@ -1135,7 +1135,16 @@ class SubscriptionAdmin(TenantScopedAdmin):
     list_filter = ["status", "api__tenant", "plan"]
     search_fields = ["id", "consumer__name", "api__api_name", "plan__name", "api__tenant__id"]
     list_select_related = ["consumer", "api", "plan", "decided_by"]
-    readonly_fields = ["id", "status", "decided_by", "decided_at", "decision_note", "created_at"]
+    readonly_fields = [
+        "id",
+        "status",
+        "decided_by",
+        "decided_at",
+        "decision_note",
+        "pending_plan",
+        "plan_change_at",
+        "created_at",
+    ]
     actions = ["approve_subscriptions", "reject_subscriptions", "cancel_subscriptions"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Subscription | None = None) -> list[str]:
