@@ -569,10 +569,14 @@ class Registry:
         if self.recheck:
             hashes, self.recheck = self.recheck, set()
             self._check_keys(hashes)
+        wall = time.time()
         for session in list(self.sessions):
+            expires_at = session.record.expires_at
             if session.closing_since:
                 if now - session.closing_since > CLOSE_WAIT_SECONDS:
                     session.abort()
+            elif expires_at is not None and expires_at <= wall:
+                session.close_soon(POLICY_VIOLATION, "The key expired.")
             elif now - session.last_activity > session.route.spec.websocket_idle_timeout:
                 session.close_soon(
                     POLICY_VIOLATION,
@@ -622,6 +626,8 @@ class Registry:
                 failure = auth.check_access(record, route, time.time())
                 if failure is not None:
                     session.close_soon(POLICY_VIOLATION, "The key no longer allows this API.")
+                elif record is not None:
+                    session.record = record  # e.g. a new expiry
 
 
 _registries: dict[int, Registry] = {}

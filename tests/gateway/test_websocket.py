@@ -640,3 +640,25 @@ def test_an_invalid_handshake_gets_400_or_426_naming_what_is_wrong(live_gateway,
     status, data = answer({"Sec-WebSocket-Key": ""})
     assert status == 400 and b"Sec-WebSocket-Key" in data
     assert len(ws_upstream.handshakes) == count
+
+
+def test_a_key_that_expires_while_connected_is_closed_when_it_expires(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    expires = timezone.now() + timedelta(seconds=3)
+    _, short_lived = services.api_key_create(consumer=bob_app, actor=None, expires_at=expires)
+    with _connect(url, short_lived) as ws:
+        ws.send("still valid")
+        assert ws.recv(timeout=5) == "still valid"
+        code, reason, _ = _closed_with(ws, timeout=10)
+        closed_at = timezone.now()
+    assert (code, reason) == (1008, "The key expired.")
+    assert timedelta(0) <= closed_at - expires < timedelta(seconds=1)
