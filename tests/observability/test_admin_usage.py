@@ -52,6 +52,16 @@ def test_staff_see_a_tenants_last_24_hours(client: Client, staff: User, traffic:
     assert page.count("<rect ") == 3
     assert ": 700 2xx and 3xx</title>" in page and ": 100 5xx</title>" in page
     assert ": 200 429 Too Many Requests</title>" in page
+    # Each bar in the hour (UTC) its traffic was in, on an axis that ends at the current hour.
+    titles = re.findall(r"<title>(\d\d:00): (\d+) ", page)
+    hour = lambda ago: f"{now() - ago:%H}:00"  # noqa: E731
+    assert titles == [
+        (hour(timedelta(hours=2)), "100"),
+        (hour(timedelta(hours=1)), "700"),
+        (hour(timedelta(minutes=5)), "200"),
+    ]
+    hours = re.findall(r'text-anchor="middle">(\d\d:00)</text>', page)
+    assert hours[-1] == hour(timedelta()), "the hour axis ends at the current hour"
     assert [int(t) for t in re.findall(r'text-anchor="end">(\d+)</text>', page)] == [0, 200, 400, 600, 800]
     assert "Hour (UTC)" in page and 'class="legend-item"' in page
 
