@@ -48,6 +48,10 @@ CONSUMER_FIELDS = ("name", "owner", "description", "status", "subscriptions")
 SUBSCRIPTION_FIELDS = ("api", "plan", "status")
 
 _VARIABLE = re.compile(r"\$(\$\{)|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
+# What a document may add up to once its variables are expanded (as large as the text the API takes), and how deeply
+# it may nest: a small request must not become gigabytes in memory or exhaust the interpreter's stack.
+MAX_EXPANSION_CHARS = 10_000_000
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ def parse_text(text: str, source: str) -> Any:
         if source.endswith(".json"):
             return json.loads(text)
         return yaml.load(text, Loader=_DocumentLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # json's decoder recurses once per level
+        raise ConfigError(source, [Problem("", f"nested deeper than {MAX_DEPTH} levels; flatten it.")]) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             source, [Problem(f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}")]
@@ -178,7 +184,10 @@ def clean_values(data: Any, source: str) -> Any:
     document as a number)."""
     problems: list[Problem] = []
 
-    def clean(value: Any, path: str) -> Any:
+    def clean(value: Any, path: str, depth: int = 0) -> Any:
+        if isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
+            problems.append(Problem(path, f"nested deeper than {MAX_DEPTH} levels; flatten it."))
+            return value
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -197,11 +206,11 @@ def clean_values(data: Any, source: str) -> Any:
                     problems.append(Problem(path, f"keys must be text, not {key!r}."))
                     continue
                 name = str(key)
-                out[name] = clean(item, f"{path}.{name}" if path else name)
+                out[name] = clean(item, f"{path}.{name}" if path else name, depth + 1)
                 clean(name, path)
             return out
         if isinstance(value, list):
-            return [clean(v, f"{path}[{_label(v, i)}]") for i, v in enumerate(value)]
+            return [clean(v, f"{path}[{_label(v, i)}]", depth + 1) for i, v in enumerate(value)]
         return value
 
     cleaned = clean(data, "")
@@ -213,6 +222,7 @@ def clean_values(data: Any, source: str) -> Any:
 def expand_variables(data: Any, variables: Mapping[str, str], source: str) -> Any:
     """Replace ``${NAME}`` in every string value by ``variables[NAME]`` (``$${`` is a literal ``${``)."""
     problems: list[Problem] = []
+    budget = [MAX_EXPANSION_CHARS]  # characters variables may still add, over the whole document
 
     def expand(value: Any, path: str) -> Any:
         if isinstance(value, str):
@@ -230,6 +240,17 @@ def expand_variables(data: Any, variables: Mapping[str, str], source: str) -> An
                     return ""
                 if name not in variables:
                     problems.append(Problem(path, f"variable ${{{name}}} is not set."))
+                    return ""
+                budget[0] -= len(variables[name])
+                if budget[0] < 0:
+                    if budget[0] + len(variables[name]) >= 0:  # named once, where the budget ran out
+                        problems.append(
+                            Problem(
+                                path,
+                                f"variables expand to more than {MAX_EXPANSION_CHARS:,} characters in all; "
+                                "a document is at most that large.",
+                            )
+                        )
                     return ""
                 return variables[name]
 
