@@ -212,9 +212,10 @@ def test_deliverer_runs_deliver_events_in_follow_mode_with_metrics_liveness_and_
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["name"] == "metrics"
     egress = one(full_docs, "NetworkPolicy", f"{FULL}-deliverer-webhooks")["spec"]["egress"]
     assert egress == [{}]  # receivers are anywhere unless networkPolicy.webhookEgress says otherwise
-    docs = render({"deliverer": {"enabled": False}})
+    docs = render({"deliverer": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}})
     assert not find(docs, "Deployment", f"{FULL}-deliverer") and not find(docs, "Service", f"{FULL}-deliverer")
     assert not find(docs, "NetworkPolicy", f"{FULL}-deliverer-webhooks")
+    assert "deliverer" not in one(docs, "ServiceMonitor", FULL)["spec"]["selector"]["matchExpressions"][0]["values"]
 
 
 def test_usage_spool_is_an_emptydir_whose_size_limit_comes_from_values() -> None:
