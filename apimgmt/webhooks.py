@@ -14,6 +14,7 @@ lease ends. No request path of the control plane or the gateway ever waits on a 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ import logging
 import random
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,13 +257,73 @@ def _vetted_address(host: str, port: int) -> str:
     raise ConnectionRefusedError(f"{host} resolves only to addresses webhooks may not reach")
 
 
+class _Deadline:
+    """Cuts an attempt's connection when its time is up: the socket timeout bounds each read, not the answer, so a
+    receiver sending a byte now and then (TLS handshake, status line, headers) would otherwise hold a deliverer
+    thread, and the deliverer's round, for as long as it likes. The watched socket is a duplicate, so shutting it
+    down never touches a descriptor the connection already closed and the process reused."""
+
+    def __init__(self, seconds: float) -> None:
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.expired = False
+        self.done = False
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self.lock:
+            if self.done:
+                return
+            copy = sock.dup()
+            self.sockets.append(copy)
+            if self.expired:
+                self._cut(copy)
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _expire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.expired = True
+            for sock in self.sockets:
+                self._cut(sock)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            for sock in self.sockets:
+                sock.close()
+            self.sockets.clear()
+
+
+def _watched(base: type[Any], deadline: _Deadline) -> type[Any]:
+    """``base`` (urllib3's connection class) with every socket it opens watched by ``deadline``."""
+
+    class Watched(base):
+        def _new_conn(self) -> socket.socket:
+            sock: socket.socket = super()._new_conn()
+            deadline.watch(sock)
+            return sock
+
+    return Watched
+
+
 def post(url: str, headers: dict[str, str], body: bytes, *, timeout: float) -> AttemptResult:
-    """POST ``body`` to ``url`` at a vetted address; 2xx is success. Redirects are not followed."""
+    """POST ``body`` to ``url`` at a vetted address; 2xx is success. Redirects are not followed. The answer's
+    status line and headers must be complete within ``timeout`` seconds of the start (the body is not read)."""
     started = time.perf_counter()
     parts = urlsplit(url)
     host = parts.hostname or ""
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
+    deadline = _Deadline(timeout)
     try:
         address = _vetted_address(host, port)
         pool_timeout = urllib3.Timeout(connect=min(timeout, 5.0), read=timeout)
@@ -278,19 +340,34 @@ def post(url: str, headers: dict[str, str], body: bytes, *, timeout: float) -> A
             )
         else:
             pool = urllib3.HTTPConnectionPool(address, port, timeout=pool_timeout, retries=False)
+        pool.ConnectionCls = _watched(pool.ConnectionCls, deadline)
         with pool:
-            response = pool.urlopen(
-                "POST",
-                (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                body=body,
-                headers={**headers, "host": parts.netloc.rsplit("@", 1)[-1]},
-                redirect=False,
-                preload_content=False,
-                retries=False,
-            )
-            response.release_conn()
+            try:
+                response = pool.urlopen(
+                    "POST",
+                    (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                    body=body,
+                    headers={**headers, "host": parts.netloc.rsplit("@", 1)[-1]},
+                    redirect=False,
+                    preload_content=False,
+                    retries=False,
+                )
+                response.release_conn()
+            finally:
+                deadline.close()
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return AttemptResult(False, None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:500])
+        error = f"{type(exc).__name__}: {exc}"
+        if deadline.expired:
+            error = f"no complete answer within {timeout:g} s ({error})"
+        return AttemptResult(False, None, (time.perf_counter() - started) * 1000, error[:500])
+    finally:
+        deadline.close()
+    if deadline.expired:
+        # Cut while reading: a cut answer can look complete (EOF ends the headers), so it is not believed. (Cut in
+        # the instant after a complete answer, it is sent again: at least once, receivers deduplicate.)
+        return AttemptResult(
+            False, None, (time.perf_counter() - started) * 1000, f"no complete answer within {timeout:g} s"
+        )
     latency = (time.perf_counter() - started) * 1000
     ok = 200 <= response.status < 300
     return AttemptResult(ok, response.status, latency, "" if ok else f"HTTP {response.status}")
