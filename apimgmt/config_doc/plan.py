@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db.models import Q
 
 from apimgmt import services
 from apimgmt.config_doc.document import ConfigError, Problem, consumer_key
@@ -177,16 +178,18 @@ def _plan_consumers(
     assert state.consumers is not None
     usernames = {c["owner"] for c in document["consumers"] if c["owner"]}
     user_model = get_user_model()
+    # Owners the tenant may have (services.consumer_owner_check): its members and superusers. Anyone else gets the
+    # same answer whether or not the name exists, so planning (viewers may) does not list the platform's users.
     known = set(
-        user_model._default_manager.filter(**{f"{user_model.USERNAME_FIELD}__in": usernames}).values_list(
-            user_model.USERNAME_FIELD, flat=True
-        )
+        user_model._default_manager.filter(**{f"{user_model.USERNAME_FIELD}__in": usernames})
+        .filter(Q(is_superuser=True) | Q(memberships__tenant_id=state.tenant.pk))
+        .values_list(user_model.USERNAME_FIELD, flat=True)
     )
     for item in document["consumers"]:
         key = consumer_key(item)
         where = f"consumers[{key}]"
         if item["owner"] and item["owner"] not in known:
-            problems.append(Problem(f"{where}.owner", f"no user named {item['owner']!r}."))
+            problems.append(Problem(f"{where}.owner", "The owner must be a member of this consumer's tenant."))
         current = state.consumers.get(key)
         if current is None:
             plan.changes.append(Change(CREATE, "consumer", key, desired=item))

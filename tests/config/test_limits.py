@@ -73,3 +73,18 @@ def test_a_deeply_nested_openapi_file_is_a_400_not_a_500(
     assert r.status_code == 400, r.content
     assert "nested deeper than 100 levels" in str(r.json()["errors"])
     assert Api.objects.count() == apis
+
+
+def test_planning_an_app_owner_does_not_tell_a_viewer_which_user_names_exist(
+    world: dict[str, Any], vera: User, carol: User, client_for: Callable[[User], APIClient]
+) -> None:
+    # carol exists (globex's admin), "nobody-here" does not: for acme's viewer both are just not acme members.
+    client = client_for(vera)
+    answers = []
+    for owner in ("carol", "nobody-here"):
+        text = f"format: {config_doc.FORMAT}\nconsumers:\n- {{name: app, owner: {owner}}}\n"
+        r = client.post(CONFIG + "plan/", {"text": text}, format="json")
+        assert r.status_code == 400, r.content
+        answers.append(r.json()["errors"])
+    assert answers[0] == {"consumers[carol/app].owner": ["The owner must be a member of this consumer's tenant."]}
+    assert answers[1] == {"consumers[nobody-here/app].owner": ["The owner must be a member of this consumer's tenant."]}
