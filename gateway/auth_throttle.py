@@ -35,14 +35,17 @@ MAX_ADDRESSES = 50_000
 
 
 def throttle_scope(address: str) -> str:
-    """What failures are counted by: the IPv4 address, or the /64 of an IPv6 address."""
+    """What failures are counted by: the IPv4 address, or the /64 of an IPv6 address. An IPv4 client shown as
+    IPv4-mapped IPv6 (``::ffff:a.b.c.d``, from a dual-stack listener) is its IPv4 address, not ``::/64``, which
+    would count every IPv4 client together."""
     if ":" not in address:
         return address
     try:
         network = ipaddress.IPv6Network(f"{address}/64", strict=False)
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
     except ValueError:
         return address
-    return str(network)
+    return str(mapped) if mapped is not None else str(network)
 
 
 class AuthFailureThrottle:

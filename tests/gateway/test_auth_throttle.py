@@ -180,3 +180,12 @@ def test_bad_throttle_settings_stop_start_up_with_a_clear_message(name: str, val
     result = run_python("import django; django.setup()", {"DEBUG": "1", name: value})
     assert result.returncode != 0
     assert "GATEWAY_AUTH_FAILURE_LIMIT must be 0 (off) or more" in result.stderr
+
+
+def test_ipv4_clients_seen_as_mapped_ipv6_are_counted_one_by_one(gateway, users_api, settings_gateway):
+    # A dual-stack listener (or a proxy on one) shows IPv4 clients as ::ffff:a.b.c.d; their /64 is ::/64, which
+    # would put every IPv4 client in one count: one attacker would shut all of them out.
+    settings_gateway(AUTH_FAILURE_LIMIT=3, AUTH_FAILURE_WINDOW_SECONDS=60)
+    assert [r.status for r in _made_up(gateway, 4, f"::ffff:{ATTACKER}")] == [401, 401, 401, 429]
+    assert _made_up(gateway, 1, ATTACKER)[0].status == 429  # the same client, however it is written
+    assert _made_up(gateway, 1, f"::ffff:{NEIGHBOUR}")[0].status == 401
