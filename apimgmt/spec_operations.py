@@ -21,11 +21,38 @@ NO_PATH = 404
 NO_METHOD = 405
 
 
+class _Segment:
+    """A path segment with templates, e.g. ``{name}.{ext}``: its literal parts in order, each template between two
+    of them standing for one or more characters. Matched without a regular expression: a segment of several
+    templates that does not fit would make one backtrack for minutes (this runs before any key is checked)."""
+
+    __slots__ = ("key", "parts")
+
+    def __init__(self, segment: str) -> None:
+        self.parts = _TEMPLATE.split(segment)  # literal text around the templates (n templates: n + 1 parts)
+        self.key = "{}".join(self.parts)  # what makes two template segments the same
+
+    def match(self, segment: str) -> bool:
+        first, *middle, last = self.parts
+        if not segment.startswith(first):
+            return False
+        position = len(first)
+        # Each literal at its earliest place after at least one character of template: that leaves the most room
+        # for the rest, so if any placement fits, this one does.
+        for part in middle:
+            found = segment.find(part, position + 1)
+            if found < 0:
+                return False
+            position = found + len(part)
+        end = len(segment) - len(last)
+        return end >= position + 1 and segment.endswith(last)
+
+
 @dataclass
 class _Node:
     literal: dict[str, _Node] = field(default_factory=dict)
-    # Segments with a template, in the order of the spec: (compiled segment, node).
-    templated: list[tuple[re.Pattern[str], _Node]] = field(default_factory=list)
+    # Segments with a template, in the order of the spec.
+    templated: list[tuple[_Segment, _Node]] = field(default_factory=list)
     methods: frozenset[str] | None = None  # None: no operation ends here
 
 
@@ -60,10 +87,9 @@ class OperationTable:
     def _child(node: _Node, segment: str) -> _Node:
         if not _TEMPLATE.search(segment):
             return node.literal.setdefault(segment, _Node())
-        parts = _TEMPLATE.split(segment)
-        pattern = re.compile("[^/]+?".join(re.escape(part) for part in parts) + r"\Z")
+        pattern = _Segment(segment)
         for existing, child in node.templated:
-            if existing.pattern == pattern.pattern:
+            if existing.key == pattern.key:
                 return child
         child = _Node()
         node.templated.append((pattern, child))
