@@ -7,6 +7,7 @@ message that says what to fix; nothing half-written is left behind.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -452,12 +453,39 @@ def api_check(api: Api) -> None:
         errors["openapi_spec"] = ["openapi_spec must be a JSON object (an OpenAPI document)."]
     elif api.restrict_to_spec and not (api.openapi_spec or {}).get("paths"):
         errors["restrict_to_spec"] = ["restrict_to_spec needs an OpenAPI document with paths (openapi_spec)."]
+    elif api.restrict_to_spec:
+        too_big = _restricted_spec_too_big((api.openapi_spec or {}).get("paths"))
+        if too_big:
+            errors["restrict_to_spec"] = [too_big]
     if errors:
         raise ValidationError(errors)
     if api.total_timeout < api.connect_timeout:
         raise ValidationError({"total_timeout": "total_timeout must be at least connect_timeout."})
     if api.tenant_id:
         _check_route_not_captured(api)
+
+
+# A restricted API's spec paths go into every gateway worker's route table (apimgmt/spec_operations.py), compiled on
+# every reload: bounded, so one tenant's document cannot cost every worker of every tenant memory and time.
+MAX_RESTRICTED_OPERATIONS = 10_000
+MAX_RESTRICTED_PATHS_CHARS = 5_000_000  # the OpenAPI import's limit for a whole document
+
+
+def _restricted_spec_too_big(paths: Any) -> str | None:
+    from apimgmt.spec_operations import METHODS
+
+    if not isinstance(paths, dict):
+        return None
+    operations = sum(1 for item in paths.values() if isinstance(item, dict) for m in METHODS if m in item)
+    size = len(json.dumps(paths)) if operations <= MAX_RESTRICTED_OPERATIONS else 0
+    if operations <= MAX_RESTRICTED_OPERATIONS and size <= MAX_RESTRICTED_PATHS_CHARS:
+        return None
+    this_one = f"{operations:,} operations" if size == 0 else f"{size:,} characters of paths"
+    return (
+        f"restrict_to_spec takes an OpenAPI document of at most {MAX_RESTRICTED_OPERATIONS:,} operations and "
+        f"{MAX_RESTRICTED_PATHS_CHARS:,} characters of paths (this one: {this_one}); split the API or turn "
+        "restrict_to_spec off."
+    )
 
 
 def _under(path: str, prefix: str) -> bool:
