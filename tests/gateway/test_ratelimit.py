@@ -256,6 +256,10 @@ def test_redis_stopped_a_pod_of_four_workers_admits_its_local_limit_once_not_twi
             own_redis.stop()
             statuses = _flood(url + "/api/users/v1/x", {"X-API-Key": bob_key[1]}, total=480)
     assert set(statuses) <= {200, 429}
-    # 4 workers x 40 // 4: the pod admits 40 in all (with GATEWAY_WORKERS=2 deciding, it was 4 x 20 = 80).
-    assert statuses.count(200) == 40
-    assert len(upstream.seen) == 40
+    # Each worker admits 40 // 4 = 10, so the pod admits at most 40 (with GATEWAY_WORKERS=2 deciding, each worker
+    # admitted 20: up to 80). Which worker accepts a connection is the kernel's choice, and on a loaded machine one
+    # of the four may get fewer than 10 of the 480 requests; more than 20 admitted still shows at least three
+    # workers were busy, where the old split would have admitted 60 or more.
+    admitted = statuses.count(200)
+    assert 20 < admitted <= 40
+    assert len(upstream.seen) == admitted
