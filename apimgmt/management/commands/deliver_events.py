@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 import time
-from types import FrameType
 from typing import Any
 
 import redis
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 
 from apimgmt import events, services, webhooks
+from apimgmt.management import loop
 from apimgmt.slow_queries import install_slow_query_logging
 
 # How often --follow looks for keys crossing a key.expiring threshold and for plan changes that are due.
@@ -23,13 +22,13 @@ HOUSEKEEPING_EVERY_SECONDS = 3600.0
 SUMMARY_EVERY_SECONDS = 60.0
 
 
-class DelivererMetrics:
+class DelivererMetrics(loop.CommandMetrics):
     """The deliverer's own /metrics (it serves no HTTP otherwise), in a registry of its own."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.events = Counter(
             "apimgmt_webhook_events_dispatched", "Events fanned out to webhook endpoints.", registry=self.registry
         )
@@ -52,12 +51,6 @@ class DelivererMetrics:
             "When this deliverer last completed a round (also when there was nothing to send).",
             registry=self.registry,
         )
-
-    def serve(self, port: int) -> DelivererMetrics:
-        from prometheus_client import start_http_server
-
-        start_http_server(port, registry=self.registry)
-        return self
 
     def observe(self, stats: webhooks.DeliveryStats) -> None:
         self.events.inc(stats.dispatched)
@@ -125,60 +118,37 @@ class Command(BaseCommand):
         )
 
     def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
-        stopping = False
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         webhooks.logger.info("event deliverer started")
         total = webhooks.DeliveryStats()
         last_scan = -SCAN_EVERY_SECONDS
         last_quota_scan = -QUOTA_SCAN_EVERY_SECONDS
         last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
-        backoff = 0.0
-        while not stopping:
-            try:
-                now = time.monotonic()
-                if now - last_scan >= SCAN_EVERY_SECONDS:
-                    scan()
-                    last_scan = now
-                if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS:
-                    quota_scan()
-                    last_quota_scan = now
-                if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
-                    webhooks.forget_old()
-                    last_housekeeping = now
-                # Deliveries in flight are always recorded before a stop.
-                stats = deliverer.run_once()
-                total.add(stats)
-                if metrics is not None:
-                    metrics.observe(stats)
-                    metrics.backlog.set(webhooks.pending_backlog())
-                if now - last_summary >= SUMMARY_EVERY_SECONDS and (
-                    total.dispatched or total.succeeded or total.failed
-                ):
-                    webhooks.logger.info("events delivered", extra=total.as_dict())
-                    total = webhooks.DeliveryStats()
-                    last_summary = now
-                backoff = 0.0
-                busy = stats.succeeded + stats.retried + stats.failed >= deliverer.batch_size
-                self._sleep(0 if busy else pause, lambda: stopping)
-            except (DatabaseError, redis.RedisError) as exc:
-                backoff = min(max(backoff * 2, 0.2), 5.0)
-                webhooks.logger.warning(
-                    "event delivery failed, retrying in %.1fs: %s: %s", backoff, exc.__class__.__name__, exc
-                )
-                if isinstance(exc, DatabaseError):
-                    connections["default"].close()
-                self._sleep(backoff, lambda: stopping)
-        webhooks.logger.info("event deliverer stopped", extra=total.as_dict())
 
-    @staticmethod
-    def _sleep(seconds: float, stopped: Any) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not stopped():
-            time.sleep(0.05)
+        def round_() -> float:
+            nonlocal total, last_scan, last_quota_scan, last_housekeeping, last_summary
+            now = time.monotonic()
+            if now - last_scan >= SCAN_EVERY_SECONDS:
+                scan()
+                last_scan = now
+            if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS:
+                quota_scan()
+                last_quota_scan = now
+            if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
+                webhooks.forget_old()
+                last_housekeeping = now
+            # Deliveries in flight are always recorded before a stop.
+            stats = deliverer.run_once()
+            total.add(stats)
+            if metrics is not None:
+                metrics.observe(stats)
+                metrics.backlog.set(webhooks.pending_backlog())
+            if now - last_summary >= SUMMARY_EVERY_SECONDS and (total.dispatched or total.succeeded or total.failed):
+                webhooks.logger.info("events delivered", extra=total.as_dict())
+                total = webhooks.DeliveryStats()
+                last_summary = now
+            busy = stats.succeeded + stats.retried + stats.failed >= deliverer.batch_size
+            return 0 if busy else pause
+
+        loop.follow(round_, logger=webhooks.logger, failure="event delivery failed")
+        webhooks.logger.info("event deliverer stopped", extra=total.as_dict())

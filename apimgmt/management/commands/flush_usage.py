@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from datetime import UTC, datetime, timedelta
-from types import FrameType
 from typing import Any
 
 import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 
 from apimgmt import usage, usage_partitions
+from apimgmt.management import loop
 from apimgmt.slow_queries import install_slow_query_logging
 
 # How often --follow creates partitions ahead, drops expired ones and forgets old copy tokens.
@@ -21,13 +20,13 @@ HOUSEKEEPING_EVERY_SECONDS = 600.0
 SUMMARY_EVERY_SECONDS = 60.0
 
 
-class FlusherMetrics:
+class FlusherMetrics(loop.CommandMetrics):
     """The flusher's own /metrics (it serves no HTTP otherwise), in a registry of its own."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter(
             "apimgmt_usage_flusher_requests",
             "Requests copied from Redis usage buckets into am_usage_records, by outcome (counted, dropped).",
@@ -55,12 +54,6 @@ class FlusherMetrics:
             "When this flusher last completed a round over every tenant (also when there was nothing to copy).",
             registry=self.registry,
         )
-
-    def serve(self, port: int) -> FlusherMetrics:
-        from prometheus_client import start_http_server
-
-        start_http_server(port, registry=self.registry)
-        return self
 
     def observe(self, stats: usage.FlushStats) -> None:
         self.requests.labels("counted").inc(stats.requests)
@@ -135,57 +128,36 @@ class Command(BaseCommand):
         )
 
     def _follow(self, flusher: usage.UsageFlusher, *, pause_ms: int, metrics: FlusherMetrics | None) -> None:
-        stopping = False
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         usage.logger.info("usage flusher started", extra={"consumer": flusher.consumer})
         total = usage.FlushStats()
-        backoff = 0.0
         last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
-        while not stopping:
-            try:
-                now = time.monotonic()
-                if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
-                    flusher.ensure_partitions()
-                    drop_expired_partitions()
-                    flusher.forget_copy_tokens()
-                    last_housekeeping = now
-                # A claimed minute is always finished (committed and released) before a stop.
-                stats = flusher.flush_once()
-                total.add(stats)
-                if metrics is not None:
-                    metrics.observe(stats)
-                    metrics.lag.set(flusher.lag_seconds())
-                    metrics.backlog.set(flusher.backlog_minutes())
-                if now - last_summary >= SUMMARY_EVERY_SECONDS and (total.minutes or total.skipped):
-                    usage.logger.info("usage flushed", extra={**total.as_dict(), "lag_s": flusher.lag_seconds()})
-                    total = usage.FlushStats()
-                    last_summary = now
-                backoff = 0.0
-                self._sleep(pause_ms / 1000, lambda: stopping)
-            except (redis.RedisError, DatabaseError) as exc:
-                # Nothing unstored was released: the claim is taken over again when its lease ends.
-                backoff = min(max(backoff * 2, 0.2), 5.0)
-                usage.logger.warning(
-                    "usage flush failed, retrying in %.1fs: %s: %s", backoff, exc.__class__.__name__, exc
-                )
-                if isinstance(exc, DatabaseError):
-                    connections[flusher.using].close()
-                self._sleep(backoff, lambda: stopping)
+
+        def round_() -> float:
+            nonlocal total, last_housekeeping, last_summary
+            now = time.monotonic()
+            if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
+                flusher.ensure_partitions()
+                drop_expired_partitions()
+                flusher.forget_copy_tokens()
+                last_housekeeping = now
+            # A claimed minute is always finished (committed and released) before a stop.
+            stats = flusher.flush_once()
+            total.add(stats)
+            if metrics is not None:
+                metrics.observe(stats)
+                metrics.lag.set(flusher.lag_seconds())
+                metrics.backlog.set(flusher.backlog_minutes())
+            if now - last_summary >= SUMMARY_EVERY_SECONDS and (total.minutes or total.skipped):
+                usage.logger.info("usage flushed", extra={**total.as_dict(), "lag_s": flusher.lag_seconds()})
+                total = usage.FlushStats()
+                last_summary = now
+            return pause_ms / 1000
+
+        # On an error nothing unstored was released: the claim is taken over again when its lease ends.
+        loop.follow(round_, logger=usage.logger, failure="usage flush failed", using=flusher.using)
         flusher.client.close()
         usage.logger.info("usage flusher stopped", extra=total.as_dict())
-
-    @staticmethod
-    def _sleep(seconds: float, stopped: Any) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not stopped():
-            time.sleep(0.05)
 
 
 def drop_expired_partitions() -> list[str]:
