@@ -9,6 +9,7 @@ and sends them (apimgmt/webhooks.py); nothing here does I/O beyond that one INSE
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -161,24 +162,24 @@ def key_expiring_notices(*, now: datetime | None = None) -> int:
     return sent
 
 
-def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits.CounterWindow, str, str]]:
-    """The quota windows counting this subscription's traffic, with their scope ("consumer_id"/"key_id") and value:
-    the plan's and the API's quota policies whose counter belongs to the consumer or one of its keys."""
+def owned_counter_windows(
+    subscription: Subscription, policies: Iterable[Policy], now: float, key_ids: Callable[[], list[str]]
+) -> Iterator[tuple[limits.CounterWindow, str, str]]:
+    """The windows of ``policies`` whose counter belongs to the subscription's consumer or one of its usable keys
+    (``key_ids``, asked at most once), with their scope ("consumer_id"/"key_id") and value. A counter shared by an
+    API, a tenant or an address is nobody's own and is left out."""
     tenant = subscription.consumer.tenant
-    policies: list[Policy] = [*subscription.api.policies.all()]
-    if subscription.plan is not None:
-        policies += list(subscription.plan.policies.all())
-    found = []
+    keys: list[str] | None = None
     for policy in policies:
-        if policy.policy_type != Policy.Type.QUOTA:
-            continue
         scope = limits.scope_of(policy.config)
         if scope == "consumer_id":
             values = [subscription.consumer_id]
         elif scope == "key_id":
-            values = [k.pk for k in subscription.consumer.keys.all() if k.is_usable()]
+            if keys is None:
+                keys = key_ids()
+            values = keys
         else:
-            continue  # shared by an API, a tenant or an address: nobody's own quota
+            continue
         for value in values:
             for window in limits.counter_windows(
                 tenant_id=tenant.id,
@@ -190,8 +191,24 @@ def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits
                 scope=value,
                 now=now,
             ):
-                found.append((window, scope, value))
-    return found
+                yield window, scope, value
+
+
+def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits.CounterWindow, str, str]]:
+    """The quota windows counting this subscription's traffic, with their scope ("consumer_id"/"key_id") and value:
+    the plan's and the API's quota policies whose counter belongs to the consumer or one of its keys."""
+    policies: list[Policy] = [*subscription.api.policies.all()]
+    if subscription.plan is not None:
+        policies += list(subscription.plan.policies.all())
+    quotas = [policy for policy in policies if policy.policy_type == Policy.Type.QUOTA]
+    return list(
+        owned_counter_windows(
+            subscription,
+            quotas,
+            now,
+            lambda: [k.pk for k in subscription.consumer.keys.all() if k.is_usable()],  # prefetched
+        )
+    )
 
 
 def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_size: int = 500) -> int:

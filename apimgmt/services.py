@@ -1125,31 +1125,15 @@ def _counted_windows(subscription: Subscription, plan: Plan | None, now: float) 
     found: dict[tuple[str, str], list[Any]] = {}
     if plan is None:
         return found
-    tenant = subscription.consumer.tenant
-    key_ids: list[str] | None = None
-    for policy in plan.policies.all():
-        scope = limits.scope_of(policy.config)
-        if scope == "consumer_id":
-            values = [subscription.consumer_id]
-        elif scope == "key_id":
-            if key_ids is None:
-                key_ids = list(subscription.consumer.keys.live().values_list("pk", flat=True))
-            values = key_ids
-        else:
-            continue
-        for value in values:
-            for window in limits.counter_windows(
-                tenant_id=tenant.id,
-                tz_name=tenant.timezone,
-                policy_id=policy.pk,
-                policy_name=policy.name,
-                policy_type=policy.policy_type,
-                config=policy.config,
-                scope=value,
-                now=now,
-            ):
-                if not window.sliding:
-                    found.setdefault((window.label, value), []).append(window)
+    windows = events.owned_counter_windows(
+        subscription,
+        plan.policies.all(),
+        now,
+        lambda: list(subscription.consumer.keys.live().values_list("pk", flat=True)),
+    )
+    for window, _scope, value in windows:
+        if not window.sliding:
+            found.setdefault((window.label, value), []).append(window)
     return found
 
 
