@@ -75,6 +75,35 @@ def process(
             out.close()  # type: ignore[union-attr]
 
 
+def gateway_env(workdir: Path, *, log_level: str) -> dict[str, str]:
+    """The settings a bench gateway runs with: throwaway secrets, loopback upstreams allowed, the usage spool and
+    the Prometheus multiprocess directory (created here) under ``workdir``."""
+    (workdir / "prom").mkdir()
+    return {
+        "DEBUG": "0",
+        "SECRET_KEY": "bench-secret-key-" + "x" * 40,
+        "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
+        "ALLOWED_HOSTS": "*",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
+        "USAGE_SPOOL_DIR": str(workdir / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"),
+        "LOG_LEVEL": log_level,
+    }
+
+
+def prepare_database(env: dict[str, str]) -> None:
+    """Create the bench database (DATABASE_URL's name, else apimgmt_bench) unless it exists, and migrate it."""
+    database = os.environ.get("DATABASE_URL", "").rsplit("/", 1)[-1].split("?", 1)[0] or "apimgmt_bench"
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{database}"'],
+        capture_output=True,
+        check=False,
+    )
+    subprocess.run(
+        [str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True
+    )
+
+
 def nginx_conf(workdir: Path, upstream_port: int, proxy_port: int) -> Path:
     conf = workdir / "nginx.conf"
     conf.write_text(
@@ -201,29 +230,10 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-"))
     upstream_port, proxy_port, naive_port, gateway_port = (free_port() for _ in range(4))
     upstream = f"http://127.0.0.1:{upstream_port}"
-    env = {
-        "DEBUG": "0",
-        "SECRET_KEY": "bench-secret-key-" + "x" * 40,
-        "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
-        "ALLOWED_HOSTS": "*",
-        "UPSTREAM_ALLOW_PRIVATE": "1",
-        "USAGE_SPOOL_DIR": str(workdir / "spool"),
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"),
-        "LOG_LEVEL": "INFO",
-    }
-    (workdir / "prom").mkdir()
+    env = gateway_env(workdir, log_level="INFO")
     if options.worker_class:
         env["GUNICORN_WORKER_CLASS"] = options.worker_class
-
-    database = os.environ.get("DATABASE_URL", "").rsplit("/", 1)[-1].split("?", 1)[0] or "apimgmt_bench"
-    subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{database}"'],
-        capture_output=True,
-        check=False,
-    )
-    subprocess.run(
-        [str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True
-    )
+    prepare_database(env)
     setup = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "bench.setup_bench", upstream],
         cwd=ROOT,

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.bench import ROOT, VENV_BIN, free_port, process, rss_mib
+from bench.bench import ROOT, VENV_BIN, free_port, gateway_env, prepare_database, process, rss_mib
 
 MESSAGE = "x" * 64
 
@@ -137,29 +137,11 @@ def main() -> None:
     parser.add_argument("--idle-timeout", type=float, default=30.0)
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-ws-"))
-    (workdir / "prom").mkdir()
     upstream_port, gateway_port = free_port(), free_port()
-    env = {
-        "DEBUG": "0",
-        "SECRET_KEY": "bench-secret-key-" + "x" * 40,
-        "KEY_HASH_PEPPER": "bench-pepper-" + "y" * 40,
-        "ALLOWED_HOSTS": "*",
-        "UPSTREAM_ALLOW_PRIVATE": "1",
-        "USAGE_SPOOL_DIR": str(workdir / "spool"),
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prom"),
-        "LOG_LEVEL": "WARNING",
-        # One worker holds every idle connection: each takes a greenlet slot.
-        "GUNICORN_WORKER_CONNECTIONS": str(max(1000, options.idle + 200)),
-    }
-    database = os.environ.get("DATABASE_URL", "").rsplit("/", 1)[-1].split("?", 1)[0] or "apimgmt_bench"
-    subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{database}"'],
-        capture_output=True,
-        check=False,
-    )
-    subprocess.run(
-        [str(VENV_BIN / "python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env={**os.environ, **env}, check=True
-    )
+    env = gateway_env(workdir, log_level="WARNING")
+    # One worker holds every idle connection: each takes a greenlet slot.
+    env["GUNICORN_WORKER_CONNECTIONS"] = str(max(1000, options.idle + 200))
+    prepare_database(env)
     setup = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "bench.websocket", "setup", f"http://127.0.0.1:{upstream_port}"],
         cwd=ROOT,
