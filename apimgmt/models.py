@@ -466,6 +466,10 @@ class Subscription(models.Model):
         return f"{self.consumer_id} → {self.api_id} ({self.status})"
 
 
+# What one row of a usage table counts, unique in each of them (the flusher's upserts conflict on it).
+USAGE_BUCKET_KEY = ("tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code")
+
+
 class UsageBucket(models.Model):
     """Traffic of one (tenant, API, consumer, key, status code) in one time bucket: what the usage tables share.
 
@@ -509,10 +513,7 @@ class UsageRecord(UsageBucket):
             models.Index(fields=["tenant", "-timestamp"], name="idx_usage_records_tenant_time"),
         ]
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
-                name="uniq_usage_bucket",
-            )
+            models.UniqueConstraint(fields=USAGE_BUCKET_KEY, name="uniq_usage_bucket"),
         ]
 
 
@@ -525,10 +526,7 @@ class UsageHourly(UsageBucket):
         verbose_name_plural = "hourly usage"
         indexes = [models.Index(fields=["tenant", "-timestamp"], name="idx_usage_hourly_tenant_time")]
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
-                name="uniq_usage_hourly_bucket",
-            )
+            models.UniqueConstraint(fields=USAGE_BUCKET_KEY, name="uniq_usage_hourly_bucket"),
         ]
 
 
@@ -544,10 +542,7 @@ class UsageDaily(UsageBucket):
             models.Index(fields=["tenant", "consumer_id", "-timestamp"], name="idx_usage_daily_consumer"),
         ]
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant", "api_id", "consumer_id", "key_id", "timestamp", "status_code"],
-                name="uniq_usage_daily_bucket",
-            )
+            models.UniqueConstraint(fields=USAGE_BUCKET_KEY, name="uniq_usage_daily_bucket"),
         ]
 
 
@@ -602,6 +597,10 @@ class ApiToken(models.Model):
         return f"{self.token_prefix}… ({self.user})"
 
 
+# The same for the totals tables: one row per (tenant, dimension, value, bucket start, status code).
+USAGE_TOTAL_KEY = ("tenant", "dimension", "value", "timestamp", "status_code")
+
+
 class UsageTotal(models.Model):
     """Traffic of a whole tenant, one of its APIs or one of its consumers in one time bucket, per status code.
 
@@ -639,9 +638,7 @@ class UsageHourlyTotal(UsageTotal):
         verbose_name = "hourly usage total"
         indexes = [models.Index(fields=["tenant", "dimension", "-timestamp"], name="idx_usage_hourly_totals_time")]
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant", "dimension", "value", "timestamp", "status_code"], name="uniq_usage_hourly_total"
-            )
+            models.UniqueConstraint(fields=USAGE_TOTAL_KEY, name="uniq_usage_hourly_total"),
         ]
 
 
@@ -653,9 +650,7 @@ class UsageDailyTotal(UsageTotal):
         verbose_name = "daily usage total"
         indexes = [models.Index(fields=["tenant", "dimension", "-timestamp"], name="idx_usage_daily_totals_time")]
         constraints = [
-            models.UniqueConstraint(
-                fields=["tenant", "dimension", "value", "timestamp", "status_code"], name="uniq_usage_daily_total"
-            )
+            models.UniqueConstraint(fields=USAGE_TOTAL_KEY, name="uniq_usage_daily_total"),
         ]
 
 
