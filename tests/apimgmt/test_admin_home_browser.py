@@ -73,7 +73,7 @@ def test_the_admin_home_at_1280_and_390_px(platform: None, live_env: dict[str, s
             expect(page.get_by_role("heading", name="Keys expiring within 7 days (1)")).to_be_visible()
             expect(page.get_by_test_id("audit")).to_contain_text("subscription.request")
             # The stylesheet arrived (CSP allows only files): the sections sit in a grid.
-            assert page.locator(".home-grid").evaluate("el => getComputedStyle(el).display") == "grid"
+            expect(page.locator(".home-grid")).to_have_css("display", "grid")
             # Nothing of the overview reaches past the screen's edge (no sideways scrolling on a phone).
             too_wide = page.evaluate(
                 """() => Array.from(document.querySelectorAll(".platform-home *"))
