@@ -270,6 +270,15 @@ def test_flush_usage_turns_the_gateways_events_into_rows(gateway_run: GatewayRun
     assert rows == [(200, True, 2), (401, False, 1)]
 
 
+def test_deliver_events_runs_once_with_the_production_install(
+    venv: Path, app_env: dict[str, str], gateway_run: GatewayRun
+) -> None:
+    """The event deliverer (webhooks) is a role of the image too: one round runs on the runtime lock alone."""
+    deliver = _run(venv, "manage.py", "deliver_events", env=app_env)
+    assert deliver.returncode == 0, deliver.stdout + deliver.stderr
+    assert "Traceback" not in deliver.stdout + deliver.stderr
+
+
 def test_gateway_metrics_are_on_their_own_port_only(gateway_run: GatewayRun) -> None:
     assert gateway_run.public_metrics.status_code == 404
     assert "api_requests_total" not in gateway_run.public_metrics.text
