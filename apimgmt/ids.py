@@ -50,5 +50,13 @@ def new_event_id() -> str:
     return new_id("evt")
 
 
+def new_jwt_issuer_id() -> str:
+    return new_id("jwi")
+
+
+def new_identity_id() -> str:
+    return new_id("cid")
+
+
 def new_webhook_endpoint_id() -> str:
     return new_id("whk")

@@ -78,11 +78,21 @@ class TenantMembership(models.Model):
 
 
 class Policy(models.Model):
-    """A rate-limit or quota rule, attached to APIs (all their traffic) or plans (their subscribers)."""
+    """A typed gateway rule (rate limit, quota, CORS, IP rules …), attached to APIs or plans (docs/policies.md)."""
 
     class Type(models.TextChoices):
         RATE_LIMITING = "rate_limiting", "Rate limiting"
         QUOTA = "quota", "Quota"
+        CORS = "cors", "CORS (browser cross-origin access)"
+        IP_RULES = "ip_rules", "IP rules (allow and deny lists)"
+        HEADERS = "headers", "Header transforms"
+        REQUEST_LIMITS = "request_limits", "Request limits (methods, body and header size)"
+        RESPONSE_CACHE = "response_cache", "Response cache"
+
+    # Types that only make sense for an API's whole traffic: a plan refuses them (services.plan_set_policies).
+    API_ONLY_TYPES = (Type.CORS, Type.REQUEST_LIMITS, Type.RESPONSE_CACHE)
+    # Types an API has at most one policy of (two CORS answers or two caches would contradict each other).
+    SINGLE_PER_API_TYPES = (Type.CORS, Type.REQUEST_LIMITS, Type.RESPONSE_CACHE)
 
     class Mode(models.TextChoices):
         ENFORCE = "enforce", "Enforce"
@@ -158,6 +168,67 @@ class Plan(models.Model):
         return self.name
 
 
+def default_jwt_algorithms() -> list[str]:
+    return ["RS256"]
+
+
+class JwtIssuer(models.Model):
+    """An identity provider whose signed tokens (JWT) an API accepts instead of, or beside, API keys.
+
+    The gateway checks a token's signature against ``public_keys`` (an inline JWKS) or the JWKS fetched from
+    ``jwks_url``, then ``iss``, ``aud``, ``exp`` and ``nbf``, and maps ``consumer_claim`` to a consumer through
+    its ``ConsumerIdentity`` for this issuer.
+    """
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_jwt_issuer_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="jwt_issuers")
+    name = models.CharField(max_length=100)
+    issuer = models.CharField(max_length=2000, help_text="The token's expected iss claim, e.g. https://id.example.com/")
+    audiences = models.JSONField(
+        default=list, blank=True, help_text="Accepted aud values; a token must name at least one of them."
+    )
+    jwks_url = models.CharField(
+        "JWKS URL", max_length=2000, blank=True, default="", help_text="Where the signing keys are fetched from."
+    )
+    public_keys = models.JSONField(
+        "public keys (JWKS)", null=True, blank=True, help_text='Inline JWKS: {"keys": [...]}; used instead of a URL.'
+    )
+    algorithms = models.JSONField(default=default_jwt_algorithms, help_text="Accepted signature algorithms.")
+    leeway_seconds = models.PositiveSmallIntegerField(
+        "clock leeway", default=30, validators=[MaxValueValidator(300)], help_text="Seconds, for exp and nbf."
+    )
+    consumer_claim = models.CharField(
+        max_length=100, default="sub", help_text="The claim naming the consumer: sub, or azp / client_id."
+    )
+    auto_provision = models.BooleanField(
+        default=False, help_text="A token whose subject maps to no consumer creates one (otherwise 403)."
+    )
+    token_in_query = models.CharField(
+        "token query parameter",
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="Query parameter that may carry the token (empty: never).",
+    )
+    created_at = models.DateTimeField(default=now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "am_jwt_issuers"
+        ordering = ["tenant_id", "name"]
+        verbose_name = "JWT issuer"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "name"],
+                name="uniq_jwt_issuer_tenant_name",
+                violation_error_message="A JWT issuer with this name already exists in this tenant.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.issuer})"
+
+
 class ApiQuerySet(models.QuerySet["Api"]):
     """The API reads more than one caller needs, written once."""
 
@@ -187,6 +258,16 @@ class Api(models.Model):
         AUTO = "auto", "Automatic"
         MANUAL = "manual", "Manual (an admin approves)"
 
+    class AuthMethod(models.TextChoices):
+        KEY = "key", "API key"
+        JWT = "jwt", "JWT (a token from a listed issuer)"
+        KEY_OR_JWT = "key_or_jwt", "API key or JWT"
+
+    class Validation(models.TextChoices):
+        OFF = "off", "Off"
+        SHADOW = "shadow", "Shadow (log mismatches, never refuse)"
+        ENFORCE = "enforce", "Enforce (refuse requests that do not match)"
+
     ROUTABLE_STATUSES = (Status.ACTIVE, Status.DEPRECATED)
     # The public catalog as a condition, for callers that combine it with others (apimgmt.api.permissions).
     PUBLIC_CATALOG = Q(visibility=Visibility.PUBLIC, status__in=ROUTABLE_STATUSES)
@@ -208,6 +289,22 @@ class Api(models.Model):
     accept_bearer = models.BooleanField("accept Authorization: Bearer", default=True)
     key_query_param = models.CharField(
         max_length=64, blank=True, default="", help_text="Query parameter carrying the key (empty: disabled)."
+    )
+    auth_method = models.CharField("authentication", max_length=16, choices=AuthMethod.choices, default=AuthMethod.KEY)
+    jwt_issuers = models.ManyToManyField(
+        JwtIssuer,
+        blank=True,
+        related_name="apis",
+        db_table="am_api_jwt_issuers",
+        verbose_name="JWT issuers",
+        help_text="Issuers whose tokens this API accepts (auth method jwt or key_or_jwt).",
+    )
+    validation = models.CharField(
+        "request validation",
+        max_length=16,
+        choices=Validation.choices,
+        default=Validation.OFF,
+        help_text="Check requests against the OpenAPI document.",
     )
     # Upstream behaviour.
     connect_timeout = models.FloatField(
@@ -339,6 +436,10 @@ class Consumer(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="consumers"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    ip_allow = models.JSONField(
+        "allowed addresses", default=list, blank=True, help_text="CIDRs; when any are listed, only they get in."
+    )
+    ip_deny = models.JSONField("denied addresses", default=list, blank=True, help_text="CIDRs refused.")
     created_at = models.DateTimeField(default=now, editable=False)
 
     class Meta:
@@ -363,6 +464,32 @@ class Consumer(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ConsumerIdentity(models.Model):
+    """Who a consumer is at a JWT issuer: the value of the issuer's consumer claim (``sub`` …) in its tokens."""
+
+    id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_identity_id, editable=False)
+    consumer = models.ForeignKey(Consumer, on_delete=models.CASCADE, related_name="identities")
+    issuer = models.ForeignKey(JwtIssuer, on_delete=models.CASCADE, related_name="identities")
+    external_id = models.CharField("external ID", max_length=255)
+    created_at = models.DateTimeField(default=now, editable=False)
+
+    class Meta:
+        db_table = "am_consumer_identities"
+        ordering = ["consumer_id", "issuer_id", "external_id"]
+        verbose_name = "consumer identity"
+        verbose_name_plural = "consumer identities"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["issuer", "external_id"],
+                name="uniq_identity_issuer_external_id",
+                violation_error_message="Another consumer already has this external ID at this issuer.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.external_id} @ {self.issuer_id} → {self.consumer_id}"
 
 
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
@@ -391,6 +518,10 @@ class ApiKey(models.Model):
     rotated_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="successors", editable=False
     )
+    ip_allow = models.JSONField(
+        "allowed addresses", default=list, blank=True, help_text="CIDRs; when any are listed, only they get in."
+    )
+    ip_deny = models.JSONField("denied addresses", default=list, blank=True, help_text="CIDRs refused.")
     created_at = models.DateTimeField(default=now, editable=False)
 
     objects = ApiKeyQuerySet.as_manager()
