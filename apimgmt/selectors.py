@@ -7,7 +7,7 @@ so a snapshot can be cached in Redis as JSON.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from apimgmt.models import (
     Api,
     ApiKey,
     Consumer,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -80,6 +81,24 @@ class PolicySpec:
 
 
 @dataclass(frozen=True)
+class IssuerSpec:
+    """A JWT issuer an API accepts (apimgmt.models.JwtIssuer), as the gateway verifies tokens against it."""
+
+    id: str
+    tenant_id: str
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_url: str
+    public_keys: dict[str, Any] | None
+    algorithms: tuple[str, ...]
+    leeway_seconds: int
+    consumer_claim: str
+    auto_provision: bool
+    token_in_query: str
+
+
+@dataclass(frozen=True)
 class RouteSpec:
     """What the gateway needs to route and proxy one API."""
 
@@ -111,6 +130,11 @@ class RouteSpec:
     # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/spec_operations.py).
     spec_paths: dict[str, Any] | None = None
     policies: list[PolicySpec] = field(default_factory=list)
+    # Authentication (apimgmt.models.Api.AuthMethod) and the issuers whose tokens are accepted, in name order.
+    auth_method: str = "key"
+    jwt_issuers: tuple[IssuerSpec, ...] = ()
+    # Request validation against the OpenAPI document: off, shadow or enforce.
+    validation: str = "off"
 
 
 @dataclass(frozen=True)
@@ -155,14 +179,42 @@ _ROUTE_COLUMNS = (
     "websocket_idle_timeout",
     "websocket_max_message_bytes",
     "stream_timeout",
+    "auth_method",
+    "validation",
 )
 _POLICY_COLUMNS = ("id", "name", "policy_type", "config", "mode", "on_store_error")
+_ISSUER_COLUMNS = (
+    "id",
+    "tenant_id",
+    "name",
+    "issuer",
+    "audiences",
+    "jwks_url",
+    "public_keys",
+    "algorithms",
+    "leeway_seconds",
+    "consumer_claim",
+    "auto_provision",
+    "token_in_query",
+)
+
+
+def issuer_spec(issuer: JwtIssuer) -> IssuerSpec:
+    """One issuer as the gateway sees it (for callers holding a model instance)."""
+    return _issuer_spec_from_row(tuple(getattr(issuer, column) for column in _ISSUER_COLUMNS))
+
+
+def _issuer_spec_from_row(row: tuple[Any, ...]) -> IssuerSpec:
+    values = dict(zip(_ISSUER_COLUMNS, row, strict=True))
+    values["audiences"] = tuple(values["audiences"] or ())
+    values["algorithms"] = tuple(values["algorithms"] or ())
+    return IssuerSpec(**values)
 
 
 def route_snapshot() -> RouteSnapshot:
     """Every routable API of every active tenant, with its targets and policies, and every plan's policies.
 
-    Plain rows, four queries whatever the size: model instances and prefetch managers made a 10,000-API snapshot
+    Plain rows, five queries whatever the size: model instances and prefetch managers made a 10,000-API snapshot
     take about ten times longer (make bench-scale), and every gateway worker builds one on each route change.
     """
     routable = Api.objects.routable().filter(tenant__status=Tenant.Status.ACTIVE)
@@ -186,6 +238,19 @@ def route_snapshot() -> RouteSnapshot:
         if spec is None:
             spec = policies[row[1]] = PolicySpec(*row[1:])
         by_api.setdefault(row[0], []).append(spec)
+    # Each issuer once too, in name order per API.
+    issuers: dict[str, IssuerSpec] = {}
+    issuers_by_api: dict[str, list[IssuerSpec]] = {}
+    issuer_link = Api.jwt_issuers.through
+    for row in (
+        issuer_link.objects.filter(api__in=routable.values("id"))
+        .order_by("jwtissuer__name", "jwtissuer_id")
+        .values_list("api_id", *(f"jwtissuer__{c}" for c in _ISSUER_COLUMNS))
+    ):
+        issuer = issuers.get(row[1])
+        if issuer is None:
+            issuer = issuers[row[1]] = _issuer_spec_from_row(row[1:])
+        issuers_by_api.setdefault(row[0], []).append(issuer)
     routes = [
         RouteSpec(
             api_id=api_id,
@@ -214,6 +279,9 @@ def route_snapshot() -> RouteSnapshot:
             stream_timeout=stream_timeout,
             spec_paths=spec_paths if isinstance(spec_paths, dict) else None,
             policies=by_api.get(api_id, []),
+            auth_method=auth_method,
+            jwt_issuers=tuple(issuers_by_api.get(api_id, ())),
+            validation=validation,
         )
         for (
             api_id,
@@ -240,6 +308,8 @@ def route_snapshot() -> RouteSnapshot:
             websocket_idle_timeout,
             websocket_max_message_bytes,
             stream_timeout,
+            auth_method,
+            validation,
             spec_paths,
         ) in routable.order_by("tenant_id", "api_name")
         # Only restricted APIs bring their paths (documents can be large), in the same query.
@@ -273,13 +343,28 @@ class KeyRecord:
     consumer_active: bool
     subscriptions: dict[str, str]  # api_id -> plan_id ("" when none), active subscriptions only
     last_used_at: float | None = None
+    # IP rules of the consumer and of the key (CIDRs): deny wins; a non-empty allow list refuses everything else.
+    consumer_ip_allow: tuple[str, ...] = ()
+    consumer_ip_deny: tuple[str, ...] = ()
+    key_ip_allow: tuple[str, ...] = ()
+    key_ip_deny: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KeyRecord:
-        return cls(**data)
+        """A record from its JSON form; one cached before a field existed gets the field's default, and a field
+        this version does not know (written by a newer control plane) is left out."""
+        known = {f.name for f in fields(cls)}
+        values = {name: value for name, value in data.items() if name in known}
+        for name in _IP_LIST_FIELDS:
+            if name in values:
+                values[name] = tuple(values[name] or ())
+        return cls(**values)
+
+
+_IP_LIST_FIELDS = ("consumer_ip_allow", "consumer_ip_deny", "key_ip_allow", "key_ip_deny")
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -307,4 +392,8 @@ def key_record_by_hash(key_hash: str) -> KeyRecord | None:
         consumer_active=key.consumer.status == Consumer.Status.ACTIVE,
         subscriptions={api_id: plan_id or "" for api_id, plan_id in subscriptions.items()},
         last_used_at=_ts(key.last_used_at),
+        consumer_ip_allow=tuple(key.consumer.ip_allow or ()),
+        consumer_ip_deny=tuple(key.consumer.ip_deny or ()),
+        key_ip_allow=tuple(key.ip_allow or ()),
+        key_ip_deny=tuple(key.ip_deny or ()),
     )

@@ -50,7 +50,7 @@ def test_snapshot_holds_each_routable_api_with_its_targets_and_policies_in_order
     )
     services.tenant_suspend(tenant=globex, actor=None)
 
-    with django_assert_num_queries(4):
+    with django_assert_num_queries(5):
         snapshot = selectors.route_snapshot()
 
     assert [r.api_id for r in snapshot.routes] == [orders.pk, users.pk]  # no draft, no suspended tenant
@@ -79,7 +79,7 @@ def test_snapshot_queries_do_not_grow_with_the_number_of_apis(acme: Tenant, djan
             status="active",
             actor=None,
         )
-    with django_assert_num_queries(4):
+    with django_assert_num_queries(5):
         snapshot = selectors.route_snapshot()
     assert len(snapshot.routes) == 30
     assert all(len(r.targets) == 2 and r.policies == [snapshot.routes[0].policies[0]] for r in snapshot.routes)
