@@ -152,7 +152,7 @@ def test_the_operations_guide_policy_is_accepted_as_written() -> None:
         ("quota", {"requests_per_minute": 5}, "quota config needs"),
         ("quota", {"requests_per_month": -5}, "requests_per_month must be a positive integer"),
         ("quota", {"requests_per_day": 10, "burst_size": 1}, "unknown config field(s) for quota: burst_size"),
-        ("caching", {"ttl": 5}, "policy_type must be rate_limiting or quota"),
+        ("caching", {"ttl": 5}, "policy_type must be one of rate_limiting, quota, cors"),
         ("rate_limiting", [1, 2], "config must be a JSON object"),
     ],
 )
