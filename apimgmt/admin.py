@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -443,7 +444,41 @@ POLICY_TYPE_FIELDS: dict[str, dict[str, str]] = {
         "quota_requests_per_month": "requests_per_month",
         "quota_key_extraction": "key_extraction",
     },
+    # The policy-chain types: their fields cover every setting; a dotted key is a nested one (headers).
+    Policy.Type.CORS: {
+        "cors_allow_origins": "allow_origins",
+        "cors_allow_methods": "allow_methods",
+        "cors_allow_headers": "allow_headers",
+        "cors_expose_headers": "expose_headers",
+        "cors_allow_credentials": "allow_credentials",
+        "cors_max_age": "max_age",
+    },
+    Policy.Type.IP_RULES: {"ip_allow": "allow", "ip_deny": "deny"},
+    Policy.Type.HEADERS: {
+        "headers_request_add": "request.add",
+        "headers_request_set": "request.set",
+        "headers_request_remove": "request.remove",
+        "headers_response_add": "response.add",
+        "headers_response_set": "response.set",
+        "headers_response_remove": "response.remove",
+    },
+    Policy.Type.REQUEST_LIMITS: {
+        "limits_allowed_methods": "allowed_methods",
+        "limits_max_body_bytes": "max_body_bytes",
+        "limits_max_headers": "max_headers",
+        "limits_max_header_bytes": "max_header_bytes",
+    },
+    Policy.Type.RESPONSE_CACHE: {
+        "cache_ttl_seconds": "ttl_seconds",
+        "cache_max_entry_bytes": "max_entry_bytes",
+        "cache_per_consumer": "per_consumer",
+        "cache_count_hits_toward_quota": "count_hits_toward_quota",
+        "cache_vary_headers": "vary_headers",
+    },
 }
+# Types whose typed fields cover their whole config: the fields are used whenever one of them was changed (or the
+# JSON box is empty); rate limits and quotas keep their rule below (a window field filled in).
+_WHOLE_CONFIG_TYPES = frozenset(POLICY_TYPE_FIELDS) - {Policy.Type.RATE_LIMITING, Policy.Type.QUOTA}
 # The fields whose presence means "this type's form fields were used" (every config needs one of them).
 _WINDOW_FIELDS = {
     "rate_requests_per_second",
@@ -455,8 +490,113 @@ _WINDOW_FIELDS = {
 }
 
 
+class LinesField(forms.CharField):
+    """A list of strings edited as a textarea, one item a line (blank lines and surrounding spaces dropped)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("required", False)
+        kwargs.setdefault("widget", forms.Textarea(attrs={"rows": 3, "cols": 60}))
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return "\n".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        if isinstance(value, list | tuple):
+            return [str(item) for item in value]
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        return self.to_python(initial) != self.to_python(data)
+
+
+class HeaderLinesField(LinesField):
+    """Header names and values edited as a textarea, one ``Name: value`` a line."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return "\n".join(f"{name}: {text}" for name, text in value.items())
+        return value
+
+    def to_python(self, value: Any) -> dict[str, str]:  # type: ignore[override]
+        if isinstance(value, dict):
+            return {str(name): str(text) for name, text in value.items()}
+        headers: dict[str, str] = {}
+        for number, line in enumerate(str(value or "").splitlines(), start=1):
+            if not line.strip():
+                continue
+            name, colon, text = line.partition(":")
+            if not colon or not name.strip():
+                raise ValidationError(
+                    f"Line {number} is not 'Name: value' (for example X-Team: payments).", code="invalid"
+                )
+            headers[name.strip()] = text.strip()
+        return headers
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        try:
+            return self.to_python(initial) != self.to_python(data)
+        except ValidationError:
+            return True
+
+
+def _lines_field(label: str, help_text: str) -> LinesField:
+    return LinesField(label=label, help_text=help_text)
+
+
+def _header_lines_field(label: str, help_text: str) -> HeaderLinesField:
+    return HeaderLinesField(label=label, help_text=help_text)
+
+
+def _optional_int(label: str, help_text: str) -> forms.IntegerField:
+    return forms.IntegerField(label=label, required=False, help_text=help_text)
+
+
+_TEMPLATES_HELP = (
+    "Values may use {consumer_id}, {key_id}, {tenant_id}, {api_id}, {request_id}, {client_ip} and {jwt.<claim>}; "
+    "write {{ and }} for literal braces."
+)
+
+
+def _config_at(config: dict[str, Any], path: str) -> Any:
+    """The value at a dotted config path ("request.add"), or None."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _config_from_typed(typed: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:
+    """The config the typed fields describe: empty ones are left out (the type's defaults apply), booleans kept."""
+    config: dict[str, Any] = {}
+    for name, key in typed.items():
+        value = data.get(name)
+        if value is None or (not isinstance(value, bool) and value in ("", [], {})):
+            continue
+        *parents, leaf = key.split(".")
+        target = config
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return config
+
+
+def _field_of_error(message: str, typed: dict[str, str]) -> str | None:
+    """The typed form field an error of validate_policy_config is about: its message starts with the config field's
+    path ("allow_origins[1]: …", "request.add.X-Team: …", "max_age must be …"); None when it starts with none."""
+    best: tuple[int, str] | None = None
+    for name, key in typed.items():
+        if re.match(rf"{re.escape(key)}(?!\w)", message) and (best is None or len(key) > best[0]):
+            best = (len(key), name)
+    return best[1] if best else None
+
+
 class PolicyForm(forms.ModelForm):
-    """A policy's limits as typed fields per type (with help and an example); the JSON config for the rest."""
+    """A policy's settings as typed fields per type (with help and an example); the JSON config for the rest."""
 
     rate_requests_per_second = _count_field("Requests per second", "10")
     rate_requests_per_minute = _count_field("Requests per minute", "1000")
@@ -485,6 +625,98 @@ class PolicyForm(forms.ModelForm):
     quota_key_extraction = forms.ChoiceField(
         label="Counted for", required=False, choices=_SCOPE_CHOICES, help_text="Whose calls share one counter."
     )
+    # CORS
+    cors_allow_origins = _lines_field(
+        "Allowed origins",
+        "One a line: an exact origin, a pattern with * for one label, or * for any origin. "
+        "For example https://app.example.com or https://*.example.com.",
+    )
+    cors_allow_methods = _lines_field(
+        "Allowed methods", "One a line. Empty: GET, HEAD, POST, PUT, PATCH and DELETE. For example GET, then POST."
+    )
+    cors_allow_headers = _lines_field(
+        "Allowed request headers",
+        "One a line, or * for any (not with credentials). Empty: only the headers browsers always allow. "
+        "For example Content-Type.",
+    )
+    cors_expose_headers = _lines_field(
+        "Exposed response headers", "Response headers a page's script may read, one a line. For example X-Request-ID."
+    )
+    cors_allow_credentials = forms.BooleanField(
+        label="Allow credentials",
+        required=False,
+        help_text="Browsers may send cookies and Authorization. Not together with the origin *.",
+    )
+    cors_max_age = _optional_int(
+        "Preflight cache (seconds)",
+        "How long a browser may reuse a preflight answer, 0 to 86400. Empty: 600. For example 3600.",
+    )
+    # IP rules
+    ip_allow = _lines_field(
+        "Allowed addresses",
+        "One CIDR or address a line, IPv4 or IPv6. When any are listed, every other address is refused. "
+        "For example 203.0.113.0/24.",
+    )
+    ip_deny = _lines_field(
+        "Denied addresses",
+        "One CIDR or address a line; a denied address is refused even when it is also allowed. "
+        "For example 198.51.100.7 or 2001:db8::/32.",
+    )
+    # Header transforms
+    headers_request_add = _header_lines_field(
+        "Add to upstream requests",
+        f"One 'Name: value' a line, added beside what the client sent. {_TEMPLATES_HELP} "
+        "For example X-Consumer: {consumer_id}.",
+    )
+    headers_request_set = _header_lines_field(
+        "Set on upstream requests",
+        "One 'Name: value' a line, replacing what the client sent. For example X-Tenant: {tenant_id}.",
+    )
+    headers_request_remove = _lines_field(
+        "Remove from upstream requests", "One header name a line. For example X-Debug."
+    )
+    headers_response_add = _header_lines_field(
+        "Add to responses", "One 'Name: value' a line. For example X-Served-By: apimgmt."
+    )
+    headers_response_set = _header_lines_field(
+        "Set on responses",
+        "One 'Name: value' a line, replacing what the upstream sent. For example Cache-Control: no-store.",
+    )
+    headers_response_remove = _lines_field("Remove from responses", "One header name a line. For example Server.")
+    # Request limits
+    limits_allowed_methods = _lines_field(
+        "Allowed methods", "One a line; any other method gets 405 with an Allow header. For example GET, then POST."
+    )
+    limits_max_body_bytes = _optional_int(
+        "Largest body (bytes)",
+        "A bigger request body gets 413 before anything is sent upstream. For example 1048576 (1 MiB).",
+    )
+    limits_max_headers = _optional_int("Most request headers", "More headers get 431. For example 50.")
+    limits_max_header_bytes = _optional_int(
+        "Largest request headers (bytes)", "All header lines together; more get 431. For example 16384."
+    )
+    # Response cache
+    cache_ttl_seconds = _optional_int(
+        "Longest time cached (seconds)",
+        "A cap on what the upstream's Cache-Control allows, 1 to 86400. Empty: 300. For example 60.",
+    )
+    cache_max_entry_bytes = _optional_int(
+        "Largest cached answer (bytes)", "Bigger answers are not cached; at most 10 MiB. Empty: 1048576."
+    )
+    cache_per_consumer = forms.BooleanField(
+        label="One cache per app",
+        required=False,
+        help_text="Each app gets its own cached answers (for answers that differ by caller).",
+    )
+    cache_count_hits_toward_quota = forms.BooleanField(
+        label="Hits count toward quota",
+        required=False,
+        initial=True,
+        help_text="A cached answer counts against the caller's quota like a proxied one.",
+    )
+    cache_vary_headers = _lines_field(
+        "Also vary on", "Request headers that are part of the cache key, one a line. For example Accept-Language."
+    )
 
     class Meta:
         model = Policy
@@ -500,7 +732,7 @@ class PolicyForm(forms.ModelForm):
         self.fields["config"].required = False
         if self.instance.pk:  # a change: show the stored config in the typed fields of its type
             for name, key in POLICY_TYPE_FIELDS.get(self.instance.policy_type, {}).items():
-                value = (self.instance.config or {}).get(key)
+                value = _config_at(self.instance.config or {}, key)
                 if value is not None:
                     self.fields[name].initial = value
 
@@ -508,17 +740,31 @@ class PolicyForm(forms.ModelForm):
         data = super().clean() or {}
         policy_type = data.get("policy_type") or self.instance.policy_type
         typed = POLICY_TYPE_FIELDS.get(policy_type, {})
-        used = {key: data[name] for name, key in typed.items() if data.get(name) not in (None, "") and name in data}
-        if any(name in _WINDOW_FIELDS and data.get(name) not in (None, "") for name in typed):
-            data["config"] = used  # the typed fields win over the JSON box
+        if policy_type in _WHOLE_CONFIG_TYPES:
+            typed_used = data.get("config") in (None, "", {}) or any(name in self.changed_data for name in typed)
+        else:
+            typed_used = any(name in _WINDOW_FIELDS and data.get(name) not in (None, "") for name in typed)
+        if any(name in self.errors for name in typed) and typed_used:
+            return data  # a typed field could not be read (its error is shown next to it)
+        if typed_used:
+            data["config"] = _config_from_typed(typed, data)  # the typed fields win over the JSON box
         elif data.get("config") in (None, ""):
             data["config"] = {}
         if policy_type:
             try:
                 data["config"] = validate_policy_config(policy_type, data["config"])
             except ValidationError as exc:
-                self.add_error("config", exc)
+                self._place_config_errors(exc, typed if typed_used else {})
         return data
+
+    def _place_config_errors(self, exc: ValidationError, typed: dict[str, str]) -> None:
+        """Each error next to the typed field it names when the typed fields were used; else on the JSON box."""
+        for message in exc.messages:
+            field = _field_of_error(message, typed)
+            if field is not None:
+                self.add_error(field, message)
+            else:
+                self.add_error("config" if not typed else None, message)
 
 
 @admin.register(Policy)
@@ -529,9 +775,10 @@ class PolicyAdmin(ServiceDeleteAdmin):
     search_fields = ["id", "name", "tenant__id"]
     list_select_related = ["tenant"]
     readonly_fields = ["id", "created_at", "updated_at"]
-    fieldsets = [
-        (None, {"fields": ["id", "tenant", "name", "description", "policy_type", "mode", "on_store_error"]}),
-        (
+    # One fieldset per policy type (policy_form.js shows only the chosen type's on the add form; a change form has
+    # only its own type's), then the JSON config for advanced use.
+    type_fieldsets: dict[str, tuple[str, dict[str, Any]]] = {
+        Policy.Type.RATE_LIMITING: (
             "Rate limit (policy type rate_limiting)",
             {
                 "fields": [
@@ -544,16 +791,102 @@ class PolicyAdmin(ServiceDeleteAdmin):
                 "description": "At least one window. Every window is checked on every call.",
             },
         ),
-        (
+        Policy.Type.QUOTA: (
             "Quota (policy type quota)",
             {
                 "fields": ["quota_requests_per_day", "quota_requests_per_month", "quota_key_extraction"],
                 "description": "At least one of the two; calendar days and months in the tenant's time zone.",
             },
         ),
-        ("Config as JSON", {"fields": ["config"]}),
-        ("History", {"fields": ["created_at", "updated_at"]}),
-    ]
+        Policy.Type.CORS: (
+            "CORS (policy type cors)",
+            {
+                "fields": [
+                    "cors_allow_origins",
+                    "cors_allow_methods",
+                    "cors_allow_headers",
+                    "cors_expose_headers",
+                    "cors_allow_credentials",
+                    "cors_max_age",
+                ],
+                "description": "Which web pages may call this API from a browser. The gateway answers preflight "
+                "requests itself, without a key; a page from another origin gets no CORS headers.",
+            },
+        ),
+        Policy.Type.IP_RULES: (
+            "IP rules (policy type ip_rules)",
+            {
+                "fields": ["ip_allow", "ip_deny"],
+                "description": "At least one list. The address is the client's as the gateway sees it (through "
+                "TRUSTED_PROXIES); a refused caller gets 403 naming it.",
+            },
+        ),
+        Policy.Type.HEADERS: (
+            "Header transforms (policy type headers)",
+            {
+                "fields": [
+                    "headers_request_add",
+                    "headers_request_set",
+                    "headers_request_remove",
+                    "headers_response_add",
+                    "headers_response_set",
+                    "headers_response_remove",
+                ],
+                "description": "Never allowed: hop-by-hop headers, Host, the API's key header, Authorization, "
+                "X-Forwarded-*, X-Request-ID, Content-Length, Transfer-Encoding, and control characters in values.",
+            },
+        ),
+        Policy.Type.REQUEST_LIMITS: (
+            "Request limits (policy type request_limits)",
+            {
+                "fields": [
+                    "limits_allowed_methods",
+                    "limits_max_body_bytes",
+                    "limits_max_headers",
+                    "limits_max_header_bytes",
+                ],
+                "description": "At least one. Checked before the request reaches the upstream.",
+            },
+        ),
+        Policy.Type.RESPONSE_CACHE: (
+            "Response cache (policy type response_cache)",
+            {
+                "fields": [
+                    "cache_ttl_seconds",
+                    "cache_max_entry_bytes",
+                    "cache_per_consumer",
+                    "cache_count_hits_toward_quota",
+                    "cache_vary_headers",
+                ],
+                "description": "GET and HEAD answers the upstream lets be cached (never private, no-store or with "
+                "Set-Cookie). A change to the API's configuration empties its cache.",
+            },
+        ),
+    }
+
+    class Media:
+        js = ("apimgmt/policy_form.js",)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Policy | None = None) -> Any:
+        types = [obj.policy_type] if obj else list(self.type_fieldsets)
+        typed = []
+        for policy_type in types:
+            if policy_type in self.type_fieldsets:
+                name, options = self.type_fieldsets[policy_type]
+                typed.append((name, {**options, "classes": ["policy-type-fields", f"policy-type-{policy_type}"]}))
+        return [
+            (None, {"fields": ["id", "tenant", "name", "description", "policy_type", "mode", "on_store_error"]}),
+            *typed,
+            (
+                "Config as JSON",
+                {
+                    "fields": ["config"],
+                    "description": "For advanced use: the whole config as one JSON object. When you change a field "
+                    "above, the fields win; otherwise what you type here is saved.",
+                },
+            ),
+            ("History", {"fields": ["created_at", "updated_at"]}),
+        ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Policy | None = None) -> list[str]:
         base = list(self.readonly_fields)
@@ -565,9 +898,23 @@ class PolicyAdmin(ServiceDeleteAdmin):
     def delete_through_service(self, request: HttpRequest, obj: Policy) -> None:
         services.policy_delete(policy=obj, actor=request.user)
 
-    @admin.display(description="limits")
+    @admin.display(description="settings")
     def summary(self, obj: Policy) -> str:
-        return ", ".join(f"{k}={v}" for k, v in obj.config.items() if k.startswith("requests_per_"))
+        config = obj.config or {}
+        if obj.policy_type in (Policy.Type.RATE_LIMITING, Policy.Type.QUOTA):
+            return ", ".join(f"{k}={v}" for k, v in config.items() if k.startswith("requests_per_"))
+        if obj.policy_type == Policy.Type.CORS:
+            return "origins: " + (", ".join(config.get("allow_origins") or []) or "none")
+        if obj.policy_type == Policy.Type.IP_RULES:
+            return f"allow {len(config.get('allow') or [])}, deny {len(config.get('deny') or [])}"
+        if obj.policy_type == Policy.Type.HEADERS:
+            changed = sum(
+                len(config.get(side, {}).get(op) or [])
+                for side in ("request", "response")
+                for op in config.get(side, {})
+            )
+            return f"{changed} header change(s)"
+        return ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, list | dict))
 
     def save_model(self, request: HttpRequest, obj: Policy, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data
