@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,6 +45,24 @@ QUOTA_THRESHOLDS = (80, 100)
 
 # key.expiring thresholds, largest first: a notice per threshold, the tightest that applies.
 KEY_EXPIRING_THRESHOLDS: tuple[tuple[str, timedelta], ...] = (("7d", timedelta(days=7)), ("1d", timedelta(days=1)))
+
+
+@dataclass(frozen=True)
+class OutboxReader:
+    """A reader of the outbox besides the webhooks, such as the portal's developer mail.
+
+    ``fan_out`` gets every batch of new events inside the transaction that marks them dispatched, so the rows it
+    writes commit exactly once with that mark; ``send_due`` runs once per deliverer round, outside any transaction,
+    and returns how many it sent.
+    """
+
+    fan_out: Callable[[list[Event]], None]
+    send_due: Callable[[], int]
+
+
+# Filled by the apps that read the outbox too (portal/apps.py), the way probes.READINESS_CHECKS is: apimgmt never
+# imports them.
+OUTBOX_READERS: dict[str, OutboxReader] = {}
 
 
 def emit(*, tenant_id: str, event_type: str, data: dict[str, Any], dedupe_key: str | None = None) -> Event | None:

@@ -357,8 +357,12 @@ PORTAL_MAIL_ADDRESS_LIMIT: int = env.int("PORTAL_MAIL_ADDRESS_LIMIT", default=3)
 PORTAL_MAIL_ADDRESS_WINDOW_SECONDS: int = env.int("PORTAL_MAIL_ADDRESS_WINDOW_SECONDS", default=900)
 PORTAL_MAIL_IP_LIMIT: int = env.int("PORTAL_MAIL_IP_LIMIT", default=20)
 PORTAL_MAIL_IP_WINDOW_SECONDS: int = env.int("PORTAL_MAIL_IP_WINDOW_SECONDS", default=3600)
-if min(PORTAL_MAIL_ADDRESS_WINDOW_SECONDS, PORTAL_MAIL_IP_WINDOW_SECONDS) < 1:
-    raise ImproperlyConfigured("PORTAL_MAIL_*_WINDOW_SECONDS must be at least 1 (0 would switch the throttle off)")
+# Notice mails to developers (key expiring, quota, …; portal/notifications.py), sent by the event deliverer: at most
+# NOTICE_MAIL_LIMIT per address per NOTICE_MAIL_WINDOW_SECONDS; more wait for the next window.
+PORTAL_NOTICE_MAIL_LIMIT: int = env.int("PORTAL_NOTICE_MAIL_LIMIT", default=20)
+PORTAL_NOTICE_MAIL_WINDOW_SECONDS: int = env.int("PORTAL_NOTICE_MAIL_WINDOW_SECONDS", default=3600)
+if min(PORTAL_MAIL_ADDRESS_WINDOW_SECONDS, PORTAL_MAIL_IP_WINDOW_SECONDS, PORTAL_NOTICE_MAIL_WINDOW_SECONDS) < 1:
+    raise ImproperlyConfigured("PORTAL_*_WINDOW_SECONDS must be at least 1 (0 would switch the throttle off)")
 
 # ---------------------------------------------------------------------------
 # Internationalisation and static files

@@ -393,6 +393,7 @@ class DeliveryStats:
     retried: int = 0
     failed: int = 0
     disabled: list[str] = field(default_factory=list)
+    mailed: int = 0  # notice mails of the other outbox readers (portal/notifications.py)
 
     def add(self, other: DeliveryStats) -> None:
         self.dispatched += other.dispatched
@@ -400,6 +401,7 @@ class DeliveryStats:
         self.retried += other.retried
         self.failed += other.failed
         self.disabled += other.disabled
+        self.mailed += other.mailed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -408,6 +410,7 @@ class DeliveryStats:
             "retried": self.retried,
             "failed": self.failed,
             "disabled": len(self.disabled),
+            "mailed": self.mailed,
         }
 
 
@@ -434,6 +437,8 @@ def dispatch_events(*, batch_size: int = 500) -> int:
             # An endpoint hears of what happened after it was created, never of the past.
             if endpoint.wants(event.event_type) and endpoint.created_at <= event.occurred_at
         )
+        for reader in events.OUTBOX_READERS.values():
+            reader.fan_out(batch)
         Event.objects.filter(pk__in=[e.pk for e in batch]).update(dispatched_at=now)
     return len(batch)
 
@@ -549,6 +554,8 @@ class Deliverer:
         due = claim_due(batch_size=self.batch_size)
         for delivery, result in zip(due, self.pool.map(attempt, due), strict=True):
             record(delivery, result, stats)
+        for reader in events.OUTBOX_READERS.values():
+            stats.mailed += reader.send_due()
         return stats
 
     def close(self) -> None:

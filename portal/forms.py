@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
 from apimgmt.models import DEFAULT_ROTATION_OVERLAP_SECONDS, Consumer, Plan, Tenant
+from portal.models import Notice
 from portal.plans import PlanCard
 
 # The services speak to staff ("consumer", "tenant"); developers know apps and a portal.
@@ -187,3 +188,14 @@ class KeyRotateForm(forms.Form):
 
 class InviteForm(forms.Form):
     email = forms.EmailField(label="E-mail", help_text="We send them a sign-up link valid for 7 days.")
+
+
+class NotificationsForm(forms.Form):
+    """The notice mails a developer wants from one portal; unticked ones are switched off."""
+
+    enabled = forms.MultipleChoiceField(
+        label="E-mail me when",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        choices=Notice.choices,
+    )

@@ -88,3 +88,30 @@ def check_and_count(*, email: str, ip: str, purpose: str, tenant_id: str) -> Mai
     )
     window = settings.PORTAL_MAIL_IP_WINDOW_SECONDS if over_ip else settings.PORTAL_MAIL_ADDRESS_WINDOW_SECONDS
     return MailThrottle(throttled=True, retry_after_seconds=window)
+
+
+def _notice_key(email: str) -> str:
+    return f"{_PREFIX}:notice:{address_digest(email)}"
+
+
+def check_and_count_notice(*, email: str, tenant_id: str) -> MailThrottle:
+    """Count one notice mail (key expiring, quota, …) to this address: at most PORTAL_NOTICE_MAIL_LIMIT per
+    PORTAL_NOTICE_MAIL_WINDOW_SECONDS. A counter of its own, so a busy week of notices never uses up the address's
+    sign-up and password-reset allowance, nor the other way round. Fails open like the rest of the throttle."""
+    window = settings.PORTAL_NOTICE_MAIL_WINDOW_SECONDS
+    try:
+        over = _bump(_notice_key(email), window) > settings.PORTAL_NOTICE_MAIL_LIMIT
+    except Exception:  # the cache backend's own errors
+        logger.warning("portal mail throttle counters unavailable; notice mail sent unthrottled", exc_info=True)
+        return MailThrottle(throttled=False, retry_after_seconds=0)
+    if not over:
+        return MailThrottle(throttled=False, retry_after_seconds=0)
+    logger.warning(
+        "portal notice mail throttled: too many notices for one e-mail address",
+        extra={
+            "tenant_id": tenant_id,
+            "email_hash": address_digest(email)[:12],
+            "email_domain": email.rpartition("@")[2].lower(),
+        },
+    )
+    return MailThrottle(throttled=True, retry_after_seconds=window)

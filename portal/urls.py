@@ -27,6 +27,7 @@ tenant_patterns: list[URLPattern | URLResolver] = [
     path("apps/<str:app_id>/keys/new/", views.key_create, name="key_create"),
     path("apps/<str:app_id>/keys/<str:key_id>/rotate/", views.key_rotate, name="key_rotate"),
     path("apps/<str:app_id>/keys/<str:key_id>/revoke/", views.key_revoke, name="key_revoke"),
+    path("notifications/", views.notifications, name="notifications"),
     path("signup/", accounts.signup, name="signup"),
     path("verify/<str:token>/", accounts.verify, name="verify"),
     path("login/", accounts.login_view, name="login"),

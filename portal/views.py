@@ -20,7 +20,17 @@ from apimgmt.charts import legend
 from apimgmt.models import Api, ApiKey, Consumer, Subscription, Tenant
 from portal import charts, quota
 from portal.access import Portal, owned_app, page, portal_page
-from portal.forms import AppForm, KeyCreateForm, KeyRotateForm, SubscribeForm, add_service_errors, for_developers
+from portal.forms import (
+    AppForm,
+    KeyCreateForm,
+    KeyRotateForm,
+    NotificationsForm,
+    SubscribeForm,
+    add_service_errors,
+    for_developers,
+)
+from portal.models import Notice
+from portal.notifications import notices_switched_off, notification_preferences_set
 from portal.plans import limit_phrases, plan_cards
 from portal.usage import usage_series
 
@@ -421,3 +431,26 @@ def usage(request: HttpRequest, portal: Portal, app_id: str) -> HttpResponse:
         "quotas": quota.quota_left(app=app, apis=[selected] if selected else list(subscribed_apis)),
     }
     return page(request, portal, "portal/usage.html", context)
+
+
+# ---------------------------------------------------------------------------
+# Notifications
+# ---------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(member=True)
+def notifications(request: HttpRequest, portal: Portal) -> HttpResponse:
+    """Which notice mails the developer gets from this portal (every kind is on until switched off)."""
+    off = notices_switched_off(user=request.user, tenant=portal.tenant)
+    form = NotificationsForm(request.POST or None, initial={"enabled": [n for n in Notice.values if n not in off]})
+    if request.method == "POST" and form.is_valid():
+        notification_preferences_set(
+            user=request.user,  # type: ignore[arg-type]
+            tenant=portal.tenant,
+            enabled=form.cleaned_data["enabled"],
+        )
+        messages.success(request, "Notification settings saved.")
+        return HttpResponseRedirect(reverse("portal:notifications", args=[portal.tenant.id]))
+    context = {"form": form, "email": request.user.email}  # type: ignore[union-attr]
+    return page(request, portal, "portal/notifications.html", context, status=400 if form.errors else 200)
