@@ -23,6 +23,7 @@ entries expire (``GATEWAY_AUTH_CACHE_SECONDS``, 30 s by default). apimgmt never 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -173,12 +174,26 @@ def keys_changed(key_hashes: Iterable[str]) -> None:
     transaction.on_commit(lambda: publish_evictions(hashes))
 
 
+def identity_cache_hash(issuer_id: str, external_id: str) -> str:
+    """The name a JWT identity (issuer, consumer claim value) has in the gateways' caches, in the same space as key
+    hashes: an identity is evicted on the same stream, the same way, as a key."""
+    return hashlib.sha256(f"jwt-identity\x00{issuer_id}\x00{external_id}".encode()).hexdigest()
+
+
+def identities_changed(identities: Iterable[tuple[str, str]]) -> None:
+    """JWT identities (issuer id, external id) whose consumer or state changed: evict them after the commit."""
+    keys_changed(identity_cache_hash(issuer_id, external_id) for issuer_id, external_id in identities)
+
+
 def consumer_changed(consumer_id: str) -> None:
-    """A consumer's status or subscriptions changed: evict each of its keys (hashes read now, inside the
-    transaction, so a consumer deleted by it still has its keys named)."""
-    from apimgmt.models import ApiKey
+    """A consumer's status, IP lists or subscriptions changed: evict each of its keys and JWT identities (read now,
+    inside the transaction, so a consumer deleted by it still has them named)."""
+    from apimgmt.models import ApiKey, ConsumerIdentity
 
     keys_changed(ApiKey.objects.filter(consumer_id=consumer_id).values_list("key_hash", flat=True))
+    identities = ConsumerIdentity.objects.filter(consumer_id=consumer_id).values_list("issuer_id", "external_id")
+    if identities:
+        identities_changed(identities)
 
 
 # -- the gateway's side -----------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
-from apimgmt import events, keys, limits, validation
+from apimgmt import events, ids, keys, limits, validation
 from apimgmt.context import client_ip_var, request_id_var
-from apimgmt.invalidation import config_changed, consumer_changed, keys_changed
+from apimgmt.invalidation import config_changed, consumer_changed, identities_changed, keys_changed
 from apimgmt.models import (
     DEFAULT_ROTATION_OVERLAP_SECONDS,
     OPEN_SUBSCRIPTION_STATUSES,
@@ -28,6 +28,8 @@ from apimgmt.models import (
     ApiKey,
     AuditEvent,
     Consumer,
+    ConsumerIdentity,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -39,7 +41,7 @@ from apimgmt.models import (
 Actor = AbstractBaseUser | AnonymousUser | None
 
 MAX_OVERLAP_SECONDS = 30 * 86400
-_Deletable = TypeVar("_Deletable", Api, Plan, Policy)
+_Deletable = TypeVar("_Deletable", Api, Plan, Policy, JwtIssuer)
 
 
 class DeletionRefused(Exception):
@@ -278,6 +280,9 @@ def policy_update(*, policy: Policy, actor: Actor, **fields: Any) -> Policy:
     if "config" in fields:
         fields["config"] = _clean_policy_config(policy.policy_type, fields["config"])
     changes = _apply(policy, fields, POLICY_FIELDS)
+    if "config" in changes and policy.policy_type == Policy.Type.HEADERS:
+        for api in policy.apis.all():
+            _check_credential_header_untouched(api.key_header, [policy])
     if changes:
         _save_validated(policy)
         audit_record(actor=actor, tenant_id=policy.tenant_id, action="policy.update", obj=policy, changes=changes)
@@ -305,6 +310,54 @@ def policy_delete(*, policy: Policy, actor: Actor) -> None:
     _delete_unless_refused(policy, refusal=policy_delete_refusal, action="policy.delete", changes=changes, actor=actor)
 
 
+def policies_check_for_plan(policies: Sequence[Policy]) -> None:
+    """A plan takes rate limits, quotas, IP rules and header transforms; CORS, request limits and a response cache
+    describe an API's whole traffic (a browser's preflight or a cached answer has no subscriber yet)."""
+    for policy in policies:
+        if policy.policy_type in Policy.API_ONLY_TYPES:
+            raise ValidationError(
+                {
+                    "policies": f"Policy {policy.name!r} is a {policy.policy_type} policy, which applies to an API's "
+                    "whole traffic: attach it to the API, not to a plan."
+                }
+            )
+
+
+def policies_check_for_api(policies: Sequence[Policy], *, key_header: str) -> None:
+    """At most one cors, request_limits and response_cache policy per API (two would contradict each other), and
+    no header transform that touches the API's own key header."""
+    first: dict[str, Policy] = {}
+    for policy in sorted(policies, key=lambda p: p.name):
+        if policy.policy_type not in Policy.SINGLE_PER_API_TYPES:
+            continue
+        if policy.policy_type in first:
+            raise ValidationError(
+                {
+                    "policies": f"Policy {policy.name!r} is a second {policy.policy_type} policy on this API (with "
+                    f"{first[policy.policy_type].name!r}); an API takes one {policy.policy_type} policy."
+                }
+            )
+        first[policy.policy_type] = policy
+    _check_credential_header_untouched(key_header, policies)
+
+
+def _check_credential_header_untouched(key_header: str, policies: Iterable[Policy]) -> None:
+    wanted = key_header.lower()
+    for policy in policies:
+        if policy.policy_type != Policy.Type.HEADERS:
+            continue
+        for side in ("request", "response"):
+            ops = policy.config.get(side, {})
+            named = [*ops.get("add", {}), *ops.get("set", {}), *ops.get("remove", [])]
+            if any(name.lower() == wanted for name in named):
+                raise ValidationError(
+                    {
+                        "policies": f"Policy {policy.name!r} changes {key_header!r}, the header this API reads keys "
+                        "from; a header transform cannot touch the caller's credential."
+                    }
+                )
+
+
 def _check_same_tenant(tenant_id: str, objects: Iterable[models.Model], field: str) -> list[Any]:
     items = list(objects)
     foreign = [str(o.pk) for o in items if getattr(o, "tenant_id", None) != tenant_id]
@@ -324,6 +377,7 @@ def plan_create(
     description: str = "",
 ) -> Plan:
     policy_list = _check_same_tenant(tenant.id, policies, "policies")
+    policies_check_for_plan(policy_list)
     plan = Plan(tenant=tenant, name=name, approval=approval, description=description)
     _save_validated(plan)
     plan.policies.set(policy_list)
@@ -345,6 +399,7 @@ def plan_update(*, plan: Plan, actor: Actor, policies: Iterable[Policy] | None =
         _save_validated(plan)
     if policies is not None:
         new = _check_same_tenant(plan.tenant_id, policies, "policies")
+        policies_check_for_plan(new)
         old_ids = sorted(plan.policies.values_list("pk", flat=True))
         new_ids = sorted(p.pk for p in new)
         if old_ids != new_ids:
@@ -431,6 +486,8 @@ API_FIELDS = (
     "openapi_spec",
     "restrict_to_spec",
     "subscription_approval",
+    "auth_method",
+    "validation",
 )
 
 
@@ -457,6 +514,14 @@ def api_check(api: Api) -> None:
         too_big = _restricted_spec_too_big((api.openapi_spec or {}).get("paths"))
         if too_big:
             errors["restrict_to_spec"] = [too_big]
+    if api.auth_method not in Api.AuthMethod.values:
+        errors["auth_method"] = [f"auth_method must be one of {', '.join(Api.AuthMethod.values)}."]
+    if api.validation not in Api.Validation.values:
+        errors["validation"] = [f"validation must be one of {', '.join(Api.Validation.values)}."]
+    elif api.validation != Api.Validation.OFF and not (
+        isinstance(api.openapi_spec, dict) and api.openapi_spec.get("paths")
+    ):
+        errors["validation"] = [f"validation {api.validation!r} needs an OpenAPI document with paths (openapi_spec)."]
     if errors:
         raise ValidationError(errors)
     if api.total_timeout < api.connect_timeout:
@@ -525,6 +590,14 @@ def _check_route_not_captured(api: Api) -> None:
         )
 
 
+def _check_auth_issuers(auth_method: str, issuers: Sequence[JwtIssuer]) -> None:
+    """JWT authentication needs at least one issuer whose tokens it accepts."""
+    if auth_method != Api.AuthMethod.KEY and not issuers:
+        raise ValidationError(
+            {"jwt_issuers": f"auth_method {auth_method!r} needs at least one JWT issuer (jwt_issuers)."}
+        )
+
+
 def _validate_targets(targets: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
     cleaned: list[tuple[str, int]] = []
     for index, (url, weight) in enumerate(targets):
@@ -550,9 +623,11 @@ def api_create(
     policies: Iterable[Policy] = (),
     plans: Iterable[Plan] = (),
     targets: Sequence[tuple[str, int]] = (),
+    jwt_issuers: Iterable[JwtIssuer] = (),
     **options: Any,
 ) -> Api:
-    """Publish an API; ``plans`` are the plans it offers (same tenant): with any, subscribing needs one of them."""
+    """Publish an API; ``plans`` are the plans it offers (same tenant): with any, subscribing needs one of them.
+    ``jwt_issuers`` (same tenant) are the issuers whose tokens it accepts when ``auth_method`` is jwt or key_or_jwt."""
     unknown = sorted(set(options) - set(API_FIELDS))
     if unknown:
         raise ValidationError({name: "Unknown field." for name in unknown})
@@ -563,11 +638,15 @@ def api_create(
     )
     api_check(api)
     policy_list = _check_same_tenant(tenant.id, policies, "policies")
+    policies_check_for_api(policy_list, key_header=api.key_header)
     plan_list = _check_same_tenant(tenant.id, plans, "plans")
+    issuer_list = _check_same_tenant(tenant.id, jwt_issuers, "jwt_issuers")
+    _check_auth_issuers(api.auth_method, issuer_list)
     target_list = _validate_targets(targets)
     _save_validated(api)
     api.policies.set(policy_list)
     api.plans.set(plan_list)
+    api.jwt_issuers.set(issuer_list)
     for url, weight in target_list:
         UpstreamTarget.objects.create(api=api, url=url, weight=weight)
     audit_record(
@@ -581,6 +660,9 @@ def api_create(
             "upstream_url": upstream_url,
             "status": status,
             "plans": sorted(p.pk for p in plan_list),
+            "auth_method": api.auth_method,
+            "jwt_issuers": sorted(i.pk for i in issuer_list),
+            "validation": api.validation,
         },
     )
     config_changed()
@@ -595,6 +677,7 @@ def api_update(
     policies: Iterable[Policy] | None = None,
     plans: Iterable[Plan] | None = None,
     targets: Sequence[tuple[str, int]] | None = None,
+    jwt_issuers: Iterable[JwtIssuer] | None = None,
     **fields: Any,
 ) -> Api:
     """Change an API. A plan taken off ``plans`` is no longer offered; subscriptions already on it keep it."""
@@ -604,8 +687,21 @@ def api_update(
         raise ValidationError({"status": "Use activate, deprecate or retire to change the status."})
     changes = _apply(api, fields, API_FIELDS)
     api_check(api)
+    new_issuers = _check_same_tenant(api.tenant_id, jwt_issuers, "jwt_issuers") if jwt_issuers is not None else None
+    _check_auth_issuers(api.auth_method, new_issuers if new_issuers is not None else list(api.jwt_issuers.all()))
+    if policies is not None or "key_header" in changes:
+        attached = _check_same_tenant(api.tenant_id, policies, "policies") if policies is not None else None
+        policies_check_for_api(
+            attached if attached is not None else list(api.policies.all()), key_header=api.key_header
+        )
     if changes:
         _save_validated(api)
+    if new_issuers is not None:
+        old_ids = sorted(api.jwt_issuers.values_list("pk", flat=True))
+        new_ids = sorted(i.pk for i in new_issuers)
+        if old_ids != new_ids:
+            api.jwt_issuers.set(new_issuers)
+            changes["jwt_issuers"] = [old_ids, new_ids]
     if policies is not None:
         new = _check_same_tenant(api.tenant_id, policies, "policies")
         old_ids = sorted(api.policies.values_list("pk", flat=True))
@@ -743,16 +839,41 @@ def consumer_owner_check(tenant_id: str, owner: User) -> None:
 
 @transaction.atomic
 def consumer_create(
-    *, tenant: Tenant, name: str, actor: Actor, owner: User | None = None, description: str = ""
+    *,
+    tenant: Tenant,
+    name: str,
+    actor: Actor,
+    owner: User | None = None,
+    description: str = "",
+    ip_allow: Sequence[str] = (),
+    ip_deny: Sequence[str] = (),
 ) -> Consumer:
     if owner is not None:
         consumer_owner_check(tenant.id, owner)
-    consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description)
+    lists = _clean_ip_lists({"ip_allow": list(ip_allow), "ip_deny": list(ip_deny)})
+    consumer = Consumer(tenant=tenant, name=name.strip(), owner=owner, description=description, **lists)
     _save_validated(consumer)
-    audit_record(
-        actor=actor, tenant_id=tenant.id, action="consumer.create", obj=consumer, changes={"name": consumer.name}
-    )
+    changes: dict[str, Any] = {"name": consumer.name, **{k: v for k, v in lists.items() if v}}
+    audit_record(actor=actor, tenant_id=tenant.id, action="consumer.create", obj=consumer, changes=changes)
     return consumer
+
+
+IP_LIST_FIELDS = ("ip_allow", "ip_deny")
+
+
+def _clean_ip_lists(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with its ip_allow/ip_deny (when present) as canonical CIDR lists; errors name the field."""
+    cleaned = dict(fields)
+    errors: dict[str, list[str]] = {}
+    for name in IP_LIST_FIELDS:
+        if name in cleaned:
+            try:
+                cleaned[name] = validation.validate_cidr_list(cleaned[name], name)
+            except ValidationError as exc:
+                errors[name] = exc.messages
+    if errors:
+        raise ValidationError(errors)
+    return cleaned
 
 
 @transaction.atomic
@@ -763,10 +884,12 @@ def consumer_update(*, consumer: Consumer, actor: Actor, **fields: Any) -> Consu
         fields["name"] = str(fields["name"]).strip()
     if fields.get("owner") is not None:
         consumer_owner_check(consumer.tenant_id, fields["owner"])
-    changes = _apply(consumer, fields, ("name", "description", "owner"))
+    changes = _apply(consumer, _clean_ip_lists(fields), ("name", "description", "owner", *IP_LIST_FIELDS))
     if changes:
         _save_validated(consumer)
         audit_record(actor=actor, tenant_id=consumer.tenant_id, action="consumer.update", obj=consumer, changes=changes)
+    if set(changes) & set(IP_LIST_FIELDS):
+        consumer_changed(consumer.pk)  # its keys' cached records carry the lists: every gateway drops them
     return consumer
 
 
@@ -847,19 +970,35 @@ def api_key_check(*, consumer: Consumer | None, expires_at: datetime | None) -> 
 
 @transaction.atomic
 def api_key_create(
-    *, consumer: Consumer, actor: Actor, name: str = "", expires_at: datetime | None = None
+    *,
+    consumer: Consumer,
+    actor: Actor,
+    name: str = "",
+    expires_at: datetime | None = None,
+    ip_allow: Sequence[str] = (),
+    ip_deny: Sequence[str] = (),
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its plaintext — the only time the plaintext exists."""
     if len(name) > 100:
         raise ValidationError({"name": "name must be at most 100 characters."})
+    lists = _clean_ip_lists({"ip_allow": list(ip_allow), "ip_deny": list(ip_deny)})
     api_key_check(consumer=consumer, expires_at=expires_at)
     key, plaintext = _new_key_row(consumer=consumer, name=name, expires_at=expires_at, rotated_from=None)
+    if lists["ip_allow"] or lists["ip_deny"]:
+        key.ip_allow, key.ip_deny = lists["ip_allow"], lists["ip_deny"]
+        key.save(update_fields=list(IP_LIST_FIELDS))
     audit_record(
         actor=actor,
         tenant_id=consumer.tenant_id,
         action="api_key.create",
         obj=key,
-        changes={"name": name, "key_prefix": key.key_prefix, "consumer_id": consumer.pk, "expires_at": expires_at},
+        changes={
+            "name": name,
+            "key_prefix": key.key_prefix,
+            "consumer_id": consumer.pk,
+            "expires_at": expires_at,
+            **{k: v for k, v in lists.items() if v},
+        },
     )
     events.emit(tenant_id=consumer.tenant_id, event_type="key.created", data=events.key_data(key))
     return key, plaintext
@@ -923,6 +1062,22 @@ def api_key_rotate(
 
 
 @transaction.atomic
+def api_key_update(*, key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
+    """Rename a key or change its IP lists; every gateway drops its cached record of the key at once."""
+    key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise ValidationError({"key_id": "A revoked key cannot be changed."})
+    if len(str(fields.get("name", ""))) > 100:
+        raise ValidationError({"name": "name must be at most 100 characters."})
+    changes = _apply(key, _clean_ip_lists(fields), ("name", *IP_LIST_FIELDS))
+    if changes:
+        key.save(update_fields=list(changes))
+        audit_record(actor=actor, tenant_id=key.consumer.tenant_id, action="api_key.update", obj=key, changes=changes)
+        keys_changed([key.key_hash])
+    return key
+
+
+@transaction.atomic
 def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     """Revoke for good: a revoked key can never be re-activated."""
     key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
@@ -941,6 +1096,215 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     events.emit(tenant_id=key.consumer.tenant_id, event_type="key.revoked", data=events.key_data(key))
     keys_changed([key.key_hash])
     return key
+
+
+# ---------------------------------------------------------------------------
+# JWT issuers and consumer identities
+# ---------------------------------------------------------------------------
+
+JWT_ISSUER_FIELDS = (
+    "name",
+    "issuer",
+    "audiences",
+    "jwks_url",
+    "public_keys",
+    "algorithms",
+    "leeway_seconds",
+    "consumer_claim",
+    "auto_provision",
+    "token_in_query",
+)
+
+
+def jwt_issuer_check(issuer: JwtIssuer) -> None:
+    """Validate an issuer's settings, normalising them in place (the admin's form calls it too)."""
+    cleaned, errors = validation.jwt_issuer_errors(
+        issuer=issuer.issuer,
+        audiences=issuer.audiences,
+        jwks_url=issuer.jwks_url,
+        public_keys=issuer.public_keys,
+        algorithms=issuer.algorithms,
+        leeway_seconds=issuer.leeway_seconds,
+        consumer_claim=issuer.consumer_claim,
+        token_in_query=issuer.token_in_query,
+    )
+    if not isinstance(issuer.auto_provision, bool):
+        errors["auto_provision"] = ["auto_provision must be true or false."]
+    if errors:
+        raise ValidationError(errors)
+    for name, value in cleaned.items():
+        setattr(issuer, name, value)
+
+
+def _issuer_summary(issuer: JwtIssuer) -> dict[str, Any]:
+    """What the audit log keeps of an issuer: its settings, the inline keys by kid only."""
+    summary = {name: getattr(issuer, name) for name in JWT_ISSUER_FIELDS if name != "public_keys"}
+    keys_ = (issuer.public_keys or {}).get("keys", [])
+    summary["public_keys"] = [key.get("kid", "") for key in keys_] if keys_ else None
+    return summary
+
+
+@transaction.atomic
+def jwt_issuer_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    issuer: str,
+    actor: Actor,
+    audiences: Sequence[str] = (),
+    jwks_url: str = "",
+    public_keys: dict[str, Any] | None = None,
+    algorithms: Sequence[str] = ("RS256",),
+    leeway_seconds: int = 30,
+    consumer_claim: str = "sub",
+    auto_provision: bool = False,
+    token_in_query: str = "",
+) -> JwtIssuer:
+    """An identity provider whose tokens the tenant's APIs may accept (``Api.jwt_issuers``)."""
+    row = JwtIssuer(
+        tenant=tenant,
+        name=name,
+        issuer=issuer,
+        audiences=list(audiences),
+        jwks_url=jwks_url,
+        public_keys=public_keys,
+        algorithms=list(algorithms),
+        leeway_seconds=leeway_seconds,
+        consumer_claim=consumer_claim,
+        auto_provision=auto_provision,
+        token_in_query=token_in_query,
+    )
+    jwt_issuer_check(row)
+    _save_validated(row)
+    audit_record(actor=actor, tenant_id=tenant.id, action="jwt_issuer.create", obj=row, changes=_issuer_summary(row))
+    config_changed()
+    return row
+
+
+@transaction.atomic
+def jwt_issuer_update(*, issuer: JwtIssuer, actor: Actor, **fields: Any) -> JwtIssuer:
+    if "tenant" in fields or "tenant_id" in fields:
+        raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
+    before = _issuer_summary(issuer)
+    _apply(issuer, fields, JWT_ISSUER_FIELDS)
+    jwt_issuer_check(issuer)
+    after = _issuer_summary(issuer)
+    changes = {name: [before[name], after[name]] for name in after if before[name] != after[name]}
+    if changes:
+        _save_validated(issuer)
+        audit_record(actor=actor, tenant_id=issuer.tenant_id, action="jwt_issuer.update", obj=issuer, changes=changes)
+        config_changed()
+    return issuer
+
+
+def jwt_issuer_delete_refusal(issuer: JwtIssuer) -> str | None:
+    """Why the issuer cannot be deleted now (APIs accept its tokens), or None."""
+    api_names = sorted(issuer.apis.values_list("api_name", flat=True))
+    if not api_names:
+        return None
+    return (
+        f"JWT issuer {issuer.name!r} is accepted by {_named(api_names, 'API')}; take it off their jwt_issuers "
+        "first, then delete it."
+    )
+
+
+@transaction.atomic
+def jwt_issuer_delete(*, issuer: JwtIssuer, actor: Actor) -> None:
+    """Delete an issuer no API accepts, with its consumer identities; otherwise raise DeletionRefused."""
+    issuer = JwtIssuer.objects.select_for_update().get(pk=issuer.pk)
+    external_ids = list(issuer.identities.values_list("external_id", flat=True))
+    changes = {"name": issuer.name, "issuer": issuer.issuer, "identities_deleted": len(external_ids)}
+    if jwt_issuer_delete_refusal(issuer) is None:
+        identities_changed([(issuer.pk, external_id) for external_id in external_ids])
+    _delete_unless_refused(
+        issuer, refusal=jwt_issuer_delete_refusal, action="jwt_issuer.delete", changes=changes, actor=actor
+    )
+
+
+def _check_external_id(external_id: Any) -> str:
+    if not isinstance(external_id, str) or not external_id or len(external_id) > 255:
+        raise ValidationError({"external_id": "external_id must be 1 to 255 characters (the token's claim value)."})
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in external_id):
+        raise ValidationError({"external_id": "external_id must not contain control characters."})
+    return external_id
+
+
+@transaction.atomic
+def consumer_identity_create(
+    *, consumer: Consumer, issuer: JwtIssuer, external_id: str, actor: Actor
+) -> ConsumerIdentity:
+    """Say who ``consumer`` is at ``issuer``: tokens whose consumer claim is ``external_id`` act as it."""
+    if issuer.tenant_id != consumer.tenant_id:
+        raise ValidationError({"issuer_id": f"Unknown JWT issuer {issuer.pk!r} for this consumer's tenant."})
+    _check_external_id(external_id)
+    holder = (
+        ConsumerIdentity.objects.filter(issuer=issuer, external_id=external_id)
+        .values_list("consumer_id", flat=True)
+        .first()
+    )
+    if holder is not None:
+        whose = "This consumer already has" if holder == consumer.pk else "Another consumer already has"
+        raise ValidationError({"external_id": f"{whose} external ID {external_id!r} at issuer {issuer.name!r}."})
+    identity = ConsumerIdentity(consumer=consumer, issuer=issuer, external_id=external_id)
+    _save_validated(identity)
+    audit_record(
+        actor=actor,
+        tenant_id=consumer.tenant_id,
+        action="consumer_identity.create",
+        obj=identity,
+        changes={"consumer_id": consumer.pk, "issuer_id": issuer.pk, "external_id": external_id},
+    )
+    identities_changed([(issuer.pk, external_id)])  # a cached "no such consumer" answer is dropped
+    return identity
+
+
+@transaction.atomic
+def consumer_identity_delete(*, identity: ConsumerIdentity, actor: Actor) -> None:
+    """Tokens with this identity's external ID stop acting as its consumer on every gateway within a second."""
+    audit_record(
+        actor=actor,
+        tenant_id=identity.consumer.tenant_id,
+        action="consumer_identity.delete",
+        obj=identity,
+        changes={
+            "consumer_id": identity.consumer_id,
+            "issuer_id": identity.issuer_id,
+            "external_id": identity.external_id,
+        },
+    )
+    identities_changed([(identity.issuer_id, identity.external_id)])
+    identity.delete()
+
+
+def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> ConsumerIdentity:
+    """For an issuer with ``auto_provision``: the identity of ``external_id``, made with a new consumer of the
+    issuer's tenant when there is none yet. Safe to call from several processes at once (one wins, the others read
+    its row)."""
+    existing = (
+        ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id).first()
+    )
+    if existing is not None:
+        return existing
+    if not issuer.auto_provision:
+        raise ValidationError({"auto_provision": f"JWT issuer {issuer.name!r} does not provision consumers."})
+    _check_external_id(external_id)
+    base = f"{external_id[:70]} ({issuer.name[:25]})"
+    try:
+        with transaction.atomic():
+            name = base
+            if Consumer.objects.filter(tenant_id=issuer.tenant_id, owner__isnull=True, name=name).exists():
+                name = f"{base[:90]} {ids.random_base62(6)}"
+            consumer = consumer_create(
+                tenant=issuer.tenant, name=name, actor=None, description="Provisioned from a JWT."
+            )
+            return consumer_identity_create(consumer=consumer, issuer=issuer, external_id=external_id, actor=None)
+    except (ValidationError, IntegrityError):
+        # Another process provisioned it first: use theirs.
+        won = ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id)
+        identity = won.first()
+        if identity is None:
+            raise
+        return identity
 
 
 # ---------------------------------------------------------------------------
