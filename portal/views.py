@@ -29,6 +29,7 @@ from portal.forms import (
     add_service_errors,
     for_developers,
 )
+from portal.how_to_call import how_to_call
 from portal.models import Notice
 from portal.notifications import notices_switched_off, notification_preferences_set
 from portal.plans import limit_phrases, plan_cards
@@ -105,9 +106,11 @@ def _api_page(
 ) -> HttpResponse:
     """The API page: how to call it, its plans as cards, and (for members) their subscriptions and the form."""
     cards = plan_cards(api)
+    gateway_url = _gateway_url(request, api)
     context: dict[str, Any] = {
         "api": api,
-        "gateway_url": _gateway_url(request, api),
+        "gateway_url": gateway_url,
+        "calling": how_to_call(api, gateway_url),
         "plan_cards": cards,
         "api_limits": ", ".join(limit_phrases(api.policies.all())),
         "new_app_url": reverse("portal:app_create", args=[portal.tenant.id]) + f"?for_api={api.pk}",
