@@ -18,6 +18,7 @@ from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from gateway import metrics
 from gateway.config import db_call
+from gateway.problems import GatewayResponse, problem
 from gateway.routing import Route
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Credential:
 
     key: str
     source: str  # "header", "bearer" or "query"
+    param: str = ""  # the query parameter it came in ("" = the API's key_query_param)
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,14 @@ def check_access(record: KeyRecord | None, route: Route, now: float) -> AuthFail
         reason = "wrong_tenant" if record.tenant_id != route.tenant_id else "not_subscribed"
         return AuthFailure(403, reason, "This key has no active subscription to this API.")
     return None
+
+
+def auth_problem(route: Route, failure: AuthFailure, request_id: str) -> GatewayResponse:
+    """The answer to a failed authentication: 401 with a Bearer challenge for the API's realm, or 403."""
+    slug = "invalid-key" if failure.status == 401 else "forbidden"
+    title = "Unauthorized" if failure.status == 401 else "Forbidden"
+    headers = [("WWW-Authenticate", f'Bearer realm="{route.spec.api_name}"')] if failure.status == 401 else []
+    return problem(failure.status, slug, title, failure.detail, request_id, headers=headers)
 
 
 # A client address over its authentication-failure allowance (gateway.auth_throttle) presenting an uncached key.

@@ -1,7 +1,9 @@
-"""One request through the gateway: route, authenticate, limit, proxy, record. WSGI-level, no Django request."""
+"""One request through the gateway: the runner of gateway.chain's order, and the fixed steps (route, authenticate,
+limits, proxy, record). WSGI-level, no Django request."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from apimgmt.spec_operations import ALLOWED, NO_PATH, Match
 from apimgmt.validation import RESERVED_SEGMENTS
 from gateway import auth, auth_throttle, metrics, ratelimit, streams
 from gateway.accesslog import AccessLog
+from gateway.auth import auth_problem
+from gateway.chain import ACCESS, CACHE_LOOKUP, PRE_AUTH, REQUEST_TRANSFORMS, Exchange, Finished, Result
 from gateway.config import RouteState
 from gateway.problems import GatewayResponse, problem, status_line
 from gateway.proxy import (
@@ -64,44 +68,6 @@ def _header_name(environ_key: str) -> str:
         if len(_HEADER_NAMES) < 4096:
             _HEADER_NAMES[environ_key] = name
     return name
-
-
-class Finished:
-    """What the access log, metrics and usage event need once a response is complete."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "key",
-        "method",
-        "record",
-        "request_id",
-        "route",
-        "started",
-        "status",
-        "upstream_s",
-    )
-
-    def __init__(self, request_id: str, method: str, started: float) -> None:
-        self.request_id = request_id
-        self.method = method
-        self.started = started
-        self.route: Route | None = None
-        self.record: KeyRecord | None = None
-        self.key = ""
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.upstream_s: float | None = None
-
-
-class Result:
-    """The gateway's answer, ready for a WSGI server: status line, headers, and an iterable body."""
-
-    def __init__(self, status: str, headers: list[tuple[str, str]], body: Any) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
 
 
 class Gateway:
@@ -186,6 +152,7 @@ class Gateway:
         return self._serve(environ, route, path, query, table.plan_policies)
 
     def _serve(self, environ: dict[str, Any], route: Route, path: str, query: str, plans: dict[str, Any]) -> Result:
+        """The chain (gateway.chain): each step returns None to go on, or the Result that ends the request."""
         started = time.perf_counter()
         request_id = accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
         request_id_var.set(request_id)
@@ -194,24 +161,62 @@ class Gateway:
         done.route = route
         client_ip = self._client_ip(environ)
         client_ip_var.set(client_ip)
-        # An API restricted to its OpenAPI document routes only the operations in it (before any key look-up).
-        if route.operations is not None:
-            operation = route.operations.match(method, path[len(route.spec.base_path) :])
-            if operation.status != ALLOWED:
-                return self._error(done, _not_in_spec(operation, method, request_id))
-        # A WebSocket handshake (APIs that allow it): its key may also come in a protocol entry or the query.
-        upgrade = "HTTP_UPGRADE" in environ and route.spec.websocket and _websocket().wants_upgrade(environ)
-        if upgrade:
-            environ, query = _websocket().move_credentials(environ, route, query)
+        ex = Exchange(self, environ, route, method, path, query, request_id, client_ip, done)
+        chain = route.chain
+        if chain.empty:
+            result = self._route_step(ex) or self._authenticate(ex) or self._limits(ex, plans) or self._proxy(ex)
+        else:
+            result = (
+                self._route_step(ex)
+                or chain.run(ex, PRE_AUTH)
+                or self._authenticate(ex)
+                or chain.run(ex, ACCESS)
+                or self._limits(ex, plans)
+                or chain.run(ex, REQUEST_TRANSFORMS)
+                or chain.run(ex, CACHE_LOOKUP)
+                or self._proxy(ex)
+            )
+            result = chain.respond(ex, result)  # response transforms, cache store
+        if not result.recorded:
+            self._finish(done)  # record (a streamed body records when it is closed)
+        return result
 
-        # 2. Authenticate (an address with too many failures gets no key look-ups for a while: gateway.auth_throttle).
+    # -- the fixed steps ----------------------------------------------------------------------------------------
+
+    def _route_step(self, ex: Exchange) -> Result | None:
+        """The rest of routing: an API restricted to its OpenAPI document routes only the operations in it (before
+        any key look-up); a WebSocket handshake (APIs that allow it) may carry its key in a protocol entry or the query.
+        """
+        route = ex.route
+        if route.operations is not None:
+            operation = route.operations.match(ex.method, ex.path[len(route.spec.base_path) :])
+            if operation.status != ALLOWED:
+                return ex.fail(_not_in_spec(operation, ex.method, ex.request_id))
+        if "HTTP_UPGRADE" in ex.environ and route.spec.websocket and _websocket().wants_upgrade(ex.environ):
+            ex.upgrade = True
+            ex.environ, ex.query = _websocket().move_credentials(ex.environ, route, ex.query)
+        return None
+
+    def _authenticate(self, ex: Exchange) -> Result | None:
+        """The caller: an API key (gateway.auth), or a JWT from one of the API's issuers (gateway.jwt_auth)."""
+        auth_method = ex.route.auth_method
+        if auth_method != "key":
+            jwt_auth = _jwt_auth()
+            if auth_method == "jwt" or jwt_auth.presents_jwt(ex):
+                return jwt_auth.authenticate(ex)
+        return self._key_auth(ex)
+
+    def _key_auth(self, ex: Exchange) -> Result | None:
+        # An address with too many failures gets no key look-ups for a while (gateway.auth_throttle).
+        route, client_ip, request_id = ex.route, ex.client_ip, ex.request_id
         throttled = self.auth_throttle.retry_after(client_ip) if self.auth_throttle.blocked else None
         try:
-            record, credential, failure = auth.authenticate(environ, route, query, self.keys, lookup=throttled is None)
+            record, credential, failure = auth.authenticate(
+                ex.environ, route, ex.query, self.keys, lookup=throttled is None
+            )
         except (DatabaseError, redis.RedisError):
             logger.exception("key lookup failed")
-            return self._error(
-                done,
+            return ex.fail(
                 problem(
                     503,
                     "key-store-unavailable",
@@ -228,8 +233,7 @@ class Gateway:
             if retry is not None:
                 metrics.auth_throttled_total.labels(route.api_id).inc()
                 detail = f"{auth.THROTTLED.detail} Retry in {retry} s."
-                return self._error(
-                    done,
+                return ex.fail(
                     problem(
                         429,
                         "auth-throttled",
@@ -243,89 +247,109 @@ class Gateway:
             # A 403 for the API's own tenant is that consumer's traffic. Another tenant's key is not: its consumer
             # and key ids must never show up in this tenant's usage, access log or metrics.
             if record is not None and failure.status == 403 and failure.reason != "wrong_tenant":
-                done.record, done.key = record, record.key_id
-            slug = "invalid-key" if failure.status == 401 else "forbidden"
-            title = "Unauthorized" if failure.status == 401 else "Forbidden"
-            headers = [("WWW-Authenticate", f'Bearer realm="{route.spec.api_name}"')] if failure.status == 401 else []
-            return self._error(done, problem(failure.status, slug, title, failure.detail, request_id, headers=headers))
+                ex.done.record, ex.done.key = record, record.key_id
+            return ex.fail(auth_problem(route, failure, request_id))
         assert record is not None and credential is not None
-        done.record, done.key = record, record.key_id
+        ex.done.record, ex.done.key = record, record.key_id
+        ex.record, ex.credential = record, credential
+        return None
 
-        # 3. Limit.
-        plan_id = record.subscriptions.get(route.api_id, "")
-        windows, script = self._windows(route, record, plan_id, plans, client_ip)
-        limit_headers: list[tuple[str, str]] = []
+    def _limits(self, ex: Exchange, plans: dict[str, Any]) -> Result | None:
+        """Rate limits and quotas: the limiter call is sent, the upstream request prepared while Redis answers (so
+        the reply is usually there when it is read), then the decision."""
+        route, record = ex.route, ex.record
+        assert record is not None
+        ex.plan_id = plan_id = record.subscriptions.get(route.api_id, "")
+        windows, script = self._windows(route, record, plan_id, plans, ex.client_ip)
         pending = self._send_limits(route, windows, script) if windows else None
-        # While Redis answers: the work that does not depend on its answer (so that the reply is usually there
-        # when it is read, and the worker does not wait for it).
         try:
-            upstream_headers = self._upstream_headers(environ, route, record, credential, request_id, client_ip)
-            spec = route.spec
-            target_path = path[len(spec.base_path) :] if spec.strip_path else path
-            # The API's key parameter never reaches the upstream, whichever place the credential came from.
-            query = _strip_query_param(query, spec.key_query_param) if spec.key_query_param else query
+            self._prepare_upstream(ex)
         except BaseException:
             if isinstance(pending, ratelimit.PendingCheck):
                 pending.abandon()
             raise
-        if windows:
-            decision = self._limit_decision(route, windows, pending)
-            if decision.unavailable:
-                return self._error(
-                    done,
-                    problem(
-                        503,
-                        "rate-limit-store-unavailable",
-                        "Service unavailable",
-                        "Rate limits cannot be checked right now; retry shortly.",
-                        request_id,
-                        headers=[("Retry-After", str(decision.retry_after))],
-                    ),
-                )
-            limit_headers = decision.headers or []
-            if decision.blocked is not None:
-                window = decision.blocked.window
-                detail = (
-                    f"Policy '{window.policy.name}' allows {window.limit} requests per {window.label}; "
-                    f"retry in {decision.retry_after} s."
-                )
-                return self._error(
-                    done,
-                    problem(
-                        429,
-                        "rate-limited",
-                        "Too many requests",
-                        detail,
-                        request_id,
-                        headers=[*limit_headers, ("Retry-After", str(decision.retry_after))],
-                        extra={"policy": window.policy.name, "policy_id": window.policy.id, "window": window.label},
-                    ),
-                )
-
-        # 4. Proxy.
-        if upgrade:
-            return _websocket().open_connection(
-                self, environ, route, record, credential, done, upstream_headers, target_path, query, limit_headers
+        if not windows:
+            return None
+        decision = self._limit_decision(route, windows, pending)
+        request_id = ex.request_id
+        if decision.unavailable:
+            return ex.fail(
+                problem(
+                    503,
+                    "rate-limit-store-unavailable",
+                    "Service unavailable",
+                    "Rate limits cannot be checked right now; retry shortly.",
+                    request_id,
+                    headers=[("Retry-After", str(decision.retry_after))],
+                ),
             )
+        limit_headers = decision.headers or []
+        if decision.blocked is not None:
+            window = decision.blocked.window
+            detail = (
+                f"Policy '{window.policy.name}' allows {window.limit} requests per {window.label}; "
+                f"retry in {decision.retry_after} s."
+            )
+            return ex.fail(
+                problem(
+                    429,
+                    "rate-limited",
+                    "Too many requests",
+                    detail,
+                    request_id,
+                    headers=[*limit_headers, ("Retry-After", str(decision.retry_after))],
+                    extra={"policy": window.policy.name, "policy_id": window.policy.id, "window": window.label},
+                ),
+            )
+        if limit_headers:
+            if ex.state is None:
+                ex.state = {}
+            ex.state["limit_headers"] = limit_headers
+        return None
+
+    def _prepare_upstream(self, ex: Exchange) -> None:
+        """The upstream request's headers, path and query (the credential's query parameter never reaches it)."""
+        route = ex.route
+        spec = route.spec
+        assert ex.record is not None and ex.credential is not None
+        ex.upstream_headers = self._upstream_headers(
+            ex.environ, route, ex.record, ex.credential, ex.request_id, ex.client_ip
+        )
+        ex.target_path = ex.path[len(spec.base_path) :] if spec.strip_path else ex.path
+        credential = ex.credential
+        param = credential.param if credential.source == "query" and credential.param else spec.key_query_param
+        if param:
+            ex.query = _strip_query_param(ex.query, param)
+
+    def _proxy(self, ex: Exchange) -> Result:
+        """The upstream call: the body (small ones buffered first), the breaker, the response streamed or whole."""
+        limit_headers: list[tuple[str, str]] = ex.state.get("limit_headers", []) if ex.state else []
+        environ, route, method, request_id, done = ex.environ, ex.route, ex.method, ex.request_id, ex.done
+        spec = route.spec
+        if ex.upgrade:
+            assert ex.record is not None and ex.credential is not None
+            result: Result = _websocket().open_connection(
+                self,
+                environ,
+                route,
+                ex.record,
+                ex.credential,
+                done,
+                ex.upstream_headers,
+                ex.target_path,
+                ex.query,
+                limit_headers,
+            )
+            result.recorded = True  # every answer of open_connection is recorded there (the handshake at once)
+            return result
         length_text = environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         try:
             length = int(length_text) if length_text else None
         except ValueError:
-            return self._error(
-                done, problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id)
-            )
+            return ex.fail(problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id))
         if length is not None and length > self.max_body:
-            return self._error(
-                done,
-                problem(
-                    413,
-                    "body-too-large",
-                    "Request body too large",
-                    f"The request body may be at most {self.max_body} bytes.",
-                    request_id,
-                ),
-            )
+            return ex.fail(self._too_large(request_id))
         body = None
         if length or chunked:
             body = RequestBody(
@@ -342,14 +366,13 @@ class Gateway:
                     body.buffer()
                 except ClientBodyError as exc:
                     done.bytes_in = body.sent
-                    return self._client_body_failed(done, exc)
+                    return self._client_body_failed(ex, exc)
         breaker = self._breaker(route)
         allowed, wait = breaker.allow()
         if not allowed:
             if body is not None:
                 body.close()
-            return self._error(
-                done,
+            return ex.fail(
                 problem(
                     503,
                     "circuit-open",
@@ -364,9 +387,9 @@ class Gateway:
                 self.upstreams,
                 self._balancer(route),
                 method=method,
-                path=target_path,
-                query=query,
-                headers=upstream_headers,
+                path=ex.target_path,
+                query=ex.query,
+                headers=ex.upstream_headers,
                 body=body,
                 chunked=chunked and length is None,
                 connect_timeout=spec.connect_timeout,
@@ -384,23 +407,14 @@ class Gateway:
             done.bytes_in = body.sent if body else 0
             title = "Bad gateway" if exc.status == 502 else "Gateway timeout"
             slug = "upstream-unavailable" if exc.status == 502 else "upstream-timeout"
-            return self._error(done, problem(exc.status, slug, title, exc.detail, request_id), limit_headers)
+            return ex.fail(problem(exc.status, slug, title, exc.detail, request_id), limit_headers)
         except BodyTooLarge:
             breaker.release()
-            return self._error(
-                done,
-                problem(
-                    413,
-                    "body-too-large",
-                    "Request body too large",
-                    f"The request body may be at most {self.max_body} bytes.",
-                    request_id,
-                ),
-            )
+            return ex.fail(self._too_large(request_id))
         except ClientBodyError as exc:
             breaker.release()  # the client's fault, never the upstream's
             done.bytes_in = body.sent if body else 0
-            return self._client_body_failed(done, exc)
+            return self._client_body_failed(ex, exc)
         finally:
             if body is not None:
                 body.close()
@@ -417,6 +431,7 @@ class Gateway:
         out_headers += limit_headers
         out_headers += route.extra_headers
         out_headers.append(("X-Request-ID", request_id))
+        status = f"{response.status} {response.reason or status_line(response.status)[4:]}"
         if body_is_small(response, method):
             try:
                 data = response.read(decode_content=False) if method != "HEAD" else b""
@@ -424,19 +439,18 @@ class Gateway:
                 self.upstreams.reaper.done(upstream.watch)
                 response.release_conn()
                 breaker.failure()
-                status = 504 if upstream.watch.expired else 502
+                code = 504 if upstream.watch.expired else 502
                 detail = (
                     "The upstream response was incomplete."
-                    if status == 502
+                    if code == 502
                     else "The upstream did not finish within the API's total timeout."
                 )
                 logger.warning("upstream response failed: %s", exc)
-                return self._error(
-                    done,
+                return ex.fail(
                     problem(
-                        status,
-                        "upstream-unavailable" if status == 502 else "upstream-timeout",
-                        "Bad gateway" if status == 502 else "Gateway timeout",
+                        code,
+                        "upstream-unavailable" if code == 502 else "upstream-timeout",
+                        "Bad gateway" if code == 502 else "Gateway timeout",
                         detail,
                         request_id,
                     ),
@@ -445,12 +459,7 @@ class Gateway:
             self.upstreams.reaper.done(upstream.watch)
             response.release_conn()
             done.bytes_out = len(data)
-            self._finish(done)
-            return Result(
-                f"{response.status} {response.reason or status_line(response.status)[4:]}",
-                out_headers,
-                [data] if data else [],
-            )
+            return Result(status, out_headers, [data] if data else [])
         # A stream (SSE, or no length) of an API with a stream_timeout: an idle gap instead of the total deadline.
         chunks = (
             streams.chunks(upstream, spec.stream_timeout)
@@ -459,10 +468,17 @@ class Gateway:
         )
         if chunks is not None:
             out_headers.append(("X-Accel-Buffering", "no"))  # nginx in front passes each event on at once too
-        return Result(
-            f"{response.status} {response.reason or status_line(response.status)[4:]}",
-            out_headers,
-            StreamedBody(self, upstream, done, chunks),
+        result = Result(status, out_headers, StreamedBody(self, upstream, done, chunks))
+        result.recorded = True  # StreamedBody.close() records
+        return result
+
+    def _too_large(self, request_id: str) -> GatewayResponse:
+        return problem(
+            413,
+            "body-too-large",
+            "Request body too large",
+            f"The request body may be at most {self.max_body} bytes.",
+            request_id,
         )
 
     # -- steps --------------------------------------------------------------------------------------------------
@@ -537,7 +553,7 @@ class Gateway:
         client_ip: str,
     ) -> dict[str, str]:
         authorization = environ.get("HTTP_AUTHORIZATION", "")
-        bearer = route.spec.accept_bearer and authorization[:7].lower() == "bearer "
+        bearer = credential.source == "bearer" or (route.spec.accept_bearer and authorization[:7].lower() == "bearer ")
         drop = _dropped_headers(route.spec.key_header, bearer)
         connection = environ.get("HTTP_CONNECTION")
         if connection:
@@ -592,20 +608,24 @@ class Gateway:
 
     # -- results and records ------------------------------------------------------------------------------------
 
-    def _client_body_failed(self, done: Finished, exc: ClientBodyError) -> Result:
+    def _client_body_failed(self, ex: Exchange, exc: ClientBodyError) -> Result:
         slug, title = ("body-timeout", "Request timeout") if exc.status == 408 else ("bad-body", "Bad request")
-        return self._error(done, problem(exc.status, slug, title, exc.detail, done.request_id))
+        return ex.fail(problem(exc.status, slug, title, exc.detail, ex.request_id))
 
     def _error(
         self, done: Finished, response: GatewayResponse, extra_headers: list[tuple[str, str]] | None = None
     ) -> Result:
+        """An answer of the gateway's own, recorded now (outside the chain: a bad request target, a WebSocket
+        handshake's refusal)."""
         done.status = response.status
         done.bytes_out = len(response.body)
         headers = response.headers + (extra_headers or []) + [("X-Request-ID", done.request_id)]
         if done.route is not None:
             headers += done.route.extra_headers
         self._finish(done)
-        return Result(status_line(response.status), headers, [response.body])
+        result = Result(status_line(response.status), headers, [response.body])
+        result.recorded = True
+        return result
 
     def _finish(self, done: Finished) -> None:
         """Metrics, access log and usage event of a completed request."""
@@ -736,6 +756,11 @@ def _strip_query_param(query: str, param: str) -> str:
         elif left:
             kept.append(";".join(left))
     return "&".join(kept)
+
+
+def _jwt_auth() -> Any:
+    """gateway.jwt_auth, imported on first use (key-only APIs never load PyJWT)."""
+    return importlib.import_module("gateway.jwt_auth")
 
 
 def _websocket() -> Any:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from apimgmt.selectors import PolicySpec, RouteSnapshot, RouteSpec
 from apimgmt.spec_operations import OperationTable
+from gateway.chain import EMPTY, Chain, build_chain, plan_policies_by_type
 
 # Escapes of unreserved characters that are safe to decode before matching (RFC 3986 §6.2.2.2);
 # "." is unreserved too but is refused instead, so "%2e%2e" can never become a dot segment.
@@ -50,6 +51,9 @@ class Route:
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     # restrict_to_spec: the operations the API's OpenAPI document allows (None: every path and method).
     operations: OperationTable | None = None
+    # The policy steps this API's policies ask for (gateway.chain); EMPTY when none.
+    chain: Chain = EMPTY
+    auth_method: str = "key"  # key | jwt | key_or_jwt
 
     @property
     def api_id(self) -> str:
@@ -140,6 +144,7 @@ def build_route(spec: RouteSpec, plan_policies: dict[str, list[PolicySpec]]) -> 
         key_header_environ="HTTP_" + spec.key_header.upper().replace("-", "_"),
         extra_headers=extra,
         operations=OperationTable({"paths": spec.spec_paths}) if spec.spec_paths is not None else None,
+        auth_method=spec.auth_method,
     )
 
 
@@ -149,8 +154,11 @@ class RouteTable:
     def __init__(self, snapshot: RouteSnapshot) -> None:
         self.plan_policies = snapshot.plan_policies
         self.by_host: dict[str, dict[str, Route]] = {}
+        plans_by_type = plan_policies_by_type(snapshot.plan_policies)
         for spec in snapshot.routes:
-            self.by_host.setdefault(spec.host.lower(), {})[spec.base_path] = build_route(spec, snapshot.plan_policies)
+            route = build_route(spec, snapshot.plan_policies)
+            route.chain = build_chain(route, plans_by_type)
+            self.by_host.setdefault(spec.host.lower(), {})[spec.base_path] = route
         self.routes = [route for table in self.by_host.values() for route in table.values()]
 
     def resolve(self, host: str, path: str) -> Route | None:
