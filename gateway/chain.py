@@ -19,9 +19,14 @@ is a ``Step`` that a module in ``gateway.policies`` builds for one route from th
 policy type means adding one module there). A route's ``Chain`` holds only the steps its policies asked for: an API
 without policies of a type pays nothing for that type.
 
-A step's ``request`` runs in its phase and may end the request by returning a ``Result`` (an error, a preflight answer
-or a cache hit). Every step whose ``request`` ran then gets the final ``Result`` in its ``response``, whatever answered:
-the upstream, a later step or the gateway's own error, so CORS headers reach a browser on a 401 or a 429 as well.
+A step of a request phase (pre_auth .. cache_lookup) has its ``request`` run in its phase, and may end the request by
+returning a ``Result`` (an error, a preflight answer or a cache hit). Every such step whose ``request`` ran, if it set
+``has_response``, then gets the final ``Result`` in its ``response``, whatever answered: the upstream, a later step or
+the gateway's own error (so CORS headers reach a browser on a 401 or a 429 as well). A step of a response phase
+(response_transforms, cache_store) has no ``request``: its ``response`` sees every answer of its route, and it decides
+itself what to leave alone (``result.status_code``; ``ex.done.upstream_s`` is None when the upstream was not asked).
+The answer passes the ``response`` methods in phase order. A cache hit passes the response phases again, so a
+response transform is written to give the same headers when applied to an answer it already changed.
 """
 
 from __future__ import annotations
@@ -188,7 +193,9 @@ class Exchange:
 
 
 class Step:
-    """One policy's work at one place in the order. Subclasses set ``name`` and ``phase`` and override what they do."""
+    """One policy's work at one place in the order. Subclasses set ``name`` and ``phase`` and override what they do:
+    ``request`` for a request phase (with ``has_response`` if its ``response`` is wanted too), ``response`` alone for a
+    response phase."""
 
     name = "step"
     phase = PRE_AUTH
@@ -207,7 +214,7 @@ class Step:
 class Chain:
     """A route's policy steps by phase, in order; phases with no step are empty tuples (skipped at no cost)."""
 
-    __slots__ = ("by_phase", "empty", "steps")
+    __slots__ = ("by_phase", "empty", "responders", "steps")
 
     def __init__(self, steps: list[Step]) -> None:
         for step in steps:
@@ -217,6 +224,7 @@ class Chain:
         self.by_phase: dict[str, tuple[Step, ...]] = {
             phase: tuple(s for s in self.steps if s.phase == phase) for phase in POLICY_PHASES
         }
+        self.responders = tuple(s for s in self.steps if s.phase in (RESPONSE_TRANSFORMS, CACHE_STORE))
         self.empty = not self.steps
 
     def names(self) -> list[str]:
@@ -234,13 +242,13 @@ class Chain:
                 return result
         return None
 
-    @staticmethod
-    def respond(ex: Exchange, result: Result) -> Result:
-        """The final answer through response() of every step that ran, in phase order."""
+    def respond(self, ex: Exchange, result: Result) -> Result:
+        """The final answer through response() of the request steps that ran and of the response phases' steps, in
+        phase order."""
         ran = ex.ran
-        if ran:
-            for step in sorted(ran, key=lambda s: _ORDER[s.phase]):
-                result = step.response(ex, result)
+        steps = sorted([*ran, *self.responders], key=lambda s: _ORDER[s.phase]) if ran else self.responders
+        for step in steps:
+            result = step.response(ex, result)
         return result
 
 
