@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apimgmt import limits
+from apimgmt import circuit_events, limits
 from apimgmt.models import Api, ApiKey, Consumer, Event, Policy, Subscription, Tenant
 
 # Event type -> what it means. The keys are the product's contract with receivers (docs/webhooks.md).
@@ -37,6 +37,8 @@ CATALOGUE: dict[str, str] = {
     "api.deprecated": "An API was deprecated; sunset_at is its announced retirement, when set.",
     "api.retired": "An API was retired: it stopped routing and its open subscriptions were cancelled.",
     "quota.threshold": "A quota window of a consumer (or key) reached 80 %, then 100 % (each once per window).",
+    "circuit.opened": "The gateway's circuit breaker for an API opened: its upstream is failing (once across workers).",
+    "circuit.closed": "The circuit breaker of an API closed again: a probe reached its upstream (once across workers).",
 }
 EVENT_TYPES = tuple(CATALOGUE)
 
@@ -294,3 +296,53 @@ def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_s
                 )
             sent += event is not None
     return sent
+
+
+def circuit_notices(*, client: Any, batch_size: int = 500) -> int:
+    """Copy the gateways' circuit announcements (apimgmt/circuit_events.py) into the outbox as ``circuit.opened`` /
+    ``circuit.closed``; return how many events were emitted.
+
+    Each stream entry becomes one event: its stream id is the event's dedupe key, so a deliverer that dies between
+    its commit and deleting the entries, or two deliverers reading the same entries, add nothing twice. Entries are
+    deleted only after the commit. Announcements about an API that is gone (or of another tenant) are dropped.
+    """
+    emitted = 0
+    for raw_tenant in sorted(client.smembers(circuit_events.TENANTS_KEY)):
+        tenant_id = raw_tenant.decode() if isinstance(raw_tenant, bytes) else str(raw_tenant)
+        stream = circuit_events.stream_key(tenant_id)
+        entries = client.xrange(stream, count=batch_size)
+        if not entries:
+            continue
+        decoded = [
+            (
+                entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                {
+                    (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                    for k, v in fields.items()
+                },
+            )
+            for entry_id, fields in entries
+        ]
+        apis = Api.objects.filter(tenant_id=tenant_id, pk__in={f.get("api_id") for _, f in decoded}).in_bulk()
+        with transaction.atomic():
+            for entry_id, fields in decoded:
+                api = apis.get(fields.get("api_id", ""))
+                state = fields.get("state")
+                if api is None or state not in (circuit_events.OPEN, circuit_events.CLOSED):
+                    continue
+                at = datetime.fromtimestamp(int(fields.get("at") or 0) / 1000, tz=UTC)
+                event = emit(
+                    tenant_id=tenant_id,
+                    event_type="circuit.opened" if state == circuit_events.OPEN else "circuit.closed",
+                    data={
+                        **api_data(api),
+                        "circuit": state,
+                        "changed_at": _iso(at),
+                        "failure_threshold": api.cb_failure_threshold,
+                        "recovery_timeout_seconds": api.cb_recovery_timeout,
+                    },
+                    dedupe_key=f"circuit:{tenant_id}:{entry_id}",
+                )
+                emitted += event is not None
+        client.xdel(stream, *[entry_id for entry_id, _ in decoded])
+    return emitted

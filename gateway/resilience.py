@@ -2,23 +2,32 @@
 
 All of it lives in one worker's memory (no coordination between workers): each worker ejects a dead
 target and opens its breaker on its own evidence. With N workers an upstream sees at most N half-open
-probes per recovery period, and a breaker opens after ``threshold`` failures seen by one worker.
+probes per recovery period, and a breaker opens after ``threshold`` failures seen by one worker. A breaker that
+changes state tells the event deliverer, off the request path and once across all workers and pods
+(``CircuitAnnouncer``, apimgmt/circuit_events.py): that becomes ``circuit.opened`` / ``circuit.closed``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
+from apimgmt import circuit_events
 from gateway import metrics
 from gateway.routing import Target
 
 # How long a target that failed is skipped by the balancer.
 TARGET_COOLOFF_SECONDS = 10.0
+# State changes waiting for the announcer thread; past this (Redis down for long) the oldest are dropped.
+ANNOUNCE_QUEUE_MAX = 1000
+
+logger = logging.getLogger("gateway.circuit")
 
 
 @dataclass
@@ -66,8 +75,9 @@ class Balancer:
 class CircuitBreaker:
     """closed → (threshold consecutive failures) → open → (recovery timeout) → half-open: one probe decides."""
 
-    def __init__(self, api_id: str, threshold: int, recovery_timeout: float) -> None:
+    def __init__(self, api_id: str, threshold: int, recovery_timeout: float, *, tenant_id: str = "") -> None:
         self.api_id = api_id
+        self.tenant_id = tenant_id  # when not given, the announcer looks it up (once per API and worker)
         self.threshold = max(1, threshold)
         self.recovery_timeout = recovery_timeout
         self.failures = 0
@@ -104,19 +114,123 @@ class CircuitBreaker:
             return
         with self.lock:
             self.failures = 0
-            if self.state != "closed":
-                self.state = "closed"
-                self.probe_in_flight = False
-                metrics.circuit_open.labels(self.api_id).set(0)
+            if self.state == "closed":
+                return
+            self.state = "closed"
+            self.probe_in_flight = False
+            metrics.circuit_open.labels(self.api_id).set(0)
+        ANNOUNCER.changed(self, circuit_events.CLOSED)
 
     def failure(self) -> None:
         with self.lock:
             self.failures += 1
-            if self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold):
-                self.state = "open"
-                self.opened_at = time.monotonic()
-                self.probe_in_flight = False
-                metrics.circuit_open.labels(self.api_id).set(1)
+            if not (self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold)):
+                return
+            self.state = "open"
+            self.opened_at = time.monotonic()
+            self.probe_in_flight = False
+            metrics.circuit_open.labels(self.api_id).set(1)
+        ANNOUNCER.changed(self, circuit_events.OPEN)
+
+
+@dataclass(frozen=True)
+class _Change:
+    tenant_id: str
+    api_id: str
+    state: str
+    at: float  # epoch seconds
+    recovery_timeout: float
+
+
+class CircuitAnnouncer:
+    """Tells the event deliverer that a breaker of this worker changed state, from a thread of its own.
+
+    The request that trips the breaker only appends to a deque (state changes are rare: at most one per API and
+    recovery period per worker). The thread runs ``circuit_events.ANNOUNCE_SCRIPT``, which lets exactly one of the
+    workers seeing the same change append it to the tenant's stream; the gateway never writes PostgreSQL for it.
+    When Redis is down the change is logged and dropped (a breaker that stays open re-announces on its next
+    half-open failure).
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[_Change] = deque(maxlen=ANNOUNCE_QUEUE_MAX)
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.running_pid = 0
+        self.tenants: dict[str, str] = {}
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def changed(self, breaker: CircuitBreaker, state: str) -> None:
+        self.pending.append(_Change(breaker.tenant_id, breaker.api_id, state, time.time(), breaker.recovery_timeout))
+        self.wake.set()
+        if self.running_pid != os.getpid():  # not started yet, or forked into a new worker
+            self._start()
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.running_pid == os.getpid():
+                return
+            self.running_pid = os.getpid()
+            self.worker = f"{socket.gethostname()}:{os.getpid()}"
+            threading.Thread(target=self._run, name="circuit-announcer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(1.0)
+            self.wake.clear()
+            while self.pending:
+                change = self.pending.popleft()
+                try:
+                    self.announce(change)
+                except Exception:  # Redis or the database unwell: the breaker itself keeps working
+                    logger.warning("circuit state change not announced", extra={"api_id": change.api_id}, exc_info=True)
+            from django.db import connection
+
+            connection.close()  # the thread's own connection (a tenant look-up) is not kept between rare changes
+
+    def _tenant_of(self, change: _Change) -> str | None:
+        if change.tenant_id:
+            return change.tenant_id
+        if change.api_id not in self.tenants:
+            from apimgmt.models import Api
+
+            tenant = Api.objects.filter(pk=change.api_id).values_list("tenant_id", flat=True).first()
+            if tenant is None:
+                return None
+            self.tenants[change.api_id] = tenant
+        return self.tenants[change.api_id]
+
+    def announce(self, change: _Change) -> bool:
+        """Run the announce script for one change; True when this worker's call was the one announced."""
+        from apimgmt.redis_client import get_redis
+
+        client = get_redis()
+        tenant = self._tenant_of(change)
+        if client is None or tenant is None:
+            return False
+        client.sadd(circuit_events.TENANTS_KEY, tenant)
+        won = client.eval(
+            circuit_events.ANNOUNCE_SCRIPT,
+            2,
+            circuit_events.state_key(tenant, change.api_id),
+            circuit_events.stream_key(tenant),
+            change.state,
+            circuit_events.state_ttl(change.recovery_timeout),
+            change.api_id,
+            int(change.at * 1000),
+            self.worker,
+            circuit_events.STREAM_MAXLEN,
+        )
+        logger.info(
+            "circuit %s in this worker%s",
+            "opened" if change.state == circuit_events.OPEN else "closed",
+            "; announced" if won else "; already announced by another worker",
+            extra={"api_id": change.api_id, "tenant_id": tenant, "worker": self.worker},
+        )
+        return bool(won)
+
+
+ANNOUNCER = CircuitAnnouncer()
 
 
 @dataclass

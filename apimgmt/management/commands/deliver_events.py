@@ -66,6 +66,14 @@ def scan() -> tuple[int, int]:
     return events.key_expiring_notices(), services.subscription_apply_due_plan_changes()
 
 
+def circuit_scan() -> int:
+    """circuit.opened / circuit.closed from the gateways' announcements in Redis (none without Redis)."""
+    from apimgmt.redis_client import get_redis
+
+    client = get_redis()
+    return events.circuit_notices(client=client) if client is not None else 0
+
+
 def quota_scan() -> int:
     """quota.threshold notices from the gateway's counters (none without Redis: there are no shared counters)."""
     from apimgmt.redis_client import get_redis
@@ -76,8 +84,8 @@ def quota_scan() -> int:
 
 class Command(BaseCommand):
     help = (
-        "Send events (the am_events outbox) to the tenants' webhook endpoints, retrying with backoff; emit "
-        "key.expiring and quota.threshold notices and apply plan changes that are due. "
+        "Send events (the am_events outbox) to the tenants' webhook endpoints and developers' mail, retrying with "
+        "backoff; emit key.expiring, quota.threshold and circuit notices and apply plan changes that are due. "
         "Without --follow: one round, then exit. With --follow: until SIGTERM."
     )
 
@@ -105,7 +113,7 @@ class Command(BaseCommand):
                 return
             try:
                 notices, changes = scan()
-                notices += quota_scan()
+                notices += quota_scan() + circuit_scan()
                 stats = deliverer.run_once()
             except (DatabaseError, redis.RedisError) as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
@@ -113,8 +121,8 @@ class Command(BaseCommand):
             deliverer.close()
         self.stdout.write(
             f"dispatched {stats.dispatched} events; deliveries: {stats.succeeded} succeeded, {stats.retried} to "
-            f"retry, {stats.failed} failed; {notices} key.expiring and quota.threshold notices; {changes} plan changes "
-            "applied"
+            f"retry, {stats.failed} failed; {notices} key.expiring, quota.threshold and circuit notices; {changes} plan "
+            "changes applied"
         )
 
     def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
@@ -137,6 +145,8 @@ class Command(BaseCommand):
             if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
                 webhooks.forget_old()
                 last_housekeeping = now
+            # The gateways' circuit announcements: one Redis read per tenant that ever had one, every round.
+            circuit_scan()
             # Deliveries in flight are always recorded before a stop.
             stats = deliverer.run_once()
             total.add(stats)
