@@ -358,6 +358,54 @@ def _check_credential_header_untouched(key_header: str, policies: Iterable[Polic
                 )
 
 
+def policies_check_for_plan(policies: Sequence[Policy]) -> None:
+    """A plan takes rate limits, quotas, IP rules and header transforms; CORS, request limits and a response cache
+    describe an API's whole traffic (a browser's preflight or a cached answer has no subscriber yet)."""
+    for policy in policies:
+        if policy.policy_type in Policy.API_ONLY_TYPES:
+            raise ValidationError(
+                {
+                    "policies": f"Policy {policy.name!r} is a {policy.policy_type} policy, which applies to an API's "
+                    "whole traffic: attach it to the API, not to a plan."
+                }
+            )
+
+
+def policies_check_for_api(policies: Sequence[Policy], *, key_header: str) -> None:
+    """At most one cors, request_limits and response_cache policy per API (two would contradict each other), and
+    no header transform that touches the API's own key header."""
+    first: dict[str, Policy] = {}
+    for policy in sorted(policies, key=lambda p: p.name):
+        if policy.policy_type not in Policy.SINGLE_PER_API_TYPES:
+            continue
+        if policy.policy_type in first:
+            raise ValidationError(
+                {
+                    "policies": f"Policy {policy.name!r} is a second {policy.policy_type} policy on this API (with "
+                    f"{first[policy.policy_type].name!r}); an API takes one {policy.policy_type} policy."
+                }
+            )
+        first[policy.policy_type] = policy
+    _check_credential_header_untouched(key_header, policies)
+
+
+def _check_credential_header_untouched(key_header: str, policies: Iterable[Policy]) -> None:
+    wanted = key_header.lower()
+    for policy in policies:
+        if policy.policy_type != Policy.Type.HEADERS:
+            continue
+        for side in ("request", "response"):
+            ops = policy.config.get(side, {})
+            named = [*ops.get("add", {}), *ops.get("set", {}), *ops.get("remove", [])]
+            if any(name.lower() == wanted for name in named):
+                raise ValidationError(
+                    {
+                        "policies": f"Policy {policy.name!r} changes {key_header!r}, the header this API reads keys "
+                        "from; a header transform cannot touch the caller's credential."
+                    }
+                )
+
+
 def _check_same_tenant(tenant_id: str, objects: Iterable[models.Model], field: str) -> list[Any]:
     items = list(objects)
     foreign = [str(o.pk) for o in items if getattr(o, "tenant_id", None) != tenant_id]
@@ -587,6 +635,14 @@ def _check_route_not_captured(api: Api) -> None:
         # The other tenant's path is not named: it may belong to an unpublished API.
         raise ValidationError(
             {"base_path": f"base_path {api.base_path!r} overlaps another tenant's route; choose another."}
+        )
+
+
+def _check_auth_issuers(auth_method: str, issuers: Sequence[JwtIssuer]) -> None:
+    """JWT authentication needs at least one issuer whose tokens it accepts."""
+    if auth_method != Api.AuthMethod.KEY and not issuers:
+        raise ValidationError(
+            {"jwt_issuers": f"auth_method {auth_method!r} needs at least one JWT issuer (jwt_issuers)."}
         )
 
 
@@ -1078,6 +1134,22 @@ def api_key_update(*, key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
 
 
 @transaction.atomic
+def api_key_update(*, key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
+    """Rename a key or change its IP lists; every gateway drops its cached record of the key at once."""
+    key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise ValidationError({"key_id": "A revoked key cannot be changed."})
+    if len(str(fields.get("name", ""))) > 100:
+        raise ValidationError({"name": "name must be at most 100 characters."})
+    changes = _apply(key, _clean_ip_lists(fields), ("name", *IP_LIST_FIELDS))
+    if changes:
+        key.save(update_fields=list(changes))
+        audit_record(actor=actor, tenant_id=key.consumer.tenant_id, action="api_key.update", obj=key, changes=changes)
+        keys_changed([key.key_hash])
+    return key
+
+
+@transaction.atomic
 def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     """Revoke for good: a revoked key can never be re-activated."""
     key = ApiKey.objects.select_for_update().select_related("consumer").get(pk=key.pk)
@@ -1305,6 +1377,215 @@ def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> Consu
         if identity is None:
             raise
         return identity
+
+
+# ---------------------------------------------------------------------------
+# JWT issuers and consumer identities
+# ---------------------------------------------------------------------------
+
+JWT_ISSUER_FIELDS = (
+    "name",
+    "issuer",
+    "audiences",
+    "jwks_url",
+    "public_keys",
+    "algorithms",
+    "leeway_seconds",
+    "consumer_claim",
+    "auto_provision",
+    "token_in_query",
+)
+
+
+def jwt_issuer_check(issuer: JwtIssuer) -> None:
+    """Validate an issuer's settings, normalising them in place (the admin's form calls it too)."""
+    cleaned, errors = validation.jwt_issuer_errors(
+        issuer=issuer.issuer,
+        audiences=issuer.audiences,
+        jwks_url=issuer.jwks_url,
+        public_keys=issuer.public_keys,
+        algorithms=issuer.algorithms,
+        leeway_seconds=issuer.leeway_seconds,
+        consumer_claim=issuer.consumer_claim,
+        token_in_query=issuer.token_in_query,
+    )
+    if not isinstance(issuer.auto_provision, bool):
+        errors["auto_provision"] = ["auto_provision must be true or false."]
+    if errors:
+        raise ValidationError(errors)
+    for name, value in cleaned.items():
+        setattr(issuer, name, value)
+
+
+def _issuer_summary(issuer: JwtIssuer) -> dict[str, Any]:
+    """What the audit log keeps of an issuer: its settings, the inline keys by kid only."""
+    summary = {name: getattr(issuer, name) for name in JWT_ISSUER_FIELDS if name != "public_keys"}
+    keys_ = (issuer.public_keys or {}).get("keys", [])
+    summary["public_keys"] = [key.get("kid", "") for key in keys_] if keys_ else None
+    return summary
+
+
+@transaction.atomic
+def jwt_issuer_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    issuer: str,
+    actor: Actor,
+    audiences: Sequence[str] = (),
+    jwks_url: str = "",
+    public_keys: dict[str, Any] | None = None,
+    algorithms: Sequence[str] = ("RS256",),
+    leeway_seconds: int = 30,
+    consumer_claim: str = "sub",
+    auto_provision: bool = False,
+    token_in_query: str = "",
+) -> JwtIssuer:
+    """An identity provider whose tokens the tenant's APIs may accept (``Api.jwt_issuers``)."""
+    row = JwtIssuer(
+        tenant=tenant,
+        name=name,
+        issuer=issuer,
+        audiences=list(audiences),
+        jwks_url=jwks_url,
+        public_keys=public_keys,
+        algorithms=list(algorithms),
+        leeway_seconds=leeway_seconds,
+        consumer_claim=consumer_claim,
+        auto_provision=auto_provision,
+        token_in_query=token_in_query,
+    )
+    jwt_issuer_check(row)
+    _save_validated(row)
+    audit_record(actor=actor, tenant_id=tenant.id, action="jwt_issuer.create", obj=row, changes=_issuer_summary(row))
+    config_changed()
+    return row
+
+
+@transaction.atomic
+def jwt_issuer_update(*, issuer: JwtIssuer, actor: Actor, **fields: Any) -> JwtIssuer:
+    if "tenant" in fields or "tenant_id" in fields:
+        raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
+    before = _issuer_summary(issuer)
+    _apply(issuer, fields, JWT_ISSUER_FIELDS)
+    jwt_issuer_check(issuer)
+    after = _issuer_summary(issuer)
+    changes = {name: [before[name], after[name]] for name in after if before[name] != after[name]}
+    if changes:
+        _save_validated(issuer)
+        audit_record(actor=actor, tenant_id=issuer.tenant_id, action="jwt_issuer.update", obj=issuer, changes=changes)
+        config_changed()
+    return issuer
+
+
+def jwt_issuer_delete_refusal(issuer: JwtIssuer) -> str | None:
+    """Why the issuer cannot be deleted now (APIs accept its tokens), or None."""
+    api_names = sorted(issuer.apis.values_list("api_name", flat=True))
+    if not api_names:
+        return None
+    return (
+        f"JWT issuer {issuer.name!r} is accepted by {_named(api_names, 'API')}; take it off their jwt_issuers "
+        "first, then delete it."
+    )
+
+
+@transaction.atomic
+def jwt_issuer_delete(*, issuer: JwtIssuer, actor: Actor) -> None:
+    """Delete an issuer no API accepts, with its consumer identities; otherwise raise DeletionRefused."""
+    issuer = JwtIssuer.objects.select_for_update().get(pk=issuer.pk)
+    external_ids = list(issuer.identities.values_list("external_id", flat=True))
+    changes = {"name": issuer.name, "issuer": issuer.issuer, "identities_deleted": len(external_ids)}
+    if jwt_issuer_delete_refusal(issuer) is None:
+        identities_changed([(issuer.pk, external_id) for external_id in external_ids])
+    _delete_unless_refused(
+        issuer, refusal=jwt_issuer_delete_refusal, action="jwt_issuer.delete", changes=changes, actor=actor
+    )
+
+
+def _check_external_id(external_id: Any) -> str:
+    if not isinstance(external_id, str) or not external_id or len(external_id) > 255:
+        raise ValidationError({"external_id": "external_id must be 1 to 255 characters (the token's claim value)."})
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in external_id):
+        raise ValidationError({"external_id": "external_id must not contain control characters."})
+    return external_id
+
+
+@transaction.atomic
+def consumer_identity_create(
+    *, consumer: Consumer, issuer: JwtIssuer, external_id: str, actor: Actor
+) -> ConsumerIdentity:
+    """Say who ``consumer`` is at ``issuer``: tokens whose consumer claim is ``external_id`` act as it."""
+    if issuer.tenant_id != consumer.tenant_id:
+        raise ValidationError({"issuer_id": f"Unknown JWT issuer {issuer.pk!r} for this consumer's tenant."})
+    _check_external_id(external_id)
+    holder = (
+        ConsumerIdentity.objects.filter(issuer=issuer, external_id=external_id)
+        .values_list("consumer_id", flat=True)
+        .first()
+    )
+    if holder is not None:
+        whose = "This consumer already has" if holder == consumer.pk else "Another consumer already has"
+        raise ValidationError({"external_id": f"{whose} external ID {external_id!r} at issuer {issuer.name!r}."})
+    identity = ConsumerIdentity(consumer=consumer, issuer=issuer, external_id=external_id)
+    _save_validated(identity)
+    audit_record(
+        actor=actor,
+        tenant_id=consumer.tenant_id,
+        action="consumer_identity.create",
+        obj=identity,
+        changes={"consumer_id": consumer.pk, "issuer_id": issuer.pk, "external_id": external_id},
+    )
+    identities_changed([(issuer.pk, external_id)])  # a cached "no such consumer" answer is dropped
+    return identity
+
+
+@transaction.atomic
+def consumer_identity_delete(*, identity: ConsumerIdentity, actor: Actor) -> None:
+    """Tokens with this identity's external ID stop acting as its consumer on every gateway within a second."""
+    audit_record(
+        actor=actor,
+        tenant_id=identity.consumer.tenant_id,
+        action="consumer_identity.delete",
+        obj=identity,
+        changes={
+            "consumer_id": identity.consumer_id,
+            "issuer_id": identity.issuer_id,
+            "external_id": identity.external_id,
+        },
+    )
+    identities_changed([(identity.issuer_id, identity.external_id)])
+    identity.delete()
+
+
+def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> ConsumerIdentity:
+    """For an issuer with ``auto_provision``: the identity of ``external_id``, made with a new consumer of the
+    issuer's tenant when there is none yet. Safe to call from several processes at once (one wins, the others read
+    its row)."""
+    existing = (
+        ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id).first()
+    )
+    if existing is not None:
+        return existing
+    if not issuer.auto_provision:
+        raise ValidationError({"auto_provision": f"JWT issuer {issuer.name!r} does not provision consumers."})
+    _check_external_id(external_id)
+    base = f"{external_id[:70]} ({issuer.name[:25]})"
+    try:
+        with transaction.atomic():
+            name = base
+            if Consumer.objects.filter(tenant_id=issuer.tenant_id, owner__isnull=True, name=name).exists():
+                name = f"{base[:90]} {ids.random_base62(6)}"
+            consumer = consumer_create(
+                tenant=issuer.tenant, name=name, actor=None, description="Provisioned from a JWT."
+            )
+            return consumer_identity_create(consumer=consumer, issuer=issuer, external_id=external_id, actor=None)
+    except (ValidationError, IntegrityError):
+        # Another process provisioned it first: use theirs.
+        won = ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id)
+        theirs = won.first()
+        if theirs is None:
+            raise
+        return theirs
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from apimgmt.models import (
     ApiKey,
     AuditEvent,
     Consumer,
+    ConsumerIdentity,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -78,6 +80,10 @@ SCOPES: dict[type[Model], TenantScope] = {
     ),
     Plan: TenantScope("tenant_id"),
     Policy: TenantScope("tenant_id"),
+    # Developers read a tenant's issuers (they need the issuer and audience to get a token); admins manage them.
+    JwtIssuer: TenantScope("tenant_id"),
+    # Identities decide whose tokens act as a consumer: developers read their own consumers', never change them.
+    ConsumerIdentity: TenantScope("consumer__tenant_id", _owned_via_consumer, "owned"),
     Consumer: TenantScope("tenant_id", _owned_consumers, "owned", frozenset({CHANGE})),
     ApiKey: TenantScope("consumer__tenant_id", _owned_via_consumer, "owned", frozenset({CHANGE})),
     Subscription: TenantScope("consumer__tenant_id", _owned_via_consumer, "owned", frozenset({CHANGE})),

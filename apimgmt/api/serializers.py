@@ -16,6 +16,8 @@ from apimgmt.models import (
     ApiKey,
     AuditEvent,
     Consumer,
+    ConsumerIdentity,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -23,6 +25,7 @@ from apimgmt.models import (
     UpstreamTarget,
 )
 from apimgmt.services import API_FIELDS, MAX_OVERLAP_SECONDS
+from apimgmt.validation import JWT_ALGORITHMS
 
 MAX_JSON_DEPTH = 32
 ID_FIELD_LENGTH = 32
@@ -221,7 +224,7 @@ class TenantSerializer(StrictModelSerializer):
 
 
 class PolicySerializer(StrictModelSerializer):
-    """A rate-limit or quota policy; `config` is validated per `policy_type`."""
+    """A policy; `config` is validated per `policy_type` (docs/policies.md: one schema component per type)."""
 
     tenant_id = StrictCharField(max_length=63)
     config = JSONObjectField(help_text='Validated per policy_type; e.g. {"requests_per_minute": 1000}.')
@@ -299,12 +302,28 @@ class ApiSerializer(StrictModelSerializer):
         many=True, required=False, max_length=20, help_text="Extra weighted upstreams."
     )
     openapi_spec = OpenApiDocumentField(required=False)
+    jwt_issuers = IdListField(
+        required=False,
+        max_length=20,
+        help_text="JWT issuer ids of the same tenant whose tokens this API accepts (auth_method jwt or key_or_jwt).",
+    )
     create_only_fields = ("tenant_id",)
 
     class Meta:
         model = Api
         # The writable fields are exactly what the API services accept (one list, in services.API_FIELDS).
-        fields = ["id", "tenant_id", "status", *API_FIELDS, "targets", "policies", "plans", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "tenant_id",
+            "status",
+            *API_FIELDS,
+            "targets",
+            "policies",
+            "plans",
+            "jwt_issuers",
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = ["id", "created_at", "updated_at"]
         validators: list[Any] = []
 
@@ -332,6 +351,7 @@ class ApiCatalogSerializer(serializers.ModelSerializer):
             "status",
             "sunset_at",
             "subscription_approval",
+            "auth_method",
             "plans",
             "openapi_spec",
             "created_at",
@@ -351,8 +371,69 @@ class EmptySerializer(StrictSerializer):
 
 
 # ---------------------------------------------------------------------------
+# JWT issuers
+# ---------------------------------------------------------------------------
+
+
+class JwtIssuerSerializer(StrictModelSerializer):
+    """An identity provider whose tokens the tenant's APIs may accept; validated as a whole by the services."""
+
+    tenant_id = StrictCharField(max_length=63)
+    audiences = serializers.ListField(
+        child=StrictCharField(max_length=500),
+        max_length=20,
+        required=False,
+        help_text="Accepted aud values (at least one).",
+    )
+    public_keys = JSONObjectField(
+        required=False,
+        allow_null=True,
+        help_text='Inline JWKS {"keys": [...]} of public keys; null when the keys come from jwks_url.',
+    )
+    algorithms = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(JWT_ALGORITHMS)),
+        min_length=1,
+        max_length=len(JWT_ALGORITHMS),
+        required=False,
+        help_text="Accepted signature algorithms (public-key only). Default [RS256].",
+    )
+    create_only_fields = ("tenant_id",)
+
+    class Meta:
+        model = JwtIssuer
+        fields = [
+            "id",
+            "tenant_id",
+            "name",
+            "issuer",
+            "audiences",
+            "jwks_url",
+            "public_keys",
+            "algorithms",
+            "leeway_seconds",
+            "consumer_claim",
+            "auto_provision",
+            "token_in_query",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        validators: list[Any] = []
+
+
+# ---------------------------------------------------------------------------
 # Consumers and keys
 # ---------------------------------------------------------------------------
+
+
+def _ip_list(help_text: str) -> serializers.ListField:
+    return serializers.ListField(
+        child=StrictCharField(max_length=49), max_length=1000, required=False, help_text=help_text
+    )
+
+
+IP_ALLOW_HELP = "CIDRs (IPv4 or IPv6) allowed to call with it; when any are listed, every other address gets 403."
+IP_DENY_HELP = "CIDRs refused (403), whatever ip_allow says."
 
 
 class ConsumerSerializer(StrictModelSerializer):
@@ -365,11 +446,13 @@ class ConsumerSerializer(StrictModelSerializer):
         allow_null=True,
         help_text="Username of the developer who owns it; null for consumers made by an admin or staff.",
     )
+    ip_allow = _ip_list(IP_ALLOW_HELP)
+    ip_deny = _ip_list(IP_DENY_HELP)
     create_only_fields = ("tenant_id",)
 
     class Meta:
         model = Consumer
-        fields = ["id", "tenant_id", "name", "description", "owner", "status", "created_at"]
+        fields = ["id", "tenant_id", "name", "description", "owner", "status", "ip_allow", "ip_deny", "created_at"]
         read_only_fields = ["id", "created_at"]
         validators: list[Any] = []
 
@@ -380,6 +463,8 @@ class ApiKeySerializer(StrictModelSerializer):
     consumer_id = StrictCharField(max_length=ID_FIELD_LENGTH)
     tenant_id = StrictCharField(source="consumer.tenant_id", read_only=True)
     rotated_from = StrictCharField(source="rotated_from_id", read_only=True, allow_null=True)
+    ip_allow = _ip_list(IP_ALLOW_HELP)
+    ip_deny = _ip_list(IP_DENY_HELP)
     create_only_fields = ("consumer_id",)
 
     class Meta:
@@ -395,9 +480,32 @@ class ApiKeySerializer(StrictModelSerializer):
             "last_used_at",
             "revoked_at",
             "rotated_from",
+            "ip_allow",
+            "ip_deny",
             "created_at",
         ]
         read_only_fields = ["key_id", "key_prefix", "active", "last_used_at", "revoked_at", "created_at"]
+        validators: list[Any] = []
+
+
+class ApiKeyUpdateSerializer(StrictSerializer):
+    """Rename a key or change its IP lists (PATCH); gateways drop their cached copy of the key at once."""
+
+    name = StrictCharField(max_length=100, required=False, allow_blank=True)
+    ip_allow = _ip_list(IP_ALLOW_HELP)
+    ip_deny = _ip_list(IP_DENY_HELP)
+
+
+class ConsumerIdentitySerializer(StrictModelSerializer):
+    """Who a consumer is at a JWT issuer: tokens whose consumer claim is `external_id` act as the consumer."""
+
+    consumer_id = StrictCharField(read_only=True)
+    issuer_id = StrictCharField(max_length=ID_FIELD_LENGTH, help_text="A JWT issuer of the consumer's tenant.")
+
+    class Meta:
+        model = ConsumerIdentity
+        fields = ["id", "consumer_id", "issuer_id", "external_id", "created_at"]
+        read_only_fields = ["id", "created_at"]
         validators: list[Any] = []
 
 

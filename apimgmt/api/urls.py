@@ -15,6 +15,7 @@ router.register("consumers", views.ConsumerViewSet, basename="consumer")
 router.register("keys", views.ApiKeyViewSet, basename="key")
 router.register("plans", views.PlanViewSet, basename="plan")
 router.register("policies", views.PolicyViewSet, basename="policy")
+router.register("jwt-issuers", views.JwtIssuerViewSet, basename="jwt-issuer")
 router.register("subscriptions", views.SubscriptionViewSet, basename="subscription")
 router.register("audit-events", views.AuditEventViewSet, basename="audit-event")
 # Events out (apimgmt/api/webhook_views.py): webhooks, their delivery log, plan changes and archived plans.

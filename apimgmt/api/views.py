@@ -42,6 +42,7 @@ from apimgmt.api.permissions import (
     roles_of,
     sees_internals,
 )
+from apimgmt.api.policy_schema import typed_policy
 from apimgmt.client_address import client_address_of
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.models import (
@@ -49,6 +50,8 @@ from apimgmt.models import (
     ApiKey,
     AuditEvent,
     Consumer,
+    ConsumerIdentity,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -143,6 +146,17 @@ class ScopedViewSet(RequestContextMixin, viewsets.GenericViewSet):
         missing = [pk for pk in wanted if pk not in found]
         if missing:
             raise exceptions.ValidationError({"policies": [f"Unknown policies for this tenant: {', '.join(missing)}."]})
+        return [found[pk] for pk in wanted]
+
+    @staticmethod
+    def issuers_of(tenant_id: str, ids: Iterable[str]) -> list[JwtIssuer]:
+        wanted = list(dict.fromkeys(ids))
+        found = {i.pk: i for i in JwtIssuer.objects.filter(tenant_id=tenant_id, pk__in=wanted)}
+        missing = [pk for pk in wanted if pk not in found]
+        if missing:
+            raise exceptions.ValidationError(
+                {"jwt_issuers": [f"Unknown JWT issuers for this tenant: {', '.join(missing)}."]}
+            )
         return [found[pk] for pk in wanted]
 
     @staticmethod
@@ -256,10 +270,16 @@ class TenantViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMix
 
 
 @extend_schema_view(
+    list=extend_schema(responses=typed_policy(many=True)),
+    retrieve=extend_schema(responses=typed_policy()),
+    create=extend_schema(request=typed_policy(), responses={201: typed_policy()}),
+    update=extend_schema(request=typed_policy(), responses=typed_policy()),
+    partial_update=extend_schema(request=s.PolicySerializer, responses=typed_policy()),
     destroy=destroy_schema("Delete a policy no API or plan uses", "APIs or plans still use the policy (named)."),
 )
 class PolicyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
-    """Rate-limit and quota policies; `config` is validated per `policy_type`."""
+    """Policies of every type (docs/policies.md); `config` is validated per `policy_type`. CORS, request limits and
+    response caches attach to APIs only, one of each per API."""
 
     queryset = Policy.objects.all()
     serializer_class = s.PolicySerializer
@@ -355,7 +375,7 @@ _AS_SEEN = (
 class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """APIs published through the gateway; status changes through activate, deprecate and retire."""
 
-    queryset = Api.objects.prefetch_related("policies", "plans", "targets")
+    queryset = Api.objects.prefetch_related("policies", "plans", "targets", "jwt_issuers")
     serializer_class = s.ApiSerializer
     filter_fields = {
         "tenant_id": ("tenant_id", None),
@@ -377,9 +397,16 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin,
         tenant = self.tenant_for_create(Api, data.pop("tenant_id"))
         policies = self.policies_of(tenant.id, data.pop("policies", []))
         plans = self.plans_of(tenant.id, data.pop("plans", []))
+        issuers = self.issuers_of(tenant.id, data.pop("jwt_issuers", []))
         targets = _targets(data.pop("targets", None)) or []
         api = services.api_create(
-            tenant=tenant, actor=self.actor, policies=policies, plans=plans, targets=targets, **data
+            tenant=tenant,
+            actor=self.actor,
+            policies=policies,
+            plans=plans,
+            targets=targets,
+            jwt_issuers=issuers,
+            **data,
         )
         return self.render(self.get_queryset().get(pk=api.pk), status.HTTP_201_CREATED)
 
@@ -389,11 +416,14 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin,
         policies = self.policies_of(obj.tenant_id, ids) if ids is not None else None
         plan_ids = data.pop("plans", None)
         plans = self.plans_of(obj.tenant_id, plan_ids) if plan_ids is not None else None
+        issuer_ids = data.pop("jwt_issuers", None)
+        issuers = self.issuers_of(obj.tenant_id, issuer_ids) if issuer_ids is not None else None
         api = services.api_update(
             api=obj,
             actor=self.actor,
             policies=policies,
             plans=plans,
+            jwt_issuers=issuers,
             targets=_targets(data.pop("targets", None)),
             **data,
         )
@@ -454,6 +484,10 @@ class ApiViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin,
 @extend_schema_view(
     block=extend_schema(request=None, summary="Block: its keys are refused within a second (tenant admins)"),
     unblock=extend_schema(request=None, summary="Unblock (tenant admins)"),
+    identity=extend_schema(
+        responses={204: OpenApiResponse(description="Deleted.")},
+        summary="Delete an identity: its tokens stop acting as the consumer within a second (tenant admins)",
+    ),
 )
 class ConsumerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
     """Consumers (apps); developers manage the ones they own."""
@@ -463,7 +497,8 @@ class ConsumerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateM
     filter_fields = {"tenant_id": ("tenant_id", None), "status": ("status", tuple(Consumer.Status.values))}
     ordering_fields = ["name", "created_at"]
     ordering = ["tenant_id", "name"]
-    action_permissions = {"block": DECIDE, "unblock": DECIDE}
+    # Identities decide whose tokens act as the consumer: tenant admins manage them (developers read their own).
+    action_permissions = {"block": DECIDE, "unblock": DECIDE, "identities": DECIDE, "identity": DECIDE}
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = self.validated(s.ConsumerSerializer)
@@ -498,6 +533,50 @@ class ConsumerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateM
         self.validated(s.EmptySerializer)
         consumer = services.consumer_unblock(consumer=self.get_object(), actor=self.actor)
         return self.render(self.get_queryset().get(pk=consumer.pk))
+
+    @extend_schema(
+        methods=["GET"],
+        request=None,
+        responses=s.ConsumerIdentitySerializer(many=True),
+        summary="The consumer's identities at JWT issuers",
+    )
+    @extend_schema(
+        methods=["POST"],
+        request=s.ConsumerIdentitySerializer,
+        responses={201: s.ConsumerIdentitySerializer},
+        summary="Add an identity at a JWT issuer of the tenant (tenant admins)",
+    )
+    @action(detail=True, methods=["get", "post"], pagination_class=None, filter_backends=[])
+    def identities(self, request: Request, pk: str) -> Response:
+        consumer = self.get_object()
+        if request.method == "GET":
+            rows = ConsumerIdentity.objects.filter(consumer=consumer).order_by("issuer_id", "external_id")
+            return Response(s.ConsumerIdentitySerializer(rows, many=True).data)
+        data = self.validated(s.ConsumerIdentitySerializer)
+        issuer = JwtIssuer.objects.filter(pk=data["issuer_id"], tenant_id=consumer.tenant_id).first()
+        if issuer is None:
+            raise exceptions.ValidationError(
+                {"issuer_id": [f"Unknown JWT issuer {data['issuer_id']!r} for this consumer's tenant."]}
+            )
+        identity = services.consumer_identity_create(
+            consumer=consumer, issuer=issuer, external_id=data["external_id"], actor=self.actor
+        )
+        return Response(s.ConsumerIdentitySerializer(identity).data, status=status.HTTP_201_CREATED)
+
+    @action(
+        detail=True,
+        methods=["delete"],
+        url_path=rf"identities/(?P<identity_id>{ID_REGEX})",
+        pagination_class=None,
+        filter_backends=[],
+    )
+    def identity(self, request: Request, pk: str, identity_id: str) -> Response:
+        consumer = self.get_object()
+        identity = ConsumerIdentity.objects.filter(pk=identity_id, consumer=consumer).select_related("consumer").first()
+        if identity is None:
+            raise exceptions.NotFound(f"Consumer {consumer.pk} has no identity {identity_id}.")
+        services.consumer_identity_delete(identity=identity, actor=self.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 KEY_CREATED_EXAMPLE = OpenApiExample(
@@ -541,6 +620,11 @@ KEY_CREATED_EXAMPLE = OpenApiExample(
         summary="Create a successor key; the old one works for overlap_seconds more",
     ),
     revoke=extend_schema(request=None, responses={200: s.ApiKeySerializer}, summary="Revoke for good"),
+    partial_update=extend_schema(
+        request=s.ApiKeyUpdateSerializer,
+        responses={200: s.ApiKeySerializer},
+        summary="Rename a key or change its IP lists (not once revoked)",
+    ),
 )
 class ApiKeyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin):
     """API keys of consumers; the plaintext appears only in the create and rotate answers."""
@@ -578,6 +662,46 @@ class ApiKeyViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin):
         self.validated(s.EmptySerializer)
         key = services.api_key_revoke(key=self.get_object(), actor=self.actor)
         return self.render(key)
+
+    def partial_update(self, request: Request, key_id: str) -> Response:
+        key = self.get_object()
+        data = self.validated(s.ApiKeyUpdateSerializer)
+        key = services.api_key_update(key=key, actor=self.actor, **data)
+        return self.render(self.get_queryset().get(pk=key.pk))
+
+
+# ---------------------------------------------------------------------------
+# JWT issuers
+# ---------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    destroy=destroy_schema(
+        "Delete a JWT issuer no API accepts (its consumer identities go with it)",
+        "APIs still accept the issuer's tokens (named).",
+    ),
+)
+class JwtIssuerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, UpdateMixin, mixins.DestroyModelMixin):
+    """Identity providers whose tokens the tenant's APIs may accept (`jwt_issuers` of an API)."""
+
+    queryset = JwtIssuer.objects.all()
+    serializer_class = s.JwtIssuerSerializer
+    filter_fields = {"tenant_id": ("tenant_id", None)}
+    ordering_fields = ["name", "created_at", "updated_at"]
+    ordering = ["tenant_id", "name"]
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = self.validated(s.JwtIssuerSerializer)
+        tenant = self.tenant_for_create(JwtIssuer, data.pop("tenant_id"))
+        issuer = services.jwt_issuer_create(tenant=tenant, actor=self.actor, **data)
+        return self.render(issuer, status.HTTP_201_CREATED)
+
+    def perform_service_update(self, obj: JwtIssuer, data: dict[str, Any]) -> JwtIssuer:
+        return services.jwt_issuer_update(issuer=obj, actor=self.actor, **data)
+
+    def perform_destroy(self, instance: JwtIssuer) -> None:
+        services.jwt_issuer_delete(issuer=instance, actor=self.actor)
 
 
 # ---------------------------------------------------------------------------

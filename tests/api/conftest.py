@@ -80,6 +80,14 @@ def acme_world(
         "key": bob_key[0],
         "subscription": bob_subscription,
         "audit-event": AuditEvent.objects.filter(tenant_id="acme").order_by("id").first(),
+        "jwt-issuer": services.jwt_issuer_create(
+            tenant=acme,
+            name="acme-idp",
+            issuer="https://id.acme.example/",
+            audiences=["acme-api"],
+            jwks_url="https://93.184.215.14/jwks.json",
+            actor=None,
+        ),
         **_acme_events_out(acme, bob_subscription, acme_plan),
     }
 

@@ -84,6 +84,7 @@ def test_the_matrix_covers_every_resource() -> None:
         "webhook-delivery",
         "subscription-plan",
         "plan-archive",
+        "jwt-issuer",
     }
     assert len(DETAIL_ROUTES) >= 25  # retrieve/update/… plus every action
 
