@@ -21,3 +21,7 @@ if serves_control_plane(settings.APIMGMT_ROLE):
         path("mgmt/", include("apimgmt.api.urls")),
         path("portal/", include("portal.urls")),
     ]
+
+# Under /mgmt/ the last-resort errors are problem documents too (apimgmt/errors.py).
+handler400 = "apimgmt.errors.bad_request"
+handler500 = "apimgmt.errors.server_error"
