@@ -199,3 +199,18 @@ class NotificationsForm(forms.Form):
         widget=forms.CheckboxSelectMultiple,
         choices=Notice.choices,
     )
+
+
+class PlanChangeForm(forms.Form):
+    """Move a subscription to another plan its API offers (the current one and archived ones are not on offer)."""
+
+    def __init__(self, *args: Any, cards: list[PlanCard], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["plan"] = PlanChoiceField(
+            queryset=Plan.objects.filter(pk__in=[card.plan.pk for card in cards]).order_by("name"),
+            cards=cards,
+            label="New plan",
+            empty_label=None,
+            widget=forms.RadioSelect,
+            error_messages={"required": "Choose the plan to move to."},
+        )

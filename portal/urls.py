@@ -24,6 +24,11 @@ tenant_patterns: list[URLPattern | URLResolver] = [
         views.subscription_cancel,
         name="subscription_cancel",
     ),
+    path(
+        "apps/<str:app_id>/subscriptions/<str:subscription_id>/plan/",
+        views.subscription_plan,
+        name="subscription_plan",
+    ),
     path("apps/<str:app_id>/keys/new/", views.key_create, name="key_create"),
     path("apps/<str:app_id>/keys/<str:key_id>/rotate/", views.key_rotate, name="key_rotate"),
     path("apps/<str:app_id>/keys/<str:key_id>/revoke/", views.key_revoke, name="key_revoke"),

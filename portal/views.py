@@ -7,7 +7,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import ValidationError
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -25,6 +25,7 @@ from portal.forms import (
     KeyCreateForm,
     KeyRotateForm,
     NotificationsForm,
+    PlanChangeForm,
     SubscribeForm,
     add_service_errors,
     for_developers,
@@ -32,7 +33,7 @@ from portal.forms import (
 from portal.how_to_call import how_to_call
 from portal.models import Notice
 from portal.notifications import notices_switched_off, notification_preferences_set
-from portal.plans import limit_phrases, plan_cards
+from portal.plans import limit_phrases, limits_in_words, plan_cards
 from portal.usage import usage_series
 
 
@@ -231,7 +232,9 @@ def app_detail(request: HttpRequest, portal: Portal, app_id: str) -> HttpRespons
     subscribed = Subscription.objects.filter(consumer=app).open().values_list("api_id", flat=True)
     context = {
         "app": app,
-        "subscriptions": app.subscriptions.select_related("api", "plan").order_by("-created_at"),
+        "subscriptions": app.subscriptions.select_related("api", "plan", "pending_plan")
+        .annotate(plans_on_offer=Count("api__plans", filter=Q(api__plans__archived_at__isnull=True)))
+        .order_by("-created_at"),
         "keys": [
             (key, _key_state(key, now)) for key in app.keys.select_related("rotated_from").order_by("-created_at")
         ],
@@ -288,6 +291,58 @@ def subscription_cancel(request: HttpRequest, portal: Portal, app_id: str, subsc
     else:
         messages.success(request, f"Subscription to {subscription.api.api_name} cancelled.")
     return HttpResponseRedirect(_app_url(portal, app))
+
+
+def _owned_subscription(app: Consumer, subscription_id: str) -> Subscription:
+    subscription = app.subscriptions.filter(pk=subscription_id).select_related("api", "plan", "pending_plan").first()
+    if subscription is None:
+        raise Http404("No such subscription.")
+    return subscription
+
+
+@require_http_methods(["GET", "POST"])
+@portal_page(writer=True)
+def subscription_plan(request: HttpRequest, portal: Portal, app_id: str, subscription_id: str) -> HttpResponse:
+    """Upgrade or downgrade: the API's other plans; a plan that needs approval makes it a request to an admin."""
+    app = owned_app(request, portal, app_id)
+    subscription = _owned_subscription(app, subscription_id)
+    cards = [card for card in plan_cards(subscription.api) if card.plan.pk != subscription.plan_id]
+    is_open = subscription.status in (Subscription.Status.ACTIVE, Subscription.Status.PENDING)
+    form = PlanChangeForm(request.POST or None, cards=cards) if is_open and cards else None
+    if request.method == "POST":
+        if form is None:
+            messages.error(request, "This subscription cannot move to another plan.")
+            return HttpResponseRedirect(_app_url(portal, app))
+        if form.is_valid():
+            plan = form.cleaned_data["plan"]
+            try:
+                subscription = services.subscription_request_plan_change(
+                    subscription=subscription, plan=plan, actor=request.user
+                )
+            except ValidationError as exc:
+                add_service_errors(form, exc, field_map={"plan_id": "plan", "status": "__all__"})
+            else:
+                if subscription.plan_id == plan.pk:
+                    messages.success(
+                        request,
+                        f"{app.name} is on the {plan.name} plan for {subscription.api.api_name} now. Its keys keep "
+                        "working, and what it used in the current quota period still counts.",
+                    )
+                else:
+                    messages.info(
+                        request,
+                        f"Your request to move {app.name} to the {plan.name} plan is waiting for an administrator's "
+                        "approval. Until then it stays on its current plan.",
+                    )
+                return HttpResponseRedirect(_app_url(portal, app))
+    context = {
+        "app": app,
+        "subscription": subscription,
+        "current_limits": limits_in_words(subscription.plan.policies.all()) if subscription.plan else "",
+        "form": form,
+    }
+    status = 400 if form is not None and form.errors else 200
+    return page(request, portal, "portal/subscription_plan.html", context, status=status)
 
 
 # ---------------------------------------------------------------------------
