@@ -348,14 +348,18 @@ class Gateway:
             length = int(length_text) if length_text else None
         except ValueError:
             return ex.fail(problem(400, "bad-length", "Bad request", "Content-Length is not a number.", request_id))
-        if length is not None and length > self.max_body:
-            return ex.fail(self._too_large(request_id))
+        # An API's request_limits policy may set a smaller cap for this request (gateway/policies/request_limits.py).
+        max_body = self.max_body
+        if ex.state is not None and "max_body_bytes" in ex.state:
+            max_body = min(max_body, ex.state["max_body_bytes"])
+        if length is not None and length > max_body:
+            return ex.fail(self._too_large(request_id, max_body))
         body = None
         if length or chunked:
             body = RequestBody(
                 environ["wsgi.input"],
                 length,
-                self.max_body,
+                max_body,
                 client_socket=environ.get("gunicorn.socket"),
                 reaper=self.upstreams.reaper,
                 read_timeout=self.body_read_timeout,
@@ -410,7 +414,7 @@ class Gateway:
             return ex.fail(problem(exc.status, slug, title, exc.detail, request_id), limit_headers)
         except BodyTooLarge:
             breaker.release()
-            return ex.fail(self._too_large(request_id))
+            return ex.fail(self._too_large(request_id, max_body))
         except ClientBodyError as exc:
             breaker.release()  # the client's fault, never the upstream's
             done.bytes_in = body.sent if body else 0
@@ -472,12 +476,12 @@ class Gateway:
         result.recorded = True  # StreamedBody.close() records
         return result
 
-    def _too_large(self, request_id: str) -> GatewayResponse:
+    def _too_large(self, request_id: str, cap: int | None = None) -> GatewayResponse:
         return problem(
             413,
             "body-too-large",
             "Request body too large",
-            f"The request body may be at most {self.max_body} bytes.",
+            f"The request body may be at most {self.max_body if cap is None else cap} bytes.",
             request_id,
         )
 
