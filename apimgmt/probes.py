@@ -60,6 +60,16 @@ def _redis_ok() -> bool:
     client = get_redis()
     if client is None:
         return True
+    if isinstance(client, redis.RedisCluster):
+        # One answering primary is enough: while a failed master's replica takes over, the tenants on every other
+        # slot are still served, and a fleet that all turned unready at once would serve none of them.
+        for node in client.get_primaries():
+            try:
+                if client.ping(target_nodes=node):
+                    return True
+            except redis.RedisError:
+                continue
+        return False
     try:
         return bool(client.ping())
     except redis.RedisError:

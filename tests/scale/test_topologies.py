@@ -283,6 +283,9 @@ def test_cluster_master_killed_under_load_no_500_and_limits_count_again_after_pr
         time.sleep(1)
         # The master of the slot holding acme's counters dies without a word.
         cluster.kill(cluster.master_port_of("rate_limit:{acme}:x"))
+        # Still ready: the other masters answer (a fleet all unready at once would serve no tenant at all).
+        ready = requests.get(base + "/ready", timeout=15)
+        assert ready.status_code == 200, ready.text
         cluster.wait_healthy()
         time.sleep(1.5)
         stop.set()
