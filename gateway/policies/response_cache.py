@@ -1,0 +1,596 @@
+"""response_cache: GET and HEAD answers kept in Redis, within the upstream's own Cache-Control, up to a TTL cap.
+
+One step per API with a response_cache policy. Its ``request`` looks the answer up; its ``response`` stores a
+cacheable answer from the upstream (so the same object is both the lookup and the store).
+
+Where it runs
+    ``cache_lookup`` (after limits: a hit counts toward rate limits and quotas), or ``access`` when the policy says
+    ``count_hits_toward_quota: false``: then a hit is answered before the limits step and costs no quota; a miss
+    goes on through limits as usual. Either way the caller is authenticated first.
+
+What is stored
+    Answers of the upstream to GET (HEAD is sent upstream as GET on a miss, so the entry has a body) with status
+    200, 203, 204, 300, 301, 308, 404 or 410, when none of these holds: ``Cache-Control`` says no-store, private or
+    no-cache; ``Set-Cookie`` is present; ``Vary: *``; ``Vary`` names a header the gateway sets per request (Host,
+    X-Forwarded-*, Forwarded, X-Request-ID) or one whose value the upstream saw differs from the client's (a
+    header transform changed it); the upstream request carried ``Authorization`` and the answer is not marked
+    public, s-maxage or must-revalidate; the body is larger than ``max_entry_bytes`` (or is a stream without an
+    end). Lifetime: s-maxage, else max-age, else Expires (minus the upstream's Age), else the policy's
+    ``ttl_seconds``; never longer than ``ttl_seconds``. Hop-by-hop headers, the gateway's own (X-Request-ID,
+    rate-limit headers, the API's extra headers) and those the API's header/CORS policies add are not stored: those
+    are added again for each request, so a hit carries this request's values.
+
+A client's ``Cache-Control: no-cache`` (or ``max-age=0``, or ``Pragma: no-cache``) skips the lookup and refreshes
+the entry; ``no-store`` skips the lookup and the store. Answers carry ``X-Cache: HIT``, ``MISS`` or ``BYPASS``;
+a hit also ``Age``.
+
+Keys
+    ``rc:{<tenant>}:<api>:<generation>:<digest>``: the tenant's hash tag (one Redis Cluster slot per tenant), the
+    API, a generation (a digest of the API's whole configuration as the route table holds it: any change to the API
+    or one of its policies makes new keys, so older entries are never read again and expire), and a digest of
+    method (HEAD shares GET's entry), path, raw query (without the credential's parameter), the policy's
+    ``vary_headers``, and the consumer when ``per_consumer``. An answer with ``Vary`` is stored under a variant key
+    that also covers those request headers; the plain key then holds a small marker naming them. Workers remember
+    the names, so a hit is one Redis GET.
+
+No stampede: per worker, one request per key goes to the upstream; the others wait for it (at most the API's
+total timeout) and read the cache. Redis unavailable: the cache is skipped for a moment and every request goes to
+the upstream; the cache never causes an error answer.
+"""
+
+from __future__ import annotations
+
+import calendar
+import email.utils
+import hashlib
+import json
+import logging
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from apimgmt.redis_client import get_redis
+from apimgmt.selectors import PolicySpec
+from gateway.chain import ACCESS, CACHE_LOOKUP, Exchange, Result, Step
+from gateway.proxy import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from gateway.routing import Route
+
+logger = logging.getLogger(__name__)
+
+POLICY_TYPE = "response_cache"
+
+# Statuses an answer may be stored with (RFC 9110 §15.1's heuristically cacheable ones, without 206 ranges and
+# without 405/414/501, which the gateway itself mostly answers).
+CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
+# Request headers whose value is the gateway's, per request: an answer varying on them is never stored.
+_PER_REQUEST = frozenset(
+    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded"}
+)
+# Response headers never stored: hop-by-hop ones, the gateway's own per-request ones, and the age (computed per hit).
+_NOT_STORED = HOP_BY_HOP | {"x-request-id", "age", "x-cache", "content-length"}
+# How long Redis is left alone after it failed (requests go to the upstream meanwhile).
+BACKOFF_SECONDS = 1.0
+# Vary names remembered per worker (by plain key); cleared whole when full.
+MEMO_SIZE = 10_000
+# Entry layout: 1 byte kind, 4 bytes length of the JSON head, the head, then the body.
+_RESPONSE, _MARKER = b"R", b"V"
+_HEAD_LENGTH = struct.Struct(">I")
+
+
+class _Health:
+    down_until = 0.0
+
+
+_health = _Health()
+# Plain key -> the Vary names its answers were stored with (so a hit needs one GET).
+_vary_memo: dict[str, tuple[str, ...]] = {}
+# Key -> (event set when the fetch is over, monotonic start): one upstream fetch per key and worker at a time.
+_inflight: dict[str, tuple[threading.Event, float]] = {}
+_inflight_lock = threading.Lock()
+
+
+def build(route: Route, policies: list[PolicySpec], plan_policies: dict[str, list[PolicySpec]]) -> list[Step]:
+    if not policies:
+        return []
+    return [ResponseCache(route, policies[0])]
+
+
+class _Entry:
+    """A stored answer as read back from Redis."""
+
+    __slots__ = ("age", "body", "headers", "status", "stored_at")
+
+    def __init__(self, status: str, headers: list[tuple[str, str]], stored_at: float, age: int, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.stored_at = stored_at
+        self.age = age
+        self.body = body
+
+
+def encode_entry(status: str, headers: list[tuple[str, str]], stored_at: float, age: int, body: bytes) -> bytes:
+    head = json.dumps({"s": status, "h": headers, "t": stored_at, "a": age}, separators=(",", ":")).encode()
+    return _RESPONSE + _HEAD_LENGTH.pack(len(head)) + head + body
+
+
+def _encode_marker(names: tuple[str, ...]) -> bytes:
+    return _MARKER + ",".join(names).encode("latin-1")
+
+
+def _decode(raw: bytes) -> _Entry | tuple[str, ...] | None:
+    """An entry, the Vary names of a marker, or None for anything unreadable (treated as a miss)."""
+    try:
+        kind = raw[:1]
+        if kind == _MARKER:
+            text = raw[1:].decode("latin-1")
+            return tuple(text.split(",")) if text else ()
+        if kind != _RESPONSE:
+            return None
+        (length,) = _HEAD_LENGTH.unpack_from(raw, 1)
+        start = 1 + _HEAD_LENGTH.size
+        head = json.loads(raw[start : start + length])
+        headers = [(str(n), str(v)) for n, v in head["h"]]
+        return _Entry(str(head["s"]), headers, float(head["t"]), int(head["a"]), raw[start + length :])
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+# -- HTTP caching rules --------------------------------------------------------------------------------------------
+
+
+def _directives(values: list[str]) -> dict[str, str]:
+    """Cache-Control directives (lower-case names; value "" when none; quotes removed)."""
+    found: dict[str, str] = {}
+    for value in values:
+        for part in value.split(","):
+            name, _eq, arg = part.strip().partition("=")
+            name = name.strip().lower()
+            if name:
+                found.setdefault(name, arg.strip().strip('"'))
+    return found
+
+
+def _seconds(value: str) -> int | None:
+    return int(value) if value.isdigit() else None
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_tz(value)
+    except (TypeError, ValueError):
+        return None
+    if parsed is None:
+        return None
+    return float(calendar.timegm(parsed[:9]) - (parsed[9] or 0))
+
+
+def freshness(headers: list[tuple[str, str]], cap: int, now: float) -> tuple[int, int] | None:
+    """(seconds to keep the answer, its age when received) within ``cap``; None when it must not be stored.
+
+    s-maxage (this is a shared cache) wins over max-age, which wins over Expires; an answer that says nothing
+    is kept for ``cap`` (the policy's TTL is the operator's heuristic). An unreadable Expires means expired.
+    """
+    cache_control: list[str] = []
+    expires: str | None = None
+    date: str | None = None
+    age_text: str | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "cache-control":
+            cache_control.append(value)
+        elif lower == "expires":
+            expires = value
+        elif lower == "date":
+            date = value
+        elif lower == "age":
+            age_text = value.strip()
+    cc = _directives(cache_control)
+    if "no-store" in cc or "private" in cc or "no-cache" in cc:
+        return None
+    age = _seconds(age_text) if age_text else 0
+    age = age or 0
+    lifetime: int | None = None
+    if "s-maxage" in cc:
+        lifetime = _seconds(cc["s-maxage"])
+        if lifetime is None:
+            return None
+    elif "max-age" in cc:
+        lifetime = _seconds(cc["max-age"])
+        if lifetime is None:
+            return None
+    elif expires is not None:
+        expires_at = _http_date(expires)
+        if expires_at is None:
+            return None
+        base = _http_date(date) if date else None
+        lifetime = int(expires_at - (base if base is not None else now))
+    if lifetime is None:
+        return cap, age
+    remaining = min(lifetime - age, cap)
+    if remaining <= 0:
+        return None
+    return remaining, age
+
+
+def _client_directives(environ: dict[str, Any]) -> tuple[bool, bool]:
+    """(skip the lookup, skip the store) from the client's Cache-Control and Pragma."""
+    value = environ.get("HTTP_CACHE_CONTROL")
+    pragma = environ.get("HTTP_PRAGMA")
+    if not value and not pragma:
+        return False, False
+    cc = _directives([value]) if value else {}
+    if "no-store" in cc:
+        return True, True
+    if "no-cache" in cc or cc.get("max-age") == "0" or (pragma and "no-cache" in pragma.lower()):
+        return True, False
+    return False, False
+
+
+def _vary_names(headers: list[tuple[str, str]]) -> tuple[str, ...] | None:
+    """The request headers an answer varies on (sorted, lower-case); None for ``Vary: *``."""
+    names: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "vary":
+            for part in value.split(","):
+                part = part.strip().lower()
+                if part == "*":
+                    return None
+                if part:
+                    names.add(part)
+    return tuple(sorted(names))
+
+
+def _environ_key(name: str) -> str:
+    upper = name.upper().replace("-", "_")
+    return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
+
+
+# -- the step ------------------------------------------------------------------------------------------------------
+
+
+class _Pending:
+    """One cacheable request on its way: its keys, what to do with the answer, and whether it leads the fetch."""
+
+    __slots__ = ("base", "head", "hit", "key", "leader", "lookup", "store")
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.hit = False
+        self.key = base  # the key looked up (a variant key when the Vary names were known)
+        self.head = False  # a HEAD sent upstream as GET
+        self.leader = False  # this request fetches the key for the worker (and releases the others)
+        self.lookup = True  # False: the client asked for a fresh answer, or Redis was unavailable
+        self.store = True
+
+
+class ResponseCache(Step):
+    name = "response_cache"
+    has_response = True
+
+    def __init__(self, route: Route, policy: PolicySpec) -> None:
+        config = policy.config
+        self.ttl = int(config.get("ttl_seconds", 300))
+        self.max_bytes = int(config.get("max_entry_bytes", 1_048_576))
+        self.per_consumer = bool(config.get("per_consumer", False))
+        self.phase = CACHE_LOOKUP if config.get("count_hits_toward_quota", True) else ACCESS
+        self.vary = tuple(str(n).lower() for n in config.get("vary_headers", []))
+        self.wait_seconds = max(1.0, float(route.spec.total_timeout))
+        generation = hashlib.blake2b(repr(route.spec).encode(), digest_size=8).hexdigest()
+        self.prefix = f"rc:{{{route.tenant_id}}}:{route.api_id}:{generation}:"
+        self.tenant_id = route.tenant_id
+        # Response headers added per request by the gateway or by this API's other policies: never stored.
+        dropped = set(_NOT_STORED)
+        dropped.update(name.lower() for name, _ in route.extra_headers)
+        has_cors = False
+        for spec in route.spec.policies:
+            if spec.policy_type == "headers":
+                out = spec.config.get("response") or {}
+                dropped.update(str(n).lower() for n in (out.get("add") or {}))
+                dropped.update(str(n).lower() for n in (out.get("set") or {}))
+            elif spec.policy_type == "cors":
+                has_cors = True
+        self.dropped = frozenset(dropped)
+        self.drop_cors = has_cors
+
+    # -- keys --
+
+    def _base_key(self, ex: Exchange) -> str:
+        query = ex.query
+        credential = ex.credential
+        if credential is not None and query:
+            param = credential.param if credential.source == "query" and credential.param else ""
+            param = param or ex.route.spec.key_query_param
+            if param:
+                from gateway.pipeline import _strip_query_param
+
+                query = _strip_query_param(query, param)
+        parts = ["GET", ex.path, query]
+        environ = ex.environ
+        for name in self.vary:
+            parts.append(f"{name}={environ.get(_environ_key(name), '')}")
+        if self.per_consumer:
+            parts.append("consumer=" + (ex.record.consumer_id if ex.record else ""))
+        digest = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+        return self.prefix + digest
+
+    def _request_value(self, ex: Exchange, name: str) -> str | None:
+        """A request header's value as a variant key uses it (the gateway's own values for the headers it sets)."""
+        if name == "x-consumer-id":
+            return ex.record.consumer_id if ex.record else ""
+        if name == "x-tenant-id":
+            return self.tenant_id
+        value = ex.environ.get(_environ_key(name))
+        return None if value is None else str(value)
+
+    def _variant_key(self, ex: Exchange, base: str, names: tuple[str, ...]) -> str:
+        parts = [base]
+        for name in names:
+            value = self._request_value(ex, name)
+            parts.append(f"{name}\0{'' if value is None else value}\0{int(value is None)}")
+        return (
+            base
+            + ":"
+            + hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+        )
+
+    # -- request: the lookup --
+
+    def request(self, ex: Exchange) -> Result | None:
+        method = ex.method
+        if (method != "GET" and method != "HEAD") or ex.upgrade:
+            return None
+        skip_lookup, skip_store = _client_directives(ex.environ)
+        pending = _Pending(self._base_key(ex))
+        pending.store = not skip_store
+        if ex.state is None:
+            ex.state = {}
+        ex.state[self.name] = pending
+        client = get_redis()
+        if client is None or time.monotonic() < _health.down_until:
+            pending.lookup = pending.store = False
+            return None
+        if skip_lookup:
+            pending.lookup = False
+            return self._to_upstream(ex, pending)
+        try:
+            entry = self._read(client, ex, pending)
+            if entry is None:
+                self._lead_or_wait(pending)
+                if not pending.leader:
+                    entry = self._read(client, ex, pending)  # the fetch this request waited for stored it
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            pending.lookup = pending.store = False
+            return None
+        if entry is None:
+            return self._to_upstream(ex, pending)
+        pending.hit = True
+        return self._hit(ex, entry, head=method == "HEAD")
+
+    @staticmethod
+    def _to_upstream(ex: Exchange, pending: _Pending) -> None:
+        if pending.store and ex.method == "HEAD":
+            pending.head = True
+            ex.method = "GET"  # the entry needs the body; the client gets the headers only
+        return None
+
+    def _read(self, client: Any, ex: Exchange, pending: _Pending) -> _Entry | None:
+        base = pending.base
+        names = _vary_memo.get(base)
+        if names:
+            pending.key = self._variant_key(ex, base, names)
+            found = _decode(client.get(pending.key) or b"")
+            return found if isinstance(found, _Entry) else None
+        found = _decode(client.get(base) or b"")
+        if isinstance(found, tuple):  # a marker: the answers of this key vary on these request headers
+            if not found:
+                return None
+            _remember(base, found)
+            pending.key = self._variant_key(ex, base, found)
+            found = _decode(client.get(pending.key) or b"")
+        return found if isinstance(found, _Entry) else None
+
+    def _lead_or_wait(self, pending: _Pending) -> None:
+        key = pending.key
+        now = time.monotonic()
+        with _inflight_lock:
+            current = _inflight.get(key)
+            if current is None or now - current[1] > self.wait_seconds + 5:  # none, or a leader that never finished
+                _inflight[key] = (threading.Event(), now)
+                pending.leader = True
+                return
+        current[0].wait(self.wait_seconds)
+
+    def _hit(self, ex: Exchange, entry: _Entry, *, head: bool) -> Result:
+        done = ex.done
+        headers = list(entry.headers)
+        limit_headers = ex.state.get("limit_headers") if ex.state else None
+        if limit_headers:
+            headers += limit_headers
+        headers += ex.route.extra_headers
+        age = entry.age + max(0, int(time.time() - entry.stored_at))
+        body = entry.body
+        if entry.status[:3] not in ("204", "304"):
+            headers.append(("Content-Length", str(len(body))))
+        headers += [("Age", str(age)), ("X-Cache", "HIT"), ("X-Request-ID", ex.request_id)]
+        done.status = int(entry.status[:3])
+        done.bytes_out = 0 if head else len(body)
+        done.upstream_s = None
+        return Result(entry.status, headers, [] if head or not body else [body])
+
+    # -- response: the store --
+
+    def response(self, ex: Exchange, result: Result) -> Result:
+        pending: _Pending | None = ex.state.get(self.name) if ex.state else None
+        if pending is None or pending.hit:
+            return result
+        from_upstream = ex.done.upstream_s is not None
+        outcome = "MISS" if pending.lookup else "BYPASS"
+        ttl_age = None
+        if pending.store and from_upstream:
+            ttl_age = self._storable(ex, result)
+        body = result.body
+        if isinstance(body, list):
+            data = b"".join(body)
+            if ttl_age is not None and len(data) <= self.max_bytes:
+                self._store(ex, pending, result, data, *ttl_age)
+            self._release(pending)
+            if pending.head:
+                result.body = []
+                ex.done.bytes_out = 0
+        elif ttl_age is not None and not pending.head:
+            result.body = _TeeBody(body, self, ex, pending, result, ttl_age)  # stored (and released) at close()
+        elif pending.head and from_upstream:
+            result.body = _drained(body, self, ex, pending, result, ttl_age)
+        else:
+            self._release(pending)
+        result.headers.append(("X-Cache", outcome))
+        return result
+
+    def _storable(self, ex: Exchange, result: Result) -> tuple[int, int] | None:
+        if result.status_code not in CACHEABLE_STATUSES:
+            return None
+        headers = result.headers
+        for name, _ in headers:
+            if name.lower() == "set-cookie":
+                return None
+        names = _vary_names(headers)
+        if names is None:
+            return None
+        if names:
+            seen = {name.lower(): value for name, value in ex.upstream_headers.items()}
+            for name in names:
+                if name in _PER_REQUEST:
+                    return None
+                # The variant key uses what the client sent (or the gateway's own value): it must be what the
+                # upstream saw, else a header transform decided the answer and the key would not show it.
+                if self._request_value(ex, name) != seen.get(name):
+                    return None
+        fresh = freshness(headers, self.ttl, time.time())
+        if fresh is None:
+            return None
+        if any(name.lower() == "authorization" for name in ex.upstream_headers):
+            cc = _directives([v for n, v in headers if n.lower() == "cache-control"])
+            if not ("public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
+                return None
+        return fresh
+
+    def _store(self, ex: Exchange, pending: _Pending, result: Result, data: bytes, ttl: int, age: int) -> None:
+        limit_names = {n.lower() for n, _ in (ex.state.get("limit_headers") or [])} if ex.state else set()
+        dropped = self.dropped
+        headers = []
+        for name, value in result.headers:
+            lower = name.lower()
+            if lower in dropped or lower in limit_names or (self.drop_cors and lower.startswith("access-control-")):
+                continue
+            headers.append((name, value))
+        names = _vary_names(result.headers) or ()
+        entry = encode_entry(result.status, headers, time.time(), age, data)
+        client = get_redis()
+        if client is None:
+            return
+        try:
+            if names:
+                key = self._variant_key(ex, pending.base, names)
+                pipe = client.pipeline(transaction=False)
+                pipe.set(pending.base, _encode_marker(names), ex=self.ttl)
+                pipe.set(key, entry, ex=ttl)
+                pipe.execute()
+                _remember(pending.base, names)
+            else:
+                client.set(pending.base, entry, ex=ttl)
+                _vary_memo.pop(pending.base, None)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+
+    def _release(self, pending: _Pending) -> None:
+        if not pending.leader:
+            return
+        pending.leader = False
+        with _inflight_lock:
+            current = _inflight.pop(pending.key, None)
+        if current is not None:
+            current[0].set()
+
+    @staticmethod
+    def _redis_failed(exc: Exception) -> None:
+        _health.down_until = time.monotonic() + BACKOFF_SECONDS
+        logger.warning("response cache unavailable (%s); serving from the upstream", type(exc).__name__)
+
+
+def _remember(base: str, names: tuple[str, ...]) -> None:
+    if len(_vary_memo) >= MEMO_SIZE:
+        _vary_memo.clear()
+    _vary_memo[base] = names
+
+
+class _TeeBody:
+    """A streamed upstream body passed to the client and kept (up to the size cap) to be stored when complete."""
+
+    def __init__(
+        self, inner: Any, step: ResponseCache, ex: Exchange, pending: _Pending, result: Result, ttl_age: tuple[int, int]
+    ) -> None:
+        self.inner = inner
+        self.step = step
+        self.ex = ex
+        self.pending = pending
+        self.result = result
+        self.ttl_age = ttl_age
+        self.kept: list[bytes] | None = []
+        self.size = 0
+        self.complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.inner:
+            if self.kept is not None:
+                self.size += len(chunk)
+                if self.size > self.step.max_bytes:
+                    self.kept = None
+                else:
+                    self.kept.append(chunk)
+            yield chunk
+        self.complete = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.complete and self.kept is not None:
+                self.step._store(self.ex, self.pending, self.result, b"".join(self.kept), *self.ttl_age)
+            self.kept = None
+            self.step._release(self.pending)
+
+
+def _drained(
+    body: Any,
+    step: ResponseCache,
+    ex: Exchange,
+    pending: _Pending,
+    result: Result,
+    ttl_age: tuple[int, int] | None,
+) -> list[bytes]:
+    """A HEAD answered from a streamed GET: the body is read (and stored) here when within the cap, never sent."""
+    declared = next((v for n, v in result.headers if n.lower() == "content-length"), None)
+    kept: list[bytes] | None = [] if ttl_age is not None and declared and declared.isdigit() else None
+    try:
+        if kept is not None and int(declared or 0) <= step.max_bytes:
+            for chunk in body:
+                kept.append(chunk)
+            step._store(ex, pending, result, b"".join(kept), *ttl_age)  # type: ignore[misc]
+    except Exception as exc:  # the upstream broke off: the client still gets the headers it was promised
+        logger.warning("upstream body for a cached HEAD failed: %s", type(exc).__name__)
+    finally:
+        ex.done.bytes_out = 0  # a HEAD sends no body
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()  # records the request
+        step._release(pending)
+    return []

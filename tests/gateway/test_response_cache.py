@@ -1,0 +1,524 @@
+"""The response cache (policy type response_cache): what is kept, for whom, for how long, and what a hit looks like.
+
+Every test runs a real upstream on loopback that counts what reaches it, and real Redis; the in-process gateway
+answers unless the test needs several gunicorn workers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from apimgmt import services
+from apimgmt.models import Api, Consumer, Policy, Tenant
+from apimgmt.redis_client import reset_redis
+from gateway.policies import response_cache
+from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.upstreams import Answer, Recorder, Seen, recording_upstream
+from tests.support.servers import free_port, gunicorn, wait_for_port
+
+PATH = "/api/users/v1/items?page=2"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_worker_state() -> Iterator[None]:
+    """The cache's per-worker memory (Redis back-off, Vary names, fetches in flight) starts empty in each test."""
+    response_cache._health.down_until = 0.0
+    response_cache._vary_memo.clear()
+    response_cache._inflight.clear()
+    yield
+    response_cache._health.down_until = 0.0
+    response_cache._vary_memo.clear()
+
+
+def _cache_policy(tenant: Tenant, **config: Any) -> Policy:
+    return services.policy_create(tenant=tenant, name="cache", policy_type="response_cache", config=config, actor=None)
+
+
+def _cached_api(tenant: Tenant, consumer: Consumer, upstream: Recorder, *more: Policy, **config: Any) -> Api:
+    api = publish(tenant, upstream.url, policies=[_cache_policy(tenant, **config), *more])
+    subscribe(consumer, api)
+    return api
+
+
+def _counting(recorder: Recorder, headers: list[tuple[str, str]] | None = None, status: int = 200) -> None:
+    """The upstream answers with a body naming how many requests it has seen (so a stale answer shows)."""
+
+    def respond(seen: Seen) -> Answer:
+        return Answer(
+            status=status,
+            headers=[("Content-Type", "text/plain"), *(headers or [])],
+            body=f"answer {len(recorder.seen)}".encode(),
+        )
+
+    recorder.respond = respond
+
+
+def test_a_repeat_get_is_answered_from_the_cache_with_age_and_its_own_request_id(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Cache-Control", "max-age=60"), ("ETag", '"v1"'), ("Connection", "X-Hop"), ("X-Hop", "1")])
+    first = gateway.get(PATH, headers={"X-API-Key": key})
+    second = gateway.get(PATH, headers={"X-API-Key": key})
+
+    assert (first.status, first.body, first.header("X-Cache")) == (200, b"answer 1", "MISS")
+    assert (second.status, second.body, second.header("X-Cache")) == (200, b"answer 1", "HIT")
+    assert len(upstream.seen) == 1
+    assert second.header("ETag") == '"v1"' and second.header("Content-Type") == "text/plain"
+    assert second.header("Cache-Control") == "max-age=60"
+    assert second.header("Content-Length") == "8"
+    assert second.header("Age") == "0"
+    assert second.header("X-Hop") is None  # named by Connection: hop-by-hop, never passed on nor stored
+    assert first.header("X-Request-ID") != second.header("X-Request-ID")
+    assert len(second.header_all("X-Request-ID")) == 1
+
+
+def test_age_grows_from_the_upstreams_own_age_and_the_entry_ends_with_its_freshness(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Cache-Control", "max-age=3"), ("Age", "1")])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    assert gateway.get(PATH, headers={"X-API-Key": key}).header("Age") == "1"
+    time.sleep(1.1)
+    later = gateway.get(PATH, headers={"X-API-Key": key})
+    assert later.header("X-Cache") == "HIT" and int(later.header("Age") or 0) >= 2
+    time.sleep(1.1)  # 3 s of freshness less the 1 s it was old on arrival: gone
+    after = gateway.get(PATH, headers={"X-API-Key": key})
+    assert (after.header("X-Cache"), after.body) == ("MISS", b"answer 2")
+
+
+def test_the_policys_ttl_caps_a_longer_upstream_freshness(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream, ttl_seconds=1)
+    _counting(upstream, [("Cache-Control", "public, max-age=3600")])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    assert gateway.get(PATH, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+    time.sleep(1.2)
+    assert gateway.get(PATH, headers={"X-API-Key": key}).body == b"answer 2"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Cache-Control", "private, max-age=60")],
+        [("Cache-Control", "no-store")],
+        [("Cache-Control", "no-cache")],
+        [("Cache-Control", "max-age=0")],
+        [("Cache-Control", "max-age=60"), ("Set-Cookie", "session=abc; HttpOnly")],
+        [("Expires", "Thu, 01 Jan 1970 00:00:00 GMT")],
+        [("Expires", "not a date")],
+        [("Vary", "*")],
+        [("Vary", "X-Forwarded-For")],  # the gateway sets it per request
+    ],
+    ids=[
+        "private",
+        "no-store",
+        "no-cache",
+        "max-age=0",
+        "set-cookie",
+        "expired",
+        "bad-expires",
+        "vary-star",
+        "vary-xff",
+    ],
+)
+def test_answers_the_upstream_forbids_or_that_belong_to_one_client_are_never_cached(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    key: str,
+    upstream: Recorder,
+    headers: list[tuple[str, str]],
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, headers)
+    answers = [gateway.get(PATH, headers={"X-API-Key": key}) for _ in range(3)]
+    assert [a.body for a in answers] == [b"answer 1", b"answer 2", b"answer 3"]
+    assert {a.header("X-Cache") for a in answers} == {"MISS"}
+
+
+@pytest.mark.parametrize("status, cached", [(200, True), (404, True), (410, True), (500, False), (302, False)])
+def test_only_cacheable_statuses_are_kept(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    key: str,
+    upstream: Recorder,
+    status: int,
+    cached: bool,
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Location", "/elsewhere")] if status == 302 else [], status=status)
+    gateway.get(PATH, headers={"X-API-Key": key})
+    again = gateway.get(PATH, headers={"X-API-Key": key})
+    assert again.status == status
+    assert (again.header("X-Cache") == "HIT") is cached
+    assert len(upstream.seen) == (1 if cached else 2)
+
+
+def test_expires_gives_the_lifetime_when_there_is_no_max_age(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    from email.utils import formatdate
+
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Date", formatdate(usegmt=True)), ("Expires", formatdate(time.time() + 60, usegmt=True))])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    assert gateway.get(PATH, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+
+
+def test_vary_is_honoured_each_variant_its_own_entry(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    upstream.respond = lambda seen: Answer(
+        headers=[("Cache-Control", "max-age=60"), ("Vary", "Accept-Language"), ("Content-Language", "x")],
+        body=f"hello in {seen.headers.get('accept-language', 'none')}".encode(),
+    )
+
+    def get(language: str | None) -> tuple[bytes, str | None]:
+        headers = {"X-API-Key": key, **({"Accept-Language": language} if language else {})}
+        answer = gateway.get(PATH, headers=headers)
+        return answer.body, answer.header("X-Cache")
+
+    assert get("en") == (b"hello in en", "MISS")
+    assert get("de") == (b"hello in de", "MISS")
+    assert get(None) == (b"hello in none", "MISS")
+    assert get("en") == (b"hello in en", "HIT")
+    assert get("de") == (b"hello in de", "HIT")
+    assert get(None) == (b"hello in none", "HIT")
+    assert len(upstream.seen) == 3
+
+    response_cache._vary_memo.clear()  # another worker, which has not learnt the Vary names yet
+    assert get("de") == (b"hello in de", "HIT")
+
+
+def test_the_policys_vary_headers_are_part_of_the_key(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream, vary_headers=["X-Tenant-Region"])
+    _counting(upstream)
+    for region in ("eu", "us", "eu", "us"):
+        gateway.get(PATH, headers={"X-API-Key": key, "X-Tenant-Region": region})
+    assert len(upstream.seen) == 2
+
+
+def test_path_and_query_are_part_of_the_key_and_the_credential_parameter_is_not(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    api = publish(acme, upstream.url, policies=[_cache_policy(acme)], key_query_param="apikey")
+    subscribe(bob_app, api)
+    _counting(upstream)
+    gateway.get("/api/users/v1/items?page=1", headers={"X-API-Key": key})
+    gateway.get("/api/users/v1/items?page=2", headers={"X-API-Key": key})
+    gateway.get("/api/users/v1/other?page=1", headers={"X-API-Key": key})
+    assert len(upstream.seen) == 3
+    hit = gateway.get(f"/api/users/v1/items?page=1&apikey={key}")
+    assert (hit.status, hit.header("X-Cache"), hit.body) == (200, "HIT", b"answer 1")
+
+
+def _second_consumer(tenant: Tenant, api: Api) -> str:
+    carl_app = services.consumer_create(tenant=tenant, name="carl-app", actor=None)
+    subscribe(carl_app, api)
+    return services.api_key_create(consumer=carl_app, actor=None)[1]
+
+
+def _echo_consumer(recorder: Recorder, headers: list[tuple[str, str]]) -> None:
+    recorder.respond = lambda seen: Answer(
+        headers=[("Cache-Control", "max-age=60"), *headers], body=f"data of {seen.headers['x-consumer-id']}".encode()
+    )
+
+
+def test_per_consumer_one_consumers_cached_answer_never_reaches_another(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    api = _cached_api(acme, bob_app, upstream, per_consumer=True)
+    other_key = _second_consumer(acme, api)
+    _echo_consumer(upstream, [])
+    bob_first = gateway.get(PATH, headers={"X-API-Key": key})
+    carl_first = gateway.get(PATH, headers={"X-API-Key": other_key})
+    bob_again = gateway.get(PATH, headers={"X-API-Key": key})
+    carl_again = gateway.get(PATH, headers={"X-API-Key": other_key})
+    assert bob_first.body == bob_again.body == f"data of {bob_app.id}".encode()
+    assert carl_first.body == carl_again.body != bob_first.body
+    assert [a.header("X-Cache") for a in (bob_first, carl_first, bob_again, carl_again)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+
+
+def test_without_per_consumer_one_entry_is_shared_unless_the_upstream_varies_on_the_consumer(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    api = _cached_api(acme, bob_app, upstream)
+    other_key = _second_consumer(acme, api)
+    _echo_consumer(upstream, [])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    shared = gateway.get(PATH, headers={"X-API-Key": other_key})
+    assert (shared.header("X-Cache"), shared.body) == ("HIT", f"data of {bob_app.id}".encode())
+
+    _echo_consumer(upstream, [("Vary", "X-Consumer-ID")])
+    target = "/api/users/v1/mine"
+    gateway.get(target, headers={"X-API-Key": key})
+    # carl sends bob's consumer id himself: the key takes the gateway's value, never the client's
+    carl = gateway.get(target, headers={"X-API-Key": other_key, "X-Consumer-ID": bob_app.id})
+    assert carl.header("X-Cache") == "MISS" and carl.body != f"data of {bob_app.id}".encode()
+    assert gateway.get(target, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+
+
+def test_a_change_to_the_api_or_its_policy_purges_its_entries(
+    acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    policy = _cache_policy(acme, ttl_seconds=600)
+    api = publish(acme, upstream.url, policies=[policy])
+    subscribe(bob_app, api)
+    _counting(upstream)
+
+    def get() -> tuple[bytes, str | None]:
+        answer = InProcessGateway().get(PATH, headers={"X-API-Key": key})  # a worker on the current configuration
+        return answer.body, answer.header("X-Cache")
+
+    assert get() == (b"answer 1", "MISS")
+    assert get() == (b"answer 1", "HIT")
+    services.policy_update(policy=policy, config={"ttl_seconds": 300}, actor=None)
+    assert get() == (b"answer 2", "MISS")
+    assert get() == (b"answer 2", "HIT")
+    services.api_update(api=Api.objects.get(pk=api.pk), read_timeout=12.0, actor=None)
+    assert get() == (b"answer 3", "MISS")
+
+
+def test_head_shares_the_get_entry_and_gets_no_body(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    head = gateway.request("HEAD", PATH, headers={"X-API-Key": key})
+    assert (head.status, head.body, head.header("Content-Length"), head.header("X-Cache")) == (200, b"", "8", "MISS")
+    assert [s.method for s in upstream.seen] == ["GET"]  # fetched whole, so the entry serves GET as well
+    get = gateway.get(PATH, headers={"X-API-Key": key})
+    assert (get.body, get.header("X-Cache")) == (b"answer 1", "HIT")
+    head = gateway.request("HEAD", PATH, headers={"X-API-Key": key})
+    assert (head.body, head.header("Content-Length"), head.header("X-Cache")) == (b"", "8", "HIT")
+    assert len(upstream.seen) == 1
+
+
+def test_other_methods_pass_by_the_cache(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    for method in ("POST", "PUT", "DELETE", "POST"):
+        answer = gateway.request(method, PATH, headers={"X-API-Key": key}, body=b"{}")
+        assert answer.header("X-Cache") is None
+    assert len(upstream.seen) == 4
+
+
+def test_a_client_asking_for_a_fresh_answer_skips_the_lookup(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    fresh = gateway.get(PATH, headers={"X-API-Key": key, "Cache-Control": "no-cache"})
+    assert (fresh.body, fresh.header("X-Cache")) == (b"answer 2", "BYPASS")
+    assert gateway.get(PATH, headers={"X-API-Key": key}).body == b"answer 2"  # no-cache refreshed the entry
+    unstored = gateway.get(PATH, headers={"X-API-Key": key, "Cache-Control": "no-store"})
+    assert unstored.body == b"answer 3"
+    assert gateway.get(PATH, headers={"X-API-Key": key}).body == b"answer 2"  # no-store left it alone
+
+
+def test_entries_above_the_size_cap_are_not_kept_and_large_bodies_within_it_are(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream, max_entry_bytes=300_000)
+    upstream.respond = lambda seen: Answer(
+        headers=[("Cache-Control", "max-age=60")], body=(b"x" if "big" in seen.path else b"y") * 200_000
+    )
+    for target in ("/api/users/v1/large", "/api/users/v1/large"):
+        answer = gateway.get(target, headers={"X-API-Key": key})
+        assert answer.body == b"y" * 200_000  # streamed past the 64 KiB buffer, kept while passed on
+    assert answer.header("X-Cache") == "HIT" and len(upstream.seen) == 1
+
+    upstream.respond = lambda seen: Answer(headers=[("Cache-Control", "max-age=60")], body=b"z" * 300_001)
+    for _ in range(2):
+        assert gateway.get("/api/users/v1/huge", headers={"X-API-Key": key}).header("X-Cache") == "MISS"
+    assert len(upstream.seen) == 3
+
+
+def test_response_header_transforms_are_applied_to_each_hit_for_its_own_caller(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    headers = services.policy_create(
+        tenant=acme,
+        name="stamp",
+        policy_type="headers",
+        config={"response": {"set": {"X-Served-For": "{consumer_id}"}}},
+        actor=None,
+    )
+    api = _cached_api(acme, bob_app, upstream, headers)
+    other_key = _second_consumer(acme, api)
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    gateway.get(PATH, headers={"X-API-Key": key})
+    hit = gateway.get(PATH, headers={"X-API-Key": other_key})
+    assert hit.header("X-Cache") == "HIT"
+    stored = response_cache._decode(next(iter(_entries())))
+    assert isinstance(stored, response_cache._Entry)
+    assert "x-served-for" not in {name.lower() for name, _ in stored.headers}
+
+
+def _entries() -> Iterator[bytes]:
+    from apimgmt.redis_client import get_redis
+
+    client = get_redis()
+    assert client is not None
+    for name in client.scan_iter("rc:*"):
+        yield client.get(name)
+
+
+def test_keys_carry_the_tenants_hash_tag(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder, redis_client: Any
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream)
+    gateway.get(PATH, headers={"X-API-Key": key})
+    names = [n.decode() for n in redis_client.scan_iter("rc:*")]
+    assert len(names) == 1 and names[0].startswith("rc:{acme}:")
+    assert 0 < redis_client.ttl(names[0]) <= 300
+
+
+def test_hits_skip_the_rate_limit_only_when_the_policy_says_they_do_not_count(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    def limit() -> Policy:
+        return services.policy_create(
+            tenant=acme,
+            name=f"two-{time.monotonic_ns()}",
+            policy_type="rate_limiting",
+            config={"requests_per_minute": 2},
+            actor=None,
+        )
+
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    _cached_api(acme, bob_app, upstream, limit(), count_hits_toward_quota=True)
+    free = publish(
+        acme,
+        upstream.url,
+        base_path="/api/free/v1",
+        policies=[
+            services.policy_create(
+                tenant=acme,
+                name="cache-free",
+                policy_type="response_cache",
+                config={"count_hits_toward_quota": False},
+                actor=None,
+            ),
+            limit(),
+        ],
+    )
+    subscribe(bob_app, free)
+
+    statuses = [gateway.get(PATH, headers={"X-API-Key": key}).status for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]  # the hit counted
+    answers = [gateway.get("/api/free/v1/items", headers={"X-API-Key": key}) for _ in range(5)]
+    assert [a.status for a in answers] == [200] * 5
+    assert [a.header("X-Cache") for a in answers] == ["MISS"] + ["HIT"] * 4
+    assert gateway.get("/api/free/v1/other", headers={"X-API-Key": key}).status == 200  # a miss: counted (2nd)
+    assert gateway.get("/api/free/v1/third", headers={"X-API-Key": key}).status == 429
+
+
+def test_with_redis_stopped_requests_are_served_by_the_upstream(
+    settings: Any, gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+        reset_redis()
+        _cached_api(acme, bob_app, upstream)
+        _counting(upstream, [("Cache-Control", "max-age=60")])
+        gateway.get(PATH, headers={"X-API-Key": key})
+        assert gateway.get(PATH, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+    finally:
+        proc.kill()
+        proc.wait()
+    answers = [gateway.get(PATH, headers={"X-API-Key": key}) for _ in range(3)]
+    assert [(a.status, a.header("X-Cache")) for a in answers] == [(200, "BYPASS")] * 3
+    assert [a.body for a in answers] == [b"answer 2", b"answer 3", b"answer 4"]
+
+
+# -- several gunicorn workers --------------------------------------------------------------------------------------
+
+WORKERS = 2
+
+
+@pytest.fixture
+def live_gateway(live_env: dict[str, str], tmp_path: Any) -> Iterator[str]:
+    env = {
+        **live_env,
+        "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    with gunicorn(env, workers=WORKERS, log_path=tmp_path / "gunicorn.log") as url:
+        yield url
+
+
+def test_fifty_concurrent_misses_make_one_upstream_request_per_worker_and_config_changes_purge(
+    live_gateway: str, acme: Tenant, bob_app: Consumer, key: str
+) -> None:
+    with recording_upstream() as upstream:
+
+        def slow(seen: Seen) -> Answer:
+            if "slow" in seen.path:
+                time.sleep(0.5)  # long enough for all fifty to arrive while the first fetch is out
+            return Answer(headers=[("Cache-Control", "max-age=60")], body=f"answer {len(upstream.seen)}".encode())
+
+        upstream.respond = slow
+        policy = _cache_policy(acme)
+        api = publish(acme, upstream.url, policies=[policy])
+        subscribe(bob_app, api)
+        headers = {"X-API-Key": key}
+        deadline = time.monotonic() + 10
+        while requests.get(live_gateway + "/api/users/v1/warm", headers=headers, timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = len(upstream.seen)
+
+        results: list[requests.Response] = []
+        start = threading.Barrier(50)
+
+        def client() -> None:
+            start.wait()
+            results.append(requests.get(live_gateway + "/api/users/v1/slow", headers=headers, timeout=10))
+
+        threads = [threading.Thread(target=client) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        fetched = len(upstream.seen) - before
+        assert [r.status_code for r in results] == [200] * 50
+        assert 1 <= fetched <= WORKERS, f"{fetched} upstream requests for 50 concurrent misses"
+        assert sum(r.headers["X-Cache"] == "MISS" for r in results) == fetched
+        assert len({r.content for r in results}) <= WORKERS
+
+        services.policy_update(policy=Policy.objects.get(pk=policy.pk), config={"ttl_seconds": 120}, actor=None)
+        deadline = time.monotonic() + 5
+        while requests.get(live_gateway + "/api/users/v1/slow", headers=headers, timeout=5).headers["X-Cache"] == "HIT":
+            assert time.monotonic() < deadline, "the policy change did not purge the entry"
+            time.sleep(0.05)
