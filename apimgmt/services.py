@@ -8,7 +8,9 @@ message that says what to fix; nothing half-written is left behind.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -380,7 +382,8 @@ def plan_create(
     policies_check_for_plan(policy_list)
     plan = Plan(tenant=tenant, name=name, approval=approval, description=description)
     _save_validated(plan)
-    plan.policies.set(policy_list)
+    if policy_list:
+        plan.policies.add(*policy_list)  # a new plan has no links: set would read them first
     audit_record(
         actor=actor,
         tenant_id=tenant.id,
@@ -553,10 +556,6 @@ def _restricted_spec_too_big(paths: Any) -> str | None:
     )
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
-
-
 def _check_route_not_captured(api: Api) -> None:
     """Refuse a route that would take requests now answered by another tenant's API.
 
@@ -564,30 +563,82 @@ def _check_route_not_captured(api: Api) -> None:
     shorter one, so without this a tenant could publish /their/base_path/x (or bind the shared
     host to the same path) and receive another tenant's consumers' traffic.
     """
+    if (api.tenant_id, api.host, api.base_path) in _routes_checked.get():
+        return  # checked with the rest of its configuration document (routes_captured)
     live = Api.objects.exclude(status=Api.Status.RETIRED).filter(host__in={"", api.host})
     if api.pk:
         live = live.exclude(pk=api.pk)
-    routes = list(live.values_list("tenant_id", "host", "base_path"))
-    if any(h == api.host and path == api.base_path for _tenant, h, path in routes):
-        return  # the exact route is taken: the unique constraint says so in its own words
-    # Who answers api.base_path now: the longest route on the same host, else the longest host-less one.
-    for host in dict.fromkeys([api.host, ""]):
-        above = [(len(path), tenant) for tenant, h, path in routes if h == host and _under(api.base_path, path)]
-        if above:
-            captured = max(above)[1] != api.tenant_id
-            break
-    else:
-        captured = False
-    # Bound to a host, it also wins over host-less routes below it.
-    if api.host:
-        captured = captured or any(
-            tenant != api.tenant_id and not h and _under(path, api.base_path) for tenant, h, path in routes
-        )
-    if captured:
+    owners = {(h, path): tenant for tenant, h, path in live.values_list("tenant_id", "host", "base_path")}
+    if _captures(api.tenant_id, api.host, api.base_path, owners):
         # The other tenant's path is not named: it may belong to an unpublished API.
         raise ValidationError(
             {"base_path": f"base_path {api.base_path!r} overlaps another tenant's route; choose another."}
         )
+
+
+def _captures(
+    tenant_id: str, host: str, base_path: str, owners: dict[tuple[str, str], str], *, listed: bool = False
+) -> bool:
+    """Whether tenant_id's route (host, base_path) would take another tenant's requests, given the live routes as
+    {(host, base_path): tenant id}: every other one, and (``listed``) this one too."""
+    exact = owners.get((host, base_path))
+    if exact is not None and not (listed and exact == tenant_id):
+        return False  # the exact route is taken: the unique constraint says so in its own words
+    # Who answers base_path now: the longest route on the same host, else the longest host-less one.
+    above = [base_path[:i] for i in range(len(base_path) - 1, 0, -1) if base_path[i] == "/"]
+    captured = False
+    for route_host in dict.fromkeys([host, ""]):
+        paths = above if route_host == host else [base_path, *above]
+        owner = next((owners[(route_host, p)] for p in paths if (route_host, p) in owners), None)
+        if owner is not None:
+            captured = owner != tenant_id
+            break
+    # Bound to a host, it also wins over host-less routes below it.
+    if host and not captured:
+        below = base_path + "/"
+        captured = any(
+            tenant != tenant_id and not h and (p == base_path or p.startswith(below))
+            for (h, p), tenant in owners.items()
+        )
+    return captured
+
+
+# Routes a configuration apply has checked at once (routes_captured) and that api_check then need not check one by
+# one: (tenant id, host, base_path).
+_routes_checked: ContextVar[frozenset[tuple[str, str, str]]] = ContextVar("routes_checked", default=frozenset())
+
+
+def routes_captured(
+    tenant_id: str, routes: Iterable[tuple[str, str]], own: Iterable[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Of a tenant's ``routes`` ((host, base_path) of APIs it creates or changes), those that would take requests
+    another tenant's live API answers, in one query for them all. ``own`` is every live route the tenant will have
+    (its rows are not read: a configuration document replaces them)."""
+    checked = set(routes)
+    hosts = {""} | {host for host, _path in checked}
+    owners = {
+        (h, path): tenant
+        for tenant, h, path in Api.objects.exclude(status=Api.Status.RETIRED)
+        .exclude(tenant_id=tenant_id)
+        .filter(host__in=hosts)
+        .values_list("tenant_id", "host", "base_path")
+    }
+    for route in own:
+        owners.setdefault(route, tenant_id)
+    for route in checked:
+        owners.setdefault(route, tenant_id)
+    return {(host, path) for host, path in checked if _captures(tenant_id, host, path, owners, listed=True)}
+
+
+@contextmanager
+def routes_checked(tenant_id: str, routes: Iterable[tuple[str, str]]) -> Iterator[None]:
+    """Within: api_create and api_update skip the per-API route check for these routes of tenant_id (already
+    checked by routes_captured)."""
+    token = _routes_checked.set(frozenset((tenant_id, host, path) for host, path in routes))
+    try:
+        yield
+    finally:
+        _routes_checked.reset(token)
 
 
 def _check_auth_issuers(auth_method: str, issuers: Sequence[JwtIssuer]) -> None:
@@ -644,9 +695,10 @@ def api_create(
     _check_auth_issuers(api.auth_method, issuer_list)
     target_list = _validate_targets(targets)
     _save_validated(api)
-    api.policies.set(policy_list)
-    api.plans.set(plan_list)
-    api.jwt_issuers.set(issuer_list)
+    # A new API has no links yet: add them (set would read the links first, one query each).
+    for related, linked in ((api.policies, policy_list), (api.plans, plan_list), (api.jwt_issuers, issuer_list)):
+        if linked:
+            related.add(*linked)
     for url, weight in target_list:
         UpstreamTarget.objects.create(api=api, url=url, weight=weight)
     audit_record(

@@ -72,6 +72,19 @@ def document() -> dict[str, Any]:
     return {"format": config_doc.FORMAT, "policies": policies, "plans": plans, "apis": apis}
 
 
+def _server_cpu() -> float | None:
+    """CPU seconds the database's backend process for this connection has used, when it runs on this machine
+    (wall time on a shared machine says more about the neighbours than about the code)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def measured(results: dict[str, Any], name: str) -> Iterator[None]:
     queries = 0
@@ -81,12 +94,21 @@ def measured(results: dict[str, Any], name: str) -> Iterator[None]:
         queries += 1
         return execute(sql, params, many, context)
 
-    start = time.perf_counter()
+    server_start = _server_cpu()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with connection.execute_wrapper(count):
         yield
-    seconds = time.perf_counter() - start
-    results[name] = {"seconds": round(seconds, 2), "queries": queries}
-    print(f"{name:<44} {seconds:6.2f} s  {queries:6} queries", flush=True)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    server_end = _server_cpu()
+    server = None if server_start is None or server_end is None else server_end - server_start
+    results[name] = {
+        "seconds": round(seconds, 2),
+        "queries": queries,
+        "client_cpu_seconds": round(cpu, 2),
+        "server_cpu_seconds": None if server is None else round(server, 2),
+    }
+    shown = "" if server is None else f"  cpu {cpu:5.2f} s here + {server:5.2f} s in PostgreSQL"
+    print(f"{name:<44} {seconds:6.2f} s  {queries:6} queries{shown}", flush=True)
 
 
 def clean() -> None:
@@ -133,6 +155,7 @@ def main() -> None:
     finally:
         clean()
     out = ROOT / "bench" / "results" / f"config-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -72,8 +73,10 @@ def apply_document(
             plan = make_plan(state=state, document=document, source=source, prune=prune)
             if plan.refusals:
                 raise PlanRefused(plan)
-            with coalesced_notifications():
-                _Applier(tenant, state, plan, actor).run()
+            applier = _Applier(tenant, state, plan, actor)
+            applier.check_routes()
+            with coalesced_notifications(), applier.routes_checked(), _without_savepoints():
+                applier.run()
             if dry_run:
                 raise _DryRun
     except _DryRun:
@@ -92,6 +95,21 @@ _STEPS = (
 )
 
 
+@contextmanager
+def _without_savepoints() -> Iterator[None]:
+    """The services take a savepoint per call (and per save) so that a caller may go on after a refusal. An apply
+    never goes on: any refusal rolls the whole transaction back. Without them a 750-object apply makes 3,000 fewer
+    round trips. A failed statement still marks the transaction for rollback (Django's atomic without a savepoint),
+    so nothing half-applied can be committed."""
+    features = transaction.get_connection().features
+    previous = features.uses_savepoints
+    features.uses_savepoints = False
+    try:
+        yield
+    finally:
+        features.uses_savepoints = previous
+
+
 class _Applier:
     def __init__(self, tenant: Tenant, state: TenantState, plan: ConfigPlan, actor: services.Actor) -> None:
         self.tenant = tenant
@@ -102,6 +120,37 @@ class _Applier:
         self.plans: dict[str, Plan] = {name: row for name, (_item, row) in state.plans.items()}
         self.apis: dict[str, Api] = {name: row for name, (_item, row) in state.apis.items()}
         self.consumers: dict[str, Consumer] = {key: row for key, (_item, row) in (state.consumers or {}).items()}
+
+    def _checked_routes(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """The routes of the APIs the plan creates or changes, and every live route the tenant will have."""
+        changed = {c.key for c in self.plan.changes if c.kind == "api" and c.action in (CREATE, UPDATE)}
+        deleted = {c.key for c in self.plan.changes if c.kind == "api" and c.action == DELETE}
+        desired = {c.key: c.desired for c in self.plan.changes if c.kind == "api" and c.action in (CREATE, UPDATE)}
+        final = {key: item for key, (item, _row) in self.state.apis.items() if key not in deleted}
+        final.update(desired)
+        own = {(i["host"], i["base_path"]) for i in final.values() if i["status"] != Api.Status.RETIRED}
+        return {(desired[k]["host"], desired[k]["base_path"]) for k in changed}, own
+
+    def check_routes(self) -> None:
+        """Refuse, in one query for the whole document, routes that would take another tenant's requests (what
+        api_create and api_update check one API at a time)."""
+        routes, own = self._checked_routes()
+        captured = services.routes_captured(self.tenant.pk, routes, own)
+        problems = [
+            Problem(
+                f"apis[{c.key}].base_path",
+                f"base_path {c.desired['base_path']!r} overlaps another tenant's route; choose another.",
+            )
+            for c in self.plan.changes
+            if c.kind == "api"
+            and c.action in (CREATE, UPDATE)
+            and (c.desired["host"], c.desired["base_path"]) in captured
+        ]
+        if problems:
+            raise ConfigError(self.plan.source, problems)
+
+    def routes_checked(self) -> Any:
+        return services.routes_checked(self.tenant.pk, self._checked_routes()[0])
 
     def run(self) -> None:
         for kinds, actions in _STEPS:

@@ -134,9 +134,30 @@ def test_a_bad_document_names_file_object_and_field_and_changes_nothing(
 
 
 def test_a_service_refusal_halfway_through_rolls_back_everything_before_it(
+    world: dict[str, Any], run_config: Run, tmp_path: Path
+) -> None:
+    """The services refuse an upstream on a private address when they create the last API; the policy changed and
+    the API created before it are undone (the apply takes no savepoints, so the whole transaction goes)."""
+    path = tmp_path / "acme.yaml"
+    run_config("export", "--tenant", "acme", "-o", str(path))
+    extra = (
+        "- {name: aaa, base_path: /api/aaa, upstream_url: 'https://aaa.example.com'}\n"
+        "- {name: zzz, base_path: /api/zzz, upstream_url: 'https://10.0.0.1'}\n"
+    )
+    text = path.read_text().replace("apis:\n", "apis:\n" + extra)
+    text = text.replace("requests_per_minute: 100", "requests_per_minute: 5")
+    before = snapshot("acme")
+
+    code, _out, err = _apply(run_config, tmp_path, text)
+
+    assert code == 1
+    assert err.startswith(f"{path}: apis[zzz].upstream_url: ")
+    assert snapshot("acme") == before
+
+
+def test_a_route_another_tenant_answers_is_refused_before_anything_changes(
     world: dict[str, Any], globex: Tenant, run_config: Run, tmp_path: Path
 ) -> None:
-    """The services refuse a route another tenant answers; what the apply created before that is undone."""
     services.api_create(
         tenant=globex, api_name="shop", base_path="/shop", upstream_url="https://shop.example.com", actor=None
     )
@@ -145,17 +166,18 @@ def test_a_service_refusal_halfway_through_rolls_back_everything_before_it(
     extra = (
         "- {name: aaa, base_path: /api/aaa, upstream_url: 'https://aaa.example.com'}\n"
         "- {name: zzz, base_path: /shop/cart, upstream_url: 'https://zzz.example.com'}\n"
+        "- {name: bound, base_path: /shop, host: shop.acme.example, upstream_url: 'https://b.example.com'}\n"
     )
     text = path.read_text().replace("apis:\n", "apis:\n" + extra)
-    text = text.replace("requests_per_minute: 100", "requests_per_minute: 5")
     before = snapshot("acme", "globex")
 
     code, _out, err = _apply(run_config, tmp_path, text)
 
     assert code == 1
-    assert (
-        err == f"{path}: apis[zzz].base_path: base_path '/shop/cart' overlaps another tenant's route; choose another.\n"
-    )
+    assert sorted(err.splitlines()) == [
+        f"{path}: apis[bound].base_path: base_path '/shop' overlaps another tenant's route; choose another.",
+        f"{path}: apis[zzz].base_path: base_path '/shop/cart' overlaps another tenant's route; choose another.",
+    ]
     assert snapshot("acme", "globex") == before
 
 
