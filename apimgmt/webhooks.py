@@ -25,8 +25,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +38,7 @@ import urllib3
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -394,6 +396,7 @@ class DeliveryStats:
     failed: int = 0
     disabled: list[str] = field(default_factory=list)
     mailed: int = 0  # notice mails of the other outbox readers (portal/notifications.py)
+    claimed: int = 0  # deliveries taken for sending this round
 
     def add(self, other: DeliveryStats) -> None:
         self.dispatched += other.dispatched
@@ -402,6 +405,7 @@ class DeliveryStats:
         self.failed += other.failed
         self.disabled += other.disabled
         self.mailed += other.mailed
+        self.claimed += other.claimed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -443,24 +447,104 @@ def dispatch_events(*, batch_size: int = 500) -> int:
     return len(batch)
 
 
-def claim_due(*, batch_size: int, lease: timedelta = CLAIM_LEASE) -> list[WebhookDelivery]:
-    """Take due deliveries of active endpoints for this deliverer: their next attempt moves one lease ahead."""
+def _due_candidates(now: datetime, per_endpoint: int) -> list[tuple[int, str, str]]:
+    """(delivery id, endpoint id, tenant id) of due deliveries of active endpoints, at most ``per_endpoint`` of
+    each endpoint (its oldest), oldest first. One pass over the active endpoints, an index probe each: a backlog of
+    one endpoint costs the others nothing."""
+    deliveries = WebhookDelivery._meta.db_table
+    endpoints = WebhookEndpoint._meta.db_table
+    sql = f"""
+        SELECT d.id, e.id, e.tenant_id
+        FROM {endpoints} e
+        CROSS JOIN LATERAL (
+            SELECT id, next_attempt_at FROM {deliveries}
+            WHERE endpoint_id = e.id AND status = %s AND next_attempt_at <= %s
+            ORDER BY next_attempt_at, id
+            LIMIT %s
+        ) d
+        WHERE e.status = %s
+        ORDER BY d.next_attempt_at, d.id
+    """  # noqa: S608 (table names are the models' own)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [WebhookDelivery.Status.PENDING, now, per_endpoint, WebhookEndpoint.Status.ACTIVE])
+        return [(int(row[0]), str(row[1]), str(row[2])) for row in cursor.fetchall()]
+
+
+def fair_share(
+    candidates: list[tuple[int, str, str]],
+    *,
+    slots: int,
+    per_endpoint: int,
+    per_tenant: int,
+    busy_endpoints: Mapping[str, int] | None = None,
+    busy_tenants: Mapping[str, int] | None = None,
+) -> list[int]:
+    """Choose up to ``slots`` of ``candidates`` (oldest first): round-robin across tenants, one each per turn, the
+    tenant waiting longest first, none past ``per_endpoint`` in flight per endpoint nor ``per_tenant`` per tenant
+    (counting what ``busy_*`` says is in flight already). So one tenant's backlog, or its dead receivers, never
+    holds every slot."""
+    endpoint_load = Counter(busy_endpoints or {})
+    tenant_load = Counter(busy_tenants or {})
+    queues: dict[str, deque[tuple[int, str]]] = {}
+    for delivery_id, endpoint_id, tenant_id in candidates:
+        queues.setdefault(tenant_id, deque()).append((delivery_id, endpoint_id))
+    chosen: list[int] = []
+    while len(chosen) < slots and queues:
+        for tenant_id in list(queues):
+            queue = queues[tenant_id]
+            while queue and endpoint_load[queue[0][1]] >= per_endpoint:
+                queue.popleft()
+            if not queue or tenant_load[tenant_id] >= per_tenant:
+                del queues[tenant_id]
+                continue
+            delivery_id, endpoint_id = queue.popleft()
+            chosen.append(delivery_id)
+            endpoint_load[endpoint_id] += 1
+            tenant_load[tenant_id] += 1
+            if len(chosen) >= slots:
+                break
+    return chosen
+
+
+def claim_due(
+    *,
+    batch_size: int,
+    lease: timedelta = CLAIM_LEASE,
+    per_endpoint: int | None = None,
+    per_tenant: int | None = None,
+    busy_endpoints: Mapping[str, int] | None = None,
+    busy_tenants: Mapping[str, int] | None = None,
+) -> list[WebhookDelivery]:
+    """Take due deliveries of active endpoints for this deliverer, fairly (``fair_share``): their next attempt
+    moves one lease ahead, so no other deliverer takes them meanwhile."""
     now = timezone.now()
+    endpoint_cap = per_endpoint or batch_size
+    chosen = fair_share(
+        _due_candidates(now, endpoint_cap),
+        slots=batch_size,
+        per_endpoint=endpoint_cap,
+        per_tenant=per_tenant or batch_size,
+        busy_endpoints=busy_endpoints,
+        busy_tenants=busy_tenants,
+    )
+    if not chosen:
+        return []
     with transaction.atomic():
+        # Another deliverer may have taken some since they were read: locked ones are skipped, leased ones re-checked.
         due = list(
             WebhookDelivery.objects.filter(
-                status=WebhookDelivery.Status.PENDING,
-                next_attempt_at__lte=now,
-                endpoint__status=WebhookEndpoint.Status.ACTIVE,
+                pk__in=chosen, status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
             )
-            .order_by("next_attempt_at")
-            .select_for_update(skip_locked=True, of=("self",))[:batch_size]
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list("pk", flat=True)
         )
         if due:
-            WebhookDelivery.objects.filter(pk__in=[d.pk for d in due]).update(next_attempt_at=now + lease)
+            WebhookDelivery.objects.filter(pk__in=due).update(next_attempt_at=now + lease)
     if not due:
         return []
-    return list(WebhookDelivery.objects.filter(pk__in=[d.pk for d in due]).select_related("endpoint", "event"))
+    order = {pk: n for n, pk in enumerate(chosen)}
+    claimed = WebhookDelivery.objects.filter(pk__in=due).select_related("endpoint", "event")
+    return sorted(claimed, key=lambda d: order[d.pk])
 
 
 def attempt(delivery: WebhookDelivery) -> AttemptResult:
@@ -542,23 +626,87 @@ def _mail_admins(subject: str, text: str, to: list[str]) -> None:
 
 
 class Deliverer:
-    """One round: fan out new events, claim due deliveries, send them in parallel, record the answers."""
+    """Fans out new events, claims due deliveries fairly, sends them on a thread pool and records the answers.
 
-    def __init__(self, *, batch_size: int = 100, concurrency: int = 8) -> None:
+    At most ``per_endpoint`` deliveries per endpoint and ``per_tenant`` per tenant are in flight at once (default:
+    2, and half the pool), and free slots go round-robin across tenants: a tenant's slow or dead receiver, and its
+    backlog, hold a few threads at most while every other tenant's deliveries keep going. ``run_once()`` sends
+    everything due and waits for it; ``run_once(wait=False)`` (``--follow``) returns once something finished or
+    ``poll_seconds`` passed, so a slow attempt never holds the next round.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 100,
+        concurrency: int = 8,
+        per_endpoint: int = 2,
+        per_tenant: int | None = None,
+        poll_seconds: float = 0.2,
+    ) -> None:
         self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.per_endpoint = max(1, per_endpoint)
+        self.per_tenant = max(1, per_tenant if per_tenant is not None else concurrency // 2)
+        self.poll_seconds = poll_seconds
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+        self.in_flight: dict[Future[AttemptResult], WebhookDelivery] = {}
 
-    def run_once(self) -> DeliveryStats:
+    @property
+    def busy(self) -> int:
+        return len(self.in_flight)
+
+    def _collect(self, stats: DeliveryStats, *, timeout: float | None) -> None:
+        """Record the attempts that finished, waiting up to ``timeout`` for one (None: for all of them)."""
+        if not self.in_flight:
+            return
+        if timeout is None:
+            done, _ = wait_for(self.in_flight)
+        elif timeout > 0:
+            done, _ = wait_for(self.in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+        else:
+            done = {f for f in self.in_flight if f.done()}
+        for future in done:
+            delivery = self.in_flight.pop(future)
+            record(delivery, future.result(), stats)
+
+    def _send_due(self, stats: DeliveryStats) -> None:
+        slots = min(self.batch_size, self.concurrency - len(self.in_flight))
+        if slots <= 0:
+            return
+        endpoints = Counter(d.endpoint_id for d in self.in_flight.values())
+        tenants = Counter(d.endpoint.tenant_id for d in self.in_flight.values())
+        due = claim_due(
+            batch_size=slots,
+            per_endpoint=self.per_endpoint,
+            per_tenant=self.per_tenant,
+            busy_endpoints=endpoints,
+            busy_tenants=tenants,
+        )
+        stats.claimed += len(due)
+        for delivery in due:
+            self.in_flight[self.pool.submit(attempt, delivery)] = delivery
+
+    def run_once(self, *, wait: bool = True) -> DeliveryStats:
         stats = DeliveryStats()
         stats.dispatched = dispatch_events()
-        due = claim_due(batch_size=self.batch_size)
-        for delivery, result in zip(due, self.pool.map(attempt, due), strict=True):
-            record(delivery, result, stats)
+        self._collect(stats, timeout=0)
+        self._send_due(stats)
+        if wait:
+            # The whole round: as attempts finish, their slots take the next due deliveries (fairly) until none is
+            # due and none in flight. Failed ones wait for their retry time, so this ends.
+            while self.in_flight:
+                self._collect(stats, timeout=self.poll_seconds)
+                self._send_due(stats)
+        else:
+            self._collect(stats, timeout=self.poll_seconds)
         for reader in events.OUTBOX_READERS.values():
             stats.mailed += reader.send_due()
         return stats
 
-    def close(self) -> None:
+    def close(self, stats: DeliveryStats | None = None) -> None:
+        """Wait for the attempts in flight and record them (into ``stats`` when given), then stop the threads."""
+        self._collect(stats if stats is not None else DeliveryStats(), timeout=None)
         self.pool.shutdown(wait=True)
 
 

@@ -93,6 +93,12 @@ class Command(BaseCommand):
         parser.add_argument("--follow", action="store_true", help="Keep running; stop cleanly on SIGTERM/SIGINT.")
         parser.add_argument("--batch-size", type=int, default=100, help="Deliveries claimed per round.")
         parser.add_argument("--concurrency", type=int, default=8, help="Deliveries sent in parallel.")
+        parser.add_argument(
+            "--per-endpoint",
+            type=int,
+            default=2,
+            help="Deliveries in flight to one endpoint at most (a tenant holds at most half of --concurrency).",
+        )
         parser.add_argument("--pause-ms", type=int, default=500, help="--follow: pause between rounds.")
         parser.add_argument(
             "--metrics-port",
@@ -102,10 +108,15 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["batch_size"] < 1 or options["concurrency"] < 1 or options["pause_ms"] < 1:
-            raise CommandError("--batch-size, --concurrency and --pause-ms must be at least 1")
+        numbers = ("batch_size", "concurrency", "pause_ms", "per_endpoint")
+        if any(options[name] < 1 for name in numbers):
+            raise CommandError("--batch-size, --concurrency, --per-endpoint and --pause-ms must be at least 1")
         install_slow_query_logging()
-        deliverer = webhooks.Deliverer(batch_size=options["batch_size"], concurrency=options["concurrency"])
+        deliverer = webhooks.Deliverer(
+            batch_size=options["batch_size"],
+            concurrency=options["concurrency"],
+            per_endpoint=options["per_endpoint"],
+        )
         try:
             if options["follow"]:
                 metrics = DelivererMetrics().serve(options["metrics_port"]) if options["metrics_port"] else None
@@ -147,8 +158,9 @@ class Command(BaseCommand):
                 last_housekeeping = now
             # The gateways' circuit announcements: one Redis read per tenant that ever had one, every round.
             circuit_scan()
-            # Deliveries in flight are always recorded before a stop.
-            stats = deliverer.run_once()
+            # Returns once an attempt finished (or after a short poll): a slow receiver never holds the next round.
+            # Deliveries still in flight at a stop are waited for and recorded (deliverer.close).
+            stats = deliverer.run_once(wait=False)
             total.add(stats)
             if metrics is not None:
                 metrics.observe(stats)
@@ -157,8 +169,11 @@ class Command(BaseCommand):
                 webhooks.logger.info("events delivered", extra=total.as_dict())
                 total = webhooks.DeliveryStats()
                 last_summary = now
-            busy = stats.succeeded + stats.retried + stats.failed >= deliverer.batch_size
+            busy = stats.claimed > 0 or deliverer.busy > 0
             return 0 if busy else pause
 
         loop.follow(round_, logger=webhooks.logger, failure="event delivery failed")
+        last = webhooks.DeliveryStats()
+        deliverer.close(last)
+        total.add(last)
         webhooks.logger.info("event deliverer stopped", extra=total.as_dict())
