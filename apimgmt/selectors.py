@@ -401,8 +401,9 @@ def key_record_by_hash(key_hash: str) -> KeyRecord | None:
 
 
 def identity_record(issuer_id: str, external_id: str) -> KeyRecord | None:
-    """The consumer a JWT identity (issuer, consumer claim value) acts as, in the form of a key's record (no key:
-    ``key_id`` and ``key_prefix`` are empty, the key's own IP lists too), or None. Two indexed queries.
+    """The consumer a JWT identity (issuer, consumer claim value) acts as, in the form of a key's record, or None.
+    Two indexed queries. There is no key: ``key_id`` is the identity's id (``cid_…``), so limits scoped per key
+    count each identity apart and usage names it; ``key_prefix`` and the key's own IP lists are empty.
 
     The gateway caches it under ``apimgmt.invalidation.identity_cache_hash``, which the control plane evicts when
     the identity, its consumer or the consumer's subscriptions change."""
@@ -416,7 +417,7 @@ def identity_record(issuer_id: str, external_id: str) -> KeyRecord | None:
         "api_id", "plan_id"
     )
     return KeyRecord(
-        key_id="",
+        key_id=identity.pk,
         key_prefix="",
         consumer_id=consumer.pk,
         tenant_id=consumer.tenant_id,

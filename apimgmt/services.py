@@ -1328,10 +1328,11 @@ def consumer_identity_delete(*, identity: ConsumerIdentity, actor: Actor) -> Non
     identity.delete()
 
 
-def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> ConsumerIdentity:
+def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str, api: Api | None = None) -> ConsumerIdentity:
     """For an issuer with ``auto_provision``: the identity of ``external_id``, made with a new consumer of the
     issuer's tenant when there is none yet. Safe to call from several processes at once (one wins, the others read
-    its row)."""
+    its row). With ``api`` (the API the token was sent to), a new consumer is subscribed to it in the same
+    transaction (``_provisioned_subscription``), so the winner's consumer is usable as soon as anyone reads it."""
     existing = (
         ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id).first()
     )
@@ -1349,7 +1350,10 @@ def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> Consu
             consumer = consumer_create(
                 tenant=issuer.tenant, name=name, actor=None, description="Provisioned from a JWT."
             )
-            return consumer_identity_create(consumer=consumer, issuer=issuer, external_id=external_id, actor=None)
+            identity = consumer_identity_create(consumer=consumer, issuer=issuer, external_id=external_id, actor=None)
+            if api is not None:
+                _provisioned_subscription(consumer, api)
+            return identity
     except (ValidationError, IntegrityError):
         # Another process provisioned it first: use theirs.
         won = ConsumerIdentity.objects.select_related("consumer").filter(issuer=issuer, external_id=external_id)
@@ -1357,6 +1361,39 @@ def consumer_identity_provision(*, issuer: JwtIssuer, external_id: str) -> Consu
         if theirs is None:
             raise
         return theirs
+
+
+def _provisioned_subscription(consumer: Consumer, api: Api) -> None:
+    """A provisioned consumer's subscription to the API its first token was sent to: without a plan when the API
+    offers none; else on its only open plan, or its only open plan with automatic approval. Approval follows the
+    API and the plan as for any request (manual: pending until an admin approves). Several automatic plans: no
+    subscription (nobody chose one for it); the gateway then answers 403 until someone subscribes it."""
+    if api.tenant_id != consumer.tenant_id:
+        return
+    plans = list(api.plans.order_by("name"))
+    open_plans = [plan for plan in plans if plan.archived_at is None]
+    automatic = [plan for plan in open_plans if plan.approval == Plan.Approval.AUTO]
+    plan: Plan | None = None
+    if plans:
+        if len(open_plans) == 1:
+            plan = open_plans[0]
+        elif len(automatic) == 1:
+            plan = automatic[0]
+        else:
+            return
+    try:
+        with transaction.atomic():
+            subscription_request(consumer=consumer, api=api, plan=plan, actor=None)
+    except ValidationError:
+        return  # the API takes no subscriptions now (retired, ...): the consumer stays, unsubscribed
+
+
+def jwt_consumer_provision(*, issuer_id: str, external_id: str, api_id: str) -> ConsumerIdentity:
+    """The gateway's auto-provisioning: a token of an ``auto_provision`` issuer whose consumer claim maps to no
+    consumer gets one (and a subscription to the API it was sent to), as ``consumer_identity_provision`` does."""
+    issuer = JwtIssuer.objects.select_related("tenant").get(pk=issuer_id)
+    api = Api.objects.filter(pk=api_id, tenant_id=issuer.tenant_id).first()
+    return consumer_identity_provision(issuer=issuer, external_id=external_id, api=api)
 
 
 # ---------------------------------------------------------------------------
