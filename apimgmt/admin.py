@@ -32,7 +32,9 @@ from apimgmt.models import (
     ApiToken,
     AuditEvent,
     Consumer,
+    ConsumerIdentity,
     Event,
+    JwtIssuer,
     Plan,
     Policy,
     Subscription,
@@ -43,7 +45,7 @@ from apimgmt.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from apimgmt.validation import validate_policy_config, validate_timezone
+from apimgmt.validation import JWT_ALGORITHMS, validate_cidr_list, validate_policy_config, validate_timezone
 
 admin.site.site_header = "apimgmt administration"
 admin.site.site_title = "apimgmt"
@@ -230,7 +232,7 @@ class TenantScopedAdmin(NotFoundAdmin):
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         # Staff pick only from their tenants' rows, and from the chosen tenant's once it is known.
         related = db_field.related_model
-        if related in (Tenant, Consumer, Api, Plan, Policy):
+        if related in (Tenant, Consumer, Api, Plan, Policy, JwtIssuer):
             kwargs["queryset"], spans_tenants = self._picker_rows(request, related)
             if spans_tenants and related is not Tenant:
                 kwargs["form_class"] = TenantLabelledChoiceField
@@ -242,7 +244,7 @@ class TenantScopedAdmin(NotFoundAdmin):
 
     def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         related = db_field.related_model
-        if related in (Plan, Policy):
+        if related in (Plan, Policy, JwtIssuer):
             kwargs["queryset"], spans_tenants = self._picker_rows(request, related)
             if spans_tenants:
                 kwargs["form_class"] = TenantLabelledMultipleChoiceField
@@ -488,6 +490,13 @@ _WINDOW_FIELDS = {
     "quota_requests_per_day",
     "quota_requests_per_month",
 }
+
+
+class BlankJSONField(forms.JSONField):
+    """A JSON box that is empty, not "null", while there is no document (an empty box stores none)."""
+
+    def prepare_value(self, value: Any) -> Any:
+        return "" if value is None else super().prepare_value(value)
 
 
 class LinesField(forms.CharField):
@@ -943,8 +952,23 @@ class PolicyAdmin(ServiceDeleteAdmin):
             obj._state.adding = False
 
 
+class PlanForm(forms.ModelForm):
+    class Meta:
+        model = Plan
+        fields = ["tenant", "name", "description", "approval", "policies"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        try:  # CORS, request limits and a response cache belong to an API's whole traffic, not a plan's
+            services.policies_check_for_plan(list(data.get("policies") or []))
+        except ValidationError as exc:
+            _errors_to_form(self, exc)
+        return data
+
+
 @admin.register(Plan)
 class PlanAdmin(ServiceDeleteAdmin):
+    form = PlanForm
     list_display = ["name", "tenant", "approval", "policy_list", "subscriber_count", "archived_at"]
     list_filter = ["approval", "tenant", ("archived_at", admin.EmptyFieldListFilter)]
     search_fields = ["id", "name", "tenant__id"]
@@ -1016,6 +1040,136 @@ class PlanAdmin(ServiceDeleteAdmin):
 
 
 # ---------------------------------------------------------------------------
+# JWT issuers
+# ---------------------------------------------------------------------------
+
+
+class JwtIssuerForm(forms.ModelForm):
+    """An identity provider's settings in words: audiences one a line, algorithms as checkboxes, inline keys as
+    JSON; checked by the same function as the services and the management API (errors next to their field)."""
+
+    audiences = LinesField(
+        label="Audiences",
+        required=True,
+        help_text="The aud values tokens for this API carry, one a line; a token must name one of them. "
+        "For example https://api.example.com.",
+    )
+    algorithms = forms.MultipleChoiceField(
+        label="Algorithms",
+        choices=[(name, name) for name in JWT_ALGORITHMS],
+        initial=["RS256"],
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Public-key signatures only (none and HS256 are never accepted). Most providers sign with RS256.",
+    )
+
+    class Meta:
+        model = JwtIssuer
+        fields = [
+            "tenant",
+            "name",
+            "issuer",
+            "audiences",
+            "jwks_url",
+            "public_keys",
+            "algorithms",
+            "leeway_seconds",
+            "consumer_claim",
+            "auto_provision",
+            "token_in_query",
+        ]
+        field_classes = {"public_keys": BlankJSONField}
+        help_texts = {
+            "issuer": "The token's iss, exactly. For example https://id.example.com/.",
+            "jwks_url": "Where the provider publishes its signing keys, for example "
+            "https://id.example.com/.well-known/jwks.json. Or paste the keys below.",
+            "public_keys": 'Inline JWKS instead of a URL: {"keys": [{"kty": "RSA", "kid": "k1", "n": "…", "e": "AQAB"}]}.',
+            "consumer_claim": "The claim that names the app: sub for user tokens, azp or client_id for client "
+            "credentials.",
+        }
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        names = ("issuer", "audiences", "jwks_url", "public_keys", "algorithms", "leeway_seconds", "consumer_claim")
+        if any(name in self.errors for name in (*names, "token_in_query")):
+            return data
+        values = {name: data[name] if name in self.fields else getattr(self.instance, name) for name in names}
+        candidate = JwtIssuer(**values, token_in_query=data.get("token_in_query", ""))
+        candidate.auto_provision = bool(data.get("auto_provision"))
+        try:
+            services.jwt_issuer_check(candidate)
+        except ValidationError as exc:
+            _errors_to_form(self, exc)
+            return data
+        for name in (*names, "token_in_query"):
+            if name in self.fields:
+                data[name] = getattr(candidate, name)
+        return data
+
+
+@admin.register(JwtIssuer)
+class JwtIssuerAdmin(ServiceDeleteAdmin):
+    form = JwtIssuerForm
+    list_display = ["name", "tenant", "issuer", "key_source", "auto_provision", "api_count", "updated_at"]
+    list_filter = ["auto_provision", "tenant"]
+    search_fields = ["id", "name", "issuer", "tenant__id"]
+    list_select_related = ["tenant"]
+    readonly_fields = ["id", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["id", "tenant", "name", "issuer", "audiences"]}),
+        (
+            "Signing keys",
+            {
+                "fields": ["jwks_url", "public_keys", "algorithms", "leeway_seconds"],
+                "description": "One of the two: a JWKS URL (fetched through the same address checks as upstreams, "
+                "cached, refetched for an unknown kid) or inline public keys.",
+            },
+        ),
+        (
+            "Which app calls",
+            {
+                "fields": ["consumer_claim", "auto_provision", "token_in_query"],
+                "description": "A token's consumer claim is looked up in the consumers' identities at this issuer; "
+                "a claim no consumer has gets 403 unless consumers are provisioned automatically.",
+            },
+        ),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[JwtIssuer]:
+        return super().get_queryset(request).annotate(_apis=Count("apis", distinct=True))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: JwtIssuer | None = None) -> list[str]:
+        # The iss stays what it was: services.jwt_issuer_update takes the row as its ``issuer`` argument, so it
+        # cannot be given an ``issuer`` field to change (a new iss is a new issuer here, for now).
+        return [*self.readonly_fields, "tenant", "issuer"] if obj else list(self.readonly_fields)
+
+    @admin.display(description="keys from")
+    def key_source(self, obj: JwtIssuer) -> str:
+        return obj.jwks_url or "inline keys"
+
+    @admin.display(description="APIs", ordering="_apis")
+    def api_count(self, obj: JwtIssuer) -> int:
+        return obj._apis  # type: ignore[attr-defined]
+
+    def delete_refusal(self, obj: JwtIssuer) -> str | None:
+        return services.jwt_issuer_delete_refusal(obj)
+
+    def delete_through_service(self, request: HttpRequest, obj: JwtIssuer) -> None:
+        services.jwt_issuer_delete(issuer=obj, actor=request.user)
+
+    def save_model(self, request: HttpRequest, obj: JwtIssuer, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        fields = {name: data[name] for name in services.JWT_ISSUER_FIELDS if name in data}
+        if change:
+            fields.pop("issuer", None)  # read-only on a change (see get_readonly_fields)
+            services.jwt_issuer_update(issuer=obj, actor=request.user, **fields)
+        else:
+            created = services.jwt_issuer_create(tenant=data["tenant"], actor=request.user, **fields)
+            obj.pk = created.pk
+            obj._state.adding = False
+
+
+# ---------------------------------------------------------------------------
 # APIs
 # ---------------------------------------------------------------------------
 
@@ -1026,28 +1180,38 @@ class UpstreamTargetInline(admin.TabularInline):
     fields = ["url", "weight"]
 
 
-class BlankJSONField(forms.JSONField):
-    """A JSON box that is empty, not "null", while there is no document (an empty box stores none)."""
-
-    def prepare_value(self, value: Any) -> Any:
-        return "" if value is None else super().prepare_value(value)
-
-
 class ApiForm(forms.ModelForm):
     class Meta:
         model = Api
-        fields = ["tenant", "status", *services.API_FIELDS, "policies", "plans"]
+        fields = ["tenant", "status", *services.API_FIELDS, "policies", "plans", "jwt_issuers"]
         field_classes = {"openapi_spec": BlankJSONField}
+
+    # Settings a form posted without them keeps as they are (on a new API: the defaults), like the services do.
+    _KEPT_WHEN_ABSENT = ("auth_method", "validation")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in self._KEPT_WHEN_ABSENT:
+            if name in self.fields:
+                self.fields[name].required = False
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        candidate = Api(**{k: v for k, v in data.items() if k not in ("policies", "plans")})
+        for name in self._KEPT_WHEN_ABSENT:
+            if name in self.fields and not data.get(name):
+                data[name] = getattr(self.instance, name)
+        candidate = Api(**{k: v for k, v in data.items() if k not in ("policies", "plans", "jwt_issuers")})
         if self.instance.pk:  # a change: tenant is read-only here, and the route checks need it
             candidate.pk, candidate.tenant_id = self.instance.pk, self.instance.tenant_id
         try:
             services.api_check(candidate)
+            if "policies" in data:
+                services.policies_check_for_api(list(data["policies"]), key_header=candidate.key_header)
         except ValidationError as exc:
             _errors_to_form(self, exc)
+        needs_issuers = data.get("auth_method", Api.AuthMethod.KEY) != Api.AuthMethod.KEY
+        if needs_issuers and not data.get("jwt_issuers") and "jwt_issuers" in self.fields:
+            self.add_error("jwt_issuers", "Choose at least one JWT issuer: tokens from them are accepted.")
         return data
 
 
@@ -1067,16 +1231,30 @@ class ApiAdmin(ServiceDeleteAdmin):
         "visibility",
         "subscription_approval",
     ]
-    list_filter = ["status", "visibility", "subscription_approval", "tenant"]
+    list_filter = ["status", "visibility", "auth_method", "subscription_approval", "tenant"]
     search_fields = ["id", "api_name", "base_path", "host", "upstream_url", "tenant__id"]
     list_select_related = ["tenant"]
-    filter_horizontal = ["policies", "plans"]
+    filter_horizontal = ["policies", "plans", "jwt_issuers"]
     inlines = [UpstreamTargetInline]
     actions = ["activate_apis", "deprecate_apis", "retire_apis"]
     fieldsets = [
         (None, {"fields": ["id", "tenant", "api_name", "description", "status", "sunset_at", "visibility"]}),
         ("Routing", {"fields": ["base_path", "host", "upstream_url", "strip_path"]}),
-        ("Consumer keys", {"fields": ["key_header", "accept_bearer", "key_query_param", "subscription_approval"]}),
+        (
+            "Authentication",
+            {
+                "fields": [
+                    "auth_method",
+                    "key_header",
+                    "accept_bearer",
+                    "key_query_param",
+                    "jwt_issuers",
+                    "subscription_approval",
+                ],
+                "description": "API key: the key goes in the key header (or as a Bearer token or in the query "
+                "parameter, when allowed). JWT: a token signed by one of the issuers, as Authorization: Bearer.",
+            },
+        ),
         ("Plans", {"fields": ["plans"]}),
         (
             "Upstream behaviour",
@@ -1103,7 +1281,7 @@ class ApiAdmin(ServiceDeleteAdmin):
                 ]
             },
         ),
-        ("Policies and documentation", {"fields": ["policies", "openapi_spec"]}),
+        ("Policies and documentation", {"fields": ["policies", "openapi_spec", "validation"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
     ]
 
@@ -1130,11 +1308,17 @@ class ApiAdmin(ServiceDeleteAdmin):
     def save_model(self, request: HttpRequest, obj: Api, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data
         fields = {name: data[name] for name in services.API_FIELDS if name in data}
+        # The issuers go with the auth method: a jwt API without them would be refused.
+        issuers = list(data["jwt_issuers"]) if "jwt_issuers" in data else None
         if change:
-            services.api_update(api=obj, actor=request.user, **fields)
+            services.api_update(api=obj, actor=request.user, jwt_issuers=issuers, **fields)
         else:
             created = services.api_create(
-                tenant=data["tenant"], actor=request.user, status=data.get("status") or Api.Status.DRAFT, **fields
+                tenant=data["tenant"],
+                actor=request.user,
+                status=data.get("status") or Api.Status.DRAFT,
+                jwt_issuers=issuers or (),
+                **fields,
             )
             obj.pk = created.pk
             obj._state.adding = False
@@ -1207,10 +1391,79 @@ class ApiKeyInline(admin.TabularInline):
         return False
 
 
-class ConsumerForm(forms.ModelForm):
+def _ip_list_field(label: str, help_text: str) -> LinesField:
+    return LinesField(label=label, help_text=help_text)
+
+
+class IpListsForm(forms.ModelForm):
+    """A consumer's or key's allow and deny lists of CIDRs, one a line (checked like the services check them)."""
+
+    ip_allow = _ip_list_field(
+        "Allowed addresses",
+        "One CIDR or address a line, IPv4 or IPv6; when any are listed, calls from anywhere else get 403. "
+        "For example 203.0.113.0/24.",
+    )
+    ip_deny = _ip_list_field(
+        "Denied addresses", "One CIDR or address a line; refused even when also allowed. For example 198.51.100.7."
+    )
+
+    def clean_ip_allow(self) -> list[str]:
+        return validate_cidr_list(self.cleaned_data.get("ip_allow") or [], "ip_allow")
+
+    def clean_ip_deny(self) -> list[str]:
+        return validate_cidr_list(self.cleaned_data.get("ip_deny") or [], "ip_deny")
+
+
+class ConsumerIdentityForm(forms.ModelForm):
+    class Meta:
+        model = ConsumerIdentity
+        fields = ["issuer", "external_id"]
+        help_texts = {"external_id": "The value of the issuer's consumer claim (sub, azp …) in this app's tokens."}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An identity is deleted and added again, never edited. (Its id is made on construction: only the row's
+        # state tells a stored one.)
+        if not self.instance._state.adding:
+            for field in self.fields.values():
+                field.disabled = True
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        issuer, consumer = data.get("issuer"), getattr(self.instance, "consumer", None)
+        if issuer is not None and consumer is not None and issuer.tenant_id != consumer.tenant_id:
+            self.add_error("issuer", "Choose an issuer of this consumer's tenant.")
+        return data
+
+
+class ConsumerIdentityInline(admin.TabularInline):
+    """Who the consumer is at each JWT issuer. Identities are added or deleted (through the services), not edited."""
+
+    model = ConsumerIdentity
+    form = ConsumerIdentityForm
+    extra = 0
+    verbose_name = "identity at a JWT issuer"
+    verbose_name_plural = "identities at JWT issuers"
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["created_at"]
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.related_model is JwtIssuer:
+            rows = JwtIssuer.objects.select_related("tenant")
+            if not selectors.is_platform_staff(request.user):
+                rows = rows.filter(tenant_id__in=_admin_tenant_ids(request))
+            tenant_id = getattr(request, "_picker_tenant_id", None)
+            kwargs["queryset"] = rows.filter(tenant_id=tenant_id) if tenant_id else rows
+            if not tenant_id:
+                kwargs["form_class"] = TenantLabelledChoiceField
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+
+class ConsumerForm(IpListsForm):
     class Meta:
         model = Consumer
-        fields = ["tenant", "name", "description", "owner"]
+        fields = ["tenant", "name", "description", "owner", "ip_allow", "ip_deny"]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -1232,7 +1485,7 @@ class ConsumerAdmin(ServiceDeleteAdmin):
     list_select_related = ["tenant", "owner"]
     autocomplete_fields = ["owner"]
     readonly_fields = ["id", "created_at"]
-    inlines = [ApiKeyInline]
+    inlines = [ConsumerIdentityInline, ApiKeyInline]
     actions = ["block_consumers", "unblock_consumers"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Consumer]:
@@ -1255,6 +1508,8 @@ class ConsumerAdmin(ServiceDeleteAdmin):
                 name=data["name"],
                 description=data["description"],
                 owner=data.get("owner"),
+                ip_allow=data.get("ip_allow") or [],
+                ip_deny=data.get("ip_deny") or [],
             )
         else:
             created = services.consumer_create(
@@ -1262,10 +1517,36 @@ class ConsumerAdmin(ServiceDeleteAdmin):
                 name=data["name"],
                 description=data["description"],
                 owner=data.get("owner"),
+                ip_allow=data.get("ip_allow") or [],
+                ip_deny=data.get("ip_deny") or [],
                 actor=request.user,
             )
             obj.pk = created.pk
             obj._state.adding = False
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        if formset.model is not ConsumerIdentity:
+            return super().save_formset(request, form, formset, change)
+        # Identities are made and deleted by the services (audited; gateways drop cached token answers).
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
+        for identity_form in formset.deleted_forms:
+            if not identity_form.instance._state.adding:
+                services.consumer_identity_delete(identity=identity_form.instance, actor=request.user)
+                formset.deleted_objects.append(identity_form.instance)
+        for identity_form in formset.forms:
+            stored = not identity_form.instance._state.adding
+            if identity_form in formset.deleted_forms or stored or not identity_form.has_changed():
+                continue
+            data = identity_form.cleaned_data
+            try:
+                identity = services.consumer_identity_create(
+                    consumer=form.instance, issuer=data["issuer"], external_id=data["external_id"], actor=request.user
+                )
+            except ValidationError as exc:
+                messages.error(request, f"Identity {data['external_id']!r} not added: {_messages_of(exc)}")
+            else:
+                formset.new_objects.append(identity)
+        return None
 
     def delete_refusal(self, obj: Consumer) -> str | None:
         return None  # a consumer can always go: consumer_delete revokes its keys (audited) and tells the gateways
@@ -1290,10 +1571,10 @@ class ConsumerAdmin(ServiceDeleteAdmin):
         _report(request, done, "Unblocked", [])
 
 
-class ApiKeyAddForm(forms.ModelForm):
+class ApiKeyAddForm(IpListsForm):
     class Meta:
         model = ApiKey
-        fields = ["consumer", "name", "expires_at"]
+        fields = ["consumer", "name", "expires_at", "ip_allow", "ip_deny"]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -1302,6 +1583,12 @@ class ApiKeyAddForm(forms.ModelForm):
         except ValidationError as exc:
             _errors_to_form(self, exc)
         return data
+
+
+class ApiKeyChangeForm(IpListsForm):
+    class Meta:
+        model = ApiKey
+        fields = ["name", "expires_at", "ip_allow", "ip_deny"]
 
 
 @admin.register(ApiKey)
@@ -1324,13 +1611,15 @@ class ApiKeyAdmin(TenantScopedAdmin):
     readonly_fields = ["key_id", "key_prefix", "active", "last_used_at", "revoked_at", "rotated_from", "created_at"]
 
     def get_form(self, request: HttpRequest, obj: ApiKey | None = None, change: bool = False, **kwargs: Any) -> Any:
-        if obj is None:
-            kwargs["form"] = ApiKeyAddForm
+        form: type[forms.ModelForm] = ApiKeyAddForm if obj is None else ApiKeyChangeForm
+        # Like the admin does for its own form: a declared field that is read-only here (a revoked key) goes.
+        readonly = [f for f in self.get_readonly_fields(request, obj) if f in form.declared_fields]
+        kwargs["form"] = type(form.__name__, (form,), dict.fromkeys(readonly))
         return super().get_form(request, obj, change=change, **kwargs)
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         if obj is None:
-            return ["consumer", "name", "expires_at"]
+            return ["consumer", "name", "expires_at", "ip_allow", "ip_deny"]
         return [
             "key_id",
             "consumer",
@@ -1338,6 +1627,8 @@ class ApiKeyAdmin(TenantScopedAdmin):
             "key_prefix",
             "active",
             "expires_at",
+            "ip_allow",
+            "ip_deny",
             "last_used_at",
             "revoked_at",
             "rotated_from",
@@ -1370,22 +1661,30 @@ class ApiKeyAdmin(TenantScopedAdmin):
         data = form.cleaned_data
         if change:
             if obj.revoked_at is None:
-                ApiKey.objects.filter(pk=obj.pk).update(
-                    name=data.get("name", obj.name), expires_at=data.get("expires_at")
-                )
-                services.audit_record(
+                if "expires_at" in form.changed_data:  # not a field of api_key_update: set here, audited the same
+                    ApiKey.objects.filter(pk=obj.pk).update(expires_at=data.get("expires_at"))
+                    services.audit_record(
+                        actor=request.user,
+                        tenant_id=obj.consumer.tenant_id,
+                        action="api_key.update",
+                        obj=obj,
+                        changes={"expires_at": data.get("expires_at")},
+                    )
+                    services.keys_changed([obj.key_hash])
+                services.api_key_update(
+                    key=obj,
                     actor=request.user,
-                    tenant_id=obj.consumer.tenant_id,
-                    action="api_key.update",
-                    obj=obj,
-                    changes={"name": data.get("name"), "expires_at": data.get("expires_at")},
+                    name=data.get("name", obj.name),
+                    ip_allow=data.get("ip_allow") or [],
+                    ip_deny=data.get("ip_deny") or [],
                 )
-                services.keys_changed([obj.key_hash])
             return
         key, plaintext = services.api_key_create(
             consumer=data["consumer"],
             name=data.get("name") or "",
             expires_at=data.get("expires_at"),
+            ip_allow=data.get("ip_allow") or [],
+            ip_deny=data.get("ip_deny") or [],
             actor=request.user,
         )
         obj.pk = key.pk

@@ -72,9 +72,13 @@ def test_an_api_edited_in_the_admin_is_saved(root: Client, acme_api: Api) -> Non
 
 def test_an_app_renamed_in_the_admin_is_saved(root: Client, bob_app: Consumer, bob: User) -> None:
     url = reverse("admin:apimgmt_consumer_change", args=[bob_app.pk])
-    response = root.post(
-        url, {"name": "billing", "description": "", "owner": bob.pk, "keys-TOTAL_FORMS": 0, "keys-INITIAL_FORMS": 0}
-    )
+    inlines = {
+        "keys-TOTAL_FORMS": 0,
+        "keys-INITIAL_FORMS": 0,
+        "identities-TOTAL_FORMS": 0,
+        "identities-INITIAL_FORMS": 0,
+    }
+    response = root.post(url, {"name": "billing", "description": "", "owner": bob.pk, **inlines})
     assert response.status_code == 302, response.content.decode()[-2000:]
     bob_app.refresh_from_db()
     assert bob_app.name == "billing"

@@ -5,20 +5,63 @@ from __future__ import annotations
 
 import html
 import re
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.urls import reverse
 
 from apimgmt import services
-from apimgmt.models import AuditEvent, Policy, Tenant
+from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, ConsumerIdentity, JwtIssuer, Policy, Tenant
 
 pytestmark = pytest.mark.django_db
 
 ADD = "admin:apimgmt_policy_add"
 BASE = {"tenant": "acme", "description": "", "mode": "enforce", "on_store_error": "open", "config": ""}
+
+
+class FormValues(HTMLParser):
+    """What a browser would post for the page's main form as it stands (inputs, checkboxes, selects, textareas)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, list[str]] = {}
+        self._select: tuple[str, bool] | None = None
+        self._textarea: str | None = None
+        self._text = ""
+
+    def _add(self, name: str, value: str) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        name = a.get("name", "")
+        if tag == "input" and name and a.get("type", "text") not in ("submit", "button", "file"):
+            if a.get("type") in ("checkbox", "radio"):
+                if "checked" in a:
+                    self._add(name, a.get("value") or "on")
+            else:
+                self._add(name, a.get("value", ""))
+        elif tag == "select" and name:
+            self._select = (name, "multiple" in a)
+            self.values.setdefault(name, [])
+        elif tag == "option" and self._select and "selected" in a:
+            self._add(self._select[0], a.get("value", ""))
+        elif tag == "textarea" and name:
+            self._textarea, self._text = name, ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self._select = None
+        elif tag == "textarea" and self._textarea:
+            self._add(self._textarea, self._text[1:] if self._text.startswith("\n") else self._text)
+            self._textarea = None
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea:
+            self._text += data
 
 
 class Browser:
@@ -32,6 +75,18 @@ class Browser:
         response = self.client.get(url)
         assert response.status_code == 200, response.status_code
         return response.content.decode()
+
+    def submit(self, url: str, changes: dict[str, Any]) -> Any:
+        """Post the form at ``url`` as it stands, with ``changes`` (a list for several values; None removes)."""
+        parser = FormValues()
+        parser.feed(self.get(url))
+        data: dict[str, Any] = dict(parser.values)
+        for name, value in changes.items():
+            if value is None:
+                data.pop(name, None)
+            else:
+                data[name] = value
+        return self.client.post(url, data)
 
     def post(self, url: str, data: dict[str, Any]) -> Any:
         page = self.get(url)
@@ -283,3 +338,256 @@ def test_an_unknown_json_field_is_named_with_the_one_meant(browser: Browser) -> 
     assert response.status_code == 200
     assert "allow_origin (did you mean `allow_origins`?)" in row_errors(response.content.decode(), "config")
     assert not Policy.objects.exists()
+
+
+# ---------------------------------------------------------------------------
+# JWT issuers, APIs' authentication, consumers' identities and IP lists
+# ---------------------------------------------------------------------------
+
+JWKS_URL = "https://id.example.com/.well-known/jwks.json"
+
+
+def _select_options(page: str, name: str) -> list[str]:
+    select = re.search(rf'<select name="{name}"[^>]*>(.*?)</select>', page, re.S)
+    assert select, f"no select {name}"
+    return [
+        html.unescape(label)
+        for value, label in re.findall(r'<option value="([^"]*)"[^>]*>([^<]*)</option>', select.group(1))
+        if value
+    ]
+
+
+def _issuer(tenant: Tenant, name: str, **options: Any) -> JwtIssuer:
+    options.setdefault("audiences", ["users-api"])
+    return services.jwt_issuer_create(
+        tenant=tenant, name=name, issuer=f"https://{name}.example.com/", jwks_url=JWKS_URL, actor=None, **options
+    )
+
+
+def test_a_jwt_issuer_is_made_in_the_admin_through_the_service(browser: Browser) -> None:
+    page = html.unescape(browser.get(reverse("admin:apimgmt_jwtissuer_add")))
+    assert "For example https://api.example.com." in field_row(page, "audiences")
+    assert re.search(r'<input type="checkbox" name="algorithms" value="RS256"[^>]*checked', page)
+    assert 'value="HS256"' not in page and 'value="none"' not in page
+    response = browser.post(
+        reverse("admin:apimgmt_jwtissuer_add"),
+        {
+            "tenant": "acme",
+            "name": "corporate",
+            "issuer": "https://id.example.com/",
+            "audiences": "users-api\r\nhttps://api.example.com\r\n",
+            "jwks_url": JWKS_URL,
+            "public_keys": "",
+            "algorithms": ["RS256", "ES256"],
+            "leeway_seconds": "30",
+            "consumer_claim": "azp",
+            "token_in_query": "",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    issuer = JwtIssuer.objects.get(name="corporate")
+    assert issuer.tenant_id == "acme" and issuer.audiences == ["users-api", "https://api.example.com"]
+    assert issuer.algorithms == ["RS256", "ES256"] and issuer.consumer_claim == "azp"
+    assert AuditEvent.objects.filter(action="jwt_issuer.create", object_id=issuer.pk).exists()
+
+    url = reverse("admin:apimgmt_jwtissuer_change", args=[issuer.pk])
+    assert re.search(
+        r'<textarea name="audiences"[^>]*>\s*users-api\nhttps://api.example.com</textarea>', browser.get(url)
+    )
+    response = browser.submit(url, {"leeway_seconds": "60"})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    issuer.refresh_from_db()
+    assert issuer.leeway_seconds == 60
+    assert AuditEvent.objects.filter(action="jwt_issuer.update", object_id=issuer.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "row", "message"),
+    [
+        ({"jwks_url": ""}, "jwks_url", "Set jwks_url (where the issuer publishes its keys) or public_keys"),
+        ({"jwks_url": "http://169.254.169.254/keys"}, "jwks_url", "jwks_url host '169.254.169.254' is a loopback"),
+        ({"issuer": "id.example.com"}, "issuer", "issuer must be an http(s) URL"),
+        ({"leeway_seconds": "900"}, "leeway_seconds", "300"),
+        ({"public_keys": '{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'}, "public_keys", "symmetric key"),
+        ({"algorithms": ["HS256"]}, "algorithms", "Select a valid choice. HS256 is not one of the available choices."),
+    ],
+)
+def test_a_jwt_issuer_error_is_shown_next_to_its_field(
+    browser: Browser, settings: Any, changes: dict[str, Any], row: str, message: str
+) -> None:
+    settings.UPSTREAM_ALLOW_PRIVATE = False
+    data = {
+        "tenant": "acme",
+        "name": "corporate",
+        "issuer": "https://id.example.com/",
+        "audiences": "users-api",
+        "jwks_url": JWKS_URL,
+        "public_keys": "",
+        "algorithms": ["RS256"],
+        "leeway_seconds": "30",
+        "consumer_claim": "sub",
+        "token_in_query": "",
+        **changes,
+    }
+    response = browser.post(reverse("admin:apimgmt_jwtissuer_add"), data)
+    assert response.status_code == 200
+    assert message in row_errors(response.content.decode(), row), row_errors(response.content.decode(), row)
+    assert not JwtIssuer.objects.exists()
+
+
+def test_jwt_issuers_are_scoped_to_the_tenants_a_staff_member_administers(
+    client: Client, acme: Tenant, globex: Tenant
+) -> None:
+    mine, theirs = _issuer(acme, "corporate"), _issuer(globex, "partners")
+    sam = User.objects.create_user("sam", "sam@example.com", "sam-password-123", is_staff=True)
+    sam.user_permissions.set(Permission.objects.filter(content_type__app_label="apimgmt"))
+    services.membership_set(tenant=acme, user=sam, role="admin", actor=None)
+    client.force_login(sam)
+    listing = client.get(reverse("admin:apimgmt_jwtissuer_changelist")).content.decode()
+    assert "corporate" in listing and "partners" not in listing
+    assert client.get(reverse("admin:apimgmt_jwtissuer_change", args=[mine.pk])).status_code == 200
+    assert client.get(reverse("admin:apimgmt_jwtissuer_change", args=[theirs.pk])).status_code == 404
+    assert client.get(reverse("admin:apimgmt_jwtissuer_delete", args=[theirs.pk])).status_code == 404
+
+
+def test_an_issuer_an_api_accepts_cannot_be_deleted(browser: Browser, acme: Tenant, acme_api: Api) -> None:
+    issuer = _issuer(acme, "corporate")
+    services.api_update(api=acme_api, auth_method="jwt", jwt_issuers=[issuer], actor=None)
+    assert browser.client.get(reverse("admin:apimgmt_jwtissuer_delete", args=[issuer.pk])).status_code == 403
+    services.api_update(api=acme_api, auth_method="key", jwt_issuers=[], actor=None)
+    response = browser.post(reverse("admin:apimgmt_jwtissuer_delete", args=[issuer.pk]), {"post": "yes"})
+    assert response.status_code == 302
+    assert not JwtIssuer.objects.exists()
+    assert AuditEvent.objects.filter(action="jwt_issuer.delete").exists()
+
+
+def test_an_apis_issuer_picker_offers_only_its_tenants_issuers(
+    browser: Browser, acme: Tenant, globex: Tenant, acme_api: Api
+) -> None:
+    _issuer(acme, "corporate")
+    _issuer(globex, "partners")
+    page = browser.get(reverse("admin:apimgmt_api_change", args=[acme_api.pk]))
+    assert _select_options(page, "jwt_issuers") == ["corporate (https://corporate.example.com/)"]
+    assert _select_options(page, "auth_method") == ["API key", "JWT (a token from a listed issuer)", "API key or JWT"]
+    page = browser.get(reverse("admin:apimgmt_api_add"))
+    assert _select_options(page, "jwt_issuers") == ["corporate (acme)", "partners (globex)"]
+    page = browser.get(reverse("admin:apimgmt_api_add") + "?tenant=globex")
+    assert _select_options(page, "jwt_issuers") == ["partners (https://partners.example.com/)"]
+
+
+def test_an_api_switched_to_jwt_in_the_admin_needs_an_issuer(browser: Browser, acme: Tenant, acme_api: Api) -> None:
+    corporate = _issuer(acme, "corporate")
+    url = reverse("admin:apimgmt_api_change", args=[acme_api.pk])
+    response = browser.submit(url, {"auth_method": "jwt"})
+    assert response.status_code == 200
+    assert "Choose at least one JWT issuer" in row_errors(response.content.decode(), "jwt_issuers")
+    acme_api.refresh_from_db()
+    assert acme_api.auth_method == "key"
+
+    response = browser.submit(url, {"auth_method": "key_or_jwt", "jwt_issuers": [corporate.pk]})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    acme_api.refresh_from_db()
+    assert acme_api.auth_method == "key_or_jwt" and list(acme_api.jwt_issuers.all()) == [corporate]
+    assert AuditEvent.objects.filter(action="api.update", object_id=acme_api.pk).exists()
+
+
+def test_validation_needs_an_openapi_document(browser: Browser, acme_api: Api) -> None:
+    url = reverse("admin:apimgmt_api_change", args=[acme_api.pk])
+    response = browser.submit(url, {"validation": "enforce"})
+    assert response.status_code == 200
+    assert "needs an OpenAPI document with paths" in row_errors(response.content.decode(), "validation")
+
+
+def test_a_plan_refuses_a_cors_policy_in_the_admin(browser: Browser, acme: Tenant) -> None:
+    cors = services.policy_create(
+        tenant=acme, name="web", policy_type="cors", config={"allow_origins": ["*"]}, actor=None
+    )
+    response = browser.post(
+        reverse("admin:apimgmt_plan_add") + "?tenant=acme",
+        {"tenant": "acme", "name": "gold", "description": "", "approval": "auto", "policies": [cors.pk]},
+    )
+    assert response.status_code == 200
+    assert "attach it to the API, not to a plan" in row_errors(response.content.decode(), "policies")
+
+
+def test_a_consumers_ip_lists_and_identities_are_edited_in_the_admin(
+    browser: Browser, acme: Tenant, globex: Tenant, bob_app: Consumer
+) -> None:
+    corporate, foreign = _issuer(acme, "corporate"), _issuer(globex, "partners")
+    url = reverse("admin:apimgmt_consumer_change", args=[bob_app.pk])
+    page = browser.get(url)
+    assert "For example 203.0.113.0/24." in html.unescape(field_row(page, "ip_allow"))
+    assert _select_options(page, "identities-__prefix__-issuer") == ["corporate (https://corporate.example.com/)"]
+
+    response = browser.submit(url, {"ip_allow": "10.0.0.1/8"})
+    assert "has host bits set; the network is 10.0.0.0/8" in row_errors(response.content.decode(), "ip_allow")
+
+    response = browser.submit(
+        url,
+        {
+            "ip_allow": "203.0.113.0/24\r\n2001:db8::/32",
+            "ip_deny": "203.0.113.7",
+            "identities-TOTAL_FORMS": "1",
+            "identities-0-issuer": corporate.pk,
+            "identities-0-external_id": "user-42",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    bob_app.refresh_from_db()
+    assert bob_app.ip_allow == ["203.0.113.0/24", "2001:db8::/32"] and bob_app.ip_deny == ["203.0.113.7/32"]
+    identity = ConsumerIdentity.objects.get()
+    assert (identity.consumer_id, identity.issuer_id, identity.external_id) == (bob_app.pk, corporate.pk, "user-42")
+    assert AuditEvent.objects.filter(action="consumer_identity.create", object_id=identity.pk).exists()
+    assert AuditEvent.objects.filter(action="consumer.update", object_id=bob_app.pk).exists()
+
+    # Another tenant's issuer, posted by hand: refused next to the picker.
+    response = browser.submit(
+        url,
+        {"identities-TOTAL_FORMS": "2", "identities-1-issuer": foreign.pk, "identities-1-external_id": "user-42"},
+    )
+    assert response.status_code == 200
+    assert "Select a valid choice" in response.content.decode()
+    # An external id another app already has at that issuer: refused next to it, nothing saved.
+    other = services.consumer_create(tenant=acme, name="other-app", actor=None)
+    services.consumer_identity_create(consumer=other, issuer=corporate, external_id="user-7", actor=None)
+    response = browser.submit(
+        url,
+        {"identities-TOTAL_FORMS": "2", "identities-1-issuer": corporate.pk, "identities-1-external_id": "user-7"},
+    )
+    assert response.status_code == 200
+    assert "Another consumer already has this external ID at this issuer." in html.unescape(response.content.decode())
+    assert ConsumerIdentity.objects.filter(consumer=bob_app).count() == 1
+    # Deleted through the service.
+    response = browser.submit(url, {"identities-0-DELETE": "on"})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    assert not ConsumerIdentity.objects.filter(consumer=bob_app).exists()
+    assert AuditEvent.objects.filter(action="consumer_identity.delete").exists()
+
+
+def test_a_keys_ip_lists_are_set_when_it_is_made_and_changed_later(browser: Browser, bob_app: Consumer) -> None:
+    response = browser.post(
+        reverse("admin:apimgmt_apikey_add"),
+        {
+            "consumer": bob_app.pk,
+            "name": "ci",
+            "expires_at_0": "",
+            "expires_at_1": "",
+            "ip_allow": "198.51.100.0/24",
+            "ip_deny": "",
+        },
+    )
+    assert response.status_code == 200 and "New API key" in response.content.decode()
+    key = ApiKey.objects.get(name="ci")
+    assert key.ip_allow == ["198.51.100.0/24"] and key.ip_deny == []
+
+    url = reverse("admin:apimgmt_apikey_change", args=[key.pk])
+    assert re.search(r'<textarea name="ip_allow"[^>]*>\s*198.51.100.0/24</textarea>', browser.get(url))
+    response = browser.submit(url, {"ip_deny": "198.51.100.9"})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    key.refresh_from_db()
+    assert key.ip_deny == ["198.51.100.9/32"] and key.ip_allow == ["198.51.100.0/24"]
+    assert AuditEvent.objects.filter(action="api_key.update", object_id=key.pk).exists()
+
+    services.api_key_revoke(key=key, actor=None)
+    page = browser.get(url)
+    assert '<textarea name="ip_deny"' not in page and "198.51.100.9/32" in page  # history: shown, not editable
