@@ -17,8 +17,9 @@ What is stored
     public, s-maxage or must-revalidate; the body is larger than ``max_entry_bytes`` (or is a stream without an
     end). Lifetime: s-maxage, else max-age, else Expires (minus the upstream's Age), else the policy's
     ``ttl_seconds``; never longer than ``ttl_seconds``. Hop-by-hop headers, the gateway's own (X-Request-ID,
-    rate-limit headers, the API's extra headers) and those the API's header/CORS policies add are not stored: those
-    are added again for each request, so a hit carries this request's values.
+    rate-limit headers, the API's extra headers) and CORS headers are not stored: those are added again for each
+    request, so a hit carries this request's values. Response header transforms run after the store, on a hit as
+    on a miss.
 
 A client's ``Cache-Control: no-cache`` (or ``max-age=0``, or ``Pragma: no-cache``) skips the lookup and refreshes
 the entry; ``no-store`` skips the lookup and the store. Answers carry ``X-Cache: HIT``, ``MISS`` or ``BYPASS``;
@@ -284,19 +285,11 @@ class ResponseCache(Step):
         generation = hashlib.blake2b(repr(route.spec).encode(), digest_size=8).hexdigest()
         self.prefix = f"rc:{{{route.tenant_id}}}:{route.api_id}:{generation}:"
         self.tenant_id = route.tenant_id
-        # Response headers added per request by the gateway or by this API's other policies: never stored.
-        dropped = set(_NOT_STORED)
-        dropped.update(name.lower() for name, _ in route.extra_headers)
-        has_cors = False
-        for spec in route.spec.policies:
-            if spec.policy_type == "headers":
-                out = spec.config.get("response") or {}
-                dropped.update(str(n).lower() for n in (out.get("add") or {}))
-                dropped.update(str(n).lower() for n in (out.get("set") or {}))
-            elif spec.policy_type == "cors":
-                has_cors = True
-        self.dropped = frozenset(dropped)
-        self.drop_cors = has_cors
+        # Response headers the gateway adds per request (again on each hit): never stored. Response header
+        # transforms run after the store (phase response_transforms), on hits as on misses; CORS headers are added
+        # before it (phase pre_auth) and replaced by the cors step on each hit, so they are not stored either.
+        self.dropped = _NOT_STORED | {name.lower() for name, _ in route.extra_headers}
+        self.drop_cors = any(spec.policy_type == "cors" for spec in route.spec.policies)
 
     # -- keys --
 

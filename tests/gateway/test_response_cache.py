@@ -356,25 +356,38 @@ def test_entries_above_the_size_cap_are_not_kept_and_large_bodies_within_it_are(
     assert len(upstream.seen) == 3
 
 
-def test_response_header_transforms_are_applied_to_each_hit_for_its_own_caller(
+def test_header_transforms_and_cors_are_applied_to_each_hit_for_its_own_caller(
     gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
 ) -> None:
-    headers = services.policy_create(
+    stamp = services.policy_create(
         tenant=acme,
         name="stamp",
         policy_type="headers",
         config={"response": {"set": {"X-Served-For": "{consumer_id}"}}},
         actor=None,
     )
-    api = _cached_api(acme, bob_app, upstream, headers)
+    cors = services.policy_create(
+        tenant=acme,
+        name="browsers",
+        policy_type="cors",
+        config={"allow_origins": ["https://a.example.com", "https://b.example.com"]},
+        actor=None,
+    )
+    api = _cached_api(acme, bob_app, upstream, stamp, cors)
     other_key = _second_consumer(acme, api)
     _counting(upstream, [("Cache-Control", "max-age=60")])
-    gateway.get(PATH, headers={"X-API-Key": key})
-    hit = gateway.get(PATH, headers={"X-API-Key": other_key})
-    assert hit.header("X-Cache") == "HIT"
-    stored = response_cache._decode(next(iter(_entries())))
-    assert isinstance(stored, response_cache._Entry)
-    assert "x-served-for" not in {name.lower() for name, _ in stored.headers}
+    bob = gateway.get(PATH, headers={"X-API-Key": key})
+    carl = gateway.get(PATH, headers={"X-API-Key": other_key})
+    assert (bob.header("X-Cache"), carl.header("X-Cache")) == ("MISS", "HIT")
+    assert bob.header("X-Served-For") == bob_app.id
+    carl_id = Consumer.objects.get(name="carl-app").id
+    assert carl.header_all("X-Served-For") == [carl_id]  # rendered for this request, not bob's stored
+
+    for origin in ("https://a.example.com", "https://b.example.com", "https://a.example.com"):
+        answer = gateway.get("/api/users/v1/cors", headers={"X-API-Key": key, "Origin": origin})
+        assert answer.header_all("Access-Control-Allow-Origin") == [origin]
+        assert answer.header_all("Vary") == ["Origin"]
+    assert answer.header("X-Cache") == "HIT"
 
 
 def _entries() -> Iterator[bytes]:
