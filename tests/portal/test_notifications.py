@@ -304,3 +304,26 @@ def test_an_event_of_another_tenant_never_mails_this_tenants_developers(acme, gl
     deliver()
     assert [m.to for m in mail.outbox] == [["carol@example.com"]]
     assert "[Globex developers]" in mail.outbox[0].subject
+
+
+def test_the_admin_mail_log_shows_staff_only_their_tenants_mails(acme, globex, bob, bob_app, carol):
+    from django.contrib.auth.models import Permission
+
+    carol_app = services.consumer_create(tenant=globex, name="carol-app", owner=carol, actor=carol)
+    _expiring_key(bob_app, bob, days=3)
+    _expiring_key(carol_app, carol, days=3)
+    events.key_expiring_notices()
+    deliver()
+    sam = User.objects.create_user("sam", "sam@example.com", "sam-password-123", is_staff=True)
+    sam.user_permissions.set(Permission.objects.filter(content_type__app_label="portal"))
+    services.membership_set(tenant=acme, user=sam, role="admin", actor=None)
+    client = Client()
+    client.force_login(sam)
+    listing = client.get("/admin/portal/notificationmail/")
+    assert listing.status_code == 200
+    text = listing.content.decode()
+    assert ">bob<" in text and ">carol<" not in text
+    carols = NotificationMail.objects.get(user=carol)
+    assert client.get(f"/admin/portal/notificationmail/{carols.pk}/change/").status_code == 404
+    mine = NotificationMail.objects.get(user=bob)
+    assert client.get(f"/admin/portal/notificationmail/{mine.pk}/change/").status_code == 200

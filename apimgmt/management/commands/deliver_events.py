@@ -41,6 +41,11 @@ class DelivererMetrics(loop.CommandMetrics):
         self.disabled = Counter(
             "apimgmt_webhook_endpoints_disabled", "Endpoints disabled after sustained failure.", registry=self.registry
         )
+        self.mailed = Counter(
+            "apimgmt_notice_mails_sent",
+            "Notice mails sent to developers (portal/notifications.py).",
+            registry=self.registry,
+        )
         self.backlog = Gauge(
             "apimgmt_webhook_deliveries_pending",
             "Deliveries to active endpoints not yet succeeded or failed (retries waiting included).",
@@ -58,6 +63,7 @@ class DelivererMetrics(loop.CommandMetrics):
         self.attempts.labels("retried").inc(stats.retried)
         self.attempts.labels("failed").inc(stats.failed)
         self.disabled.inc(len(stats.disabled))
+        self.mailed.inc(stats.mailed)
         self.last_success.set_to_current_time()
 
 
@@ -132,8 +138,8 @@ class Command(BaseCommand):
             deliverer.close()
         self.stdout.write(
             f"dispatched {stats.dispatched} events; deliveries: {stats.succeeded} succeeded, {stats.retried} to "
-            f"retry, {stats.failed} failed; {notices} key.expiring, quota.threshold and circuit notices; {changes} plan "
-            "changes applied"
+            f"retry, {stats.failed} failed; {stats.mailed} notice mails sent; {notices} key.expiring, quota.threshold and "
+            f"circuit notices; {changes} plan changes applied"
         )
 
     def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
