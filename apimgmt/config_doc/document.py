@@ -8,6 +8,7 @@ at once, each naming the file, the object and the field.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -298,6 +299,38 @@ def _where(data: Any, path: Any) -> str:
 _VALIDATOR = jsonschema.Draft202012Validator(document_schema(), format_checker=None)
 
 
+# An unknown field's message lists the valid ones when there are at most this many.
+_UNKNOWN_FIELD_LIST_MAX = 12
+
+
+def _unknown_field_problems(data: Any, error: jsonschema.ValidationError) -> list[Problem]:
+    """One problem per field the schema does not know, at the field's own path, with the closest valid name
+    ("apis[users].retires: unknown field; did you mean 'retries'?")."""
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    known = sorted(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
+    where = _where(data, error.absolute_path)
+    problems = []
+    for name in sorted(set(instance) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif len(known) <= _UNKNOWN_FIELD_LIST_MAX:
+            hint = "the fields here are " + ", ".join(known) + "."
+        else:
+            hint = f"not one of the {len(known)} fields this object takes (docs/config.schema.json)."
+        problems.append(Problem(f"{where}.{name}" if where else name, f"unknown field; {hint}"))
+    return problems
+
+
+def _needs_one_of(error: jsonschema.ValidationError) -> str | None:
+    """An anyOf of ``required`` alternatives (a policy's windows) said in words."""
+    options = error.validator_value if error.validator == "anyOf" else None
+    if not isinstance(options, list) or not all(isinstance(o, dict) and set(o) == {"required"} for o in options):
+        return None
+    names = [name for option in options for name in option["required"]]
+    return "needs at least one of " + ", ".join(names) + "."
+
+
 def check_shape(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(
@@ -305,11 +338,12 @@ def check_shape(data: Any, source: str) -> None:
         )
     problems = []
     for error in sorted(_VALIDATOR.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
-        where = _where(data, error.absolute_path)
-        message = error.message
         if error.validator == "additionalProperties":
-            message = message.replace("Additional properties are not allowed", "unknown field(s)")
-        elif error.validator == "const" and list(error.absolute_path) == ["format"]:
+            problems.extend(_unknown_field_problems(data, error))
+            continue
+        where = _where(data, error.absolute_path)
+        message = _needs_one_of(error) or error.message
+        if error.validator == "const" and list(error.absolute_path) == ["format"]:
             message = f"format must be {FORMAT!r}."
         problems.append(Problem(where, message))
     if problems:

@@ -38,7 +38,7 @@ BAD_DOCUMENTS = [
     ),
     pytest.param(
         HEADER + "apis:\n- {name: users, base_path: /u, upstream_url: 'https://u.example.com', colour: blue}\n",
-        ["apis[users]: unknown field(s) ('colour' was unexpected)"],
+        ["apis[users].colour: unknown field; not one of the 31 fields this object takes (docs/config.schema.json)."],
         id="unknown-field",
     ),
     pytest.param(
@@ -49,8 +49,8 @@ BAD_DOCUMENTS = [
     pytest.param(
         HEADER + "policies:\n- {name: p, policy_type: quota, config: {requests_per_minute: 5}}\n",
         [
-            "policies[p].config: unknown field(s) ('requests_per_minute' was unexpected)",
-            "policies[p].config: {'requests_per_minute': 5} is not valid under any of the given schemas",
+            "policies[p].config.requests_per_minute: unknown field; did you mean 'requests_per_month'?",
+            "policies[p].config: needs at least one of requests_per_day, requests_per_month.",
         ],
         id="policy-config-of-another-type",
     ),
@@ -116,6 +116,42 @@ BAD_DOCUMENTS += [
         HEADER + "policies:\n- {name: p, policy_type: quota, config: {requests_per_day: .inf}}\n",
         ["policies[p].config.requests_per_day: numbers must be finite (no NaN or infinity)."],
         id="infinity",
+    ),
+]
+
+
+MISSPELT = """format: apimgmt/config/v1
+polices: []
+policies:
+- {name: p, policy_type: rate_limiting, config: {requests_per_minut: 5}, mod: shadow}
+plans:
+- {name: gold, polcies: [p]}
+apis:
+- name: users
+  base_path: /u
+  upstream_url: https://u.example.com
+  retires: 2
+  targets: [{url: 'https://x.example.com', wieght: 2}]
+consumers:
+- {name: app, descripton: x, subscriptions: [{api: users, plam: gold}]}
+"""
+
+BAD_DOCUMENTS += [
+    pytest.param(
+        MISSPELT,
+        [
+            "polices: unknown field; did you mean 'policies'?",
+            "policies[p].mod: unknown field; did you mean 'mode'?",
+            "policies[p].config.requests_per_minut: unknown field; did you mean 'requests_per_minute'?",
+            "policies[p].config: needs at least one of requests_per_second, requests_per_minute, requests_per_hour, "
+            "requests_per_day.",
+            "plans[gold].polcies: unknown field; did you mean 'policies'?",
+            "apis[users].retires: unknown field; did you mean 'retries'?",
+            "apis[users].targets[0].wieght: unknown field; did you mean 'weight'?",
+            "consumers[app].descripton: unknown field; did you mean 'description'?",
+            "consumers[app].subscriptions[users].plam: unknown field; did you mean 'plan'?",
+        ],
+        id="misspelt-fields-everywhere",
     ),
 ]
 
