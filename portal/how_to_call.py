@@ -15,7 +15,7 @@ class TokenIssuer:
     issuer: str  # the token's iss
     audiences: list[str]  # the token's aud must name one of them (empty: not checked)
     app_claim: str  # the claim that says which app calls
-    query_param: str  # "" unless the token may also come in this query parameter
+    query_param: str  # "" unless this issuer's tokens may also come in this query parameter
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class HowToCall:
 
 
 def how_to_call(api: Api, base_url: str) -> HowToCall:
-    """The API's ways in for its auth method: key (header, bearer, query), JWT (bearer, query per issuer), or both."""
+    """The API's ways in for its auth method: key (header, bearer, query), JWT (bearer; the query parameter an issuer
+    allows is shown with that issuer, whose tokens alone may use it), or both."""
     takes_keys = api.auth_method in (Api.AuthMethod.KEY, Api.AuthMethod.KEY_OR_JWT)
     takes_tokens = api.auth_method in (Api.AuthMethod.JWT, Api.AuthMethod.KEY_OR_JWT)
     key_places: list[str] = []
@@ -60,8 +61,6 @@ def how_to_call(api: Api, base_url: str) -> HowToCall:
                     query_param=issuer.token_in_query,
                 )
             )
-            if issuer.token_in_query and f"?{issuer.token_in_query}=<token>" not in token_places:
-                token_places.append(f"?{issuer.token_in_query}=<token>")
     curl = []
     if takes_keys:
         curl.append(f'curl -H "{api.key_header}: $API_KEY" {base_url}/')
