@@ -390,12 +390,14 @@ class JwtIssuerSerializer(StrictModelSerializer):
         allow_null=True,
         help_text='Inline JWKS {"keys": [...]} of public keys; null when the keys come from jwks_url.',
     )
+    # Plain strings here: the services say why "none" or HS256 is refused, which a choice list could not.
     algorithms = serializers.ListField(
-        child=serializers.ChoiceField(choices=list(JWT_ALGORITHMS)),
+        child=StrictCharField(max_length=16),
         min_length=1,
         max_length=len(JWT_ALGORITHMS),
         required=False,
-        help_text="Accepted signature algorithms (public-key only). Default [RS256].",
+        help_text=f"Accepted signature algorithms, from {', '.join(JWT_ALGORITHMS)} (never none or HS*). "
+        "Default [RS256].",
     )
     create_only_fields = ("tenant_id",)
 
