@@ -999,6 +999,13 @@ class PlanAdmin(ServiceDeleteAdmin):
             .annotate(_subs=Count("subscriptions", filter=Q(subscriptions__status="active")))
         )
 
+    def formfield_for_manytomany(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_manytomany(db_field, request, **kwargs)
+        if db_field.name == "policies" and field is not None:
+            # CORS, request limits and a response cache describe an API's whole traffic: not offered for a plan.
+            field.queryset = field.queryset.exclude(policy_type__in=Policy.API_ONLY_TYPES)
+        return field
+
     def delete_refusal(self, obj: Plan) -> str | None:
         return services.plan_delete_refusal(obj)
 

@@ -14,7 +14,7 @@ from django.test import Client
 from django.urls import reverse
 
 from apimgmt import services
-from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, ConsumerIdentity, JwtIssuer, Policy, Tenant
+from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, ConsumerIdentity, JwtIssuer, Plan, Policy, Tenant
 
 pytestmark = pytest.mark.django_db
 
@@ -159,6 +159,8 @@ def test_cors_is_made_from_its_fields(browser: Browser) -> None:
         "max_age": 3600,
     }
     assert AuditEvent.objects.filter(action="policy.create", object_id=Policy.objects.get(name="web").pk).exists()
+    listing = browser.get(reverse("admin:apimgmt_policy_changelist"))
+    assert "origins: https://app.example.com, https://*.example.com" in listing
 
 
 def test_ip_rules_headers_limits_and_cache_are_made_from_their_fields(browser: Browser) -> None:
@@ -498,16 +500,24 @@ def test_validation_needs_an_openapi_document(browser: Browser, acme_api: Api) -
     assert "needs an OpenAPI document with paths" in row_errors(response.content.decode(), "validation")
 
 
-def test_a_plan_refuses_a_cors_policy_in_the_admin(browser: Browser, acme: Tenant) -> None:
+def test_a_plans_policy_picker_leaves_out_the_types_that_belong_to_an_api(browser: Browser, acme: Tenant) -> None:
     cors = services.policy_create(
         tenant=acme, name="web", policy_type="cors", config={"allow_origins": ["*"]}, actor=None
     )
+    services.policy_create(
+        tenant=acme, name="office", policy_type="ip_rules", config={"allow": ["10.0.0.0/8"]}, actor=None
+    )
+    page = browser.get(reverse("admin:apimgmt_plan_add") + "?tenant=acme")
+    assert _select_options(page, "policies") == ["office (ip_rules)"]
     response = browser.post(
         reverse("admin:apimgmt_plan_add") + "?tenant=acme",
         {"tenant": "acme", "name": "gold", "description": "", "approval": "auto", "policies": [cors.pk]},
     )
     assert response.status_code == 200
-    assert "attach it to the API, not to a plan" in row_errors(response.content.decode(), "policies")
+    assert f"Select a valid choice. {cors.pk} is not one of the available choices." in row_errors(
+        response.content.decode(), "policies"
+    )
+    assert not Plan.objects.exists()
 
 
 def test_a_consumers_ip_lists_and_identities_are_edited_in_the_admin(
