@@ -51,7 +51,10 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 # Prometheus multiprocess mode: every worker writes its samples to files in this directory, which the metrics
 # listener below sums. Set before any worker imports prometheus_client.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# A directory this file chose is this process's own, and is removed when gunicorn exits (one given in the
+# environment is the deployer's, and left alone).
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(tempfile.gettempdir(), f"apimgmt-prometheus-{os.getpid()}")
 
 # Metrics never go out on the port clients reach (they name every tenant, API and traffic volume): the arbiter serves
@@ -101,6 +104,8 @@ def on_exit(server: Any) -> None:
     if _metrics_server is not None:
         _metrics_server.shutdown()
         _metrics_server.server_close()
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     # The worker count gunicorn really runs (this file, the environment or --workers), for the workers' settings:
     # rate limits kept locally while Redis is down are split across this many processes (settings GATEWAY WORKERS).
     os.environ["GUNICORN_WORKERS"] = str(server.cfg.workers)

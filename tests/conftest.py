@@ -3,6 +3,7 @@ carol admin), a clean Redis database per test, and settings for servers started 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,9 +125,12 @@ def live_env(transactional_db: Any) -> dict[str, str]:
 @pytest.fixture(scope="session", autouse=True)
 def no_secrets_in_logs() -> Iterator[None]:
     """No key, token, password or Authorization header in any log line of the suite (in-process or servers')."""
-    from tests.support.secrets_scan import install_capture, leaked_secrets
+    from tests.support.secrets_scan import SERVER_LOG_DIR, install_capture, leaked_secrets
 
     handler = install_capture()
     yield
-    leaks = leaked_secrets(handler)
+    try:
+        leaks = leaked_secrets(handler)
+    finally:
+        shutil.rmtree(SERVER_LOG_DIR, ignore_errors=True)
     assert not leaks, "secrets in captured log lines:\n" + "\n".join(leaks[:20])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +70,13 @@ def mixed_events(n: int, **overrides: object) -> list[Event]:
     return events
 
 
+# Every recorder's spool lives under one directory, removed when the test process exits.
+_SPOOLS = Path(tempfile.mkdtemp(prefix="usage-spools-"))
+atexit.register(shutil.rmtree, _SPOOLS, True)
+
+
 def recorder() -> UsageRecorder:
-    return UsageRecorder(tempfile.mkdtemp(prefix="usage-spool-"))
+    return UsageRecorder(tempfile.mkdtemp(prefix="spool-", dir=_SPOOLS))
 
 
 def emit(client: redis.Redis, events: list[Event], *, using: UsageRecorder | None = None) -> None:
