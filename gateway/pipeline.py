@@ -25,6 +25,7 @@ from gateway.accesslog import AccessLog
 from gateway.auth import auth_problem
 from gateway.chain import ACCESS, CACHE_LOOKUP, PRE_AUTH, REQUEST_TRANSFORMS, Exchange, Finished, Result
 from gateway.config import RouteState
+from gateway.policies import ip_rules
 from gateway.problems import GatewayResponse, problem, status_line
 from gateway.proxy import (
     HOP_BY_HOP,
@@ -198,13 +199,23 @@ class Gateway:
         return None
 
     def _authenticate(self, ex: Exchange) -> Result | None:
-        """The caller: an API key (gateway.auth), or a JWT from one of the API's issuers (gateway.jwt_auth)."""
+        """The caller: an API key (gateway.auth), or a JWT from one of the API's issuers (gateway.jwt_auth); then
+        the IP lists its consumer or key carry, if any (gateway.policies.ip_rules; four attribute reads otherwise)."""
         auth_method = ex.route.auth_method
         if auth_method != "key":
             jwt_auth = _jwt_auth()
             if auth_method == "jwt" or jwt_auth.presents_jwt(ex):
-                return jwt_auth.authenticate(ex)
-        return self._key_auth(ex)
+                return jwt_auth.authenticate(ex) or self._caller_ip_lists(ex)
+        return self._key_auth(ex) or self._caller_ip_lists(ex)
+
+    @staticmethod
+    def _caller_ip_lists(ex: Exchange) -> Result | None:
+        record = ex.record
+        if record is not None and (
+            record.consumer_ip_allow or record.consumer_ip_deny or record.key_ip_allow or record.key_ip_deny
+        ):
+            return ip_rules.check_caller(ex)
+        return None
 
     def _key_auth(self, ex: Exchange) -> Result | None:
         # An address with too many failures gets no key look-ups for a while (gateway.auth_throttle).

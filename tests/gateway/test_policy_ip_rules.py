@@ -215,3 +215,20 @@ def test_a_caller_without_lists_costs_a_look_at_four_empty_fields(gateway, acme,
     ex = _exchange_for(key, "203.0.113.1", api)
     assert not ip_rules.has_caller_lists(ex)
     assert ip_rules.check_caller(ex) is None
+
+
+def test_a_keys_own_list_refuses_through_the_gateway_before_limits_count(gateway, acme, upstream, bob_app):
+    limit = services.policy_create(
+        tenant=acme, name="per-minute", policy_type="rate_limiting", config={"requests_per_minute": 100}, actor=None
+    )
+    api = _api(acme, upstream, bob_app)
+    services.api_update(api=api, actor=None, policies=[limit])
+    _, plaintext = services.api_key_create(consumer=bob_app, actor=None, ip_allow=["192.0.2.0/24"])
+    inside = gateway.get(PATH, headers={"X-API-Key": plaintext}, remote_addr="192.0.2.7")
+    assert inside.status == 200
+    before = int(inside.header("X-RateLimit-Remaining") or 0)
+    outside = gateway.get(PATH, headers={"X-API-Key": plaintext}, remote_addr="198.51.100.9")
+    assert outside.status == 403
+    assert "198.51.100.9" in outside.json()["detail"]
+    again = gateway.get(PATH, headers={"X-API-Key": plaintext}, remote_addr="192.0.2.7")
+    assert int(again.header("X-RateLimit-Remaining") or 0) == before - 1  # the refused call was never counted
