@@ -9,8 +9,8 @@ Where it runs
     goes on through limits as usual. Either way the caller is authenticated first.
 
 What is stored
-    Answers of the upstream to GET (HEAD is sent upstream as GET on a miss, so the entry has a body) with status
-    200, 203, 204, 300, 301, 308, 404 or 410, when none of these holds: ``Cache-Control`` says no-store, private or
+    Answers of the upstream to GET (a HEAD is answered from a GET's entry; a HEAD that misses goes upstream as a
+    HEAD and is not stored) with status 200, 203, 204, 300, 301, 308, 404 or 410, when none of these holds: ``Cache-Control`` says no-store, private or
     no-cache; ``Set-Cookie`` is present; ``Vary: *``; ``Vary`` names a header the gateway sets per request (Host,
     X-Forwarded-*, Forwarded, X-Request-ID) or one whose value the upstream saw differs from the client's (a
     header transform changed it); the upstream request carried ``Authorization`` and the answer is not marked
@@ -77,6 +77,8 @@ _PER_REQUEST = frozenset(
 _NOT_STORED = HOP_BY_HOP | {"x-request-id", "age", "x-cache", "content-length"}
 # How long Redis is left alone after it failed (requests go to the upstream meanwhile).
 BACKOFF_SECONDS = 1.0
+# The longest a request waits for another one's upstream fetch of the same key.
+MAX_WAIT_SECONDS = 30.0
 # Vary names remembered per worker (by plain key); cleared whole when full.
 MEMO_SIZE = 10_000
 # Entry layout: 1 byte kind, 4 bytes length of the JSON head, the head, then the body.
@@ -258,13 +260,12 @@ def _environ_key(name: str) -> str:
 class _Pending:
     """One cacheable request on its way: its keys, what to do with the answer, and whether it leads the fetch."""
 
-    __slots__ = ("base", "head", "hit", "key", "leader", "lookup", "store")
+    __slots__ = ("base", "hit", "key", "leader", "lookup", "store")
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.hit = False
         self.key = base  # the key looked up (a variant key when the Vary names were known)
-        self.head = False  # a HEAD sent upstream as GET
         self.leader = False  # this request fetches the key for the worker (and releases the others)
         self.lookup = True  # False: the client asked for a fresh answer, or Redis was unavailable
         self.store = True
@@ -281,7 +282,8 @@ class ResponseCache(Step):
         self.per_consumer = bool(config.get("per_consumer", False))
         self.phase = CACHE_LOOKUP if config.get("count_hits_toward_quota", True) else ACCESS
         self.vary = tuple(str(n).lower() for n in config.get("vary_headers", []))
-        self.wait_seconds = max(1.0, float(route.spec.total_timeout))
+        # How long a request waits for another's fetch of the same key before it asks the upstream itself.
+        self.wait_seconds = min(max(1.0, float(route.spec.total_timeout)), MAX_WAIT_SECONDS)
         generation = hashlib.blake2b(repr(route.spec).encode(), digest_size=8).hexdigest()
         self.prefix = f"rc:{{{route.tenant_id}}}:{route.api_id}:{generation}:"
         self.tenant_id = route.tenant_id
@@ -340,7 +342,8 @@ class ResponseCache(Step):
             return None
         skip_lookup, skip_store = _client_directives(ex.environ)
         pending = _Pending(self._base_key(ex))
-        pending.store = not skip_store
+        head = method == "HEAD"
+        pending.store = not skip_store and not head  # a HEAD's answer has no body to keep
         if ex.state is None:
             ex.state = {}
         ex.state[self.name] = pending
@@ -350,10 +353,10 @@ class ResponseCache(Step):
             return None
         if skip_lookup:
             pending.lookup = False
-            return self._to_upstream(ex, pending)
+            return None
         try:
             entry = self._read(client, ex, pending)
-            if entry is None:
+            if entry is None and not head:
                 self._lead_or_wait(pending)
                 if not pending.leader:
                     entry = self._read(client, ex, pending)  # the fetch this request waited for stored it
@@ -362,16 +365,9 @@ class ResponseCache(Step):
             pending.lookup = pending.store = False
             return None
         if entry is None:
-            return self._to_upstream(ex, pending)
+            return None
         pending.hit = True
-        return self._hit(ex, entry, head=method == "HEAD")
-
-    @staticmethod
-    def _to_upstream(ex: Exchange, pending: _Pending) -> None:
-        if pending.store and ex.method == "HEAD":
-            pending.head = True
-            ex.method = "GET"  # the entry needs the body; the client gets the headers only
-        return None
+        return self._hit(ex, entry, head=head)
 
     def _read(self, client: Any, ex: Exchange, pending: _Pending) -> _Entry | None:
         base = pending.base
@@ -430,17 +426,13 @@ class ResponseCache(Step):
             ttl_age = self._storable(ex, result)
         body = result.body
         if isinstance(body, list):
-            data = b"".join(body)
-            if ttl_age is not None and len(data) <= self.max_bytes:
-                self._store(ex, pending, result, data, *ttl_age)
+            if ttl_age is not None:
+                data = b"".join(body)
+                if len(data) <= self.max_bytes:
+                    self._store(ex, pending, result, data, *ttl_age)
             self._release(pending)
-            if pending.head:
-                result.body = []
-                ex.done.bytes_out = 0
-        elif ttl_age is not None and not pending.head:
+        elif ttl_age is not None:
             result.body = _TeeBody(body, self, ex, pending, result, ttl_age)  # stored (and released) at close()
-        elif pending.head and from_upstream:
-            result.body = _drained(body, self, ex, pending, result, ttl_age)
         else:
             self._release(pending)
         result.headers.append(("X-Cache", outcome))
@@ -450,12 +442,15 @@ class ResponseCache(Step):
         if result.status_code not in CACHEABLE_STATUSES:
             return None
         headers = result.headers
-        for name, _ in headers:
-            if name.lower() == "set-cookie":
-                return None
         names = _vary_names(headers)
         if names is None:
             return None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "set-cookie":
+                return None
+            if lower == "content-type" and value.lower().startswith("text/event-stream"):
+                return None  # a stream of events has no end to store
         if names:
             seen = {name.lower(): value for name, value in ex.upstream_headers.items()}
             for name in names:
@@ -545,6 +540,7 @@ class _TeeBody:
                 self.size += len(chunk)
                 if self.size > self.step.max_bytes:
                     self.kept = None
+                    self.step._release(self.pending)  # nothing will be stored: the waiting requests may go on
                 else:
                     self.kept.append(chunk)
             yield chunk
@@ -560,30 +556,3 @@ class _TeeBody:
                 self.step._store(self.ex, self.pending, self.result, b"".join(self.kept), *self.ttl_age)
             self.kept = None
             self.step._release(self.pending)
-
-
-def _drained(
-    body: Any,
-    step: ResponseCache,
-    ex: Exchange,
-    pending: _Pending,
-    result: Result,
-    ttl_age: tuple[int, int] | None,
-) -> list[bytes]:
-    """A HEAD answered from a streamed GET: the body is read (and stored) here when within the cap, never sent."""
-    declared = next((v for n, v in result.headers if n.lower() == "content-length"), None)
-    kept: list[bytes] | None = [] if ttl_age is not None and declared and declared.isdigit() else None
-    try:
-        if kept is not None and int(declared or 0) <= step.max_bytes:
-            for chunk in body:
-                kept.append(chunk)
-            step._store(ex, pending, result, b"".join(kept), *ttl_age)  # type: ignore[misc]
-    except Exception as exc:  # the upstream broke off: the client still gets the headers it was promised
-        logger.warning("upstream body for a cached HEAD failed: %s", type(exc).__name__)
-    finally:
-        ex.done.bytes_out = 0  # a HEAD sends no body
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()  # records the request
-        step._release(pending)
-    return []

@@ -95,6 +95,39 @@ def test_age_grows_from_the_upstreams_own_age_and_the_entry_ends_with_its_freshn
     assert (after.header("X-Cache"), after.body) == ("MISS", b"answer 2")
 
 
+def test_a_hit_is_recorded_like_any_request_without_upstream_time(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    key: str,
+    upstream: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    _counting(upstream)
+    with caplog.at_level("INFO", logger="gateway.access"):
+        miss = gateway.get(PATH, headers={"X-API-Key": key})
+        hit = gateway.get(PATH, headers={"X-API-Key": key})
+    lines = {r.request_id: r for r in caplog.records if r.name == "gateway.access"}
+    missed, served = lines[miss.header("X-Request-ID")], lines[hit.header("X-Request-ID")]
+    assert (missed.status, served.status) == (200, 200)
+    assert served.consumer == missed.consumer == bob_app.id
+    assert missed.upstream_ms is not None and served.upstream_ms is None
+
+
+def test_an_answer_to_a_request_with_authorization_is_kept_only_when_marked_shareable(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    _cached_api(acme, bob_app, upstream)
+    headers = {"X-API-Key": key, "Authorization": "Basic dXNlcjpwYXNz"}  # passed on to the upstream
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    for _ in range(2):
+        assert gateway.get("/api/users/v1/mine", headers=headers).header("X-Cache") == "MISS"
+    _counting(upstream, [("Cache-Control", "public, max-age=60")])
+    gateway.get("/api/users/v1/shared", headers=headers)
+    assert gateway.get("/api/users/v1/shared", headers=headers).header("X-Cache") == "HIT"
+
+
 def test_the_policys_ttl_caps_a_longer_upstream_freshness(
     gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
 ) -> None:
@@ -298,19 +331,19 @@ def test_a_change_to_the_api_or_its_policy_purges_its_entries(
     assert get() == (b"answer 3", "MISS")
 
 
-def test_head_shares_the_get_entry_and_gets_no_body(
+def test_head_is_answered_from_the_get_entry_without_a_body(
     gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
 ) -> None:
     _cached_api(acme, bob_app, upstream)
     _counting(upstream, [("Cache-Control", "max-age=60")])
     head = gateway.request("HEAD", PATH, headers={"X-API-Key": key})
-    assert (head.status, head.body, head.header("Content-Length"), head.header("X-Cache")) == (200, b"", "8", "MISS")
-    assert [s.method for s in upstream.seen] == ["GET"]  # fetched whole, so the entry serves GET as well
+    assert (head.status, head.body, head.header("X-Cache")) == (200, b"", "MISS")  # nothing to keep: no body
     get = gateway.get(PATH, headers={"X-API-Key": key})
-    assert (get.body, get.header("X-Cache")) == (b"answer 1", "HIT")
+    assert (get.body, get.header("X-Cache")) == (b"answer 2", "MISS")
     head = gateway.request("HEAD", PATH, headers={"X-API-Key": key})
-    assert (head.body, head.header("Content-Length"), head.header("X-Cache")) == (b"", "8", "HIT")
-    assert len(upstream.seen) == 1
+    assert (head.status, head.body, head.header("Content-Length"), head.header("X-Cache")) == (200, b"", "8", "HIT")
+    assert gateway.get(PATH, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+    assert [s.method for s in upstream.seen] == ["HEAD", "GET"]
 
 
 def test_other_methods_pass_by_the_cache(
