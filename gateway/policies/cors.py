@@ -158,12 +158,13 @@ class Cors(Step):
         vary_origin = False
         upstream_cors = False
         for name, value in result.headers:
-            lower = name.lower()
-            if lower == "vary":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                if "origin" in tokens or "*" in tokens:
-                    vary_origin = True
-            elif lower.startswith("access-control-") and lower in _CORS_RESPONSE_HEADERS:
+            initial = name[:1]
+            if initial == "V" or initial == "v":
+                if name.lower() == "vary":
+                    tokens = {token.strip().lower() for token in value.split(",")}
+                    if "origin" in tokens or "*" in tokens:
+                        vary_origin = True
+            elif (initial == "A" or initial == "a") and name.lower() in _CORS_RESPONSE_HEADERS:
                 upstream_cors = True
         # A new list: the result's may be shared (a cached answer's, the route's extra headers).
         if upstream_cors:

@@ -44,7 +44,20 @@ _UNSAFE = re.compile(r"[^\t\x20-\x7e]")
 _PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 
 Getter = Callable[[Exchange], str | None]
-Value = str | tuple[str | Getter, ...]  # a literal, or the parts of a template
+
+
+class Template:
+    """A value with templates: literal parts and getters. Only values with a JWT claim (the caller's text) need the
+    run-time check: the other templates are ids the gateway made, a validated request id, or an address."""
+
+    __slots__ = ("check", "parts")
+
+    def __init__(self, parts: tuple[str | Getter, ...], check: bool) -> None:
+        self.parts = parts
+        self.check = check
+
+
+Value = str | Template  # a literal, or a template
 
 
 def _claim(path: str) -> Getter:
@@ -93,6 +106,7 @@ def compile_value(text: str) -> Value:
     parts: list[str | Getter] = []
     literal: list[str] = []
     position = 0
+    check = False
     for match in _PART.finditer(text):
         literal.append(text[position : match.start()])
         position = match.end()
@@ -104,16 +118,17 @@ def compile_value(text: str) -> Value:
         getter = _TEMPLATES.get(name) or (_claim(name[4:]) if name.startswith("jwt.") and len(name) > 4 else None)
         if getter is None:
             raise ValueError(f"unknown template {{{name}}}")
-        if literal:
+        if "".join(literal):
             parts.append("".join(literal))
-            literal = []
+        literal = []
         parts.append(getter)
+        check = check or name.startswith("jwt.")
     literal.append(text[position:])
     if "".join(literal):
         parts.append("".join(literal))
     if all(isinstance(part, str) for part in parts):
         return "".join(part for part in parts if isinstance(part, str))
-    return tuple(parts)
+    return Template(tuple(parts), check)
 
 
 def render(value: Value, ex: Exchange) -> str | None:
@@ -121,7 +136,7 @@ def render(value: Value, ex: Exchange) -> str | None:
     if isinstance(value, str):
         return value
     out: list[str] = []
-    for part in value:
+    for part in value.parts:
         if isinstance(part, str):
             out.append(part)
             continue
@@ -130,7 +145,7 @@ def render(value: Value, ex: Exchange) -> str | None:
             return None
         out.append(piece)
     text = "".join(out)
-    if len(text) > MAX_RENDERED or _UNSAFE.search(text):
+    if value.check and (len(text) > MAX_RENDERED or _UNSAFE.search(text)):
         logger.warning(
             "a header template rendered an unsafe value for API %s (request %s); the header is not written",
             ex.route.api_id,
@@ -141,56 +156,76 @@ def render(value: Value, ex: Exchange) -> str | None:
 
 
 class Operations:
-    """One side (request or response) of one policy, compiled."""
+    """One side (request or response) of one policy, compiled.
 
-    __slots__ = ("add", "remove", "set", "templated")
+    A name is in at most one of remove, set and add (the validator's rule), so one pass over the existing fields
+    finds both what goes and which added names are already there. Only names whose first letter is one of the
+    policy's are lower-cased.
+    """
+
+    __slots__ = ("add", "add_names", "drop", "initials", "replay_drop", "set")
 
     def __init__(self, side: dict[str, Any]) -> None:
-        self.remove = frozenset(name.lower() for name in side["remove"])
-        self.set = [(name, name.lower(), compile_value(v)) for name, v in side["set"].items()]
+        self.set = [(name, compile_value(v)) for name, v in side["set"].items()]
         self.add = [(name, name.lower(), compile_value(v)) for name, v in side["add"].items()]
-        self.templated = any(not isinstance(v, str) for _, _, v in self.add)
+        self.drop = frozenset(name.lower() for name in side["remove"]) | {name.lower() for name, _ in self.set}
+        self.add_names = frozenset(lower for _, lower, _ in self.add)
+        # A cached answer's templated adds were rendered for another request: on a hit they are replaced (as set).
+        self.replay_drop = self.drop | {lower for _, lower, value in self.add if not isinstance(value, str)}
+        names = self.replay_drop | self.add_names
+        self.initials = frozenset(c for name in names for c in (name[:1], name[:1].upper()))
 
     def __bool__(self) -> bool:
-        return bool(self.remove or self.set or self.add)
+        return bool(self.drop or self.add)
 
     def apply_request(self, ex: Exchange, headers: dict[str, str]) -> None:
         """Edit the upstream request's headers (a dict whose names come in any case)."""
-        drop = self.remove | {lower for _, lower, _ in self.set}
-        if drop:
-            for name in [n for n in headers if n.lower() in drop]:
-                del headers[name]
-        for name, _, value in self.set:
-            rendered = render(value, ex)
+        drop, add_names, initials = self.drop, self.add_names, self.initials
+        doomed: list[str] = []
+        present: set[str] = set()
+        for name in headers:
+            if name[:1] in initials:
+                lower = name.lower()
+                if lower in drop:
+                    doomed.append(name)
+                elif lower in add_names:
+                    present.add(lower)
+        for name in doomed:
+            del headers[name]
+        for name, value in self.set:
+            rendered = value if value.__class__ is str else render(value, ex)
             if rendered is not None:
                 headers[name] = rendered
-        if self.add:
-            present = {n.lower() for n in headers}
-            for name, lower, value in self.add:
-                if lower not in present:
-                    rendered = render(value, ex)
-                    if rendered is not None:
-                        headers[name] = rendered
+        for name, lower, value in self.add:
+            if lower not in present:
+                rendered = value if value.__class__ is str else render(value, ex)
+                if rendered is not None:
+                    headers[name] = rendered
 
     def apply_response(self, ex: Exchange, headers: list[tuple[str, str]], replay: bool) -> list[tuple[str, str]]:
-        """The answer's headers edited (a new list). ``replay``: a cached answer, whose templated adds were
-        rendered for another request and are rendered again (as set)."""
-        drop = self.remove | {lower for _, lower, _ in self.set}
-        if replay and self.templated:
-            drop = drop | {lower for _, lower, value in self.add if not isinstance(value, str)}
-        headers = [h for h in headers if h[0].lower() not in drop] if drop else list(headers)
-        for name, _, value in self.set:
-            rendered = render(value, ex)
+        """The answer's headers edited (a new list; the old one may be shared)."""
+        drop = self.replay_drop if replay else self.drop
+        add_names, initials = self.add_names, self.initials
+        kept: list[tuple[str, str]] = []
+        present: set[str] = set()
+        for field in headers:
+            if field[0][:1] in initials:
+                lower = field[0].lower()
+                if lower in drop:
+                    continue
+                if lower in add_names:
+                    present.add(lower)
+            kept.append(field)
+        for name, value in self.set:
+            rendered = value if value.__class__ is str else render(value, ex)
             if rendered is not None:
-                headers.append((name, rendered))
-        if self.add:
-            present = {n.lower() for n, _ in headers}
-            for name, lower, value in self.add:
-                if lower not in present:
-                    rendered = render(value, ex)
-                    if rendered is not None:
-                        headers.append((name, rendered))
-        return headers
+                kept.append((name, rendered))
+        for name, lower, value in self.add:
+            if lower not in present:
+                rendered = value if value.__class__ is str else render(value, ex)
+                if rendered is not None:
+                    kept.append((name, rendered))
+        return kept
 
 
 def _plan_id(ex: Exchange) -> str:
