@@ -54,6 +54,15 @@ _CORS_RESPONSE_HEADERS = frozenset(
 _PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
 
+def is_preflight(environ: dict[str, Any]) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method (answered by a cors step, if any)."""
+    return (
+        environ.get("REQUEST_METHOD") == "OPTIONS"
+        and "HTTP_ORIGIN" in environ
+        and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
+    )
+
+
 class OriginMatcher:
     """Exact origins in a set, ``scheme://*.domain[:port]`` patterns in one regex, or any (``*``)."""
 

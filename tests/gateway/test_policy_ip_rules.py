@@ -232,3 +232,12 @@ def test_a_keys_own_list_refuses_through_the_gateway_before_limits_count(gateway
     assert "198.51.100.9" in outside.json()["detail"]
     again = gateway.get(PATH, headers={"X-API-Key": plaintext}, remote_addr="192.0.2.7")
     assert int(again.header("X-RateLimit-Remaining") or 0) == before - 1  # the refused call was never counted
+
+
+def test_a_keys_allow_list_is_applied_to_real_requests_after_authentication(gateway, acme, upstream, bob_app):
+    _api(acme, upstream, bob_app)
+    _, plaintext = services.api_key_create(consumer=bob_app, actor=None, ip_allow=["192.0.2.0/24"])
+    assert _get(gateway, plaintext, "192.0.2.9").status == 200
+    detail = _refused(_get(gateway, plaintext, "198.51.100.9"), "198.51.100.9")
+    assert "your key's IP rules" in detail
+    assert len(upstream.seen) == 1
