@@ -255,7 +255,7 @@ def authenticate(ex: Exchange) -> Result | None:
                 headers=[("Retry-After", str(retry))],
             )
         )
-    metrics.count_auth_failure(route.api_id, failure.reason)
+    metrics.count_auth_failure(route.api_id, "token_" + failure.reason)  # token_expired, token_unknown_kid, ...
     if record is not None and failure.status == 403 and failure.reason != "wrong_tenant":
         ex.done.record, ex.done.key = record, record.key_id
     return ex.fail(token_problem(route, failure, ex.request_id))

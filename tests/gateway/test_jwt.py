@@ -258,6 +258,10 @@ def test_every_bad_token_is_refused_with_its_own_reason(gateway, acme, jwt_api, 
             else:
                 assert 'error="invalid_token"' in challenge, name
     assert upstream.seen == []
+    from prometheus_client import REGISTRY
+
+    for reason in ("token_expired", "token_wrong_audience", "token_bad_algorithm", "token_unmapped", "token_blocked"):
+        assert REGISTRY.get_sample_value("api_auth_failures_total", {"api": jwt_api.pk, "reason": reason}), reason
 
 
 def test_a_token_in_the_query_is_taken_from_the_issuers_parameter_and_never_forwarded(
