@@ -500,7 +500,7 @@ class BlankJSONField(forms.JSONField):
 
 
 class LinesField(forms.CharField):
-    """A list of strings edited as a textarea, one item a line (blank lines and surrounding spaces dropped)."""
+    """A list of strings edited as a textarea, one item per line (blank lines and surrounding spaces dropped)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("required", False)
@@ -522,7 +522,7 @@ class LinesField(forms.CharField):
 
 
 class HeaderLinesField(LinesField):
-    """Header names and values edited as a textarea, one ``Name: value`` a line."""
+    """Header names and values edited as a textarea, one ``Name: value`` per line."""
 
     def prepare_value(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -637,19 +637,19 @@ class PolicyForm(forms.ModelForm):
     # CORS
     cors_allow_origins = _lines_field(
         "Allowed origins",
-        "One a line: an exact origin, a pattern with * for one label, or * for any origin. "
+        "One per line: an exact origin, a pattern with * for one label, or * for any origin. "
         "For example https://app.example.com or https://*.example.com.",
     )
     cors_allow_methods = _lines_field(
-        "Allowed methods", "One a line. Empty: GET, HEAD, POST, PUT, PATCH and DELETE. For example GET, then POST."
+        "Allowed methods", "One per line. Empty: GET, HEAD, POST, PUT, PATCH and DELETE. For example GET, then POST."
     )
     cors_allow_headers = _lines_field(
         "Allowed request headers",
-        "One a line, or * for any (not with credentials). Empty: only the headers browsers always allow. "
+        "One per line, or * for any (not with credentials). Empty: only the headers browsers always allow. "
         "For example Content-Type.",
     )
     cors_expose_headers = _lines_field(
-        "Exposed response headers", "Response headers a page's script may read, one a line. For example X-Request-ID."
+        "Exposed response headers", "Response headers a page's script may read, one per line. For example X-Request-ID."
     )
     cors_allow_credentials = forms.BooleanField(
         label="Allow credentials",
@@ -663,38 +663,38 @@ class PolicyForm(forms.ModelForm):
     # IP rules
     ip_allow = _lines_field(
         "Allowed addresses",
-        "One CIDR or address a line, IPv4 or IPv6. When any are listed, every other address is refused. "
+        "One CIDR or address per line, IPv4 or IPv6. When any are listed, every other address is refused. "
         "For example 203.0.113.0/24.",
     )
     ip_deny = _lines_field(
         "Denied addresses",
-        "One CIDR or address a line; a denied address is refused even when it is also allowed. "
+        "One CIDR or address per line; a denied address is refused even when it is also allowed. "
         "For example 198.51.100.7 or 2001:db8::/32.",
     )
     # Header transforms
     headers_request_add = _header_lines_field(
         "Add to upstream requests",
-        f"One 'Name: value' a line, added beside what the client sent. {_TEMPLATES_HELP} "
+        f"One 'Name: value' per line, added beside what the client sent. {_TEMPLATES_HELP} "
         "For example X-Consumer: {consumer_id}.",
     )
     headers_request_set = _header_lines_field(
         "Set on upstream requests",
-        "One 'Name: value' a line, replacing what the client sent. For example X-Tenant: {tenant_id}.",
+        "One 'Name: value' per line, replacing what the client sent. For example X-Tenant: {tenant_id}.",
     )
     headers_request_remove = _lines_field(
-        "Remove from upstream requests", "One header name a line. For example X-Debug."
+        "Remove from upstream requests", "One header name per line. For example X-Debug."
     )
     headers_response_add = _header_lines_field(
-        "Add to responses", "One 'Name: value' a line. For example X-Served-By: apimgmt."
+        "Add to responses", "One 'Name: value' per line. For example X-Served-By: apimgmt."
     )
     headers_response_set = _header_lines_field(
         "Set on responses",
-        "One 'Name: value' a line, replacing what the upstream sent. For example Cache-Control: no-store.",
+        "One 'Name: value' per line, replacing what the upstream sent. For example Cache-Control: no-store.",
     )
-    headers_response_remove = _lines_field("Remove from responses", "One header name a line. For example Server.")
+    headers_response_remove = _lines_field("Remove from responses", "One header name per line. For example Server.")
     # Request limits
     limits_allowed_methods = _lines_field(
-        "Allowed methods", "One a line; any other method gets 405 with an Allow header. For example GET, then POST."
+        "Allowed methods", "One per line; any other method gets 405 with an Allow header. For example GET, then POST."
     )
     limits_max_body_bytes = _optional_int(
         "Largest body (bytes)",
@@ -724,7 +724,7 @@ class PolicyForm(forms.ModelForm):
         help_text="A cached answer counts against the caller's quota like a proxied one.",
     )
     cache_vary_headers = _lines_field(
-        "Also vary on", "Request headers that are part of the cache key, one a line. For example Accept-Language."
+        "Also vary on", "Request headers that are part of the cache key, one per line. For example Accept-Language."
     )
 
     class Meta:
@@ -732,8 +732,8 @@ class PolicyForm(forms.ModelForm):
         fields = ["tenant", "name", "description", "policy_type", "config", "mode", "on_store_error"]
         help_texts = {
             "config": "Filled from the fields above when you use them. Edit the JSON only for settings they do not "
-            'cover, for example {"requests_per_minute": 1000, "burst_size": 100, "key_extraction": "consumer_id", '
-            '"window_type": "sliding"}.',
+            'cover, for example {"requests_per_minute": 1000, "burst_size": 100, "window_type": "sliding"} for a rate '
+            'limit or {"allow_origins": ["https://app.example.com"], "max_age": 3600} for CORS.',
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -1052,13 +1052,13 @@ class PlanAdmin(ServiceDeleteAdmin):
 
 
 class JwtIssuerForm(forms.ModelForm):
-    """An identity provider's settings in words: audiences one a line, algorithms as checkboxes, inline keys as
+    """An identity provider's settings in words: audiences one per line, algorithms as checkboxes, inline keys as
     JSON; checked by the same function as the services and the management API (errors next to their field)."""
 
     audiences = LinesField(
         label="Audiences",
         required=True,
-        help_text="The aud values tokens for this API carry, one a line; a token must name one of them. "
+        help_text="The aud values tokens for this API carry, one per line; a token must name one of them. "
         "For example https://api.example.com.",
     )
     algorithms = forms.MultipleChoiceField(
@@ -1403,15 +1403,15 @@ def _ip_list_field(label: str, help_text: str) -> LinesField:
 
 
 class IpListsForm(forms.ModelForm):
-    """A consumer's or key's allow and deny lists of CIDRs, one a line (checked like the services check them)."""
+    """A consumer's or key's allow and deny lists of CIDRs, one per line (checked like the services check them)."""
 
     ip_allow = _ip_list_field(
         "Allowed addresses",
-        "One CIDR or address a line, IPv4 or IPv6; when any are listed, calls from anywhere else get 403. "
+        "One CIDR or address per line, IPv4 or IPv6; when any are listed, calls from anywhere else get 403. "
         "For example 203.0.113.0/24.",
     )
     ip_deny = _ip_list_field(
-        "Denied addresses", "One CIDR or address a line; refused even when also allowed. For example 198.51.100.7."
+        "Denied addresses", "One CIDR or address per line; refused even when also allowed. For example 198.51.100.7."
     )
 
     def clean_ip_allow(self) -> list[str]:

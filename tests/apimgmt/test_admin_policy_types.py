@@ -128,7 +128,7 @@ def test_the_add_form_explains_each_type_with_help_and_an_example(browser: Brows
     assert "For example X-Consumer: {consumer_id}." in field_row(page, "headers_request_add")
     assert "For example 1048576 (1 MiB)." in field_row(page, "limits_max_body_bytes")
     assert "For example Accept-Language." in field_row(page, "cache_vary_headers")
-    # Lists are textareas, one item a line; booleans are checkboxes.
+    # Lists are textareas, one item per line; booleans are checkboxes.
     assert re.search(r'<textarea name="cors_allow_origins"', page)
     assert re.search(r'<input type="checkbox" name="cors_allow_credentials"', page)
     assert re.search(r'<input type="checkbox" name="cache_count_hits_toward_quota"[^>]*checked', page)
