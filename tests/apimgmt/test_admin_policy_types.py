@@ -601,3 +601,26 @@ def test_a_keys_ip_lists_are_set_when_it_is_made_and_changed_later(browser: Brow
     services.api_key_revoke(key=key, actor=None)
     page = browser.get(url)
     assert '<textarea name="ip_deny"' not in page and "198.51.100.9/32" in page  # history: shown, not editable
+
+
+def test_a_jwt_api_is_published_in_the_admin_with_its_issuer(browser: Browser, acme: Tenant) -> None:
+    corporate = _issuer(acme, "corporate")
+    response = browser.submit(
+        reverse("admin:apimgmt_api_add") + "?tenant=acme",
+        {
+            "tenant": "acme",
+            "api_name": "orders",
+            "base_path": "/orders",
+            "upstream_url": "https://orders.example.com",
+            "auth_method": "jwt",
+            "jwt_issuers": [corporate.pk],
+            "targets-TOTAL_FORMS": "0",
+        },
+    )
+    assert response.status_code == 302, (
+        row_errors(response.content.decode(), "jwt_issuers") or response.content.decode()[-3000:]
+    )
+    api = Api.objects.get(api_name="orders")
+    assert api.auth_method == "jwt" and list(api.jwt_issuers.all()) == [corporate]
+    created = AuditEvent.objects.get(action="api.create", object_id=api.pk)
+    assert created.changes["jwt_issuers"] == [corporate.pk]
