@@ -36,12 +36,14 @@ import re
 import threading
 import time
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 import jwt
 import redis
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import DatabaseError
 from jwt import exceptions as jwt_errors
 
@@ -97,6 +99,10 @@ class _Verified:
     external_id: str
 
 
+# The identity being resolved in this thread (greenlet): the resolver's cache levels speak in hashes only.
+_resolving: ContextVar[tuple[str, str]] = ContextVar("jwt_identity_resolving")
+
+
 class IdentityResolver(auth.KeyResolver):
     """Identity hash -> the consumer's KeyRecord through the worker's cache, then Redis, then the database.
 
@@ -106,18 +112,13 @@ class IdentityResolver(auth.KeyResolver):
     its Redis entries are the key cache's (``cache:api:key:<hash>``, tombstoned the same way).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        # hash -> (issuer id, external id): a pure function's results, kept so a lookup can name its row.
-        self.names: dict[str, tuple[str, str]] = {}
-
     def resolve_identity(self, issuer_id: str, external_id: str) -> KeyRecord | None:
         identity_hash = invalidation.identity_cache_hash(issuer_id, external_id)
-        if identity_hash not in self.names:
-            if len(self.names) >= self.positive.max_size * 2:
-                self.names.clear()
-            self.names[identity_hash] = (issuer_id, external_id)
-        return self.resolve(identity_hash)
+        token = _resolving.set((issuer_id, external_id))  # what _from_redis_or_db reads when the caches miss
+        try:
+            return self.resolve(identity_hash)
+        finally:
+            _resolving.reset(token)
 
     def forget(self, issuer_id: str, external_id: str) -> None:
         """Drop the identity from this worker's cache and from Redis (where "no such identity" may be cached): the
@@ -130,7 +131,7 @@ class IdentityResolver(auth.KeyResolver):
                 client.delete(invalidation.key_cache_name(identity_hash))
 
     def _from_redis_or_db(self, key_hash: str) -> tuple[KeyRecord | None, bool]:
-        issuer_id, external_id = self.names[key_hash]
+        issuer_id, external_id = _resolving.get()
         client = get_redis()
         cache_key = invalidation.key_cache_name(key_hash)
         if client is not None:
@@ -453,9 +454,16 @@ def _claims_failure(exc: jwt_errors.PyJWTError) -> TokenFailure:
 def _provision(state: JwtState, issuer: IssuerSpec, external_id: str, route: Route) -> KeyRecord | None:
     """A consumer (and its subscription to this API) for an identity the auto-provisioning issuer vouches for."""
     with state.provision_lock:  # one provisioning at a time per worker; other workers race safely in the database
-        db_call(
-            lambda: services.jwt_consumer_provision(issuer_id=issuer.id, external_id=external_id, api_id=route.api_id)
-        )
+        try:
+            db_call(
+                lambda: services.jwt_consumer_provision(
+                    issuer_id=issuer.id, external_id=external_id, api_id=route.api_id
+                )
+            )
+        except (ValidationError, ObjectDoesNotExist) as exc:
+            # A claim value no consumer may have (control characters ...), or the issuer changed meanwhile: 403.
+            logger.warning("JWT consumer not provisioned for issuer %s: %s", issuer.name, exc)
+            return None
     # The caches may hold "no such identity" until the eviction arrives: read it from the database now.
     state.identities.forget(issuer.id, external_id)
     return state.identities.resolve_identity(issuer.id, external_id)

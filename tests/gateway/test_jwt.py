@@ -548,6 +548,10 @@ def test_auto_provision_makes_a_subscribed_consumer_on_the_first_token(gateway, 
     assert upstream.seen[-1].headers["x-consumer-id"] == identity.consumer_id
     assert gateway.get("/api/auto/a", headers=bearer(k1.token(sub=None, client_id="svc-42"))).status == 200
     assert ConsumerIdentity.objects.filter(issuer=issuer).count() == 1
+    # A claim value no consumer may carry (a control character) provisions nothing: 403, not an error.
+    refused = gateway.get("/api/auto/a", headers=bearer(k1.token(sub=None, client_id="svc\n43")))
+    assert refused.status == 403
+    assert ConsumerIdentity.objects.filter(issuer=issuer).count() == 1
 
 
 def test_without_auto_provision_an_unknown_subject_creates_nothing(gateway, jwt_api, k1):
