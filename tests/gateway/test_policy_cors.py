@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import requests
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
-from tests.gateway.upstreams import Answer, Recorder
+from tests.gateway.upstreams import Answer, Recorder, recording_upstream
+from tests.support.servers import gunicorn
 
 pytestmark = pytest.mark.django_db
 
@@ -224,3 +226,56 @@ def test_an_invalid_stored_policy_adds_no_cors_headers(gateway, acme, upstream, 
     assert response.status == 401  # no cors step: the preflight is an unauthenticated request like any other
     assert _cors_headers(response) == {}
     assert "is invalid and does not apply" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cors_ip_rules_and_headers_together_under_gunicorn(live_env, tmp_path, acme, bob_app, key):
+    # One worker behind a trusted proxy on loopback: what a browser, a proxy and the upstream see on the wire.
+    env = {**live_env, "TRUSTED_PROXIES": "127.0.0.1", "USAGE_SPOOL_DIR": str(tmp_path / "spool")}
+    with recording_upstream() as upstream, gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.log") as url:
+        policies = [
+            _cors(acme, allow_origins=["https://*.example.com"], allow_credentials=True),
+            services.policy_create(
+                tenant=acme, name="office", policy_type="ip_rules", config={"allow": ["192.0.2.0/24"]}, actor=None
+            ),
+            services.policy_create(
+                tenant=acme,
+                name="tag",
+                policy_type="headers",
+                config={
+                    "request": {"set": {"X-Caller": "{consumer_id}@{client_ip}"}},
+                    "response": {"remove": ["X-Powered-By"]},
+                },
+                actor=None,
+            ),
+        ]
+        _api(acme, upstream, bob_app, *policies)
+        upstream.respond = lambda seen: Answer(headers=[("Content-Type", "application/json"), ("X-Powered-By", "PHP")])
+        target = url + PATH
+        origin = "https://app.example.com"
+        from_office = {"X-Forwarded-For": "192.0.2.10", "Origin": origin}
+        preflight = requests.options(
+            target,
+            headers={
+                **from_office,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key",
+            },
+            timeout=5,
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == origin
+        assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+        assert preflight.headers["Access-Control-Allow-Headers"] == "x-api-key"
+        response = requests.post(target, headers={**from_office, "X-API-Key": key}, json={}, timeout=5)
+        assert response.status_code == 200
+        assert response.headers["Access-Control-Allow-Origin"] == origin
+        assert "X-Powered-By" not in response.headers
+        assert upstream.seen[-1].headers["x-caller"] == f"{bob_app.pk}@192.0.2.10"
+        refused = requests.get(
+            target, headers={"X-Forwarded-For": "203.0.113.5", "Origin": origin, "X-API-Key": key}, timeout=5
+        )
+        assert refused.status_code == 403
+        assert refused.json()["client_ip"] == "203.0.113.5"
+        assert refused.headers["Access-Control-Allow-Origin"] == origin  # the page can read why
+        assert len(upstream.seen) == 1
