@@ -153,7 +153,11 @@ class IssuerKeys:
         self.lock = threading.Lock()
         self.keys: dict[str, dict[str, Any]] | None = None
         if spec.public_keys:
-            self.keys = parse_jwks(spec.public_keys)
+            try:
+                self.keys = parse_jwks(spec.public_keys)
+            except FetchFailed as exc:  # validated when saved; an unusable set refuses tokens, never crashes
+                logger.warning("inline keys of issuer %s are not usable: %s", spec.name, exc)
+                self.keys = {}
         self.parsed: dict[tuple[str, str], Any] = {}
         self.fetched_at = time.monotonic()
         self.refetched_at = -math.inf  # the last unknown-kid refetch
