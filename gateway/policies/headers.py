@@ -311,22 +311,40 @@ def _compile_policy(policy: PolicySpec, route: Route) -> tuple[Operations, Opera
         return None
 
 
+PlanSides = tuple[dict[str, list[Operations]], dict[str, list[Operations]]]
+# The plans' operations of the last route table, by the API key header they were checked against: every route of
+# one table gets the same plan_policies mapping, so the routes share them.
+_PLAN_SIDES: tuple[dict[str, list[PolicySpec]], dict[str, PlanSides]] | None = None
+
+
+def _plan_sides(route: Route, plan_policies: dict[str, list[PolicySpec]]) -> PlanSides:
+    global _PLAN_SIDES
+    if _PLAN_SIDES is None or _PLAN_SIDES[0] is not plan_policies:
+        _PLAN_SIDES = (plan_policies, {})
+    key_header = route.spec.key_header.lower()
+    sides = _PLAN_SIDES[1].get(key_header)
+    if sides is None:
+        request: dict[str, list[Operations]] = {}
+        response: dict[str, list[Operations]] = {}
+        for plan_id, specs in plan_policies.items():
+            for compiled in (_compile(p, route) for p in specs):
+                if compiled is None:
+                    continue
+                if compiled[0]:
+                    request.setdefault(plan_id, []).append(compiled[0])
+                if compiled[1]:
+                    response.setdefault(plan_id, []).append(compiled[1])
+        sides = _PLAN_SIDES[1][key_header] = (request, response)
+    return sides
+
+
 def build(route: Route, policies: list[PolicySpec], plan_policies: dict[str, list[PolicySpec]]) -> list[Step]:
     """A request step and a response step, each only when some policy (the API's or a plan's) has that side."""
     own = [ops for ops in (_compile(p, route) for p in policies) if ops is not None]
-    by_plan: dict[str, list[tuple[Operations, Operations]]] = {}
-    for plan_id, specs in plan_policies.items():
-        compiled = [ops for ops in (_compile(p, route) for p in specs) if ops is not None]
-        if compiled:
-            by_plan[plan_id] = compiled
+    plans: PlanSides = _plan_sides(route, plan_policies) if plan_policies else ({}, {})
     steps: list[Step] = []
     for index, step_class in ((0, RequestHeaders), (1, ResponseHeaders)):
         side_own = [pair[index] for pair in own if pair[index]]
-        side_plans = {
-            plan_id: side
-            for plan_id, pairs in by_plan.items()
-            if (side := [pair[index] for pair in pairs if pair[index]])
-        }
-        if side_own or side_plans:
-            steps.append(step_class(side_own, side_plans))
+        if side_own or plans[index]:
+            steps.append(step_class(side_own, plans[index]))
     return steps

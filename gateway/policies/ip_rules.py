@@ -235,17 +235,26 @@ class PlanRules(Step):
         return _check(ex, rules)
 
 
+# The plans' step of the last route table: every route of one table gets the same plan_policies mapping, and the
+# step holds nothing of a route's, so the routes share it.
+_PLAN_STEP: tuple[dict[str, list[PolicySpec]], PlanRules | None] | None = None
+
+
 def build(route: Route, policies: list[PolicySpec], plan_policies: dict[str, list[PolicySpec]]) -> list[Step]:
+    global _PLAN_STEP
     steps: list[Step] = []
     if policies:
         steps.append(ApiRules([_compile(policy, "this API's") for policy in policies]))
-    by_plan = {
-        plan_id: [_compile(policy, "your plan's") for policy in specs]
-        for plan_id, specs in plan_policies.items()
-        if specs
-    }
-    if by_plan:
-        steps.append(PlanRules(by_plan))
+    if plan_policies:
+        if _PLAN_STEP is None or _PLAN_STEP[0] is not plan_policies:
+            by_plan = {
+                plan_id: [_compile(policy, "your plan's") for policy in specs]
+                for plan_id, specs in plan_policies.items()
+                if specs
+            }
+            _PLAN_STEP = (plan_policies, PlanRules(by_plan) if by_plan else None)
+        if _PLAN_STEP[1] is not None:
+            steps.append(_PLAN_STEP[1])
     return steps
 
 

@@ -241,3 +241,14 @@ def test_a_keys_allow_list_is_applied_to_real_requests_after_authentication(gate
     detail = _refused(_get(gateway, plaintext, "198.51.100.9"), "198.51.100.9")
     assert "your key's IP rules" in detail
     assert len(upstream.seen) == 1
+
+
+def test_a_changed_plan_policy_applies_once_the_route_table_reloads(gateway, acme, upstream, bob_app, key):
+    policy = _rules(acme, allow=["192.0.2.0/24"])
+    plan = services.plan_create(tenant=acme, name="partner", actor=None, policies=[policy])
+    _api(acme, upstream, bob_app, plan=plan)
+    assert _get(gateway, key, "192.0.2.1").status == 200
+    services.policy_update(policy=policy, actor=None, config={"allow": ["198.51.100.0/24"]})
+    get_gateway().routes.reload()
+    _refused(_get(gateway, key, "192.0.2.1"), "192.0.2.1")
+    assert _get(gateway, key, "198.51.100.1").status == 200
