@@ -332,16 +332,14 @@ def validate_token_query_param(value: Any) -> str:
 
 
 def _parse_jwk(key: dict[str, Any], where: str) -> None:
-    """Let PyJWT parse the key when it is installed (the gateway verifies with it); the structure is checked
-    either way."""
-    try:
-        import jwt  # optional here: the gateway's JWT support brings it
-    except ImportError:
-        return
+    """The key as PyJWT reads it, the way the gateway will verify with it: a key it cannot build is refused now,
+    not at the first token."""
+    import jwt  # here, not at import time: only issuer checks need it (and it loads cryptography)
+
     try:
         jwt.PyJWK(key)
-    except Exception as exc:  # PyJWT raises several kinds for a key it cannot read
-        raise ValidationError(f"{where} is not a usable public key: {exc}.") from exc
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:  # PyJWT's own, and bad numbers or encodings underneath
+        raise ValidationError(f"{where} is not a usable public key: {str(exc).rstrip('.')}.") from exc
 
 
 def validate_public_keys(value: Any) -> dict[str, Any] | None:

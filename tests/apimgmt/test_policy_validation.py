@@ -267,6 +267,16 @@ def _issuer(tenant: Tenant, name: str = "idp", **overrides: Any) -> JwtIssuer:
         ({"public_keys": {"keys": [{"kty": "RSA", "kid": "k"}]}}, "public_keys", "(RSA) lacks n, e"),
         ({"public_keys": {"keys": [RSA_JWK, RSA_JWK]}}, "public_keys", "kid 'k1' is used by another key"),
         ({"public_keys": [RSA_JWK]}, "public_keys", "public_keys must be a JWKS document"),
+        (
+            {"public_keys": {"keys": [{"kty": "RSA", "kid": "k", "n": "AA", "e": "AQAB"}]}},
+            "public_keys",
+            "public_keys.keys[0] is not a usable public key",
+        ),
+        (
+            {"public_keys": {"keys": [{"kty": "EC", "kid": "k", "crv": "P-999", "x": "AA", "y": "AA"}]}},
+            "public_keys",
+            "public_keys.keys[0] is not a usable public key: Unsupported crv",
+        ),
         ({"consumer_claim": "sub claim"}, "consumer_claim", "consumer_claim must be a claim name"),
         ({"token_in_query": "access token"}, "token_in_query", "token_in_query may use letters"),
         (
