@@ -169,9 +169,10 @@ def _later(mail: NotificationMail, *, seconds: float, error: str, counts: bool) 
 
 
 def _still_theirs(mail: NotificationMail) -> bool:
-    """The developer is active, has an address, is a member of the event's tenant and still owns the app(s)."""
+    """The developer is active, has an address, is a member of the event's (active) tenant and still owns the
+    app(s). A suspended tenant's portal answers 404, so its developers are not sent there."""
     user = mail.user
-    if not user.is_active or not user.email:
+    if not user.is_active or not user.email or mail.event.tenant.status != Tenant.Status.ACTIVE:
         return False
     if not TenantMembership.objects.filter(user=user, tenant_id=mail.event.tenant_id).exists():
         return False

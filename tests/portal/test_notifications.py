@@ -327,3 +327,12 @@ def test_the_admin_mail_log_shows_staff_only_their_tenants_mails(acme, globex, b
     assert client.get(f"/admin/portal/notificationmail/{carols.pk}/change/").status_code == 404
     mine = NotificationMail.objects.get(user=bob)
     assert client.get(f"/admin/portal/notificationmail/{mine.pk}/change/").status_code == 200
+
+
+def test_a_suspended_tenants_developers_get_no_notices(acme, bob, bob_app):
+    _expiring_key(bob_app, bob, days=3)
+    events.key_expiring_notices()
+    services.tenant_suspend(tenant=acme, actor=None)
+    deliver()
+    assert mail.outbox == []
+    assert NotificationMail.objects.get().status == "skipped"
