@@ -53,6 +53,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
@@ -77,6 +78,8 @@ _PER_REQUEST = frozenset(
 _NOT_STORED = HOP_BY_HOP | {"x-request-id", "age", "x-cache", "content-length"}
 # How long Redis is left alone after it failed (requests go to the upstream meanwhile).
 BACKOFF_SECONDS = 1.0
+# What a Redis call may raise when Redis (or a cluster's slot map) is out of reach: never a reason to fail a request.
+_REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 # The longest a request waits for another one's upstream fetch of the same key.
 MAX_WAIT_SECONDS = 30.0
 # Vary names remembered per worker (by plain key); cleared whole when full.
@@ -340,7 +343,10 @@ class ResponseCache(Step):
         method = ex.method
         if (method != "GET" and method != "HEAD") or ex.upgrade:
             return None
-        skip_lookup, skip_store = _client_directives(ex.environ)
+        environ = ex.environ
+        if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
+            return None  # a GET with a body: the key could not tell two of them apart
+        skip_lookup, skip_store = _client_directives(environ)
         pending = _Pending(self._base_key(ex))
         head = method == "HEAD"
         pending.store = not skip_store and not head  # a HEAD's answer has no body to keep
@@ -360,7 +366,7 @@ class ResponseCache(Step):
                 self._lead_or_wait(pending)
                 if not pending.leader:
                     entry = self._read(client, ex, pending)  # the fetch this request waited for stored it
-        except redis.RedisError as exc:
+        except _REDIS_FAILURES as exc:
             self._redis_failed(exc)
             pending.lookup = pending.store = False
             return None
@@ -494,7 +500,7 @@ class ResponseCache(Step):
             else:
                 client.set(pending.base, entry, ex=ttl)
                 _vary_memo.pop(pending.base, None)
-        except redis.RedisError as exc:
+        except _REDIS_FAILURES as exc:
             self._redis_failed(exc)
 
     def _release(self, pending: _Pending) -> None:
