@@ -252,3 +252,12 @@ def test_a_changed_plan_policy_applies_once_the_route_table_reloads(gateway, acm
     get_gateway().routes.reload()
     _refused(_get(gateway, key, "192.0.2.1"), "192.0.2.1")
     assert _get(gateway, key, "198.51.100.1").status == 200
+
+
+def test_networks_are_merged_and_mapped_ipv6_networks_count_as_ipv4() -> None:
+    networks = ip_rules.NetworkSet(["10.0.0.0/9", "10.128.0.0/9", "::ffff:192.0.2.0/120", "2001:db8::/126"])
+    inside = ["10.0.0.0", "10.127.255.255", "10.128.0.0", "10.255.255.255", "192.0.2.5", "::ffff:192.0.2.6"]
+    outside = ["9.255.255.255", "11.0.0.0", "192.0.3.0", "2001:db8::4", "::ffff:11.0.0.0", "::"]
+    assert all(networks.contains(ip_rules.parse_address(a)) for a in inside)  # type: ignore[arg-type]
+    assert not any(networks.contains(ip_rules.parse_address(a)) for a in outside)  # type: ignore[arg-type]
+    assert ip_rules.parse_address("unknown") is None and ip_rules.parse_address("") is None
