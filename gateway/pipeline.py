@@ -608,7 +608,7 @@ class Gateway:
         signature = (route.spec.cb_failure_threshold, route.spec.cb_recovery_timeout)
         entry = self.breakers.get(route.api_id)
         if entry is None or entry[0] != signature:
-            entry = (signature, CircuitBreaker(route.api_id, *signature))
+            entry = (signature, CircuitBreaker(route.api_id, *signature, tenant_id=route.tenant_id))
             self.breakers[route.api_id] = entry
         return entry[1]
 
