@@ -2,7 +2,9 @@
 
 Targets: nginx upstream direct (200-byte JSON), nginx reverse proxy, a naive Django proxy (bench/naive_proxy.py)
 and the full gateway (key auth, a two-window rate limit, usage events and metrics on) under gunicorn with the
-production gunicorn.conf.py. Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
+production gunicorn.conf.py. The same gateway also serves a row per policy-chain feature: "jwt" (RS256 token, repeated),
+"edge" (CORS + IP allow list + header transforms both ways) and "cache" (response cache hits; the upstream's access
+log shows how many requests reached it during the measured runs, which should be none). Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
 the targets interleaved round by round; medians are reported, with the rps range, and the CPU time the naive
 proxy's and the gateway's processes spent per request (less sensitive to other load on a shared machine than rps).
 """
@@ -125,6 +127,12 @@ http {{
     server {{
         listen 127.0.0.1:{upstream_port};
         location / {{ default_type application/json; return 200 '{BODY}'; }}
+        location /cached/ {{
+            access_log {workdir}/cached-upstream.log;
+            add_header Cache-Control "public, max-age=3600";
+            default_type application/json;
+            return 200 '{BODY}';
+        }}
     }}
     server {{
         listen 127.0.0.1:{proxy_port};
@@ -141,6 +149,15 @@ http {{
 
 
 _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+
+
+def _lines(path: Path) -> int:
+    """Lines in a log file (0 when it does not exist yet)."""
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
 
 
 def _ms(value: str, unit: str) -> float:
@@ -224,7 +241,7 @@ def main() -> None:
         "--repeat", type=int, default=3, help="runs per target and concurrency, interleaved; medians are reported"
     )
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", ""))
-    parser.add_argument("--only", default="", help="comma-separated subset: direct,nginx,naive,gateway")
+    parser.add_argument("--only", default="", help="comma-separated subset: direct,nginx,naive,gateway,jwt,edge,cache")
     options = parser.parse_args()
     only = set(filter(None, options.only.split(",")))
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-"))
@@ -242,7 +259,8 @@ def main() -> None:
         text=True,
         check=True,
     )
-    bench_key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
+    made = json.loads(setup.stdout.strip().splitlines()[-1])
+    bench_key = made["key"]
 
     load_at_start = load_1min()
     targets = {
@@ -250,7 +268,17 @@ def main() -> None:
         "nginx": (f"http://127.0.0.1:{proxy_port}/items/1", {}),
         "naive": (f"http://127.0.0.1:{naive_port}/items/1", {}),
         "gateway": (f"http://127.0.0.1:{gateway_port}/bench/items/1", {"X-API-Key": bench_key}),
+        "jwt": (
+            f"http://127.0.0.1:{gateway_port}{made['jwt_base_path']}/items/1",
+            {"Authorization": f"Bearer {made['jwt_token']}"},
+        ),
+        "edge": (
+            f"http://127.0.0.1:{gateway_port}{made['edge_base_path']}/items/1",
+            {"X-API-Key": bench_key, "Origin": "https://app.example.com"},
+        ),
+        "cache": (f"http://127.0.0.1:{gateway_port}{made['cache_base_path']}/cached/1", {"X-API-Key": bench_key}),
     }
+    gateway_rows = ("gateway", "jwt", "edge", "cache")
     conf = nginx_conf(workdir, upstream_port, proxy_port)
     gunicorn = str(VENV_BIN / "gunicorn")
     with (
@@ -287,11 +315,13 @@ def main() -> None:
     ):
         for url, headers in targets.values():
             wait_for(url, headers)
-        servers = {"naive": naive_proc.pid, "gateway": gateway_proc.pid}
+        servers = {"naive": naive_proc.pid, **{name: gateway_proc.pid for name in gateway_rows}}
         chosen = [name for name in targets if not only or name in only]
         for name in chosen:
             url, headers = targets[name]
             wrk(url, 64, 2, headers)  # warm-up: pools, caches, page cache
+        cached_log = workdir / "cached-upstream.log"
+        upstream_cached_before = _lines(cached_log)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"c64": [], "c1": []} for name in chosen}
         # Rounds interleave the targets, so a burst of load from elsewhere on this shared machine lands on
         # every target alike instead of on whichever happened to run then; the median of the rounds is reported.
@@ -313,6 +343,7 @@ def main() -> None:
                     runs[name][f"c{conns}"].append(row)
             print(f"  round {round_ + 1}/{options.repeat} done (load {load_1min():.2f})", file=sys.stderr)
         results = {name: {c: median_row(rows) for c, rows in by_conns.items()} for name, by_conns in runs.items()}
+        upstream_cached_during = _lines(cached_log) - upstream_cached_before
         gateway_rss = rss_mib(gateway_proc.pid)
 
     report = {
@@ -326,6 +357,11 @@ def main() -> None:
         "results": results,
         "gateway_worker_rss_mib": gateway_rss,
     }
+    if "cache" in results:
+        report["cache_upstream_requests_during_runs"] = upstream_cached_during
+    for name in gateway_rows:
+        if name in results and "naive" in results:
+            report[f"{name}_vs_naive_rps_c64"] = round(results[name]["c64"]["rps"] / results["naive"]["c64"]["rps"], 2)
     if "gateway" in results and "naive" in results:
         report["gateway_vs_naive_rps_c64"] = round(results["gateway"]["c64"]["rps"] / results["naive"]["c64"]["rps"], 2)
         report["gateway_vs_naive_rps_c64_per_round"] = [
@@ -359,6 +395,8 @@ def main() -> None:
                 f"{cpu:>10} {row['non_2xx']:>7} {row['socket_errors']:>7} {ratio:>9}"
             )
     for key in (
+        *(f"{name}_vs_naive_rps_c64" for name in gateway_rows if name != "gateway"),
+        "cache_upstream_requests_during_runs",
         "gateway_vs_naive_rps_c64",
         "gateway_vs_naive_rps_c64_per_round",
         "gateway_added_p50_ms_c1",
