@@ -10,9 +10,13 @@ One request passes these phases, in this order (``PHASES``):
     request_transforms   header transforms on the way to the upstream
     cache_lookup         a cached response answers without the upstream
     proxy                the upstream call                                                      (gateway.pipeline)
-    response_transforms  header transforms on the way back                        (response side, reverse of none:
-    cache_store          a cacheable response is stored                            steps run in PHASES order)
+    cache_store          a cacheable answer is kept, as the upstream gave it
+    response_transforms  header transforms on the way back, on every answer (a cache hit too)
     record               metrics, access log, usage event                                       (gateway.pipeline)
+
+The cache keeps the upstream's answer before the response transforms, and the transforms run on each answer, a hit
+included: a header made from the request (its id, the caller) is then always the current request's, never the one
+of the request that filled the cache.
 
 The fixed steps (route, authenticate, limits, proxy, record) are the Gateway's own methods. Everything a policy does
 is a ``Step`` that a module in ``gateway.policies`` builds for one route from that API's policies of its type (adding a
@@ -23,10 +27,9 @@ A step of a request phase (pre_auth .. cache_lookup) has its ``request`` run in 
 returning a ``Result`` (an error, a preflight answer or a cache hit). Every such step whose ``request`` ran, if it set
 ``has_response``, then gets the final ``Result`` in its ``response``, whatever answered: the upstream, a later step or
 the gateway's own error (so CORS headers reach a browser on a 401 or a 429 as well). A step of a response phase
-(response_transforms, cache_store) has no ``request``: its ``response`` sees every answer of its route, and it decides
+(cache_store, response_transforms) has no ``request``: its ``response`` sees every answer of its route, and it decides
 itself what to leave alone (``result.status_code``; ``ex.done.upstream_s`` is None when the upstream was not asked).
-The answer passes the ``response`` methods in phase order. A cache hit passes the response phases again, so a
-response transform is written to give the same headers when applied to an answer it already changed.
+The answer passes the ``response`` methods in phase order. A response transform runs on a cache hit as on a miss.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ PHASES = (
     REQUEST_TRANSFORMS,
     CACHE_LOOKUP,
     PROXY,
-    RESPONSE_TRANSFORMS,
     CACHE_STORE,
+    RESPONSE_TRANSFORMS,
     RECORD,
 )
 # The phases a policy step may declare: the others are the gateway's own.

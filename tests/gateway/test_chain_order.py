@@ -25,8 +25,8 @@ def test_a_request_passes_these_phases_in_this_order() -> None:
         "request_transforms",  # header transforms towards the upstream
         "cache_lookup",  # a cached answer: the upstream is not called (a hit has been counted by limits)
         "proxy",  # the upstream call
-        "response_transforms",  # header transforms towards the client
-        "cache_store",  # a cacheable answer is kept (after the transforms: what is stored is what was sent)
+        "cache_store",  # a cacheable answer is kept as the upstream gave it
+        "response_transforms",  # header transforms towards the client, on every answer: a cache hit too
         "record",  # metrics, access log, usage: every answer, whoever gave it
     )
 
