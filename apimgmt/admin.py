@@ -191,6 +191,9 @@ class TenantScopedAdmin(NotFoundAdmin):
     """
 
     tenant_path = "tenant"
+    # Whether choosing the tenant on an add form reloads it (only worth it when pickers below depend on the tenant:
+    # a reload keeps the drop-downs chosen but not what was typed).
+    tenant_reloads_form = True
 
     class Media:
         js = ("apimgmt/pickers.js",)
@@ -237,7 +240,8 @@ class TenantScopedAdmin(NotFoundAdmin):
             if spans_tenants and related is not Tenant:
                 kwargs["form_class"] = TenantLabelledChoiceField
         field = super().formfield_for_foreignkey(db_field, request, **kwargs)
-        if related is Tenant and field is not None and getattr(request, "_picker_tenant_id", None) is None:
+        reloads = self.tenant_reloads_form and getattr(request, "_picker_tenant_id", None) is None
+        if related is Tenant and field is not None and reloads:
             # On an add form, choosing the tenant reloads the page so the pickers below offer only its rows.
             field.widget.attrs["data-reload-with"] = "tenant"
         return field
@@ -779,6 +783,7 @@ class PolicyForm(forms.ModelForm):
 @admin.register(Policy)
 class PolicyAdmin(ServiceDeleteAdmin):
     form = PolicyForm
+    tenant_reloads_form = False  # no picker on the form depends on the tenant
     list_display = ["name", "tenant", "policy_type", "mode", "on_store_error", "summary", "updated_at"]
     list_filter = ["policy_type", "mode", "on_store_error", "tenant"]
     search_fields = ["id", "name", "tenant__id"]
@@ -1116,6 +1121,7 @@ class JwtIssuerForm(forms.ModelForm):
 @admin.register(JwtIssuer)
 class JwtIssuerAdmin(ServiceDeleteAdmin):
     form = JwtIssuerForm
+    tenant_reloads_form = False  # no picker on the form depends on the tenant
     list_display = ["name", "tenant", "issuer", "key_source", "auto_provision", "api_count", "updated_at"]
     list_filter = ["auto_provision", "tenant"]
     search_fields = ["id", "name", "issuer", "tenant__id"]

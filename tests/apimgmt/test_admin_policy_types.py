@@ -133,6 +133,7 @@ def test_the_add_form_explains_each_type_with_help_and_an_example(browser: Brows
     assert re.search(r'<input type="checkbox" name="cors_allow_credentials"', page)
     assert re.search(r'<input type="checkbox" name="cache_count_hits_toward_quota"[^>]*checked', page)
     assert "apimgmt/policy_form.js" in page  # shows only the chosen type's fields
+    assert "data-reload-with" not in page, "choosing the tenant keeps what was typed: no picker depends on it"
 
 
 def test_cors_is_made_from_its_fields(browser: Browser) -> None:
@@ -371,6 +372,7 @@ def test_a_jwt_issuer_is_made_in_the_admin_through_the_service(browser: Browser)
     assert "For example https://api.example.com." in field_row(page, "audiences")
     assert re.search(r'<input type="checkbox" name="algorithms" value="RS256"[^>]*checked', page)
     assert 'value="HS256"' not in page and 'value="none"' not in page
+    assert "data-reload-with" not in page
     response = browser.post(
         reverse("admin:apimgmt_jwtissuer_add"),
         {
