@@ -12,7 +12,7 @@ from gateway import chain
 from gateway.chain import PHASES, Chain, Exchange, Result, Step
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
-from tests.gateway.upstreams import Recorder
+from tests.gateway.upstreams import Answer, Recorder
 
 
 def test_a_request_passes_these_phases_in_this_order() -> None:
@@ -156,3 +156,76 @@ def test_an_api_without_policy_steps_runs_the_fixed_steps_only(
     route = get_gateway().routes.current().resolve("", "/api/users/v1/x")
     assert route is not None
     assert route.chain is chain.EMPTY  # rate limits and quotas are the limits step's own: no policy step
+
+
+# -- the same order, seen from outside: one API with a policy of every type ----------------------------------------
+
+ORIGIN = "https://app.example.com"
+PATH = "/api/users/v1/items"
+
+
+@pytest.fixture
+def everything_api(acme: Tenant, upstream: Recorder, bob_app: Consumer) -> Api:
+    def policy(name: str, policy_type: str, config: dict[str, Any]) -> Any:
+        return services.policy_create(tenant=acme, name=name, policy_type=policy_type, config=config, actor=None)
+
+    api = publish(
+        acme,
+        upstream.url,
+        base_path="/api/users/v1",
+        policies=[
+            policy("browsers", "cors", {"allow_origins": [ORIGIN], "allow_methods": ["GET", "POST"]}),
+            policy("no-deletes", "request_limits", {"allowed_methods": ["GET", "HEAD", "POST", "OPTIONS"]}),
+            policy("not-the-lab", "ip_rules", {"deny": ["198.51.100.0/24"]}),
+            policy("tenants-shown", "headers", {"request": {"set": {"X-Caller": "{consumer_id}"}}}),
+            policy("per-minute", "rate_limiting", {"requests_per_minute": 100}),
+            policy("cache", "response_cache", {"ttl_seconds": 60}),
+        ],
+    )
+    subscribe(bob_app, api)
+
+    def respond(seen: Any) -> Answer:
+        return Answer(headers=[("Content-Type", "text/plain"), ("Cache-Control", "max-age=60")], body=b"fresh")
+
+    upstream.respond = respond
+    return api
+
+
+def _remaining(response: Any) -> int:
+    return int(response.header("X-RateLimit-Remaining"))
+
+
+def test_pre_auth_policies_answer_before_any_key_is_asked_for(
+    gateway: InProcessGateway, everything_api: Api, upstream: Recorder
+) -> None:
+    # A browser's preflight needs no key: CORS answers it in pre_auth.
+    preflight = gateway.request("OPTIONS", PATH, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert preflight.status == 204
+    assert preflight.header("Access-Control-Allow-Origin") == ORIGIN
+    # The API's request limits and IP rules refuse before authentication: a 405 and a 403, not a 401.
+    assert gateway.request("DELETE", PATH).status == 405
+    assert gateway.get(PATH, remote_addr="198.51.100.7").status == 403
+    assert upstream.seen == []
+
+
+def test_authenticate_comes_before_limits_and_every_answer_carries_the_pre_auth_steps_headers(
+    gateway: InProcessGateway, everything_api: Api, key: str
+) -> None:
+    counted = _remaining(gateway.get(PATH, headers={"X-API-Key": key}))
+    refused = gateway.get(PATH, headers={"Origin": ORIGIN})  # no key
+    assert refused.status == 401
+    assert refused.header("Access-Control-Allow-Origin") == ORIGIN  # the browser can read why
+    # The refused request was never counted: limits run after authentication.
+    assert _remaining(gateway.get(PATH, headers={"X-API-Key": key, "Cache-Control": "no-cache"})) == counted - 1
+
+
+def test_limits_count_a_cache_hit_and_request_transforms_reach_the_upstream(
+    gateway: InProcessGateway, everything_api: Api, upstream: Recorder, key: str, bob_app: Consumer
+) -> None:
+    miss = gateway.get(PATH, headers={"X-API-Key": key})
+    hit = gateway.get(PATH, headers={"X-API-Key": key})
+    assert (miss.header("X-Cache"), hit.header("X-Cache")) == ("MISS", "HIT")
+    assert len(upstream.seen) == 1  # the hit never reached the upstream (cache_lookup before proxy)...
+    assert _remaining(hit) == _remaining(miss) - 1  # ...but limits, before cache_lookup, counted it
+    sent = {name.lower(): value for name, value in upstream.seen[0].header_list}
+    assert sent.get("x-caller") == bob_app.pk  # request_transforms, before the proxy
