@@ -142,6 +142,7 @@ class RouteSpec:
 class RouteSnapshot:
     routes: list[RouteSpec]
     plan_policies: dict[str, list[PolicySpec]]
+    plan_tenants: dict[str, str] = field(default_factory=dict)  # plan id -> its tenant (the gateway's chains)
 
 
 def _policy_spec(policy: Policy) -> PolicySpec:
@@ -327,7 +328,9 @@ def route_snapshot() -> RouteSnapshot:
         plan.id: [_policy_spec(p) for p in plan.policies.all()]
         for plan in Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies")
     }
-    return RouteSnapshot(routes=routes, plan_policies=plan_policies)
+    return RouteSnapshot(
+        routes=routes, plan_policies=plan_policies, plan_tenants={plan.id: plan.tenant_id for plan in plans}
+    )
 
 
 @dataclass(frozen=True)

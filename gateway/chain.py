@@ -230,6 +230,10 @@ class Chain:
         self.responders = tuple(s for s in self.steps if s.phase in (RESPONSE_TRANSFORMS, CACHE_STORE))
         self.empty = not self.steps
 
+    def has(self, name: str) -> bool:
+        """Whether a step of this name is in the chain."""
+        return any(step.name == name for step in self.steps)
+
     def names(self) -> list[str]:
         return [f"{step.phase}:{step.name}" for step in self.steps]
 
@@ -283,16 +287,21 @@ def builders() -> dict[str, Builder]:
     return _BUILDERS
 
 
-def plan_policies_by_type(plan_policies: dict[str, list[PolicySpec]]) -> dict[str, dict[str, list[PolicySpec]]]:
-    """{policy_type: {plan_id: [policies]}}: built once per route table for build_chain."""
-    by_type: dict[str, dict[str, list[PolicySpec]]] = {}
+PlansByType = dict[str, dict[str, dict[str, list[PolicySpec]]]]
+
+
+def plan_policies_by_type(plan_policies: dict[str, list[PolicySpec]], plan_tenants: dict[str, str]) -> PlansByType:
+    """{tenant_id: {policy_type: {plan_id: [policies]}}}: built once per route table for build_chain (so a plan's
+    policy puts a step only on its own tenant's routes)."""
+    by_type: PlansByType = {}
     for plan_id, specs in plan_policies.items():
+        tenant = by_type.setdefault(plan_tenants.get(plan_id, ""), {})
         for spec in specs:
-            by_type.setdefault(spec.policy_type, {}).setdefault(plan_id, []).append(spec)
+            tenant.setdefault(spec.policy_type, {}).setdefault(plan_id, []).append(spec)
     return by_type
 
 
-def build_chain(route: Route, plans_by_type: dict[str, dict[str, list[PolicySpec]]] | None = None) -> Chain:
+def build_chain(route: Route, plans_by_type: PlansByType | None = None) -> Chain:
     """The steps a route's policies ask for (its plans' policies are found per request by the steps that use them).
 
     A policy type without a module (rate_limiting and quota: the limits step reads them itself) adds no step; a
@@ -302,11 +311,12 @@ def build_chain(route: Route, plans_by_type: dict[str, dict[str, list[PolicySpec
     for policy in route.policies:
         by_type.setdefault(policy.policy_type, []).append(policy)
     table = builders()
+    plans = (plans_by_type or {}).get(route.tenant_id, {})
     steps: list[Step] = []
     for policy_type, build in table.items():
         own = by_type.get(policy_type, [])
         try:
-            steps.extend(build(route, own, (plans_by_type or {}).get(policy_type, {})))
+            steps.extend(build(route, own, plans.get(policy_type, {})))
         except Exception:
             logger.exception("policy steps of type %s could not be built for API %s", policy_type, route.api_id)
     return Chain(steps) if steps else EMPTY

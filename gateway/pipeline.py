@@ -25,7 +25,7 @@ from gateway.accesslog import AccessLog
 from gateway.auth import auth_problem
 from gateway.chain import ACCESS, CACHE_LOOKUP, PRE_AUTH, REQUEST_TRANSFORMS, Exchange, Finished, Result
 from gateway.config import RouteState
-from gateway.policies import ip_rules
+from gateway.policies import cors, ip_rules
 from gateway.problems import GatewayResponse, problem, status_line
 from gateway.proxy import (
     HOP_BY_HOP,
@@ -190,9 +190,14 @@ class Gateway:
         """
         route = ex.route
         if route.operations is not None:
-            operation = route.operations.match(ex.method, ex.path[len(route.spec.base_path) :])
+            method = ex.method
+            if method == "OPTIONS" and route.chain.has("cors") and cors.is_preflight(ex.environ):
+                # A CORS preflight asks about another method: the document is checked for that one, and the cors
+                # step (pre_auth) answers.
+                method = ex.environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", method).upper()
+            operation = route.operations.match(method, ex.path[len(route.spec.base_path) :])
             if operation.status != ALLOWED:
-                return ex.fail(_not_in_spec(operation, ex.method, ex.request_id))
+                return ex.fail(_not_in_spec(operation, method, ex.request_id))
         if "HTTP_UPGRADE" in ex.environ and route.spec.websocket and _websocket().wants_upgrade(ex.environ):
             ex.upgrade = True
             ex.environ, ex.query = _websocket().move_credentials(ex.environ, route, ex.query)
@@ -205,15 +210,17 @@ class Gateway:
         if auth_method != "key":
             jwt_auth = _jwt_auth()
             if auth_method == "jwt" or jwt_auth.presents_jwt(ex):
-                return jwt_auth.authenticate(ex) or self._caller_ip_lists(ex)
-        return self._key_auth(ex) or self._caller_ip_lists(ex)
+                return jwt_auth.authenticate(ex) or self._caller_known(ex)
+        return self._key_auth(ex) or self._caller_known(ex)
 
     @staticmethod
-    def _caller_ip_lists(ex: Exchange) -> Result | None:
+    def _caller_known(ex: Exchange) -> Result | None:
+        """The caller is known: its plan for this API (for the access steps), and its own IP lists if it has any."""
         record = ex.record
-        if record is not None and (
-            record.consumer_ip_allow or record.consumer_ip_deny or record.key_ip_allow or record.key_ip_deny
-        ):
+        if record is None:
+            return None
+        ex.plan_id = record.subscriptions.get(ex.route.api_id, "")
+        if record.consumer_ip_allow or record.consumer_ip_deny or record.key_ip_allow or record.key_ip_deny:
             return ip_rules.check_caller(ex)
         return None
 
@@ -270,7 +277,7 @@ class Gateway:
         the reply is usually there when it is read), then the decision."""
         route, record = ex.route, ex.record
         assert record is not None
-        ex.plan_id = plan_id = record.subscriptions.get(route.api_id, "")
+        plan_id = ex.plan_id
         windows, script = self._windows(route, record, plan_id, plans, ex.client_ip)
         pending = self._send_limits(route, windows, script) if windows else None
         try:

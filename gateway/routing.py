@@ -154,7 +154,7 @@ class RouteTable:
     def __init__(self, snapshot: RouteSnapshot) -> None:
         self.plan_policies = snapshot.plan_policies
         self.by_host: dict[str, dict[str, Route]] = {}
-        plans_by_type = plan_policies_by_type(snapshot.plan_policies)
+        plans_by_type = plan_policies_by_type(snapshot.plan_policies, snapshot.plan_tenants)
         for spec in snapshot.routes:
             route = build_route(spec, snapshot.plan_policies)
             route.chain = build_chain(route, plans_by_type)

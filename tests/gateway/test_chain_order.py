@@ -229,3 +229,18 @@ def test_limits_count_a_cache_hit_and_request_transforms_reach_the_upstream(
     assert _remaining(hit) == _remaining(miss) - 1  # ...but limits, before cache_lookup, counted it
     sent = {name.lower(): value for name, value in upstream.seen[0].header_list}
     assert sent.get("x-caller") == bob_app.pk  # request_transforms, before the proxy
+
+
+@pytest.mark.django_db
+def test_a_plans_policy_adds_steps_only_to_its_own_tenants_routes(
+    acme: Tenant, globex: Tenant, upstream: Recorder, bob_app: Consumer, key: str, gateway: InProcessGateway
+) -> None:
+    office = services.policy_create(
+        tenant=globex, name="office", policy_type="ip_rules", config={"allow": ["10.0.0.0/8"]}, actor=None
+    )
+    services.plan_create(tenant=globex, name="partners", policies=[office], actor=None)
+    api: Api = publish(acme, upstream.url)
+    subscribe(bob_app, api)
+    assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
+    route = get_gateway().routes.current().resolve("", "/api/users/v1/x")
+    assert route is not None and route.chain is chain.EMPTY  # globex's plan policies cost acme's APIs nothing

@@ -87,3 +87,36 @@ def test_restrict_to_spec_needs_a_spec_with_paths(acme: Tenant) -> None:
     assert refused.value.message_dict == {
         "restrict_to_spec": ["restrict_to_spec needs an OpenAPI document with paths (openapi_spec)."]
     }
+
+
+def test_a_cors_preflight_is_checked_against_the_method_it_asks_about_and_answered_by_the_cors_policy(
+    gateway: InProcessGateway, acme: Tenant, upstream: Recorder
+) -> None:
+    cors = services.policy_create(
+        tenant=acme,
+        name="browsers",
+        policy_type="cors",
+        config={"allow_origins": ["https://app.example.com"], "allow_methods": ["GET", "POST", "PUT"]},
+        actor=None,
+    )
+    publish(
+        acme,
+        upstream.url + "/svc",
+        base_path="/pets",
+        openapi_spec=large_spec(resources=3),
+        restrict_to_spec=True,
+        policies=[cors],
+    )
+
+    def preflight(path: str, method: str) -> Any:
+        headers = {"Origin": "https://app.example.com", "Access-Control-Request-Method": method}
+        return gateway.request("OPTIONS", path, headers=headers)
+
+    allowed = preflight("/pets/res1", "POST")  # the document has POST /res1; OPTIONS itself it does not list
+    assert allowed.status == 204
+    assert allowed.header("Access-Control-Allow-Origin") == "https://app.example.com"
+    refused = preflight("/pets/res1", "DELETE")  # not an operation of the document
+    assert refused.status == 405
+    assert "DELETE" in refused.json()["detail"]
+    assert preflight("/pets/nowhere", "GET").status == 404
+    assert upstream.seen == []
