@@ -43,6 +43,9 @@ DEFAULT_BATCH_SIZE = 20
 COPY_TOKEN_RETENTION = timedelta(days=2)
 # Keys' last_used_at is written at most this often (it is a hint for humans, not an audit trail).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# A following flusher also reads which keys the minute in progress has buckets for, this often, so a key's "last used"
+# shows a call within about this long (its minute is copied only once it is over: up to 64 s later).
+OPEN_MINUTE_PEEK_SECONDS = 15.0
 TENANT_CACHE_SECONDS = 60.0
 # The previous release's per-request stream, still written by old gateways during a rolling upgrade.
 LEGACY_STREAM = "usage:events"
@@ -219,6 +222,7 @@ class UsageFlusher:
     _zones: dict[str, zoneinfo.ZoneInfo] = field(default_factory=dict)
     _zones_at: float = -TENANT_CACHE_SECONDS
     _key_touched: dict[str, datetime] = field(default_factory=dict)
+    _peeked_at: float = -OPEN_MINUTE_PEEK_SECONDS
     _claim_script: Any = None
     _release_script: Any = None
     _legacy_script: Any = None
@@ -241,7 +245,33 @@ class UsageFlusher:
                 total.add(stats)
                 if stats.minutes + stats.skipped < self.batch_size:
                     break
+        if closed_only:
+            self.touch_keys_in_progress(tenants)
         return total
+
+    def touch_keys_in_progress(self, tenants: Sequence[str]) -> int:
+        """Set last_used_at for the keys the minute in progress has buckets for, at most every
+        OPEN_MINUTE_PEEK_SECONDS: only the buckets' names are read (HKEYS), nothing in Redis is claimed or changed,
+        and the minute is still copied once it is over. One UPDATE for all the keys; returns how many it saw."""
+        if not tenants or time.monotonic() - self._peeked_at < OPEN_MINUTE_PEEK_SECONDS:
+            return 0
+        self._peeked_at = time.monotonic()
+        minute = contract.minute_of(time.time())
+        pipe = self.client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.hkeys(contract.minute_key(tenant, minute))
+        start = datetime.fromtimestamp(minute, tz=UTC)
+        used: dict[str, datetime] = {}
+        for names in pipe.execute():
+            for name in names:
+                try:
+                    key = contract.Dimension.parse(_text(name)).key
+                except ValueError:
+                    continue  # malformed: the copy of the minute reports it
+                if key:
+                    used[key] = start
+        self._touch_keys(used)
+        return len(used)
 
     def drain(self) -> FlushStats:
         """Copy everything there is now, the minute in progress too (its later requests are copied later)."""

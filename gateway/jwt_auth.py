@@ -74,6 +74,8 @@ COUNTED_REASONS = frozenset(
     {"bad_signature", "expired", "not_yet_valid", "wrong_audience", "unknown_kid", "bad_claims", "unmapped"}
 )
 _REQUIRED_CLAIMS = ("exp", "iss")
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+_LAST_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: later "dates" are junk, and past what a float holds
 MISSING = (
     "This API needs a token from one of its issuers: send it as 'Authorization: Bearer <token>'."  # no error= code
 )
@@ -369,6 +371,9 @@ def _verify(state: JwtState, token: str, route: Route) -> _Verified | TokenFailu
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         return TokenFailure(401, "malformed", "The token's key id (kid) is not a string.")
+    times = _numeric_date_problem(unverified)
+    if times is not None:
+        return TokenFailure(401, "bad_claims", times)
     iss = unverified.get("iss")
     candidates = [issuer for issuer in route.spec.jwt_issuers if issuer.issuer == iss]
     if not candidates:
@@ -383,6 +388,20 @@ def _verify(state: JwtState, token: str, route: Route) -> _Verified | TokenFailu
         first = first or outcome
     assert first is not None
     return first
+
+
+def _numeric_date_problem(claims: dict[str, Any]) -> str | None:
+    """Why the token's exp, nbf or iat is not a NumericDate (RFC 7519 §2: a JSON number), or None.
+
+    PyJWT takes anything int() takes: "exp": "9999999999" would pass as a date, "exp": true as 1, and an integer
+    too large for a float would pass its checks and fail later. Refused here, before any key is used."""
+    for name in _TIME_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if type(value) not in (int, float) or not (0 <= value <= _LAST_NUMERIC_DATE):  # NaN fails the comparison
+            return f"The token's {name} claim is not a date (seconds since 1970 as a JSON number)."
+    return None
 
 
 def _verify_with(

@@ -66,7 +66,7 @@ class ConfigApplySerializer(ConfigRequestSerializer):
 
 class ConfigChangeSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=["create", "update", "delete"])
-    kind = serializers.ChoiceField(choices=["policy", "plan", "api", "consumer", "subscription"])
+    kind = serializers.ChoiceField(choices=["policy", "jwt_issuer", "plan", "api", "consumer", "subscription"])
     name = serializers.CharField()
     fields = serializers.DictField(required=False, help_text='{"field": {"old": …, "new": …}} of an update.')  # type: ignore[assignment]
     refused = serializers.CharField(required=False, help_text="Why this delete would be refused.")

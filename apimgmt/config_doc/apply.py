@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -13,11 +14,11 @@ from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
 from apimgmt import services
-from apimgmt.config_doc.document import API_MODEL_FIELD, API_MOMENTS, ConfigError, Problem
+from apimgmt.config_doc.document import API_MODEL_FIELD, API_MOMENTS, API_REFERENCES, ConfigError, Problem
 from apimgmt.config_doc.plan import CREATE, DELETE, SECTION_OF, UPDATE, Change, ConfigPlan, make_plan
 from apimgmt.config_doc.state import TenantState, read_state
 from apimgmt.invalidation import coalesced_notifications
-from apimgmt.models import Api, Consumer, Plan, Policy, Subscription, Tenant
+from apimgmt.models import Api, Consumer, ConsumerIdentity, JwtIssuer, Plan, Policy, Subscription, Tenant
 
 # Service field names that the document calls differently (for error messages).
 _DOCUMENT_FIELD = {"api_name": "name", "plan_id": "plan", "api_id": "api", "consumer_id": "name"}
@@ -88,10 +89,11 @@ def apply_document(
 # The order of the changes: what others refer to first; deleted APIs before the APIs made or changed (so a renamed
 # API can take its old route over); plans and policies deleted last, once nothing refers to them any more.
 _STEPS = (
-    (("policy", "plan"), (CREATE, UPDATE)),
+    (("policy", "jwt_issuer", "plan"), (CREATE, UPDATE)),
     (("subscription", "consumer", "api"), (DELETE,)),
+    (("identity",), (DELETE,)),
     (("api", "consumer", "subscription"), (CREATE, UPDATE)),
-    (("plan", "policy"), (DELETE,)),
+    (("plan", "policy", "jwt_issuer"), (DELETE,)),
 )
 
 
@@ -117,6 +119,7 @@ class _Applier:
         self.plan = plan
         self.actor = actor
         self.policies: dict[str, Policy] = {name: row for name, (_item, row) in state.policies.items()}
+        self.issuers: dict[str, JwtIssuer] = {name: row for name, (_item, row) in state.jwt_issuers.items()}
         self.plans: dict[str, Plan] = {name: row for name, (_item, row) in state.plans.items()}
         self.apis: dict[str, Api] = {name: row for name, (_item, row) in state.apis.items()}
         self.consumers: dict[str, Consumer] = {key: row for key, (_item, row) in (state.consumers or {}).items()}
@@ -155,6 +158,9 @@ class _Applier:
     def run(self) -> None:
         for kinds, actions in _STEPS:
             for kind in kinds:
+                if kind == "identity":
+                    self._remove_identities()
+                    continue
                 for change in self.plan.changes:
                     if change.kind == kind and change.action in actions:
                         self._guarded(change, getattr(self, f"_{change.action}_{kind}"))
@@ -199,6 +205,19 @@ class _Applier:
     def _delete_policy(self, change: Change) -> None:
         services.policy_delete(policy=change.row, actor=self.actor)
 
+    # JWT issuers -----------------------------------------------------------------------------------------
+
+    def _create_jwt_issuer(self, change: Change) -> None:
+        item = change.desired
+        self.issuers[change.key] = services.jwt_issuer_create(tenant=self.tenant, actor=self.actor, **item)
+
+    def _update_jwt_issuer(self, change: Change) -> None:
+        fields = {name: change.desired[name] for name in change.fields}
+        services.jwt_issuer_update(issuer=change.row, actor=self.actor, **fields)
+
+    def _delete_jwt_issuer(self, change: Change) -> None:
+        services.jwt_issuer_delete(issuer=change.row, actor=self.actor)
+
     # Plans -----------------------------------------------------------------------------------------------
 
     def _create_plan(self, change: Change) -> None:
@@ -239,7 +258,7 @@ class _Applier:
         options = {
             API_MODEL_FIELD.get(name, name): self._api_value(name, item.get(name))
             for name in item
-            if name not in ("name", "base_path", "upstream_url", "status", "targets", "policies", "plans")
+            if name not in ("name", "base_path", "upstream_url", "status", "targets", *API_REFERENCES)
         }
         self.apis[change.key] = services.api_create(
             tenant=self.tenant,
@@ -250,6 +269,7 @@ class _Applier:
             status=item["status"],
             policies=[self.policies[n] for n in item["policies"]],
             plans=[self.plans[n] for n in item["plans"]],
+            jwt_issuers=[self.issuers[n] for n in item["jwt_issuers"]],
             targets=[(t["url"], t["weight"]) for t in item["targets"]],
             **options,
         )
@@ -259,7 +279,7 @@ class _Applier:
         fields = {
             API_MODEL_FIELD.get(name, name): self._api_value(name, item.get(name))
             for name in change.fields
-            if name not in ("status", "targets", "policies", "plans")
+            if name not in ("status", "targets", *API_REFERENCES)
         }
         api: Api = change.row
         api = services.api_update(
@@ -267,6 +287,7 @@ class _Applier:
             actor=self.actor,
             policies=[self.policies[n] for n in item["policies"]] if "policies" in change.fields else None,
             plans=[self.plans[n] for n in item["plans"]] if "plans" in change.fields else None,
+            jwt_issuers=[self.issuers[n] for n in item["jwt_issuers"]] if "jwt_issuers" in change.fields else None,
             targets=[(t["url"], t["weight"]) for t in item["targets"]] if "targets" in change.fields else None,
             **fields,
         )
@@ -301,19 +322,54 @@ class _Applier:
             name=item["name"],
             owner=self._user(item["owner"]),
             description=item["description"],
+            ip_allow=item["ip_allow"],
+            ip_deny=item["ip_deny"],
         )
         if item["status"] == Consumer.Status.BLOCKED:
             consumer = services.consumer_block(consumer=consumer, actor=self.actor)
         self.consumers[change.key] = consumer
+        self._add_identities(change.key, consumer, item["identities"])
 
     def _update_consumer(self, change: Change) -> None:
         consumer: Consumer = change.row
-        fields: dict[str, Any] = {name: change.desired[name] for name in change.fields if name in ("description",)}
+        updatable = ("description", "ip_allow", "ip_deny")
+        fields: dict[str, Any] = {name: change.desired[name] for name in change.fields if name in updatable}
         if fields:
             consumer = services.consumer_update(consumer=consumer, actor=self.actor, **fields)
+        if "identities" in change.fields:
+            self._add_identities(change.key, consumer, change.desired["identities"])
         if "status" in change.fields:
             block = change.desired["status"] == Consumer.Status.BLOCKED
             (services.consumer_block if block else services.consumer_unblock)(consumer=consumer, actor=self.actor)
+
+    def _add_identities(self, key: str, consumer: Consumer, identities: list[dict[str, str]]) -> None:
+        for identity in identities:
+            if (key, identity["issuer"], identity["external_id"]) not in self.state.identities:
+                services.consumer_identity_create(
+                    consumer=consumer,
+                    issuer=self.issuers[identity["issuer"]],
+                    external_id=identity["external_id"],
+                    actor=self.actor,
+                )
+
+    def _remove_identities(self) -> None:
+        """Identities the document takes off its consumers, before any is added (one may move to another consumer).
+        A consumer deleted takes its identities with it."""
+        for change in self.plan.changes:
+            if change.kind != "consumer" or change.action != UPDATE or "identities" not in change.fields:
+                continue
+            wanted = {(i["issuer"], i["external_id"]) for i in change.desired["identities"]}
+            gone = [
+                identity
+                for (key, issuer, external_id), identity in self.state.identities.items()
+                if key == change.key and (issuer, external_id) not in wanted
+            ]
+            if gone:
+                self._guarded(change, partial(self._delete_identities, gone))
+
+    def _delete_identities(self, identities: list[ConsumerIdentity], _change: Change) -> None:
+        for identity in identities:
+            services.consumer_identity_delete(identity=identity, actor=self.actor)
 
     def _delete_consumer(self, change: Change) -> None:
         services.consumer_delete(consumer=change.row, actor=self.actor)

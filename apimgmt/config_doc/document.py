@@ -24,10 +24,16 @@ from django.db import models
 from django.utils.dateparse import parse_datetime
 
 from apimgmt import validation
-from apimgmt.config_doc.schema import API_MODEL_FIELD, FORMAT, api_document_fields, document_schema
-from apimgmt.models import Api, Consumer, Plan, Policy
+from apimgmt.config_doc.schema import (
+    API_MODEL_FIELD,
+    FORMAT,
+    JWT_ISSUER_FIELDS,
+    api_document_fields,
+    document_schema,
+)
+from apimgmt.models import Api, Consumer, JwtIssuer, Plan, Policy
 
-SECTIONS = ("policies", "plans", "apis", "consumers")
+SECTIONS = ("policies", "jwt_issuers", "plans", "apis", "consumers")
 
 
 def _api_field(name: str) -> models.Field[Any, Any] | None:
@@ -45,7 +51,9 @@ API_FIELDS = api_document_fields()
 # How the model stores some of them: floats (a YAML 2 is 2.0) and moments (UTC, ISO 8601).
 _API_FLOATS = {n for n in API_FIELDS if isinstance(_api_field(n), models.FloatField)}
 API_MOMENTS = {n for n in API_FIELDS if isinstance(_api_field(n), models.DateTimeField)}
-CONSUMER_FIELDS = ("name", "owner", "description", "status", "subscriptions")
+CONSUMER_FIELDS = ("name", "owner", "description", "status", "ip_allow", "ip_deny", "identities", "subscriptions")
+# An API's references to other objects of the document, by name.
+API_REFERENCES = ("policies", "plans", "jwt_issuers")
 SUBSCRIPTION_FIELDS = ("api", "plan", "status")
 
 _VARIABLE = re.compile(r"\$(\$\{)|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
@@ -379,6 +387,14 @@ def canonical_policy(item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def canonical_jwt_issuer(item: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in JWT_ISSUER_FIELDS:
+        value = item[name] if name in item else _model_default(JwtIssuer, name)
+        out[name] = _sorted_keys(value) if name == "public_keys" else value
+    return out
+
+
 def canonical_plan(item: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "name": item["name"],
@@ -392,7 +408,7 @@ def canonical_plan(item: Mapping[str, Any]) -> dict[str, Any]:
 def canonical_api(item: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in API_FIELDS:
-        if field in ("policies", "plans"):
+        if field in API_REFERENCES:
             out[field] = sorted(item.get(field, []))
         elif field == "targets":
             targets = [{"url": t["url"], "weight": t.get("weight", 1)} for t in item.get("targets", [])]
@@ -415,11 +431,15 @@ def canonical_consumer(item: Mapping[str, Any]) -> dict[str, Any]:
         {"api": s["api"], "plan": s.get("plan"), "status": s.get("status", "active")}
         for s in item.get("subscriptions", [])
     ]
+    identities = [{"issuer": i["issuer"], "external_id": i["external_id"]} for i in item.get("identities", [])]
     return {
         "name": item["name"],
         "owner": item.get("owner"),
         "description": item.get("description", ""),
         "status": item.get("status", _model_default(Consumer, "status")),
+        "ip_allow": list(item.get("ip_allow", [])),
+        "ip_deny": list(item.get("ip_deny", [])),
+        "identities": sorted(identities, key=lambda i: (i["issuer"], i["external_id"])),
         "subscriptions": sorted(subscriptions, key=lambda s: s["api"]),
     }
 
@@ -433,6 +453,8 @@ def canonical_document(data: Mapping[str, Any]) -> dict[str, Any]:
     """Sections in dependency order, objects sorted by their keys."""
     document: dict[str, Any] = {"format": FORMAT}
     document["policies"] = sorted((canonical_policy(p) for p in data.get("policies", [])), key=lambda p: p["name"])
+    issuers = (canonical_jwt_issuer(i) for i in data.get("jwt_issuers", []))
+    document["jwt_issuers"] = sorted(issuers, key=lambda i: i["name"])
     document["plans"] = sorted((canonical_plan(p) for p in data.get("plans", [])), key=lambda p: p["name"])
     document["apis"] = sorted((canonical_api(a) for a in data.get("apis", [])), key=lambda a: a["name"])
     if "consumers" in data:
@@ -453,9 +475,11 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
             seen.add(key)
 
     policies = {p["name"]: p for p in document["policies"]}
+    issuers = {i["name"]: i for i in document["jwt_issuers"]}
     plans = {p["name"]: p for p in document["plans"]}
     apis = {a["name"]: a for a in document["apis"]}
     unique("policies", [p["name"] for p in document["policies"]], "policies")
+    unique("jwt_issuers", [i["name"] for i in document["jwt_issuers"]], "JWT issuers")
     unique("plans", [p["name"] for p in document["plans"]], "plans")
     unique("apis", [a["name"] for a in document["apis"]], "APIs")
 
@@ -469,6 +493,8 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
             policy["config"] = _sorted_keys(validation.validate_policy_config(policy["policy_type"], policy["config"]))
         except ValidationError as exc:
             problems.extend(Problem(f"policies[{policy['name']}].config", m) for m in exc.messages)
+    for issuer in document["jwt_issuers"]:
+        problems.extend(_check_issuer(issuer))
     for plan in document["plans"]:
         refs(f"plans[{plan['name']}].policies", plan["policies"], policies, "policy")
     routes: dict[tuple[str, str], str] = {}
@@ -476,6 +502,14 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
         where = f"apis[{api['name']}]"
         refs(f"{where}.policies", api["policies"], policies, "policy")
         refs(f"{where}.plans", api["plans"], plans, "plan")
+        refs(f"{where}.jwt_issuers", api["jwt_issuers"], issuers, "JWT issuer")
+        if api["auth_method"] != Api.AuthMethod.KEY and not api["jwt_issuers"]:
+            problems.append(
+                Problem(
+                    f"{where}.jwt_issuers",
+                    f"auth_method {api['auth_method']!r} needs at least one JWT issuer (jwt_issuers).",
+                )
+            )
         for field, check in (
             ("base_path", validation.validate_base_path),
             ("host", validation.validate_host),
@@ -509,9 +543,31 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
                 api[moment] = format_datetime(parsed)
     if "consumers" in document:
         unique("consumers", [consumer_key(c) for c in document["consumers"]], "consumers")
+        holders: dict[tuple[str, str], str] = {}
         for consumer in document["consumers"]:
             where = f"consumers[{consumer_key(consumer)}]"
             unique(f"{where}.subscriptions", [s["api"] for s in consumer["subscriptions"]], "subscriptions")
+            for name in ("ip_allow", "ip_deny"):
+                try:
+                    consumer[name] = validation.validate_cidr_list(consumer[name], name)
+                except ValidationError as exc:
+                    problems.extend(Problem(f"{where}.{name}", m) for m in exc.messages)
+            for identity in consumer["identities"]:
+                at = f"{where}.identities[{identity['issuer']}:{identity['external_id']}]"
+                if identity["issuer"] not in issuers:
+                    problems.append(
+                        Problem(f"{at}.issuer", f"no JWT issuer named {identity['issuer']!r} in this document.")
+                    )
+                pair = (identity["issuer"], identity["external_id"])
+                if pair in holders:
+                    problems.append(
+                        Problem(
+                            f"{at}.external_id",
+                            f"consumer {holders[pair]!r} has this external ID at this issuer already; one consumer per "
+                            "external ID.",
+                        )
+                    )
+                holders.setdefault(pair, consumer_key(consumer))
             for sub in consumer["subscriptions"]:
                 if sub["api"] not in apis:
                     problems.append(
@@ -527,6 +583,17 @@ def _check_meaning(document: Mapping[str, Any]) -> list[Problem]:
                         )
                     )
     return problems
+
+
+def _check_issuer(issuer: dict[str, Any]) -> list[Problem]:
+    """A JWT issuer's settings checked and normalised as the services will (validation.jwt_issuer_errors)."""
+    cleaned, errors = validation.jwt_issuer_errors(
+        **{name: issuer[name] for name in JWT_ISSUER_FIELDS if name not in ("name", "auto_provision")}
+    )
+    for name, value in cleaned.items():
+        issuer[name] = _sorted_keys(value) if name == "public_keys" else value
+    where = f"jwt_issuers[{issuer['name']}]"
+    return [Problem(f"{where}.{name}", message) for name, messages in errors.items() for message in messages]
 
 
 def read_document(text: str, source: str, variables: Mapping[str, str]) -> dict[str, Any]:

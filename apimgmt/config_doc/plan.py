@@ -18,7 +18,13 @@ CREATE = "create"
 UPDATE = "update"
 DELETE = "delete"
 # The document section of each kind of object (subscriptions are listed under their consumer).
-SECTION_OF = {"policy": "policies", "plan": "plans", "api": "apis", "consumer": "consumers"}
+SECTION_OF = {
+    "policy": "policies",
+    "jwt_issuer": "jwt_issuers",
+    "plan": "plans",
+    "api": "apis",
+    "consumer": "consumers",
+}
 # Where an API's status may go from where (the services' transitions; draft is only ever a starting point).
 _API_REACHABLE = {
     Api.Status.DRAFT: {Api.Status.ACTIVE, Api.Status.DEPRECATED, Api.Status.RETIRED},
@@ -31,7 +37,8 @@ _API_REACHABLE = {
 @dataclass
 class Change:
     """One object to create, update or delete. ``fields`` (updates): {field: [old, new]}; ``refusal``: why a delete
-    would be refused. The plan lists changes in the order: policies, plans, APIs, consumers, subscriptions, then
+    would be refused. The plan lists changes in the order: policies, JWT issuers, plans, APIs, consumers,
+    subscriptions, then
     deletes; apply makes them in its own order (apimgmt/config_doc/apply.py, ``_STEPS``)."""
 
     action: str
@@ -141,7 +148,7 @@ def make_plan(*, state: TenantState, document: dict[str, Any], source: str, prun
         raise ConfigError(source, state.ambiguous)
     plan = ConfigPlan(tenant_id=state.tenant.id, source=source, prune=prune, fingerprint=state.fingerprint())
     problems: list[Problem] = []
-    for kind in ("policy", "plan", "api"):
+    for kind in ("policy", "jwt_issuer", "plan", "api"):
         section = SECTION_OF[kind]
         current: dict[str, tuple[dict[str, Any], Any]] = getattr(state, section)
         for item in document[section]:
@@ -232,7 +239,10 @@ def _plan_name(state: TenantState, subscription: Subscription) -> str | None:
 
 def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]) -> None:
     """What the document does not mention, each with the refusal its DELETE would meet after the other changes."""
-    wanted = {section: {item["name"] for item in document[section]} for section in ("policies", "plans", "apis")}
+    wanted = {
+        section: {item["name"] for item in document[section]}
+        for section in ("policies", "jwt_issuers", "plans", "apis")
+    }
     deleted_consumers: set[str] = set()
     cancelled: set[str] = set()
     if "consumers" in document and state.consumers is not None:
@@ -283,3 +293,15 @@ def _plan_deletes(plan: ConfigPlan, state: TenantState, document: dict[str, Any]
                 "detach it from them first, then delete it."
             )
         plan.changes.append(Change(DELETE, "policy", key, refusal=refusal, row=state.policies[key][1]))
+    accepted_by: dict[str, list[str]] = {}
+    for key in kept_apis:
+        for name in state.apis[key][0]["jwt_issuers"]:
+            accepted_by.setdefault(name, []).append(key)
+    for key in sorted(set(state.jwt_issuers) - wanted["jwt_issuers"]):
+        refusal = None
+        if key in accepted_by:
+            refusal = (
+                f"JWT issuer {key!r} stays accepted by API(s) {', '.join(map(repr, accepted_by[key]))}, whose "
+                "deletion is refused; take it off their jwt_issuers first, then delete it."
+            )
+        plan.changes.append(Change(DELETE, "jwt_issuer", key, refusal=refusal, row=state.jwt_issuers[key][1]))

@@ -14,15 +14,27 @@ from apimgmt.config_doc.document import (
     API_MODEL_FIELD,
     API_MOMENTS,
     FORMAT,
+    JWT_ISSUER_FIELDS,
     Problem,
     canonical_api,
     canonical_consumer,
+    canonical_jwt_issuer,
     canonical_plan,
     canonical_policy,
     consumer_key,
     format_datetime,
 )
-from apimgmt.models import Api, Consumer, Plan, Policy, Subscription, Tenant, UpstreamTarget
+from apimgmt.models import (
+    Api,
+    Consumer,
+    ConsumerIdentity,
+    JwtIssuer,
+    Plan,
+    Policy,
+    Subscription,
+    Tenant,
+    UpstreamTarget,
+)
 
 
 @dataclass
@@ -31,17 +43,20 @@ class TenantState:
 
     tenant: Tenant
     policies: dict[str, tuple[dict[str, Any], Policy]] = field(default_factory=dict)
+    jwt_issuers: dict[str, tuple[dict[str, Any], JwtIssuer]] = field(default_factory=dict)
     plans: dict[str, tuple[dict[str, Any], Plan]] = field(default_factory=dict)
     apis: dict[str, tuple[dict[str, Any], Api]] = field(default_factory=dict)
     consumers: dict[str, tuple[dict[str, Any], Consumer]] | None = None
     # Open subscriptions by (consumer key, API name).
     subscriptions: dict[tuple[str, str], Subscription] = field(default_factory=dict)
+    # Consumer identities by (consumer key, issuer name, external id).
+    identities: dict[tuple[str, str, str], ConsumerIdentity] = field(default_factory=dict)
     # Names the document cannot key because two rows share them ("APIs named 'x'"), for a precise refusal.
     ambiguous: list[Problem] = field(default_factory=list)
 
     def document(self) -> dict[str, Any]:
         document: dict[str, Any] = {"format": FORMAT}
-        for section in ("policies", "plans", "apis"):
+        for section in ("policies", "jwt_issuers", "plans", "apis"):
             rows: dict[str, tuple[dict[str, Any], Any]] = getattr(self, section)
             document[section] = [rows[key][0] for key in sorted(rows)]
         if self.consumers is not None:
@@ -101,6 +116,14 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
         ],
         "policy",
     )
+    issuers = list(rows(JwtIssuer.objects.filter(tenant=tenant)).order_by("name", "pk"))
+    issuer_names = {i.pk: i.name for i in issuers}
+    state.jwt_issuers = _keyed(
+        state,
+        "jwt_issuers",
+        [(i.name, canonical_jwt_issuer({name: getattr(i, name) for name in JWT_ISSUER_FIELDS}), i) for i in issuers],
+        "JWT issuer",
+    )
     plan_policies = _links(Plan.policies.through, "plan_id", "policy_id", plan__tenant=tenant)
     plans = list(rows(Plan.objects.filter(tenant=tenant)).order_by("name", "pk"))
     plan_names = {p.pk: p.name for p in plans}
@@ -127,6 +150,7 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
     )
     api_policies = _links(Api.policies.through, "api_id", "policy_id", api__tenant=tenant)
     api_plans = _links(Api.plans.through, "api_id", "plan_id", api__tenant=tenant)
+    api_issuers = _links(Api.jwt_issuers.through, "api_id", "jwtissuer_id", api__tenant=tenant)
     targets: dict[str, list[dict[str, Any]]] = {}
     for api_id, url, weight in UpstreamTarget.objects.filter(api__tenant=tenant).values_list("api_id", "url", "weight"):
         targets.setdefault(api_id, []).append({"url": url, "weight": weight})
@@ -144,6 +168,7 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
                         "targets": targets.get(a.pk, []),
                         "policies": [policy_names[i] for i in api_policies.get(a.pk, [])],
                         "plans": [plan_names[i] for i in api_plans.get(a.pk, [])],
+                        "jwt_issuers": [issuer_names[i] for i in api_issuers.get(a.pk, [])],
                     }
                 ),
                 a,
@@ -153,7 +178,7 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
         "API",
     )
     if consumers:
-        _read_consumers(state, rows, plan_names)
+        _read_consumers(state, rows, plan_names, issuer_names)
     return state
 
 
@@ -169,12 +194,14 @@ def _links(through: Any, left: str, right: str, **tenant_filter: Any) -> dict[st
     return links
 
 
-def _read_consumers(state: TenantState, rows: Any, plan_names: dict[str, str]) -> None:
+def _read_consumers(state: TenantState, rows: Any, plan_names: dict[str, str], issuer_names: dict[str, str]) -> None:
     open_subscriptions = Prefetch(
         "subscriptions", queryset=Subscription.objects.open().select_related("api"), to_attr="open_subscriptions"
     )
     consumers = list(
-        rows(Consumer.objects.filter(tenant=state.tenant)).select_related("owner").prefetch_related(open_subscriptions)
+        rows(Consumer.objects.filter(tenant=state.tenant))
+        .select_related("owner")
+        .prefetch_related(open_subscriptions, "identities")
     )
     keyed_rows = []
     for consumer in consumers:
@@ -193,11 +220,19 @@ def _read_consumers(state: TenantState, rows: Any, plan_names: dict[str, str]) -
                 "owner": owner,
                 "description": consumer.description,
                 "status": consumer.status,
+                "ip_allow": consumer.ip_allow,
+                "ip_deny": consumer.ip_deny,
+                "identities": [
+                    {"issuer": issuer_names[i.issuer_id], "external_id": i.external_id}
+                    for i in consumer.identities.all()
+                ],
                 "subscriptions": subscriptions,
             }
         )
         key = consumer_key(item)
         keyed_rows.append((key, item, consumer))
+        for identity in consumer.identities.all():
+            state.identities[(key, issuer_names[identity.issuer_id], identity.external_id)] = identity
         for s in consumer.open_subscriptions:
             state.subscriptions[(key, s.api.api_name)] = s
     state.consumers = _keyed(state, "consumers", keyed_rows, "consumer")

@@ -13,6 +13,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from apimgmt import config_doc, services
+from apimgmt.config_doc.document import API_FIELDS
 from apimgmt.config_doc.schema import document_schema
 from apimgmt.models import Api, ApiKey, AuditEvent, Consumer, Plan, Policy, Subscription, Tenant
 from tests.config.conftest import build_world, snapshot
@@ -38,7 +39,10 @@ BAD_DOCUMENTS = [
     ),
     pytest.param(
         HEADER + "apis:\n- {name: users, base_path: /u, upstream_url: 'https://u.example.com', colour: blue}\n",
-        ["apis[users].colour: unknown field; not one of the 31 fields this object takes (docs/config.schema.json)."],
+        [
+            f"apis[users].colour: unknown field; not one of the {len(API_FIELDS)} fields this object takes "
+            "(docs/config.schema.json)."
+        ],
         id="unknown-field",
     ),
     pytest.param(
@@ -385,6 +389,7 @@ def test_without_a_consumers_section_consumers_are_left_alone_even_with_prune(
     ).keys() == {
         "format",
         "policies",
+        "jwt_issuers",
         "plans",
         "apis",
     }
@@ -398,3 +403,11 @@ def test_the_example_in_the_guide_is_a_valid_document() -> None:
     )
     assert [a["name"] for a in document["apis"]] == ["orders", "users"]
     assert document["consumers"][1]["subscriptions"] == [{"api": "users", "plan": "free", "status": "pending"}]
+    assert document["consumers"][1]["identities"] == [{"issuer": "idp", "external_id": "mobile-app"}]
+    assert [p["policy_type"] for p in document["policies"]] == [
+        "cors",
+        "rate_limiting",
+        "quota",
+        "ip_rules",
+        "rate_limiting",
+    ]

@@ -1,0 +1,277 @@
+"""Attacks on the gateway's JWT authentication, each with what the attacker sees and what the upstream does not.
+
+Algorithm confusion, key-source injection in the header, hostile kids and claims, tokens carried between APIs and
+tenants, the verified-token cache, auto-provisioning floods and the JWKS fetch (redirects, huge and slow answers).
+The keys are real (cryptography), the JWKS servers and upstreams are real servers on loopback.
+"""
+# ruff: noqa: F811  (the fixtures of tests/gateway/test_jwt.py are imported by name)
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm
+from jwt.utils import der_to_raw_signature
+
+from apimgmt import services
+from gateway import jwt_auth
+from tests.gateway.conftest import publish, subscribe
+from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
+    AUD,
+    ISS,
+    JwksServer,
+    SigningKey,
+    _b64,
+    _claims,
+    bearer,
+    issuer,
+    jwks_server,
+    jwt_api,
+    k1,
+    k2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_failure_throttle(settings_gateway: Any) -> None:
+    settings_gateway(AUTH_FAILURE_LIMIT=0)  # these tests send many bad tokens from one address on purpose
+
+
+@pytest.fixture(scope="module")
+def e1() -> SigningKey:
+    return SigningKey("e1", ec.generate_private_key(ec.SECP256R1()), "ES256")
+
+
+@pytest.fixture(scope="module")
+def attacker() -> SigningKey:
+    return SigningKey("k1", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
+
+
+def raw_token(header: dict[str, Any] | str, payload: dict[str, Any] | str, signature: bytes = b"sig") -> str:
+    """A token with exactly these header and payload bytes (strings are taken as the JSON text)."""
+    head = header if isinstance(header, str) else json.dumps(header)
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"{_b64(head.encode())}.{_b64(body.encode())}.{_b64(signature)}"
+
+
+def signed_raw(key: SigningKey, header: str, payload: str) -> str:
+    """RS256 over exactly these header and payload JSON texts (for claims json.dumps would not write)."""
+    signing_input = f"{_b64(header.encode())}.{_b64(payload.encode())}"
+    algorithm = jwt.get_algorithm_by_name("RS256")
+    signature = algorithm.sign(signing_input.encode(), key.private)
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def es256_on_p384(private: ec.EllipticCurvePrivateKey) -> str:
+    """An "ES256" token signed with a P-384 key (PyJWT will not make one: the curve is ES384's)."""
+    signing_input = (
+        f"{_b64(json.dumps({'alg': 'ES256', 'kid': 'p384'}).encode())}.{_b64(json.dumps(_claims()).encode())}"
+    )
+    der = private.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{signing_input}.{_b64(der_to_raw_signature(der, private.curve))}"
+
+
+def refused(response: Any, status: int = 401) -> str:
+    assert response.status == status, response.body
+    assert response.header("Content-Type") == "application/problem+json"
+    return str(response.json()["detail"])
+
+
+# -- algorithm confusion -----------------------------------------------------------------------------------------
+
+
+def test_every_spelling_of_none_and_every_hmac_keyed_with_the_public_key_is_refused_before_a_key_is_fetched(
+    gateway, jwt_api, jwks_server, upstream, k1
+):
+    spellings = ["none", "None", "nOnE", "NONE", "none ", " none", ""]
+    for alg in spellings:
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": alg, "kid": "k1"}, _claims()))))
+        assert "not accepted" in detail, alg
+    pem = k1.public_pem()
+    secrets = {"PEM": pem, "JWK": json.dumps(k1.jwk).encode(), "JWK n": k1.jwk["n"].encode()}
+    for alg, digest in (("HS256", hashlib.sha256), ("HS384", hashlib.sha384), ("HS512", hashlib.sha512)):
+        for name, secret in secrets.items():
+            header = _b64(json.dumps({"alg": alg, "typ": "JWT", "kid": "k1"}).encode())
+            payload = _b64(json.dumps(_claims()).encode())
+            mac = hmac.new(secret, f"{header}.{payload}".encode(), digest).digest()
+            detail = refused(gateway.get("/api/jwt/a", headers=bearer(f"{header}.{payload}.{_b64(mac)}")))
+            assert f"algorithm {alg} are not accepted" in detail, (alg, name)
+    # A header with "alg" twice: the last one counts, for the check and for the verification alike.
+    twice = '{"alg": "RS256", "kid": "k1", "alg": "none"}'
+    assert "alg none" in refused(gateway.get("/api/jwt/a", headers=bearer(raw_token(twice, _claims()) + "")))
+    assert jwks_server.fetches == 0  # none of these cost a key fetch
+    assert upstream.seen == []
+
+
+def test_an_algorithm_the_issuer_does_not_list_is_refused_even_with_a_key_that_verifies_it(
+    gateway, acme, upstream, bob_app, k1, e1
+):
+    issuer = services.jwt_issuer_create(
+        tenant=acme,
+        name="rsa-only",
+        issuer=ISS,
+        audiences=[AUD],
+        public_keys={"keys": [k1.jwk, e1.jwk]},
+        algorithms=["RS256"],
+        actor=None,
+    )
+    api = publish(acme, upstream.url, base_path="/api/rsa", auth_method="jwt", jwt_issuers=[issuer])
+    subscribe(bob_app, api)
+    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    assert "does not sign with ES256" in refused(gateway.get("/api/rsa/a", headers=bearer(e1.token())))
+    for alg in ("RS384", "PS256"):
+        token = jwt.encode(_claims(), k1.private, algorithm=alg, headers={"kid": "k1"})
+        assert f"does not sign with {alg}" in refused(gateway.get("/api/rsa/a", headers=bearer(token)))
+    assert gateway.get("/api/rsa/a", headers=bearer(k1.token())).status == 200
+
+
+def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme, upstream, bob_app, k1, e1):
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    p384_jwk = {**json.loads(ECAlgorithm.to_jwk(p384.public_key())), "kid": "p384"}
+    pinned = {**k1.jwk, "kid": "pinned", "alg": "PS256"}
+    issuer = services.jwt_issuer_create(
+        tenant=acme,
+        name="mixed",
+        issuer=ISS,
+        audiences=[AUD],
+        public_keys={"keys": [k1.jwk, e1.jwk, p384_jwk, pinned]},
+        algorithms=["RS256", "PS256", "ES256"],
+        actor=None,
+    )
+    api = publish(acme, upstream.url, base_path="/api/mix", auth_method="jwt", jwt_issuers=[issuer])
+    subscribe(bob_app, api)
+    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    cases = {
+        "ES256 token naming the RSA key": jwt.encode(_claims(), e1.private, algorithm="ES256", headers={"kid": "k1"}),
+        "RS256 token naming the EC key": jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": "e1"}),
+        "ES256 signed on P-384": es256_on_p384(p384),
+        "RS256 with a key pinned to PS256": jwt.encode(
+            _claims(), k1.private, algorithm="RS256", headers={"kid": "pinned"}
+        ),
+    }
+    for name, token in cases.items():
+        detail = refused(gateway.get("/api/mix/a", headers=bearer(token)))
+        assert "key (kid)" in detail, (name, detail)
+    assert upstream.seen == []
+    assert gateway.get("/api/mix/a", headers=bearer(e1.token())).status == 200
+
+
+# -- where keys come from ----------------------------------------------------------------------------------------
+
+
+def test_keys_offered_in_the_token_header_jku_x5u_jwk_x5c_are_never_used_or_fetched(
+    gateway, jwt_api, jwks_server, upstream, attacker
+):
+    trap = JwksServer()  # the attacker's JWKS: the gateway must never ask it
+    trap.publish(attacker)
+    try:
+        offers = {
+            "jwk": {"jwk": attacker.jwk},
+            "jku": {"jku": trap.url},
+            "x5u": {"x5u": trap.url},
+            "x5c": {"x5c": ["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"]},
+            "all, no kid": {"kid": None, "jwk": attacker.jwk, "jku": trap.url},
+        }
+        for name, extra in offers.items():
+            headers = {key: value for key, value in extra.items() if value is not None}
+            token = jwt.encode(_claims(), attacker.private, algorithm="RS256", headers=headers)
+            if "kid" in extra:  # PyJWT writes no kid unless asked: this one has none
+                assert "kid" not in jwt.get_unverified_header(token)
+            detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+            assert "signature does not verify" in detail, (name, detail)
+        assert trap.fetches == 0
+        assert upstream.seen == []
+    finally:
+        trap.stop()
+
+
+def test_kids_shaped_like_paths_sql_or_junk_are_just_unknown_keys(gateway, jwt_api, jwks_server, upstream, k1):
+    for kid in ("../../../../etc/passwd", "' OR '1'='1' --", "k1\u0000", "k1 ", "K1", "x" * 3000, "%6b1", "k1/../k1"):
+        token = jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": kid})
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+        assert detail == "The token's key id (kid) is not one of its issuer's keys.", kid
+    for kid in (7, ["k1"], {"k": "k1"}, True):
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": "RS256", "kid": kid}, _claims()))))
+        assert "kid" in detail or "well-formed" in detail, kid
+    assert upstream.seen == []
+
+
+# -- hostile claims ----------------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_or_oversized_json_is_a_clean_401(gateway, jwt_api, upstream, k1):
+    for depth in (900, 2500):
+        nested = "[" * depth + "]" * depth
+        for token in (
+            raw_token('{"alg": "RS256", "kid": "k1", "x": ' + nested + "}", _claims()),
+            raw_token({"alg": "RS256", "kid": "k1"}, '{"sub": "user-1", "x": ' + nested + "}"),
+        ):
+            if len(token) > jwt_auth.MAX_TOKEN_BYTES:
+                assert "too large" in refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+            else:
+                refused(gateway.get("/api/jwt/a", headers=bearer(token)))  # parsed or not: a 401, not an error
+    many = k1.token(**{f"c{i}": i for i in range(600)})
+    assert "too large" in refused(gateway.get("/api/jwt/a", headers=bearer(many)))
+    assert upstream.seen == []
+
+
+def test_the_audience_may_be_a_string_or_a_list_of_strings_and_nothing_else(gateway, jwt_api, upstream, k1):
+    assert gateway.get("/api/jwt/a", headers=bearer(k1.token(aud=["someone-else", AUD]))).status == 200
+    for aud in ([], ["someone-else"], [AUD, 5], {"aud": AUD}, 5, "", AUD.upper(), AUD + " "):
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(k1.token(aud=aud, jti=repr(aud)))))
+        assert "aud" in detail, (aud, detail)
+    assert "aud" in refused(gateway.get("/api/jwt/a", headers=bearer(k1.token(aud=None))))
+    assert len(upstream.seen) == 1
+
+
+def test_the_issuer_must_match_exactly_trailing_slash_case_and_type_included(gateway, jwt_api, upstream, k1):
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"})
+    for iss in (ISS.rstrip("/"), ISS + "/", ISS.upper(), ISS + " ", [ISS], {"iss": ISS}, 1):
+        token = signed_raw(k1, header, json.dumps(_claims(iss=iss)))
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+        assert "issuer (iss)" in detail, (iss, detail)
+    assert upstream.seen == []
+
+
+def test_times_must_be_json_numbers(gateway, jwt_api, upstream, k1):
+    now = int(time.time())
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"})
+    base = {"iss": ISS, "aud": AUD, "sub": "user-1", "iat": now}
+    cases = {
+        "exp as a string": {"exp": str(now + 300)},
+        "exp as true": {"exp": True},
+        "exp as a list": {"exp": [now + 300]},
+        "nbf as a string": {"exp": now + 300, "nbf": str(now - 10)},
+        "nbf as false": {"exp": now + 300, "nbf": False},
+        "iat as a string": {"exp": now + 300, "iat": str(now)},
+    }
+    for name, times in cases.items():
+        token = signed_raw(k1, header, json.dumps({**base, **times}))
+        response = gateway.get("/api/jwt/a", headers=bearer(token))
+        assert response.status == 401, (name, response.body)
+        detail = refused(response)
+        assert "exp" in detail or "nbf" in detail or "iat" in detail, (name, detail)
+    # Numbers past what a float holds, and JSON's non-finite extensions: 401, never an error.
+    for exp in ("1" + "0" * 400, "1e400", "Infinity", "NaN"):
+        token = signed_raw(k1, header, json.dumps(base)[:-1] + f', "exp": {exp}}}')
+        assert refused(gateway.get("/api/jwt/a", headers=bearer(token))), exp
+    assert upstream.seen == []
+    # Fractions are NumericDates too.
+    fraction = signed_raw(k1, header, json.dumps({**base, "exp": now + 300.5, "nbf": now - 0.5}))
+    assert gateway.get("/api/jwt/a", headers=bearer(fraction)).status == 200
+
+
+def test_iat_or_nbf_past_the_leeway_in_the_future_is_refused(gateway, jwt_api, upstream, k1):
+    now = int(time.time())
+    assert "iat" in refused(gateway.get("/api/jwt/a", headers=bearer(k1.token(iat=now + 3600))))
+    assert "nbf" in refused(gateway.get("/api/jwt/a", headers=bearer(k1.token(nbf=now + 3600))))
+    assert gateway.get("/api/jwt/a", headers=bearer(k1.token(nbf=now + 10, iat=now + 10))).status == 200  # leeway
+    assert len(upstream.seen) == 1
