@@ -50,13 +50,15 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from redis.exceptions import RedisClusterException
 
+from apimgmt import redis_client
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
+from gateway import ratelimit
 from gateway.chain import ACCESS, CACHE_LOOKUP, Exchange, Result, Step
 from gateway.proxy import HOP_BY_HOP
 
@@ -380,15 +382,15 @@ class ResponseCache(Step):
         names = _vary_memo.get(base)
         if names:
             pending.key = self._variant_key(ex, base, names)
-            found = _decode(client.get(pending.key) or b"")
+            found = _decode(_get(client, pending.key) or b"")
             return found if isinstance(found, _Entry) else None
-        found = _decode(client.get(base) or b"")
+        found = _decode(_get(client, base) or b"")
         if isinstance(found, tuple):  # a marker: the answers of this key vary on these request headers
             if not found:
                 return None
             _remember(base, found)
             pending.key = self._variant_key(ex, base, found)
-            found = _decode(client.get(pending.key) or b"")
+            found = _decode(_get(client, pending.key) or b"")
         return found if isinstance(found, _Entry) else None
 
     def _lead_or_wait(self, pending: _Pending) -> None:
@@ -516,6 +518,33 @@ class ResponseCache(Step):
     def _redis_failed(exc: Exception) -> None:
         _health.down_until = time.monotonic() + BACKOFF_SECONDS
         logger.warning("response cache unavailable (%s); serving from the upstream", type(exc).__name__)
+
+
+def _get(client: Any, key: str) -> bytes | None:
+    """One GET on the limiter's own idle connections (gateway.ratelimit): no pool checkout poll, no Command object.
+
+    A cluster's redirection (a moved slot) is retried once through the cluster client, which follows it.
+    """
+    try:
+        node = redis_client.node_for_key(client, key)
+    except Exception as exc:  # the slot map has no master for this slot (mid-failover)
+        redis_client.topology_failed(client)
+        raise redis.ConnectionError(f"no Redis node for the cache's slot: {exc}") from exc
+    conn = ratelimit._connections.get(client, node)
+    try:
+        conn.send_packed_command(ratelimit._pack(conn, [("GET", key)]))
+        reply = conn.read_response()
+    except redis.ResponseError:
+        ratelimit._connections.put(conn, node)  # an error reply: the connection is still in step
+        redis_client.topology_failed(client)
+        return cast("bytes | None", client.get(key))
+    except BaseException:
+        conn.disconnect()  # an unread reply would be taken as the answer to the next command
+        ratelimit._connections.put(conn, node)
+        redis_client.topology_failed(client)
+        raise
+    ratelimit._connections.put(conn, node)
+    return cast("bytes | None", reply)
 
 
 def _remember(base: str, names: tuple[str, ...]) -> None:
