@@ -485,16 +485,21 @@ def test_hits_skip_the_rate_limit_only_when_the_policy_says_they_do_not_count(
     assert gateway.get("/api/free/v1/third", headers={"X-API-Key": key}).status == 429
 
 
-def test_with_redis_stopped_requests_are_served_by_the_upstream(
-    settings: Any, gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
-) -> None:
-    port = free_port()
+def _redis_server(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
+    wait_for_port(port)
+    return proc
+
+
+def test_with_redis_stopped_requests_are_served_by_the_upstream_and_the_cache_comes_back_with_it(
+    settings: Any, gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    port = free_port()
+    proc = _redis_server(port)
     try:
-        wait_for_port(port)
         settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
         reset_redis()
         _cached_api(acme, bob_app, upstream)
@@ -507,6 +512,15 @@ def test_with_redis_stopped_requests_are_served_by_the_upstream(
     answers = [gateway.get(PATH, headers={"X-API-Key": key}) for _ in range(3)]
     assert [(a.status, a.header("X-Cache")) for a in answers] == [(200, "BYPASS")] * 3
     assert [a.body for a in answers] == [b"answer 2", b"answer 3", b"answer 4"]
+
+    proc = _redis_server(port)  # back, empty
+    try:
+        time.sleep(response_cache.BACKOFF_SECONDS + 0.1)
+        answers = [gateway.get(PATH, headers={"X-API-Key": key}) for _ in range(2)]
+        assert [(a.header("X-Cache"), a.body) for a in answers] == [("MISS", b"answer 5"), ("HIT", b"answer 5")]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- several gunicorn workers --------------------------------------------------------------------------------------
