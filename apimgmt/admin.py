@@ -1175,7 +1175,7 @@ class JwtIssuerAdmin(ServiceDeleteAdmin):
         fields = {name: data[name] for name in services.JWT_ISSUER_FIELDS if name in data}
         if change:
             fields.pop("issuer", None)  # read-only on a change (see get_readonly_fields)
-            services.jwt_issuer_update(issuer=obj, actor=request.user, **fields)
+            services.jwt_issuer_update(jwt_issuer=obj, actor=request.user, **fields)
         else:
             created = services.jwt_issuer_create(tenant=data["tenant"], actor=request.user, **fields)
             obj.pk = created.pk

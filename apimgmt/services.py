@@ -1088,6 +1088,10 @@ def api_key_rotate(
     successor, plaintext = _new_key_row(
         consumer=key.consumer, name=name if name is not None else key.name, expires_at=None, rotated_from=key
     )
+    if key.ip_allow or key.ip_deny:
+        # The successor is restricted exactly as the key it replaces: a rotation never lifts an IP restriction.
+        successor.ip_allow, successor.ip_deny = list(key.ip_allow), list(key.ip_deny)
+        successor.save(update_fields=["ip_allow", "ip_deny"])
     audit_record(
         actor=actor,
         tenant_id=key.consumer.tenant_id,
@@ -1104,7 +1108,12 @@ def api_key_rotate(
         tenant_id=key.consumer.tenant_id,
         action="api_key.create",
         obj=successor,
-        changes={"name": successor.name, "key_prefix": successor.key_prefix, "rotated_from": key.pk},
+        changes={
+            "name": successor.name,
+            "key_prefix": successor.key_prefix,
+            "rotated_from": key.pk,
+            **({"ip_allow": successor.ip_allow, "ip_deny": successor.ip_deny} if key.ip_allow or key.ip_deny else {}),
+        },
     )
     tenant_id = key.consumer.tenant_id
     events.emit(tenant_id=tenant_id, event_type="key.rotated", data=events.key_data(key, successor_key_id=successor.pk))
@@ -1234,7 +1243,9 @@ def jwt_issuer_create(
 
 
 @transaction.atomic
-def jwt_issuer_update(*, issuer: JwtIssuer, actor: Actor, **fields: Any) -> JwtIssuer:
+def jwt_issuer_update(*, jwt_issuer: JwtIssuer, actor: Actor, **fields: Any) -> JwtIssuer:
+    """Change an issuer (``fields`` may include its ``issuer``, the iss value, like any other field)."""
+    issuer = jwt_issuer
     if "tenant" in fields or "tenant_id" in fields:
         raise ValidationError({"tenant_id": "tenant_id cannot be changed after creation."})
     before = _issuer_summary(issuer)

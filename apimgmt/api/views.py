@@ -698,7 +698,7 @@ class JwtIssuerViewSet(ScopedViewSet, ReadMixin, mixins.CreateModelMixin, Update
         return self.render(issuer, status.HTTP_201_CREATED)
 
     def perform_service_update(self, obj: JwtIssuer, data: dict[str, Any]) -> JwtIssuer:
-        return services.jwt_issuer_update(issuer=obj, actor=self.actor, **data)
+        return services.jwt_issuer_update(jwt_issuer=obj, actor=self.actor, **data)
 
     def perform_destroy(self, instance: JwtIssuer) -> None:
         services.jwt_issuer_delete(issuer=instance, actor=self.actor)

@@ -213,7 +213,7 @@ class _Applier:
 
     def _update_jwt_issuer(self, change: Change) -> None:
         fields = {name: change.desired[name] for name in change.fields}
-        services.jwt_issuer_update(issuer=change.row, actor=self.actor, **fields)
+        services.jwt_issuer_update(jwt_issuer=change.row, actor=self.actor, **fields)
 
     def _delete_jwt_issuer(self, change: Change) -> None:
         services.jwt_issuer_delete(issuer=change.row, actor=self.actor)
