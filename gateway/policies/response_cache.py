@@ -437,10 +437,12 @@ class ResponseCache(Step):
             if ttl_age is not None:
                 data = b"".join(body)
                 if len(data) <= self.max_bytes:
-                    self._store(ex, pending, result, data, *ttl_age)
+                    self._store(ex, pending, result.status, result.headers, data, *ttl_age)
             self._release(pending)
         elif ttl_age is not None:
-            result.body = _TeeBody(body, self, ex, pending, result, ttl_age)  # stored (and released) at close()
+            # Stored (and released) at close(), with the headers as they are now: the response transforms after this
+            # step apply to each hit again.
+            result.body = _TeeBody(body, self, ex, pending, result.status, list(result.headers), ttl_age)
         else:
             self._release(pending)
         result.headers.append(("X-Cache", outcome))
@@ -477,17 +479,26 @@ class ResponseCache(Step):
                 return None
         return fresh
 
-    def _store(self, ex: Exchange, pending: _Pending, result: Result, data: bytes, ttl: int, age: int) -> None:
+    def _store(
+        self,
+        ex: Exchange,
+        pending: _Pending,
+        status: str,
+        result_headers: list[tuple[str, str]],
+        data: bytes,
+        ttl: int,
+        age: int,
+    ) -> None:
         limit_names = {n.lower() for n, _ in (ex.state.get("limit_headers") or [])} if ex.state else set()
         dropped = self.dropped
         headers = []
-        for name, value in result.headers:
+        for name, value in result_headers:
             lower = name.lower()
             if lower in dropped or lower in limit_names or (self.drop_cors and lower.startswith("access-control-")):
                 continue
             headers.append((name, value))
-        names = _vary_names(result.headers) or ()
-        entry = encode_entry(result.status, headers, time.time(), age, data)
+        names = _vary_names(result_headers) or ()
+        entry = encode_entry(status, headers, time.time(), age, data)
         client = get_redis()
         if client is None:
             return
@@ -557,13 +568,21 @@ class _TeeBody:
     """A streamed upstream body passed to the client and kept (up to the size cap) to be stored when complete."""
 
     def __init__(
-        self, inner: Any, step: ResponseCache, ex: Exchange, pending: _Pending, result: Result, ttl_age: tuple[int, int]
+        self,
+        inner: Any,
+        step: ResponseCache,
+        ex: Exchange,
+        pending: _Pending,
+        status: str,
+        headers: list[tuple[str, str]],
+        ttl_age: tuple[int, int],
     ) -> None:
         self.inner = inner
         self.step = step
         self.ex = ex
         self.pending = pending
-        self.result = result
+        self.status = status
+        self.headers = headers
         self.ttl_age = ttl_age
         self.kept: list[bytes] | None = []
         self.size = 0
@@ -588,6 +607,6 @@ class _TeeBody:
                 close()
         finally:
             if self.complete and self.kept is not None:
-                self.step._store(self.ex, self.pending, self.result, b"".join(self.kept), *self.ttl_age)
+                self.step._store(self.ex, self.pending, self.status, self.headers, b"".join(self.kept), *self.ttl_age)
             self.kept = None
             self.step._release(self.pending)

@@ -425,6 +425,27 @@ def test_header_transforms_and_cors_are_applied_to_each_hit_for_its_own_caller(
     assert answer.header("X-Cache") == "HIT"
 
 
+def test_a_large_streamed_answer_is_stored_as_the_upstream_sent_it(
+    gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
+) -> None:
+    stamp = services.policy_create(
+        tenant=acme,
+        name="stamp",
+        policy_type="headers",
+        config={"response": {"add": {"X-Served-For": "{consumer_id}"}}},
+        actor=None,
+    )
+    api = _cached_api(acme, bob_app, upstream, stamp)
+    other_key = _second_consumer(acme, api)
+    upstream.respond = lambda seen: Answer(headers=[("Cache-Control", "max-age=60")], body=b"b" * 100_000)
+    bob = gateway.get(PATH, headers={"X-API-Key": key})
+    carl = gateway.get(PATH, headers={"X-API-Key": other_key})
+    assert (bob.header("X-Cache"), carl.header("X-Cache")) == ("MISS", "HIT")
+    assert carl.body == bob.body == b"b" * 100_000
+    assert bob.header_all("X-Served-For") == [bob_app.id]
+    assert carl.header_all("X-Served-For") == [Consumer.objects.get(name="carl-app").id]
+
+
 def _entries() -> Iterator[bytes]:
     from apimgmt.redis_client import get_redis
 
