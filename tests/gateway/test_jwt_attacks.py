@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any
 
@@ -18,11 +19,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from django.core.exceptions import ValidationError
 from jwt.algorithms import ECAlgorithm
 from jwt.utils import der_to_raw_signature
 
 from apimgmt import services
+from apimgmt.models import Consumer, Subscription
 from gateway import jwt_auth
+from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
 from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
     AUD,
@@ -38,6 +42,7 @@ from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
     k1,
     k2,
 )
+from tests.support.secrets_scan import find_secrets
 
 
 @pytest.fixture(autouse=True)
@@ -275,3 +280,131 @@ def test_iat_or_nbf_past_the_leeway_in_the_future_is_refused(gateway, jwt_api, u
     assert "nbf" in refused(gateway.get("/api/jwt/a", headers=bearer(k1.token(nbf=now + 3600))))
     assert gateway.get("/api/jwt/a", headers=bearer(k1.token(nbf=now + 10, iat=now + 10))).status == 200  # leeway
     assert len(upstream.seen) == 1
+
+
+def test_a_claim_value_that_cannot_be_stored_or_hashed_maps_to_nobody_without_an_error(
+    gateway, jwt_api, upstream, k1, caplog
+):
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"})
+    for sub in ("user\\u0000-1", "\\ud800", "user-1\\udfff"):  # NUL, lone surrogates (JSON escapes)
+        payload = json.dumps(_claims(sub="PLACEHOLDER")).replace("PLACEHOLDER", sub)
+        detail = refused(gateway.get("/api/jwt/a", headers=bearer(signed_raw(k1, header, payload))), 403)
+        assert "No application is registered for this token's sub" in detail, sub
+    assert "identity lookup failed" not in caplog.text
+    assert upstream.seen == []
+
+
+# -- tokens carried between APIs and tenants ---------------------------------------------------------------------
+
+
+def test_a_token_verified_for_one_api_is_checked_again_at_an_api_with_other_issuer_settings(
+    gateway, acme, globex, jwt_api, jwks_server, upstream, bob_app, k1, django_capture_on_commit_callbacks
+):
+    """globex trusts the same identity provider (same iss, same keys) for its own audience and its own consumers."""
+    globex_issuer = services.jwt_issuer_create(
+        tenant=globex, name="globex-id", issuer=ISS, audiences=["globex-api"], jwks_url=jwks_server.url, actor=None
+    )
+    globex_api = publish(globex, upstream.url, base_path="/api/globex", auth_method="jwt", jwt_issuers=[globex_issuer])
+    globex_app = services.consumer_create(tenant=globex, name="globex-app", actor=None)
+    subscribe(globex_app, globex_api)
+    acme_token = k1.token()
+    assert gateway.get("/api/jwt/a", headers=bearer(acme_token)).status == 200  # verified and cached for acme
+    detail = refused(gateway.get("/api/globex/a", headers=bearer(acme_token)))
+    assert "audience (aud)" in detail  # the cached verification is not globex's
+    # A token for both audiences: at globex it is globex's identity of the subject, never acme's consumer.
+    both = k1.token(aud=[AUD, "globex-api"])
+    assert gateway.get("/api/jwt/a", headers=bearer(both)).status == 200
+    assert "No application is registered" in refused(gateway.get("/api/globex/a", headers=bearer(both)), 403)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.consumer_identity_create(consumer=globex_app, issuer=globex_issuer, external_id="user-1", actor=None)
+    get_gateway().routes.apply_evictions()  # "no such identity" was cached a moment ago
+    assert gateway.get("/api/globex/a", headers=bearer(k1.token(aud=[AUD, "globex-api"], jti="g"))).status == 200
+    assert [seen.headers["x-consumer-id"] for seen in upstream.seen] == [bob_app.pk, bob_app.pk, globex_app.pk]
+    assert [seen.headers["x-tenant-id"] for seen in upstream.seen] == [acme.pk, acme.pk, globex.pk]
+
+
+def test_an_api_cannot_accept_another_tenants_issuer(acme, globex, upstream, issuer):
+    with pytest.raises(ValidationError) as refusal:
+        publish(globex, upstream.url, base_path="/api/steal", auth_method="jwt", jwt_issuers=[issuer])
+    assert "jwt_issuers" in refusal.value.message_dict
+    globex_app = services.consumer_create(tenant=globex, name="globex-app", actor=None)
+    with pytest.raises(ValidationError) as refusal:
+        services.consumer_identity_create(consumer=globex_app, issuer=issuer, external_id="user-9", actor=None)
+    assert "issuer_id" in refusal.value.message_dict
+
+
+def test_cached_tokens_stop_working_when_their_issuer_leaves_the_api_or_narrows_its_audiences(
+    gateway, acme, jwt_api, issuer, upstream, k1, e1, django_capture_on_commit_callbacks
+):
+    token = k1.token()
+    assert gateway.get("/api/jwt/a", headers=bearer(token)).status == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        services.jwt_issuer_update(jwt_issuer=issuer, actor=None, audiences=["another-api"])
+    get_gateway().routes.reload()
+    assert "audience (aud)" in refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+    with django_capture_on_commit_callbacks(execute=True):
+        services.jwt_issuer_update(jwt_issuer=issuer, actor=None, audiences=[AUD])
+    get_gateway().routes.reload()
+    assert gateway.get("/api/jwt/a", headers=bearer(token)).status == 200
+    other = services.jwt_issuer_create(
+        tenant=acme,
+        name="other-id",
+        issuer="https://other.example.com/",
+        audiences=[AUD],
+        public_keys={"keys": [e1.jwk]},
+        algorithms=["ES256"],
+        actor=None,
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        services.api_update(api=jwt_api, actor=None, jwt_issuers=[other])
+    get_gateway().routes.reload()
+    assert "issuer (iss)" in refused(gateway.get("/api/jwt/a", headers=bearer(token)))
+    assert len(upstream.seen) == 2
+
+
+def test_a_consumer_deleted_or_unsubscribed_after_its_token_was_cached_is_refused_at_the_next_poll(
+    gateway, acme, jwt_api, issuer, bob_app, k1, django_capture_on_commit_callbacks
+):
+    token = k1.token()
+    assert gateway.get("/api/jwt/a", headers=bearer(token)).status == 200
+    subscription = Subscription.objects.get(consumer=bob_app, api=jwt_api)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_cancel(subscription=subscription, actor=None)
+    get_gateway().routes.apply_evictions()
+    assert "no active subscription" in refused(gateway.get("/api/jwt/a", headers=bearer(token)), 403)
+    carol_app = services.consumer_create(tenant=acme, name="carol-app", actor=None)
+    subscribe(carol_app, jwt_api)
+    services.consumer_identity_create(consumer=carol_app, issuer=issuer, external_id="carol", actor=None)
+    carol = k1.token(sub="carol")
+    assert gateway.get("/api/jwt/a", headers=bearer(carol)).status == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        services.consumer_delete(consumer=Consumer.objects.get(pk=carol_app.pk), actor=None)
+    get_gateway().routes.apply_evictions()
+    assert "No application is registered" in refused(gateway.get("/api/jwt/a", headers=bearer(carol)), 403)
+
+
+# -- what leaves the gateway -------------------------------------------------------------------------------------
+
+_QUOTED = r"[\x20\x21\x23-\x5b\x5d-\x7e]*"
+
+
+def test_the_challenge_header_carries_only_printable_ascii_whatever_the_api_name(gateway, acme, upstream, issuer, k1):
+    """gunicorn refuses a header value with control characters (the answer would be a 500) and a quote would end
+    the realm early: an API's name may hold both."""
+    name = 'Ω "quoted" \\ api\x01\x7f\te'
+    publish(acme, upstream.url, base_path="/api/odd", api_name=name, auth_method="jwt", jwt_issuers=[issuer])
+    for headers in ({}, bearer(k1.token(exp=int(time.time()) - 600)), bearer("a.b.c")):
+        challenge = gateway.get("/api/odd/a", headers=headers).header("WWW-Authenticate") or ""
+        pattern = f'Bearer realm="{_QUOTED}"(, error="\\w+", error_description="{_QUOTED}")?'
+        assert re.fullmatch(pattern, challenge), (challenge, headers)
+
+
+def test_no_token_or_claim_value_reaches_the_logs(gateway, jwt_api, upstream, k1, caplog):
+    caplog.set_level("DEBUG")
+    private_sub = "sub-that-must-stay-out-of-logs"
+    tokens = [k1.token(), k1.token(sub=private_sub), k1.token(exp=int(time.time()) - 600), k1.token(sub="a\nb")]
+    for token in tokens:
+        gateway.get("/api/jwt/a", headers=bearer(token))
+    assert not find_secrets(caplog.text)
+    assert private_sub not in caplog.text
+    assert find_secrets(f"token={tokens[0]}"), "the scan knows what a JWT looks like"

@@ -21,6 +21,8 @@ SECRET_PATTERNS: dict[str, re.Pattern[str]] = {
     "API key header": re.compile(r"(?i)x-api-key[\"':= ]+\S{13,}"),
     "password": re.compile(r"[A-Za-z]+-password-123|(?i:\"password\"\s*:\s*\"[^\"]+\")"),
     "session cookie": re.compile(r"sessionid=[a-z0-9]{16,}"),
+    # A JWT's header and claims: base64url of '{"' twice (a signature-less or truncated token counts too).
+    "JWT": re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\."),
 }
 
 
