@@ -17,7 +17,7 @@ import requests
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
-from apimgmt.redis_client import reset_redis
+from apimgmt.redis_client import get_redis, reset_redis
 from gateway.policies import response_cache
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, Recorder, Seen, recording_upstream
@@ -599,6 +599,12 @@ def test_fifty_concurrent_misses_make_one_upstream_request_per_worker_and_config
         assert 1 <= fetched <= WORKERS, f"{fetched} upstream requests for 50 concurrent misses"
         assert sum(r.headers["X-Cache"] == "MISS" for r in results) == fetched
         assert len({r.content for r in results}) <= WORKERS
+        # Both workers, each with its own route table, name the same entry: one key per URL, shared by the workers.
+        client = get_redis()
+        assert client is not None
+        assert len(list(client.scan_iter("rc:{acme}:*"))) == 2  # /warm and /slow
+        after = [requests.get(live_gateway + "/api/users/v1/slow", headers=headers, timeout=30) for _ in range(12)]
+        assert {r.headers["X-Cache"] for r in after} == {"HIT"}
 
         services.policy_update(policy=Policy.objects.get(pk=policy.pk), config={"ttl_seconds": 120}, actor=None)
         deadline = time.monotonic() + 15
