@@ -48,6 +48,7 @@ CATALOG_FIELDS = {
     "status",
     "sunset_at",
     "subscription_approval",
+    "auth_method",  # how to call it: a developer needs to know whether a key or a token is wanted
     "plans",
     "openapi_spec",
     "created_at",
