@@ -364,8 +364,9 @@ MAX_CURL_LINES = 3
 
 def _curl_lines(request: HttpRequest, app: Consumer, plaintext: str) -> list[dict[str, str]]:
     """Ready-to-paste calls with the new key, one per API the app is subscribed to (active first, up to three)."""
+    # A key does nothing at an API that takes only JWTs: no line for those.
     subscriptions = (
-        Subscription.objects.filter(consumer=app, api__in=Api.objects.routable())
+        Subscription.objects.filter(consumer=app, api__in=Api.objects.routable().exclude(auth_method="jwt"))
         .open()
         .select_related("api")
         .order_by("status", "api__api_name")[:MAX_CURL_LINES]

@@ -100,3 +100,24 @@ def test_the_page_uses_developer_words(bob_client: Client, acme: Tenant, acme_ap
     api = _with_auth(acme_api, "key_or_jwt", [_issuer(acme, "corporate", "https://id.example.com/", ["users-api"])])
     text = _section(bob_client, api).lower()
     assert "consumer" not in text and "tenant" not in text
+
+
+def test_a_new_keys_curl_lines_leave_out_apis_that_take_only_tokens(
+    bob_client: Client, acme: Tenant, acme_api: Api, bob_app: Any
+) -> None:
+    tokens_only = services.api_create(
+        tenant=acme,
+        api_name="ledger",
+        base_path="/ledger",
+        upstream_url="https://ledger.example.com",
+        status="active",
+        actor=None,
+    )
+    _with_auth(tokens_only, "jwt", [_issuer(acme, "corporate", "https://id.example.com/", ["ledger"])])
+    for api in (acme_api, tokens_only):
+        services.subscription_request(consumer=bob_app, api=api, actor=None)
+    page = bob_client.post(f"/portal/acme/apps/{bob_app.pk}/keys/new/", {"name": "laptop"})
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert f"{acme_api.base_path}/" in text  # the key API's line
+    assert "/ledger/" not in text  # a key does nothing there: no line that cannot work
