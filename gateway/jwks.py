@@ -14,7 +14,8 @@ issuer's outage does not cost a connection attempt per request.
 
 Fetches go through the same address checks as upstream calls: the URL is validated again as an upstream URL and
 each connection is made by ``gateway.http1.connect_upstream`` (a name that now resolves to a refused address is
-never contacted). No redirects, short timeouts, a size cap.
+never contacted). No redirects, short timeouts per read and a deadline for the whole fetch (a server that
+drips a byte at a time is cut off at ``TOTAL_TIMEOUT_SECONDS``), a size cap.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from jwt.exceptions import PyJWKError, PyJWTError
 
 from apimgmt.selectors import IssuerSpec
 from apimgmt.validation import validate_upstream_url
-from gateway.proxy import WatchedHTTPConnectionPool, WatchedHTTPSConnectionPool
+from gateway.proxy import WatchedHTTPConnectionPool, WatchedHTTPSConnectionPool, _current_watch
+from gateway.resilience import DeadlineReaper, DeadlineWatch
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ MAX_KEYS = 100
 # Key types a token may be checked with: public keys only (an "oct" key is a shared secret, never used).
 _PUBLIC_TYPES = frozenset({"RSA", "EC", "OKP"})
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k")
+
+
+# Cuts JWKS fetches at TOTAL_TIMEOUT_SECONDS (its thread starts with the first fetch of the process).
+_REAPER = DeadlineReaper()
 
 
 class FetchFailed(Exception):
@@ -108,11 +114,30 @@ def fetch_jwks(url: str) -> dict[str, dict[str, Any]]:
         retries=False,
         timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS),
     )
-    deadline = time.monotonic() + TOTAL_TIMEOUT_SECONDS
+    # Socket timeouts bound each read, not their sum: a server that sends a byte now and then (in its headers or
+    # its body) would hold the fetch, and every request waiting on the issuer's lock, for ever. The reaper shuts
+    # the socket down at the deadline, which ends any read in progress.
+    watch = _REAPER.watch(time.monotonic() + TOTAL_TIMEOUT_SECONDS)
+    token = _current_watch.set(watch)  # the pool's connection hands its socket to the watch when it sends
+    try:
+        body = _get(pool, parts.path or "/", watch)
+    finally:
+        _current_watch.reset(token)
+        _REAPER.done(watch)
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise FetchFailed("not JSON") from exc
+    return parse_jwks(document)
+
+
+def _get(pool: WatchedHTTPConnectionPool | WatchedHTTPSConnectionPool, path: str, watch: DeadlineWatch) -> bytes:
+    """The JWKS document's bytes (at most MAX_JWKS_BYTES), read before ``watch``'s deadline."""
+    too_slow = f"took longer than {TOTAL_TIMEOUT_SECONDS:g} s"
     try:
         response = pool.urlopen(
             "GET",
-            parts.path or "/",
+            path,
             headers={"Accept": "application/jwk-set+json, application/json", "User-Agent": "apimgmt-gateway"},
             redirect=False,
             retries=False,
@@ -123,25 +148,21 @@ def fetch_jwks(url: str) -> dict[str, dict[str, Any]]:
                 raise FetchFailed(f"HTTP {response.status}")
             body = b""
             while len(body) <= MAX_JWKS_BYTES:
-                if time.monotonic() > deadline:
-                    raise FetchFailed(f"took longer than {TOTAL_TIMEOUT_SECONDS:g} s")
-                chunk = response.read(64 * 1024)
+                chunk = response.read1(64 * 1024)  # what has arrived, not a wait for 64 KiB
                 if not chunk:
                     break
                 body += chunk
+            if watch.expired:
+                raise FetchFailed(too_slow)
             if len(body) > MAX_JWKS_BYTES:
                 raise FetchFailed(f"larger than {MAX_JWKS_BYTES} bytes")
         finally:
             response.release_conn()
-    except urllib3.exceptions.HTTPError as exc:
-        raise FetchFailed(type(exc).__name__) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise FetchFailed(too_slow if watch.expired else type(exc).__name__) from exc
     finally:
         pool.close()
-    try:
-        document = json.loads(body)
-    except ValueError as exc:
-        raise FetchFailed("not JSON") from exc
-    return parse_jwks(document)
+    return body
 
 
 class IssuerKeys:

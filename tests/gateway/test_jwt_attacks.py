@@ -8,11 +8,15 @@ The keys are real (cryptography), the JWKS servers and upstreams are real server
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import re
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -25,7 +29,7 @@ from jwt.utils import der_to_raw_signature
 
 from apimgmt import services
 from apimgmt.models import Consumer, Subscription
-from gateway import jwt_auth
+from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
 from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
@@ -408,3 +412,152 @@ def test_no_token_or_claim_value_reaches_the_logs(gateway, jwt_api, upstream, k1
     assert not find_secrets(caplog.text)
     assert private_sub not in caplog.text
     assert find_secrets(f"token={tokens[0]}"), "the scan knows what a JWT looks like"
+
+
+# -- the JWKS fetch ----------------------------------------------------------------------------------------------
+
+
+class HostileJwksServer:
+    """A JWKS "server" on loopback that answers each GET with ``answer(connection)`` (raw bytes, any pace)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.requests = 0
+        self.request_lines: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/jwks.json"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection:
+            self.request_lines.append(connection.recv(65536).split(b"\r\n", 1)[0].decode())
+            self.requests += 1
+            with contextlib.suppress(OSError):
+                self.answer(connection, self.stopped)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[Any]:
+    servers: list[HostileJwksServer] = []
+
+    def make(answer: Any) -> HostileJwksServer:
+        servers.append(HostileJwksServer(answer))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def _jwks_api(acme: Any, upstream: Any, bob_app: Any, url: str, path: str) -> None:
+    issuer = services.jwt_issuer_create(
+        tenant=acme, name=f"id-{path}", issuer=ISS, audiences=[AUD], jwks_url=url, actor=None
+    )
+    api = publish(acme, upstream.url, base_path=f"/api/{path}", auth_method="jwt", jwt_issuers=[issuer])
+    subscribe(bob_app, api)
+    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+
+
+def test_a_jwks_redirect_is_not_followed(gateway, acme, upstream, bob_app, jwks_server, hostile, k1):
+    def redirect(connection: socket.socket, stopped: threading.Event) -> None:
+        connection.sendall(f"HTTP/1.1 302 Found\r\nLocation: {jwks_server.url}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    server = hostile(redirect)
+    _jwks_api(acme, upstream, bob_app, server.url, "redirect")
+    detail = refused(gateway.get("/api/redirect/a", headers=bearer(k1.token())), 503)
+    assert "cannot be fetched right now" in detail
+    assert server.request_lines == ["GET /jwks.json HTTP/1.1"]
+    assert jwks_server.fetches == 0  # the place it pointed to was never asked
+    assert upstream.seen == []
+
+
+def test_a_huge_jwks_answer_is_cut_off_at_the_size_cap(gateway, acme, upstream, bob_app, hostile, k1, caplog):
+    def endless(connection: socket.socket, stopped: threading.Event) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"keys": [' + b" " * 65536)
+        sent = 0
+        while not stopped.is_set() and sent < 64 * 1024 * 1024:
+            connection.sendall(b" " * 65536)
+            sent += 65536
+
+    server = hostile(endless)
+    _jwks_api(acme, upstream, bob_app, server.url, "huge")
+    started = time.monotonic()
+    refused(gateway.get("/api/huge/a", headers=bearer(k1.token())), 503)
+    assert time.monotonic() - started < 3
+    assert f"larger than {jwks.MAX_JWKS_BYTES} bytes" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["headers", "body"])
+def test_a_jwks_server_that_drips_is_given_up_on_at_the_total_timeout(
+    gateway, acme, upstream, bob_app, hostile, k1, monkeypatch, stage
+):
+    """One byte every 0.2 s never trips the per-read timeout: only a deadline for the whole fetch ends it."""
+    monkeypatch.setattr(jwks, "TOTAL_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(jwks, "READ_TIMEOUT_SECONDS", 0.5)
+
+    def drip(connection: socket.socket, stopped: threading.Event) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n"
+        if stage == "body":
+            connection.sendall(head + b"\r\n")
+        else:
+            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+        deadline = time.monotonic() + 20
+        while not stopped.is_set() and time.monotonic() < deadline:
+            connection.sendall(b" " if stage == "body" else b"X-Drip: 1\r\n"[:1])
+            time.sleep(0.2)
+
+    server = hostile(drip)
+    _jwks_api(acme, upstream, bob_app, server.url, "drip")
+    started = time.monotonic()
+    refused(gateway.get("/api/drip/a", headers=bearer(k1.token())), 503)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_stalled_jwks_fetch_holds_up_only_the_requests_that_need_it(
+    gateway, acme, upstream, bob_app, jwt_api, hostile, k1, k2, monkeypatch
+):
+    """While an issuer's JWKS fetch hangs (up to the total timeout), other issuers' tokens, and that issuer's
+    tokens whose key is known, pass at once: only requests that need the fetched set wait for it."""
+    release = threading.Event()
+    document = json.dumps({"keys": [k1.jwk]}).encode()
+
+    def first_then_stall(connection: socket.socket, stopped: threading.Event) -> None:
+        if server.requests == 1:
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(document)}\r\n\r\n"
+            connection.sendall(head.encode() + document)
+        else:
+            release.wait(10)
+
+    monkeypatch.setattr(jwks, "TOTAL_TIMEOUT_SECONDS", 10.0)
+    monkeypatch.setattr(jwks, "READ_TIMEOUT_SECONDS", 10.0)
+    server = hostile(first_then_stall)
+    _jwks_api(acme, upstream, bob_app, server.url, "stall")
+    assert gateway.get("/api/stall/a", headers=bearer(k1.token())).status == 200  # the set is known now
+    # An unknown kid: the refetch hangs, in another thread.
+    refetch = threading.Thread(target=lambda: gateway.get("/api/stall/a", headers=bearer(k2.token())))
+    refetch.start()
+    try:
+        deadline = time.monotonic() + 5
+        while server.requests < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.requests == 2
+        started = time.monotonic()
+        assert gateway.get("/api/stall/a", headers=bearer(k1.token(jti="during"))).status == 200
+        assert gateway.get("/api/jwt/a", headers=bearer(k1.token(jti="other"))).status == 200
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        refetch.join(15)
