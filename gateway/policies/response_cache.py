@@ -84,6 +84,9 @@ BACKOFF_SECONDS = 1.0
 _REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 # The longest a request waits for another one's upstream fetch of the same key.
 MAX_WAIT_SECONDS = 30.0
+# Streamed answers held per worker while they pass to their clients, to be stored once complete: past this, a
+# streamed answer is passed on without being kept (many large misses at once must not exhaust a worker's memory).
+BUFFER_BYTES = 64 * 1024 * 1024
 # Vary names remembered per worker (by plain key); cleared whole when full.
 MEMO_SIZE = 10_000
 # Entry layout: 1 byte kind, 4 bytes length of the JSON head, the head, then the body.
@@ -95,7 +98,28 @@ class _Health:
     down_until = 0.0
 
 
+class _Budget:
+    """Bytes of streamed answers held in this worker until they are complete and stored (at most BUFFER_BYTES)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self.lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self.lock:
+            self.used -= size
+
+
 _health = _Health()
+_buffered = _Budget(BUFFER_BYTES)
 # Plain key -> the Vary names its answers were stored with (so a hit needs one GET).
 _vary_memo: dict[str, tuple[str, ...]] = {}
 # Key -> (event set when the fetch is over, monotonic start): one upstream fetch per key and worker at a time.
@@ -592,13 +616,19 @@ class _TeeBody:
         for chunk in self.inner:
             if self.kept is not None:
                 self.size += len(chunk)
-                if self.size > self.step.max_bytes:
-                    self.kept = None
-                    self.step._release(self.pending)  # nothing will be stored: the waiting requests may go on
+                if self.size > self.step.max_bytes or not _buffered.take(len(chunk)):
+                    self._give_up()
                 else:
                     self.kept.append(chunk)
             yield chunk
         self.complete = True
+
+    def _give_up(self) -> None:
+        """Nothing will be stored: the memory goes back and the waiting requests may go on."""
+        if self.kept is not None:
+            _buffered.give(sum(len(c) for c in self.kept))
+            self.kept = None
+        self.step._release(self.pending)
 
     def close(self) -> None:
         try:
@@ -608,5 +638,4 @@ class _TeeBody:
         finally:
             if self.complete and self.kept is not None:
                 self.step._store(self.ex, self.pending, self.status, self.headers, b"".join(self.kept), *self.ttl_age)
-            self.kept = None
-            self.step._release(self.pending)
+            self._give_up()

@@ -6,6 +6,7 @@ answers unless the test needs several gunicorn workers.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import threading
 import time
@@ -389,6 +390,50 @@ def test_entries_above_the_size_cap_are_not_kept_and_large_bodies_within_it_are(
     for _ in range(2):
         assert gateway.get("/api/users/v1/huge", headers={"X-API-Key": key}).header("X-Cache") == "MISS"
     assert len(upstream.seen) == 3
+    assert response_cache._buffered.used == 0  # what was held while streaming is given back
+
+
+def _environ(target: str, key: str) -> dict[str, Any]:
+    return {
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": target,
+        "PATH_INFO": target,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": "testserver",
+        "HTTP_X_API_KEY": key,
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.errors": io.StringIO(),
+    }
+
+
+def test_a_worker_holds_at_most_its_buffer_of_streamed_answers(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    key: str,
+    upstream: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(response_cache._buffered, "limit", 150_000)
+    _cached_api(acme, bob_app, upstream)
+    upstream.respond = lambda seen: Answer(headers=[("Cache-Control", "max-age=60")], body=b"y" * 100_000)
+    url = "/api/users/v1/large"
+    held: Any = gateway.app(_environ(url, key), lambda status, headers: None)  # one answer still being sent
+    sending = iter(held)
+    first = next(sending)
+    assert response_cache._buffered.used > 0
+    second = gateway.get("/api/users/v1/other", headers={"X-API-Key": key})  # would pass the worker's buffer
+    assert second.body == b"y" * 100_000
+    assert gateway.get("/api/users/v1/other", headers={"X-API-Key": key}).header("X-Cache") == "MISS"
+    assert len(first + b"".join(sending)) == 100_000
+    held.close()
+    assert gateway.get(url, headers={"X-API-Key": key}).header("X-Cache") == "HIT"
+    assert response_cache._buffered.used == 0
 
 
 def test_header_transforms_and_cors_are_applied_to_each_hit_for_its_own_caller(
