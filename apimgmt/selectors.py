@@ -324,10 +324,8 @@ def route_snapshot() -> RouteSnapshot:
         )
         .values_list(*_ROUTE_COLUMNS, "spec_paths")
     ]
-    plan_policies = {
-        plan.id: [_policy_spec(p) for p in plan.policies.all()]
-        for plan in Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies")
-    }
+    plans = list(Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies"))
+    plan_policies = {plan.id: [_policy_spec(p) for p in plan.policies.all()] for plan in plans}
     return RouteSnapshot(
         routes=routes, plan_policies=plan_policies, plan_tenants={plan.id: plan.tenant_id for plan in plans}
     )
