@@ -9,17 +9,18 @@ Where it runs
     goes on through limits as usual. Either way the caller is authenticated first.
 
 What is stored
-    Answers of the upstream to GET (a HEAD is answered from a GET's entry; a HEAD that misses goes upstream as a
-    HEAD and is not stored) with status 200, 203, 204, 300, 301, 308, 404 or 410, when none of these holds: ``Cache-Control`` says no-store, private or
-    no-cache; ``Set-Cookie`` is present; ``Vary: *``; ``Vary`` names a header the gateway sets per request (Host,
-    X-Forwarded-*, Forwarded, X-Request-ID) or one whose value the upstream saw differs from the client's (a
-    header transform changed it); the upstream request carried ``Authorization`` and the answer is not marked
-    public, s-maxage or must-revalidate; the body is larger than ``max_entry_bytes`` (or is a stream without an
-    end). Lifetime: s-maxage, else max-age, else Expires (minus the upstream's Age), else the policy's
-    ``ttl_seconds``; never longer than ``ttl_seconds``. Hop-by-hop headers, the gateway's own (X-Request-ID,
-    rate-limit headers, the API's extra headers) and CORS headers are not stored: those are added again for each
-    request, so a hit carries this request's values. Response header transforms run after the store, on a hit as
-    on a miss.
+    Answers of the upstream to GET with status 200, 203, 204, 300, 301, 308, 404 or 410 (a HEAD is answered from
+    a GET's entry; a HEAD that misses goes upstream as a HEAD and is not stored), unless: ``Cache-Control`` says
+    no-store, private or no-cache; ``Set-Cookie`` is present; ``Vary: *``; ``Vary`` names a header the gateway
+    sets per request (Host, X-Forwarded-*, Forwarded, X-Request-ID) or one whose value the upstream saw differs
+    from the client's (a header transform changed it); the upstream request carried ``Authorization`` and the
+    answer is not marked public, s-maxage or must-revalidate; it is an event stream; the body is larger than
+    ``max_entry_bytes``. A body streamed to the client (over 64 KiB) is kept as it passes and stored once
+    complete, within a per-worker budget (BUFFER_BYTES). Lifetime: s-maxage, else max-age, else Expires (less
+    the upstream's Age), else the policy's ``ttl_seconds``; never longer than ``ttl_seconds``. Hop-by-hop
+    headers, the gateway's own (X-Request-ID, rate-limit headers, the API's extra headers) and CORS headers are
+    not stored: they are added again for each request, so a hit carries this request's values. Response header
+    transforms run after the store, on a hit as on a miss.
 
 A client's ``Cache-Control: no-cache`` (or ``max-age=0``, or ``Pragma: no-cache``) skips the lookup and refreshes
 the entry; ``no-store`` skips the lookup and the store. Answers carry ``X-Cache: HIT``, ``MISS`` or ``BYPASS``;
@@ -35,7 +36,7 @@ Keys
     the names, so a hit is one Redis GET.
 
 No stampede: per worker, one request per key goes to the upstream; the others wait for it (at most the API's
-total timeout) and read the cache. Redis unavailable: the cache is skipped for a moment and every request goes to
+total timeout, 30 s at most) and read the cache. Redis unavailable: the cache is skipped for a moment and every request goes to
 the upstream; the cache never causes an error answer.
 """
 
