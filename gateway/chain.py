@@ -202,6 +202,9 @@ class Step:
 
     name = "step"
     phase = PRE_AUTH
+    # Place within the phase, lowest first (then the modules' name order): a step that must come last in its phase
+    # (the response cache's lookup in access, which ends the request on a hit) says so here.
+    order = 0
     # Whether response() has anything to do: steps without it are not remembered per request.
     has_response = False
 
@@ -223,7 +226,8 @@ class Chain:
         for step in steps:
             if step.phase not in POLICY_PHASES:
                 raise ValueError(f"step {step.name!r} declares phase {step.phase!r}, not one a policy may use")
-        self.steps = sorted(steps, key=lambda s: _ORDER[s.phase])  # stable: a phase keeps the modules' order
+        # Stable: within a phase and order, the modules' name order.
+        self.steps = sorted(steps, key=lambda s: (_ORDER[s.phase], s.order))
         self.by_phase: dict[str, tuple[Step, ...]] = {
             phase: tuple(s for s in self.steps if s.phase == phase) for phase in POLICY_PHASES
         }
@@ -253,7 +257,7 @@ class Chain:
         """The final answer through response() of the request steps that ran and of the response phases' steps, in
         phase order."""
         ran = ex.ran
-        steps = sorted([*ran, *self.responders], key=lambda s: _ORDER[s.phase]) if ran else self.responders
+        steps = sorted([*ran, *self.responders], key=lambda s: (_ORDER[s.phase], s.order)) if ran else self.responders
         for step in steps:
             result = step.response(ex, result)
         return result

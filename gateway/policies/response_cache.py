@@ -311,6 +311,7 @@ class ResponseCache(Step):
         self.max_bytes = int(config.get("max_entry_bytes", 1_048_576))
         self.per_consumer = bool(config.get("per_consumer", False))
         self.phase = CACHE_LOOKUP if config.get("count_hits_toward_quota", True) else ACCESS
+        self.order = 100  # last in its phase: in access, a hit ends the request, so every access check runs first
         self.vary = tuple(str(n).lower() for n in config.get("vary_headers", []))
         # How long a request waits for another's fetch of the same key before it asks the upstream itself.
         self.wait_seconds = min(max(1.0, float(route.spec.total_timeout)), MAX_WAIT_SECONDS)

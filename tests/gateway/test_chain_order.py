@@ -244,3 +244,10 @@ def test_a_plans_policy_adds_steps_only_to_its_own_tenants_routes(
     assert gateway.get("/api/users/v1/x", headers={"X-API-Key": key}).status == 200
     route = get_gateway().routes.current().resolve("", "/api/users/v1/x")
     assert route is not None and route.chain is chain.EMPTY  # globex's plan policies cost acme's APIs nothing
+
+
+def test_a_step_may_ask_to_come_last_in_its_phase() -> None:
+    last = _Trace("cache", "access")
+    last.order = 100
+    steps = Chain([last, _Trace("validation", "access"), _Trace("ip", "access")])
+    assert steps.names() == ["access:validation", "access:ip", "access:cache"]
