@@ -13,7 +13,7 @@ from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.db.models import Case, JSONField, QuerySet, Value, When
+from django.db.models import Case, F, JSONField, Q, QuerySet, Value, When
 from django.db.models.fields.json import KeyTransform
 
 from apimgmt.models import (
@@ -130,6 +130,9 @@ class RouteSpec:
     stream_timeout: float | None = None
     # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/spec_operations.py).
     spec_paths: dict[str, Any] | None = None
+    # Request validation (validation shadow or enforce): the whole OpenAPI document, compiled once per route table
+    # by gateway/policies/request_validation.py.
+    openapi_spec: dict[str, Any] | None = None
     policies: list[PolicySpec] = field(default_factory=list)
     # Authentication (apimgmt.models.Api.AuthMethod) and the issuers whose tokens are accepted, in name order.
     auth_method: str = "key"
@@ -280,6 +283,7 @@ def route_snapshot() -> RouteSnapshot:
             websocket_max_message_bytes=websocket_max_message_bytes,
             stream_timeout=stream_timeout,
             spec_paths=spec_paths if isinstance(spec_paths, dict) else None,
+            openapi_spec=validated_spec if isinstance(validated_spec, dict) else None,
             policies=by_api.get(api_id, []),
             auth_method=auth_method,
             jwt_issuers=tuple(issuers_by_api.get(api_id, ())),
@@ -313,6 +317,7 @@ def route_snapshot() -> RouteSnapshot:
             auth_method,
             validation,
             spec_paths,
+            validated_spec,
         ) in routable.order_by("tenant_id", "api_name")
         # Only restricted APIs bring their paths (documents can be large), in the same query.
         .annotate(
@@ -320,9 +325,13 @@ def route_snapshot() -> RouteSnapshot:
                 When(restrict_to_spec=True, then=KeyTransform("paths", "openapi_spec")),
                 default=Value(None),
                 output_field=JSONField(),
-            )
+            ),
+            # APIs that validate requests bring their whole document (schemas, components).
+            validated_spec=Case(
+                When(~Q(validation="off"), then=F("openapi_spec")), default=Value(None), output_field=JSONField()
+            ),
         )
-        .values_list(*_ROUTE_COLUMNS, "spec_paths")
+        .values_list(*_ROUTE_COLUMNS, "spec_paths", "validated_spec")
     ]
     plans = list(Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies"))
     plan_policies = {plan.id: [_policy_spec(p) for p in plan.policies.all()] for plan in plans}

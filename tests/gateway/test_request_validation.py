@@ -1,0 +1,412 @@
+"""Request validation against the API's OpenAPI document (Api.validation): enforce answers 400 problem+json naming
+each parameter or JSON pointer that failed; shadow lets the request through, counts and logs it. Tables for both
+modes, on OpenAPI 3.0 and 3.1 documents, through the in-process gateway to a real upstream on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from apimgmt import services
+from apimgmt.models import Api, Consumer, Tenant
+from gateway.policies import request_validation
+from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.upstreams import Recorder
+
+pytestmark = pytest.mark.django_db
+
+
+def pets_spec(version: str) -> dict[str, Any]:
+    """A small document with what validation must follow: $refs to components (schemas and parameters), allOf and
+    oneOf, path-level parameters, two templates in one segment, arrays in the query, a required header."""
+    nullable: dict[str, Any] = (
+        {"type": ["string", "null"]} if version.startswith("3.1") else {"type": "string", "nullable": True}
+    )
+    return {
+        "openapi": version,
+        "info": {"title": "Pets", "version": "1"},
+        "components": {
+            "schemas": {
+                "Named": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 20}},
+                },
+                "Pet": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Named"},
+                        {
+                            "type": "object",
+                            "properties": {
+                                "age": {"type": "integer", "minimum": 0},
+                                "tag": nullable,
+                                "kind": {"oneOf": [{"$ref": "#/components/schemas/Cat"}, {"type": "string"}]},
+                                "toys": {"type": "array", "items": {"$ref": "#/components/schemas/Named"}},
+                            },
+                        },
+                    ]
+                },
+                "Cat": {"type": "object", "required": ["lives"], "properties": {"lives": {"type": "integer"}}},
+            },
+            "parameters": {
+                "Limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10}}
+            },
+        },
+        "paths": {
+            "/pets": {
+                "get": {
+                    "parameters": [
+                        {"$ref": "#/components/parameters/Limit"},
+                        {"name": "tags", "in": "query", "schema": {"type": "array", "items": {"enum": ["a", "b"]}}},
+                        {"name": "sorted", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                    "responses": {"200": {"description": "Pets."}},
+                },
+                "post": {
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pet"}}},
+                    },
+                    "responses": {"201": {"description": "Made."}},
+                },
+            },
+            "/pets/{petId}": {
+                "parameters": [{"name": "petId", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "get": {
+                    "parameters": [
+                        {
+                            "name": "X-Client-Version",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
+                        }
+                    ],
+                    "responses": {"200": {"description": "A pet."}},
+                },
+                "patch": {
+                    "requestBody": {
+                        "content": {
+                            "application/merge-patch+json": {"schema": {"$ref": "#/components/schemas/Pet"}},
+                            "text/plain": {"schema": {"type": "string"}},
+                        }
+                    },
+                    "responses": {"200": {"description": "Changed."}},
+                },
+            },
+            "/files/{name}.{ext}": {
+                "get": {
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 8}},
+                        {"name": "ext", "in": "path", "required": True, "schema": {"enum": ["json", "csv"]}},
+                    ],
+                    "responses": {"200": {"description": "A file."}},
+                }
+            },
+        },
+    }
+
+
+VERSION = "X-Client-Version"
+JSON = {"Content-Type": "application/json"}
+
+# (method, target, headers, body) → the errors enforce lists ([] : valid, proxied).
+CASES = [
+    pytest.param("GET", "/pets?limit=5&tags=a&tags=b&sorted=true", {}, b"", [], id="valid-query"),
+    pytest.param("GET", "/pets", {}, b"", [], id="no-optional-parameters"),
+    pytest.param(
+        "GET",
+        "/pets?limit=50",
+        {},
+        b"",
+        [{"in": "query", "name": "limit", "message": "50 is greater than the maximum of 10"}],
+        id="query-over-maximum",
+    ),
+    pytest.param(
+        "GET",
+        "/pets?limit=five&sorted=yes",
+        {},
+        b"",
+        [
+            {"in": "query", "name": "limit", "message": "'five' is not of type 'integer'"},
+            {"in": "query", "name": "sorted", "message": "'yes' is not of type 'boolean'"},
+        ],
+        id="query-types",
+    ),
+    pytest.param(
+        "GET",
+        "/pets?tags=a&tags=c",
+        {},
+        b"",
+        [{"in": "query", "name": "tags", "message": "/1: 'c' is not one of ['a', 'b']"}],
+        id="query-array-item",
+    ),
+    pytest.param("GET", "/pets/12", {VERSION: "2.1"}, b"", [], id="valid-path-and-header"),
+    pytest.param(
+        "GET",
+        "/pets/twelve",
+        {VERSION: "2.1"},
+        b"",
+        [{"in": "path", "name": "petId", "message": "'twelve' is not of type 'integer'"}],
+        id="path-type",
+    ),
+    pytest.param(
+        "GET",
+        "/pets/12",
+        {},
+        b"",
+        [{"in": "header", "name": "X-Client-Version", "message": "required header parameter is missing."}],
+        id="header-missing",
+    ),
+    pytest.param(
+        "GET",
+        "/pets/12",
+        {VERSION: "latest"},
+        b"",
+        [{"in": "header", "name": "X-Client-Version", "message": "'latest' does not match '^[0-9]+\\\\.[0-9]+$'"}],
+        id="header-pattern",
+    ),
+    pytest.param("GET", "/files/report.csv", {}, b"", [], id="two-templates-in-a-segment"),
+    pytest.param(
+        "GET",
+        "/files/quarterly-report.pdf",
+        {},
+        b"",
+        [
+            {"in": "path", "name": "name", "message": "'quarterly-report' is too long"},
+            {"in": "path", "name": "ext", "message": "'pdf' is not one of ['json', 'csv']"},
+        ],
+        id="two-templates-both-wrong",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        JSON,
+        b'{"name": "Rex", "age": 3, "tag": null, "kind": {"lives": 9}, "toys": [{"name": "ball"}]}',
+        [],
+        id="valid-body",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        JSON,
+        b'{"age": -1, "toys": [{"name": ""}]}',
+        [
+            {"in": "body", "pointer": "/name", "message": "'name' is a required property"},
+            {"in": "body", "pointer": "/age", "message": "-1 is less than the minimum of 0"},
+            {"in": "body", "pointer": "/toys/0/name", "message": "'' should be non-empty"},
+        ],
+        id="body-pointers",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        JSON,
+        b'{"name": "Rex", "kind": {"lives": "nine"}}',
+        [
+            {
+                "in": "body",
+                "pointer": "/kind",
+                "message": "{'lives': 'nine'} is not valid under any of the given schemas",
+            }
+        ],
+        id="body-one-of",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        {},
+        b"",
+        [{"in": "body", "pointer": "", "message": "a request body is required."}],
+        id="body-required",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        {"Content-Type": "text/plain"},
+        b"Rex",
+        [{"in": "header", "name": "Content-Type", "message": "text/plain is not one of application/json."}],
+        id="body-media-type",
+    ),
+    pytest.param(
+        "POST",
+        "/pets",
+        JSON,
+        b'{"name": "Rex",',
+        [
+            {
+                "in": "body",
+                "pointer": "",
+                "message": "not valid JSON: Expecting property name enclosed in double quotes: ",
+            }
+        ],
+        id="body-not-json",
+    ),
+    pytest.param(
+        "PATCH",
+        "/pets/12",
+        {"Content-Type": "application/merge-patch+json; charset=utf-8"},
+        b'{"name": 7}',
+        [{"in": "body", "pointer": "/name", "message": "7 is not of type 'string'"}],
+        id="json-suffix-media-type",
+    ),
+    pytest.param("PATCH", "/pets/12", {"Content-Type": "text/plain"}, b"anything", [], id="non-json-body-not-parsed"),
+    pytest.param("DELETE", "/pets/12", {}, b"", [], id="operation-not-in-the-document-is-left-alone"),
+    pytest.param("GET", "/elsewhere?limit=x", {}, b"", [], id="path-not-in-the-document-is-left-alone"),
+]
+
+
+@pytest.fixture(params=["3.0.3", "3.1.0"])
+def version(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _publish(tenant: Tenant, upstream: Recorder, consumer: Consumer, validation: str, version: str) -> Api:
+    api = publish(
+        tenant, upstream.url + "/svc", base_path="/zoo", openapi_spec=pets_spec(version), validation=validation
+    )
+    subscribe(consumer, api)
+    return api
+
+
+def _failures(api: Api, mode: str) -> float:
+    return REGISTRY.get_sample_value("api_request_validation_failures_total", {"api": api.pk, "mode": mode}) or 0
+
+
+def _matches(got: list[dict[str, str]], expected: list[dict[str, str]]) -> bool:
+    """Same places in the same order; each message starts with the expected text (the JSON parser's position and
+    the like follow)."""
+    return len(got) == len(expected) and all(
+        {k: v for k, v in g.items() if k != "message"} == {k: v for k, v in e.items() if k != "message"}
+        and g["message"].startswith(e["message"])
+        for g, e in zip(got, expected, strict=True)
+    )
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "body", "errors"), CASES)
+def test_enforce(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    upstream: Recorder,
+    bob_app: Consumer,
+    key: str,
+    version: str,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+    errors: list[dict[str, str]],
+) -> None:
+    api = _publish(acme, upstream, bob_app, "enforce", version)
+    before = _failures(api, "enforce")
+
+    response = gateway.request(method, "/zoo" + target, headers={"X-API-Key": key, **headers}, body=body)
+
+    if not errors:
+        assert response.status == 200, response.body
+        assert len(upstream.seen) == 1 and upstream.seen[0].body == body  # the body read is passed on as it was
+        assert _failures(api, "enforce") == before
+        return
+    assert response.status == 400, response.body
+    assert response.header("Content-Type") == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "urn:apimgmt:problem:request-invalid"
+    assert _matches(problem["errors"], errors), problem["errors"]
+    first = errors[0]
+    assert f"{first['in']} {first.get('name', first.get('pointer'))!r}" in problem["detail"]
+    assert upstream.seen == []
+    assert _failures(api, "enforce") == before + 1
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "body", "errors"), CASES)
+def test_shadow(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    upstream: Recorder,
+    bob_app: Consumer,
+    key: str,
+    caplog: pytest.LogCaptureFixture,
+    version: str,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+    errors: list[dict[str, str]],
+) -> None:
+    api = _publish(acme, upstream, bob_app, "shadow", version)
+    before = _failures(api, "shadow")
+
+    with caplog.at_level(logging.INFO, logger=request_validation.__name__):
+        response = gateway.request(method, "/zoo" + target, headers={"X-API-Key": key, **headers}, body=body)
+
+    assert response.status == 200, response.body
+    assert len(upstream.seen) == 1 and upstream.seen[0].body == body
+    logged = [r for r in caplog.records if r.name == request_validation.__name__]
+    if not errors:
+        assert _failures(api, "shadow") == before and logged == []
+        return
+    assert _failures(api, "shadow") == before + 1
+    assert len(logged) == 1 and logged[0].api_id == api.pk  # type: ignore[attr-defined]
+    assert _matches(logged[0].errors, errors)  # type: ignore[attr-defined]
+
+
+def test_validation_comes_after_authentication(
+    gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer
+) -> None:
+    """An anonymous caller gets 401 for a bad body: the gateway neither reads nor judges it for them."""
+    _publish(acme, upstream, bob_app, "enforce", "3.1.0")
+    response = gateway.request("POST", "/zoo/pets", headers=JSON, body=b'{"age": "x"}')
+    assert response.status == 401
+
+
+def test_a_json_body_too_large_to_validate_is_413_in_enforce_and_passes_in_shadow(
+    gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer, key: str
+) -> None:
+    api = _publish(acme, upstream, bob_app, "enforce", "3.1.0")
+    big = json.dumps({"name": "Rex", "toys": [{"name": "x" * 10}] * 80_000}).encode()
+    assert len(big) > request_validation.MAX_VALIDATED_BODY
+    headers = {"X-API-Key": key, **JSON}
+    refused = gateway.request("POST", "/zoo/pets", headers=headers, body=big)
+    assert refused.status == 413 and "at most 1048576 bytes" in refused.json()["detail"]
+    chunked = gateway.request("POST", "/zoo/pets", headers=headers, body=b'{"name": "Rex"}', chunked=True)
+    assert chunked.status == 413
+    assert upstream.seen == []
+    services.api_update(api=api, actor=None, validation="shadow")
+    assert InProcessGateway().request("POST", "/zoo/pets", headers=headers, body=big).status == 200
+    assert upstream.seen[0].body == big
+
+
+def test_off_checks_nothing_and_a_change_of_mode_applies_to_the_next_route_table(
+    gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer, key: str
+) -> None:
+    api = _publish(acme, upstream, bob_app, "off", "3.1.0")
+    bad = {"X-API-Key": key}
+    assert gateway.request("GET", "/zoo/pets?limit=99", headers=bad).status == 200
+    services.api_update(api=api, actor=None, validation="enforce")
+    assert InProcessGateway().get("/zoo/pets?limit=99", headers=bad).status == 400  # a worker on the new configuration
+
+
+def test_the_document_is_compiled_once_per_route_table_not_per_request(
+    gateway: InProcessGateway,
+    acme: Tenant,
+    upstream: Recorder,
+    bob_app: Consumer,
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled: list[int] = []
+    original = request_validation._Compiled.__init__
+
+    def counting(self: Any, document: dict[str, Any]) -> None:
+        compiled.append(1)
+        original(self, document)
+
+    monkeypatch.setattr(request_validation._Compiled, "__init__", counting)
+    _publish(acme, upstream, bob_app, "enforce", "3.1.0")
+    for limit in (1, 2, 99, 3, 100):
+        gateway.request("GET", f"/zoo/pets?limit={limit}", headers={"X-API-Key": key})
+    assert len(compiled) == 1
+    assert [s.path for s in upstream.seen] == ["/svc/pets?limit=1", "/svc/pets?limit=2", "/svc/pets?limit=3"]
