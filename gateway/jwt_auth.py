@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -51,7 +52,7 @@ from apimgmt import invalidation, selectors, services
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import IssuerSpec, KeyRecord
 from apimgmt.validation import JWT_ALGORITHMS
-from gateway import auth, jwks, metrics
+from gateway import auth, auth_throttle, jwks, metrics
 from gateway.chain import Exchange, Result
 from gateway.config import db_call
 from gateway.problems import GatewayResponse, problem
@@ -81,6 +82,10 @@ COUNTED_REASONS = frozenset(
 _REQUIRED_CLAIMS = ("exp", "iss")
 _TIME_CLAIMS = ("exp", "nbf", "iat")
 _LAST_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: later "dates" are junk, and past what a float holds
+# Auto-provisioning caps (ProvisionBudget): new consumers per issuer, and per issuer and client address, a window.
+PROVISION_WINDOW_SECONDS = 60
+PROVISIONS_PER_ISSUER = 60
+PROVISIONS_PER_ADDRESS = 10
 MISSING = (
     "This API needs a token from one of its issuers: send it as 'Authorization: Bearer <token>'."  # no error= code
 )
@@ -164,6 +169,59 @@ class IdentityResolver(auth.KeyResolver):
         return record, True
 
 
+class ProvisionBudget:
+    """How many consumers auto-provisioning may still make now: per issuer, and per issuer and client address, in a
+    fixed window shared by every worker through Redis (each worker counts alone while Redis is down).
+
+    Each new subject of an ``auto_provision`` issuer becomes a consumer. Where anyone can get tokens from the
+    provider (open sign-up), a script could mint subjects by the thousand and fill the tenant with consumers; the
+    caps bound that to ``PROVISIONS_PER_ISSUER`` a window, of which one address gets ``PROVISIONS_PER_ADDRESS``.
+    Tokens of subjects that already have their consumer are never limited by it."""
+
+    def __init__(self) -> None:
+        self.local: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def spend(self, issuer_id: str, address: str) -> int | None:
+        """Take one provisioning from the budget: None when allowed, else the seconds until the window ends. The
+        address's count goes first: an address past its own cap does not use up the issuer's."""
+        now = time.time()
+        start = int(now // PROVISION_WINDOW_SECONDS) * PROVISION_WINDOW_SECONDS
+        issuer_key = f"jwt_provisions:{{{issuer_id}}}:{start}"
+        address_key = f"{issuer_key}:{auth_throttle.throttle_scope(address)}"
+        for key, limit in ((address_key, PROVISIONS_PER_ADDRESS), (issuer_key, PROVISIONS_PER_ISSUER)):
+            count = self._count(key)
+            if count > limit:
+                if count == limit + 1:  # once per window and counter
+                    logger.warning(
+                        "auto-provisioning paused for a JWT issuer: too many new consumers this window",
+                        extra={
+                            "issuer_id": issuer_id,
+                            "limit": limit,
+                            "per": "address" if key == address_key else "issuer",
+                        },
+                    )
+                return max(1, math.ceil(start + PROVISION_WINDOW_SECONDS - now))
+        return None
+
+    def _count(self, key: str) -> int:
+        client = get_redis()
+        if client is not None:
+            try:
+                pipe = client.pipeline(transaction=False)
+                pipe.incr(key)
+                pipe.expire(key, 2 * PROVISION_WINDOW_SECONDS)
+                count, _ = pipe.execute()
+                return int(count)
+            except redis.RedisError:
+                pass  # counted in this worker meanwhile
+        with self.lock:
+            if len(self.local) >= 10_000:  # keys name their window: old ones are dropped with the rest
+                self.local.clear()
+            count = self.local[key] = self.local.get(key, 0) + 1
+        return count
+
+
 class JwtState:
     """A worker's JWT caches: issuers' keys, verified tokens, identities. Evictions come with the key evictions."""
 
@@ -172,6 +230,7 @@ class JwtState:
         self.identities = IdentityResolver()
         self.tokens: dict[bytes, _Verified] = {}
         self.provision_lock = threading.Lock()
+        self.provisions = ProvisionBudget()
         gateway.routes.on_evict.append(self.identities.evict)
         gateway.routes.on_keys_lost.append(self.identities.clear)
 
@@ -317,7 +376,10 @@ def _authenticate(ex: Exchange, state: JwtState, throttled: int | None) -> tuple
         storable = not _UNSTORABLE.search(verified.external_id)
         record = state.identities.resolve_identity(issuer.id, verified.external_id) if storable else None
         if record is None and storable and issuer.auto_provision:
-            record = _provision(state, issuer, verified.external_id, route)
+            provisioned = _provision(state, issuer, verified.external_id, route, ex.client_ip)
+            if isinstance(provisioned, TokenFailure):
+                return provisioned, None
+            record = provisioned
     except (DatabaseError, redis.RedisError):
         logger.exception("identity lookup failed")
         return TokenFailure(503, "store_unavailable", "Tokens cannot be checked right now; retry shortly.", 1), None
@@ -478,9 +540,26 @@ def _claims_failure(exc: jwt_errors.PyJWTError) -> TokenFailure:
     return TokenFailure(401, "bad_claims", "The token's claims are not valid (exp, nbf, iat, sub or jti).")
 
 
-def _provision(state: JwtState, issuer: IssuerSpec, external_id: str, route: Route) -> KeyRecord | None:
-    """A consumer (and its subscription to this API) for an identity the auto-provisioning issuer vouches for."""
+def _provision(
+    state: JwtState, issuer: IssuerSpec, external_id: str, route: Route, address: str
+) -> KeyRecord | TokenFailure | None:
+    """A consumer (and its subscription to this API) for an identity the auto-provisioning issuer vouches for, within
+    the issuer's provisioning budget (ProvisionBudget)."""
     with state.provision_lock:  # one provisioning at a time per worker; other workers race safely in the database
+        # The caches may hold "no such identity" until the eviction arrives: read the database now (a request that
+        # waited here for another one's provisioning of the same identity finds it made, and spends no budget).
+        state.identities.forget(issuer.id, external_id)
+        record = state.identities.resolve_identity(issuer.id, external_id)
+        if record is not None:
+            return record
+        wait = state.provisions.spend(issuer.id, address)
+        if wait is not None:
+            return TokenFailure(
+                429,
+                "provision_limited",
+                f"Issuer {issuer.name!r} has had too many new applications registered lately; retry in {wait} s.",
+                wait,
+            )
         try:
             db_call(
                 lambda: services.jwt_consumer_provision(
@@ -489,10 +568,10 @@ def _provision(state: JwtState, issuer: IssuerSpec, external_id: str, route: Rou
             )
         except (ValidationError, ObjectDoesNotExist) as exc:
             # A claim value no consumer may have (control characters ...), or the issuer changed meanwhile: 403.
-            logger.warning("JWT consumer not provisioned for issuer %s: %s", issuer.name, exc)
+            fields = ", ".join(getattr(exc, "message_dict", None) or [type(exc).__name__])  # not the messages: they
+            logger.warning("JWT consumer not provisioned for issuer %s (%s)", issuer.name, fields)  # name the claim
             return None
-    # The caches may hold "no such identity" until the eviction arrives: read it from the database now.
-    state.identities.forget(issuer.id, external_id)
+        state.identities.forget(issuer.id, external_id)
     return state.identities.resolve_identity(issuer.id, external_id)
 
 
@@ -507,6 +586,15 @@ def token_problem(route: Route, failure: TokenFailure, request_id: str) -> Gatew
             challenge += f', error="{code}", error_description="{description}"'
         return problem(
             401, "invalid-token", "Unauthorized", failure.detail, request_id, headers=[("WWW-Authenticate", challenge)]
+        )
+    if failure.status == 429:
+        return problem(
+            429,
+            "provisioning-limited",
+            "Too many requests",
+            failure.detail,
+            request_id,
+            headers=[("Retry-After", str(max(1, failure.retry_after)))],
         )
     if failure.status == 503:
         return problem(

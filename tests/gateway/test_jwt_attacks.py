@@ -28,7 +28,7 @@ from jwt.algorithms import ECAlgorithm
 from jwt.utils import der_to_raw_signature
 
 from apimgmt import services
-from apimgmt.models import Consumer, Subscription
+from apimgmt.models import Consumer, ConsumerIdentity, Subscription
 from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
@@ -561,3 +561,38 @@ def test_a_stalled_jwks_fetch_holds_up_only_the_requests_that_need_it(
     finally:
         release.set()
         refetch.join(15)
+
+
+# -- auto-provisioning -------------------------------------------------------------------------------------------
+
+
+def test_auto_provisioning_makes_a_bounded_number_of_consumers_per_issuer_and_address(
+    gateway, acme, upstream, jwks_server, k1, monkeypatch
+):
+    monkeypatch.setattr(jwt_auth, "PROVISIONS_PER_ISSUER", 3)
+    monkeypatch.setattr(jwt_auth, "PROVISIONS_PER_ADDRESS", 2)
+    issuer = services.jwt_issuer_create(
+        tenant=acme,
+        name="open-signup",
+        issuer=ISS,
+        audiences=[AUD],
+        jwks_url=jwks_server.url,
+        auto_provision=True,
+        actor=None,
+    )
+    publish(acme, upstream.url, base_path="/api/open", auth_method="jwt", jwt_issuers=[issuer])
+    before = Consumer.objects.filter(tenant=acme).count()
+
+    def call(sub: str, address: str) -> Any:
+        return gateway.get("/api/open/a", headers=bearer(k1.token(sub=sub)), remote_addr=address)
+
+    assert [call(f"flood-{i}", "198.51.100.7").status for i in range(2)] == [200, 200]
+    limited = call("flood-2", "198.51.100.7")
+    assert limited.status == 429
+    assert "too many new applications" in limited.json()["detail"]
+    assert 1 <= int(limited.header("Retry-After")) <= 60
+    assert call("flood-0", "198.51.100.7").status == 200  # a subject that has its consumer is never limited
+    assert call("other-1", "203.0.113.5").status == 200  # another address: the issuer's third
+    assert call("other-2", "203.0.113.6").status == 429  # the issuer's budget is spent
+    assert Consumer.objects.filter(tenant=acme).count() == before + 3
+    assert ConsumerIdentity.objects.filter(issuer=issuer).count() == 3
