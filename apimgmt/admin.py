@@ -960,7 +960,7 @@ class PolicyAdmin(ServiceDeleteAdmin):
 class PlanForm(forms.ModelForm):
     class Meta:
         model = Plan
-        fields = ["tenant", "name", "description", "approval", "policies"]
+        fields = ["tenant", "name", "description", "approval", "websocket_max_connections", "policies"]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -1035,6 +1035,7 @@ class PlanAdmin(ServiceDeleteAdmin):
                 name=data["name"],
                 description=data["description"],
                 approval=data["approval"],
+                websocket_max_connections=data["websocket_max_connections"],
             )
         else:
             created = services.plan_create(
@@ -1042,6 +1043,7 @@ class PlanAdmin(ServiceDeleteAdmin):
                 name=data["name"],
                 description=data["description"],
                 approval=data["approval"],
+                websocket_max_connections=data["websocket_max_connections"],
                 actor=request.user,
             )
             obj.pk = created.pk

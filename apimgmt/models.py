@@ -146,6 +146,14 @@ class Plan(models.Model):
     description = models.TextField(blank=True)
     policies = models.ManyToManyField(Policy, blank=True, related_name="plans", db_table="am_plan_policies")
     approval = models.CharField(max_length=16, choices=Approval.choices, default=Approval.AUTO)
+    websocket_max_connections = models.PositiveIntegerField(
+        "WebSocket connections per key",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(100_000)],
+        help_text="Open WebSocket connections one subscriber's key may hold to an API of this plan, across all "
+        "gateways; one more gets 429. Empty: the API's own cap.",
+    )
     archived_at = models.DateTimeField(
         null=True, blank=True, editable=False, help_text="Archived: no new subscriptions; existing ones untouched."
     )
@@ -625,6 +633,11 @@ class UsageBucket(models.Model):
     latency_ms_sum = models.FloatField(default=0)
     latency_ms_max = models.FloatField(default=0)
     upstream_latency_ms_sum = models.FloatField(default=0)
+    # WebSocket connections (status 101 rows; their messages' bytes are in bytes_in and bytes_out).
+    connection_count = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket connections opened.")
+    connection_seconds = models.FloatField(default=0, db_default=0, help_text="Time WebSocket connections were open.")
+    messages_in = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket messages from clients.")
+    messages_out = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket messages to clients.")
 
     class Meta:
         abstract = True
@@ -752,6 +765,11 @@ class UsageTotal(models.Model):
     latency_ms_sum = models.FloatField(default=0)
     latency_ms_max = models.FloatField(default=0)
     upstream_latency_ms_sum = models.FloatField(default=0)
+    # WebSocket connections (status 101 rows; their messages' bytes are in bytes_in and bytes_out).
+    connection_count = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket connections opened.")
+    connection_seconds = models.FloatField(default=0, db_default=0, help_text="Time WebSocket connections were open.")
+    messages_in = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket messages from clients.")
+    messages_out = models.BigIntegerField(default=0, db_default=0, help_text="WebSocket messages to clients.")
 
     class Meta:
         abstract = True

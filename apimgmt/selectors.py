@@ -7,7 +7,7 @@ so a snapshot can be cached in Redis as JSON.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -139,6 +139,9 @@ class RouteSpec:
     jwt_issuers: tuple[IssuerSpec, ...] = ()
     # Request validation against the OpenAPI document: off, shadow or enforce.
     validation: str = "off"
+    # WebSocket APIs only: the caps of the tenant's plans that set their own (plan id -> open connections per key);
+    # the key's plan for this API wins over websocket_max_connections.
+    websocket_plan_caps: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,18 @@ def route_snapshot() -> RouteSnapshot:
     ]
     plans = list(Plan.objects.filter(tenant__status=Tenant.Status.ACTIVE).prefetch_related("policies"))
     plan_policies = {plan.id: [_policy_spec(p) for p in plan.policies.all()] for plan in plans}
+    # Plans' own WebSocket connection caps, to each WebSocket API of their tenant (from the same rows).
+    caps: dict[str, dict[str, int]] = {}
+    for plan in plans:
+        if plan.websocket_max_connections is not None:
+            caps.setdefault(plan.tenant_id, {})[plan.id] = plan.websocket_max_connections
+    if caps:
+        routes = [
+            replace(spec, websocket_plan_caps=caps[spec.tenant_id])
+            if spec.websocket and spec.tenant_id in caps
+            else spec
+            for spec in routes
+        ]
     return RouteSnapshot(
         routes=routes, plan_policies=plan_policies, plan_tenants={plan.id: plan.tenant_id for plan in plans}
     )

@@ -377,10 +377,17 @@ def plan_create(
     policies: Iterable[Policy] = (),
     approval: str = Plan.Approval.AUTO,
     description: str = "",
+    websocket_max_connections: int | None = None,
 ) -> Plan:
     policy_list = _check_same_tenant(tenant.id, policies, "policies")
     policies_check_for_plan(policy_list)
-    plan = Plan(tenant=tenant, name=name, approval=approval, description=description)
+    plan = Plan(
+        tenant=tenant,
+        name=name,
+        approval=approval,
+        description=description,
+        websocket_max_connections=websocket_max_connections,
+    )
     _save_validated(plan)
     if policy_list:
         plan.policies.add(*policy_list)  # a new plan has no links: set would read them first
@@ -389,7 +396,12 @@ def plan_create(
         tenant_id=tenant.id,
         action="plan.create",
         obj=plan,
-        changes={"name": name, "approval": approval, "policies": [p.pk for p in policy_list]},
+        changes={
+            "name": name,
+            "approval": approval,
+            "policies": [p.pk for p in policy_list],
+            **({"websocket_max_connections": websocket_max_connections} if websocket_max_connections else {}),
+        },
     )
     config_changed()
     return plan
@@ -397,7 +409,7 @@ def plan_create(
 
 @transaction.atomic
 def plan_update(*, plan: Plan, actor: Actor, policies: Iterable[Policy] | None = None, **fields: Any) -> Plan:
-    changes = _apply(plan, fields, ("name", "description", "approval"))
+    changes = _apply(plan, fields, ("name", "description", "approval", "websocket_max_connections"))
     if changes:
         _save_validated(plan)
     if policies is not None:

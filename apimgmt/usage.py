@@ -59,6 +59,7 @@ return 1
 
 _ROWS_PER_STATEMENT = 1000
 _ARRAY_ROWS_PER_STATEMENT = 20_000
+# The usage tables' columns for contract.METRICS, in its order (microseconds become milliseconds and seconds).
 _METRIC_COLUMNS = (
     "request_count",
     "error_count",
@@ -67,7 +68,16 @@ _METRIC_COLUMNS = (
     "latency_ms_sum",
     "latency_ms_max",
     "upstream_latency_ms_sum",
+    "connection_count",
+    "connection_seconds",
+    "messages_in",
+    "messages_out",
 )
+# Which of them are floating point; the others are counts (bigint).
+_FLOAT_COLUMNS = frozenset({"latency_ms_sum", "latency_ms_max", "upstream_latency_ms_sum", "connection_seconds"})
+_FLOAT_INDEXES = frozenset(i for i, name in enumerate(_METRIC_COLUMNS) if name in _FLOAT_COLUMNS)
+# Bucket numbers in microseconds, and what to divide them by for their column.
+_SCALED = ((4, 1000.0), (5, 1000.0), (6, 1000.0), (contract.CONNECTION_US, 1_000_000.0))
 # The three tables a bucket is added to: minute rows, UTC hours, days in the tenant's time zone.
 TABLES = ("am_usage_records", "am_usage_hourly", "am_usage_daily")
 # ... and the hourly and daily totals of the tenant, each API and each consumer (tenant-wide pages read these).
@@ -430,8 +440,8 @@ class UsageFlusher:
                         logger.warning("usage bucket %r of %s dropped: malformed", _text(raw_field), tenant)
                         continue
                     values = [float(v) for v in numbers]
-                    for i in (4, 5, 6):  # microseconds -> the columns' milliseconds
-                        values[i] /= 1000.0
+                    for i, divisor in _SCALED:  # microseconds -> the columns' milliseconds or seconds
+                        values[i] /= divisor
                     d = dimension
                     _add(minutes, (tenant, d.api, d.consumer, d.key, start, d.status), values)
                     stats.requests += numbers[0]
@@ -557,6 +567,7 @@ def _legacy_event(fields: dict[Any, Any]) -> tuple[Row, list[float]] | None:
         upstream = float(data.get("upstream_ms") or 0)
         values = [1.0, 1.0 if status >= 500 else 0.0, float(int(float(data.get("bytes_in") or 0)))]
         values += [float(int(float(data.get("bytes_out") or 0))), latency, latency, upstream]
+        values += [0.0] * (len(_METRIC_COLUMNS) - len(values))  # that release had no WebSocket numbers
         row: Row = (
             data["tenant"],
             data.get("api", ""),
@@ -599,7 +610,9 @@ def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAU
     conflict = f"ON CONFLICT ({', '.join(name for name, _ in keys)}) DO UPDATE SET {updates}"
     if connection.vendor == "postgresql":
         # One array per column, one short statement: no per-row placeholders for the driver to parse.
-        types = [sql_type for _, sql_type in keys] + ["bigint"] * 4 + ["float8"] * 3
+        types = [sql_type for _, sql_type in keys] + [
+            "float8" if name in _FLOAT_COLUMNS else "bigint" for name in _METRIC_COLUMNS
+        ]
         unnest = "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ") "  # noqa: S608
         for start in range(0, len(rows), _ARRAY_ROWS_PER_STATEMENT):
             chunk = rows[start : start + _ARRAY_ROWS_PER_STATEMENT]
@@ -607,8 +620,8 @@ def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAU
             for key, v in chunk:
                 for i, value in enumerate(key):
                     columns[i].append(value)
-                for i in range(7):
-                    columns[len(keys) + i].append(int(v[i]) if i < 4 else v[i])
+                for i in range(len(_METRIC_COLUMNS)):
+                    columns[len(keys) + i].append(v[i] if i in _FLOAT_INDEXES else int(v[i]))
             cursor.execute(insert + unnest + conflict, columns)  # table and column names are ours
         return
     placeholders = "(" + ", ".join(["%s"] * width) + ")"
@@ -617,7 +630,7 @@ def upsert_totals(cursor: Any, table: str, totals: Totals, *, using: str = DEFAU
         params: list[Any] = []
         for key, v in chunk:
             params += [connection.ops.adapt_datetimefield_value(k) if isinstance(k, datetime) else k for k in key]
-            params += [int(v[0]), int(v[1]), int(v[2]), int(v[3]), v[4], v[5], v[6]]
+            params += [v[i] if i in _FLOAT_INDEXES else int(v[i]) for i in range(len(_METRIC_COLUMNS))]
         cursor.execute(insert + f"VALUES {', '.join([placeholders] * len(chunk))} " + conflict, params)
 
 
@@ -653,6 +666,10 @@ def add_minute(
     latency_ms_sum: float = 0.0,
     latency_ms_max: float = 0.0,
     upstream_latency_ms_sum: float = 0.0,
+    connection_count: int = 0,
+    connection_seconds: float = 0.0,
+    messages_in: int = 0,
+    messages_out: int = 0,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
     """Add one minute's totals to am_usage_records and its hourly and daily rollups, the way the flusher does.
@@ -673,6 +690,7 @@ def add_minute(
     hour, day = hour_and_day(minute, zone)
     usage_partitions.ensure([minute, day], using=using)
     values = [request_count, error_count, bytes_in, bytes_out, latency_ms_sum, latency_ms_max, upstream_latency_ms_sum]
+    values += [connection_count, connection_seconds, messages_in, messages_out]
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         for table, bucket in zip(TABLES, (minute, hour, day), strict=True):
             row: Totals = {(tenant_id, api_id, consumer_id, key_id, bucket, status_code): [float(v) for v in values]}

@@ -6,8 +6,10 @@ cannot drift. Every key of one tenant shares the hash tag ``{<tenant>}``, so eac
 Cluster slot; the one global key, ``usage:tenants``, is only ever touched by single-key calls.
 
 - ``usage:{<tenant>}:m:<minute>`` (HASH): the minute's buckets. ``<minute>`` is the minute's start in epoch seconds.
-  Field: ``<api>\\t<consumer>\\t<key>\\t<status>``. Value: the bucket's seven numbers, comma-separated, in
-  ``METRICS`` order (integers: latencies in microseconds, so sums stay exact).
+  Field: ``<api>\\t<consumer>\\t<key>\\t<status>``. Value: the bucket's numbers, comma-separated, in ``METRICS``
+  order (integers: latencies and connection time in microseconds, so sums stay exact). The WebSocket numbers
+  (``STREAM_METRICS``) come last and are left out while they are all zero, so a request-only bucket is the seven
+  numbers it was before them (a flusher of the previous release still reads it during a rolling upgrade).
 - ``usage:{<tenant>}:dirty`` (ZSET): minutes with buckets not yet copied, scored by the minute.
 - ``usage:{<tenant>}:w:<worker>`` (STRING): the last flush batch of that gateway worker applied for this tenant
   (batches are numbered per worker; one applied twice — a reply lost, a spool replayed — is recognised and skipped).
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A bucket's numbers, in the order of its Redis value.
-METRICS = (
+# A request's numbers (the first seven of a bucket) and a WebSocket connection's (the rest). The bytes of a
+# connection's messages each way are in bytes_in and bytes_out of its status-101 bucket.
+REQUEST_METRICS = (
     "request_count",
     "error_count",
     "bytes_in",
@@ -32,8 +35,17 @@ METRICS = (
     "latency_us_max",
     "upstream_latency_us_sum",
 )
+STREAM_METRICS = (
+    "connection_count",  # connections opened
+    "connection_us",  # time connections were open (microseconds)
+    "messages_in",  # messages from clients
+    "messages_out",  # messages to clients
+)
+# A bucket's numbers, in the order of its Redis value.
+METRICS = REQUEST_METRICS + STREAM_METRICS
 # Index of the one number that is a maximum, not a sum.
 MAX_INDEX = METRICS.index("latency_us_max")
+CONNECTION_COUNT, CONNECTION_US, MESSAGES_IN, MESSAGES_OUT = (METRICS.index(name) for name in STREAM_METRICS)
 FIELD_SEPARATOR = "\t"
 TENANTS_KEY = "usage:tenants"
 # A gateway worker's applied-batch marker outlives any spool replay we expect (a Redis outage of days).
@@ -90,19 +102,32 @@ class Dimension:
         return cls(api, consumer, key, int(status))
 
 
+def empty() -> list[int]:
+    """A bucket that counts nothing yet."""
+    return [0] * len(METRICS)
+
+
 def encode(values: list[int]) -> str:
-    return ",".join(str(int(v)) for v in values)
+    """The Redis value: all numbers, less the WebSocket ones at the end while they are zero."""
+    numbers = [int(v) for v in values]
+    end = len(numbers)
+    while end > len(REQUEST_METRICS) and numbers[end - 1] == 0:
+        end -= 1
+    return ",".join(str(v) for v in numbers[:end])
 
 
 def decode(value: str) -> list[int]:
+    """All ``METRICS`` of a Redis value (seven numbers, of a request-only bucket, up to all of them)."""
     numbers = [int(v) for v in value.split(",")]
-    if len(numbers) != len(METRICS):
-        raise ValueError(f"a usage bucket has {len(METRICS)} numbers, not {len(numbers)}")
-    return numbers
+    if not len(REQUEST_METRICS) <= len(numbers) <= len(METRICS):
+        raise ValueError(f"a usage bucket has {len(REQUEST_METRICS)} to {len(METRICS)} numbers, not {len(numbers)}")
+    return numbers + [0] * (len(METRICS) - len(numbers))
 
 
 def merge(into: list[int], other: list[int]) -> None:
-    """Add ``other`` into ``into`` (the maximum stays a maximum)."""
+    """Add ``other`` into ``into`` (the maximum stays a maximum; a shorter ``into`` grows to ``other``'s length)."""
+    if len(into) < len(other):
+        into.extend([0] * (len(other) - len(into)))
     for i, value in enumerate(other):
         if i == MAX_INDEX:
             if value > into[i]:

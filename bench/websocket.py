@@ -4,7 +4,8 @@ still fires on time). JSON results go to bench/results/.
 
 Round trips: ``--connections`` (64) clients each send a 64-byte message and wait for its echo, as fast as they
 can, for ``--duration`` seconds; direct and through the gateway alternate ``--repeat`` times and medians are
-reported. The target (issue 16) is at least 40 % of the direct rate. Idle: ``--idle`` connections (2,000) opened
+reported, with the CPU time the gateway's workers, the upstream and the client spent per round trip (steadier
+than the rate on a shared machine). The target (issue 16) is at least 40 % of the direct rate. Idle: ``--idle`` connections (2,000) opened
 through one gateway worker, its RSS before and after, then each must be closed (1008) within a second of the
 API's idle timeout. The client and the echo upstream are asyncio ``websockets`` processes of their own.
 """
@@ -24,7 +25,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.bench import ROOT, VENV_BIN, free_port, gateway_env, prepare_database, process, rss_mib
+from bench.bench import (
+    ROOT,
+    VENV_BIN,
+    free_port,
+    gateway_env,
+    load_1min,
+    prepare_database,
+    process,
+    rss_mib,
+    tree_cpu_seconds,
+)
 
 MESSAGE = "x" * 64
 
@@ -64,8 +75,10 @@ async def _round_trips(url: str, headers: dict[str, str], connections: int, dura
             counts[index] += 1
 
     started = time.monotonic()
+    cpu_started = time.process_time()
     await asyncio.gather(*(drive(i) for i in range(connections)))
     elapsed = time.monotonic() - started
+    cpu = time.process_time() - cpu_started
     for ws in sockets:
         await ws.close()
     latencies.sort()
@@ -74,6 +87,7 @@ async def _round_trips(url: str, headers: dict[str, str], connections: int, dura
         "per_second": round(sum(counts) / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3) if latencies else None,
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3) if latencies else None,
+        "client_cpu_us_per_round_trip": round(cpu / max(1, sum(counts)) * 1e6, 1),
     }
 
 
@@ -122,10 +136,20 @@ def _client(mode: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _measure(url: str, headers: dict[str, str], connections: int, duration: float) -> dict[str, Any]:
+def _measure(
+    url: str, headers: dict[str, str], connections: int, duration: float, servers: dict[str, int]
+) -> dict[str, Any]:
+    """One client run; with the CPU time each server (a process and its children) spent per round trip, which
+    other load on a shared machine changes much less than the rate."""
+    before = {name: tree_cpu_seconds(pid) for name, pid in servers.items()}
     proc = _client("round-trips", url, json.dumps(headers), str(connections), str(duration))
     out, _ = proc.communicate(timeout=duration + 120)
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    result = dict(json.loads(out.strip().splitlines()[-1]))
+    trips = max(1, result["round_trips"])
+    for name, pid in servers.items():
+        result[f"{name}_cpu_us_per_round_trip"] = round((tree_cpu_seconds(pid) - before[name]) / trips * 1e6, 1)
+    result["load_1min"] = load_1min()
+    return result
 
 
 def main() -> None:
@@ -158,19 +182,33 @@ def main() -> None:
     gateway_args = [gunicorn, "apimgmt.wsgi:application", "--config", "gunicorn.conf.py", "--bind"]
     report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
     upstream = [str(VENV_BIN / "python"), "-m", "bench.websocket", "upstream", str(upstream_port)]
-    with process(upstream):
-        with process([*gateway_args, f"127.0.0.1:{gateway_port}", "--workers", "2"], env=env, log=workdir / "gw.log"):
+    with process(upstream) as echo:
+        with process(
+            [*gateway_args, f"127.0.0.1:{gateway_port}", "--workers", "2"], env=env, log=workdir / "gw.log"
+        ) as gw:
             _wait(through, headers)
-            _measure(through, headers, 4, 1)  # warm-up
+            _measure(through, headers, 4, 1, {})  # warm-up
             rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
             for _ in range(options.repeat):
-                rounds["direct"].append(_measure(direct, {}, options.connections, options.duration))
-                rounds["gateway"].append(_measure(through, headers, options.connections, options.duration))
+                rounds["direct"].append(
+                    _measure(direct, {}, options.connections, options.duration, {"upstream": echo.pid})
+                )
+                rounds["gateway"].append(
+                    _measure(
+                        through,
+                        headers,
+                        options.connections,
+                        options.duration,
+                        {"upstream": echo.pid, "gateway": gw.pid},
+                    )
+                )
             medians = {
                 name: {
-                    "per_second": statistics.median(r["per_second"] for r in runs),
-                    "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                    "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                    **{
+                        field: statistics.median(r[field] for r in runs)
+                        for field in runs[0]
+                        if field.endswith(("per_second", "_ms", "per_round_trip"))
+                    },
                     "runs": runs,
                 }
                 for name, runs in rounds.items()

@@ -2,7 +2,8 @@
 -- Layout: apimgmt/usage_buckets.py. Every key carries the tenant's hash tag (one Redis Cluster slot).
 -- KEYS[1]: the worker's applied-batch marker; KEYS[2]: the tenant's dirty-minute index; KEYS[3..]: minute hashes.
 -- ARGV[1]: batch number (increasing per worker); ARGV[2]: marker TTL (s); then, per minute hash in KEYS order:
---   minute (epoch s), number of buckets n, then n pairs of field and value ("r,e,bi,bo,ls,lm,us", integers).
+--   minute (epoch s), number of buckets n, then n pairs of field and value ("r,e,bi,bo,ls,lm,us[,c,cus,mi,mo]",
+--   integers; the WebSocket numbers at the end may be missing, on either side, and count as zeros).
 -- Returns 1 when applied, 0 when this batch (or a later one of the worker) was applied before.
 local batch = tonumber(ARGV[1])
 local last = redis.call('GET', KEYS[1])
@@ -29,10 +30,11 @@ for k = 3, #KEYS do
         if i == 6 then
           if v > x[i] then x[i] = v end
         else
-          x[i] = x[i] + v
+          x[i] = (x[i] or 0) + v
         end
       end
-      add = string.format('%.0f,%.0f,%.0f,%.0f,%.0f,%.0f,%.0f', x[1], x[2], x[3], x[4], x[5], x[6], x[7])
+      for j = 1, #x do x[j] = string.format('%.0f', x[j]) end
+      add = table.concat(x, ',')
     end
     redis.call('HSET', KEYS[k], field, add)
   end

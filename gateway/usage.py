@@ -35,7 +35,7 @@ FLUSH_EVERY_SECONDS = 1.0
 ANNOUNCE_EVERY_SECONDS = 30.0
 SPOOL_VERSION = 1
 
-# (tenant, api, consumer, key, minute, status) -> the seven numbers of contract.METRICS
+# (tenant, api, consumer, key, minute, status) -> the numbers of contract.METRICS
 BucketKey = tuple[str, str, str, str, int, int]
 # Within one tenant: (minute, field) -> numbers
 TenantBuckets = dict[tuple[int, str], list[int]]
@@ -124,7 +124,7 @@ class UsageRecorder:
         with self.lock:
             bucket = self.current.get(bucket_key)
             if bucket is None:
-                self.current[bucket_key] = [1, error, bytes_in, bytes_out, latency, latency, upstream]
+                self.current[bucket_key] = [1, error, bytes_in, bytes_out, latency, latency, upstream, 0, 0, 0, 0]
             else:
                 bucket[0] += 1
                 bucket[1] += error
@@ -135,19 +135,35 @@ class UsageRecorder:
                     bucket[5] = latency
                 bucket[6] += upstream
 
-    def add_transfer(
-        self, tenant: str, api: str, consumer: str, key: str, status: int, bytes_in: int, bytes_out: int, now: float
+    def add_connection(
+        self,
+        tenant: str,
+        api: str,
+        consumer: str,
+        key: str,
+        status: int,
+        now: float,
+        *,
+        opened: int,
+        open_us: int,
+        messages_in: int,
+        messages_out: int,
+        bytes_in: int,
+        bytes_out: int,
     ) -> None:
-        """Bytes of a request counted before (a WebSocket connection's messages, added when it ends): no request,
-        no latency, only the two byte counts in the bucket of ``now``'s minute."""
+        """A WebSocket connection's share of ``now``'s minute (its handshake was counted as a request by
+        ``record``): connections opened, microseconds open, messages and their bytes each way since its last share."""
         bucket_key = (tenant, api, consumer, key, int(now // 60) * 60, status)
         with self.lock:
             bucket = self.current.get(bucket_key)
             if bucket is None:
-                self.current[bucket_key] = [0, 0, bytes_in, bytes_out, 0, 0, 0]
-            else:
-                bucket[2] += bytes_in
-                bucket[3] += bytes_out
+                bucket = self.current[bucket_key] = contract.empty()
+            bucket[2] += bytes_in
+            bucket[3] += bytes_out
+            bucket[contract.CONNECTION_COUNT] += opened
+            bucket[contract.CONNECTION_US] += open_us
+            bucket[contract.MESSAGES_IN] += messages_in
+            bucket[contract.MESSAGES_OUT] += messages_out
 
     # -- background -----------------------------------------------------------------------------------------------
 

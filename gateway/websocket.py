@@ -1,16 +1,18 @@
 """WebSocket through the gateway: the handshake passes the whole pipeline, then frames are relayed both ways.
 
 The handshake is an ordinary request until the upstream has accepted it: routing, key auth, limits (it counts as
-one request), then this module's checks (a valid handshake, the key's connection cap) and the upstream's own
-handshake. Every refusal is an ordinary problem+json answer; only then does the client get its 101.
+one request), then this module's checks (a browser's origin against the API's cors policy, a valid handshake, the
+key's connection cap) and the upstream's own handshake. Every refusal is an ordinary problem+json answer; only then
+does the client get its 101.
 
 After the 101 the connection belongs to this module: gunicorn's greenlet for the connection reads the client, a
-second greenlet reads the upstream, and ``wsproto`` (sans-IO) parses and writes every frame on both sides, so
-messages can be counted and capped. Fragmented messages are relayed piece by piece (never buffered whole), pings
-and pongs end to end, and each side's close is forwarded to the other. One housekeeping greenlet per worker
-enforces the idle timeout, renews the connection-cap leases, closes the connections of keys the control plane
-changed (revoked, consumer blocked, API retired or WebSocket turned off: 1008) and, when the worker is told to
-stop, closes every connection with 1001.
+second greenlet reads the upstream, and ``wsproto`` (sans-IO) parses every frame a client sends and writes what
+the gateway frames itself, so messages can be counted and capped (see ``Session._pump`` for what is passed on as
+it came). Fragmented messages are relayed piece by piece (never buffered whole), pings and pongs end to end, and
+each side's close is forwarded to the other. One housekeeping greenlet per worker enforces the idle timeout,
+renews the connection-cap leases, adds each connection's usage every second, closes the connections of keys the
+control plane changed (revoked, consumer blocked, API retired or WebSocket turned off: 1008) and, when the worker
+is told to stop, closes every connection with 1001.
 
 The relay needs gunicorn's gevent worker (``gunicorn.socket`` in the environ, sockets patched by gevent);
 elsewhere a handshake gets 501.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -209,7 +212,6 @@ def open_connection(
 ) -> Result:
     """The handshake after auth and limits: the client's handshake checked, the cap, the upstream's handshake."""
     request_id = done.request_id
-    spec = route.spec
     if not relay_supported(environ):
         return gateway._error(
             done,
@@ -222,6 +224,9 @@ def open_connection(
             ),
             limit_headers,
         )
+    refused = origin_refused(route, environ)
+    if refused is not None:
+        return gateway._error(done, problem(403, "origin-not-allowed", "Forbidden", refused, request_id), limit_headers)
     client = WSConnection(ConnectionType.SERVER)
     try:
         client.initiate_upgrade_connection(_handshake_headers(environ), environ.get("RAW_URI") or "/")
@@ -239,7 +244,8 @@ def open_connection(
         )
     registry = registry_for(gateway)
     key_hash = keys.hash_key(credential.key)
-    lease = registry.leases.acquire(route, record, spec.websocket_max_connections)
+    cap = connection_cap(route, record)
+    lease = registry.leases.acquire(route, record, cap)
     if lease is None:
         return gateway._error(
             done,
@@ -247,10 +253,10 @@ def open_connection(
                 429,
                 "websocket-connections",
                 "Too many requests",
-                f"This key already holds {spec.websocket_max_connections} open WebSocket connection(s) to this API, "
-                "the most it may; close one first.",
+                f"This key already holds {cap} open WebSocket connection(s) to this API, the most it may; "
+                "close one first.",
                 request_id,
-                extra={"max_connections": spec.websocket_max_connections},
+                extra={"max_connections": cap},
             ),
             limit_headers,
         )
@@ -275,6 +281,34 @@ def open_connection(
     gateway._finish(done)  # the handshake is the request: logged, counted and billed once, now
     session = Session(registry, route, record, key_hash, lease, client, upstream, upstream_sock)
     return Upgrade(session, response)
+
+
+def origin_refused(route: Route, environ: dict[str, Any]) -> str | None:
+    """Why a browser's handshake is refused: its ``Origin`` is not one the API's cors policy allows (None: allowed,
+    no cors policy, or no ``Origin``, which only browsers send).
+
+    Browsers apply no CORS to WebSocket: a page of any site may open one and the browser sends the user's cookies
+    with it. For ordinary requests a disallowed origin only gets no CORS headers (the browser then hides the answer);
+    a handshake is refused outright, or any site's page could talk over the user's connection.
+    """
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return None
+    for step in route.chain.steps:
+        origins = getattr(step, "origins", None) if step.name == "cors" else None
+        if origins is not None and not origins.allows(origin):
+            return f"The origin {origin[:200]!r} may not open WebSocket connections to this API."
+    return None
+
+
+def connection_cap(route: Route, record: KeyRecord) -> int:
+    """Open connections the key may hold to the API: its plan's own cap for the API when the plan sets one, else
+    the API's."""
+    spec = route.spec
+    plan_id = record.subscriptions.get(route.api_id, "")
+    if plan_id:
+        return spec.websocket_plan_caps.get(plan_id, spec.websocket_max_connections)
+    return spec.websocket_max_connections
 
 
 def _handshake_headers(environ: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -484,8 +518,6 @@ class Leases:
 
 
 def _worker_tag() -> str:
-    import os
-
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -586,6 +618,7 @@ class Registry:
             self.last_counted = now
             for session in self.sessions:
                 session.count_messages()
+                session.account()
         if now - self.last_renewal >= RENEW_EVERY_SECONDS:
             self.last_renewal = now
             self.leases.renew()
@@ -643,6 +676,63 @@ def registry_for(gateway: Gateway) -> Registry:
 # -- one connection ----------------------------------------------------------------------------------------------
 
 
+class _Wire:
+    """One side's socket as the relay reads and writes it.
+
+    A plain TCP socket is read and written at its descriptor, and the greenlet waits on the hub only when nothing
+    can be read (or written) yet: gevent's socket methods try first, fail with EAGAIN, then wait, through several
+    Python layers, and that was a third of the relay's CPU per message. A TLS socket (``wss`` upstreams, gunicorn
+    with a certificate) uses its own methods.
+    """
+
+    __slots__ = ("fd", "hub", "readable", "sock", "unread", "writable")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        # Bytes a wrapper read ahead of the 101 and has not given back (gateway.gunicorn_worker._Prebuffered).
+        self.unread = bytes(getattr(sock, "_data", b"")[getattr(sock, "_offset", 0) :])
+        self.fd: int | None = None
+        self.readable: Any = None
+        self.writable: Any = None
+        if not hasattr(sock, "getpeercert"):  # not TLS
+            self.hub = gevent.get_hub()
+            self.fd = sock.fileno()
+            self.readable = self.hub.loop.io(self.fd, 1)
+            self.writable = self.hub.loop.io(self.fd, 2)
+
+    def recv(self) -> bytes:
+        """What has come (waiting until something has); b"" at the end of the stream."""
+        if self.unread:
+            data, self.unread = self.unread, b""
+            return data
+        fd = self.fd
+        if fd is None:
+            return bytes(self.sock.recv(RECV_SIZE))
+        while True:
+            try:
+                return os.read(fd, RECV_SIZE)
+            except BlockingIOError:
+                self.hub.wait(self.readable)
+
+    def sendall(self, data: bytes | bytearray) -> None:
+        fd = self.fd
+        if fd is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                self.hub.wait(self.writable)
+
+    def close(self) -> None:
+        """Stop watching the descriptor (before the socket is closed)."""
+        for watcher in (self.readable, self.writable):
+            if watcher is not None:
+                watcher.close()
+
+
 class Session:
     """One relayed connection: the client's and the upstream's wsproto state, sockets, and what it counted."""
 
@@ -668,6 +758,8 @@ class Session:
         self.upstream: Connection = upstream.connection
         self.upstream_sock = upstream_sock
         self.client_sock: Any = None
+        self.upstream_wire: _Wire | None = None
+        self.client_wire: _Wire | None = None
         self.client_lock = gevent.lock.Semaphore()
         self.upstream_lock = gevent.lock.Semaphore()
         self.last_activity = time.monotonic()
@@ -682,48 +774,49 @@ class Session:
         self._counted_in = metrics.websocket_messages_total.labels(api, "in")
         self._counted_out = metrics.websocket_messages_total.labels(api, "out")
         self._reported = (0, 0)  # messages already added to the counters (count_messages)
+        # What the usage buckets have of this connection (account): whether it was counted as opened, until when
+        # its time, and its messages and bytes each way.
+        self._opened_accounted = False
+        self._accounted_at = 0.0
+        self._accounted = (0, 0, 0, 0)
 
     def run(self, client_sock: Any, response: bytes) -> None:
         """Send the 101, relay until both sides are closed (or cut), then let go of everything."""
         self.client_sock = client_sock
-        started = time.monotonic()
+        started = self._accounted_at = time.monotonic()
         self.registry.add(self)
+        self.account()
         reader = None
         try:
             with contextlib.suppress(OSError, AttributeError):  # frames go out as they come, not after an ACK
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client_sock.sendall(response)
+            self.client_wire = _Wire(client_sock)
+            self.upstream_wire = _Wire(self.upstream_sock)
+            self.client_wire.sendall(response)
             self.last_activity = time.monotonic()
             # Frames the upstream sent right behind its 101 (read with it) are already parsed: pass them on now,
             # not when the upstream next sends something.
             for event in self.upstream.events():
                 self._from_upstream(event)
-            reader = gevent.spawn(self._pump, self.upstream_sock, self.upstream, self._from_upstream)
-            self._pump(client_sock, self.client, self._from_client)
+            reader = gevent.spawn(self._pump, False)
+            self._pump(True)
             reader.join(timeout=CLOSE_WAIT_SECONDS)
         except OSError:
             pass
         finally:
             self.abort()
             if reader is not None:
-                reader.kill(block=False)
+                reader.kill(timeout=1.0)  # its sockets are shut: it ends at once
+            if reader is None or reader.dead:
+                for wire in (self.client_wire, self.upstream_wire):
+                    if wire is not None:
+                        wire.close()
             self.registry.remove(self)
             self.count_messages()
             with contextlib.suppress(OSError):
                 self.upstream_sock.close()
             metrics.websocket_connection_seconds.labels(self.route.api_id).inc(time.monotonic() - started)
-            if self.bytes_in or self.bytes_out:
-                # The handshake was billed as one request (status 101); the messages' bytes join it, once.
-                self.registry.gateway.usage.add_transfer(
-                    self.route.tenant_id,
-                    self.route.api_id,
-                    self.record.consumer_id,
-                    self.record.key_id,
-                    101,
-                    self.bytes_in,
-                    self.bytes_out,
-                    time.time(),
-                )
+            self.account()  # the rest; the housekeeper no longer sees this session
 
     def count_messages(self) -> None:
         """Add the messages since the last call to the Prometheus counters (the housekeeper calls it every second
@@ -735,25 +828,110 @@ class Session:
             self._counted_out.inc(self.messages_out - done_out)
         self._reported = (self.messages_in, self.messages_out)
 
+    def account(self) -> None:
+        """Add the connection's share since the last call to the usage buckets of the current minute, in its
+        handshake's row (status 101; the handshake itself was counted as one request): opened once, the time since,
+        messages and their bytes each way. Called when it opens, every second by the housekeeper and when it ends,
+        so a long connection's time and messages fall in the minutes they happened in, each counted once."""
+        at = time.monotonic()
+        open_us = int((at - self._accounted_at) * 1_000_000)
+        self._accounted_at = at
+        done = self._accounted
+        now = (self.messages_in, self.messages_out, self.bytes_in, self.bytes_out)
+        self._accounted = now
+        opened = 0 if self._opened_accounted else 1
+        self._opened_accounted = True
+        route, record = self.route, self.record
+        self.registry.gateway.usage.add_connection(
+            route.tenant_id,
+            route.api_id,
+            record.consumer_id,
+            record.key_id,
+            101,
+            time.time(),
+            opened=opened,
+            open_us=open_us,
+            messages_in=now[0] - done[0],
+            messages_out=now[1] - done[1],
+            bytes_in=now[2] - done[2],
+            bytes_out=now[3] - done[3],
+        )
+
     # -- reading ----------------------------------------------------------------------------------------------
 
-    def _pump(self, sock: Any, conn: Connection, handle: Any) -> None:
-        """Read one side until its connection is closed; each event goes to ``handle``."""
+    def _pump(self, from_client: bool) -> None:
+        """Read one side until its connection is closed.
+
+        wsproto parses every byte a client sends. A chunk that holds only whole messages, pings and pongs, starts
+        and ends on a frame boundary and breaks no limit is then counted and passed on as the very bytes that came
+        (a client's frames are masked, as the upstream expects). Any other chunk goes event by event
+        (``_from_client``, ``_from_upstream``) and wsproto frames it anew.
+
+        From the upstream, what it sends most, a chunk of whole unfragmented text or binary frames (unmasked, no
+        extension bits), is counted from the frames' headers alone (``_plain_frames``) and passed on as it came,
+        without wsproto: upstream messages are counted, not capped, and the client checks their text itself.
+        Anything else from the upstream (pings, closes, fragments, a frame split across reads) goes to wsproto,
+        which has then seen only whole frames before it and so reads on from a frame boundary.
+        """
+        assert self.client_wire is not None and self.upstream_wire is not None
+        if from_client:
+            wire, conn, handle = self.client_wire, self.client, self._from_client
+            out_wire, out_conn, out_lock = self.upstream_wire, self.upstream, self.upstream_lock
+        else:
+            wire, conn, handle = self.upstream_wire, self.upstream, self._from_upstream
+            out_wire, out_conn, out_lock = self.client_wire, self.client, self.client_lock
+        # wsproto keeps what it has not made a frame of yet in its frame decoder and the kind of the message in
+        # progress in its message decoder: both empty means the next byte starts a new frame of a new message.
+        frames = conn._proto._frame_decoder
+        messages = conn._proto._message_decoder
+        cap = self.route.spec.websocket_max_message_bytes if from_client else 0
+        recv = wire.recv
+        monotonic = time.monotonic
+        opened = ConnectionState.OPEN
         while conn.state is not ConnectionState.CLOSED:
             try:
-                data = sock.recv(RECV_SIZE)
+                data = recv()
             except OSError:
                 data = b""
             if not data and self.ended:
                 return
+            at_boundary = frames.header is None and not frames.buffer.buffer and messages.opcode is None
+            if not from_client and data and at_boundary and conn.state is opened and not self.closing_since:
+                plain = _plain_frames(data)
+                if plain is not None:
+                    self.last_activity = monotonic()
+                    self.messages_out += plain[0]
+                    self.bytes_out += plain[1]
+                    with out_lock:
+                        if out_conn.state is opened:
+                            with contextlib.suppress(OSError):
+                                out_wire.sendall(data)
+                    continue
             try:
                 conn.receive_data(data or None)
-                for event in conn.events():
+                events = list(conn.events())
+                if data and at_boundary and frames.header is None and not frames.buffer.buffer:
+                    relayed = _whole(events, cap)
+                    if relayed is not None and conn.state is opened and not self.closing_since:
+                        self.last_activity = monotonic()
+                        count, size = relayed
+                        if from_client:
+                            self.messages_in += count
+                            self.bytes_in += size
+                        else:
+                            self.messages_out += count
+                            self.bytes_out += size
+                        with out_lock:
+                            if out_conn.state is opened:
+                                with contextlib.suppress(OSError):
+                                    out_wire.sendall(data)
+                        continue
+                for event in events:
                     handle(event)
             except RemoteProtocolError as exc:  # the peer broke the protocol: close it with wsproto's code
                 hint = exc.event_hint
                 code = hint.code if isinstance(hint, CloseConnection) else 1002
-                if conn is self.client:
+                if from_client:
                     self.close(code, str(exc)[:100])
                 else:
                     self._send_client(CloseConnection(INTERNAL_ERROR, "The upstream broke the WebSocket protocol."))
@@ -808,10 +986,10 @@ class Session:
     # -- writing ----------------------------------------------------------------------------------------------
 
     def _send_client(self, event: Event) -> None:
-        _send(self.client, self.client_sock, self.client_lock, event)
+        _send(self.client, self.client_wire, self.client_lock, event)
 
     def _send_upstream(self, event: Event) -> None:
-        _send(self.upstream, self.upstream_sock, self.upstream_lock, event)
+        _send(self.upstream, self.upstream_wire, self.upstream_lock, event)
 
     def close_soon(self, code: int, reason: str) -> None:
         """close() in a greenlet of its own: the housekeeper never waits for a client that does not read."""
@@ -846,6 +1024,62 @@ class Session:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
+_WHOLE_MESSAGES = (TextMessage, BytesMessage)
+_CONTROL = (Ping, Pong)
+
+
+def _whole(events: list[Event], cap: int) -> tuple[int, int] | None:
+    """The messages and their bytes when ``events`` are only whole messages (none over ``cap`` bytes, when not 0),
+    pings and pongs; else None."""
+    count = size = 0
+    for event in events:
+        kind = type(event)
+        if kind in _WHOLE_MESSAGES:
+            if not (event.message_finished and event.frame_finished):  # type: ignore[attr-defined]
+                return None
+            data = event.data  # type: ignore[attr-defined]
+            length = len(data.encode()) if kind is TextMessage else len(data)
+            if cap and length > cap:
+                return None
+            count += 1
+            size += length
+        elif kind not in _CONTROL:
+            return None
+    return count, size
+
+
+_PLAIN_FIRST_BYTES = (0x81, 0x82)  # FIN, no extension bits, text or binary
+
+
+def _plain_frames(data: bytes) -> tuple[int, int] | None:
+    """(messages, payload bytes) when ``data`` is exactly a run of whole unfragmented text or binary frames, not
+    masked, with no extension bits and lengths in their shortest form (what wsproto requires of an upstream); else
+    None. Only the headers are read."""
+    end = len(data)
+    at = count = size = 0
+    while at < end:
+        if end - at < 2 or data[at] not in _PLAIN_FIRST_BYTES:
+            return None
+        length = data[at + 1]  # the mask bit must be clear: a set one makes this 128 or more
+        at += 2
+        if length == 126:
+            length = int.from_bytes(data[at : at + 2], "big")
+            at += 2
+            if length < 126:
+                return None
+        elif length == 127:
+            length = int.from_bytes(data[at : at + 8], "big")
+            at += 8
+            if length <= 0xFFFF or length >> 63:
+                return None
+        elif length > 127:
+            return None
+        at += length
+        count += 1
+        size += length
+    return (count, size) if at == end else None
+
+
 def _same_kind(event: Message[Any]) -> Message[Any]:
     """The piece of a message to pass on (wsproto frames it anew on the other side)."""
     if isinstance(event, TextMessage):
@@ -856,9 +1090,9 @@ def _same_kind(event: Message[Any]) -> Message[Any]:
 _SENDABLE_WHEN_OPEN = (Message, Ping, Pong)
 
 
-def _send(conn: Connection, sock: Any, lock: gevent.lock.Semaphore, event: Event) -> None:
+def _send(conn: Connection, wire: _Wire | None, lock: gevent.lock.Semaphore, event: Event) -> None:
     """Frame and write ``event`` when the connection's state allows it (a closing side gets no more data)."""
-    if sock is None:
+    if wire is None:
         return
     with lock:
         state = conn.state
@@ -869,4 +1103,4 @@ def _send(conn: Connection, sock: Any, lock: gevent.lock.Semaphore, event: Event
             return
         data = conn.send(event)
         with contextlib.suppress(OSError):
-            sock.sendall(data)
+            wire.sendall(data)

@@ -264,6 +264,7 @@ class PlanSerializer(StrictModelSerializer):
             "description",
             "policies",
             "approval",
+            "websocket_max_connections",
             "archived_at",
             "created_at",
             "updated_at",

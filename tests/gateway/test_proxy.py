@@ -263,7 +263,8 @@ def test_usage_is_summed_per_minute_bucket_and_sent_by_the_worker(gateway, acme,
     assert not others, "three requests, one bucket"
     assert dimension == contract.Dimension(api.id, bob_app.id, key_id, 200)
     assert minute == contract.minute_of(minute) and abs(minute - time.time()) < 120
-    requests_, errors, bytes_in, bytes_out, latency_sum, latency_max, upstream_sum = numbers
+    requests_, errors, bytes_in, bytes_out, latency_sum, latency_max, upstream_sum = numbers[:7]
+    assert numbers[7:] == [0, 0, 0, 0]  # no WebSocket connection in a request's bucket
     assert (requests_, errors, bytes_in, bytes_out) == (3, 0, 0, 36)
     assert latency_sum >= latency_max > 0 and latency_sum >= upstream_sum > 0
     assert redis_client.sismember(contract.TENANTS_KEY, "acme"), "the flusher's index knows the tenant"

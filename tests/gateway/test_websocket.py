@@ -272,6 +272,31 @@ def test_connections_over_the_per_key_cap_get_429_across_workers(live_gateway, a
             ws.close()
 
 
+def test_a_browser_handshake_from_an_origin_the_cors_policy_does_not_allow_gets_403_before_any_upgrade(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    # Browsers apply no CORS to WebSocket (and send the user's cookies): the gateway refuses the origin itself.
+    _, key = bob_key
+    cors = services.policy_create(
+        tenant=acme, name="web", policy_type="cors", config={"allow_origins": ["https://app.example.com"]}, actor=None
+    )
+    _ws_api(acme, bob_app, ws_upstream.url, policies=[cors])
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)  # no Origin (not a browser): let through
+    count = len(ws_upstream.handshakes)
+    for origin in ("https://evil.example", "https://app.example.com.evil.example", "null"):
+        with pytest.raises(InvalidStatus) as caught:
+            _connect(url, key, origin=origin)
+        response = caught.value.response
+        assert response.status_code == 403
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert b"origin-not-allowed" in response.body and b"may not open WebSocket connections" in response.body
+    assert len(ws_upstream.handshakes) == count  # the upstream never heard of them
+    with _connect(url, key, origin="https://app.example.com") as ws:
+        ws.send("from the app")
+        assert ws.recv(timeout=5) == "from the app"
+
+
 # -- controls ------------------------------------------------------------------------------------------------------
 
 
