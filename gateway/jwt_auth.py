@@ -278,6 +278,15 @@ def find_tokens(ex: Exchange) -> list[auth.Credential]:
     return found
 
 
+def _carries_query_key(ex: Exchange) -> bool:
+    """Does the query hold the API's key parameter? Next to a token it is refused like a key in the header: the
+    upstream would otherwise get the key (only the token's own parameter is stripped)."""
+    param = ex.route.spec.key_query_param
+    if not param or not ex.query:
+        return False
+    return any(unquote_plus(pair.partition("=")[0]) == param for pair in auth.query_pairs(ex.query))
+
+
 def _jwt_shaped(token: str) -> bool:
     return token.count(".") == 2
 
@@ -336,7 +345,7 @@ def _authenticate(ex: Exchange, state: JwtState, throttled: int | None) -> tuple
     if len(tokens) > 1:
         return TokenFailure(401, "duplicate", "Send exactly one token (found more than one)."), None
     credential = tokens[0]
-    if route.auth_method == "key_or_jwt" and route.key_header_environ in ex.environ:
+    if route.auth_method == "key_or_jwt" and (route.key_header_environ in ex.environ or _carries_query_key(ex)):
         return TokenFailure(401, "duplicate", "Send an API key or a token, not both."), None
     if credential.source == "query" and not any(
         issuer.token_in_query == credential.param for issuer in route.spec.jwt_issuers

@@ -596,3 +596,42 @@ def test_auto_provisioning_makes_a_bounded_number_of_consumers_per_issuer_and_ad
     assert call("other-2", "203.0.113.6").status == 429  # the issuer's budget is spent
     assert Consumer.objects.filter(tenant=acme).count() == before + 3
     assert ConsumerIdentity.objects.filter(issuer=issuer).count() == 3
+
+
+# -- credentials on their way upstream ---------------------------------------------------------------------------
+
+
+def test_an_api_key_in_the_query_next_to_a_token_is_refused_and_never_forwarded(
+    gateway, acme, upstream, bob_app, key, jwks_server, k1
+):
+    issuer = services.jwt_issuer_create(
+        tenant=acme,
+        name="query-id",
+        issuer=ISS,
+        audiences=[AUD],
+        jwks_url=jwks_server.url,
+        token_in_query="jwt",
+        actor=None,
+    )
+    api = publish(
+        acme,
+        upstream.url,
+        base_path="/api/both",
+        auth_method="key_or_jwt",
+        key_query_param="apikey",
+        jwt_issuers=[issuer],
+    )
+    subscribe(bob_app, api)
+    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    token = k1.token()
+    for target, headers in (
+        (f"/api/both/a?apikey={key}&jwt={token}", {}),
+        (f"/api/both/a?x=1;apikey={key}", bearer(token)),
+        (f"/api/both/a?%61pikey={key}", bearer(token)),
+    ):
+        assert "not both" in refused(gateway.get(target, headers=headers)), target
+    assert upstream.seen == []
+    # Each alone passes, and the upstream sees neither.
+    assert gateway.get(f"/api/both/a?x=1&jwt={token}").status == 200
+    assert gateway.get(f"/api/both/a?x=2&apikey={key}").status == 200
+    assert [seen.path for seen in upstream.seen] == ["/a?x=1", "/a?x=2"]
