@@ -5,7 +5,8 @@ other peer is that peer's. From a trusted peer, the hops are walked from the nea
 that is not a trusted proxy is the client; when every hop is trusted, the farthest one is. What comes back is
 always an IP address in canonical form (or the peer as the server gave it, "" for a Unix socket): a hop that is
 not an address (``unknown``, ``1.2.3.4:80``, garbage from a misconfigured proxy) stops the walk at the last
-trusted address, so per-address limits and audit rows never get a made-up value.
+trusted address, so per-address limits and audit rows never get a made-up value. A dual-stack listener hands an IPv4
+peer over as an IPv4-mapped IPv6 address (``::ffff:10.0.0.5``): it is trusted as the IPv4 address it maps.
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ def configured_networks() -> tuple[Network, ...]:
     return trusted_networks(tuple(settings.GATEWAY.get("TRUSTED_PROXIES", ())))
 
 
+def _in_any(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Iterable[Network]) -> bool:
+    """Whether ``ip`` is in one of ``networks``; an IPv4-mapped IPv6 address (``::ffff:10.0.0.5``, how a dual-stack
+    listener hands over an IPv4 peer) is also looked up as the IPv4 address it maps."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in network or (mapped is not None and mapped in network) for network in networks)
+
+
 def is_trusted(address: str, networks: Iterable[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in networks)
+    return _in_any(ip, networks)
 
 
 def client_address(remote_addr: str, forwarded_for: str, networks: tuple[Network, ...]) -> str:
@@ -50,7 +58,7 @@ def client_address(remote_addr: str, forwarded_for: str, networks: tuple[Network
             ip = ipaddress.ip_address(hop)
         except ValueError:
             return nearest_trusted
-        if not any(ip in network for network in networks):
+        if not _in_any(ip, networks):
             return str(ip)
         nearest_trusted = str(ip)
     return nearest_trusted

@@ -3,8 +3,9 @@
 Values may hold templates filled per request: ``{consumer_id}``, ``{key_id}``, ``{tenant_id}``, ``{api_id}``,
 ``{request_id}``, ``{client_ip}`` and ``{jwt.<claim>}``; ``{{`` and ``}}`` are literal braces. Everything a transform
 could use to smuggle a request (CR/LF), confuse a hop (hop-by-hop fields, Host, lengths), forge the gateway's own
-fields (X-Forwarded-*, X-Request-ID) or leak or replace the caller's credential is refused here, when the policy is
-saved, not at request time.
+fields (X-Forwarded-*, X-Request-ID, X-Consumer-ID, X-Tenant-ID), forge the CORS answer (Access-Control-* on
+responses; replacing or removing Vary) or leak or replace the caller's credential is refused here, when the policy
+is saved, and again when the gateway compiles it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ RESERVED = frozenset(
         "x-request-id",
         "forwarded",
         "x-real-ip",
+        "x-consumer-id",
+        "x-tenant-id",
     }
 )
 _CLAIM = re.compile(r"^[A-Za-z0-9_:-]{1,100}(?:\.[A-Za-z0-9_:-]{1,100}){0,4}\Z")
@@ -56,8 +59,23 @@ def refused_name(name: str) -> str | None:
         return "'Host' names the upstream (the API's upstream_url sets it)"
     if lower in ("authorization", "proxy-authorization", "x-api-key"):
         return f"{name!r} carries the caller's credential"
+    if lower in ("x-consumer-id", "x-tenant-id"):
+        return f"{name!r} is the gateway's word to the upstream about the caller"
     if lower in RESERVED:
         return f"{name!r} is set by the gateway"
+    return None
+
+
+def refused_response_name(name: str, operation: str) -> str | None:
+    """Why a response transform may not touch this name with this operation, or None: the CORS answer belongs to the
+    cors policy, and ``Vary`` (which carries the cors policy's ``Origin`` and the upstream's own list) may be added
+    to but not replaced or removed (a shared cache would then hand one caller's answer to another)."""
+    lower = name.lower()
+    if lower.startswith("access-control-"):
+        return f"{name!r} is part of the CORS answer (use a cors policy)"
+    if lower == "vary" and operation != "add":
+        done = "replaced" if operation == "set" else "removed"
+        return f"{name!r} tells caches which requests share an answer; it may be added, not {done}"
     return None
 
 
@@ -88,10 +106,10 @@ def check_value(value: Any, where: str) -> str:
     return value
 
 
-def _check_name(name: Any, where: str) -> str:
+def _check_name(name: Any, where: str, side: str, operation: str) -> str:
     if not isinstance(name, str) or not fields.HEADER_NAME.match(name):
         raise ValidationError(f"{where}: {name!r} is not an HTTP header name (letters, digits, '-').")
-    reason = refused_name(name)
+    reason = refused_name(name) or (refused_response_name(name, operation) if side == "response" else None)
     if reason:
         raise ValidationError(f"{where}: {reason}; a transform cannot change it.")
     return name
@@ -110,7 +128,7 @@ def _side(config: Any, side: str) -> dict[str, Any]:
             raise ValidationError(f"{where} takes at most {MAX_PER_OPERATION} headers.")
         cleaned: dict[str, str] = {}
         for name, value in mapping.items():
-            _check_name(name, where)
+            _check_name(name, where, side, operation)
             cleaned[name] = check_value(value, f"{where}.{name}")
             if name.lower() in owner:
                 raise ValidationError(
@@ -126,7 +144,7 @@ def _side(config: Any, side: str) -> dict[str, Any]:
         raise ValidationError(f"{where} takes at most {MAX_PER_OPERATION} headers.")
     removed: list[str] = []
     for index, name in enumerate(removals):
-        _check_name(name, f"{where}[{index}]")
+        _check_name(name, f"{where}[{index}]", side, "remove")
         if name.lower() in owner:
             raise ValidationError(f"{where}[{index}]: {name!r} is also in {side}.{owner[name.lower()]}; name it once.")
         owner[name.lower()] = "remove"

@@ -13,7 +13,7 @@ address it maps. An address the gateway cannot read (a Unix-socket peer) is refu
 403 problem+json naming the address the gateway saw. A policy in shadow mode only logs what it would have refused.
 
 A policy whose config cannot be compiled (an old or hand-edited row) fails closed: its requests get 503 until the
-policy is fixed, instead of running without the rule.
+policy is fixed, instead of running without the rule. In shadow mode it only logs that (shadow never refuses).
 """
 
 from __future__ import annotations
@@ -123,12 +123,14 @@ class Rule:
 
 
 class Unbuildable:
-    """A policy whose config could not be compiled: its requests are refused with 503 (fail closed)."""
+    """A policy whose config could not be compiled: its requests are refused with 503 (fail closed), unless it is in
+    shadow mode (which never refuses: the error is logged when the route table loads)."""
 
-    __slots__ = ("label",)
+    __slots__ = ("label", "shadow")
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, *, shadow: bool = False) -> None:
         self.label = label
+        self.shadow = shadow
 
 
 # Compiled policies, shared by every route of one route table (plans' PolicySpecs are the same objects).
@@ -160,7 +162,7 @@ def _compile_policy(policy: PolicySpec, owner: str) -> Rule | Unbuildable:
         logger.error(
             "ip_rules policy %s (%s) cannot be compiled, its requests get 503: %s", policy.name, policy.id, exc
         )
-        return Unbuildable(label)
+        return Unbuildable(label, shadow=policy.mode == "shadow")
 
 
 def _check(ex: Exchange, rules: Sequence[Rule | Unbuildable]) -> Result | None:
@@ -168,6 +170,8 @@ def _check(ex: Exchange, rules: Sequence[Rule | Unbuildable]) -> Result | None:
     address = parse_address(ex.client_ip)
     for rule in rules:
         if isinstance(rule, Unbuildable):
+            if rule.shadow:
+                continue
             return ex.fail(unavailable(ex, rule.label))
         reason = rule.refuses(address)
         if reason is None:

@@ -1,5 +1,7 @@
 """request_limits: the methods an API answers (405), its body size (413) and its header count and size (431).
 
+A method-override header (``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override``) must name an
+allowed method too, or the request gets 405: many frameworks run a POST carrying one as the method it names.
 All checks run in ``pre_auth``: a request over a limit is refused before any key look-up and before the upstream
 hears of it. ``max_body_bytes`` refuses a ``Content-Length`` over the cap at once; a chunked body (no length) is
 counted while it streams and cut off with 413 as soon as it crosses the cap (the step leaves the cap in
@@ -28,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 POLICY_TYPE = "request_limits"
 STATE_KEY = "max_body_bytes"  # ex.state[STATE_KEY]: this API's body cap, read by the proxy step
+# Headers with which many frameworks run a POST as another method: what they name must be allowed as well.
+METHOD_OVERRIDES = (
+    ("HTTP_X_HTTP_METHOD_OVERRIDE", "X-HTTP-Method-Override"),
+    ("HTTP_X_HTTP_METHOD", "X-HTTP-Method"),
+    ("HTTP_X_METHOD_OVERRIDE", "X-Method-Override"),
+)
 
 
 class RequestLimits(Step):
@@ -64,6 +72,10 @@ class RequestLimits(Step):
                 headers=[("Allow", self.allow_value)],
             )
         environ = ex.environ
+        if self.methods is not None:
+            refused = self._override_refusal(ex, environ)
+            if refused is not None:
+                return refused
         if self.count_headers:
             refused = self._headers_refusal(ex, environ)
             if refused is not None:
@@ -82,6 +94,25 @@ class RequestLimits(Step):
                 if ex.state is None:
                     ex.state = {}
                 ex.state[STATE_KEY] = cap
+        return None
+
+    def _override_refusal(self, ex: Exchange, environ: dict[str, Any]) -> GatewayResponse | None:
+        """405 when a method-override header names a method outside the list (the upstream may run that method)."""
+        assert self.methods is not None
+        for key, name in METHOD_OVERRIDES:
+            value = environ.get(key)
+            if value is None:
+                continue
+            method = value.strip().upper()
+            if method not in self.methods:
+                return problem(
+                    405,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    f"{name} asks for {method[:50]}; this API allows {self.allow_value}.",
+                    ex.request_id,
+                    headers=[("Allow", self.allow_value)],
+                )
         return None
 
     def _headers_refusal(self, ex: Exchange, environ: dict[str, Any]) -> GatewayResponse | None:
