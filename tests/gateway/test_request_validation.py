@@ -410,3 +410,43 @@ def test_the_document_is_compiled_once_per_route_table_not_per_request(
         gateway.request("GET", f"/zoo/pets?limit={limit}", headers={"X-API-Key": key})
     assert len(compiled) == 1
     assert [s.path for s in upstream.seen] == ["/svc/pets?limit=1", "/svc/pets?limit=2", "/svc/pets?limit=3"]
+
+
+BODIES = [
+    {"name": "Rex"},
+    {"name": "Rex", "age": 3, "tag": None, "kind": {"lives": 9}, "toys": [{"name": "ball"}]},
+    {"name": "Rex", "kind": "dog"},
+    {"name": ""},
+    {"name": "Rex", "age": 1.0},
+    {"name": "Rex", "age": 1.5},
+    {"name": "Rex", "age": True},
+    {"name": "x" * 21},
+    {"name": "Rex", "kind": {"lives": "nine"}},
+    {"name": "Rex", "kind": {"lives": 9, "extra": 1}},
+    {"name": "Rex", "toys": [{}]},
+    {"name": "Rex", "tag": 5},
+    {"age": 2},
+    [],
+    "Rex",
+    None,
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_the_fast_check_of_31_bodies_never_lets_through_what_the_oas_validator_refuses(body: Any) -> None:
+    compiled = request_validation._Compiled(pets_spec("3.1.0"))
+    operation = compiled.operations[("/pets", "POST")]
+    assert operation.body_fast is not None
+    if operation.body_fast.is_valid(body):
+        assert list(operation.body_validator.iter_errors(body)) == []
+
+
+def test_the_fast_check_is_used_only_where_it_means_the_same() -> None:
+    assert request_validation._Compiled(pets_spec("3.0.3")).operations[("/pets", "POST")].body_fast is None
+    spec = pets_spec("3.1.0")
+    spec["components"]["schemas"]["Named"]["properties"]["id"] = {"type": "integer", "format": "int32"}
+    assert request_validation._Compiled(spec).operations[("/pets", "POST")].body_fast is None
+    spec["components"]["schemas"]["Named"]["properties"]["id"] = {"type": "string", "format": "uuid"}
+    assert request_validation._Compiled(spec).operations[("/pets", "POST")].body_fast is not None
+    spec["components"]["schemas"]["Pet"]["discriminator"] = {"propertyName": "kind"}
+    assert request_validation._Compiled(spec).operations[("/pets", "POST")].body_fast is None
