@@ -234,11 +234,21 @@ def check_access(record: KeyRecord | None, route: Route, now: float) -> AuthFail
     return None
 
 
+# What may stand inside a quoted-string of WWW-Authenticate: printable ASCII but the quote and the backslash.
+_NOT_QUOTABLE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def quotable(text: str) -> str:
+    """``text`` fit for a quoted header value: an API's name may hold control characters (gunicorn refuses such a
+    header, so the answer would be a 500), quotes (which would end the realm early) or characters beyond Latin-1."""
+    return _NOT_QUOTABLE.sub("?", text)
+
+
 def auth_problem(route: Route, failure: AuthFailure, request_id: str) -> GatewayResponse:
     """The answer to a failed authentication: 401 with a Bearer challenge for the API's realm, or 403."""
     slug = "invalid-key" if failure.status == 401 else "forbidden"
     title = "Unauthorized" if failure.status == 401 else "Forbidden"
-    headers = [("WWW-Authenticate", f'Bearer realm="{route.spec.api_name}"')] if failure.status == 401 else []
+    headers = [("WWW-Authenticate", f'Bearer realm="{quotable(route.spec.api_name)}"')] if failure.status == 401 else []
     return problem(failure.status, slug, title, failure.detail, request_id, headers=headers)
 
 

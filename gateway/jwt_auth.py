@@ -72,9 +72,6 @@ _ACCEPTED_ALGORITHMS = frozenset(JWT_ALGORITHMS)
 _ALGORITHM_NAME = re.compile(r"^[A-Za-z0-9]{1,16}\Z")
 # Claim values no ConsumerIdentity can have: control characters (refused by the services), lone surrogates.
 _UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-# What may stand inside a quoted-string of WWW-Authenticate: printable ASCII but the quote and the backslash (an
-# API's name may hold anything; gunicorn refuses a header value with control characters, and a quote would end it).
-_NOT_QUOTABLE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]+")
 # Failures that cost a signature check, a key fetch or an identity lookup: counted per address like unknown keys.
 COUNTED_REASONS = frozenset(
     {"bad_signature", "expired", "not_yet_valid", "wrong_audience", "unknown_kid", "bad_claims", "unmapped"}
@@ -586,12 +583,12 @@ def _provision(
 
 def token_problem(route: Route, failure: TokenFailure, request_id: str) -> GatewayResponse:
     """401 with a Bearer challenge (error="invalid_token" unless no token came at all), 403, or 503."""
-    realm = _NOT_QUOTABLE.sub("?", route.spec.api_name)
+    realm = auth.quotable(route.spec.api_name)
     if failure.status == 401:
         challenge = f'Bearer realm="{realm}"'
         if failure.reason != "missing":
             code = "invalid_request" if failure.reason in ("duplicate", "token_in_query") else "invalid_token"
-            description = _NOT_QUOTABLE.sub("?", failure.detail.replace('"', "'"))
+            description = auth.quotable(failure.detail.replace('"', "'"))
             challenge += f', error="{code}", error_description="{description}"'
         return problem(
             401, "invalid-token", "Unauthorized", failure.detail, request_id, headers=[("WWW-Authenticate", challenge)]

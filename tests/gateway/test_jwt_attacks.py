@@ -397,10 +397,20 @@ def test_the_challenge_header_carries_only_printable_ascii_whatever_the_api_name
     the realm early: an API's name may hold both."""
     name = 'Ω "quoted" \\ api\x01\x7f\te'
     publish(acme, upstream.url, base_path="/api/odd", api_name=name, auth_method="jwt", jwt_issuers=[issuer])
-    for headers in ({}, bearer(k1.token(exp=int(time.time()) - 600)), bearer("a.b.c")):
-        challenge = gateway.get("/api/odd/a", headers=headers).header("WWW-Authenticate") or ""
-        pattern = f'Bearer realm="{_QUOTED}"(, error="\\w+", error_description="{_QUOTED}")?'
-        assert re.fullmatch(pattern, challenge), (challenge, headers)
+    publish(acme, upstream.url, base_path="/api/oddkey", api_name=name)  # key authentication answers alike
+    pattern = f'Bearer realm="{_QUOTED}"(, error="\\w+", error_description="{_QUOTED}")?'
+    for path, headers in (
+        ("/api/odd/a", {}),
+        ("/api/odd/a", bearer(k1.token(exp=int(time.time()) - 600))),
+        ("/api/odd/a", bearer("a.b.c")),
+        ("/api/oddkey/a", {}),
+        ("/api/oddkey/a", {"X-API-Key": "ak_live_nope"}),
+    ):
+        response = gateway.get(path, headers=headers)
+        assert response.status == 401
+        challenge = response.header("WWW-Authenticate") or ""
+        assert re.fullmatch(pattern, challenge), (challenge, path, headers)
+        assert challenge.startswith('Bearer realm="? ?quoted? ? api?e"'), challenge
 
 
 def test_no_token_or_claim_value_reaches_the_logs(gateway, jwt_api, upstream, k1, caplog):
