@@ -21,6 +21,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.core.exceptions import ValidationError
@@ -46,7 +47,9 @@ from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
     k1,
     k2,
 )
+from tests.gateway.upstreams import recording_upstream
 from tests.support.secrets_scan import find_secrets
+from tests.support.servers import gunicorn
 
 
 @pytest.fixture(autouse=True)
@@ -645,3 +648,52 @@ def test_an_api_key_in_the_query_next_to_a_token_is_refused_and_never_forwarded(
     assert gateway.get(f"/api/both/a?x=1&jwt={token}").status == 200
     assert gateway.get(f"/api/both/a?x=2&apikey={key}").status == 200
     assert [seen.path for seen in upstream.seen] == ["/a?x=1", "/a?x=2"]
+
+
+@pytest.mark.slow
+def test_under_gunicorn_a_blocked_consumer_or_deleted_identity_is_refused_within_about_a_second(
+    live_env, tmp_path, acme, bob_app, k1
+):
+    """Two workers that verified and cached the token; the control plane blocks the consumer, then (unblocked)
+    deletes its identity: every worker refuses within about a second, from its cache's eviction, not a TTL."""
+    env = {**live_env, "GATEWAY_CONFIG_POLL_SECONDS": "0.2", "USAGE_SPOOL_DIR": str(tmp_path / "spool")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    env["GATEWAY_AUTH_CACHE_SECONDS"] = "300"
+    with recording_upstream() as upstream, gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as url:
+        issuer = services.jwt_issuer_create(
+            tenant=acme, name="live-id", issuer=ISS, audiences=[AUD], public_keys={"keys": [k1.jwk]}, actor=None
+        )
+        api = publish(acme, upstream.url, base_path="/api/live", auth_method="jwt", jwt_issuers=[issuer])
+        subscribe(bob_app, api)
+        identity = services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+        token = k1.token(exp=int(time.time()) + 600)
+
+        def statuses(count: int = 8) -> set[int]:
+            # New connections: gunicorn spreads them over both workers.
+            return {
+                requests.get(url + "/api/live/a", headers=bearer(token), timeout=30).status_code for _ in range(count)
+            }
+
+        deadline = time.monotonic() + 30
+        while statuses() != {200}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+        def refused_after(change: Any, status: int) -> float:
+            change()
+            started = time.monotonic()
+            while statuses(4) != {status}:
+                assert time.monotonic() - started < 5
+                time.sleep(0.05)
+            assert statuses(8) == {status}
+            return time.monotonic() - started
+
+        blocked = refused_after(lambda: services.consumer_block(consumer=bob_app, actor=None), 403)
+        assert blocked < 1.5
+        services.consumer_unblock(consumer=Consumer.objects.get(pk=bob_app.pk), actor=None)
+        while statuses() != {200}:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
+        deleted = refused_after(lambda: services.consumer_identity_delete(identity=identity, actor=None), 403)
+        assert deleted < 1.5
+    print(f"refused {blocked:.2f} s after the block, {deleted:.2f} s after the identity's deletion")
