@@ -9,6 +9,7 @@ The keys are real (cryptography), the JWKS servers and upstreams are real server
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import hmac
 import json
@@ -180,7 +181,7 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
 
 
 def test_keys_offered_in_the_token_header_jku_x5u_jwk_x5c_are_never_used_or_fetched(
-    gateway, jwt_api, jwks_server, upstream, attacker
+    gateway, jwt_api, jwks_server, upstream, attacker, k1
 ):
     trap = JwksServer()  # the attacker's JWKS: the gateway must never ask it
     trap.publish(attacker)
@@ -199,6 +200,9 @@ def test_keys_offered_in_the_token_header_jku_x5u_jwk_x5c_are_never_used_or_fetc
                 assert "kid" not in jwt.get_unverified_header(token)
             detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
             assert "signature does not verify" in detail, (name, detail)
+        # A critical header extension the gateway does not implement is refused even when properly signed.
+        critical = jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": "k1", "crit": ["x-bind"]})
+        refused(gateway.get("/api/jwt/a", headers=bearer(critical)))
         assert trap.fetches == 0
         assert upstream.seen == []
     finally:
@@ -497,7 +501,9 @@ def test_a_jwks_redirect_is_not_followed(gateway, acme, upstream, bob_app, jwks_
     assert upstream.seen == []
 
 
-def test_a_huge_jwks_answer_is_cut_off_at_the_size_cap(gateway, acme, upstream, bob_app, hostile, k1, caplog):
+def test_a_huge_or_gzip_bomb_jwks_answer_is_cut_off_at_the_size_cap(
+    gateway, acme, upstream, bob_app, hostile, k1, caplog
+):
     def endless(connection: socket.socket, stopped: threading.Event) -> None:
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"keys": [' + b" " * 65536)
         sent = 0
@@ -505,12 +511,19 @@ def test_a_huge_jwks_answer_is_cut_off_at_the_size_cap(gateway, acme, upstream, 
             connection.sendall(b" " * 65536)
             sent += 65536
 
-    server = hostile(endless)
-    _jwks_api(acme, upstream, bob_app, server.url, "huge")
-    started = time.monotonic()
-    refused(gateway.get("/api/huge/a", headers=bearer(k1.token())), 503)
-    assert time.monotonic() - started < 3
-    assert f"larger than {jwks.MAX_JWKS_BYTES} bytes" in caplog.text
+    bomb = gzip.compress(b'{"keys": [' + b" " * (64 * 1024 * 1024))  # 64 MiB in about 64 KiB
+
+    def compressed(connection: socket.socket, stopped: threading.Event) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n"
+        connection.sendall(head.encode() + bomb)
+
+    for name, answer in (("huge", endless), ("bomb", compressed)):
+        _jwks_api(acme, upstream, bob_app, hostile(answer).url, name)
+    for name in ("huge", "bomb"):
+        started = time.monotonic()
+        refused(gateway.get(f"/api/{name}/a", headers=bearer(k1.token())), 503)
+        assert time.monotonic() - started < 3
+        assert caplog.text.count(f"larger than {jwks.MAX_JWKS_BYTES} bytes") == (1 if name == "huge" else 2)
 
 
 @pytest.mark.parametrize("stage", ["headers", "body"])
