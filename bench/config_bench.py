@@ -207,7 +207,7 @@ def validation_cost(results: dict[str, Any]) -> None:
         (step,) = route.chain.steps
 
         def request(validated: bool, route: Any = route, step: Any = step) -> None:
-            environ = {"CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"}
+            environ: dict[str, Any] = {"CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json"}
             environ["wsgi.input"] = io.BytesIO(body)
             done = Finished("r", "POST", 0.0)
             ex = Exchange(worker, environ, route, "POST", "/orders/orders57", "", "r", "127.0.0.1", done)  # type: ignore[arg-type]
