@@ -24,7 +24,8 @@ import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.core.exceptions import ValidationError
 from jwt.algorithms import ECAlgorithm
 from jwt.utils import der_to_raw_signature
@@ -104,10 +105,11 @@ def refused(response: Any, status: int = 401) -> str:
 def test_every_spelling_of_none_and_every_hmac_keyed_with_the_public_key_is_refused_before_a_key_is_fetched(
     gateway, jwt_api, jwks_server, upstream, k1
 ):
-    spellings = ["none", "None", "nOnE", "NONE", "none ", " none", ""]
+    spellings = ["none", "None", "nOnE", "NONE", "none ", " none", "", "<img src=x onerror=alert(1)>"]
     for alg in spellings:
         detail = refused(gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": alg, "kid": "k1"}, _claims()))))
         assert "not accepted" in detail, alg
+        assert "<img" not in detail  # an algorithm name is repeated only when it is letters and digits
     pem = k1.public_pem()
     secrets = {"PEM": pem, "JWK": json.dumps(k1.jwk).encode(), "JWK n": k1.jwk["n"].encode()}
     for alg, digest in (("HS256", hashlib.sha256), ("HS384", hashlib.sha384), ("HS512", hashlib.sha512)):
@@ -150,13 +152,16 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
     p384 = ec.generate_private_key(ec.SECP384R1())
     p384_jwk = {**json.loads(ECAlgorithm.to_jwk(p384.public_key())), "kid": "p384"}
     pinned = {**k1.jwk, "kid": "pinned", "alg": "PS256"}
+    exchange = x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    x25519_jwk = {"kty": "OKP", "crv": "X25519", "x": _b64(exchange), "kid": "x25519"}  # a key-agreement curve
+    signer = ed25519.Ed25519PrivateKey.generate()
     issuer = services.jwt_issuer_create(
         tenant=acme,
         name="mixed",
         issuer=ISS,
         audiences=[AUD],
         public_keys={"keys": [k1.jwk, e1.jwk, p384_jwk, pinned]},
-        algorithms=["RS256", "PS256", "ES256"],
+        algorithms=["RS256", "PS256", "ES256", "EdDSA"],
         actor=None,
     )
     api = publish(acme, upstream.url, base_path="/api/mix", auth_method="jwt", jwt_issuers=[issuer])
@@ -166,6 +171,7 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
         "ES256 token naming the RSA key": jwt.encode(_claims(), e1.private, algorithm="ES256", headers={"kid": "k1"}),
         "RS256 token naming the EC key": jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": "e1"}),
         "ES256 signed on P-384": es256_on_p384(p384),
+        "EdDSA naming the EC key": jwt.encode(_claims(), signer, algorithm="EdDSA", headers={"kid": "e1"}),
         "RS256 with a key pinned to PS256": jwt.encode(
             _claims(), k1.private, algorithm="RS256", headers={"kid": "pinned"}
         ),
@@ -173,6 +179,9 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
     for name, token in cases.items():
         detail = refused(gateway.get("/api/mix/a", headers=bearer(token)))
         assert "key (kid)" in detail, (name, detail)
+    with pytest.raises(ValidationError) as refusal:  # a key-agreement curve is no signing key
+        services.jwt_issuer_update(jwt_issuer=issuer, actor=None, public_keys={"keys": [k1.jwk, x25519_jwk]})
+    assert "public_keys" in refusal.value.message_dict
     assert upstream.seen == []
     assert gateway.get("/api/mix/a", headers=bearer(e1.token())).status == 200
 
