@@ -461,6 +461,8 @@ class RequestValidation(Step):
             return None
         if operation.body_validator is None or not _listed(media_type, operation.json_types):
             return None
+        if length > ex.gateway.max_body:
+            return None  # the proxy step refuses it (413) without reading it
         if chunked or length > MAX_VALIDATED_BODY:
             if self.shadow:
                 logger.info("JSON body too large (or chunked) to validate", extra={"api_id": ex.route.api_id})

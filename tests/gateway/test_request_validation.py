@@ -379,6 +379,22 @@ def test_a_json_body_too_large_to_validate_is_413_in_enforce_and_passes_in_shado
     assert upstream.seen[0].body == big
 
 
+def test_a_body_over_the_gateways_own_cap_is_refused_unread(
+    gateway: InProcessGateway,
+    settings_gateway: Any,
+    acme: Tenant,
+    upstream: Recorder,
+    bob_app: Consumer,
+    key: str,
+) -> None:
+    settings_gateway(MAX_BODY_BYTES=100)
+    _publish(acme, upstream, bob_app, "enforce", "3.1.0")
+    body = json.dumps({"name": "Rex", "toys": [{"name": "ball"}] * 20}).encode()
+    refused = InProcessGateway().request("POST", "/zoo/pets", headers={"X-API-Key": key, **JSON}, body=body)
+    assert refused.status == 413 and "at most 100 bytes" in refused.json()["detail"]
+    assert upstream.seen == []
+
+
 def test_off_checks_nothing_and_a_change_of_mode_applies_to_the_next_route_table(
     gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer, key: str
 ) -> None:
