@@ -266,7 +266,7 @@ def find_tokens(ex: Exchange) -> list[auth.Credential]:
     query = ex.query
     if query:
         params = _query_params(ex.route)
-        if any(param in query for param in params):
+        if "%" in query or any(param in query for param in params):  # a name may come percent-encoded
             for pair in auth.query_pairs(query):
                 name, _sep, value = pair.partition("=")
                 name = unquote_plus(name)

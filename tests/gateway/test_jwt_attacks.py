@@ -666,6 +666,10 @@ def test_an_api_key_in_the_query_next_to_a_token_is_refused_and_never_forwarded(
     ):
         assert "not both" in refused(gateway.get(target, headers=headers)), target
     assert upstream.seen == []
+    # A token parameter spelt with percent-escapes is still a token: one too many here, refused where not allowed.
+    assert "exactly one" in refused(gateway.get(f"/api/both/a?j%77t={token}", headers=bearer(token)))
+    assert "not accept tokens in the query" in refused(gateway.get(f"/api/both/a?%61ccess_token={token}"))
+    assert upstream.seen == []
     # Each alone passes, and the upstream sees neither.
     assert gateway.get(f"/api/both/a?x=1&jwt={token}").status == 200
     assert gateway.get(f"/api/both/a?x=2&apikey={key}").status == 200
