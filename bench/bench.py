@@ -4,7 +4,9 @@ Targets: nginx upstream direct (200-byte JSON), nginx reverse proxy, a naive Dja
 and the full gateway (key auth, a two-window rate limit, usage events and metrics on) under gunicorn with the
 production gunicorn.conf.py. The same gateway also serves a row per policy-chain feature: "jwt" (RS256 token, repeated),
 "edge" (CORS + IP allow list + header transforms both ways) and "cache" (response cache hits; the upstream's access
-log shows how many requests reached it during the measured runs, which should be none). Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
+log shows how many requests reached it during the measured runs, which should be none), and "post" / "validate"
+(a 2 KB JSON POST, the second checked against a 300-operation OpenAPI document; their CPU difference is what
+request validation adds). Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
 the targets interleaved round by round; medians are reported, with the rps range, and the CPU time the naive
 proxy's and the gateway's processes spent per request (less sensitive to other load on a shared machine than rps).
 """
@@ -164,9 +166,27 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url: str, connections: int, duration: int, headers: dict[str, str]) -> dict[str, Any]:
+# The POST rows' body: 2 KB of JSON that the bench API's OpenAPI document accepts (bench/setup_bench.py _spec).
+POST_BODY = json.dumps(
+    {"name": "bench", "qty": 3, "tags": [f"tag-{i}" for i in range(20)], "notes": "n" * 1600}, separators=(",", ":")
+)
+
+
+def post_script(workdir: Path) -> Path:
+    script = workdir / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.body = {json.dumps(POST_BODY)}\nwrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+def wrk(
+    url: str, connections: int, duration: int, headers: dict[str, str], script: Path | None = None
+) -> dict[str, Any]:
     threads = min(2, connections)
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if script is not None:
+        args += ["-s", str(script)]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
@@ -241,7 +261,9 @@ def main() -> None:
         "--repeat", type=int, default=3, help="runs per target and concurrency, interleaved; medians are reported"
     )
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", ""))
-    parser.add_argument("--only", default="", help="comma-separated subset: direct,nginx,naive,gateway,jwt,edge,cache")
+    parser.add_argument(
+        "--only", default="", help="comma-separated subset: direct,nginx,naive,gateway,jwt,edge,cache,post,validate"
+    )
     options = parser.parse_args()
     only = set(filter(None, options.only.split(",")))
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-"))
@@ -277,8 +299,14 @@ def main() -> None:
             {"X-API-Key": bench_key, "Origin": "https://app.example.com"},
         ),
         "cache": (f"http://127.0.0.1:{gateway_port}{made['cache_base_path']}/cached/1", {"X-API-Key": bench_key}),
+        "post": (f"http://127.0.0.1:{gateway_port}{made['post_base_path']}/r7/items", {"X-API-Key": bench_key}),
+        "validate": (
+            f"http://127.0.0.1:{gateway_port}{made['validate_base_path']}/r7/items",
+            {"X-API-Key": bench_key},
+        ),
     }
-    gateway_rows = ("gateway", "jwt", "edge", "cache")
+    gateway_rows = ("gateway", "jwt", "edge", "cache", "post", "validate")
+    scripts = {name: post_script(workdir) for name in ("post", "validate")}
     conf = nginx_conf(workdir, upstream_port, proxy_port)
     gunicorn = str(VENV_BIN / "gunicorn")
     with (
@@ -313,13 +341,14 @@ def main() -> None:
             log=workdir / "gateway.log",
         ) as gateway_proc,
     ):
-        for url, headers in targets.values():
-            wait_for(url, headers)
+        for name, (url, headers) in targets.items():
+            if name not in scripts:
+                wait_for(url, headers)
         servers = {"naive": naive_proc.pid, **{name: gateway_proc.pid for name in gateway_rows}}
         chosen = [name for name in targets if not only or name in only]
         for name in chosen:
             url, headers = targets[name]
-            wrk(url, 64, 2, headers)  # warm-up: pools, caches, page cache
+            wrk(url, 64, 2, headers, scripts.get(name))  # warm-up: pools, caches, page cache
         cached_log = workdir / "cached-upstream.log"
         upstream_cached_before = _lines(cached_log)
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"c64": [], "c1": []} for name in chosen}
@@ -330,7 +359,7 @@ def main() -> None:
                 url, headers = targets[name]
                 for conns in (64, 1):
                     cpu_before = tree_cpu_seconds(servers[name]) if name in servers else None
-                    row = wrk(url, conns, options.duration, headers)
+                    row = wrk(url, conns, options.duration, headers, scripts.get(name))
                     if cpu_before is not None:
                         used = tree_cpu_seconds(servers[name]) - cpu_before
                         # A worker recycled mid-run takes its CPU time with it; such a run reports no CPU figure.
@@ -359,6 +388,11 @@ def main() -> None:
     }
     if "cache" in results:
         report["cache_upstream_requests_during_runs"] = upstream_cached_during
+    if "post" in results and "validate" in results:
+        # What checking a 2 KB JSON body against a 300-operation document adds, in gateway CPU per request.
+        cpu = [results[n]["c64"].get("cpu_us_per_request") for n in ("validate", "post")]
+        if None not in cpu:
+            report["validation_added_cpu_us"] = round(cpu[0] - cpu[1], 1)
     for name in gateway_rows:
         if name in results and "naive" in results:
             report[f"{name}_vs_naive_rps_c64"] = round(results[name]["c64"]["rps"] / results["naive"]["c64"]["rps"], 2)
@@ -397,6 +431,7 @@ def main() -> None:
     for key in (
         *(f"{name}_vs_naive_rps_c64" for name in gateway_rows if name != "gateway"),
         "cache_upstream_requests_during_runs",
+        "validation_added_cpu_us",
         "gateway_vs_naive_rps_c64",
         "gateway_vs_naive_rps_c64_per_round",
         "gateway_added_p50_ms_c1",

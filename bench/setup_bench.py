@@ -4,6 +4,8 @@
 /bench-jwt: the same behind JWT auth (RS256, an inline public key; one token, repeated).
 /bench-edge: key auth plus CORS, an IP allow list and header transforms both ways.
 /bench-cache: key auth plus the response cache (upstream answers carry max-age).
+/bench-post and /bench-validate: a 2 KB JSON POST; the second checks it against a 300-operation OpenAPI document
+(validation: enforce), the first has the same document and no validation.
 """
 
 from __future__ import annotations
@@ -93,7 +95,57 @@ def main(upstream: str) -> None:
     services.subscription_request(consumer=consumer, api=cache, actor=None)
     out["cache_base_path"] = cache.base_path
     out.update(_jwt_api(tenant, upstream, policy_, consumer))
+    for name, validation in (("bench-post", "off"), ("bench-validate", "enforce")):
+        api = services.api_create(
+            tenant=tenant,
+            api_name=name,
+            base_path=f"/{name}",
+            upstream_url=upstream,
+            status="active",
+            policies=[policy_],
+            openapi_spec=_spec(operations=300),
+            validation=validation,
+            actor=None,
+        )
+        services.subscription_request(consumer=consumer, api=api, actor=None)
+        out[f"{name.removeprefix('bench-')}_base_path"] = api.base_path
     print(json.dumps(out))
+
+
+def _spec(operations: int) -> dict[str, object]:
+    """An OpenAPI 3.1 document of ``operations`` operations (GET and POST on operations/2 paths); POSTs take an Item."""
+    paths: dict[str, object] = {}
+    for i in range(operations // 2):
+        paths[f"/r{i}/items"] = {
+            "get": {
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                "responses": {"200": {"description": "ok"}},
+            },
+            "post": {
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Item"}}},
+                },
+                "responses": {"200": {"description": "ok"}},
+            },
+        }
+    item = {
+        "type": "object",
+        "required": ["name", "qty"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "maxLength": 100},
+            "qty": {"type": "integer", "minimum": 0},
+            "tags": {"type": "array", "maxItems": 50, "items": {"type": "string", "maxLength": 40}},
+            "notes": {"type": "string", "maxLength": 4000},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bench", "version": "1"},
+        "paths": paths,
+        "components": {"schemas": {"Item": item}},
+    }
 
 
 def _jwt_api(tenant: Tenant, upstream: str, limit: Policy, consumer: object) -> dict[str, str]:
