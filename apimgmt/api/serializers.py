@@ -635,6 +635,10 @@ class UsageBucketSerializer(serializers.Serializer):
     bytes_out = serializers.IntegerField()
     latency_ms_avg = serializers.FloatField()
     latency_ms_max = serializers.FloatField()
+    connections = serializers.IntegerField(help_text="WebSocket connections opened (their handshakes are requests).")
+    connection_seconds = serializers.FloatField(help_text="Time WebSocket connections were open.")
+    messages_in = serializers.IntegerField(help_text="WebSocket messages from clients (their bytes: bytes_in).")
+    messages_out = serializers.IntegerField(help_text="WebSocket messages to clients (their bytes: bytes_out).")
 
 
 class UsageSerializer(serializers.Serializer):

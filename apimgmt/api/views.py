@@ -826,6 +826,10 @@ USAGE_EXAMPLE = OpenApiExample(
                 "bytes_out": 960000,
                 "latency_ms_avg": 23.5,
                 "latency_ms_max": 410.0,
+                "connections": 0,
+                "connection_seconds": 0.0,
+                "messages_in": 0,
+                "messages_out": 0,
             }
         ],
     },
@@ -873,8 +877,13 @@ class UsageView(RequestContextMixin, APIView):
                 bytes_out=Sum("bytes_out"),
                 latency_sum=Sum("latency_ms_sum"),
                 latency_ms_max=Max("latency_ms_max"),
+                connections=Sum("connection_count"),
+                connection_seconds=Sum("connection_seconds"),
+                messages_in=Sum("messages_in"),
+                messages_out=Sum("messages_out"),
             )
-            .filter(requests__gt=0)
+            # A long WebSocket connection's later minutes have no request (its handshake was earlier), only time.
+            .filter(Q(requests__gt=0) | Q(connection_seconds__gt=0))
             .order_by("bucket", *dimensions)[: USAGE_MAX_ROWS + 1]
         )
         if len(rows) > USAGE_MAX_ROWS:
@@ -882,7 +891,8 @@ class UsageView(RequestContextMixin, APIView):
                 {"from": [f"More than {USAGE_MAX_ROWS} buckets; narrow from/to or use a coarser interval."]}
             )
         for row in rows:
-            row["latency_ms_avg"] = round(row.pop("latency_sum") / row["requests"], 3)
+            latency_sum = row.pop("latency_sum")
+            row["latency_ms_avg"] = round(latency_sum / row["requests"], 3) if row["requests"] else 0.0
         body = s.UsageSerializer({"interval": interval, "from": start, "to": end, "results": rows}).data
         return Response(body)
 

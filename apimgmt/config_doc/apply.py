@@ -228,6 +228,7 @@ class _Applier:
             name=item["name"],
             description=item["description"],
             approval=item["approval"],
+            websocket_max_connections=item["websocket_max_connections"],
             policies=[self.policies[name] for name in item["policies"]],
         )
         if item["archived"]:

@@ -46,7 +46,7 @@ def _api_field(name: str) -> models.Field[Any, Any] | None:
 
 # Field order of each kind in the canonical document (the order `export` writes).
 POLICY_FIELDS = ("name", "description", "policy_type", "mode", "on_store_error", "config")
-PLAN_FIELDS = ("name", "description", "approval", "archived", "policies")
+PLAN_FIELDS = ("name", "description", "approval", "archived", "policies", "websocket_max_connections")
 API_FIELDS = api_document_fields()
 # How the model stores some of them: floats (a YAML 2 is 2.0) and moments (UTC, ISO 8601).
 _API_FLOATS = {n for n in API_FIELDS if isinstance(_api_field(n), models.FloatField)}
@@ -402,6 +402,7 @@ def canonical_plan(item: Mapping[str, Any]) -> dict[str, Any]:
         "approval": item.get("approval", _model_default(Plan, "approval")),
         "archived": item.get("archived", False),
         "policies": sorted(item.get("policies", [])),
+        "websocket_max_connections": item.get("websocket_max_connections"),
     }
 
 

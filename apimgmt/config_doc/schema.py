@@ -304,6 +304,7 @@ def document_schema() -> dict[str, Any]:
                 "description": "No new subscriptions (nor moves to it); existing ones keep it.",
             },
             "policies": _names("Names of the policies the plan's subscribers get."),
+            "websocket_max_connections": model_field_schema(Plan, "websocket_max_connections"),
         },
     }
     target = {

@@ -140,6 +140,7 @@ def read_state(tenant: Tenant, *, consumers: bool, lock: bool = False) -> Tenant
                         "approval": p.approval,
                         "archived": p.archived_at is not None,
                         "policies": [policy_names[i] for i in plan_policies.get(p.pk, [])],
+                        "websocket_max_connections": p.websocket_max_connections,
                     }
                 ),
                 p,

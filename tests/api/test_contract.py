@@ -152,6 +152,10 @@ def test_contract_table(staff: User, client_for: Any) -> None:
             "bytes_out": 840,
             "latency_ms_avg": 8.2,
             "latency_ms_max": 30.0,
+            "connections": 0,
+            "connection_seconds": 0.0,
+            "messages_in": 0,
+            "messages_out": 0,
         }
     ]
 

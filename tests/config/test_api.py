@@ -145,7 +145,10 @@ def test_a_bad_document_is_a_400_naming_each_place_and_changes_nothing(
     assert r["Content-Type"] == "application/problem+json"
     assert r.json()["errors"] == {
         "apis[new].retries": ["9 is greater than the maximum of 5"],
-        "plans[x].colour": ["unknown field; the fields here are approval, archived, description, name, policies."],
+        "plans[x].colour": [
+            "unknown field; the fields here are approval, archived, description, name, policies, "
+            "websocket_max_connections."
+        ],
     }
     assert snapshot("acme") == before
     lone_surrogate = _document(apis=[{**NEW_API, "description": "\ud800"}])

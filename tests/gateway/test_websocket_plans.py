@@ -82,3 +82,32 @@ def test_a_plans_cap_is_set_through_the_management_api_and_checked(alice, acme) 
         ]
         is None
     )
+
+
+@pytest.mark.django_db
+def test_a_plans_cap_travels_in_configuration_documents(acme, tmp_path) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    def config(*args: str) -> int:
+        try:
+            call_command("config", *args, stdout=StringIO(), stderr=StringIO())
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    services.plan_create(tenant=acme, name="chat", actor=None, websocket_max_connections=3)
+    services.plan_create(tenant=acme, name="plain", actor=None)
+    exported = tmp_path / "acme.yaml"
+    assert config("export", "--tenant", "acme", "-o", str(exported)) == 0
+    text = exported.read_text()
+    assert "- name: chat\n" in text and "  websocket_max_connections: 3\n" in text
+    assert "  websocket_max_connections: null\n" in text  # plain: the API's cap
+
+    exported.write_text(text.replace("websocket_max_connections: 3", "websocket_max_connections: 7"))
+    assert config("apply", "--tenant", "acme", "-f", str(exported)) in (0, 2)
+    assert Plan.objects.get(tenant=acme, name="chat").websocket_max_connections == 7
+    exported.write_text(text.replace("websocket_max_connections: 3", "websocket_max_connections: 0"))
+    assert config("apply", "--tenant", "acme", "-f", str(exported)) not in (0, 2)  # below the minimum: refused
+    assert Plan.objects.get(tenant=acme, name="chat").websocket_max_connections == 7

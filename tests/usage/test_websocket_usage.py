@@ -208,3 +208,47 @@ def test_bucket_values_of_seven_to_eleven_numbers_are_read_and_others_refused() 
     for bad in ("1,2", "1,0,2,3,4,4,1,0,0,0,0,0"):
         with pytest.raises(ValueError, match="7 to 11 numbers"):
             contract.decode(bad)
+
+
+@pytest.mark.django_db
+def test_the_management_api_shows_connections_also_in_minutes_without_a_handshake(acme, alice, acme_api) -> None:
+    from rest_framework.test import APIClient
+
+    from apimgmt.tokens import api_token_create
+    from apimgmt.usage import add_minute
+
+    # A connection opened at 10:01 (its handshake is the request), open until 10:03, with messages each minute.
+    row = {"tenant_id": "acme", "api_id": acme_api.pk, "consumer_id": "con_x", "key_id": "key_x", "status_code": 101}
+    add_minute(
+        **row,
+        timestamp="2026-01-01T10:01:00Z",
+        request_count=1,
+        connection_count=1,
+        connection_seconds=30.0,
+        messages_in=3,
+        messages_out=4,
+        bytes_in=30,
+        bytes_out=40,
+    )
+    add_minute(**row, timestamp="2026-01-01T10:02:00Z", connection_seconds=60.0, messages_in=1, bytes_in=10)
+    add_minute(**row, timestamp="2026-01-01T10:03:00Z", connection_seconds=12.5)
+    _token, plaintext = api_token_create(user=alice, actor=None, name="tests")
+    c = APIClient()
+    c.credentials(HTTP_AUTHORIZATION=f"Token {plaintext}")
+    window = {"from": "2026-01-01T10:00:00Z", "to": "2026-01-01T11:00:00Z"}
+
+    minutes = c.get("/mgmt/v1/usage/", {"interval": "minute", **window}).json()["results"]
+    assert [(m["bucket"][11:16], m["requests"], m["connections"], m["connection_seconds"]) for m in minutes] == [
+        ("10:01", 1, 1, 30.0),
+        ("10:02", 0, 0, 60.0),
+        ("10:03", 0, 0, 12.5),
+    ]
+    assert minutes[1]["latency_ms_avg"] == 0.0 and minutes[1]["messages_in"] == 1
+    (hour,) = c.get("/mgmt/v1/usage/", {"interval": "hour", "tenant_id": "acme", **window}).json()["results"]
+    assert (hour["connections"], hour["connection_seconds"], hour["messages_in"], hour["messages_out"]) == (
+        1,
+        102.5,
+        4,
+        4,
+    )
+    assert (hour["bytes_in"], hour["bytes_out"]) == (40, 40)
