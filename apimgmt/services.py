@@ -8,6 +8,7 @@ message that says what to fix; nothing half-written is left behind.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -521,6 +522,9 @@ def api_check(api: Api) -> None:
             setattr(api, field, check(getattr(api, field)))
         except ValidationError as exc:
             errors[field] = exc.messages
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in api.api_name or ""):
+        # The name is shown in the portal and sent in the gateway's WWW-Authenticate realm.
+        errors["api_name"] = ["The name may not contain control characters or line breaks."]
     if api.openapi_spec is not None and not isinstance(api.openapi_spec, dict):
         errors["openapi_spec"] = ["openapi_spec must be a JSON object (an OpenAPI document)."]
     elif api.restrict_to_spec and not (api.openapi_spec or {}).get("paths"):
@@ -1265,6 +1269,19 @@ def jwt_issuer_update(*, jwt_issuer: JwtIssuer, actor: Actor, **fields: Any) -> 
     jwt_issuer_check(issuer)
     after = _issuer_summary(issuer)
     changes = {name: [before[name], after[name]] for name in after if before[name] != after[name]}
+    remapped = [name for name in ("issuer", "consumer_claim") if name in changes]
+    if remapped:
+        # Identities are external ids of this provider under this claim: with another iss or claim, subjects of a
+        # different provider (or another claim's values) would act as the consumers mapped today.
+        count = ConsumerIdentity.objects.filter(issuer=issuer).count()
+        if count:
+            raise ValidationError(
+                {
+                    name: f"{name} cannot change while {count} consumer identit{'y' if count == 1 else 'ies'} "
+                    "map this issuer's tokens to consumers; delete them first, or create a new issuer."
+                    for name in remapped
+                }
+            )
     if changes:
         _save_validated(issuer)
         audit_record(actor=actor, tenant_id=issuer.tenant_id, action="jwt_issuer.update", obj=issuer, changes=changes)

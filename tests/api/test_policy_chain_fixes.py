@@ -38,3 +38,30 @@ def test_an_issuers_iss_can_be_changed_like_any_field(alice: User, client_for: A
     assert JwtIssuer.objects.get(pk=issuer_id).issuer == "https://login.acme.example/"
     r = c.patch(f"{V1}/jwt-issuers/{issuer_id}/", {"issuer": "not a url"}, format="json")
     assert r.status_code == 400 and "issuer" in r.json()["errors"]
+
+
+def test_an_issuers_iss_or_claim_cannot_change_under_its_identities(
+    alice: User, bob_app: Consumer, client_for: Any
+) -> None:
+    c = client_for(alice)
+    issuer_id = c.post(f"{V1}/jwt-issuers/", ISSUER, format="json").json()["id"]
+    created = c.post(
+        f"{V1}/consumers/{bob_app.pk}/identities/", {"issuer_id": issuer_id, "external_id": "u-1"}, format="json"
+    )
+    assert created.status_code == 201, created.content
+    for field, value in (("issuer", "https://other-idp.example/"), ("consumer_claim", "email")):
+        r = c.patch(f"{V1}/jwt-issuers/{issuer_id}/", {field: value}, format="json")
+        assert r.status_code == 400, r.content
+        assert "1 consumer identity" in r.json()["errors"][field][0]
+    assert JwtIssuer.objects.get(pk=issuer_id).issuer == ISSUER["issuer"]
+    # Other settings still change.
+    assert c.patch(f"{V1}/jwt-issuers/{issuer_id}/", {"leeway_seconds": 5}, format="json").status_code == 200
+
+
+def test_an_api_name_with_a_control_character_is_refused(alice: User, client_for: Any) -> None:
+    r = client_for(alice).post(
+        f"{V1}/apis/",
+        {"tenant_id": "acme", "api_name": "bad\nname", "base_path": "/bad", "upstream_url": "https://x.example.com"},
+        format="json",
+    )
+    assert r.status_code == 400 and "control characters" in r.json()["errors"]["api_name"][0]
