@@ -35,6 +35,7 @@ from jwt.exceptions import PyJWKError, PyJWTError
 
 from apimgmt.selectors import IssuerSpec
 from apimgmt.validation import validate_upstream_url
+from gateway import metrics
 from gateway.proxy import WatchedHTTPConnectionPool, WatchedHTTPSConnectionPool, _current_watch
 from gateway.resilience import DeadlineReaper, DeadlineWatch
 
@@ -266,6 +267,7 @@ class IssuerKeys:
         try:
             keys = fetch_jwks(self.url)
         except FetchFailed as exc:
+            metrics.count_jwks_fetch(self.spec.tenant_id, self.spec.id, "error")
             logger.warning(
                 "JWKS of issuer %s could not be fetched (%s); %s",
                 self.spec.name,
@@ -275,8 +277,10 @@ class IssuerKeys:
             )
             return False
         except Exception:
+            metrics.count_jwks_fetch(self.spec.tenant_id, self.spec.id, "error")
             logger.exception("JWKS of issuer %s could not be fetched", self.spec.name)
             return False
+        metrics.count_jwks_fetch(self.spec.tenant_id, self.spec.id, "unchanged" if keys == self.keys else "ok")
         if keys != self.keys:
             self.keys = keys
             self.parsed = {}

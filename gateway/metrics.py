@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Latency buckets sized for a proxy: sub-millisecond overhead up to long upstream calls.
@@ -95,3 +98,74 @@ websocket_connection_seconds = Counter(
     "Seconds WebSocket connections were open, added when each one ends.",
     ["api"],
 )
+
+# -- the policy chain (gateway/policies/*, gateway/jwks.py) --------------------------------------------------------
+# Labels are ids and fixed words, never what a client sent (an origin, an address, a path, a claim): the number of
+# series is bounded by the configuration. An API without these policies has none of their series and pays nothing;
+# a response_cache step binds its children when the route table is built (one .inc() per request), and refusals
+# find theirs in a dict (they are the rare path).
+CACHE_RESULTS = ("hit", "miss", "bypass", "skip")
+cache_lookups_total = Counter(
+    "api_cache_lookups_total",
+    "Requests of APIs with a response_cache policy: hit (answered from Redis), miss (looked up, not found), bypass "
+    "(the client asked for a fresh answer, or Redis was unavailable), skip (not cacheable: a method other than "
+    "GET/HEAD, a body, a WebSocket upgrade).",
+    ["tenant", "api", "result"],
+)
+
+
+def cache_lookup_children(tenant: str, api: str) -> dict[str, Any]:
+    """result -> the bound counter child of one API (bound once per route-table build, incremented per request)."""
+    return {result: cache_lookups_total.labels(tenant, api, result) for result in CACHE_RESULTS}
+
+
+# The reasons a policy type refuses with: a small fixed set per type (anything else is counted as "other").
+REFUSAL_REASONS: dict[str, frozenset[str]] = {
+    "cors": frozenset({"origin", "method", "headers"}),  # a preflight: 403 cors-refused
+    "ip_rules": frozenset({"deny", "not_allowed", "unreadable", "unavailable"}),  # 403 ip-refused, 503 unavailable
+    "request_limits": frozenset({"method", "body", "headers"}),  # 405, 413, 431
+}
+# request_limits' reason by the status it answers with.
+REQUEST_LIMIT_REASONS = {405: "method", 413: "body", 431: "headers"}
+policy_refusals_total = Counter(
+    "api_policy_refusals_total",
+    "Requests a policy refused (mode=shadow: would have refused, let through), by policy type and a fixed reason.",
+    ["tenant", "api", "policy_type", "reason", "mode"],
+)
+_refusal_children: dict[tuple[str, str, str, str, str], Any] = {}
+
+
+def count_refusal(tenant: str, api: str, policy_type: str, reason: str, mode: str = "enforce") -> None:
+    """One refusal (``mode="shadow"``: one a shadow policy would have made)."""
+    key = (tenant, api, policy_type, reason, mode)
+    child = _refusal_children.get(key)
+    if child is None:
+        if reason not in REFUSAL_REASONS.get(policy_type, ()):
+            reason = "other"
+        child = policy_refusals_total.labels(tenant, api, policy_type, reason, mode)
+        if len(_refusal_children) >= 10_000:
+            _refusal_children.clear()
+        _refusal_children[key] = child
+    child.inc()
+
+
+JWKS_RESULTS = ("ok", "unchanged", "error")
+jwks_fetches_total = Counter(
+    "api_jwks_fetches_total",
+    "JWKS fetches of JWT issuers with a jwks_url: ok (a new key set), unchanged (the same set), error (none usable; "
+    "the last good set is kept).",
+    ["tenant", "issuer_id", "result"],
+)
+jwks_last_success = Gauge(
+    "api_jwks_last_success_timestamp_seconds",
+    "When a worker last fetched the issuer's JWKS successfully (Unix time; the newest over workers).",
+    ["tenant", "issuer_id"],
+    multiprocess_mode="max",
+)
+
+
+def count_jwks_fetch(tenant: str, issuer_id: str, result: str) -> None:
+    """One JWKS fetch (rare: at most one per issuer a minute and worker, plus retries every few seconds without keys)."""
+    jwks_fetches_total.labels(tenant, issuer_id, result).inc()
+    if result != "error":
+        jwks_last_success.labels(tenant, issuer_id).set(time.time())

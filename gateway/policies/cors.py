@@ -28,6 +28,7 @@ from django.core.exceptions import ValidationError
 
 from apimgmt.policy_types import cors as cors_config
 from apimgmt.selectors import PolicySpec
+from gateway import metrics
 from gateway.chain import PRE_AUTH, Exchange, Result, Step
 from gateway.problems import GatewayResponse, problem
 
@@ -132,6 +133,15 @@ class Cors(Step):
         names = [name.strip().lower() for name in requested.split(",") if name.strip()]
         refused = self._refused(origin, requested_method, names)
         if refused is not None:
+            # api_policy_refusals_total: which check refused, in _refused's order (never the origin itself)
+            why = (
+                "origin"
+                if not self.origins.allows(origin)
+                else "method"
+                if requested_method not in self.methods
+                else "headers"
+            )
+            metrics.count_refusal(ex.route.tenant_id, ex.route.api_id, POLICY_TYPE, why)
             return ex.fail(
                 problem(403, "cors-refused", "CORS preflight refused", refused, ex.request_id),
                 [("Vary", _PREFLIGHT_VARY)],

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from apimgmt.selectors import PolicySpec
+from gateway import metrics
 from gateway.chain import ACCESS, PRE_AUTH, Exchange, Result, Step
 from gateway.problems import GatewayResponse, problem
 
@@ -172,15 +173,24 @@ def _check(ex: Exchange, rules: Sequence[Rule | Unbuildable]) -> Result | None:
         if isinstance(rule, Unbuildable):
             if rule.shadow:
                 continue
+            metrics.count_refusal(ex.route.tenant_id, ex.route.api_id, POLICY_TYPE, "unavailable")
             return ex.fail(unavailable(ex, rule.label))
         reason = rule.refuses(address)
         if reason is None:
             continue
+        _count(ex, rule, address)
         if rule.shadow:
             logger.info("shadow %s would have refused %s: %s", rule.label, ex.client_ip, reason)
             continue
         return ex.fail(refusal(ex, rule.label, reason))
     return None
+
+
+def _count(ex: Exchange, rule: Rule, address: tuple[int, int] | None) -> None:
+    """api_policy_refusals_total: why, as a fixed word in Rule.refuses' order (never the address itself)."""
+    why = "unreadable" if address is None else "deny" if rule.deny and rule.deny.contains(address) else "not_allowed"
+    mode = "shadow" if rule.shadow else "enforce"
+    metrics.count_refusal(ex.route.tenant_id, ex.route.api_id, POLICY_TYPE, why, mode)
 
 
 def refusal(ex: Exchange, label: str, reason: str) -> GatewayResponse:

@@ -20,6 +20,7 @@ from django.core.exceptions import ValidationError
 
 from apimgmt.policy_types import request_limits as limits_config
 from apimgmt.selectors import PolicySpec
+from gateway import metrics
 from gateway.chain import PRE_AUTH, Exchange, Result, Step
 from gateway.problems import GatewayResponse, problem
 
@@ -56,6 +57,9 @@ class RequestLimits(Step):
         refusal = self._refusal(ex)
         if refusal is None:
             return None
+        why = metrics.REQUEST_LIMIT_REASONS.get(refusal.status, "other")  # api_policy_refusals_total
+        route = ex.route
+        metrics.count_refusal(route.tenant_id, route.api_id, POLICY_TYPE, why, "shadow" if self.shadow else "enforce")
         if self.shadow:
             logger.info("shadow request_limits of API %s would have answered %d", ex.route.api_id, refusal.status)
             return None

@@ -59,7 +59,7 @@ from redis.exceptions import RedisClusterException
 from apimgmt import redis_client
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
-from gateway import ratelimit
+from gateway import metrics, ratelimit
 from gateway.chain import ACCESS, CACHE_LOOKUP, Exchange, Result, Step
 from gateway.proxy import HOP_BY_HOP
 
@@ -323,6 +323,7 @@ class ResponseCache(Step):
         # before it (phase pre_auth) and replaced by the cors step on each hit, so they are not stored either.
         self.dropped = _NOT_STORED | {name.lower() for name, _ in route.extra_headers}
         self.drop_cors = any(spec.policy_type == "cors" for spec in route.spec.policies)
+        self.counted = metrics.cache_lookup_children(route.tenant_id, route.api_id)  # api_cache_lookups_total
 
     # -- keys --
 
@@ -452,9 +453,11 @@ class ResponseCache(Step):
     def response(self, ex: Exchange, result: Result) -> Result:
         pending: _Pending | None = ex.state.get(self.name) if ex.state else None
         if pending is None or pending.hit:
+            self.counted["skip" if pending is None else "hit"].inc()
             return result
         from_upstream = ex.done.upstream_s is not None
         outcome = "MISS" if pending.lookup else "BYPASS"
+        self.counted["miss" if pending.lookup else "bypass"].inc()
         ttl_age = None
         if pending.store and from_upstream:
             ttl_age = self._storable(ex, result)
