@@ -11,7 +11,9 @@ import uuid
 from typing import Any
 
 import pytest
+import requests
 from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
@@ -27,9 +29,8 @@ from tests.gateway.conftest import (  # noqa: F401  (fixtures)
     upstream,
 )
 from tests.gateway.test_jwt import AUD, ISS, JwksServer, SigningKey, bearer, jwks_server, k1, k2  # noqa: F401
-from tests.gateway.upstreams import Answer, Recorder, Seen
-
-pytestmark = pytest.mark.django_db
+from tests.gateway.upstreams import Answer, Recorder, Seen, recording_upstream
+from tests.support.servers import free_port, gunicorn
 
 PATH = "/api/users/v1/items"
 
@@ -235,3 +236,75 @@ def test_jwks_fetches_are_counted_ok_unchanged_and_error_with_the_time_of_the_la
     assert gateway.get("/api/jwt/a", headers=bearer(k1.token(jti="still-good"))).status == 200
     exposition = _exposition()
     assert jwks_server.url not in exposition and ISS not in exposition
+
+
+# -- gunicorn: several workers, one exposition -----------------------------------------------------------------------
+
+
+def _scraped(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_under_two_gunicorn_workers_the_metrics_port_sums_them(
+    live_env: dict[str, str], tmp_path: Any, acme: Tenant, bob_app: Consumer, key: str, k1: SigningKey
+) -> None:
+    port = free_port()
+    env = {
+        **live_env,
+        "GATEWAY_CONFIG_POLL_SECONDS": "0.2",
+        "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        "METRICS_PORT": str(port),
+        "METRICS_ADDRESS": "127.0.0.1",
+    }
+    server = JwksServer()
+    server.publish(k1)
+    try:
+        with recording_upstream() as upstream, gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as url:
+
+            def respond(seen: Seen) -> Answer:
+                return Answer(headers=[("Cache-Control", "max-age=60")], body=b"cached")
+
+            upstream.respond = respond
+            cache = _policy(acme, "response_cache")
+            cors = _policy(acme, "cors", allow_origins=["https://app.example.com"])
+            api = _api(acme, upstream, bob_app, cache, cors)
+            issuer = services.jwt_issuer_create(
+                tenant=acme, name="acme-id", issuer=ISS, audiences=[AUD], jwks_url=server.url, actor=None
+            )
+            jwt_api = publish(acme, upstream.url, base_path="/api/jwt", auth_method="jwt", jwt_issuers=[issuer])
+            subscribe(bob_app, jwt_api)
+            services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+            headers = {"X-API-Key": key}
+            deadline = time.monotonic() + 30  # each worker loads its route table
+            while requests.get(url + "/api/jwt/a", headers=bearer(k1.token()), timeout=30).status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            # A new connection per request: both workers answer some.
+            answers = [requests.get(url + PATH, headers=headers, timeout=30) for _ in range(20)]
+            assert [a.status_code for a in answers] == [200] * 20
+            preflight = {"Origin": "https://evil.example.net", "Access-Control-Request-Method": "GET"}
+            refused = [requests.options(url + PATH, headers=preflight, timeout=30) for _ in range(6)]
+            assert [r.status_code for r in refused] == [403] * 6
+            for _ in range(6):
+                assert requests.get(url + "/api/jwt/a", headers=bearer(k1.token()), timeout=30).status_code == 200
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        server.stop()
+    lookup = {"tenant": str(acme.pk), "api": str(api.pk)}
+    hits = _scraped(text, "api_cache_lookups_total", **lookup, result="hit")
+    misses = _scraped(text, "api_cache_lookups_total", **lookup, result="miss")
+    assert hits + misses == 20 and 1 <= misses <= 2  # one miss per worker at most
+    reasons = {"policy_type": "cors", "reason": "origin", "mode": "enforce"}
+    assert _scraped(text, "api_policy_refusals_total", **lookup, **reasons) == 6
+    fetched = {"tenant": str(acme.pk), "issuer_id": str(issuer.pk)}
+    assert 1 <= _scraped(text, "api_jwks_fetches_total", **fetched, result="ok") <= 2  # a fetch per worker that asked
+    assert _scraped(text, "api_jwks_fetches_total", **fetched, result="error") == 0
+    # the gauge is the newest over the workers (multiprocess mode "max"), not their sum
+    assert time.time() - 120 < _scraped(text, "api_jwks_last_success_timestamp_seconds", **fetched) <= time.time()
+    assert "evil.example.net" not in text and "app.example.com" not in text
