@@ -191,7 +191,13 @@ def validation_cost(results: dict[str, Any]) -> None:
         "express": True,
     }
     body = json.dumps(order).encode()
-    worker = types.SimpleNamespace(upstreams=types.SimpleNamespace(reaper=None), body_read_timeout=0.0)
+    from django.conf import settings
+
+    worker = types.SimpleNamespace(
+        upstreams=types.SimpleNamespace(reaper=None),
+        body_read_timeout=0.0,
+        max_body=int(settings.GATEWAY["MAX_BODY_BYTES"]),
+    )
     for version in ("3.1.0", "3.0.3"):
         spec = RouteSpec(
             api_id="bench", tenant_id=TENANT, tenant_timezone="UTC", api_name="orders", base_path="/orders",

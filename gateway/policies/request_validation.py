@@ -4,7 +4,9 @@ Not a policy type: the API's own ``validation`` setting (off, shadow, enforce) a
 when that is not off and the API has an OpenAPI document with paths. The document is compiled once per route-table
 load: every operation's parameters and JSON request body become ready validators (openapi-schema-validator's OAS 3.0
 or 3.1 dialect on jsonschema, ``$ref``s resolved inside the document). A request then costs one operation match and
-the validators of its own operation.
+the validators of its own operation. A JSON body schema also gets a compiled jsonschema-rs check where it can mean
+exactly the same (3.1: plain JSON Schema keywords; 3.0: a translation, see _Oas30Translation): it is asked first and
+only trusted to say "valid"; anything else goes to openapi-schema-validator, which decides and words the errors.
 
 The step runs in ``access`` (after authentication: an anonymous caller never makes the gateway read or parse a body)
 and checks:
@@ -27,9 +29,11 @@ handed to the proxy unchanged.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -76,6 +80,26 @@ _FAST_KEYWORDS = frozenset(
 # Formats jsonschema-rs checks at least as strictly as openapi-schema-validator (a stricter "invalid" only sends the
 # body on to openapi-schema-validator, which decides).
 _FAST_FORMATS = frozenset({"email", "date", "date-time", "uuid", "ipv4", "ipv6"})
+# OpenAPI 3.0 bodies get a compiled check too, from a translation of their Schema Objects into draft 4 JSON Schema
+# for jsonschema-rs (whose draft 4, like openapi-schema-validator's OAS 3.0 dialect, holds 1.0 not an integer):
+# nullable becomes a type union; a readOnly schema refuses (a request writes); required leaves out readOnly
+# properties; $ref siblings still apply; formats and patterns are checked by the very functions
+# openapi-schema-validator calls. Keywords that dialect does not know are left out (it ignores them); anything that
+# cannot be carried over exactly leaves the schema without a compiled check.
+_OAS30_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object"})
+_OAS30_SIZES = frozenset({"minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"})
+_OAS30_STRING_FORMATS = frozenset(
+    {
+        "byte", "date", "date-time", "email", "idn-email", "hostname", "idn-hostname", "ipv4", "ipv6", "regex",
+        "time", "uuid", "uri", "uri-reference", "iri", "iri-reference", "json-pointer", "relative-json-pointer",
+        "uri-template", "duration",
+    }
+)  # fmt: skip
+_OAS30_PASSING_FORMATS = frozenset({"float", "double", "binary", "password"})  # true of every JSON value
+_OAS30_INTEGER_FORMATS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+_NEVER: dict[str, Any] = {"not": {}}
+# With the regress package installed, openapi-schema-validator matches patterns as ECMA 262 regexes, not with re.
+_PYTHON_PATTERNS = importlib.util.find_spec("regress") is None
 _SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties"})
 _SCHEMA_VALUES = frozenset({"additionalProperties", "items", "not"})
@@ -92,7 +116,218 @@ Error = dict[str, str]
 Resolve = Callable[[Any], tuple[Any, str]]
 
 
+class _NonFinite(ValueError):
+    """A JSON number Python reads as infinite or NaN (jsonschema-rs cannot hold one: never given to it)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise _NonFinite(text)
+
+
+def _format_check(name: str) -> Callable[[str], bool]:
+    def check(text: str) -> bool:
+        return bool(oas30_format_checker.conforms(text, name))
+
+    return check
+
+
+def _pattern_check(pattern: re.Pattern[str]) -> Callable[[str], bool]:
+    def check(text: str) -> bool:
+        return pattern.search(text) is not None
+
+    return check
+
+
+class _Untranslatable(Exception):
+    """A 3.0 schema that jsonschema-rs cannot be made to check exactly as openapi-schema-validator does."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_numbers(value: Any) -> bool:
+    """No infinite or NaN number anywhere in an enum value (they have no JSON form for jsonschema-rs)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    return True
+
+
 # -- compiling a document --------------------------------------------------------------------------------------------
+
+
+class _Oas30Translation:
+    """OpenAPI 3.0 Schema Objects of one document as draft 4 JSON Schema meaning the same to jsonschema-rs as they
+    do to openapi-schema-validator's OAS30WriteValidator. Each schema a $ref reaches is translated once, as a
+    definition (so recursive schemas stay finite); formats and patterns become named jsonschema-rs formats that call
+    what openapi-schema-validator calls. Raises _Untranslatable where that cannot be exact."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.names: dict[str, str] = {}  # document pointer → definition name
+        self.definitions: dict[str, Any] = {}
+        self.formats: dict[str, Callable[[str], bool]] = {}
+        self.patterns: dict[str, str] = {}
+
+    def validator(self, schema: Any) -> Any:
+        """A jsonschema-rs validator of this (body) schema, with the definitions its $refs reach."""
+        self.names, self.definitions = {}, {}
+        root: dict[str, Any] = {"allOf": [self.schema(schema)]}
+        if self.definitions:
+            root["definitions"] = self.definitions
+        return jsonschema_rs.Draft4Validator(root, formats=dict(self.formats), validate_formats=True)
+
+    def ref(self, ref: Any) -> dict[str, Any]:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _Untranslatable("a $ref outside the document")
+        pointer = unquote(ref[1:])
+        name = self.names.get(pointer)
+        if name is None:
+            target: Any = self.document
+            for part in pointer.split("/")[1:]:
+                key = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                    target = target[int(key)]
+                elif isinstance(target, dict) and key in target:
+                    target = target[key]
+                else:
+                    raise _Untranslatable(f"$ref {ref!r} names nothing in the document")
+            name = self.names[pointer] = f"s{len(self.names)}"
+            self.definitions[name] = self.schema(target)
+        return {"$ref": f"#/definitions/{name}"}
+
+    def schema(self, node: Any) -> dict[str, Any]:
+        if not isinstance(node, dict):
+            raise _Untranslatable("a schema that is not an object")
+        if "$schema" in node or "id" in node:
+            raise _Untranslatable("$schema or id in a schema")  # another dialect, or another base for its $refs
+        if node.get("readOnly"):
+            return {"not": {}}  # the write validator refuses any value of a read-only schema
+        out: dict[str, Any] = {}
+        also: list[dict[str, Any]] = []  # checks that need a schema of their own (all of them must pass)
+        for key, value in node.items():
+            if key == "$ref":
+                also.append(self.ref(value))  # its siblings still count in this dialect, unlike draft 4
+            elif key == "type":
+                if not isinstance(value, str) or value not in _OAS30_TYPES:
+                    raise _Untranslatable(f"type {value!r}")
+                out["type"] = [value, "null"] if node.get("nullable") is True else value
+            elif key == "properties":
+                if not isinstance(value, dict):
+                    raise _Untranslatable("properties that are not an object")
+                out["properties"] = {name: self.schema(sub) for name, sub in value.items()}
+            elif key == "additionalProperties":
+                if "patternProperties" in node and value is not True:
+                    raise _Untranslatable("patternProperties (matched by Python's re) next to additionalProperties")
+                if isinstance(value, bool):
+                    out[key] = value
+                elif isinstance(value, dict):
+                    out[key] = self.schema(value)
+            elif key == "items":
+                out["items"] = self.schema(value)
+            elif key in ("allOf", "anyOf", "oneOf"):
+                if "discriminator" in node:
+                    raise _Untranslatable(f"{key} with a discriminator")  # the discriminator alone decides then
+                if not isinstance(value, list) or not value:
+                    raise _Untranslatable(f"{key} that is not a list of schemas")
+                out[key] = [self.schema(sub) for sub in value]
+            elif key == "not":
+                out["not"] = self.schema(value)
+            elif key == "required":
+                out.update(self.required(value, node.get("properties", {})))
+            elif key == "enum":
+                if not isinstance(value, list) or not value or not _finite_numbers(value):
+                    raise _Untranslatable("enum")
+                out["enum"] = value
+            elif key in ("minimum", "maximum"):
+                exclusive_key = "exclusive" + key[0].upper() + key[1:]
+                exclusive = node.get(exclusive_key, False)
+                if not _is_number(value) or not isinstance(exclusive, bool):
+                    raise _Untranslatable(key)
+                out[key] = value
+                if exclusive:
+                    out[exclusive_key] = True
+            elif key == "multipleOf":
+                # Python divides a float divisor in floating point, and a float value by an integer one with
+                # %; jsonschema-rs does neither: only integer values of an integer divisor are checked here.
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise _Untranslatable("multipleOf that is not a positive integer")
+                also.append({"anyOf": [{"not": {"type": "number"}}, {"type": "integer", "multipleOf": value}]})
+            elif key in _OAS30_SIZES:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise _Untranslatable(key)
+                out[key] = value
+            elif key == "uniqueItems":
+                if not isinstance(value, bool):
+                    raise _Untranslatable(key)
+                if value:
+                    out[key] = True
+            elif key == "pattern":
+                also.append({"format": self.pattern(value)})
+            elif key == "format":
+                also.extend(self.format(value))
+            # Any other keyword (nullable, exclusiveMinimum alone, discriminator alone, example, xml, writeOnly,
+            # keywords of later drafts...) asserts nothing in the OAS 3.0 dialect.
+        if not also:
+            return out
+        if out:
+            also.insert(0, out)  # properties and additionalProperties stay in one schema
+        return also[0] if len(also) == 1 else {"allOf": also}
+
+    def required(self, names: Any, properties: Any) -> dict[str, Any]:
+        if (
+            not isinstance(names, list)
+            or not all(isinstance(n, str) for n in names)
+            or not isinstance(properties, dict)
+        ):
+            raise _Untranslatable("required")
+        kept = []
+        for name in dict.fromkeys(names):
+            declared = properties.get(name)
+            if declared and not isinstance(declared, dict):
+                raise _Untranslatable("a required property whose schema is not an object")
+            if not (declared and declared.get("readOnly")):
+                kept.append(name)  # a read-only property is never required of a request
+        return {"required": kept} if kept else {}
+
+    def pattern(self, pattern: Any) -> str:
+        if not isinstance(pattern, str) or not _PYTHON_PATTERNS:
+            raise _Untranslatable("pattern")
+        name = self.patterns.get(pattern)
+        if name is None:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise _Untranslatable("a pattern Python's re does not take") from exc
+            name = self.patterns[pattern] = f"oas30-pattern-{len(self.patterns)}"
+            self.formats[name] = _pattern_check(compiled)
+        return name
+
+    def format(self, name: Any) -> list[dict[str, Any]]:
+        if not isinstance(name, str):
+            raise _Untranslatable("format")
+        if name not in oas30_format_checker.checkers or name in _OAS30_PASSING_FORMATS:
+            return []  # unknown to openapi-schema-validator (so not checked), or true of every JSON value
+        if name in _OAS30_INTEGER_FORMATS:
+            low, high = _OAS30_INTEGER_FORMATS[name]
+            return [{"anyOf": [{"not": {"type": "integer"}}, {"minimum": low, "maximum": high}]}]
+        if name not in _OAS30_STRING_FORMATS:
+            raise _Untranslatable(f"format {name!r}")
+        formatted = f"oas30-{name}"
+        if formatted not in self.formats:
+            self.formats[formatted] = _format_check(name)
+        return [{"format": formatted}]
 
 
 def _pointer(*parts: str | int) -> str:
@@ -160,6 +395,8 @@ class _Compiled:
             self.format_checker = oas30_format_checker
             specification = DRAFT4
         self.document = document
+        self.translation = None if self.fast else _Oas30Translation(document)
+        self.translated: dict[str, Any] = {}  # a 3.0 body schema's compiled check, by the schema's place
         self.registry: Registry[Any] = Registry().with_resource(_DOCUMENT_URI, specification.create_resource(document))
         paths = document.get("paths") or {}
         self.table = OperationTable({"paths": paths})
@@ -261,8 +498,8 @@ class _Compiled:
         that mean the same to it and to openapi-schema-validator; else None. It is asked first: "valid" lets the
         body through at once, anything else goes to openapi-schema-validator, which decides and words the errors.
         """
-        if not self.fast:
-            return None
+        if self.translation is not None:
+            return self._fast_check_30(schema, at)
         reached: dict[str, Any] = {}
         pending: list[tuple[Any, str]] = [(schema, at)]
         while pending:
@@ -304,6 +541,21 @@ class _Compiled:
             return jsonschema_rs.Draft202012Validator(root, validate_formats=True)
         except Exception:  # a pattern its regex engine does not take, and the like: no fast check
             return None
+
+    def _fast_check_30(self, schema: Any, at: str) -> Any:
+        """A compiled check of a 3.0 body schema (see _Oas30Translation), or None where it cannot be exact."""
+        ref = schema.get("$ref") if isinstance(schema, dict) and len(schema) == 1 else None
+        key = ref if isinstance(ref, str) else at
+        if key not in self.translated:
+            assert self.translation is not None
+            try:
+                self.translated[key] = self.translation.validator(schema)
+            except (_Untranslatable, RecursionError):
+                self.translated[key] = None
+            except Exception:  # jsonschema-rs refuses the translation (a draft 4 rule it holds to): no fast check
+                logger.debug("no compiled check of the 3.0 schema at %s", at, exc_info=True)
+                self.translated[key] = None
+        return self.translated[key]
 
 
 def _first_type(schema: dict[str, Any]) -> str | None:
@@ -488,17 +740,31 @@ class RequestValidation(Step):
             return ex.fail(problem(exc.status, slug, title, exc.detail, ex.request_id))
         data = body.buffered or b""
         environ["wsgi.input"] = io.BytesIO(data)  # the proxy sends what was read, as it was
+        finite = True  # jsonschema-rs cannot hold an infinite or NaN number: such a body is not asked
         try:
-            document = json.loads(data)
+            try:
+                document = json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
+            except _NonFinite:
+                finite = False
+                document = json.loads(data)
         except (ValueError, RecursionError) as exc:
             errors.append({"in": "body", "pointer": "", "message": f"not valid JSON: {exc}"[:MAX_MESSAGE]})
             return None
-        if operation.body_fast is not None and operation.body_fast.is_valid(document):
+        if finite and operation.body_fast is not None and _fast_valid(operation.body_fast, document):
             return None
         room = MAX_ERRORS - len(errors)
         for error in islice(_errors(operation.body_validator, document, ex), max(room, 0)):
             errors.append({"in": "body", "pointer": _json_pointer(error), "message": error.message[:MAX_MESSAGE]})
         return None
+
+
+def _fast_valid(validator: Any, instance: Any) -> bool:
+    """The compiled check's "valid"; anything it cannot take (a string with a lone surrogate, a format check that
+    raised) is left to openapi-schema-validator."""
+    try:
+        return bool(validator.is_valid(instance))
+    except Exception:
+        return False
 
 
 def _errors(validator: Any, instance: Any, ex: Exchange) -> Iterator[SchemaError]:

@@ -458,7 +458,8 @@ def test_the_fast_check_of_31_bodies_never_lets_through_what_the_oas_validator_r
 
 
 def test_the_fast_check_is_used_only_where_it_means_the_same() -> None:
-    assert request_validation._Compiled(pets_spec("3.0.3")).operations[("/pets", "POST")].body_fast is None
+    # 3.0 bodies get theirs from a translation (tests/gateway/test_request_validation_30.py).
+    assert request_validation._Compiled(pets_spec("3.0.3")).operations[("/pets", "POST")].body_fast is not None
     spec = pets_spec("3.1.0")
     spec["components"]["schemas"]["Named"]["properties"]["id"] = {"type": "integer", "format": "int32"}
     assert request_validation._Compiled(spec).operations[("/pets", "POST")].body_fast is None
