@@ -4,9 +4,10 @@ Not a policy type: the API's own ``validation`` setting (off, shadow, enforce) a
 when that is not off and the API has an OpenAPI document with paths. The document is compiled once per route-table
 load: every operation's parameters and JSON request body become ready validators (openapi-schema-validator's OAS 3.0
 or 3.1 dialect on jsonschema, ``$ref``s resolved inside the document). A request then costs one operation match and
-the validators of its own operation. A JSON body schema also gets a compiled jsonschema-rs check where it can mean
-exactly the same (3.1: plain JSON Schema keywords; 3.0: a translation, see _Oas30Translation): it is asked first and
-only trusted to say "valid"; anything else goes to openapi-schema-validator, which decides and words the errors.
+the validators of its own operation. A JSON body or parameter schema also gets a compiled jsonschema-rs check where
+it can mean exactly the same (3.1: plain JSON Schema keywords; 3.0: a translation, see _Oas30Translation): it is
+asked first and only trusted to say "valid"; anything else goes to openapi-schema-validator, which decides and words
+the errors.
 
 The step runs in ``access`` (after authentication: an anonymous caller never makes the gateway read or parse a body)
 and checks:
@@ -154,7 +155,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _finite_numbers(value: Any) -> bool:
-    """No infinite or NaN number anywhere in an enum value (they have no JSON form for jsonschema-rs)."""
+    """No infinite or NaN number anywhere in the value (an enum's, a parameter's): jsonschema-rs cannot hold one."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, list):
@@ -335,7 +336,7 @@ def _pointer(*parts: str | int) -> str:
 
 
 class _Param:
-    __slots__ = ("environ_key", "explode", "item_kind", "kind", "location", "name", "required", "validator")
+    __slots__ = ("environ_key", "explode", "fast", "item_kind", "kind", "location", "name", "required", "validator")
 
     def __init__(
         self, name: str, location: str, required: bool, validator: Any, kind: str | None, item_kind: str | None
@@ -344,6 +345,7 @@ class _Param:
         self.location = location
         self.required = required
         self.validator = validator
+        self.fast: Any = None  # a compiled check that may only say "valid", as a body's (see _fast_check)
         self.kind = kind
         self.item_kind = item_kind
         self.explode = True
@@ -474,6 +476,8 @@ class _Compiled:
             compiled_param = _Param(
                 name, location, bool(param.get("required")) or location == "path", validator, kind, item_kind
             )
+            if validator is not None:
+                compiled_param.fast = self._fast_check(schema, f"{param_at}/schema")
             style = param.get("style", "form" if location == "query" else "simple")
             compiled_param.explode = bool(param.get("explode", style == "form"))
             compiled.params.append(compiled_param)
@@ -494,7 +498,7 @@ class _Compiled:
         return compiled
 
     def _fast_check(self, schema: Any, at: str) -> Any:
-        """A compiled (jsonschema-rs) check of a 3.1 body schema, when every schema it reaches uses only keywords
+        """A compiled (jsonschema-rs) check of a 3.1 body or parameter schema, when every schema it reaches uses only keywords
         that mean the same to it and to openapi-schema-validator; else None. It is asked first: "valid" lets the
         body through at once, anything else goes to openapi-schema-validator, which decides and words the errors.
         """
@@ -682,7 +686,10 @@ class RequestValidation(Step):
                 continue
             if param.validator is None:
                 continue
-            for error in _errors(param.validator, param.value(texts), ex):
+            value = param.value(texts)
+            if param.fast is not None and _finite_numbers(value) and _fast_valid(param.fast, value):
+                continue
+            for error in _errors(param.validator, value, ex):
                 message = error.message if not error.absolute_path else f"{_json_pointer(error)}: {error.message}"
                 yield {"in": param.location, "name": param.name, "message": message[:MAX_MESSAGE]}
 

@@ -430,3 +430,45 @@ def test_a_string_jsonschema_rs_cannot_hold_is_judged_by_the_oas_validator(
     assert ok.status == 200, ok.body
     refused = gateway.request("POST", numbers_api, headers=headers, body=b'{"s": "\\ud800", "n": 1}')
     assert refused.status == 400 and refused.json()["errors"][0]["pointer"] == "/n"
+
+
+TEXTS = [
+    "5", "0", "-1", "10", "11", "1.5", "1.0", "1e400", "-1e400", "five", "true", "false", "yes", "", "a", "b", "c",
+    "a,b", "a,c", "2.1", "2.1.0", "x" * 8, "x" * 9, "json", "csv", "12", "99999999999999999999",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["3.0.3", "3.1.0"])
+def test_the_fast_check_of_parameters_never_lets_through_what_the_oas_validator_refuses(version: str) -> None:
+    from tests.gateway.test_request_validation import pets_spec
+
+    compiled = request_validation._Compiled(pets_spec(version))
+    params = [param for operation in compiled.operations.values() for param in operation.params]
+    assert len(params) >= 6 and all(param.fast is not None for param in params)
+    checked = 0
+    for param in params:
+        for first in TEXTS:
+            for texts in ([first], [first, "a"], [first, first]):
+                value = param.value(texts)
+                oas = not list(param.validator.iter_errors(value))
+                if request_validation._finite_numbers(value) and request_validation._fast_valid(param.fast, value):
+                    assert oas, (param.name, value)
+                    checked += 1
+    assert checked > 50
+
+
+@pytest.mark.django_db
+def test_a_number_parameter_read_as_infinite_is_judged_by_the_oas_validator(
+    gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer, key: str
+) -> None:
+    document = _document({"type": "object"})
+    schema = {"type": "number", "maximum": 10, "nullable": True}  # converted from text as a number
+    parameter = {"name": "n", "in": "query", "schema": schema}
+    document["paths"]["/t"]["get"] = {"parameters": [parameter], "responses": {"200": {"description": "ok"}}}
+    api = publish(acme, upstream.url + "/svc", base_path="/nums", openapi_spec=document, validation="enforce")
+    subscribe(bob_app, api)
+    refused = gateway.request("GET", "/nums/t?n=1e400", headers={"X-API-Key": key})
+    assert refused.status == 400 and refused.json()["errors"][0]["name"] == "n"
+    assert gateway.request("GET", "/nums/t?n=1e4", headers={"X-API-Key": key}).status == 400
+    assert gateway.request("GET", "/nums/t?n=9.5", headers={"X-API-Key": key}).status == 200
+    assert [s.path for s in upstream.seen] == ["/svc/t?n=9.5"]
