@@ -20,6 +20,10 @@ class Bucket:
     requests: int
     errors: int
     rate_limited: int
+    # WebSocket: connections opened, their time open (seconds) and their messages both ways.
+    connections: int = 0
+    connection_seconds: float = 0.0
+    messages: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,11 @@ class Series:
     @property
     def total_rate_limited(self) -> int:
         return sum(b.rate_limited for b in self.buckets)
+
+    @property
+    def has_connections(self) -> bool:
+        """Whether any bucket has WebSocket connection time (the table then shows its columns)."""
+        return any(b.connection_seconds for b in self.buckets)
 
 
 def _tz(app: Consumer) -> zoneinfo.ZoneInfo:
@@ -79,6 +88,9 @@ def usage_series(*, app: Consumer, api_id: str | None, interval: str, now: datet
             requests=Coalesce(Sum("request_count"), 0),
             errors=Coalesce(Sum("error_count"), 0),
             rate_limited=Coalesce(Sum("request_count", filter=Q(status_code=429)), 0),
+            connections=Coalesce(Sum("connection_count"), 0),
+            connection_seconds=Coalesce(Sum("connection_seconds"), 0.0),
+            messages=Coalesce(Sum("messages_in"), 0) + Coalesce(Sum("messages_out"), 0),
         )
     )
     by_start = {row["bucket"].astimezone(tz): row for row in rows}
@@ -91,6 +103,9 @@ def usage_series(*, app: Consumer, api_id: str | None, interval: str, now: datet
                 requests=int(row["requests"]) if row else 0,
                 errors=int(row["errors"]) if row else 0,
                 rate_limited=int(row["rate_limited"]) if row else 0,
+                connections=int(row["connections"]) if row else 0,
+                connection_seconds=float(row["connection_seconds"]) if row else 0.0,
+                messages=int(row["messages"]) if row else 0,
             )
         )
     return Series(interval=interval, buckets=buckets)

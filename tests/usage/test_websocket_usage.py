@@ -252,3 +252,34 @@ def test_the_management_api_shows_connections_also_in_minutes_without_a_handshak
         4,
     )
     assert (hour["bytes_in"], hour["bytes_out"]) == (40, 40)
+
+
+@pytest.mark.django_db
+def test_the_portal_usage_table_shows_an_apps_connections_only_when_it_has_some(acme, bob, bob_app, acme_api) -> None:
+    from django.test import Client
+    from django.utils import timezone
+
+    from apimgmt.usage import add_minute
+
+    services.subscription_request(consumer=bob_app, api=acme_api, actor=bob)
+    client = Client()
+    client.force_login(bob)
+    url = f"/portal/acme/apps/{bob_app.pk}/usage/"
+    minute = (timezone.now() - timedelta(minutes=5)).replace(second=0, microsecond=0)
+    row = {"tenant_id": "acme", "api_id": acme_api.pk, "consumer_id": bob_app.pk, "key_id": "key_x"}
+    add_minute(**row, timestamp=minute, status_code=200, request_count=4)
+    assert "WebSocket connections" not in client.get(url).content.decode()
+
+    add_minute(
+        **row,
+        timestamp=minute,
+        status_code=101,
+        request_count=2,
+        connection_count=2,
+        connection_seconds=125.4,
+        messages_in=7,
+        messages_out=8,
+    )
+    page = client.get(url).content.decode()
+    assert "WebSocket connections" in page
+    assert '<td class="right">2</td><td class="right">125</td><td class="right">15</td>' in page
