@@ -217,6 +217,7 @@ class _Oas30Translation:
             return {"not": {}}  # the write validator refuses any value of a read-only schema
         out: dict[str, Any] = {}
         also: list[dict[str, Any]] = []  # checks that need a schema of their own (all of them must pass)
+        discriminated = False
         for key, value in node.items():
             if key == "$ref":
                 also.append(self.ref(value))  # its siblings still count in this dialect, unlike draft 4
@@ -238,8 +239,11 @@ class _Oas30Translation:
             elif key == "items":
                 out["items"] = self.schema(value)
             elif key in ("allOf", "anyOf", "oneOf"):
-                if "discriminator" in node:
-                    raise _Untranslatable(f"{key} with a discriminator")  # the discriminator alone decides then
+                if "discriminator" in node:  # the discriminator alone decides then, once or for each combinator
+                    if not discriminated:
+                        also.append(self.discriminated(node))
+                        discriminated = True
+                    continue
                 if not isinstance(value, list) or not value:
                     raise _Untranslatable(f"{key} that is not a list of schemas")
                 out[key] = [self.schema(sub) for sub in value]
@@ -285,6 +289,42 @@ class _Oas30Translation:
         if out:
             also.insert(0, out)  # properties and additionalProperties stay in one schema
         return also[0] if len(also) == 1 else {"allOf": also}
+
+    def discriminated(self, node: dict[str, Any]) -> dict[str, Any]:
+        """A discriminator next to allOf/anyOf/oneOf, as openapi-schema-validator applies it: the combinator's list is
+        not asked; the object's discriminating property must name a schema (by the mapping, else
+        #/components/schemas/<value>) that the object then passes. Only the names the mapping or the list give get a
+        branch here: a value naming any other component is left to openapi-schema-validator."""
+        discriminator = node["discriminator"]
+        if not isinstance(discriminator, dict) or not isinstance(discriminator.get("propertyName"), str):
+            raise _Untranslatable("discriminator")
+        name = discriminator["propertyName"]
+        mapping = discriminator.get("mapping", {})
+        if not isinstance(mapping, dict):
+            raise _Untranslatable("discriminator mapping")
+        refs: dict[str, str] = {}
+        for key in ("allOf", "anyOf", "oneOf"):
+            listed = node.get(key)
+            for sub in listed if isinstance(listed, list) else []:
+                ref = sub.get("$ref") if isinstance(sub, dict) else None
+                implicit = ref.removeprefix("#/components/schemas/") if isinstance(ref, str) else ""
+                if implicit and implicit != ref and not any(c in implicit for c in "/~%"):
+                    refs[implicit] = f"#/components/schemas/{implicit}"
+        for value, ref in mapping.items():
+            if not ref:
+                continue  # a value mapped to nothing falls back to the component of its name
+            if isinstance(ref, str) and ref.startswith("#") and "%" not in ref:
+                refs[value] = ref
+            else:
+                refs.pop(value, None)  # a mapping openapi-schema-validator cannot follow: it refuses the value
+        branches = [
+            {"properties": {name: {"enum": [value]}}, "allOf": [self.ref(ref)]}
+            for value, ref in refs.items()
+            if isinstance(value, str) and value
+        ]
+        if not branches:
+            return {"not": {}}
+        return {"type": "object", "required": [name], "anyOf": branches}
 
     def required(self, names: Any, properties: Any) -> dict[str, Any]:
         if (
