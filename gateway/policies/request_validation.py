@@ -438,7 +438,7 @@ class _Compiled:
             specification = DRAFT4
         self.document = document
         self.translation = None if self.fast else _Oas30Translation(document)
-        self.translated: dict[str, Any] = {}  # a 3.0 body schema's compiled check, by the schema's place
+        self.translated: dict[str, Any] = {}  # a schema's compiled check (or None), by the schema's place
         self.registry: Registry[Any] = Registry().with_resource(_DOCUMENT_URI, specification.create_resource(document))
         paths = document.get("paths") or {}
         self.table = OperationTable({"paths": paths})
@@ -538,12 +538,22 @@ class _Compiled:
         return compiled
 
     def _fast_check(self, schema: Any, at: str) -> Any:
-        """A compiled (jsonschema-rs) check of a 3.1 body or parameter schema, when every schema it reaches uses only keywords
-        that mean the same to it and to openapi-schema-validator; else None. It is asked first: "valid" lets the
-        body through at once, anything else goes to openapi-schema-validator, which decides and words the errors.
-        """
-        if self.translation is not None:
-            return self._fast_check_30(schema, at)
+        """A compiled (jsonschema-rs) check of a body or parameter schema where it can mean exactly what the schema
+        means to openapi-schema-validator; else None. One per schema: operations that $ref the same one share it.
+        It is asked first: "valid" lets the value through at once, anything else goes to openapi-schema-validator,
+        which decides and words the errors."""
+        ref = schema.get("$ref") if isinstance(schema, dict) and len(schema) == 1 else None
+        key = ref if isinstance(ref, str) else at
+        if key not in self.translated:
+            if self.translation is not None:
+                self.translated[key] = self._fast_check_30(schema, at)
+            else:
+                self.translated[key] = self._fast_check_31(schema, at)
+        return self.translated[key]
+
+    def _fast_check_31(self, schema: Any, at: str) -> Any:
+        """3.1: when every schema it reaches uses only keywords that mean the same to jsonschema-rs and to
+        openapi-schema-validator."""
         reached: dict[str, Any] = {}
         pending: list[tuple[Any, str]] = [(schema, at)]
         while pending:
@@ -587,19 +597,15 @@ class _Compiled:
             return None
 
     def _fast_check_30(self, schema: Any, at: str) -> Any:
-        """A compiled check of a 3.0 body schema (see _Oas30Translation), or None where it cannot be exact."""
-        ref = schema.get("$ref") if isinstance(schema, dict) and len(schema) == 1 else None
-        key = ref if isinstance(ref, str) else at
-        if key not in self.translated:
-            assert self.translation is not None
-            try:
-                self.translated[key] = self.translation.validator(schema)
-            except (_Untranslatable, RecursionError):
-                self.translated[key] = None
-            except Exception:  # jsonschema-rs refuses the translation (a draft 4 rule it holds to): no fast check
-                logger.debug("no compiled check of the 3.0 schema at %s", at, exc_info=True)
-                self.translated[key] = None
-        return self.translated[key]
+        """3.0: by a translation (see _Oas30Translation), where it can be exact."""
+        assert self.translation is not None
+        try:
+            return self.translation.validator(schema)
+        except (_Untranslatable, RecursionError):
+            return None
+        except Exception:  # jsonschema-rs refuses the translation (a draft 4 rule it holds to): no fast check
+            logger.debug("no compiled check of the 3.0 schema at %s", at, exc_info=True)
+            return None
 
 
 def _first_type(schema: dict[str, Any]) -> str | None:
