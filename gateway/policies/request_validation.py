@@ -98,7 +98,6 @@ _OAS30_STRING_FORMATS = frozenset(
 )  # fmt: skip
 _OAS30_PASSING_FORMATS = frozenset({"float", "double", "binary", "password"})  # true of every JSON value
 _OAS30_INTEGER_FORMATS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
-_NEVER: dict[str, Any] = {"not": {}}
 # With the regress package installed, openapi-schema-validator matches patterns as ECMA 262 regexes, not with re.
 _PYTHON_PATTERNS = importlib.util.find_spec("regress") is None
 _SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
