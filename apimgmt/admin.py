@@ -1078,19 +1078,7 @@ class JwtIssuerForm(forms.ModelForm):
 
     class Meta:
         model = JwtIssuer
-        fields = [
-            "tenant",
-            "name",
-            "issuer",
-            "audiences",
-            "jwks_url",
-            "public_keys",
-            "algorithms",
-            "leeway_seconds",
-            "consumer_claim",
-            "auto_provision",
-            "token_in_query",
-        ]
+        fields = ["tenant", *JwtIssuer.SETTINGS]
         field_classes = {"public_keys": BlankJSONField}
         help_texts = {
             "issuer": "The token's iss, exactly. For example https://id.example.com/.",

@@ -188,6 +188,20 @@ class JwtIssuer(models.Model):
     its ``ConsumerIdentity`` for this issuer.
     """
 
+    # The settings an issuer is made of (services, admin, management API and the gateway's snapshot list them so).
+    SETTINGS = (
+        "name",
+        "issuer",
+        "audiences",
+        "jwks_url",
+        "public_keys",
+        "algorithms",
+        "leeway_seconds",
+        "consumer_claim",
+        "auto_provision",
+        "token_in_query",
+    )
+
     id = models.CharField("ID", primary_key=True, max_length=32, default=ids.new_jwt_issuer_id, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="jwt_issuers")
     name = models.CharField(max_length=100)

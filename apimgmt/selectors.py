@@ -191,20 +191,7 @@ _ROUTE_COLUMNS = (
     "validation",
 )
 _POLICY_COLUMNS = ("id", "name", "policy_type", "config", "mode", "on_store_error")
-_ISSUER_COLUMNS = (
-    "id",
-    "tenant_id",
-    "name",
-    "issuer",
-    "audiences",
-    "jwks_url",
-    "public_keys",
-    "algorithms",
-    "leeway_seconds",
-    "consumer_claim",
-    "auto_provision",
-    "token_in_query",
-)
+_ISSUER_COLUMNS = ("id", "tenant_id", *JwtIssuer.SETTINGS)
 
 
 def issuer_spec(issuer: JwtIssuer) -> IssuerSpec:

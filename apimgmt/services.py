@@ -1179,18 +1179,7 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
 # JWT issuers and consumer identities
 # ---------------------------------------------------------------------------
 
-JWT_ISSUER_FIELDS = (
-    "name",
-    "issuer",
-    "audiences",
-    "jwks_url",
-    "public_keys",
-    "algorithms",
-    "leeway_seconds",
-    "consumer_claim",
-    "auto_provision",
-    "token_in_query",
-)
+JWT_ISSUER_FIELDS = JwtIssuer.SETTINGS
 
 
 def jwt_issuer_check(issuer: JwtIssuer) -> None:

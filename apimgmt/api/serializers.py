@@ -407,16 +407,7 @@ class JwtIssuerSerializer(StrictModelSerializer):
         fields = [
             "id",
             "tenant_id",
-            "name",
-            "issuer",
-            "audiences",
-            "jwks_url",
-            "public_keys",
-            "algorithms",
-            "leeway_seconds",
-            "consumer_claim",
-            "auto_provision",
-            "token_in_query",
+            *JwtIssuer.SETTINGS,
             "created_at",
             "updated_at",
         ]
