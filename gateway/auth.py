@@ -109,6 +109,8 @@ class KeyResolver:
     read the old state, so its result is used for that request but not cached.
     """
 
+    kind = "key"  # what the records are looked up by, for log lines
+
     def __init__(self) -> None:
         self.ttl = float(settings.GATEWAY["AUTH_CACHE_SECONDS"])
         max_size = int(settings.GATEWAY["AUTH_CACHE_MAX_SIZE"])
@@ -187,6 +189,12 @@ class KeyResolver:
                 pending.set()
         return record
 
+    def _load(self, key_hash: str) -> KeyRecord | None:
+        """The record from the database. Gateway requests never reach Django's request_finished signal: db_call
+        gives the pooled connection back, or every thread (every greenlet under gevent) that ever missed the caches
+        would keep one."""
+        return db_call(selectors.key_record_by_hash, key_hash)
+
     def _from_redis_or_db(self, key_hash: str) -> tuple[KeyRecord | None, bool]:
         client = get_redis()
         cache_key = invalidation.key_cache_name(key_hash)
@@ -199,11 +207,9 @@ class KeyResolver:
                     if cached != _TOMBSTONE:  # evicted a moment ago: read the database, leave the tombstone
                         return KeyRecord.from_json(json.loads(cached)), True
             except redis.RedisError:
-                logger.warning("key cache in Redis unavailable; reading the key from the database")
+                logger.warning("%s cache in Redis unavailable; reading from the database", self.kind)
                 client = None
-        # Gateway requests never reach Django's request_finished signal: give the pooled connection back now,
-        # or every thread (every greenlet under gevent) that ever missed the caches would keep one.
-        record = db_call(selectors.key_record_by_hash, key_hash)
+        record = self._load(key_hash)
         if client is not None:
             # NX: never over an eviction's tombstone (this read may have started before the change committed).
             try:

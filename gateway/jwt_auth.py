@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import re
@@ -121,6 +120,8 @@ class IdentityResolver(auth.KeyResolver):
     its Redis entries are the key cache's (``cache:api:key:<hash>``, tombstoned the same way).
     """
 
+    kind = "identity"
+
     def resolve_identity(self, issuer_id: str, external_id: str) -> KeyRecord | None:
         identity_hash = invalidation.identity_cache_hash(issuer_id, external_id)
         token = _resolving.set((issuer_id, external_id))  # what _from_redis_or_db reads when the caches miss
@@ -139,31 +140,9 @@ class IdentityResolver(auth.KeyResolver):
             with contextlib.suppress(redis.RedisError):
                 client.delete(invalidation.key_cache_name(identity_hash))
 
-    def _from_redis_or_db(self, key_hash: str) -> tuple[KeyRecord | None, bool]:
+    def _load(self, key_hash: str) -> KeyRecord | None:
         issuer_id, external_id = _resolving.get()
-        client = get_redis()
-        cache_key = invalidation.key_cache_name(key_hash)
-        if client is not None:
-            try:
-                cached = client.get(cache_key)
-                if cached is not None:
-                    if cached == b"null":
-                        return None, True
-                    if cached != invalidation.TOMBSTONE.encode():
-                        return KeyRecord.from_json(json.loads(cached)), True
-            except redis.RedisError:
-                logger.warning("identity cache in Redis unavailable; reading the identity from the database")
-                client = None
-        record = db_call(selectors.identity_record, issuer_id, external_id)
-        if client is not None:
-            try:  # NX: never over an eviction's tombstone
-                if record is None:
-                    client.set(cache_key, "null", ex=max(1, int(auth.NEGATIVE_TTL_SECONDS)), nx=True)
-                else:
-                    client.set(cache_key, json.dumps(record.to_json()), ex=max(1, int(self.ttl)), nx=True)
-            except redis.RedisError:
-                pass
-        return record, True
+        return db_call(selectors.identity_record, issuer_id, external_id)
 
 
 class ProvisionBudget:

@@ -31,7 +31,7 @@ from jwt.algorithms import ECAlgorithm
 from jwt.utils import der_to_raw_signature
 
 from apimgmt import services
-from apimgmt.models import Consumer, ConsumerIdentity, Subscription
+from apimgmt.models import Api, Consumer, ConsumerIdentity, Subscription
 from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
@@ -410,10 +410,11 @@ _QUOTED = r"[\x20\x21\x23-\x5b\x5d-\x7e]*"
 
 def test_the_challenge_header_carries_only_printable_ascii_whatever_the_api_name(gateway, acme, upstream, issuer, k1):
     """gunicorn refuses a header value with control characters (the answer would be a 500) and a quote would end
-    the realm early: an API's name may hold both."""
+    the realm early: an API's name may hold both (control characters are refused since, but older rows keep them)."""
     name = 'Ω "quoted" \\ api\x01\x7f\te'
-    publish(acme, upstream.url, base_path="/api/odd", api_name=name, auth_method="jwt", jwt_issuers=[issuer])
-    publish(acme, upstream.url, base_path="/api/oddkey", api_name=name)  # key authentication answers alike
+    odd = publish(acme, upstream.url, base_path="/api/odd", api_name="odd", auth_method="jwt", jwt_issuers=[issuer])
+    oddkey = publish(acme, upstream.url, base_path="/api/oddkey", api_name="oddkey")  # key authentication alike
+    Api.objects.filter(pk__in=[odd.pk, oddkey.pk]).update(api_name=name)  # as a row written before the check
     pattern = f'Bearer realm="{_QUOTED}"(, error="\\w+", error_description="{_QUOTED}")?'
     for path, headers in (
         ("/api/odd/a", {}),
