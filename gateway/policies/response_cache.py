@@ -11,10 +11,11 @@ Where it runs
 What is stored
     Answers of the upstream to GET with status 200, 203, 204, 300, 301, 308, 404 or 410 (a HEAD is answered from
     a GET's entry; a HEAD that misses goes upstream as a HEAD and is not stored), unless: ``Cache-Control`` says
-    no-store, private or no-cache; ``Set-Cookie`` is present; ``Vary: *``; ``Vary`` names a header the gateway
+    no-store, private or no-cache; ``Set-Cookie`` (or ``Set-Cookie2``) is present; ``Vary: *``; ``Vary`` names a header the gateway
     sets per request (Host, X-Forwarded-*, Forwarded, X-Request-ID) or one whose value the upstream saw differs
-    from the client's (a header transform changed it); the upstream request carried ``Authorization`` and the
-    answer is not marked public, s-maxage or must-revalidate; it is an event stream; the body is larger than
+    from the client's (a header transform changed it); the upstream request carried ``Authorization`` or
+    ``Cookie`` (the caller's own credentials for the upstream) and the answer is not marked public, s-maxage or
+    must-revalidate; it is an event stream; the body is larger than
     ``max_entry_bytes``. A body streamed to the client (over 64 KiB) is kept as it passes and stored once
     complete, within a per-worker budget (BUFFER_BYTES). Lifetime: s-maxage, else max-age, else Expires (less
     the upstream's Age), else the policy's ``ttl_seconds``; never longer than ``ttl_seconds``. Hop-by-hop
@@ -30,13 +31,16 @@ Keys
     ``rc:{<tenant>}:<api>:<generation>:<digest>``: the tenant's hash tag (one Redis Cluster slot per tenant), the
     API, a generation (a digest of the API's whole configuration as the route table holds it: any change to the API
     or one of its policies makes new keys, so older entries are never read again and expire), and a digest of
-    method (HEAD shares GET's entry), path, raw query (without the credential's parameter), the policy's
-    ``vary_headers``, and the consumer when ``per_consumer``. An answer with ``Vary`` is stored under a variant key
+    method (HEAD shares GET's entry), path, raw query (without the credential's parameter), the client's Host and
+    X-Forwarded-Host/-Proto and the scheme (upstreams build links and redirects from what they hear of them), the
+    caller's plan when plans' request header transforms apply to the route, the policy's ``vary_headers``, and the
+    consumer when ``per_consumer``. An answer with ``Vary`` is stored under a variant key
     that also covers those request headers; the plain key then holds a small marker naming them. Workers remember
     the names, so a hit is one Redis GET.
 
 No stampede: per worker, one request per key goes to the upstream; the others wait for it (at most the API's
-total timeout, 30 s at most) and read the cache. Redis unavailable: the cache is skipped for a moment and every request goes to
+total timeout, 30 s at most) and read the cache; an answer streamed to its client lets them go at once (a client
+reading slowly must not hold them). Redis unavailable: the cache is skipped for a moment and every request goes to
 the upstream; the cache never causes an error answer.
 """
 
@@ -56,11 +60,11 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 from redis.exceptions import RedisClusterException
 
-from apimgmt import redis_client
+from apimgmt import client_address, redis_client
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
 from gateway import metrics, ratelimit
-from gateway.chain import ACCESS, CACHE_LOOKUP, Exchange, Result, Step
+from gateway.chain import ACCESS, CACHE_LOOKUP, REQUEST_TRANSFORMS, Exchange, Result, Step
 from gateway.proxy import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -77,6 +81,9 @@ CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 _PER_REQUEST = frozenset(
     {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded"}
 )
+# Request headers (as sent upstream) that carry the caller's own credentials for the upstream: an answer to such a
+# request is stored only when the upstream marks it shareable (public, s-maxage, must-revalidate: RFC 9111 §3.5).
+_CREDENTIALS = frozenset({"authorization", "cookie"})
 # Response headers never stored: hop-by-hop ones, the gateway's own per-request ones, and the age (computed per hit).
 _NOT_STORED = HOP_BY_HOP | {"x-request-id", "age", "x-cache", "content-length"}
 # How long Redis is left alone after it failed (requests go to the upstream meanwhile).
@@ -323,6 +330,7 @@ class ResponseCache(Step):
         # before it (phase pre_auth) and replaced by the cors step on each hit, so they are not stored either.
         self.dropped = _NOT_STORED | {name.lower() for name, _ in route.extra_headers}
         self.drop_cors = any(spec.policy_type == "cors" for spec in route.spec.policies)
+        self._by_plan: bool | None = None  # whether plans' request header transforms apply (found on first use)
         self.counted = metrics.cache_lookup_children(route.tenant_id, route.api_id)  # api_cache_lookups_total
 
     # -- keys --
@@ -337,14 +345,33 @@ class ResponseCache(Step):
                 from gateway.pipeline import _strip_query_param
 
                 query = _strip_query_param(query, param)
-        parts = ["GET", ex.path, query]
         environ = ex.environ
+        # The host and scheme the upstream hears (X-Forwarded-Host/-Proto: the client's Host, or a trusted proxy's
+        # headers, as gateway.pipeline sends them): upstreams build links and redirects from them.
+        trusted = ex.gateway.trusted
+        if trusted and client_address.is_trusted(environ.get("REMOTE_ADDR", ""), trusted):
+            forwarded = f"{environ.get('HTTP_X_FORWARDED_HOST', '')}\0{environ.get('HTTP_X_FORWARDED_PROTO', '')}"
+        else:
+            forwarded = "\0"
+        parts = ["GET", ex.path, query, environ.get("HTTP_HOST", ""), forwarded, environ.get("wsgi.url_scheme", "")]
+        if self._plan_transforms(ex):
+            parts.append("plan=" + ex.plan_id)
         for name in self.vary:
             parts.append(f"{name}={environ.get(_environ_key(name), '')}")
         if self.per_consumer:
             parts.append("consumer=" + (ex.record.consumer_id if ex.record else ""))
         digest = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
         return self.prefix + digest
+
+    def _plan_transforms(self, ex: Exchange) -> bool:
+        """Whether a plan's header transforms change this route's upstream requests (then each plan has its own
+        entries: a plan may tell the upstream something that decides the answer)."""
+        found = self._by_plan
+        if found is None:
+            found = self._by_plan = any(
+                getattr(step, "by_plan", None) for step in ex.route.chain.by_phase.get(REQUEST_TRANSFORMS, ())
+            )
+        return found
 
     def _request_value(self, ex: Exchange, name: str) -> str | None:
         """A request header's value as a variant key uses it (the gateway's own values for the headers it sets)."""
@@ -472,6 +499,9 @@ class ResponseCache(Step):
             # Stored (and released) at close(), with the headers as they are now: the response transforms after this
             # step apply to each hit again.
             result.body = _TeeBody(body, self, ex, pending, result.status, list(result.headers), ttl_age)
+            # The others waiting for this key go on now: this body passes at its client's pace, and a client that
+            # reads slowly must not hold every other request for the URL (they fetch it themselves meanwhile).
+            self._release(pending)
         else:
             self._release(pending)
         result.headers.append(("X-Cache", outcome))
@@ -486,7 +516,7 @@ class ResponseCache(Step):
             return None
         for name, value in headers:
             lower = name.lower()
-            if lower == "set-cookie":
+            if lower == "set-cookie" or lower == "set-cookie2":
                 return None
             if lower == "content-type" and value.lower().startswith("text/event-stream"):
                 return None  # a stream of events has no end to store
@@ -502,7 +532,7 @@ class ResponseCache(Step):
         fresh = freshness(headers, self.ttl, time.time())
         if fresh is None:
             return None
-        if any(name.lower() == "authorization" for name in ex.upstream_headers):
+        if any(name.lower() in _CREDENTIALS for name in ex.upstream_headers):
             cc = _directives([v for n, v in headers if n.lower() == "cache-control"])
             if not ("public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
                 return None
