@@ -33,7 +33,8 @@ Keys
     or one of its policies makes new keys, so older entries are never read again and expire), and a digest of
     method (HEAD shares GET's entry), path, raw query (without the credential's parameter), the client's Host and
     X-Forwarded-Host/-Proto and the scheme (upstreams build links and redirects from what they hear of them), the
-    caller's plan when plans' request header transforms apply to the route, the policy's ``vary_headers``, and the
+    caller's plan when plans' request header transforms apply to the route, the values those transforms make from
+    the token's claims (``{jwt.role}``), the policy's ``vary_headers``, and the
     consumer when ``per_consumer``. An answer with ``Vary`` is stored under a variant key
     that also covers those request headers; the plain key then holds a small marker naming them. Workers remember
     the names, so a hit is one Redis GET.
@@ -65,6 +66,7 @@ from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
 from gateway import metrics, ratelimit
 from gateway.chain import ACCESS, CACHE_LOOKUP, REQUEST_TRANSFORMS, Exchange, Result, Step
+from gateway.policies import headers as header_transforms
 from gateway.proxy import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -330,7 +332,8 @@ class ResponseCache(Step):
         # before it (phase pre_auth) and replaced by the cors step on each hit, so they are not stored either.
         self.dropped = _NOT_STORED | {name.lower() for name, _ in route.extra_headers}
         self.drop_cors = any(spec.policy_type == "cors" for spec in route.spec.policies)
-        self._by_plan: bool | None = None  # whether plans' request header transforms apply (found on first use)
+        # What the route's request header transforms tell the upstream per caller (found on first use).
+        self._transforms: _Transforms | None = None
         self.counted = metrics.cache_lookup_children(route.tenant_id, route.api_id)  # api_cache_lookups_total
 
     # -- keys --
@@ -354,8 +357,8 @@ class ResponseCache(Step):
         else:
             forwarded = "\0"
         parts = ["GET", ex.path, query, environ.get("HTTP_HOST", ""), forwarded, environ.get("wsgi.url_scheme", "")]
-        if self._plan_transforms(ex):
-            parts.append("plan=" + ex.plan_id)
+        if self._transforms is None or self._transforms[0] or self._transforms[1] or self._transforms[2]:
+            parts += self._transform_parts(ex)
         for name in self.vary:
             parts.append(f"{name}={environ.get(_environ_key(name), '')}")
         if self.per_consumer:
@@ -363,15 +366,19 @@ class ResponseCache(Step):
         digest = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
         return self.prefix + digest
 
-    def _plan_transforms(self, ex: Exchange) -> bool:
-        """Whether a plan's header transforms change this route's upstream requests (then each plan has its own
-        entries: a plan may tell the upstream something that decides the answer)."""
-        found = self._by_plan
+    def _transform_parts(self, ex: Exchange) -> list[str]:
+        """What the route's request header transforms tell the upstream beyond the consumer (X-Consumer-ID, and
+        per_consumer, cover that): the caller's plan when plans' transforms apply (a plan may decide the answer),
+        and the values made from the token's claims (``{jwt.role}``, ``{jwt.scope}``: so may they)."""
+        found = self._transforms
         if found is None:
-            found = self._by_plan = any(
-                getattr(step, "by_plan", None) for step in ex.route.chain.by_phase.get(REQUEST_TRANSFORMS, ())
-            )
-        return found
+            found = self._transforms = _claim_templates(ex.route.chain.by_phase.get(REQUEST_TRANSFORMS, ()))
+        by_plan, own, plans = found
+        parts = ["plan=" + ex.plan_id] if by_plan else []
+        templates = own + plans.get(ex.plan_id, []) if plans else own
+        for name, template in templates:
+            parts.append(f"{name}={header_transforms.render(template, ex) or ''}")
+        return parts
 
     def _request_value(self, ex: Exchange, name: str) -> str | None:
         """A request header's value as a variant key uses it (the gateway's own values for the headers it sets)."""
@@ -615,6 +622,40 @@ def _get(client: Any, key: str) -> bytes | None:
         raise
     ratelimit._connections.put(conn, node)
     return cast("bytes | None", reply)
+
+
+# (plans' request transforms apply, the API's own {jwt.<claim>} values, each plan's {jwt.<claim>} values)
+_Transforms = tuple[bool, list[tuple[str, Any]], dict[str, list[tuple[str, Any]]]]
+
+
+def _claim_templates(steps: tuple[Step, ...]) -> _Transforms:
+    """From a route's request transform steps: whether plans' transforms apply, and the values made from a token's
+    claims (the API's own, and per plan)."""
+
+    def of(ops_list: Any) -> list[tuple[str, Any]]:
+        found: list[tuple[str, Any]] = []
+        for ops in ops_list:
+            for name, value in ops.set:
+                if isinstance(value, header_transforms.Template) and value.check:
+                    found.append((name, value))
+            for name, _lower, value in ops.add:
+                if isinstance(value, header_transforms.Template) and value.check:
+                    found.append((name, value))
+        return found
+
+    by_plan = False
+    own: list[tuple[str, Any]] = []
+    plans: dict[str, list[tuple[str, Any]]] = {}
+    for step in steps:
+        step_plans = getattr(step, "by_plan", None) or {}
+        if step_plans:
+            by_plan = True
+        for plan_id, ops_list in step_plans.items():
+            templates = of(ops_list)
+            if templates:
+                plans.setdefault(plan_id, []).extend(templates)
+        own.extend(of(getattr(step, "own", ())))
+    return by_plan, own, plans
 
 
 def _remember(base: str, names: tuple[str, ...]) -> None:
