@@ -48,6 +48,7 @@ the upstream; the cache never causes an error answer.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -59,9 +60,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from django.core.exceptions import ValidationError
 from redis.exceptions import RedisClusterException
 
 from apimgmt import client_address, redis_client
+from apimgmt.policy_types import response_cache as cache_config
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
 from gateway import metrics, ratelimit
@@ -138,9 +141,17 @@ _inflight_lock = threading.Lock()
 
 
 def build(route: Route, policies: list[PolicySpec], plan_policies: dict[str, list[PolicySpec]]) -> list[Step]:
+    """One step from the API's response_cache policy, its config checked again (an old or hand-edited row that the
+    validator refuses leaves the API uncached, with an error in the log)."""
     if not policies:
         return []
-    return [ResponseCache(route, policies[0])]
+    policy = policies[0]
+    try:
+        config = cache_config.validate(dict(policy.config))
+    except (ValidationError, TypeError, ValueError) as exc:
+        logger.error("response_cache policy %s (%s) is invalid and does not apply: %s", policy.name, policy.id, exc)
+        return []
+    return [ResponseCache(route, dataclasses.replace(policy, config=config))]
 
 
 class _Entry:

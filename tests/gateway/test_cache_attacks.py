@@ -345,3 +345,28 @@ def test_values_a_transform_makes_from_token_claims_are_part_of_the_key(gateway,
     again = gateway.get(PATH, headers=token({"role": "reader", "jti": "another"}))
     assert (again.header("X-Cache"), again.body) == ("HIT", b"view of reader")  # the same role shares the entry
     assert gateway.get(PATH, headers=token({})).body == b"view of nobody"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ttl_seconds": -5},  # every store failed in Redis, which then counted as down for everyone
+        {"ttl_seconds": 10**9},
+        {"per_consumer": "false"},  # a string: was taken as true
+        {"vary_headers": "accept"},  # a string: each letter was a header
+        {"vary_headers": ["Authorization"]},
+        {"max_entry_bytes": 10**12},
+    ],
+)
+def test_an_old_cache_row_the_validator_refuses_leaves_the_api_uncached(
+    gateway, acme, bob_app, key, upstream, caplog, config
+):
+    policy = _cache(acme)
+    api = publish(acme, upstream.url, policies=[policy])
+    subscribe(bob_app, api)
+    Policy.objects.filter(pk=policy.pk).update(config=config)
+    _counting(upstream, [("Cache-Control", "max-age=60")])
+    with caplog.at_level("ERROR", logger="gateway.policies.response_cache"):
+        answers = [_get(gateway, key) for _ in range(2)]
+    assert [(a.body, a.header("X-Cache")) for a in answers] == [(b"answer 1", None), (b"answer 2", None)]
+    assert "policy cache" in caplog.text and "is invalid" in caplog.text
