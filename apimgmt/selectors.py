@@ -131,7 +131,7 @@ class RouteSpec:
     # restrict_to_spec: the OpenAPI document's paths, which alone are routed (apimgmt/spec_operations.py).
     spec_paths: dict[str, Any] | None = None
     # Request validation (validation shadow or enforce): the whole OpenAPI document, compiled once per route table
-    # by gateway/policies/request_validation.py.
+    # by gateway/request_validation.py.
     openapi_spec: dict[str, Any] | None = None
     policies: list[PolicySpec] = field(default_factory=list)
     # Authentication (apimgmt.models.Api.AuthMethod) and the issuers whose tokens are accepted, in name order.

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Tenant
-from gateway.policies import request_validation
+from gateway import request_validation
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Recorder
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from apimgmt.models import Consumer, Tenant
-from gateway.policies import request_validation
+from gateway import request_validation
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Recorder
 
