@@ -9,6 +9,10 @@ STAMP := $(VENV)/.installed
 # (Redis database 9, which the tests flush).
 TEST_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/test)
 TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
+# Two processes, each test file kept whole on one (module-scoped servers are started once); each worker has its own
+# test database and Redis database (apimgmt/settings.py). `make test PYTEST_ARGS=tests/gateway` runs a part
+# in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: run test check bench bench-scale bench-usage bench-websocket install lock system-deps lint typecheck clean
 

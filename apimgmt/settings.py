@@ -209,6 +209,15 @@ SLOW_QUERY_MS: int = env.int("SLOW_QUERY_MS", default=100)
 # ---------------------------------------------------------------------------
 
 REDIS_URL: str | None = env.str("REDIS_URL", default="") or _file_redis_url() or None
+# The suite under pytest-xdist (`make test`): every test flushes the Redis database it is given, so worker gwN uses
+# the URL's database + N (PostgreSQL needs nothing: pytest-django gives each worker its own test database). Servers
+# the tests start inherit it through the environment.
+_xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if TESTING and REDIS_URL and _xdist_worker.startswith("gw"):
+    _plain = re.fullmatch(r"(redis://[^/]+)(?:/(\d+))?", REDIS_URL)
+    if _plain:
+        REDIS_URL = f"{_plain.group(1)}/{int(_plain.group(2) or 0) + int(_xdist_worker[2:])}"
+        os.environ["REDIS_URL"] = REDIS_URL
 # Sentinel and cluster URLs carry no password: it comes from here (apimgmt/redis_client.py).
 REDIS_PASSWORD: str = env.str("REDIS_PASSWORD", default="")
 REDIS_SENTINEL_PASSWORD: str = env.str("REDIS_SENTINEL_PASSWORD", default="")
