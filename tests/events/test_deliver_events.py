@@ -39,8 +39,13 @@ def test_follow_delivers_serves_metrics_and_stops_on_sigterm(live_env, acme, ali
         _wait(lambda: len(receiver.received) == 1)
         assert verify(secret, receiver.received[0].headers, receiver.received[0].body)
         _wait(lambda: WebhookDelivery.objects.filter(status="succeeded").exists())
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'apimgmt_webhook_delivery_attempts_total{outcome="succeeded"} 1.0' in text
+
+        def metrics() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        # The delivery thread counts the attempt just after it records it: the counter may trail the row a moment.
+        _wait(lambda: 'apimgmt_webhook_delivery_attempts_total{outcome="succeeded"} 1.0' in metrics())
+        text = metrics()
         assert "apimgmt_webhook_events_dispatched_total 1.0" in text
         last = next(line for line in text.splitlines() if line.startswith("apimgmt_webhook_deliverer_last_success"))
         assert abs(float(last.split()[-1]) - time.time()) < 30
