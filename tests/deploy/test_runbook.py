@@ -148,6 +148,9 @@ def live_runbook_env(live_env: dict[str, str], tmp_path: Path) -> Any:
         "METRICS_PORT": str(metrics_port := free_port()),
         "METRICS_ADDRESS": "127.0.0.1",
         "APIMGMT_METRICS_URL": f"http://127.0.0.1:{metrics_port}",
+        # A narrow terminal: tools that cut lines to its width (ps without -ww) must not lose what is grepped for
+        # (CI's checkout path is longer than a workstation's, and `ps` cut "gunicorn" off at 80 columns there).
+        "COLUMNS": "40",
     }
     for key in ("PROMETHEUS_MULTIPROC_DIR", "USAGE_SPOOL_DIR", "BACKUP_DIR"):
         Path(env[key]).mkdir()
