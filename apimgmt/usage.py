@@ -233,6 +233,10 @@ class UsageFlusher:
     _zones_at: float = -TENANT_CACHE_SECONDS
     _key_touched: dict[str, datetime] = field(default_factory=dict)
     _peeked_at: float = -OPEN_MINUTE_PEEK_SECONDS
+    # Claims this flusher took whose copy or release failed (a killed database connection, a Redis timeout): retried
+    # by this flusher on its next pass, not left for another one to take over when the lease ends a minute later. A
+    # retry of a copy whose COMMIT did land finds its tokens in am_usage_copies and adds nothing.
+    _unfinished: dict[str, list[Claim]] = field(default_factory=dict)
     _claim_script: Any = None
     _release_script: Any = None
     _legacy_script: Any = None
@@ -249,6 +253,7 @@ class UsageFlusher:
             total.add(self.drain_legacy_stream())
         tenants = self.tenants()
         random.shuffle(tenants)  # several flushers start on different tenants
+        tenants += [t for t in self._unfinished if t not in tenants]
         for tenant in tenants:
             while True:
                 stats = self.flush_tenant(tenant, closed_only=closed_only)
@@ -296,14 +301,18 @@ class UsageFlusher:
 
         ``before`` (epoch s): only minutes starting earlier (the benchmark's compressed time).
         """
-        claims = self._claim(tenant, closed_only=closed_only, before=before)
+        claims = self._unfinished.pop(tenant, None) or self._claim(tenant, closed_only=closed_only, before=before)
         if not claims:
             return FlushStats()
-        contents = self._read(claims)
-        stats = self._copy(tenant, contents)
-        if self.after_commit is not None:
-            self.after_commit()
-        self._release(tenant, claims)
+        try:
+            contents = self._read(claims)
+            stats = self._copy(tenant, contents)
+            if self.after_commit is not None:
+                self.after_commit()
+            self._release(tenant, claims)
+        except BaseException:
+            self._unfinished[tenant] = claims
+            raise
         return stats
 
     def drain_legacy_stream(self) -> FlushStats:

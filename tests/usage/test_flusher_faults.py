@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import redis
 import requests
-from django.db import connection
+from django.db import DatabaseError, connection
 
 from apimgmt.models import Tenant, UsageCopy
 from apimgmt.usage import UsageFlusher, flusher_redis
@@ -146,6 +146,32 @@ def test_database_connection_killed_mid_batch_loses_and_duplicates_nothing(
     assert stored_counts() == emitted_counts(events)
 
 
+def test_a_flusher_retries_its_own_killed_batch_at_once_not_after_the_lease(
+    private_redis: RedisServer, acme: Tenant
+) -> None:
+    events = _spread(120, 3)
+    emit(private_redis.client(), events)
+    flusher = UsageFlusher(client=flusher_redis(private_redis.url), consumer="f1", lease=timedelta(seconds=60))
+    killed: list[int] = []
+
+    def kill_my_backend_once() -> None:
+        if not killed:
+            killed.append(connection.connection.info.backend_pid)  # type: ignore[union-attr]
+            with psycopg.connect(_dsn(), autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", [killed[0]])
+
+    flusher.before_commit = kill_my_backend_once
+    with pytest.raises((DatabaseError, psycopg.Error)):
+        flusher.drain()
+    connection.close()
+    assert stored_total() == 0
+    # Straight away, with the claims' lease still 60 s away: the same flusher copies them, once.
+    flusher.drain()
+    assert stored_counts() == emitted_counts(events)
+    flusher.drain()
+    assert stored_counts() == emitted_counts(events)
+
+
 def test_follow_survives_its_database_connection_being_killed_repeatedly(
     flusher_env: dict[str, str], private_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -173,8 +199,9 @@ def test_follow_survives_its_database_connection_being_killed_repeatedly(
                 landed = int(row[0]) if row else 0
                 kills += landed
                 time.sleep(0.5 if landed else 0.1)
-        # A claim whose transaction was killed is taken over when its lease (60 s) ends: the rest takes about that.
-        assert wait_until(lambda: stored_total() >= len(events), 120)
+        # A claim whose transaction was killed is retried by the flusher itself on its next round, not after its
+        # lease (60 s) ends: the rest takes seconds.
+        assert wait_until(lambda: stored_total() >= len(events), 30)
         assert proc.poll() is None, "the flusher keeps running"
     finally:
         assert _stop(proc) == 0

@@ -154,7 +154,8 @@ class Command(BaseCommand):
                 last_summary = now
             return pause_ms / 1000
 
-        # On an error nothing unstored was released: the claim is taken over again when its lease ends.
+        # On an error nothing unstored was released: this flusher retries its claims on the next round (another one
+        # takes them over when the lease ends, if this one stops).
         loop.follow(round_, logger=usage.logger, failure="usage flush failed", using=flusher.using)
         flusher.client.close()
         usage.logger.info("usage flusher stopped", extra=total.as_dict())
