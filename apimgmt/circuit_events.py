@@ -21,6 +21,8 @@ Nothing here talks to Redis by itself.
 
 from __future__ import annotations
 
+from apimgmt import redis_client
+
 TENANTS_KEY = "events:circuit:tenants"
 STREAM_MAXLEN = 10_000
 OPEN = "open"
@@ -28,7 +30,7 @@ CLOSED = "closed"
 
 
 def tag(tenant: str) -> str:
-    return f"events:{{{tenant}}}"
+    return redis_client.tenant_tag("events", tenant)
 
 
 def state_key(tenant: str, api_id: str) -> str:

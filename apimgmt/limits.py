@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo
 
 import redis
 
+from apimgmt import redis_client
+
 # Config field -> (window label, seconds) of a rate_limiting policy.
 RATE_WINDOWS = {
     "requests_per_second": ("second", 1),
@@ -62,7 +64,7 @@ class Remaining:
 
 def key_prefix(tenant_id: str, policy_id: str) -> str:
     """The part of every counter key a policy owns; the tenant is the hash tag (one Redis Cluster slot)."""
-    return f"rate_limit:{{{tenant_id}}}:{policy_id}"
+    return f"{redis_client.tenant_tag('rate_limit', tenant_id)}:{policy_id}"
 
 
 def sliding_key(prefix: str, label: str, scope: str) -> str:

@@ -33,6 +33,21 @@ from redis.sentinel import Sentinel
 
 logger = logging.getLogger(__name__)
 
+
+def tenant_tag(prefix: str, tenant: str) -> str:
+    """``<prefix>:{<tenant>}``: the start of every per-tenant key. The tenant is the hash tag, so all of one tenant's
+    keys share a Redis Cluster slot and one script or pipelined write may touch any of them."""
+    return f"{prefix}:{{{tenant}}}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of a key that picks its Redis Cluster slot: between the first "{" and the next "}" (when not
+    empty), else the whole key."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1 : end] if end > start + 1 else key
+
+
 STANDALONE, SENTINEL, CLUSTER = "standalone", "sentinel", "cluster"
 _SCHEMES = {
     "redis": STANDALONE,

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apimgmt import redis_client
+
 # A request's numbers (the first seven of a bucket) and a WebSocket connection's (the rest). The bytes of a
 # connection's messages each way are in bytes_in and bytes_out of its status-101 bucket.
 REQUEST_METRICS = (
@@ -55,7 +57,7 @@ MAX_LENGTHS = {"tenant": 63, "api": 32, "consumer": 32, "key": 32}
 
 
 def tag(tenant: str) -> str:
-    return f"usage:{{{tenant}}}"
+    return redis_client.tenant_tag("usage", tenant)
 
 
 def minute_key(tenant: str, minute: int) -> str:

@@ -82,6 +82,34 @@ def query_pairs(query: str) -> list[str]:
     return _PAIR_SEPARATORS.split(query)
 
 
+def strip_query_param(query: str, param: str) -> str:
+    """The raw query without the key parameter; every other pair is kept byte for byte.
+
+    Pairs are split at "&" and at ";" (as query_pairs reads them), so ``x=1;apikey=K`` loses the key too.
+    """
+    kept: list[str] = []
+    for pair in query.split("&"):
+        parts = pair.split(";")
+        left = [part for part in parts if unquote_plus(part.partition("=")[0]) != param]
+        if len(left) == len(parts):
+            kept.append(pair)
+        elif left:
+            kept.append(";".join(left))
+    return "&".join(kept)
+
+
+def upstream_query(query: str, credential: Credential | None, route: Route) -> str:
+    """The raw query as the upstream hears it: without the key's parameter (the one the key came in, else the API's
+    ``key_query_param``), so a key never reaches the upstream or its logs."""
+    if not query:
+        return query
+    if credential is not None and credential.source == "query" and credential.param:
+        param = credential.param
+    else:
+        param = route.spec.key_query_param
+    return strip_query_param(query, param) if param else query
+
+
 class _Cache:
     """A bounded per-worker map with expiry; cleared whole when full (cheap, and refills from Redis)."""
 

@@ -7,7 +7,7 @@ One request passes these phases, in this order (``PHASES``):
     authenticate         the API key, or a JWT from an accepted issuer                          (gateway.pipeline)
     access               policies that need the caller: consumer/key/plan IP rules, request validation
     limits               rate limits and quotas in Redis                                        (gateway.pipeline)
-    request_transforms   header transforms on the way to the upstream
+    request_transforms   header transforms on the way to the upstream (they shape only what the upstream hears)
     cache_lookup         a cached response answers without the upstream
     proxy                the upstream call                                                      (gateway.pipeline)
     cache_store          a cacheable answer is kept, as the upstream gave it
@@ -30,6 +30,10 @@ the gateway's own error (so CORS headers reach a browser on a 401 or a 429 as we
 (cache_store, response_transforms) has no ``request``: its ``response`` sees every answer of its route, and it decides
 itself what to leave alone (``result.status_code``; ``ex.done.upstream_s`` is None when the upstream was not asked).
 The answer passes the ``response`` methods in phase order. A response transform runs on a cache hit as on a miss.
+
+The first cache_lookup step may read its Redis key in the limits step's own write (``Step.reads_with_limits``): the
+limiter's round trip brings the cached answer with the decision, and a hit ends the request in the limits step,
+before the request transforms and the upstream request are prepared (both only shape what the upstream would hear).
 """
 
 from __future__ import annotations
@@ -208,8 +212,21 @@ class Step:
     # Whether response() has anything to do: steps without it are not remembered per request.
     has_response = False
 
+    # A cache_lookup step that reads one Redis key may have it read in the limiter's round trip (first step of its
+    # phase only): limits_read names the key for this request (None: none), limits_reply gets its reply once the
+    # caller is within its limits (not when refused) and may end the request there. Otherwise request() runs.
+    reads_with_limits = False
+
     def request(self, ex: Exchange) -> Result | None:
         """Run in this step's phase; a Result ends the request (the steps that ran still see it in response())."""
+        return None
+
+    def limits_read(self, ex: Exchange) -> str | None:
+        """The Redis key to GET in the limiter's write (it must share the limiter keys' hash tag), or None."""
+        return None
+
+    def limits_reply(self, ex: Exchange, reply: bytes | None) -> Result | None:
+        """The GET's reply; a Result ends the request as request() would (then request() does not run)."""
         return None
 
     def response(self, ex: Exchange, result: Result) -> Result:
@@ -220,7 +237,7 @@ class Step:
 class Chain:
     """A route's policy steps by phase, in order; phases with no step are empty tuples (skipped at no cost)."""
 
-    __slots__ = ("by_phase", "empty", "responders", "steps")
+    __slots__ = ("by_phase", "empty", "limits_reader", "responders", "steps")
 
     def __init__(self, steps: list[Step]) -> None:
         for step in steps:
@@ -233,10 +250,12 @@ class Chain:
         }
         self.responders = tuple(s for s in self.steps if s.phase in (RESPONSE_TRANSFORMS, CACHE_STORE))
         self.empty = not self.steps
+        lookups = self.by_phase[CACHE_LOOKUP]
+        self.limits_reader = lookups[0] if lookups and lookups[0].reads_with_limits else None
 
-    def has(self, name: str) -> bool:
-        """Whether a step of this name is in the chain."""
-        return any(step.name == name for step in self.steps)
+    def step(self, name: str) -> Step | None:
+        """The first step of this name, or None."""
+        return next((step for step in self.steps if step.name == name), None)
 
     def names(self) -> list[str]:
         return [f"{step.phase}:{step.name}" for step in self.steps]
@@ -252,6 +271,13 @@ class Chain:
             if result is not None:
                 return result
         return None
+
+    def answered_with_limits(self, ex: Exchange, step: Step) -> None:
+        """``step`` ended the request from limits_reply: it sees the answer in response() like a step that ran."""
+        if step.has_response:
+            if ex.ran is None:
+                ex.ran = []
+            ex.ran.append(step)
 
     def respond(self, ex: Exchange, result: Result) -> Result:
         """The final answer through response() of the request steps that ran and of the response phases' steps, in

@@ -8,13 +8,13 @@ import logging
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote
 
 import redis
 from django.conf import settings
 from django.db import DatabaseError
 
-from apimgmt import client_address
+from apimgmt import client_address, redis_client
 from apimgmt.context import accept_request_id, client_ip_var, request_id_var
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
@@ -191,7 +191,7 @@ class Gateway:
         route = ex.route
         if route.operations is not None:
             method = ex.method
-            if method == "OPTIONS" and route.chain.has("cors") and cors.is_preflight(ex.environ):
+            if method == "OPTIONS" and cors.answers_preflight(route, ex.environ):
                 # A CORS preflight asks about another method: the document is checked for that one, and the cors
                 # step (pre_auth) answers.
                 method = ex.environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", method).upper()
@@ -274,21 +274,30 @@ class Gateway:
 
     def _limits(self, ex: Exchange, plans: dict[str, Any]) -> Result | None:
         """Rate limits and quotas: the limiter call is sent, the upstream request prepared while Redis answers (so
-        the reply is usually there when it is read), then the decision."""
+        the reply is usually there when it is read), then the decision.
+
+        A route whose cache lookup reads with the limits (chain.Step.reads_with_limits) has the cached answer's key
+        read in the same write; the upstream request is then prepared only when that answer is not a hit.
+        """
         route, record = ex.route, ex.record
         assert record is not None
         plan_id = ex.plan_id
         windows, script = self._windows(route, record, plan_id, plans, ex.client_ip)
-        pending = self._send_limits(route, windows, script) if windows else None
-        try:
-            self._prepare_upstream(ex)
-        except BaseException:
-            if isinstance(pending, ratelimit.PendingCheck):
-                pending.abandon()
-            raise
+        reader = route.chain.limits_reader if windows else None
+        read_key = reader.limits_read(ex) if reader is not None else None
+        if read_key is not None and redis_client.hash_tag(read_key) != redis_client.hash_tag(script[0][0]):
+            read_key = None  # another slot (a plan's policy of another tenant): the step reads on its own
+        pending = self._send_limits(route, windows, script, read_key) if windows else None
+        if read_key is None:
+            try:
+                self._prepare_upstream(ex)
+            except BaseException:
+                if isinstance(pending, ratelimit.PendingCheck):
+                    pending.abandon()
+                raise
         if not windows:
             return None
-        decision = self._limit_decision(route, windows, pending)
+        decision, replies = self._limit_decision(route, windows, pending)
         request_id = ex.request_id
         if decision.unavailable:
             return ex.fail(
@@ -323,6 +332,14 @@ class Gateway:
             if ex.state is None:
                 ex.state = {}
             ex.state["limit_headers"] = limit_headers
+        if read_key is not None:
+            assert reader is not None
+            if replies and not isinstance(replies[0], redis.ResponseError):
+                answered = reader.limits_reply(ex, replies[0])
+                if answered is not None:
+                    route.chain.answered_with_limits(ex, reader)
+                    return answered
+            self._prepare_upstream(ex)
         return None
 
     def _prepare_upstream(self, ex: Exchange) -> None:
@@ -334,10 +351,7 @@ class Gateway:
             ex.environ, route, ex.record, ex.credential, ex.request_id, ex.client_ip
         )
         ex.target_path = ex.path[len(spec.base_path) :] if spec.strip_path else ex.path
-        credential = ex.credential
-        param = credential.param if credential.source == "query" and credential.param else spec.key_query_param
-        if param:
-            ex.query = _strip_query_param(ex.query, param)
+        ex.query = auth.upstream_query(ex.query, ex.credential, route)
 
     def _proxy(self, ex: Exchange) -> Result:
         """The upstream call: the body (small ones buffered first), the breaker, the response streamed or whole."""
@@ -527,15 +541,15 @@ class Gateway:
         return windows, script
 
     def _send_limits(
-        self, route: Route, windows: list[ratelimit.Window], script: tuple[list[str], list[Any]]
+        self, route: Route, windows: list[ratelimit.Window], script: tuple[list[str], list[Any]], read_key: str | None
     ) -> ratelimit.PendingCheck | ratelimit.LimitDecision:
-        """Send the limiter call; a decision at once when Redis is out of reach."""
+        """Send the limiter call (after a GET of ``read_key``, if any); a decision at once when Redis is out of reach."""
         client = get_redis()
         if client is None or not self.store.available():
             return ratelimit.store_error_decision(route, windows, self.local_limits, time.time())
         keys, args = script
         try:
-            return ratelimit.send_check(client, keys, args, [])
+            return ratelimit.send_check(client, keys, args, [("GET", read_key)] if read_key is not None else [])
         except redis.RedisError:
             return self._store_failed(route, windows)
 
@@ -544,16 +558,17 @@ class Gateway:
         route: Route,
         windows: list[ratelimit.Window],
         pending: ratelimit.PendingCheck | ratelimit.LimitDecision | None,
-    ) -> ratelimit.LimitDecision:
+    ) -> tuple[ratelimit.LimitDecision, list[Any]]:
+        """The decision, and the replies of the commands sent before the limiter's (none when Redis was not asked)."""
         if isinstance(pending, ratelimit.LimitDecision):
-            return pending
+            return pending, []
         assert pending is not None
         try:
-            raw, _failed = pending.result()
+            raw, replies = pending.result()
         except redis.RedisError:
-            return self._store_failed(route, windows)
+            return self._store_failed(route, windows), []
         blocked, results_ = ratelimit.parse_result(windows, raw)
-        return ratelimit.decide(route, blocked, results_)
+        return ratelimit.decide(route, blocked, results_), replies
 
     def _store_failed(self, route: Route, windows: list[ratelimit.Window]) -> ratelimit.LimitDecision:
         logger.warning("rate-limit store unavailable; applying on_store_error")
@@ -762,22 +777,6 @@ def _not_in_spec(operation: Match, method: str, request_id: str) -> GatewayRespo
         request_id,
         headers=[("Allow", ", ".join(sorted(operation.allow)))],
     )
-
-
-def _strip_query_param(query: str, param: str) -> str:
-    """The raw query without the key parameter; every other pair is kept byte for byte.
-
-    Pairs are split at "&" and at ";" (as auth.query_pairs reads them), so ``x=1;apikey=K`` loses the key too.
-    """
-    kept: list[str] = []
-    for pair in query.split("&"):
-        parts = pair.split(";")
-        left = [part for part in parts if unquote_plus(part.partition("=")[0]) != param]
-        if len(left) == len(parts):
-            kept.append(pair)
-        elif left:
-            kept.append(";".join(left))
-    return "&".join(kept)
 
 
 def _jwt_auth() -> Any:

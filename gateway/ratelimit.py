@@ -265,7 +265,9 @@ def store_error_decision(route: Route, windows: list[Window], local: LocalLimite
 
 
 def send_check(client: redis.Redis, keys: list[str], args: list[Any], before: list[tuple[Any, ...]]) -> PendingCheck:
-    """Write the limiter's EVALSHA, preceded by ``before`` (commands sharing the write), and return without waiting.
+    """Write the limiter's EVALSHA, preceded by ``before`` (commands sharing the write: reads of keys in the same
+    hash tag, such as a cached response's, so that they cost no round trip of their own), and return without
+    waiting.
 
     The caller does work that does not depend on the answer, then calls result(): by then the reply has usually
     arrived (Redis answers in about 20 µs here), so the worker neither waits for it nor, under gevent, switches
@@ -306,8 +308,9 @@ class PendingCheck:
         self.replies = replies
         self.node = client if node is None else node
 
-    def result(self) -> tuple[Any, list[redis.ResponseError]]:
-        """The script's reply and the error replies of the commands sent before it.
+    def result(self) -> tuple[Any, list[Any]]:
+        """The script's reply and the replies of the commands sent before it (a redis.ResponseError for an error
+        reply: a command about a key in another slot answers MOVED, and its caller asks again on its own).
 
         A script missing from Redis (NOSCRIPT, e.g. after a restart) costs one more round trip, with EVAL. On a
         cluster, a slot that moved (MOVED/ASK: a reshard or a promoted replica) costs one call through the cluster
@@ -337,7 +340,7 @@ class PendingCheck:
             if isinstance(raw, redis.exceptions.ClusterDownError):
                 redis_client.topology_failed(self.client)
             raise raw
-        return raw, [r for r in replies[:-1] if isinstance(r, redis.ResponseError)]
+        return raw, replies[:-1]
 
     def abandon(self) -> None:
         """Drop the call unread (the request failed in between): the connection cannot be reused."""
@@ -398,6 +401,36 @@ class _Connections:
 
 
 _connections = _Connections()
+
+
+def call(client: redis.Redis, key: str, command: tuple[Any, ...]) -> Any:
+    """One command about ``key`` on the limiter's idle connections (no pool checkout poll, no Command object), sent
+    to the master of the key's slot; an error reply (a slot that moved) is asked again through the client itself,
+    which follows the redirection. Connection failures and timeouts raise redis.RedisError.
+    """
+    try:
+        node = redis_client.node_for_key(client, key)
+    except redis.RedisError:
+        redis_client.topology_failed(client)
+        raise
+    except Exception as exc:  # the slot map has no master for this slot (mid-failover)
+        redis_client.topology_failed(client)
+        raise redis.ConnectionError(f"no Redis node for the slot of {key!r}: {exc}") from exc
+    conn = _connections.get(client, node)
+    try:
+        conn.send_packed_command(_pack(conn, [command]))
+        reply = conn.read_response()
+    except redis.ResponseError:
+        _connections.put(conn, node)  # an error reply: the connection is still in step
+        redis_client.topology_failed(client)
+        return client.execute_command(*command)
+    except BaseException:
+        conn.disconnect()  # an unread reply would be taken as the answer to the next command
+        _connections.put(conn, node)
+        redis_client.topology_failed(client)
+        raise
+    _connections.put(conn, node)
+    return reply
 
 
 def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:

@@ -53,11 +53,12 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError, RemoteProtocolError
 
-from apimgmt import keys
+from apimgmt import keys, redis_client
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from gateway import auth, http1, metrics
 from gateway.pipeline import Finished, Gateway, Result
+from gateway.policies import cors
 from gateway.problems import problem
 from gateway.proxy import UNREACHABLE
 from gateway.routing import Route, Target
@@ -294,10 +295,8 @@ def origin_refused(route: Route, environ: dict[str, Any]) -> str | None:
     origin = environ.get("HTTP_ORIGIN")
     if origin is None:
         return None
-    for step in route.chain.steps:
-        origins = getattr(step, "origins", None) if step.name == "cors" else None
-        if origins is not None and not origins.allows(origin):
-            return f"The origin {origin[:200]!r} may not open WebSocket connections to this API."
+    if not cors.origin_allowed(route, origin):
+        return f"The origin {origin[:200]!r} may not open WebSocket connections to this API."
     return None
 
 
@@ -443,7 +442,7 @@ return 1
 
 
 def lease_set_name(tenant_id: str, api_id: str, key_id: str) -> str:
-    return f"websocket:{{{tenant_id}}}:connections:{api_id}:{key_id}"
+    return f"{redis_client.tenant_tag('websocket', tenant_id)}:connections:{api_id}:{key_id}"
 
 
 class Lease:

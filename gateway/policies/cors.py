@@ -203,6 +203,22 @@ class Cors(Step):
         return result
 
 
+def _step(route: Route) -> Cors | None:
+    step = route.chain.step(Cors.name)
+    return step if isinstance(step, Cors) else None
+
+
+def origin_allowed(route: Route, origin: str) -> bool:
+    """Whether the API's cors policy lets a page of ``origin`` call it (True when the API has no cors policy)."""
+    step = _step(route)
+    return step is None or step.origins.allows(origin)
+
+
+def answers_preflight(route: Route, environ: dict[str, Any]) -> bool:
+    """Whether the request is a CORS preflight that the API's cors step answers (in pre_auth, before any key)."""
+    return is_preflight(environ) and _step(route) is not None
+
+
 def build(route: Route, policies: list[PolicySpec], plan_policies: dict[str, list[PolicySpec]]) -> list[Step]:
     """One Cors step from the API's cors policy (an API takes one; plans take none)."""
     if not policies:

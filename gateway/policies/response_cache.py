@@ -67,7 +67,7 @@ from apimgmt import client_address, redis_client
 from apimgmt.policy_types import response_cache as cache_config
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import PolicySpec
-from gateway import metrics, ratelimit
+from gateway import auth, metrics, ratelimit
 from gateway.chain import ACCESS, CACHE_LOOKUP, REQUEST_TRANSFORMS, Exchange, Result, Step
 from gateway.policies import headers as header_transforms
 from gateway.proxy import HOP_BY_HOP
@@ -310,20 +310,30 @@ def _environ_key(name: str) -> str:
 class _Pending:
     """One cacheable request on its way: its keys, what to do with the answer, and whether it leads the fetch."""
 
-    __slots__ = ("base", "hit", "key", "leader", "lookup", "store")
+    __slots__ = ("base", "head", "hit", "key", "leader", "lookup", "read", "store")
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, head: bool) -> None:
         self.base = base
+        self.head = head
         self.hit = False
         self.key = base  # the key looked up (a variant key when the Vary names were known)
         self.leader = False  # this request fetches the key for the worker (and releases the others)
         self.lookup = True  # False: the client asked for a fresh answer, or Redis was unavailable
         self.store = True
+        self.read: bytes | _Unread | None = _UNREAD  # the key's value, when the limits step read it
+
+
+class _Unread:
+    """No value read yet (a read value may be None: the key does not exist)."""
+
+
+_UNREAD = _Unread()
 
 
 class ResponseCache(Step):
     name = "response_cache"
     has_response = True
+    reads_with_limits = True  # in cache_lookup, the lookup's GET rides on the limiter's write (chain.Step)
 
     def __init__(self, route: Route, policy: PolicySpec) -> None:
         config = policy.config
@@ -336,7 +346,7 @@ class ResponseCache(Step):
         # How long a request waits for another's fetch of the same key before it asks the upstream itself.
         self.wait_seconds = min(max(1.0, float(route.spec.total_timeout)), MAX_WAIT_SECONDS)
         generation = hashlib.blake2b(repr(route.spec).encode(), digest_size=8).hexdigest()
-        self.prefix = f"rc:{{{route.tenant_id}}}:{route.api_id}:{generation}:"
+        self.prefix = f"{redis_client.tenant_tag('rc', route.tenant_id)}:{route.api_id}:{generation}:"
         self.tenant_id = route.tenant_id
         # Response headers the gateway adds per request (again on each hit): never stored. Response header
         # transforms run after the store (phase response_transforms), on hits as on misses; CORS headers are added
@@ -350,15 +360,7 @@ class ResponseCache(Step):
     # -- keys --
 
     def _base_key(self, ex: Exchange) -> str:
-        query = ex.query
-        credential = ex.credential
-        if credential is not None and query:
-            param = credential.param if credential.source == "query" and credential.param else ""
-            param = param or ex.route.spec.key_query_param
-            if param:
-                from gateway.pipeline import _strip_query_param
-
-                query = _strip_query_param(query, param)
+        query = auth.upstream_query(ex.query, ex.credential, ex.route)
         environ = ex.environ
         # The host and scheme the upstream hears (X-Forwarded-Host/-Proto: the client's Host, or a trusted proxy's
         # headers, as gateway.pipeline sends them): upstreams build links and redirects from them.
@@ -413,7 +415,8 @@ class ResponseCache(Step):
 
     # -- request: the lookup --
 
-    def request(self, ex: Exchange) -> Result | None:
+    def _begin(self, ex: Exchange) -> _Pending | None:
+        """The request's lookup and store plan (kept in ``ex.state``), or None when it is not cacheable at all."""
         method = ex.method
         if (method != "GET" and method != "HEAD") or ex.upgrade:
             return None
@@ -421,22 +424,54 @@ class ResponseCache(Step):
         if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
             return None  # a GET with a body: the key could not tell two of them apart
         skip_lookup, skip_store = _client_directives(environ)
-        pending = _Pending(self._base_key(ex))
         head = method == "HEAD"
+        pending = _Pending(self._base_key(ex), head)
         pending.store = not skip_store and not head  # a HEAD's answer has no body to keep
         if ex.state is None:
             ex.state = {}
         ex.state[self.name] = pending
-        client = get_redis()
-        if client is None or time.monotonic() < _health.down_until:
+        if get_redis() is None or time.monotonic() < _health.down_until:
             pending.lookup = pending.store = False
-            return None
-        if skip_lookup:
+        elif skip_lookup:
             pending.lookup = False
+        return pending
+
+    def limits_read(self, ex: Exchange) -> str | None:
+        """The key to read with the limiter's call: the variant key when this worker knows the answers' Vary names."""
+        pending = self._begin(ex)
+        if pending is None or not pending.lookup:
+            return None
+        names = _vary_memo.get(pending.base)
+        if names:
+            pending.key = self._variant_key(ex, pending.base, names)
+        return pending.key
+
+    def limits_reply(self, ex: Exchange, reply: bytes | None) -> Result | None:
+        """A stored answer ends the request here (one round trip for the limits and the hit); a miss, or a marker
+        naming the Vary headers, goes on to request() with the value already read."""
+        pending: _Pending = ex.state[self.name]  # type: ignore[index]  # set by limits_read
+        found = _decode(reply or b"")
+        if isinstance(found, _Entry):
+            pending.hit = True
+            return self._hit(ex, found, head=pending.head)
+        pending.read = reply
+        return None
+
+    def request(self, ex: Exchange) -> Result | None:
+        pending: _Pending | None = ex.state.get(self.name) if ex.state else None
+        if pending is None:  # not begun by limits_read (a step of access, or a route without limits)
+            pending = self._begin(ex)
+            if pending is None:
+                return None
+        if not pending.lookup:
+            return None
+        client = get_redis()
+        if client is None:
+            pending.lookup = pending.store = False
             return None
         try:
             entry = self._read(client, ex, pending)
-            if entry is None and not head:
+            if entry is None and not pending.head:
                 self._lead_or_wait(pending)
                 if not pending.leader:
                     entry = self._read(client, ex, pending)  # the fetch this request waited for stored it
@@ -447,16 +482,23 @@ class ResponseCache(Step):
         if entry is None:
             return None
         pending.hit = True
-        return self._hit(ex, entry, head=head)
+        return self._hit(ex, entry, head=pending.head)
 
     def _read(self, client: Any, ex: Exchange, pending: _Pending) -> _Entry | None:
         base = pending.base
-        names = _vary_memo.get(base)
-        if names:
-            pending.key = self._variant_key(ex, base, names)
-            found = _decode(_get(client, pending.key) or b"")
-            return found if isinstance(found, _Entry) else None
-        found = _decode(_get(client, base) or b"")
+        read, pending.read = pending.read, _UNREAD  # the limits step's read counts once (a second _read asks again)
+        if read is not _UNREAD:
+            found = _decode(cast("bytes | None", read) or b"")  # pending.key's value
+            if pending.key != base or not isinstance(found, tuple):
+                return found if isinstance(found, _Entry) else None
+        else:
+            names = _vary_memo.get(base)
+            if names:
+                pending.key = self._variant_key(ex, base, names)
+                found = _decode(_get(client, pending.key) or b"")
+                return found if isinstance(found, _Entry) else None
+            pending.key = base
+            found = _decode(_get(client, base) or b"")
         if isinstance(found, tuple):  # a marker: the answers of this key vary on these request headers
             if not found:
                 return None
@@ -609,30 +651,8 @@ class ResponseCache(Step):
 
 
 def _get(client: Any, key: str) -> bytes | None:
-    """One GET on the limiter's own idle connections (gateway.ratelimit): no pool checkout poll, no Command object.
-
-    A cluster's redirection (a moved slot) is retried once through the cluster client, which follows it.
-    """
-    try:
-        node = redis_client.node_for_key(client, key)
-    except Exception as exc:  # the slot map has no master for this slot (mid-failover)
-        redis_client.topology_failed(client)
-        raise redis.ConnectionError(f"no Redis node for the cache's slot: {exc}") from exc
-    conn = ratelimit._connections.get(client, node)
-    try:
-        conn.send_packed_command(ratelimit._pack(conn, [("GET", key)]))
-        reply = conn.read_response()
-    except redis.ResponseError:
-        ratelimit._connections.put(conn, node)  # an error reply: the connection is still in step
-        redis_client.topology_failed(client)
-        return cast("bytes | None", client.get(key))
-    except BaseException:
-        conn.disconnect()  # an unread reply would be taken as the answer to the next command
-        ratelimit._connections.put(conn, node)
-        redis_client.topology_failed(client)
-        raise
-    ratelimit._connections.put(conn, node)
-    return cast("bytes | None", reply)
+    """One GET on the limiter's own idle connections (gateway.ratelimit.call: no pool checkout poll)."""
+    return cast("bytes | None", ratelimit.call(client, key, ("GET", key)))
 
 
 # (plans' request transforms apply, the API's own {jwt.<claim>} values, each plan's {jwt.<claim>} values)

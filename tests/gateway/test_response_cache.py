@@ -29,8 +29,10 @@ PATH = "/api/users/v1/items?page=2"
 
 @pytest.fixture(autouse=True)
 def _fresh_worker_state() -> Iterator[None]:
-    """The cache's per-worker memory (Redis back-off, Vary names, fetches in flight) starts empty in each test."""
+    """The cache's per-worker memory (Redis back-off, Vary names, fetches in flight, streamed answers held) starts
+    empty in each test (an earlier test's body that was never closed would still hold its share of the buffer)."""
     response_cache._health.down_until = 0.0
+    response_cache._buffered.used = 0
     response_cache._vary_memo.clear()
     response_cache._inflight.clear()
     yield
@@ -42,8 +44,32 @@ def _cache_policy(tenant: Tenant, **config: Any) -> Policy:
     return services.policy_create(tenant=tenant, name="cache", policy_type="response_cache", config=config, actor=None)
 
 
+class _Limits:
+    on = False
+
+
+@pytest.fixture(autouse=True, params=["own-read", "read-with-limits"])
+def _read_paths(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test twice: on an API without limits, where the cache step reads Redis itself, and on one with a
+    generous rate limit, where the lookup's GET rides on the limiter's write and a hit ends the request in the limits
+    step (chain.Step.reads_with_limits). What a client sees must not differ."""
+    _Limits.on = request.param == "read-with-limits"
+    yield
+    _Limits.on = False
+
+
+def _limited(tenant: Tenant, policies: list[Policy]) -> list[Policy]:
+    """``policies``, plus a generous rate limit when this run reads with the limits and they have none."""
+    if not _Limits.on or any(p.policy_type == "rate_limiting" for p in policies):
+        return policies
+    generous = Policy.objects.filter(tenant=tenant, name="generous").first() or services.policy_create(
+        tenant=tenant, name="generous", policy_type="rate_limiting", config={"requests_per_second": 10_000}, actor=None
+    )
+    return [*policies, generous]
+
+
 def _cached_api(tenant: Tenant, consumer: Consumer, upstream: Recorder, *more: Policy, **config: Any) -> Api:
-    api = publish(tenant, upstream.url, policies=[_cache_policy(tenant, **config), *more])
+    api = publish(tenant, upstream.url, policies=_limited(tenant, [_cache_policy(tenant, **config), *more]))
     subscribe(consumer, api)
     return api
 
@@ -251,7 +277,7 @@ def test_the_policys_vary_headers_are_part_of_the_key(
 def test_path_and_query_are_part_of_the_key_and_the_credential_parameter_is_not(
     gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
 ) -> None:
-    api = publish(acme, upstream.url, policies=[_cache_policy(acme)], key_query_param="apikey")
+    api = publish(acme, upstream.url, policies=_limited(acme, [_cache_policy(acme)]), key_query_param="apikey")
     subscribe(bob_app, api)
     _counting(upstream)
     gateway.get("/api/users/v1/items?page=1", headers={"X-API-Key": key})
@@ -317,7 +343,7 @@ def test_a_change_to_the_api_or_its_policy_purges_its_entries(
     acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder
 ) -> None:
     policy = _cache_policy(acme, ttl_seconds=600)
-    api = publish(acme, upstream.url, policies=[policy])
+    api = publish(acme, upstream.url, policies=_limited(acme, [policy]))
     subscribe(bob_app, api)
     _counting(upstream)
 
@@ -618,7 +644,7 @@ def test_fifty_concurrent_misses_make_one_upstream_request_per_worker_and_config
 
         upstream.respond = slow
         policy = _cache_policy(acme)
-        api = publish(acme, upstream.url, policies=[policy])
+        api = publish(acme, upstream.url, policies=_limited(acme, [policy]))
         subscribe(bob_app, api)
         headers = {"X-API-Key": key}
         deadline = time.monotonic() + 30  # each worker loads its route table (slow on a busy machine)
