@@ -37,7 +37,8 @@ Keys
     the token's claims (``{jwt.role}``), the policy's ``vary_headers``, and the
     consumer when ``per_consumer``. An answer with ``Vary`` is stored under a variant key
     that also covers those request headers; the plain key then holds a small marker naming them. Workers remember
-    the names, so a hit is one Redis GET.
+    the names, so a hit is one Redis GET; in cache_lookup on an API with limits, that GET is sent in the limiter's
+    write (``limits_read``) and a hit is answered from the limits step (``limits_reply``): one round trip in all.
 
 No stampede: per worker, one request per key goes to the upstream; the others wait for it (at most the API's
 total timeout, 30 s at most) and read the cache; an answer streamed to its client lets them go at once (a client
