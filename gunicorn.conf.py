@@ -41,6 +41,11 @@ limit_request_field_size = 8190
 # A worker silent this long is killed; in-flight requests get graceful_timeout to finish on shutdown.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+# No control socket (gunicorn 25.1+ opens one at $HOME/.gunicorn/gunicorn.ctl for `gunicornc`): every gunicorn of a
+# user shares that path, so a second instance on the machine (the echo upstream, a test, a second gateway) takes it
+# over and one stopping unlinks the other's; a read-only root filesystem cannot create it; and its asyncio thread in
+# the master is one more thing in the way of a fork or a stop. Nothing of apimgmt uses it: signals do the same.
+control_socket_disable = True
 # Longer than typical load-balancer idle timeouts would risk races; 5 s keeps client connections warm.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 

@@ -17,6 +17,7 @@ bind = os.environ.get("ECHO_BIND", "127.0.0.1:8081")
 # Clients of the demo upstream are the gateway's pooled connections: keep them warm a little.
 keepalive = 5
 graceful_timeout = 5
+control_socket_disable = True  # as in ./gunicorn.conf.py: the shared $HOME/.gunicorn/gunicorn.ctl is not ours to take
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("ECHO_LOG_LEVEL", "warning").lower()

@@ -46,6 +46,17 @@ cleanup() {
   trap - INT TERM HUP EXIT
   echo; echo "stopping…"
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Each stops on its own within a second or two; one that is stuck gets 20 s, then is killed, so that Ctrl-C always
+  # ends `make run` (a usage minute cut short is copied exactly once all the same).
+  for _ in $(seq 200); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then echo "process $pid did not stop in 20 s; killing it"; kill -KILL "$pid" 2>/dev/null || true; fi
+  done
   wait 2>/dev/null || true
 }
 trap cleanup INT TERM HUP EXIT

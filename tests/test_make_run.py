@@ -85,12 +85,25 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_datab
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            # What was still running, and where it waited: the failure then says what did not stop.
+            tree = subprocess.run(
+                ["ps", "-ww", "-e", "-o", "pid,ppid,sid,stat,wchan:24,args"], capture_output=True, text=True
+            ).stdout
             os.killpg(proc.pid, signal.SIGKILL)
-            raise
+            mine = [line for line in tree.splitlines() if str(proc.pid) in line.split()[:3]]
+            pytest.fail(
+                "make run did not stop within 30 s of Ctrl-C\n"
+                + "\n".join(mine)
+                + "\n--- run.log ---\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
     for p in (port, echo_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=2)
     # Nothing went wrong, so a first-time user must not see an error: no ERROR line, no traceback.
     text = log.read_text(errors="replace")
+    assert "stopping…" in text
+    # No gunicorn control socket: it would take over $HOME/.gunicorn/gunicorn.ctl from any other gunicorn around.
+    assert "Control socket" not in text
     problems = [line for line in text.splitlines() if "ERROR" in line or line.startswith("Traceback")]
     assert not problems, text
