@@ -82,7 +82,9 @@ fi
 "$PY" manage.py deliver_events --follow &
 pids+=($!)
 
-"$PY" - "$demo_json" "$HOST" "$PORT" "$ECHO_PORT" <<'PYEOF'
+# The banner is made first and printed by this shell: once it shows, no foreground child is running, so a Ctrl-C
+# reaches the trap at once. (A child still exiting when Ctrl-C came would take it as handled: bash then waits on.)
+banner=$("$PY" - "$demo_json" "$HOST" "$PORT" "$ECHO_PORT" <<'PYEOF'
 import json, os, sys
 demo, host, port, echo_port = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 base = f"http://{host}:{port}"
@@ -100,4 +102,6 @@ Try:  curl -H 'X-API-Key: {demo['api_key']}' {base}{demo['api_base_path']}/hello
 Ctrl-C stops everything.
 """)
 PYEOF
+)
+printf '%s\n\n' "$banner"
 wait -n "${pids[@]}"
