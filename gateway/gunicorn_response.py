@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -10,6 +11,17 @@ from gunicorn import util
 from gunicorn.http import message, wsgi
 
 logger = logging.getLogger(__name__)
+
+# Header names that passed gunicorn's checks in this worker, as they are written (names repeat from one response to
+# the next: the same dozen or so per API), each with its lower-case form.
+_checked_names: dict[str, str] = {}
+# Names gunicorn drops from an application's headers (it writes its own Server, Date and Connection); Connection and
+# Upgrade, which it also reads, always take the stock path.
+_DROPPED = frozenset(util.hop_headers) - {"connection", "upgrade"}
+_STOCK_ONLY = frozenset({"connection", "upgrade"})
+MAX_CHECKED_NAMES = 4096
+# Any character gunicorn's HEADER_VALUE_RE does not allow in a header value (CR and LF among them).
+_BAD_VALUE_CHAR = re.compile(r"[^ \t\x21-\x7e\x80-\xff]")
 
 
 class CoalescingResponse(wsgi.Response):
@@ -30,6 +42,41 @@ class CoalescingResponse(wsgi.Response):
     sent: int
     headers: list[tuple[str, str]]
     sock: Any
+
+    def process_headers(self, headers: list[tuple[str, str]]) -> None:
+        """gunicorn's header checks and bookkeeping, with less work per header: a name is checked once per worker,
+        every value in one regex search. Anything else (a name not seen yet, a hop-by-hop header, a value that is
+        not a string or has a character gunicorn refuses) takes the stock path, which checks, raises or drops it.
+
+        About 7 % of a worker's samples on a cached answer (eleven headers) went to the stock per-header checks.
+        """
+        known = _checked_names
+        for name, value in headers:
+            if type(value) is not str or name not in known:
+                self._stock_process_headers(headers)
+                return
+        if _BAD_VALUE_CHAR.search("".join([value for _name, value in headers])):
+            super().process_headers(headers)  # raises InvalidResponseHeader, naming the header
+            return
+        out = self.headers
+        for name, value in headers:
+            lower = known[name]
+            if lower in _DROPPED:
+                continue
+            value = value.strip(" \t")
+            if lower == "content-length":
+                self.response_length = int(value)
+            out.append((name, value))
+
+    def _stock_process_headers(self, headers: list[tuple[str, str]]) -> None:
+        super().process_headers(headers)
+        # Every name passed: they may take the fast path from now on (but Connection and Upgrade, which gunicorn reads).
+        if len(_checked_names) >= MAX_CHECKED_NAMES:
+            _checked_names.clear()
+        for name, _value in headers:
+            lower = name.lower()
+            if lower not in _STOCK_ONLY and lower == lower.strip():
+                _checked_names[name] = lower
 
     def write(self, arg: Any) -> None:
         if (

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from gunicorn.config import Config
-from gunicorn.http import message
+from gunicorn.http import message, wsgi
+from gunicorn.http.errors import InvalidResponseHeader, InvalidResponseHeaderName
 
 from gateway import gunicorn_response
 
@@ -74,3 +75,50 @@ def test_forwarded_allow_check_answers_as_gunicorn_does(peer: str, allowed: str)
             gunicorn_response.ip_in_allow_list(peer, cfg.forwarded_allow_ips, cfg.forwarded_allow_networks())
             == expected
         )
+
+
+def _processed(response_class: type, headers: list[tuple[Any, Any]]) -> tuple[list[tuple[str, str]], int | None]:
+    response = response_class(None, None, _config())
+    response.process_headers(headers)
+    return response.headers, response.response_length
+
+
+HEADER_SETS: list[list[tuple[Any, Any]]] = [
+    [("Content-Type", "application/json"), ("Content-Length", " 12 "), ("X-Cache", "HIT")],
+    [("Content-Type", "text/plain"), ("Connection", "close"), ("Keep-Alive", "timeout=5"), ("Age", "3")],
+    [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")],
+    [("Upgrade", "h2c"), ("Content-Type", "text/plain")],
+    [("Content-Type", "text/plain\t"), ("ETag", ' W/"1" '), ("X-Odd", "caf\xe9")],
+    [("Server", "upstream/1.0"), ("Date", "Mon, 30 Nov 2026 19:05:35 GMT"), ("Content-Type", "text/plain")],
+]
+
+
+@pytest.mark.parametrize("headers", HEADER_SETS)
+def test_headers_are_kept_dropped_and_trimmed_as_stock_gunicorn_does_the_first_time_and_after(
+    headers: list[tuple[Any, Any]],
+) -> None:
+    stock = _processed(wsgi.Response, headers)
+    for _ in range(3):  # the first time checks every name; later ones take the fast path
+        for earlier in HEADER_SETS:
+            _processed(gunicorn_response.CoalescingResponse, earlier)
+        assert _processed(gunicorn_response.CoalescingResponse, headers) == stock
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ([("Content-Type", "text/plain"), ("X-Cache", "HIT\r\nSet-Cookie: session=stolen")], InvalidResponseHeader),
+        ([("Content-Type", "text/plain\n")], InvalidResponseHeader),
+        ([("X-Cache", "a\x00b")], InvalidResponseHeader),
+        ([("Content-Type", b"text/plain")], TypeError),
+        ([("Bad Name", "x")], InvalidResponseHeaderName),
+    ],
+)
+def test_a_header_gunicorn_refuses_is_refused_even_when_its_name_was_seen_before(
+    headers: list[tuple[Any, Any]], error: type[Exception]
+) -> None:
+    _processed(gunicorn_response.CoalescingResponse, [("Content-Type", "text/plain"), ("X-Cache", "MISS")])
+    with pytest.raises(error):
+        _processed(wsgi.Response, headers)
+    with pytest.raises(error):
+        _processed(gunicorn_response.CoalescingResponse, headers)
