@@ -14,8 +14,9 @@ issuer's outage does not cost a connection attempt per request.
 
 Fetches go through the same address checks as upstream calls: the URL is validated again as an upstream URL and
 each connection is made by ``gateway.http1.connect_upstream`` (a name that now resolves to a refused address is
-never contacted). No redirects, short timeouts per read and a deadline for the whole fetch (a server that
-drips a byte at a time is cut off at ``TOTAL_TIMEOUT_SECONDS``), a size cap.
+never contacted; resolving the name has the connect timeout). No redirects, short timeouts per read and a
+deadline for the whole fetch (a server that drips a byte at a time is cut off at ``TOTAL_TIMEOUT_SECONDS``), a
+size cap.
 """
 
 from __future__ import annotations

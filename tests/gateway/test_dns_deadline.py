@@ -1,0 +1,93 @@
+"""A resolver that does not answer (a DNS outage) holds an upstream connection no longer than the connect timeout.
+
+Each check runs in a child process with a mount namespace of its own, where /etc/resolv.conf names a DNS server on
+loopback that reads queries and never answers (glibc would wait its own timeout per attempt: 6 s here). The rest of
+the machine keeps its resolver.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    if sys.argv[1] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+    import django
+    django.setup()
+    from gateway import http1
+    started = time.monotonic()
+    host, _, port = sys.argv[2].partition(":")
+    try:
+        http1.connect_upstream(host, int(port or 80), float(sys.argv[3]))
+        print("connected 0")
+    except http1.ConnectFailed as exc:
+        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2))
+    """
+)
+
+
+@pytest.fixture
+def silent_resolver(tmp_path: Path) -> Iterator[Path]:
+    """A resolv.conf whose only nameserver swallows every query (UDP and TCP), with glibc's retries set to 3 s x 2."""
+    address = f"127.{random.randint(1, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp.bind((address, 53))
+    tcp.bind((address, 53))
+    tcp.listen(16)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(f"nameserver {address}\noptions timeout:3 attempts:2\n")
+    try:
+        yield conf
+    finally:
+        udp.close()
+        tcp.close()
+
+
+def _in_namespace(conf: Path, *args: object) -> tuple[str, float]:
+    """Run CHILD with ``args`` where /etc/resolv.conf is ``conf``: what connect_upstream did, and how long it took."""
+    script = f'mount --bind {conf} /etc/resolv.conf && exec {sys.executable} -c "$CHILD" ' + " ".join(map(str, args))
+    env = {
+        **os.environ,
+        "CHILD": CHILD,
+        "DJANGO_SETTINGS_MODULE": "apimgmt.settings",
+        "DEBUG": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    outcome, _, seconds = done.stdout.strip().splitlines()[-1].partition(" ")
+    return outcome, float(seconds)
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_a_silent_resolver_fails_the_connection_within_the_connect_timeout(silent_resolver: Path, mode: str) -> None:
+    outcome, seconds = _in_namespace(silent_resolver, mode, "upstream.example.test", 1.0)
+    # glibc alone would wait 3 s x 2 attempts before giving up; the connect timeout is 1 s.
+    assert outcome == "timed_out"
+    assert seconds < 2.5
+
+
+def test_an_address_needs_no_resolver(silent_resolver: Path) -> None:
+    # Nothing listens on this port: refused at once, the silent resolver never asked.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome, seconds = _in_namespace(silent_resolver, "threads", f"127.0.0.1:{port}", 5.0)
+    assert outcome == "refused" and seconds < 1.0
