@@ -9,20 +9,17 @@ transforms, a slow reader holding every waiter of a large answer, Set-Cookie2).
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Plan, Policy, Tenant
 from gateway.policies import response_cache
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.jwt_support import ISS, bearer, publish_for_tokens, rsa_key
 from tests.gateway.upstreams import Answer, Recorder, Seen
 
 pytestmark = pytest.mark.django_db
@@ -309,15 +306,9 @@ def test_a_callers_own_cookie_passed_upstream_keeps_its_answer_private(gateway, 
 def test_values_a_transform_makes_from_token_claims_are_part_of_the_key(gateway, acme, bob_app, upstream):
     # A transform tells the upstream the caller's role from its token ("X-Role: {jwt.role}"), and the upstream shows
     # admins more. One consumer, two tokens: before the fix the reader got the admin's answer from the cache.
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = {**json.loads(RSAAlgorithm.to_jwk(private.public_key())), "kid": "k1", "use": "sig"}
+    signer = rsa_key("k1")
     issuer = services.jwt_issuer_create(
-        tenant=acme,
-        name="idp",
-        issuer="https://id.example.com/",
-        audiences=["users"],
-        public_keys={"keys": [jwk]},
-        actor=None,
+        tenant=acme, name="idp", issuer=ISS, audiences=["users"], public_keys={"keys": [signer.jwk]}, actor=None
     )
     role = services.policy_create(
         tenant=acme,
@@ -326,15 +317,10 @@ def test_values_a_transform_makes_from_token_claims_are_part_of_the_key(gateway,
         config={"request": {"set": {"X-Role": "{jwt.role}"}}},
         actor=None,
     )
-    api = publish(acme, upstream.url, auth_method="jwt", jwt_issuers=[issuer], policies=[_cache(acme), role])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
-    now = int(time.time())
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, policies=[_cache(acme), role])
 
     def token(claims: dict[str, Any]) -> dict[str, str]:
-        base = {"iss": "https://id.example.com/", "aud": "users", "sub": "user-1", "iat": now, "exp": now + 300}
-        signed = jwt.encode({**base, **claims}, private, algorithm="RS256", headers={"kid": "k1"})
-        return {"Authorization": f"Bearer {signed}"}
+        return bearer(signer.token(aud="users", **claims))
 
     upstream.respond = lambda seen: Answer(
         headers=[("Cache-Control", "max-age=60")], body=f"view of {seen.headers.get('x-role', 'nobody')}".encode()

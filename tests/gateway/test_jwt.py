@@ -4,163 +4,59 @@ Every refusal is checked by what a client sees (status, WWW-Authenticate, the de
 upstream seeing nothing; the JWKS server counts its fetches.
 """
 
+# ruff: noqa: F811  (the fixtures of tests/gateway/jwt_support.py are imported by name)
+
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import jwt
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from apimgmt import services, usage_buckets
-from apimgmt.models import Consumer, ConsumerIdentity, JwtIssuer, Subscription
+from apimgmt.models import Consumer, ConsumerIdentity, Subscription
 from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
+from tests.gateway.jwt_support import (  # noqa: F401 (fixtures)
+    AUD,
+    ISS,
+    JwksServer,
+    SigningKey,
+    b64url,
+    bearer,
+    default_claims,
+    ec_key,
+    issuer,
+    jwks_server,
+    jwt_api,
+    k1,
+    k2,
+    publish_for_tokens,
+)
 from tests.gateway.upstreams import recording_upstream
 from tests.support.servers import gunicorn
 
-ISS = "https://id.example.com/"
-AUD = "users-api"
-
-
-# -- keys and tokens ---------------------------------------------------------------------------------------------
-
-
-class SigningKey:
-    """A private key the test signs with, and its public JWK (what the JWKS server publishes)."""
-
-    def __init__(self, kid: str, private: Any, alg: str) -> None:
-        self.kid = kid
-        self.private = private
-        self.alg = alg
-        algorithm = RSAAlgorithm if alg.startswith(("RS", "PS")) else ECAlgorithm
-        self.jwk = {**json.loads(algorithm.to_jwk(private.public_key())), "kid": kid, "use": "sig"}
-
-    def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def token(self, headers: dict[str, Any] | None = None, **claims: Any) -> str:
-        now = int(time.time())
-        body: dict[str, Any] = {"iss": ISS, "aud": AUD, "sub": "user-1", "iat": now, "exp": now + 300}
-        body.update(claims)
-        body = {name: value for name, value in body.items() if value is not None}
-        return jwt.encode(body, self.private, algorithm=self.alg, headers={"kid": self.kid, **(headers or {})})
-
-
-@pytest.fixture(scope="module")
-def k1() -> SigningKey:
-    return SigningKey("k1", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
-
-
-@pytest.fixture(scope="module")
-def k2() -> SigningKey:
-    return SigningKey("k2", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _claims(**extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {"iss": ISS, "aud": AUD, "sub": "user-1", "iat": now, "exp": now + 300, **extra}
+# -- tokens only these tests forge -------------------------------------------------------------------------------
 
 
 def unsigned_token() -> str:
-    return f"{_b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{_b64(json.dumps(_claims()).encode())}."
+    header = b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    return f"{header}.{b64url(json.dumps(default_claims()).encode())}."
 
 
 def hs256_with_public_key(key: SigningKey) -> str:
     """Algorithm confusion: HMAC-SHA256 keyed with the issuer's public RSA key (which anyone can fetch)."""
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode())
-    payload = _b64(json.dumps(_claims()).encode())
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode())
+    payload = b64url(json.dumps(default_claims()).encode())
     signature = hmac.new(key.public_pem(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64(signature)}"
-
-
-# -- a JWKS server on loopback -----------------------------------------------------------------------------------
-
-
-class JwksServer:
-    """Serves ``document`` as JSON at /jwks.json and counts the fetches; ``stop()`` takes it off the network."""
-
-    def __init__(self) -> None:
-        self.document: dict[str, Any] = {"keys": []}
-        self.fetches = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.fetches += 1
-                body = json.dumps(outer.document).encode()
-                self.send_response(200 if self.path == "/jwks.json" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/jwks.json"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.running = True
-
-    def publish(self, *keys: SigningKey) -> None:
-        self.document = {"keys": [key.jwk for key in keys]}
-
-    def stop(self) -> None:
-        if self.running:
-            self.running = False
-            self.server.shutdown()
-            self.server.server_close()
-
-
-@pytest.fixture
-def jwks_server(k1: SigningKey) -> Iterator[JwksServer]:
-    server = JwksServer()
-    server.publish(k1)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def issuer(acme, jwks_server) -> JwtIssuer:
-    return services.jwt_issuer_create(
-        tenant=acme, name="acme-id", issuer=ISS, audiences=[AUD], jwks_url=jwks_server.url, actor=None
-    )
-
-
-@pytest.fixture
-def jwt_api(acme, upstream, bob_app, issuer):
-    """acme's /api/jwt (auth_method jwt, issuer acme-id) before the recording upstream; bob's app is user-1."""
-    api = publish(acme, upstream.url, base_path="/api/jwt", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
-    return api
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+    return f"{header}.{payload}.{b64url(signature)}"
 
 
 def _challenge(response) -> str:
@@ -276,9 +172,7 @@ def test_a_token_in_the_query_is_taken_from_the_issuers_parameter_and_never_forw
         token_in_query="jwt",
         actor=None,
     )
-    api = publish(acme, upstream.url, base_path="/api/q", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/q")
     token = k1.token()
     assert gateway.get(f"/api/q/a?x=1&jwt={token}&y=2").status == 200
     assert upstream.paths == ["/a?x=1&y=2"]
@@ -394,9 +288,7 @@ def test_with_no_keys_yet_an_outage_is_503_and_the_server_is_not_asked_on_every_
     issuer = services.jwt_issuer_create(
         tenant=acme, name="flaky-id", issuer=ISS, audiences=[AUD], jwks_url=jwks_server.url, actor=None
     )
-    api = publish(acme, upstream.url, base_path="/api/f", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/f")
     for _ in range(3):
         response = gateway.get("/api/f/a", headers=bearer(k1.token()))
         assert response.status == 503
@@ -414,23 +306,21 @@ def test_the_jwks_url_goes_through_the_upstream_address_checks(gateway, jwt_api,
 
 
 def test_inline_public_keys_need_no_fetch(gateway, acme, upstream, bob_app, k1):
-    ec_key = SigningKey("e1", ec.generate_private_key(ec.SECP256R1()), "ES256")
+    e1 = ec_key("e1")
     issuer = services.jwt_issuer_create(
         tenant=acme,
         name="inline-id",
         issuer=ISS,
         audiences=[AUD, "other"],
-        public_keys={"keys": [k1.jwk, ec_key.jwk]},
+        public_keys={"keys": [k1.jwk, e1.jwk]},
         algorithms=["RS256", "ES256"],
         actor=None,
     )
-    api = publish(acme, upstream.url, base_path="/api/i", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/i")
     assert gateway.get("/api/i/a", headers=bearer(k1.token())).status == 200
-    assert gateway.get("/api/i/a", headers=bearer(ec_key.token(aud=["x", "other"]))).status == 200
+    assert gateway.get("/api/i/a", headers=bearer(e1.token(aud=["x", "other"]))).status == 200
     # An algorithm the issuer does not allow is refused even with a key that would verify it.
-    ps = jwt.encode(_claims(), k1.private, algorithm="PS256", headers={"kid": "k1"})
+    ps = jwt.encode(default_claims(), k1.private, algorithm="PS256", headers={"kid": "k1"})
     response = gateway.get("/api/i/a", headers=bearer(ps))
     assert response.status == 401
     assert "does not sign with PS256" in response.json()["detail"]
@@ -440,9 +330,7 @@ def test_inline_public_keys_need_no_fetch(gateway, acme, upstream, bob_app, k1):
 
 
 def test_key_or_jwt_takes_an_api_key_or_a_token(gateway, acme, upstream, bob_app, key, issuer, k1):
-    api = publish(acme, upstream.url, base_path="/api/both", auth_method="key_or_jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/both", auth_method="key_or_jwt")
     assert gateway.get("/api/both/a", headers={"X-API-Key": key}).status == 200
     assert gateway.get("/api/both/a", headers=bearer(key)).status == 200  # a key as Bearer: key auth
     assert gateway.get("/api/both/a", headers=bearer(k1.token())).status == 200

@@ -4,7 +4,7 @@ Algorithm confusion, key-source injection in the header, hostile kids and claims
 tenants, the verified-token cache, auto-provisioning floods and the JWKS fetch (redirects, huge and slow answers).
 The keys are real (cryptography), the JWKS servers and upstreams are real servers on loopback.
 """
-# ruff: noqa: F811  (the fixtures of tests/gateway/test_jwt.py are imported by name)
+# ruff: noqa: F811  (the fixtures of tests/gateway/jwt_support.py are imported by name)
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.core.exceptions import ValidationError
 from jwt.algorithms import ECAlgorithm
@@ -35,19 +35,22 @@ from apimgmt.models import Api, Consumer, ConsumerIdentity, Subscription
 from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
-from tests.gateway.test_jwt import (  # noqa: F401 (fixtures)
+from tests.gateway.jwt_support import (  # noqa: F401 (fixtures)
     AUD,
     ISS,
     JwksServer,
     SigningKey,
-    _b64,
-    _claims,
+    b64url,
     bearer,
+    default_claims,
+    ec_key,
     issuer,
     jwks_server,
     jwt_api,
     k1,
     k2,
+    publish_for_tokens,
+    rsa_key,
 )
 from tests.gateway.upstreams import recording_upstream
 from tests.support.secrets_scan import find_secrets
@@ -61,36 +64,34 @@ def _no_failure_throttle(settings_gateway: Any) -> None:
 
 @pytest.fixture(scope="module")
 def e1() -> SigningKey:
-    return SigningKey("e1", ec.generate_private_key(ec.SECP256R1()), "ES256")
+    return ec_key("e1")
 
 
 @pytest.fixture(scope="module")
 def attacker() -> SigningKey:
-    return SigningKey("k1", rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
+    return rsa_key("k1")
 
 
 def raw_token(header: dict[str, Any] | str, payload: dict[str, Any] | str, signature: bytes = b"sig") -> str:
     """A token with exactly these header and payload bytes (strings are taken as the JSON text)."""
     head = header if isinstance(header, str) else json.dumps(header)
     body = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"{_b64(head.encode())}.{_b64(body.encode())}.{_b64(signature)}"
+    return f"{b64url(head.encode())}.{b64url(body.encode())}.{b64url(signature)}"
 
 
 def signed_raw(key: SigningKey, header: str, payload: str) -> str:
     """RS256 over exactly these header and payload JSON texts (for claims json.dumps would not write)."""
-    signing_input = f"{_b64(header.encode())}.{_b64(payload.encode())}"
+    signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
     algorithm = jwt.get_algorithm_by_name("RS256")
     signature = algorithm.sign(signing_input.encode(), key.private)
-    return f"{signing_input}.{_b64(signature)}"
+    return f"{signing_input}.{b64url(signature)}"
 
 
 def es256_on_p384(private: ec.EllipticCurvePrivateKey) -> str:
     """An "ES256" token signed with a P-384 key (PyJWT will not make one: the curve is ES384's)."""
-    signing_input = (
-        f"{_b64(json.dumps({'alg': 'ES256', 'kid': 'p384'}).encode())}.{_b64(json.dumps(_claims()).encode())}"
-    )
+    signing_input = f"{b64url(json.dumps({'alg': 'ES256', 'kid': 'p384'}).encode())}.{b64url(json.dumps(default_claims()).encode())}"
     der = private.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-    return f"{signing_input}.{_b64(der_to_raw_signature(der, private.curve))}"
+    return f"{signing_input}.{b64url(der_to_raw_signature(der, private.curve))}"
 
 
 def refused(response: Any, status: int = 401) -> str:
@@ -107,21 +108,23 @@ def test_every_spelling_of_none_and_every_hmac_keyed_with_the_public_key_is_refu
 ):
     spellings = ["none", "None", "nOnE", "NONE", "none ", " none", "", "<img src=x onerror=alert(1)>"]
     for alg in spellings:
-        detail = refused(gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": alg, "kid": "k1"}, _claims()))))
+        detail = refused(
+            gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": alg, "kid": "k1"}, default_claims())))
+        )
         assert "not accepted" in detail, alg
         assert "<img" not in detail  # an algorithm name is repeated only when it is letters and digits
     pem = k1.public_pem()
     secrets = {"PEM": pem, "JWK": json.dumps(k1.jwk).encode(), "JWK n": k1.jwk["n"].encode()}
     for alg, digest in (("HS256", hashlib.sha256), ("HS384", hashlib.sha384), ("HS512", hashlib.sha512)):
         for name, secret in secrets.items():
-            header = _b64(json.dumps({"alg": alg, "typ": "JWT", "kid": "k1"}).encode())
-            payload = _b64(json.dumps(_claims()).encode())
+            header = b64url(json.dumps({"alg": alg, "typ": "JWT", "kid": "k1"}).encode())
+            payload = b64url(json.dumps(default_claims()).encode())
             mac = hmac.new(secret, f"{header}.{payload}".encode(), digest).digest()
-            detail = refused(gateway.get("/api/jwt/a", headers=bearer(f"{header}.{payload}.{_b64(mac)}")))
+            detail = refused(gateway.get("/api/jwt/a", headers=bearer(f"{header}.{payload}.{b64url(mac)}")))
             assert f"algorithm {alg} are not accepted" in detail, (alg, name)
     # A header with "alg" twice: the last one counts, for the check and for the verification alike.
     twice = '{"alg": "RS256", "kid": "k1", "alg": "none"}'
-    assert "alg none" in refused(gateway.get("/api/jwt/a", headers=bearer(raw_token(twice, _claims()) + "")))
+    assert "alg none" in refused(gateway.get("/api/jwt/a", headers=bearer(raw_token(twice, default_claims()) + "")))
     assert jwks_server.fetches == 0  # none of these cost a key fetch
     assert upstream.seen == []
 
@@ -138,12 +141,10 @@ def test_an_algorithm_the_issuer_does_not_list_is_refused_even_with_a_key_that_v
         algorithms=["RS256"],
         actor=None,
     )
-    api = publish(acme, upstream.url, base_path="/api/rsa", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/rsa")
     assert "does not sign with ES256" in refused(gateway.get("/api/rsa/a", headers=bearer(e1.token())))
     for alg in ("RS384", "PS256"):
-        token = jwt.encode(_claims(), k1.private, algorithm=alg, headers={"kid": "k1"})
+        token = jwt.encode(default_claims(), k1.private, algorithm=alg, headers={"kid": "k1"})
         assert f"does not sign with {alg}" in refused(gateway.get("/api/rsa/a", headers=bearer(token)))
     assert gateway.get("/api/rsa/a", headers=bearer(k1.token())).status == 200
 
@@ -153,7 +154,7 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
     p384_jwk = {**json.loads(ECAlgorithm.to_jwk(p384.public_key())), "kid": "p384"}
     pinned = {**k1.jwk, "kid": "pinned", "alg": "PS256"}
     exchange = x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    x25519_jwk = {"kty": "OKP", "crv": "X25519", "x": _b64(exchange), "kid": "x25519"}  # a key-agreement curve
+    x25519_jwk = {"kty": "OKP", "crv": "X25519", "x": b64url(exchange), "kid": "x25519"}  # a key-agreement curve
     signer = ed25519.Ed25519PrivateKey.generate()
     issuer = services.jwt_issuer_create(
         tenant=acme,
@@ -164,16 +165,18 @@ def test_a_kid_naming_a_key_of_another_family_or_curve_is_refused(gateway, acme,
         algorithms=["RS256", "PS256", "ES256", "EdDSA"],
         actor=None,
     )
-    api = publish(acme, upstream.url, base_path="/api/mix", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/mix")
     cases = {
-        "ES256 token naming the RSA key": jwt.encode(_claims(), e1.private, algorithm="ES256", headers={"kid": "k1"}),
-        "RS256 token naming the EC key": jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": "e1"}),
+        "ES256 token naming the RSA key": jwt.encode(
+            default_claims(), e1.private, algorithm="ES256", headers={"kid": "k1"}
+        ),
+        "RS256 token naming the EC key": jwt.encode(
+            default_claims(), k1.private, algorithm="RS256", headers={"kid": "e1"}
+        ),
         "ES256 signed on P-384": es256_on_p384(p384),
-        "EdDSA naming the EC key": jwt.encode(_claims(), signer, algorithm="EdDSA", headers={"kid": "e1"}),
+        "EdDSA naming the EC key": jwt.encode(default_claims(), signer, algorithm="EdDSA", headers={"kid": "e1"}),
         "RS256 with a key pinned to PS256": jwt.encode(
-            _claims(), k1.private, algorithm="RS256", headers={"kid": "pinned"}
+            default_claims(), k1.private, algorithm="RS256", headers={"kid": "pinned"}
         ),
     }
     for name, token in cases.items():
@@ -204,13 +207,15 @@ def test_keys_offered_in_the_token_header_jku_x5u_jwk_x5c_are_never_used_or_fetc
         }
         for name, extra in offers.items():
             headers = {key: value for key, value in extra.items() if value is not None}
-            token = jwt.encode(_claims(), attacker.private, algorithm="RS256", headers=headers)
+            token = jwt.encode(default_claims(), attacker.private, algorithm="RS256", headers=headers)
             if "kid" in extra:  # PyJWT writes no kid unless asked: this one has none
                 assert "kid" not in jwt.get_unverified_header(token)
             detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
             assert "signature does not verify" in detail, (name, detail)
         # A critical header extension the gateway does not implement is refused even when properly signed.
-        critical = jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": "k1", "crit": ["x-bind"]})
+        critical = jwt.encode(
+            default_claims(), k1.private, algorithm="RS256", headers={"kid": "k1", "crit": ["x-bind"]}
+        )
         refused(gateway.get("/api/jwt/a", headers=bearer(critical)))
         assert trap.fetches == 0
         assert upstream.seen == []
@@ -220,11 +225,13 @@ def test_keys_offered_in_the_token_header_jku_x5u_jwk_x5c_are_never_used_or_fetc
 
 def test_kids_shaped_like_paths_sql_or_junk_are_just_unknown_keys(gateway, jwt_api, jwks_server, upstream, k1):
     for kid in ("../../../../etc/passwd", "' OR '1'='1' --", "k1\u0000", "k1 ", "K1", "x" * 3000, "%6b1", "k1/../k1"):
-        token = jwt.encode(_claims(), k1.private, algorithm="RS256", headers={"kid": kid})
+        token = jwt.encode(default_claims(), k1.private, algorithm="RS256", headers={"kid": kid})
         detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
         assert detail == "The token's key id (kid) is not one of its issuer's keys.", kid
     for kid in (7, ["k1"], {"k": "k1"}, True):
-        detail = refused(gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": "RS256", "kid": kid}, _claims()))))
+        detail = refused(
+            gateway.get("/api/jwt/a", headers=bearer(raw_token({"alg": "RS256", "kid": kid}, default_claims())))
+        )
         assert "kid" in detail or "well-formed" in detail, kid
     assert upstream.seen == []
 
@@ -236,7 +243,7 @@ def test_deeply_nested_or_oversized_json_is_a_clean_401(gateway, jwt_api, upstre
     for depth in (900, 2500):
         nested = "[" * depth + "]" * depth
         for token in (
-            raw_token('{"alg": "RS256", "kid": "k1", "x": ' + nested + "}", _claims()),
+            raw_token('{"alg": "RS256", "kid": "k1", "x": ' + nested + "}", default_claims()),
             raw_token({"alg": "RS256", "kid": "k1"}, '{"sub": "user-1", "x": ' + nested + "}"),
         ):
             if len(token) > jwt_auth.MAX_TOKEN_BYTES:
@@ -260,7 +267,7 @@ def test_the_audience_may_be_a_string_or_a_list_of_strings_and_nothing_else(gate
 def test_the_issuer_must_match_exactly_trailing_slash_case_and_type_included(gateway, jwt_api, upstream, k1):
     header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"})
     for iss in (ISS.rstrip("/"), ISS + "/", ISS.upper(), ISS + " ", [ISS], {"iss": ISS}, 1):
-        token = signed_raw(k1, header, json.dumps(_claims(iss=iss)))
+        token = signed_raw(k1, header, json.dumps(default_claims(iss=iss)))
         detail = refused(gateway.get("/api/jwt/a", headers=bearer(token)))
         assert "issuer (iss)" in detail, (iss, detail)
     assert upstream.seen == []
@@ -307,7 +314,7 @@ def test_a_claim_value_that_cannot_be_stored_or_hashed_maps_to_nobody_without_an
 ):
     header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": "k1"})
     for sub in ("user\\u0000-1", "\\ud800", "user-1\\udfff"):  # NUL, lone surrogates (JSON escapes)
-        payload = json.dumps(_claims(sub="PLACEHOLDER")).replace("PLACEHOLDER", sub)
+        payload = json.dumps(default_claims(sub="PLACEHOLDER")).replace("PLACEHOLDER", sub)
         detail = refused(gateway.get("/api/jwt/a", headers=bearer(signed_raw(k1, header, payload))), 403)
         assert "No application is registered for this token's sub" in detail, sub
     assert "identity lookup failed" not in caplog.text
@@ -493,9 +500,7 @@ def _jwks_api(acme: Any, upstream: Any, bob_app: Any, url: str, path: str) -> No
     issuer = services.jwt_issuer_create(
         tenant=acme, name=f"id-{path}", issuer=ISS, audiences=[AUD], jwks_url=url, actor=None
     )
-    api = publish(acme, upstream.url, base_path=f"/api/{path}", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path=f"/api/{path}")
 
 
 def test_a_jwks_redirect_is_not_followed(gateway, acme, upstream, bob_app, jwks_server, hostile, k1):
@@ -649,16 +654,9 @@ def test_an_api_key_in_the_query_next_to_a_token_is_refused_and_never_forwarded(
         token_in_query="jwt",
         actor=None,
     )
-    api = publish(
-        acme,
-        upstream.url,
-        base_path="/api/both",
-        auth_method="key_or_jwt",
-        key_query_param="apikey",
-        jwt_issuers=[issuer],
+    publish_for_tokens(
+        acme, upstream.url, bob_app, issuer, base_path="/api/both", auth_method="key_or_jwt", key_query_param="apikey"
     )
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
     token = k1.token()
     for target, headers in (
         (f"/api/both/a?apikey={key}&jwt={token}", {}),

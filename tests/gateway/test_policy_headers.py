@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from django.core.exceptions import ValidationError
-from jwt.algorithms import RSAAlgorithm
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
@@ -18,6 +13,7 @@ from gateway.chain import Exchange, Finished
 from gateway.policies import headers
 from gateway.wsgi import get_gateway
 from tests.gateway.conftest import publish, subscribe
+from tests.gateway.jwt_support import ISS, bearer, publish_for_tokens, rsa_key
 from tests.gateway.upstreams import Answer, Recorder
 
 pytestmark = pytest.mark.django_db
@@ -218,32 +214,14 @@ def test_an_api_without_headers_policies_has_no_step(gateway, acme, upstream, bo
 
 
 def test_a_jwt_claim_with_crlf_never_reaches_the_upstream(gateway, acme, upstream, bob_app):
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = {**json.loads(RSAAlgorithm.to_jwk(private.public_key())), "kid": "k1", "use": "sig"}
+    signer = rsa_key("k1")
     issuer = services.jwt_issuer_create(
-        tenant=acme,
-        name="idp",
-        issuer="https://id.example.com/",
-        audiences=["users"],
-        public_keys={"keys": [jwk]},
-        actor=None,
+        tenant=acme, name="idp", issuer=ISS, audiences=["users"], public_keys={"keys": [signer.jwk]}, actor=None
     )
     policy = _headers(acme, request={"set": {"X-User": "{jwt.sub}", "X-Name": "{jwt.name}", "X-Org": "{jwt.org.id}"}})
-    api = publish(acme, upstream.url, auth_method="jwt", jwt_issuers=[issuer], policies=[policy])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
-    now = int(time.time())
-    claims = {
-        "iss": "https://id.example.com/",
-        "aud": "users",
-        "sub": "user-1",
-        "iat": now,
-        "exp": now + 300,
-        "name": "Mallory\r\nX-Injected: 1",
-        "org": {"id": "org-7"},
-    }
-    token = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"})
-    response = gateway.get(PATH, headers={"Authorization": f"Bearer {token}"})
+    publish_for_tokens(acme, upstream.url, bob_app, issuer, policies=[policy])
+    token = signer.token(aud="users", name="Mallory\r\nX-Injected: 1", org={"id": "org-7"})
+    response = gateway.get(PATH, headers=bearer(token))
     assert response.status == 200, response.body
     seen = upstream.seen[0]
     assert seen.headers["x-user"] == "user-1"

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apimgmt import services
-from apimgmt.models import Api, Consumer, Policy, Tenant
+from apimgmt.models import Api, Consumer, JwtIssuer, Policy, Tenant
 from gateway import jwks
 from gateway.policies import response_cache
 from tests.gateway.conftest import (  # noqa: F401  (fixtures)
@@ -28,7 +28,19 @@ from tests.gateway.conftest import (  # noqa: F401  (fixtures)
     subscribe,
     upstream,
 )
-from tests.gateway.test_jwt import AUD, ISS, JwksServer, SigningKey, bearer, jwks_server, k1, k2  # noqa: F401
+from tests.gateway.jwt_support import (  # noqa: F401  (fixtures)
+    AUD,
+    ISS,
+    JwksServer,
+    SigningKey,
+    bearer,
+    issuer,
+    jwks_server,
+    jwt_api,
+    k1,
+    k2,
+    publish_for_tokens,
+)
 from tests.gateway.upstreams import Answer, Recorder, Seen, recording_upstream
 from tests.support.servers import free_port, gunicorn
 
@@ -199,20 +211,14 @@ def test_request_limit_refusals_are_counted_as_method_body_and_headers(
 def test_jwks_fetches_are_counted_ok_unchanged_and_error_with_the_time_of_the_last_good_one(
     gateway: InProcessGateway,
     acme: Tenant,
-    bob_app: Consumer,
-    upstream: Recorder,
+    issuer: JwtIssuer,
+    jwt_api: Api,
     jwks_server: JwksServer,
     k1: SigningKey,
     k2: SigningKey,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(jwks, "REFETCH_INTERVAL_SECONDS", 0.0)  # every unknown kid refetches
-    issuer = services.jwt_issuer_create(
-        tenant=acme, name="acme-id", issuer=ISS, audiences=[AUD], jwks_url=jwks_server.url, actor=None
-    )
-    api = publish(acme, upstream.url, base_path="/api/jwt", auth_method="jwt", jwt_issuers=[issuer])
-    subscribe(bob_app, api)
-    services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
     labels = {"tenant": str(acme.pk), "issuer_id": str(issuer.pk)}
 
     def fetches() -> dict[str, float]:
@@ -277,9 +283,7 @@ def test_under_two_gunicorn_workers_the_metrics_port_sums_them(
             issuer = services.jwt_issuer_create(
                 tenant=acme, name="acme-id", issuer=ISS, audiences=[AUD], jwks_url=server.url, actor=None
             )
-            jwt_api = publish(acme, upstream.url, base_path="/api/jwt", auth_method="jwt", jwt_issuers=[issuer])
-            subscribe(bob_app, jwt_api)
-            services.consumer_identity_create(consumer=bob_app, issuer=issuer, external_id="user-1", actor=None)
+            publish_for_tokens(acme, upstream.url, bob_app, issuer, base_path="/api/jwt")
             headers = {"X-API-Key": key}
             deadline = time.monotonic() + 30  # each worker loads its route table
             while requests.get(url + "/api/jwt/a", headers=bearer(k1.token()), timeout=30).status_code != 200:
