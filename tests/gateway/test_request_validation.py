@@ -1,6 +1,7 @@
 """Request validation against the API's OpenAPI document (Api.validation): enforce answers 400 problem+json naming
 each parameter or JSON pointer that failed; shadow lets the request through, counts and logs it. Tables for both
 modes, on OpenAPI 3.0 and 3.1 documents, through the in-process gateway to a real upstream on loopback."""
+# ruff: noqa: F811  (the version fixture of tests/gateway/openapi_documents.py is imported by name)
 
 from __future__ import annotations
 
@@ -14,100 +15,11 @@ from prometheus_client import REGISTRY
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Tenant
 from gateway import request_validation
-from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.conftest import InProcessGateway
+from tests.gateway.openapi_documents import pets_spec, publish_validated, version  # noqa: F401 (a fixture)
 from tests.gateway.upstreams import Recorder
 
 pytestmark = pytest.mark.django_db
-
-
-def pets_spec(version: str) -> dict[str, Any]:
-    """A small document with what validation must follow: $refs to components (schemas and parameters), allOf and
-    oneOf, path-level parameters, two templates in one segment, arrays in the query, a required header."""
-    nullable: dict[str, Any] = (
-        {"type": ["string", "null"]} if version.startswith("3.1") else {"type": "string", "nullable": True}
-    )
-    return {
-        "openapi": version,
-        "info": {"title": "Pets", "version": "1"},
-        "components": {
-            "schemas": {
-                "Named": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 20}},
-                },
-                "Pet": {
-                    "allOf": [
-                        {"$ref": "#/components/schemas/Named"},
-                        {
-                            "type": "object",
-                            "properties": {
-                                "age": {"type": "integer", "minimum": 0},
-                                "tag": nullable,
-                                "kind": {"oneOf": [{"$ref": "#/components/schemas/Cat"}, {"type": "string"}]},
-                                "toys": {"type": "array", "items": {"$ref": "#/components/schemas/Named"}},
-                            },
-                        },
-                    ]
-                },
-                "Cat": {"type": "object", "required": ["lives"], "properties": {"lives": {"type": "integer"}}},
-            },
-            "parameters": {
-                "Limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10}}
-            },
-        },
-        "paths": {
-            "/pets": {
-                "get": {
-                    "parameters": [
-                        {"$ref": "#/components/parameters/Limit"},
-                        {"name": "tags", "in": "query", "schema": {"type": "array", "items": {"enum": ["a", "b"]}}},
-                        {"name": "sorted", "in": "query", "schema": {"type": "boolean"}},
-                    ],
-                    "responses": {"200": {"description": "Pets."}},
-                },
-                "post": {
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pet"}}},
-                    },
-                    "responses": {"201": {"description": "Made."}},
-                },
-            },
-            "/pets/{petId}": {
-                "parameters": [{"name": "petId", "in": "path", "required": True, "schema": {"type": "integer"}}],
-                "get": {
-                    "parameters": [
-                        {
-                            "name": "X-Client-Version",
-                            "in": "header",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
-                        }
-                    ],
-                    "responses": {"200": {"description": "A pet."}},
-                },
-                "patch": {
-                    "requestBody": {
-                        "content": {
-                            "application/merge-patch+json": {"schema": {"$ref": "#/components/schemas/Pet"}},
-                            "text/plain": {"schema": {"type": "string"}},
-                        }
-                    },
-                    "responses": {"200": {"description": "Changed."}},
-                },
-            },
-            "/files/{name}.{ext}": {
-                "get": {
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 8}},
-                        {"name": "ext", "in": "path", "required": True, "schema": {"enum": ["json", "csv"]}},
-                    ],
-                    "responses": {"200": {"description": "A file."}},
-                }
-            },
-        },
-    }
 
 
 VERSION = "X-Client-Version"
@@ -259,17 +171,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["3.0.3", "3.1.0"])
-def version(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def _publish(tenant: Tenant, upstream: Recorder, consumer: Consumer, validation: str, version: str) -> Api:
-    api = publish(
-        tenant, upstream.url + "/svc", base_path="/zoo", openapi_spec=pets_spec(version), validation=validation
-    )
-    subscribe(consumer, api)
-    return api
+    return publish_validated(tenant, upstream, consumer, pets_spec(version), base_path="/zoo", validation=validation)
 
 
 def _failures(api: Api, mode: str) -> float:

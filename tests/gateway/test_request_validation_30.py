@@ -2,6 +2,7 @@
 say "valid" where openapi-schema-validator says so too. A differential test over generated bodies (nulls, wrong
 types, boundaries, extra properties, formats, nested arrays and objects, allOf/oneOf/anyOf/not, read-only
 properties), a keyword table, the schemas left without a compiled check, and numbers jsonschema-rs cannot hold."""
+# ruff: noqa: F811  (the version fixture of tests/gateway/openapi_documents.py is imported by name)
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import pytest
 
 from apimgmt.models import Consumer, Tenant
 from gateway import request_validation
-from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.conftest import InProcessGateway
+from tests.gateway.openapi_documents import (  # noqa: F401 (a fixture)
+    VERSIONS,
+    one_operation_document,
+    pets_spec,
+    publish_validated,
+    version,
+)
 from tests.gateway.upstreams import Recorder
 
 S = "#/components/schemas/"
@@ -266,16 +274,6 @@ def test_the_fast_check_of_30_bodies_never_lets_through_what_the_oas_validator_r
     assert agree >= 0.99 * total
 
 
-def _document(schema: dict[str, Any], components: dict[str, Any] | None = None) -> dict[str, Any]:
-    body = {"content": {"application/json": {"schema": schema}}}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "T", "version": "1"},
-        "paths": {"/t": {"post": {"requestBody": body, "responses": {"200": {"description": "ok"}}}}},
-        "components": {"schemas": components or {}},
-    }
-
-
 DISCRIMINATED = {
     "oneOf": [{"$ref": S + "Cat"}, {"type": "string"}],
     "discriminator": {"propertyName": "k", "mapping": {"dog": S + "Dog"}},
@@ -372,7 +370,7 @@ def test_the_fast_check_agrees_keyword_by_keyword(schema: dict[str, Any], instan
         "Cat": {"type": "object", "required": ["lives"], "properties": {"lives": {"type": "integer"}}},
         "Dog": {"type": "object", "properties": {"bark": {"type": "boolean"}}},
     }
-    operation = _compiled(_document(schema, components))
+    operation = _compiled(one_operation_document(schema, components))
     assert _oas_valid(operation, instance) is valid  # what openapi-schema-validator says, checked as it is
     assert operation.body_fast is not None
     fast = request_validation._fast_valid(operation.body_fast, instance)
@@ -401,7 +399,7 @@ NOT_TRANSLATED = [
 
 @pytest.mark.parametrize("schema", NOT_TRANSLATED)
 def test_schemas_that_cannot_be_translated_exactly_have_no_fast_check(schema: dict[str, Any]) -> None:
-    operation = _compiled(_document(schema))
+    operation = _compiled(one_operation_document(schema))
     assert operation.body_validator is not None
     assert operation.body_fast is None
 
@@ -419,16 +417,9 @@ def test_recursive_schemas_and_many_operations_share_one_translation() -> None:
 @pytest.fixture
 def numbers_api(acme: Tenant, upstream: Recorder, bob_app: Consumer, version: str) -> str:
     schema = {"type": "object", "properties": {"n": {"maximum": 0}, "s": {"type": "string"}}}
-    document = _document(schema)
-    document["openapi"] = version
-    api = publish(acme, upstream.url + "/svc", base_path="/nums", openapi_spec=document, validation="enforce")
-    subscribe(bob_app, api)
+    document = one_operation_document(schema, version=version)
+    publish_validated(acme, upstream, bob_app, document, base_path="/nums", validation="enforce")
     return "/nums/t"
-
-
-@pytest.fixture(params=["3.0.3", "3.1.0"])
-def version(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.mark.django_db
@@ -467,10 +458,8 @@ TEXTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("version", ["3.0.3", "3.1.0"])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_the_fast_check_of_parameters_never_lets_through_what_the_oas_validator_refuses(version: str) -> None:
-    from tests.gateway.test_request_validation import pets_spec
-
     compiled = request_validation._Compiled(pets_spec(version))
     params = [param for operation in compiled.operations.values() for param in operation.params]
     assert len(params) >= 6 and all(param.fast is not None for param in params)
@@ -490,12 +479,11 @@ def test_the_fast_check_of_parameters_never_lets_through_what_the_oas_validator_
 def test_a_number_parameter_read_as_infinite_is_judged_by_the_oas_validator(
     gateway: InProcessGateway, acme: Tenant, upstream: Recorder, bob_app: Consumer, key: str
 ) -> None:
-    document = _document({"type": "object"})
+    document = one_operation_document({"type": "object"})
     schema = {"type": "number", "maximum": 10, "nullable": True}  # converted from text as a number
     parameter = {"name": "n", "in": "query", "schema": schema}
     document["paths"]["/t"]["get"] = {"parameters": [parameter], "responses": {"200": {"description": "ok"}}}
-    api = publish(acme, upstream.url + "/svc", base_path="/nums", openapi_spec=document, validation="enforce")
-    subscribe(bob_app, api)
+    publish_validated(acme, upstream, bob_app, document, base_path="/nums", validation="enforce")
     refused = gateway.request("GET", "/nums/t?n=1e400", headers={"X-API-Key": key})
     assert refused.status == 400 and refused.json()["errors"][0]["name"] == "n"
     assert gateway.request("GET", "/nums/t?n=1e4", headers={"X-API-Key": key}).status == 400
