@@ -10,15 +10,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
 from apimgmt.redis_client import reset_redis
 from gateway import ratelimit
+from gateway import usage as gateway_usage
 from gateway.policies import response_cache
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, Recorder, Seen
@@ -182,3 +185,63 @@ def test_after_redis_stalls_past_the_timeout_every_request_still_gets_its_own_re
     finally:
         proc.kill()
         proc.wait()
+
+
+def _commands(client: Any) -> Counter[str]:
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
+def test_redis_work_per_request_one_write_for_limits_and_the_hit_and_nothing_more_without_a_cache(
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    gateway: InProcessGateway,
+    acme: Tenant,
+    bob_app: Consumer,
+    key: str,
+    upstream: Recorder,
+) -> None:
+    """What each request asks of Redis (counted by a Redis of the test's own): an API with limits and no cache sends
+    the limiter's script alone; a hit on an API with both adds only the GET that rides on the same write."""
+    monkeypatch.setattr(gateway_usage, "FLUSH_EVERY_SECONDS", 3600.0)  # usage buckets: not while counting
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+        reset_redis()
+        plain = publish(
+            acme,
+            upstream.url,
+            base_path="/api/plain/v1",
+            policies=[_policy(acme, "plain-limit", "rate_limiting", {"requests_per_second": 10_000})],
+        )
+        subscribe(bob_app, plain)
+        _cached_limited_api(acme, bob_app, upstream)
+        _counting(upstream)
+        headers = {"X-API-Key": key}
+        for target in ("/api/plain/v1/x", PATH):
+            gateway.get(target, headers=headers)
+            gateway.get(target, headers=headers)  # warm: route table, key cache, script loaded
+        client = redis.Redis(port=port)
+        before = _commands(client)
+        for _ in range(5):
+            assert gateway.get("/api/plain/v1/x", headers=headers).status == 200
+        middle = _commands(client)
+        for _ in range(5):
+            assert gateway.get(PATH, headers=headers).header("X-Cache") == "HIT"
+        after = _commands(client)
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    without_cache = middle - before
+    with_hits = after - middle
+    without_cache.pop("info", None)
+    with_hits.pop("info", None)
+    # The commands the limiter's script runs inside count too (its GET/SET/TIME): both APIs have the same kind of
+    # window, so they cancel out. One script per request; a hit adds its one GET and nothing else.
+    assert without_cache["evalsha"] == 5 and with_hits["evalsha"] == 5
+    assert (with_hits - without_cache, without_cache - with_hits) == (Counter({"get": 5}), Counter())
