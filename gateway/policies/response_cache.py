@@ -27,6 +27,15 @@ A client's ``Cache-Control: no-cache`` (or ``max-age=0``, or ``Pragma: no-cache`
 the entry; ``no-store`` skips the lookup and the store. Answers carry ``X-Cache: HIT``, ``MISS`` or ``BYPASS``;
 a hit also ``Age``.
 
+Conditional requests (RFC 9111 §4.3.2, RFC 9110 §13.2)
+    A hit whose stored status is 2xx answers ``304 Not Modified`` when the client already holds it:
+    ``If-None-Match`` names the stored ETag (weak comparison) or is ``*``; else, without ``If-None-Match``,
+    ``If-Modified-Since`` is a valid date, not in the future, and not earlier than the stored Last-Modified (or
+    Date, or the time it was stored). The 304 has no body and only the stored headers RFC 9110 §15.4.5 names
+    (plus Last-Modified when there is no ETag), then the same per-request headers as any hit. Another stored
+    status (a 404, a redirect) is answered in full: preconditions apply to 2xx answers only (RFC 9110 §13.2.1).
+    A miss goes upstream with the conditions as the client sent them; the upstream's own 304 is never stored.
+
 Keys
     ``rc:{<tenant>}:<api>:<generation>:<digest>``: the tenant's hash tag (one Redis Cluster slot per tenant), the
     API, a generation (a digest of the API's whole configuration as the route table holds it: any change to the API
@@ -54,6 +63,7 @@ import email.utils
 import hashlib
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -103,6 +113,13 @@ MAX_WAIT_SECONDS = 30.0
 BUFFER_BYTES = 64 * 1024 * 1024
 # Vary names remembered per worker (by plain key); cleared whole when full.
 MEMO_SIZE = 10_000
+# Stored headers a 304 from the cache carries: those RFC 9110 §15.4.5 requires of a 304 when a 200 would have them
+# (the others describe the body the client already holds). Last-Modified too when there is no ETag, so a client that
+# validates by date keeps its validator.
+_NOT_MODIFIED_KEEPS = frozenset({"cache-control", "content-location", "date", "etag", "expires", "vary"})
+NOT_MODIFIED = "304 Not Modified"
+# One entity-tag of an If-None-Match list (RFC 9110 §8.8.3), its opaque tag captured: a weak comparison ignores W/.
+_ENTITY_TAG = re.compile(r'[ \t,]*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|\Z)')
 # Entry layout: 1 byte kind, 4 bytes length of the JSON head, the head, then the body.
 _RESPONSE, _MARKER = b"R", b"V"
 _HEAD_LENGTH = struct.Struct(">I")
@@ -284,6 +301,64 @@ def _client_directives(environ: dict[str, Any]) -> tuple[bool, bool]:
     if "no-cache" in cc or cc.get("max-age") == "0" or (pragma and "no-cache" in pragma.lower()):
         return True, False
     return False, False
+
+
+def not_modified(environ: dict[str, Any], status: str, headers: list[tuple[str, str]], stored_at: float) -> bool:
+    """Whether the client's conditions say it holds this stored answer already (RFC 9110 §13.2.2, steps 3 and 4).
+
+    Only a 2xx answer is validated (§13.2.1: a 404 or a redirect is sent in full whatever the conditions).
+    If-None-Match decides alone when present (a list the gateway cannot read matches nothing); If-Modified-Since
+    counts only as one valid date that is not in the future (RFC 9110 §13.1.3), compared with the stored
+    Last-Modified, else its Date, else the time it was stored (RFC 9111 §4.3.2).
+    """
+    if status[:1] != "2":
+        return False
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_none_match is not None:
+        wanted = if_none_match.strip()
+        if wanted == "*":
+            return True  # any current answer: this one
+        stored = next((v for n, v in headers if n.lower() == "etag"), None)
+        if stored is None:
+            return False
+        match = _ENTITY_TAG.fullmatch(stored.strip())
+        if match is None:
+            return False
+        tags = _entity_tags(wanted)
+        return tags is not None and match.group(1) in tags
+    if_modified_since = environ.get("HTTP_IF_MODIFIED_SINCE")
+    if if_modified_since is None or if_modified_since.count(",") > 1:  # more than one date
+        return False
+    since = _http_date(if_modified_since)
+    if since is None or since > time.time():
+        return False
+    found = {n.lower(): v for n, v in headers if n.lower() in ("last-modified", "date")}
+    modified = found.get("last-modified") or found.get("date")
+    changed_at = _http_date(modified) if modified is not None else stored_at
+    return changed_at is not None and changed_at <= since
+
+
+def _entity_tags(value: str) -> set[str] | None:
+    """The opaque tags (quotes included, W/ left out) of an If-None-Match list; None when it is not one."""
+    tags: set[str] = set()
+    position, end = 0, len(value)
+    while position < end:
+        match = _ENTITY_TAG.match(value, position)
+        if match is None:
+            if value[position:].strip(" \t,"):
+                return None
+            break  # empty list elements at the end
+        tags.add(match.group(1))
+        position = match.end()
+    return tags
+
+
+def _not_modified_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A stored answer's headers that its 304 carries (_NOT_MODIFIED_KEEPS; Last-Modified when there is no ETag)."""
+    kept = [(n, v) for n, v in headers if n.lower() in _NOT_MODIFIED_KEEPS]
+    if not any(n.lower() == "etag" for n, _v in kept):
+        kept += [(n, v) for n, v in headers if n.lower() == "last-modified"]
+    return kept
 
 
 def _vary_names(headers: list[tuple[str, str]]) -> tuple[str, ...] | None:
@@ -520,21 +595,30 @@ class ResponseCache(Step):
         current[0].wait(self.wait_seconds)
 
     def _hit(self, ex: Exchange, entry: _Entry, *, head: bool) -> Result:
+        """The stored answer with this request's own headers, or its 304 when the client's conditions say it holds
+        the answer already. Both ways here (request() and limits_reply()) end in this one method."""
         done = ex.done
-        headers = list(entry.headers)
+        environ = ex.environ
+        status, body = entry.status, entry.body
+        if ("HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MODIFIED_SINCE" in environ) and not_modified(
+            environ, status, entry.headers, entry.stored_at
+        ):
+            status, body = NOT_MODIFIED, b""
+            headers = _not_modified_headers(entry.headers)
+        else:
+            headers = list(entry.headers)
         limit_headers = ex.state.get("limit_headers") if ex.state else None
         if limit_headers:
             headers += limit_headers
         headers += ex.route.extra_headers
         age = entry.age + max(0, int(time.time() - entry.stored_at))
-        body = entry.body
-        if entry.status[:3] not in ("204", "304"):
+        if status[:3] not in ("204", "304"):
             headers.append(("Content-Length", str(len(body))))
         headers += [("Age", str(age)), ("X-Cache", "HIT"), ("X-Request-ID", ex.request_id)]
-        done.status = int(entry.status[:3])
+        done.status = int(status[:3])
         done.bytes_out = 0 if head else len(body)
         done.upstream_s = None
-        return Result(entry.status, headers, [] if head or not body else [body])
+        return Result(status, headers, [] if head or not body else [body])
 
     # -- response: the store --
 
