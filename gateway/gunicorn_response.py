@@ -51,16 +51,19 @@ class CoalescingResponse(wsgi.Response):
         About 7 % of a worker's samples on a cached answer (eleven headers) went to the stock per-header checks.
         """
         known = _checked_names
+        lowers = []
         for name, value in headers:
-            if type(value) is not str or name not in known:
+            # One read per name: another thread (gthread workers) may clear the memory between two reads.
+            lower = known.get(name) if type(value) is str else None
+            if lower is None:
                 self._stock_process_headers(headers)
                 return
+            lowers.append(lower)
         if _BAD_VALUE_CHAR.search("".join([value for _name, value in headers])):
             super().process_headers(headers)  # raises InvalidResponseHeader, naming the header
             return
         out = self.headers
-        for name, value in headers:
-            lower = known[name]
+        for (name, value), lower in zip(headers, lowers, strict=True):
             if lower in _DROPPED:
                 continue
             value = value.strip(" \t")

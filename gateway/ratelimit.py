@@ -38,6 +38,12 @@ except (ImportError, AttributeError):  # pragma: no cover - another layout: repl
     pass
 # Bytes asked of the socket per read while replies are incomplete (a reply is usually a few hundred bytes).
 READ_SIZE = 65536
+# Connections whose replies _read_replies may read itself (standalone servers and cluster nodes).
+_PLAIN_CONNECTIONS = (
+    redis.connection.Connection,
+    redis.connection.SSLConnection,
+    redis.connection.UnixDomainSocketConnection,
+)
 
 SCRIPT = (Path(__file__).with_name("ratelimit.lua")).read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
@@ -458,11 +464,18 @@ def _read_replies(conn: Any, count: int) -> list[Any]:
     """
     parser = conn._parser
     sock = conn._sock
-    if _HIREDIS_PARSER is None or type(parser) is not _HIREDIS_PARSER or sock is None:
+    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
+    if (
+        type(conn) not in _PLAIN_CONNECTIONS  # a Sentinel-managed one reacts to READONLY in read_response()
+        or _HIREDIS_PARSER is None
+        or type(parser) is not _HIREDIS_PARSER
+        or sock is None
+        or (push_type is None and str(conn.protocol) == "3")  # an older hiredis cannot tell a push from a reply
+    ):
         return [_read_reply(conn) for _ in range(count)]
     reader = parser._reader
-    replies = []
-    for _ in range(count):
+    replies: list[Any] = []
+    while len(replies) < count:
         reply = reader.gets()
         while reply is NOT_ENOUGH_DATA:
             try:
@@ -477,6 +490,11 @@ def _read_replies(conn: Any, count: int) -> list[Any]:
             reply = reader.gets()
         if isinstance(reply, redis.ConnectionError):
             raise reply
+        if push_type is not None and isinstance(reply, push_type):
+            # RESP3: the server may push a message between replies (a client-tracking invalidation, a
+            # maintenance notice). It is not the reply asked for: redis-py's handler takes it, as read_response does.
+            parser.handle_push_response(reply)
+            continue
         replies.append(reply)
     return replies
 

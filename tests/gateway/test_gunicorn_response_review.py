@@ -28,11 +28,6 @@ def _often_full(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     gunicorn_response._checked_names.clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/gunicorn_response.py process_headers: a name found in _checked_names by the first loop may be "
-    "gone (another thread cleared the full dict) when known[name] reads it: KeyError, a 500 for a valid answer",
-)
 @pytest.mark.usefixtures("_often_full")
 def test_valid_headers_never_fail_while_other_threads_fill_the_name_memory() -> None:
     cfg = Config()

@@ -73,11 +73,6 @@ def _limiter_connections() -> list[Any]:
     return [conn for conns in ratelimit._connections.idle.values() for conn in conns]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ratelimit._read_replies takes a RESP3 push message as a command's reply (redis-py's read_response skips "
-    "it): the limiter's connection goes out of step, a request gets a 500 or another request's reply",
-)
 def test_a_push_message_on_the_limiters_connection_does_not_put_it_out_of_step(
     gateway: InProcessGateway, acme: Tenant, bob_app: Consumer, key: str, upstream: Recorder, redis_client: Any
 ) -> None:
