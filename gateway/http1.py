@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import ipaddress
-import os
 import re
 import socket
-import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from django.conf import settings
 
 from apimgmt.validation import is_forbidden_address
+from gateway import resolver
 from gateway.resilience import DeadlineWatch
 
 # Measured under wrk (issue 3 bench), urllib3 + http.client cost about a quarter of a gateway worker's CPU per
@@ -58,7 +55,7 @@ def connect_upstream(
     still sends SNI for, and verifies the certificate against, the host name).
     """
     try:
-        infos = _resolve(host, port, timeout)
+        infos = resolver.resolve(host, port, timeout)
     except TimeoutError as exc:
         raise ConnectFailed(timed_out=True) from exc
     except (OSError, UnicodeError) as exc:
@@ -85,54 +82,6 @@ def connect_upstream(
     if not tried:
         raise ForbiddenPeer(", ".join(sorted({str(info[4][0]) for info in infos})))
     raise ConnectFailed(timed_out=isinstance(error, TimeoutError)) from error
-
-
-def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
-    """getaddrinfo for ``host``, given at most ``timeout`` (the connect timeout): a resolver that does not answer
-    (a DNS outage) would otherwise hold the request for its own timeouts and retries, 10 s and more with glibc's
-    defaults, whatever the API's timeouts say. An address needs no resolver and is returned at once.
-
-    Under gevent the wait is a gevent.Timeout around gevent's resolver; elsewhere the lookup runs on a small thread
-    pool and only the wait is bounded (the thread finishes on its own). Raises TimeoutError when it takes longer.
-    """
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if timeout is None:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if _gevent_socket():
-        import gevent
-
-        with gevent.Timeout(timeout, TimeoutError(f"resolving {host!r} took longer than {timeout:g} s")):
-            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    future = _resolver_pool().submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError as exc:
-        raise TimeoutError(f"resolving {host!r} took longer than {timeout:g} s") from exc
-
-
-def _gevent_socket() -> bool:
-    """Whether this process runs on gevent's socket module (the gateway's gunicorn worker)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
-_RESOLVER_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-_RESOLVER_LOCK = threading.Lock()
-
-
-def _resolver_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's lookup threads (made again after a fork: a child has none of its parent's threads)."""
-    global _RESOLVER_POOL
-    with _RESOLVER_LOCK:
-        if _RESOLVER_POOL is None or _RESOLVER_POOL[0] != os.getpid():
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
-            _RESOLVER_POOL = (os.getpid(), pool)
-        return _RESOLVER_POOL[1]
 
 
 class ConnectFailed(Exception):

@@ -14,8 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from tests.gateway.test_dns_deadline import ROOT, silent_resolver  # noqa: F401 - the fixture
 
 CHILD = textwrap.dedent(
@@ -66,21 +64,11 @@ def _in_namespace(conf: Path, *args: object) -> tuple[str, float]:
     return outcome, float(seconds)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/http1.py _resolve: lookups that timed out are not cancelled and keep the 4 threads of the shared "
-    "pool busy for glibc's whole timeout; a later lookup of any name waits behind them and times out",
-)
 def test_lookups_that_timed_out_do_not_starve_other_upstreams_without_gevent(silent_resolver: Path) -> None:  # noqa: F811
     outcome, seconds = _in_namespace(silent_resolver, "threads", 8)
     assert (outcome, seconds < 0.5) == ("connected", True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/http1.py _resolve: under gevent the lookup runs in gevent's resolver thread pool (10 threads); "
-    "gevent.Timeout frees the request but not the thread, so ten lookups of one silent name block every other name",
-)
 def test_lookups_that_timed_out_do_not_starve_other_upstreams_under_gevent(silent_resolver: Path) -> None:  # noqa: F811
     outcome, seconds = _in_namespace(silent_resolver, "gevent", 16)
     assert (outcome, seconds < 0.5) == ("connected", True)
