@@ -95,6 +95,10 @@ class TokenFailure:
     retry_after: int = 0
 
 
+# ex.state entry of a request authenticated with a token: (issuer id, external id, exp plus leeway as time.time()).
+IDENTITY_STATE = "jwt_identity"
+
+
 @dataclass
 class _Verified:
     """A token that passed verification: whose it is, until when, and against which key set."""
@@ -368,6 +372,12 @@ def _authenticate(ex: Exchange, state: JwtState, throttled: int | None) -> tuple
     except (DatabaseError, redis.RedisError):
         logger.exception("identity lookup failed")
         return TokenFailure(503, "store_unavailable", "Tokens cannot be checked right now; retry shortly.", 1), None
+    if record is not None:
+        # Whose token it is and until when: a WebSocket connection opened with it is re-checked by its identity
+        # (evictions name identities as they name keys) and closed when the token expires.
+        if ex.state is None:
+            ex.state = {}
+        ex.state[IDENTITY_STATE] = (issuer.id, verified.external_id, verified.until)
     if record is None:
         return TokenFailure(
             403,

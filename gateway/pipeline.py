@@ -371,6 +371,7 @@ class Gateway:
                 ex.target_path,
                 ex.query,
                 limit_headers,
+                identity=ex.state.get("jwt_identity") if ex.state else None,  # jwt_auth.IDENTITY_STATE
             )
             result.recorded = True  # every answer of open_connection is recorded there (the handshake at once)
             return result

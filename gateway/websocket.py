@@ -53,7 +53,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError, RemoteProtocolError
 
-from apimgmt import keys, redis_client
+from apimgmt import invalidation, keys, redis_client
 from apimgmt.redis_client import get_redis
 from apimgmt.selectors import KeyRecord
 from gateway import auth, http1, metrics
@@ -210,8 +210,13 @@ def open_connection(
     path: str,
     query: str,
     limit_headers: list[tuple[str, str]],
+    identity: tuple[str, str, float] | None = None,
 ) -> Result:
-    """The handshake after auth and limits: the client's handshake checked, the cap, the upstream's handshake."""
+    """The handshake after auth and limits: the client's handshake checked, the cap, the upstream's handshake.
+
+    ``identity`` is (issuer id, external id, token expiry) for a caller who presented a token (gateway.jwt_auth): the
+    connection is then filed and re-checked under that identity, and closed when the token expires.
+    """
     request_id = done.request_id
     if not relay_supported(environ):
         return gateway._error(
@@ -244,7 +249,7 @@ def open_connection(
             limit_headers + extra,
         )
     registry = registry_for(gateway)
-    key_hash = keys.hash_key(credential.key)
+    key_hash = invalidation.identity_cache_hash(identity[0], identity[1]) if identity else keys.hash_key(credential.key)
     cap = connection_cap(route, record)
     lease = registry.leases.acquire(route, record, cap)
     if lease is None:
@@ -280,7 +285,7 @@ def open_connection(
     )
     done.status = 101
     gateway._finish(done)  # the handshake is the request: logged, counted and billed once, now
-    session = Session(registry, route, record, key_hash, lease, client, upstream, upstream_sock)
+    session = Session(registry, route, record, key_hash, lease, client, upstream, upstream_sock, identity)
     return Upgrade(session, response)
 
 
@@ -608,6 +613,8 @@ class Registry:
                     session.abort()
             elif expires_at is not None and expires_at <= wall:
                 session.close_soon(POLICY_VIOLATION, "The key expired.")
+            elif session.token_until is not None and session.token_until <= wall:
+                session.close_soon(POLICY_VIOLATION, "The token expired.")
             elif now - session.last_activity > session.route.spec.websocket_idle_timeout:
                 session.close_soon(
                     POLICY_VIOLATION,
@@ -644,8 +651,14 @@ class Registry:
             sessions = self.by_key.get(key_hash)
             if not sessions:
                 continue
+            identity = next(iter(sessions)).identity  # one hash: one key, or one token identity
             try:
-                record = self.gateway.keys.resolve(key_hash)
+                if identity is not None:
+                    from gateway import jwt_auth
+
+                    record = jwt_auth.state_of(self.gateway).identities.resolve_identity(*identity)
+                else:
+                    record = self.gateway.keys.resolve(key_hash)
             except Exception:
                 logger.warning("key re-check failed; trying again")
                 self.recheck.add(key_hash)
@@ -657,7 +670,8 @@ class Registry:
                     continue
                 failure = auth.check_access(record, route, time.time())
                 if failure is not None:
-                    session.close_soon(POLICY_VIOLATION, "The key no longer allows this API.")
+                    what = "token" if identity is not None else "key"
+                    session.close_soon(POLICY_VIOLATION, f"The {what} no longer allows this API.")
                 elif record is not None:
                     session.record = record  # e.g. a new expiry
 
@@ -745,11 +759,14 @@ class Session:
         client: WSConnection,
         upstream: WSConnection,
         upstream_sock: socket.socket,
+        identity: tuple[str, str, float] | None = None,
     ) -> None:
         self.registry = registry
         self.route = route
         self.record = record
-        self.key_hash = key_hash
+        self.key_hash = key_hash  # the key's hash, or the token identity's (same eviction stream)
+        self.identity = (identity[0], identity[1]) if identity else None
+        self.token_until = identity[2] if identity else None
         self.lease = lease
         # Past the handshake each side is wsproto's frame-level Connection (one wrapper less per frame).
         assert client.connection is not None and upstream.connection is not None
