@@ -292,14 +292,7 @@ def send_check(client: redis.Redis, keys: list[str], args: list[Any], before: li
     """
     commands = [*before, ("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)]
     # On a cluster, straight to the master of the keys' slot (they share one hash tag: one slot).
-    try:
-        node = redis_client.node_for_key(client, keys[0]) if keys else client
-    except redis.RedisError:
-        redis_client.topology_failed(client)
-        raise
-    except Exception as exc:  # the slot map has no master for this slot (mid-failover)
-        redis_client.topology_failed(client)
-        raise redis.ConnectionError(f"no Redis node for the limiter's slot: {exc}") from exc
+    node = _node_for(client, keys[0]) if keys else client
     conn = _connections.get(client, node)
     try:
         conn.send_packed_command(_pack(conn, commands))
@@ -419,19 +412,24 @@ class _Connections:
 _connections = _Connections()
 
 
-def call(client: redis.Redis, key: str, command: tuple[Any, ...]) -> Any:
-    """One command about ``key`` on the limiter's idle connections (no pool checkout poll, no Command object), sent
-    to the master of the key's slot; an error reply (a slot that moved) is asked again through the client itself,
-    which follows the redirection. Connection failures and timeouts raise redis.RedisError.
-    """
+def _node_for(client: redis.Redis, key: str) -> Any:
+    """The client to send a call about ``key`` to (a cluster's master of its slot); redis.RedisError when none."""
     try:
-        node = redis_client.node_for_key(client, key)
+        return redis_client.node_for_key(client, key)
     except redis.RedisError:
         redis_client.topology_failed(client)
         raise
     except Exception as exc:  # the slot map has no master for this slot (mid-failover)
         redis_client.topology_failed(client)
         raise redis.ConnectionError(f"no Redis node for the slot of {key!r}: {exc}") from exc
+
+
+def call(client: redis.Redis, key: str, command: tuple[Any, ...]) -> Any:
+    """One command about ``key`` on the limiter's idle connections (no pool checkout poll, no Command object), sent
+    to the master of the key's slot; an error reply (a slot that moved) is asked again through the client itself,
+    which follows the redirection. Connection failures and timeouts raise redis.RedisError.
+    """
+    node = _node_for(client, key)
     conn = _connections.get(client, node)
     try:
         conn.send_packed_command(_pack(conn, [command]))

@@ -58,14 +58,16 @@ def silent_resolver(tmp_path: Path) -> Iterator[Path]:
         tcp.close()
 
 
-def _in_namespace(conf: Path, *args: object) -> tuple[str, float]:
-    """Run CHILD with ``args`` where /etc/resolv.conf is ``conf``: what connect_upstream did, and how long it took."""
+def _in_namespace(conf: Path, *args: object, child: str = CHILD) -> tuple[str, float]:
+    """Run ``child`` with ``args`` where /etc/resolv.conf is ``conf``: what connect_upstream did, and how long it
+    took (its last line of output)."""
     script = f'mount --bind {conf} /etc/resolv.conf && exec {sys.executable} -c "$CHILD" ' + " ".join(map(str, args))
     env = {
         **os.environ,
-        "CHILD": CHILD,
+        "CHILD": child,
         "DJANGO_SETTINGS_MODULE": "apimgmt.settings",
         "DEBUG": "1",
+        "UPSTREAM_ALLOW_PRIVATE": "1",
         "PYTHONPATH": str(ROOT),
     }
     done = subprocess.run(
@@ -91,3 +93,43 @@ def test_an_address_needs_no_resolver(silent_resolver: Path) -> None:
         port = probe.getsockname()[1]
     outcome, seconds = _in_namespace(silent_resolver, "threads", f"127.0.0.1:{port}", 5.0)
     assert outcome == "refused" and seconds < 1.0
+
+
+# Many silent names, then one in /etc/hosts (resolved without asking DNS): the lookups that timed out must not hold
+# every lookup thread (gateway/resolver.py), or the good name would wait behind them.
+STARVING = textwrap.dedent(
+    """
+    import socket, sys, time
+    if sys.argv[1] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+    import django
+    django.setup()
+    from gateway import http1
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    # Requests to an API whose upstream's name nobody answers: each gives up after its 0.3 s connect timeout.
+    for i in range(int(sys.argv[2])):
+        try:
+            http1.connect_upstream(f"down-{i}.example.test", 80, 0.3)
+        except http1.ConnectFailed:
+            pass
+    # Then a request to another API, whose upstream's name is in /etc/hosts.
+    started = time.monotonic()
+    try:
+        http1.connect_upstream("localhost", port, 1.0).close()
+        print("connected", round(time.monotonic() - started, 2))
+    except http1.ConnectFailed as exc:
+        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2))
+    """
+)
+
+
+@pytest.mark.parametrize(("mode", "silent_names"), [("threads", 8), ("gevent", 16)])
+def test_lookups_that_timed_out_do_not_starve_other_upstreams(
+    silent_resolver: Path, mode: str, silent_names: int
+) -> None:
+    outcome, seconds = _in_namespace(silent_resolver, mode, silent_names, child=STARVING)
+    assert (outcome, seconds < 0.5) == ("connected", True)
