@@ -36,6 +36,12 @@ def empty_database() -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: a shell started with SIGINT ignored (a test run launched in the background
+    by a non-interactive shell passes that on) can never trap it, and would only stop on its own."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_database: str, tmp_path: Path) -> None:
     port, echo_port, metrics_port = free_port(), free_port(), free_port()
     env = {
@@ -51,7 +57,13 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_datab
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            ["bash", "scripts/run.sh"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_as_from_a_terminal,
         )
     try:
         deadline = time.monotonic() + 120
