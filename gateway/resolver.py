@@ -55,14 +55,17 @@ class _Lookups:
                     self.green = ThreadPool(LOOKUP_THREADS)
                 lookup = monkey.get_original("socket", "getaddrinfo")
                 pending = self.green.spawn(lookup, key[0], key[1], 0, socket.SOCK_STREAM)
-                pending.rawlink(lambda _done: self._forget(key, pending))
             else:
                 if self.threads is None:
                     self.threads = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="resolve")
                 pending = self.threads.submit(socket.getaddrinfo, key[0], key[1], 0, socket.SOCK_STREAM)
-                pending.add_done_callback(lambda _done: self._forget(key, pending))
             self.pending[key] = pending
-            return pending
+        # Outside the lock: a lookup that is already over calls back at once, and the callback takes the lock.
+        if isinstance(pending, concurrent.futures.Future):
+            pending.add_done_callback(lambda _done: self._forget(key, pending))
+        else:
+            pending.rawlink(lambda _done: self._forget(key, pending))
+        return pending
 
     def _forget(self, key: tuple[str, int], pending: Any) -> None:
         with self.lock:

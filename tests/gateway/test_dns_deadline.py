@@ -7,14 +7,17 @@ the machine keeps its resolver.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,9 +36,11 @@ CHILD = textwrap.dedent(
     host, _, port = sys.argv[2].partition(":")
     try:
         http1.connect_upstream(host, int(port or 80), float(sys.argv[3]))
-        print("connected 0")
+        print("connected 0", flush=True)
     except http1.ConnectFailed as exc:
-        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2))
+        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2), flush=True)
+    # Lookups still waiting on the silent resolver would hold the interpreter's exit (thread pools are joined).
+    os._exit(0)
     """
 )
 
@@ -70,9 +75,12 @@ def _in_namespace(conf: Path, *args: object, child: str = CHILD) -> tuple[str, f
         "UPSTREAM_ALLOW_PRIVATE": "1",
         "PYTHONPATH": str(ROOT),
     }
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    try:
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the child did not finish in 60 s; it printed {exc.stdout!r}, {exc.stderr!r}")
     assert done.returncode == 0, done.stderr
     outcome, _, seconds = done.stdout.strip().splitlines()[-1].partition(" ")
     return outcome, float(seconds)
@@ -99,7 +107,7 @@ def test_an_address_needs_no_resolver(silent_resolver: Path) -> None:
 # every lookup thread (gateway/resolver.py), or the good name would wait behind them.
 STARVING = textwrap.dedent(
     """
-    import socket, sys, time
+    import os, socket, sys, time
     if sys.argv[1] == "gevent":
         from gevent import monkey
         monkey.patch_all()
@@ -116,13 +124,15 @@ STARVING = textwrap.dedent(
             http1.connect_upstream(f"down-{i}.example.test", 80, 0.3)
         except http1.ConnectFailed:
             pass
+    print("silent names tried", flush=True)
     # Then a request to another API, whose upstream's name is in /etc/hosts.
     started = time.monotonic()
     try:
         http1.connect_upstream("localhost", port, 1.0).close()
-        print("connected", round(time.monotonic() - started, 2))
+        print("connected", round(time.monotonic() - started, 2), flush=True)
     except http1.ConnectFailed as exc:
-        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2))
+        print("timed_out" if exc.timed_out else "refused", round(time.monotonic() - started, 2), flush=True)
+    os._exit(0)
     """
 )
 
@@ -133,3 +143,29 @@ def test_lookups_that_timed_out_do_not_starve_other_upstreams(
 ) -> None:
     outcome, seconds = _in_namespace(silent_resolver, mode, silent_names, child=STARVING)
     assert (outcome, seconds < 0.5) == ("connected", True)
+
+
+def test_a_lookup_over_before_its_callback_is_registered_does_not_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lookup can be over before its completion callback is registered (a name in /etc/hosts, a fast resolver):
+    # the callback then runs at once, in the caller. It once did so while the caller held the lookups' lock, which
+    # the callback takes too: that request, and every later lookup, hung for good. Here every lookup is over at once.
+    from gateway import resolver
+
+    class AtOnce(concurrent.futures.Executor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    lookups = resolver._current()
+    monkeypatch.setattr(lookups, "threads", AtOnce())
+    done = threading.Event()
+
+    def resolve_twice() -> None:
+        for _ in range(2):
+            assert resolver.resolve("localhost", 80, 2.0)
+        done.set()
+
+    threading.Thread(target=resolve_twice, daemon=True).start()
+    assert done.wait(10), "a lookup that was over at once hung"
+    assert lookups.pending == {}  # over and forgotten: the next lookup asks again
