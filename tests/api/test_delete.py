@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import redis
 from django.contrib.auth.models import User
-from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
@@ -21,6 +20,7 @@ from tests.api.conftest import V1
 from tests.api.test_cross_tenant import _snapshot
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Recorder, recording_upstream
+from tests.support.admin_diagnostics import backend_pid, what_the_admin_saw
 
 pytestmark = pytest.mark.django_db
 
@@ -340,18 +340,6 @@ def test_a_deleted_api_answers_404_at_the_gateway_and_frees_its_path(
 # ---------------------------------------------------------------------------
 
 
-def _what_the_admin_saw(answer: Any, backend: int, obj: Any, user: User) -> str:
-    """Diagnostics for an unexpected answer: whether the test's database connection is still the one the fixtures
-    wrote on (a replaced connection no longer sees the test's uncommitted rows), and what the rows look like."""
-    now = connection.cursor().connection.info.backend_pid
-    return (
-        f"status {answer.status_code}; database backend {backend} -> {now}; in atomic block "
-        f"{connection.in_atomic_block}; {type(obj).__name__} still there: "
-        f"{type(obj).objects.filter(pk=obj.pk).exists()}; user superuser: "
-        f"{User.objects.filter(pk=user.pk, is_superuser=True).exists()}; body: {answer.content[:300]!r}"
-    )
-
-
 def _admin_url(model: type, view: str, *args: Any) -> str:
     return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
 
@@ -361,12 +349,12 @@ def test_admin_deletes_through_the_service_and_refuses_what_is_in_use(
 ) -> None:
     client.force_login(staff)
     # In use: no delete page (403) and nothing removed.
-    backend = connection.cursor().connection.info.backend_pid
+    backend = backend_pid()
     answer = client.get(_admin_url(Api, "delete", acme_api.pk))
     # This once answered 404 in full CI runs only (two runs in three, never alone): say what the test saw then.
-    assert answer.status_code == 403, _what_the_admin_saw(answer, backend, acme_api, staff)
+    assert answer.status_code == 403, what_the_admin_saw(answer, backend, acme_api, staff)
     answer = client.post(_admin_url(Plan, "delete", acme_plan.pk), {"post": "yes"})
-    assert answer.status_code == 403, _what_the_admin_saw(answer, backend, acme_plan, staff)
+    assert answer.status_code == 403, what_the_admin_saw(answer, backend, acme_plan, staff)
     assert Api.objects.filter(pk=acme_api.pk).exists() and Plan.objects.filter(pk=acme_plan.pk).exists()
     # Bulk delete would bypass the service: not offered.
     page = client.get(_admin_url(Api, "changelist")).content.decode()
