@@ -179,3 +179,21 @@ def users_api(acme: Tenant, upstream: Recorder, bob_app: Consumer, bob: User) ->
     api = publish(acme, upstream.url + "/svc")
     subscribe(bob_app, api)
     return api
+
+
+@pytest.fixture
+def fresh_cache_worker_state() -> Iterator[None]:
+    """The response cache's per-worker memory (Redis back-off, Vary names, fetches in flight, streamed answers
+    held) empty before and after the test: an earlier test's body that was never closed would still hold its share
+    of the buffer, or a Redis failure its back-off."""
+    from gateway.policies import response_cache
+
+    def empty() -> None:
+        response_cache._health.down_until = 0.0
+        response_cache._buffered.used = 0
+        response_cache._vary_memo.clear()
+        response_cache._inflight.clear()
+
+    empty()
+    yield
+    empty()

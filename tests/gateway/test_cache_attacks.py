@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Plan, Policy, Tenant
-from gateway.policies import response_cache
 from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.jwt_support import ISS, bearer, publish_for_tokens, rsa_key
 from tests.gateway.upstreams import Answer, Recorder, Seen
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_cache_worker_state")]
 
 PATH = "/api/users/v1/items"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_worker_state() -> Iterator[None]:
-    response_cache._health.down_until = 0.0
-    response_cache._vary_memo.clear()
-    response_cache._inflight.clear()
-    yield
-    response_cache._health.down_until = 0.0
-    response_cache._vary_memo.clear()
-    response_cache._inflight.clear()
 
 
 def _cache(tenant: Tenant, **config: Any) -> Policy:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,17 +26,9 @@ from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, Recorder, Seen
 from tests.support.servers import free_port, wait_for_port
 
+pytestmark = pytest.mark.usefixtures("fresh_cache_worker_state")
+
 PATH = "/api/users/v1/items?page=1"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache_state() -> Iterator[None]:
-    response_cache._health.down_until = 0.0
-    response_cache._vary_memo.clear()
-    response_cache._inflight.clear()
-    yield
-    response_cache._health.down_until = 0.0
-    response_cache._vary_memo.clear()
 
 
 def _policy(tenant: Tenant, name: str, policy_type: str, config: dict[str, Any], **kwargs: Any) -> Policy:

@@ -26,20 +26,9 @@ from tests.gateway.conftest import InProcessGateway, publish, subscribe
 from tests.gateway.upstreams import Answer, Recorder, Seen, recording_upstream
 from tests.support.servers import free_port, gunicorn, wait_for_port
 
+pytestmark = pytest.mark.usefixtures("fresh_cache_worker_state")
+
 PATH = "/api/users/v1/items?page=2"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_worker_state() -> Iterator[None]:
-    """The cache's per-worker memory (Redis back-off, Vary names, fetches in flight, streamed answers held) starts
-    empty in each test (an earlier test's body that was never closed would still hold its share of the buffer)."""
-    response_cache._health.down_until = 0.0
-    response_cache._buffered.used = 0
-    response_cache._vary_memo.clear()
-    response_cache._inflight.clear()
-    yield
-    response_cache._health.down_until = 0.0
-    response_cache._vary_memo.clear()
 
 
 def _cache_policy(tenant: Tenant, **config: Any) -> Policy:
