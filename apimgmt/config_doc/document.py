@@ -313,7 +313,8 @@ _UNKNOWN_FIELD_LIST_MAX = 12
 
 def _unknown_field_problems(data: Any, error: jsonschema.ValidationError) -> list[Problem]:
     """One problem per field the schema does not know, at the field's own path, with the closest valid name
-    ("apis[users].retires: unknown field; did you mean 'retries'?")."""
+    ("apis[users].retires: unknown field; did you mean `retries`?", quoted as the admin and the management API quote
+    it: apimgmt/policy_types/fields.py)."""
     instance = error.instance if isinstance(error.instance, dict) else {}
     known = sorted(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
     where = _where(data, error.absolute_path)
@@ -321,7 +322,7 @@ def _unknown_field_problems(data: Any, error: jsonschema.ValidationError) -> lis
     for name in sorted(set(instance) - set(known)):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         if close:
-            hint = f"did you mean {close[0]!r}?"
+            hint = f"did you mean `{close[0]}`?"
         elif len(known) <= _UNKNOWN_FIELD_LIST_MAX:
             hint = "the fields here are " + ", ".join(known) + "."
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from django.contrib.auth.models import User
 
 from apimgmt import config_doc, services
@@ -53,7 +54,7 @@ BAD_DOCUMENTS = [
     pytest.param(
         HEADER + "policies:\n- {name: p, policy_type: quota, config: {requests_per_minute: 5}}\n",
         [
-            "policies[p].config.requests_per_minute: unknown field; did you mean 'requests_per_month'?",
+            "policies[p].config.requests_per_minute: unknown field; did you mean `requests_per_month`?",
             "policies[p].config: needs at least one of requests_per_day, requests_per_month.",
         ],
         id="policy-config-of-another-type",
@@ -144,16 +145,16 @@ BAD_DOCUMENTS += [
     pytest.param(
         MISSPELT,
         [
-            "polices: unknown field; did you mean 'policies'?",
-            "policies[p].mod: unknown field; did you mean 'mode'?",
-            "policies[p].config.requests_per_minut: unknown field; did you mean 'requests_per_minute'?",
+            "polices: unknown field; did you mean `policies`?",
+            "policies[p].mod: unknown field; did you mean `mode`?",
+            "policies[p].config.requests_per_minut: unknown field; did you mean `requests_per_minute`?",
             "policies[p].config: needs at least one of requests_per_second, requests_per_minute, requests_per_hour, "
             "requests_per_day.",
-            "plans[gold].polcies: unknown field; did you mean 'policies'?",
-            "apis[users].retires: unknown field; did you mean 'retries'?",
-            "apis[users].targets[0].wieght: unknown field; did you mean 'weight'?",
-            "consumers[app].descripton: unknown field; did you mean 'description'?",
-            "consumers[app].subscriptions[users].plam: unknown field; did you mean 'plan'?",
+            "plans[gold].polcies: unknown field; did you mean `policies`?",
+            "apis[users].retires: unknown field; did you mean `retries`?",
+            "apis[users].targets[0].wieght: unknown field; did you mean `weight`?",
+            "consumers[app].descripton: unknown field; did you mean `description`?",
+            "consumers[app].subscriptions[users].plam: unknown field; did you mean `plan`?",
         ],
         id="misspelt-fields-everywhere",
     ),
@@ -402,6 +403,10 @@ def test_the_example_in_the_guide_is_a_valid_document() -> None:
         "format: apimgmt/config/v1" + example, "docs/config-as-code.md", {"USERS_UPSTREAM": "https://u.example.com"}
     )
     assert [a["name"] for a in document["apis"]] == ["orders", "users"]
+    # "every field an API accepts is listed once": the raw example names each of them on one of its APIs.
+    raw = yaml.safe_load("format: apimgmt/config/v1" + example.replace("${USERS_UPSTREAM}", "u"))
+    named = [name for api in raw["apis"] for name in api]
+    assert sorted(set(API_FIELDS) - set(named)) == []
     assert document["consumers"][1]["subscriptions"] == [{"api": "users", "plan": "free", "status": "pending"}]
     assert document["consumers"][1]["identities"] == [{"issuer": "idp", "external_id": "mobile-app"}]
     assert [p["policy_type"] for p in document["policies"]] == [

@@ -237,7 +237,7 @@ BAD = [
     ),
     pytest.param(
         ("    max_age: 60\n", "    max_agee: 60\n"),
-        "policies[browser].config.max_agee: unknown field; did you mean 'max_age'?",
+        "policies[browser].config.max_agee: unknown field; did you mean `max_age`?",
         id="misspelt-config-field",
     ),
     pytest.param(
