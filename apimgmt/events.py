@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apimgmt import circuit_events, limits
+from apimgmt import circuit_events, limits, redis_client
 from apimgmt.models import Api, ApiKey, Consumer, Event, Policy, Subscription, Tenant
 
 # Event type -> what it means. The keys are the product's contract with receivers (docs/webhooks.md).
@@ -44,6 +44,10 @@ EVENT_TYPES = tuple(CATALOGUE)
 
 # quota.threshold: the shares of a quota window that are announced, each once per window and counter.
 QUOTA_THRESHOLDS = (80, 100)
+
+# quota.threshold: how long after a window ended its counter is still read. The deliverer scans every 10 s, so a
+# crossing in a window's last seconds is seen by the first scans of the next window (each notice still once).
+QUOTA_GRACE_SECONDS = 30.0
 
 # key.expiring thresholds, largest first: a notice per threshold, the tightest that applies.
 KEY_EXPIRING_THRESHOLDS: tuple[tuple[str, timedelta], ...] = (("7d", timedelta(days=7)), ("1d", timedelta(days=1)))
@@ -232,14 +236,30 @@ def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits
     )
 
 
+def _mget_batches(client: Any, keys: list[str], batch_size: int) -> Iterator[list[str]]:
+    """``keys`` in batches one MGET may read: on Redis Cluster one batch never mixes hash tags (tenants), whose keys
+    are in different slots (redis-py refuses such an MGET with RedisClusterException); elsewhere any keys go."""
+    groups: dict[str, list[str]] = {}
+    if redis_client.is_cluster(client):
+        for key in keys:
+            groups.setdefault(redis_client.hash_tag(key), []).append(key)
+    else:
+        groups[""] = keys
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
 def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_size: int = 500) -> int:
     """Emit ``quota.threshold`` for every consumer or key quota window at 80 % or 100 %, once per window; return
     how many.
 
     It reads the gateway's own counters (``apimgmt.limits`` names them) from here, the deliverer, in batches of
-    MGET: the gateway's request path does not change by one command. Exactly once per window, counter and threshold
-    however many requests cross it at once and however many deliverers scan: the notice's dedupe key is the
-    counter's Redis key (policy, window start, consumer or key) and the threshold, under a unique index.
+    MGET (one tenant per batch on Redis Cluster): the gateway's request path does not change by one command. For
+    QUOTA_GRACE_SECONDS after a window ends its counter is read too, so a crossing between the window's last scan
+    and its end is announced late rather than never. Exactly once per window, counter and threshold however many
+    requests cross it at once and however many deliverers scan: the notice's dedupe key is the counter's Redis key
+    (policy, window start, consumer or key) and the threshold, under a unique index.
     """
     moment = (now or timezone.now()).timestamp()
     subscriptions = (
@@ -255,12 +275,13 @@ def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_s
     )
     counters: dict[str, tuple[limits.CounterWindow, str, str, Subscription]] = {}
     for subscription in subscriptions.iterator(chunk_size=500):
-        for window, scope, value in _quota_counters(subscription, moment):
-            counters.setdefault(window.key, (window, scope, value, subscription))
-    keys = list(counters)
+        # The windows now and QUOTA_GRACE_SECONDS ago: the same keys, but for a window that rolled over since, the
+        # previous window's, so a crossing in its last seconds (after the scan before) is still announced.
+        for at in (moment, moment - QUOTA_GRACE_SECONDS):
+            for window, scope, value in _quota_counters(subscription, at):
+                counters.setdefault(window.key, (window, scope, value, subscription))
     sent = 0
-    for start in range(0, len(keys), batch_size):
-        batch = keys[start : start + batch_size]
+    for batch in _mget_batches(client, list(counters), batch_size):
         due: list[tuple[str, int, int]] = []
         for key, raw in zip(batch, client.mget(batch), strict=True):
             used = int(raw or 0)

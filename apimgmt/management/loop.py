@@ -13,6 +13,11 @@ from typing import Self
 
 import redis
 from django.db import DatabaseError, connections
+from redis.exceptions import RedisClusterException
+
+# What a round may fail with and be retried after: Redis (RedisClusterException is not a RedisError: redis-py raises
+# it when no cluster node answers, the slot map cannot be read, or a call spans slots) and the database.
+RETRIED_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException, DatabaseError)
 
 
 class CommandMetrics:
@@ -51,9 +56,10 @@ class StopSignal:
 
 
 def follow(round_: Callable[[], float], *, logger: logging.Logger, failure: str, using: str = "default") -> None:
-    """Run ``round_`` until SIGTERM/SIGINT, pausing for the seconds it returns. A Redis or database error is logged
-    as ``"<failure>, retrying in …"`` and the round retried after a backoff (0.2 s doubling up to 5 s); after a
-    database error the connection ``using`` is closed so the next round opens a fresh one."""
+    """Run ``round_`` until SIGTERM/SIGINT, pausing for the seconds it returns. A Redis, Redis Cluster or database
+    error (RETRIED_ERRORS) is logged as ``"<failure>, retrying in …"`` and the round retried after a backoff (0.2 s
+    doubling up to 5 s); after a database error the connection ``using`` is closed so the next round opens a fresh
+    one."""
     stop = StopSignal().install()
     backoff = 0.0
     while not stop.stopping:
@@ -61,7 +67,7 @@ def follow(round_: Callable[[], float], *, logger: logging.Logger, failure: str,
             pause = round_()
             backoff = 0.0
             stop.sleep(pause)
-        except (redis.RedisError, DatabaseError) as exc:
+        except RETRIED_ERRORS as exc:
             backoff = min(max(backoff * 2, 0.2), 5.0)
             logger.warning("%s, retrying in %.1fs: %s: %s", failure, backoff, exc.__class__.__name__, exc)
             if isinstance(exc, DatabaseError):

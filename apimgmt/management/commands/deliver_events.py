@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError
 
 from apimgmt import events, services, webhooks
 from apimgmt.management import loop
@@ -132,7 +130,7 @@ class Command(BaseCommand):
                 notices, changes = scan()
                 notices += quota_scan() + circuit_scan()
                 stats = deliverer.run_once()
-            except (DatabaseError, redis.RedisError) as exc:
+            except loop.RETRIED_ERRORS as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
         finally:
             deliverer.close()
