@@ -16,10 +16,13 @@ upstream going down opens up to N·M breakers, each on its own evidence and at i
 - ``events:circuit:tenants`` (SET): tenants that ever announced (where the deliverer looks); only ever touched by
   single-key calls. The script's two keys share the tenant's hash tag, so it runs on one Redis Cluster slot.
 
-Nothing here talks to Redis by itself.
+Nothing here talks to Redis by itself: ``open_apis`` (the admin home's reader) uses the client it is given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from apimgmt import redis_client
 
@@ -64,3 +67,30 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
   'api_id', ARGV[3], 'state', ARGV[1], 'at', ARGV[4], 'worker', ARGV[5])
 return 1
 """
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def announcing_tenants(client: Any) -> set[str]:
+    """Tenants whose gateways ever announced a circuit change (where ``open_apis`` needs to look)."""
+    return {_text(tenant) for tenant in client.smembers(TENANTS_KEY)}
+
+
+def open_apis(client: Any, apis: Mapping[str, Iterable[str]]) -> set[str]:
+    """Which of ``apis`` (tenant -> API ids) are announced ``open`` now. The state keys are the announced truth: an
+    ``open`` nobody renews ends with its TTL, while the outbox holds only what the deliverer copied so far.
+
+    One MGET per tenant: its state keys share the tenant's hash tag, so the call stays on one Redis Cluster slot.
+    Raises redis.RedisError as the client does.
+    """
+    found: set[str] = set()
+    for tenant, ids in sorted(apis.items()):
+        api_ids = sorted(ids)
+        if not api_ids:
+            continue
+        node = redis_client.node_for_key(client, stream_key(tenant))
+        states = node.mget([state_key(tenant, api_id) for api_id in api_ids])
+        found.update(api_id for api_id, state in zip(api_ids, states, strict=True) if state and _text(state) == OPEN)
+    return found
