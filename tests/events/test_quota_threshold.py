@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,51 @@ def test_counters_shared_by_an_api_or_a_tenant_are_nobodys_quota(acme, alice, bo
     )
     redis_client.set(window.key, 10)
     assert events.quota_threshold_notices(client=redis_client) == 0
+
+
+def test_a_crossing_in_the_last_seconds_of_a_window_is_announced_after_it_ended(acme, alice, bob_app, redis_client):
+    quota = services.policy_create(
+        tenant=acme, name="ten", policy_type="quota", config={"requests_per_day": 10}, actor=alice
+    )
+    plan = services.plan_create(tenant=acme, name="ten", policies=[quota], actor=alice)
+    api = services.api_create(
+        tenant=acme,
+        api_name="orders",
+        base_path="/orders",
+        upstream_url="https://93.184.215.14",
+        status="active",
+        plans=[plan],
+        actor=alice,
+    )
+    services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=alice)
+    midnight = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def window_at(moment: datetime) -> limits.CounterWindow:
+        (window,) = limits.counter_windows(
+            tenant_id="acme",
+            tz_name="UTC",
+            policy_id=quota.pk,
+            policy_name="ten",
+            policy_type="quota",
+            config=quota.config,
+            scope=bob_app.pk,
+            now=moment.timestamp(),
+        )
+        return window
+
+    yesterday = window_at(midnight - timedelta(seconds=1))
+    # The scan at 23:59:55 saw 7 of 10; the eighth request came at 23:59:58, and the next scan runs after midnight.
+    redis_client.set(yesterday.key, 7, ex=3600)
+    assert events.quota_threshold_notices(client=redis_client, now=midnight - timedelta(seconds=5)) == 0
+    redis_client.set(yesterday.key, 8, ex=3600)
+    assert events.quota_threshold_notices(client=redis_client, now=midnight + timedelta(seconds=5)) == 1
+    assert events.quota_threshold_notices(client=redis_client, now=midnight + timedelta(seconds=15)) == 0  # once
+    notice = Event.objects.get(event_type="quota.threshold")
+    assert notice.dedupe_key == f"quota.threshold:{yesterday.key}:80"
+    assert notice.data["window_end"] == midnight.isoformat().replace("+00:00", "Z")
+    assert notice.data["used"] == 8 and notice.data["threshold"] == 80
+    # Today's window is read as before, and yesterday's is left alone once the grace is over.
+    redis_client.set(window_at(midnight).key, 10, ex=3600)
+    redis_client.set(yesterday.key, 10, ex=3600)
+    assert events.quota_threshold_notices(client=redis_client, now=midnight + timedelta(minutes=5)) == 2
+    assert Event.objects.filter(dedupe_key__startswith=f"quota.threshold:{yesterday.key}:").count() == 1
