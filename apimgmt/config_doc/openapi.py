@@ -7,9 +7,12 @@ that is wrong and nothing is created. The mapping:
 - ``info.title`` → the API's name (an API of that name in the tenant is updated, else one is created);
   ``info.version`` and ``info.description`` → its description;
 - ``servers[0]`` (variables filled with their defaults) → ``upstream_url``, unless one is given;
-- security schemes → where the gateway reads the key: ``apiKey`` in a header → ``key_header``, in the query →
-  ``key_query_param``, ``http`` ``bearer`` → ``accept_bearer``; others (OAuth 2, OpenID Connect, basic, cookies) do
-  not map and are reported;
+- the security schemes the spec requires (its ``security``, top level and per operation) → how the gateway
+  authenticates: ``apiKey`` in a header → ``key_header``, in the query → ``key_query_param``, an opaque ``http``
+  ``bearer`` token → ``accept_bearer``; OpenID Connect, OAuth 2 and ``bearer`` with ``bearerFormat: JWT`` →
+  ``auth_method`` jwt (key_or_jwt beside a key scheme) with the tenant's JWT issuers that match the scheme's
+  issuer or host, else a note that one must be attached first; basic and cookie schemes do not map and are
+  reported;
 - the document itself → ``openapi_spec``, which the portal shows; with ``restrict_to_spec`` the gateway routes only
   its operations (apimgmt/spec_operations.py).
 """
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import referencing
@@ -32,7 +37,7 @@ from django.db import transaction
 
 from apimgmt import services
 from apimgmt.config_doc.document import ConfigError, Problem, clean_values, parse_text
-from apimgmt.models import Api, Tenant
+from apimgmt.models import Api, JwtIssuer, Tenant
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Where the official OpenAPI schemas are (drf-spectacular validates its own output with them).
@@ -143,32 +148,153 @@ def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "api"
 
 
-def _auth_fields(spec: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    schemes = ((spec.get("components") or {}).get("securitySchemes")) or {}
+# An OpenID Connect discovery URL is the issuer with this appended (OpenID Connect Discovery 1.0, section 4).
+_OIDC_DISCOVERY = "/.well-known/openid-configuration"
+
+
+def _required_schemes(spec: dict[str, Any], schemes: dict[str, Any], notes: list[str]) -> list[str]:
+    """The security schemes the spec's requirements name: the top-level ``security`` (every operation's unless it
+    says otherwise) and the operations' own. A spec that requires none declares what it has: all of them then."""
+    requirements = [r for r in spec.get("security") or [] if isinstance(r, dict)]
+    for item in (spec.get("paths") or {}).values():
+        if isinstance(item, dict):
+            for method in HTTP_METHODS:
+                operation = item.get(method)
+                if isinstance(operation, dict) and isinstance(operation.get("security"), list):
+                    requirements.extend(r for r in operation["security"] if isinstance(r, dict))
+    if "security" not in spec and not requirements:
+        return sorted(schemes)
+    if any(not requirement for requirement in requirements):
+        notes.append("the spec's security allows calls without credentials ({}); the gateway still requires one.")
+    required = sorted({name for requirement in requirements for name in requirement})
+    notes.extend(
+        f"security scheme {name!r} is declared but no security requirement uses it: not mapped."
+        for name in sorted(set(schemes) - set(required))
+    )
+    notes.extend(
+        f"security requirement {name!r} names no scheme in components.securitySchemes: not mapped."
+        for name in required
+        if name not in schemes
+    )
+    return [name for name in required if name in schemes]
+
+
+def _issuer_key(url: str) -> str:
+    return url.strip().rstrip("/").lower()
+
+
+def _host(url: Any) -> str:
+    try:
+        return (urlsplit(str(url)).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _token_issuers(scheme: dict[str, Any], issuers: Sequence[JwtIssuer]) -> tuple[list[JwtIssuer], str]:
+    """The tenant's issuers whose tokens a JWT scheme describes, and what they were looked for by (for a note): an
+    openIdConnect scheme's issuer (its discovery URL without the well-known suffix), else any issuer on its host;
+    an oauth2 scheme's issuers on the hosts of its flows' URLs. A bearer JWT names no issuer."""
+    if scheme.get("type") == "openIdConnect":
+        url = str(scheme.get("openIdConnectUrl", ""))
+        issuer = url[: -len(_OIDC_DISCOVERY)] if url.rstrip("/").endswith(_OIDC_DISCOVERY) else url
+        same = [i for i in issuers if _issuer_key(i.issuer) == _issuer_key(issuer)]
+        host = _host(issuer)
+        return same or [i for i in issuers if host and _host(i.issuer) == host], f"issuer {issuer}"
+    if scheme.get("type") == "oauth2":
+        flows: dict[str, Any] = scheme["flows"] if isinstance(scheme.get("flows"), dict) else {}
+        urls = [
+            flow.get(name)
+            for flow in flows.values()
+            if isinstance(flow, dict)
+            for name in ("authorizationUrl", "tokenUrl", "refreshUrl")
+            if flow.get(name)
+        ]
+        hosts = sorted({_host(url) for url in urls} - {""})
+        return [i for i in issuers if _host(i.issuer) in hosts], "host " + " or ".join(hosts or ["(none)"])
+    return [], "issuer (a bearer JWT scheme names none)"
+
+
+def _auth_fields(
+    spec: dict[str, Any], notes: list[str], issuers: Sequence[JwtIssuer], attached: Sequence[JwtIssuer] = ()
+) -> dict[str, Any]:
+    """Where the gateway reads credentials, from the schemes the spec requires: API keys (``key_header``,
+    ``key_query_param``, ``accept_bearer`` for a plain bearer token) and JWTs (``auth_method`` jwt, or key_or_jwt
+    beside a key scheme, with the tenant's matching ``jwt_issuers``). ``attached``: the issuers the API already
+    accepts, which serve when none matches."""
+    schemes = {
+        name: scheme
+        for name, scheme in (((spec.get("components") or {}).get("securitySchemes")) or {}).items()
+        if isinstance(scheme, dict) and "$ref" not in scheme
+    }
     fields: dict[str, Any] = {}
-    mapped = False
-    bearer = False
-    for name in sorted(schemes):
+    key = bearer = False
+    tokens: list[str] = []
+    for name in _required_schemes(spec, schemes, notes):
         scheme = schemes[name]
-        if not isinstance(scheme, dict) or "$ref" in scheme:
-            continue
         kind, location = scheme.get("type"), scheme.get("in")
-        if kind == "apiKey" and location == "header" and "key_header" not in fields:
-            fields["key_header"] = scheme.get("name")
-            mapped = True
-        elif kind == "apiKey" and location == "query" and "key_query_param" not in fields:
-            fields["key_query_param"] = scheme.get("name")
-            mapped = True
-        elif kind == "http" and str(scheme.get("scheme", "")).lower() == "bearer":
-            bearer = mapped = True
+        http = str(scheme.get("scheme", "")).lower() if kind == "http" else ""
+        if kind == "apiKey" and location in ("header", "query"):
+            field_name = "key_header" if location == "header" else "key_query_param"
+            if field_name in fields:
+                notes.append(f"security scheme {name!r}: a second API key in the {location}: not mapped.")
+                continue
+            fields[field_name] = scheme.get("name")
+            key = True
+        elif http == "bearer" and str(scheme.get("bearerFormat", "")).upper() == "JWT":
+            tokens.append(name)
+        elif http == "bearer":
+            bearer = key = True  # an opaque bearer token: an API key in the Authorization header
+        elif kind in ("openIdConnect", "oauth2"):
+            tokens.append(name)
         else:
+            what = f"{kind}{' ' + http if http else ''}{' in ' + location if location else ''}"
             notes.append(
-                f"security scheme {name!r} ({kind}{' in ' + location if location else ''}) has no equivalent at the "
-                "gateway, which checks API keys: not mapped."
+                f"security scheme {name!r} ({what}) has no equivalent at the gateway, which checks API keys and "
+                "JWTs: not mapped."
             )
-    if mapped:
+    if key:
         fields["accept_bearer"] = bearer
+    if not tokens:
+        if key:
+            fields["auth_method"] = Api.AuthMethod.KEY
+        return fields
+    method = Api.AuthMethod.KEY_OR_JWT if key else Api.AuthMethod.JWT
+    matched: dict[str, JwtIssuer] = {}
+    unmatched: list[str] = []
+    for name in tokens:
+        found, looked_for = _token_issuers(schemes[name], issuers)
+        matched.update((issuer.pk, issuer) for issuer in found)
+        if not found:
+            unmatched.append(f"{name!r} ({looked_for})")
+    if matched:
+        fields["jwt_issuers"] = sorted(matched.values(), key=lambda i: i.name)
+        names = ", ".join(i.name for i in fields["jwt_issuers"])
+        notes.append(
+            f"security scheme(s) {', '.join(map(repr, tokens))} → auth_method {method}, JWT issuer(s) {names}."
+        )
+    elif attached:
+        notes.append(
+            f"security scheme(s) {', '.join(map(repr, tokens))} → auth_method {method}, with the JWT issuer(s) the "
+            "API already accepts (none of the tenant's issuers matches the spec)."
+        )
+    else:
+        notes.append(
+            f"security scheme(s) {', '.join(unmatched)} call for auth_method {method}, but no JWT issuer of the "
+            f"tenant matches: add the issuer, attach it to the API (jwt_issuers) and set auth_method {method} before "
+            "publishing; until then the API takes API keys only."
+        )
+        return fields
+    fields["auth_method"] = method
     return fields
+
+
+def _title(spec: dict[str, Any], source: str) -> str:
+    title = str(spec["info"]["title"]).strip()
+    if not title or len(title) > 100:
+        raise ConfigError(
+            source, [Problem("/info/title", "info.title must be 1-100 characters: it becomes the API's name.")]
+        )
+    return title
 
 
 def api_fields_from_spec(
@@ -178,15 +304,14 @@ def api_fields_from_spec(
     upstream_url: str | None,
     base_path: str | None,
     restrict_to_spec: bool | None = None,
+    issuers: Sequence[JwtIssuer] = (),
+    attached: Sequence[JwtIssuer] = (),
 ) -> tuple[dict[str, Any], list[str]]:
-    """The API's fields as the spec gives them (name, description, upstream, key settings, the spec)."""
+    """The API's fields as the spec gives them (name, description, upstream, credentials, the spec); ``issuers``
+    are the tenant's JWT issuers, ``attached`` those the API already accepts."""
     info = spec["info"]
     notes: list[str] = []
-    title = str(info["title"]).strip()
-    if not title or len(title) > 100:
-        raise ConfigError(
-            source, [Problem("/info/title", "info.title must be 1-100 characters: it becomes the API's name.")]
-        )
+    title = _title(spec, source)
     parts = [f"Version {info['version']}."]
     if info.get("summary"):
         parts.append(str(info["summary"]))
@@ -215,7 +340,7 @@ def api_fields_from_spec(
         fields["base_path"] = base_path
     if restrict_to_spec is not None:
         fields["restrict_to_spec"] = restrict_to_spec
-    fields.update(_auth_fields(spec, notes))
+    fields.update(_auth_fields(spec, notes, issuers, attached))
     return fields, notes
 
 
@@ -232,25 +357,34 @@ def import_openapi(
 ) -> ImportResult:
     """Create the API the spec describes in the tenant, or update the API of the same name. All or nothing."""
     spec = read_spec(text, source)
-    fields, notes = api_fields_from_spec(
-        spec, source=source, upstream_url=upstream_url, base_path=base_path, restrict_to_spec=restrict_to_spec
-    )
-    existing = Api.objects.select_for_update().filter(tenant=tenant, api_name=fields["api_name"]).order_by("pk")
+    title = _title(spec, source)
+    existing = Api.objects.select_for_update().filter(tenant=tenant, api_name=title).order_by("pk")
     matches = list(existing[:2])
     if len(matches) > 1:
-        raise ConfigError(
-            source, [Problem("/info/title", f"the tenant has several APIs named {fields['api_name']!r}.")]
-        )
+        raise ConfigError(source, [Problem("/info/title", f"the tenant has several APIs named {title!r}.")])
+    attached = sorted(matches[0].jwt_issuers.all(), key=lambda i: i.name) if matches else []
+    fields, notes = api_fields_from_spec(
+        spec,
+        source=source,
+        upstream_url=upstream_url,
+        base_path=base_path,
+        restrict_to_spec=restrict_to_spec,
+        issuers=list(JwtIssuer.objects.filter(tenant=tenant).order_by("name")),
+        attached=attached,
+    )
+    jwt_issuers: list[JwtIssuer] | None = fields.pop("jwt_issuers", None)
     try:
         if matches:
             api = matches[0]
             before = {name: getattr(api, name) for name in fields}
-            api = services.api_update(api=api, actor=actor, **fields)
+            api = services.api_update(api=api, actor=actor, jwt_issuers=jwt_issuers, **fields)
             changes: dict[str, Any] = {
                 n: [before[n], fields[n]] for n in fields if before[n] != fields[n] and n != "openapi_spec"
             }
             if before["openapi_spec"] != spec:
                 changes["openapi_spec"] = "replaced"
+            if jwt_issuers is not None and {i.pk for i in jwt_issuers} != {i.pk for i in attached}:
+                changes["jwt_issuers"] = [[i.name for i in attached], [i.name for i in jwt_issuers]]
             return ImportResult(api=api, created=False, operations=count_operations(spec), notes=notes, changes=changes)
         if "upstream_url" not in fields:
             raise ConfigError(source, [Problem("/servers", "the spec names no server: give the upstream URL.")])
@@ -261,6 +395,7 @@ def import_openapi(
             api_name=fields.pop("api_name"),
             base_path=fields.pop("base_path"),
             upstream_url=fields.pop("upstream_url"),
+            jwt_issuers=jwt_issuers or (),
             **fields,
         )
     except ValidationError as exc:

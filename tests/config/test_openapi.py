@@ -13,7 +13,8 @@ import yaml
 from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from apimgmt.models import Api, AuditEvent, Tenant
+from apimgmt import services
+from apimgmt.models import Api, AuditEvent, JwtIssuer, Tenant
 from tests.config.conftest import snapshot
 from tests.config.specs import large_spec
 
@@ -41,7 +42,7 @@ def test_a_large_openapi_3_0_yaml_spec_becomes_a_draft_api(acme: Tenant, run_con
         "Created API 'Pet Store' (draft) at /pet-store → https://eu.pets.example.com/v2: 300 operations in its spec."
     )
     assert "note: servers[1] https://sandbox.pets.example.com/v2 not used (servers[0] is the upstream)." in out
-    assert "note: security scheme 'oauth' (oauth2) has no equivalent at the gateway" in out
+    assert "note: security scheme 'oauth' is declared but no security requirement uses it: not mapped." in out
     assert (api.api_name, api.status, api.base_path, api.upstream_url) == (
         "Pet Store",
         "draft",
@@ -56,6 +57,7 @@ def test_a_large_openapi_3_0_yaml_spec_becomes_a_draft_api(acme: Tenant, run_con
 def test_a_3_1_json_spec_with_the_base_path_and_upstream_given(acme: Tenant, run_config: Run, tmp_path: Path) -> None:
     spec = large_spec("3.1.0")
     spec["components"]["securitySchemes"] = {"key": {"type": "apiKey", "in": "query", "name": "api_key"}}
+    spec["security"] = [{"key": []}]
     path = _write(tmp_path, spec, "spec.json")
 
     code, out, _err = run_config(
@@ -86,8 +88,8 @@ def test_importing_again_updates_the_api_of_the_same_title_and_only_what_changed
     assert run_config("import-openapi", str(path), "--tenant", "acme")[:2] == (
         0,
         "API 'Pet Store' already matches the spec; nothing changed.\nnote: servers[1] https://sandbox.pets.example.com/v2"
-        " not used (servers[0] is the upstream).\nnote: security scheme 'oauth' (oauth2) has no equivalent at the "
-        "gateway, which checks API keys: not mapped.\n",
+        " not used (servers[0] is the upstream).\nnote: security scheme 'oauth' is declared but no security "
+        "requirement uses it: not mapped.\n",
     )
     assert AuditEvent.objects.count() == audited
 
@@ -267,3 +269,143 @@ def test_restrict_to_spec_is_set_by_the_import_and_left_alone_unless_given(
     code, out, _err = run_config("import-openapi", str(path), "--tenant", "acme", "--no-restrict-to-spec")
     assert code == 2 and out.startswith("Updated API 'Pet Store': restrict_to_spec.")
     assert Api.objects.get().restrict_to_spec is False
+
+
+# Security schemes: JWT schemes map to auth_method jwt / key_or_jwt with the tenant's matching issuers.
+
+OIDC = {"type": "openIdConnect", "openIdConnectUrl": "https://id.example.com/.well-known/openid-configuration"}
+OAUTH = {
+    "type": "oauth2",
+    "flows": {"clientCredentials": {"tokenUrl": "https://login.partner.example/oauth/token", "scopes": {}}},
+}
+API_KEY = {"type": "apiKey", "in": "header", "name": "X-Pets-Key"}
+BEARER_JWT = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+
+
+def _issuer(tenant: Tenant, name: str, issuer: str) -> JwtIssuer:
+    return services.jwt_issuer_create(
+        tenant=tenant, name=name, issuer=issuer, audiences=["pets"], jwks_url="https://1.2.3.4/jwks", actor=None
+    )
+
+
+def _secured(schemes: dict[str, Any], security: list[dict[str, Any]] | None) -> dict[str, Any]:
+    spec = large_spec("3.1.0", resources=1)
+    spec["components"]["securitySchemes"] = schemes
+    if security is None:
+        del spec["security"]
+    else:
+        spec["security"] = security
+    return spec
+
+
+def _import(run_config: Run, tmp_path: Path, spec: dict[str, Any]) -> tuple[int, str, Api]:
+    code, out, err = run_config("import-openapi", str(_write(tmp_path, spec)), "--tenant", "acme")
+    assert code in (0, 2), out + err
+    return code, out, Api.objects.get(tenant="acme")
+
+
+@pytest.mark.parametrize(
+    ("schemes", "security", "method", "issuers", "key_header"),
+    [
+        pytest.param({"oidc": OIDC}, [{"oidc": []}], "jwt", ["idp"], "X-API-Key", id="openIdConnect-by-issuer"),
+        pytest.param({"oauth": OAUTH}, [{"oauth": ["read"]}], "jwt", ["partner"], "X-API-Key", id="oauth2-by-host"),
+        pytest.param(
+            {"key": API_KEY, "oidc": OIDC},
+            [{"key": []}, {"oidc": []}],
+            "key_or_jwt",
+            ["idp"],
+            "X-Pets-Key",
+            id="api-key-or-openIdConnect",
+        ),
+        pytest.param(
+            {"key": API_KEY, "oidc": OIDC, "oauth": OAUTH},
+            [{"oidc": []}],
+            "jwt",
+            ["idp"],
+            "X-API-Key",
+            id="only-the-required-scheme",
+        ),
+        pytest.param(
+            {"key": API_KEY, "oauth": OAUTH}, None, "key_or_jwt", ["partner"], "X-Pets-Key", id="no-requirement-all"
+        ),
+    ],
+)
+def test_jwt_security_schemes_map_to_the_auth_method_and_matching_issuers(
+    acme: Tenant,
+    globex: Tenant,
+    run_config: Run,
+    tmp_path: Path,
+    schemes: dict[str, Any],
+    security: list[dict[str, Any]] | None,
+    method: str,
+    issuers: list[str],
+    key_header: str,
+) -> None:
+    _issuer(acme, "idp", "https://id.example.com/")
+    _issuer(acme, "partner", "https://login.partner.example/")
+    _issuer(acme, "elsewhere", "https://other.example.net/")
+    _issuer(globex, "idp", "https://id.example.com/")  # another tenant's issuer is never attached
+
+    code, out, api = _import(run_config, tmp_path, _secured(schemes, security))
+
+    assert code == 2
+    assert (api.auth_method, api.key_header) == (method, key_header)
+    assert [i.name for i in api.jwt_issuers.all()] == issuers
+    assert {i.tenant_id for i in api.jwt_issuers.all()} == {"acme"}
+    assert f"→ auth_method {method}, JWT issuer(s) {', '.join(issuers)}." in out
+    assert run_config("import-openapi", str(tmp_path / "spec.yaml"), "--tenant", "acme")[0] == 0  # idempotent
+
+
+def test_a_jwt_scheme_without_a_matching_issuer_is_a_note_and_keys_stay(
+    acme: Tenant, run_config: Run, tmp_path: Path
+) -> None:
+    _issuer(acme, "elsewhere", "https://other.example.net/")
+    spec = _secured({"key": API_KEY, "jwt": BEARER_JWT, "oidc": OIDC}, [{"key": []}, {"jwt": [], "oidc": []}])
+
+    code, out, api = _import(run_config, tmp_path, spec)
+
+    assert code == 2
+    assert (api.auth_method, api.key_header, list(api.jwt_issuers.all())) == ("key", "X-Pets-Key", [])
+    assert (
+        "note: security scheme(s) 'jwt' (issuer (a bearer JWT scheme names none)), 'oidc' (issuer "
+        "https://id.example.com) call for auth_method key_or_jwt, but no JWT issuer of the tenant matches: add the "
+        "issuer, attach it to the API (jwt_issuers) and set auth_method key_or_jwt before publishing; until then the "
+        "API takes API keys only."
+    ) in out
+    assert "no equivalent" not in out
+
+
+def test_a_bearer_jwt_scheme_keeps_the_issuers_the_api_already_accepts(
+    acme: Tenant, run_config: Run, tmp_path: Path
+) -> None:
+    idp = _issuer(acme, "idp", "https://id.example.com/")
+    spec = _secured({"jwt": BEARER_JWT}, [{"jwt": []}])
+    _code, _out, api = _import(run_config, tmp_path, spec)
+    assert api.auth_method == "key"
+    services.api_update(api=api, actor=None, jwt_issuers=[idp])
+
+    code, out, api = _import(run_config, tmp_path, spec)
+
+    assert code == 2
+    assert (api.auth_method, [i.name for i in api.jwt_issuers.all()]) == ("jwt", ["idp"])
+    assert "with the JWT issuer(s) the API already accepts" in out
+
+
+def test_unmapped_and_anonymous_requirements_are_reported(acme: Tenant, run_config: Run, tmp_path: Path) -> None:
+    spec = _secured(
+        {"basic": {"type": "http", "scheme": "basic"}, "cookie": {"type": "apiKey", "in": "cookie", "name": "sid"}},
+        [{"basic": []}, {"cookie": []}, {}, {"missing": []}],
+    )
+
+    _code, out, api = _import(run_config, tmp_path, spec)
+
+    assert api.auth_method == "key"
+    notes = [line for line in out.splitlines() if line.startswith("note: ") and "servers[" not in line]
+    assert notes == [
+        "note: the spec's security allows calls without credentials ({}); the gateway still requires one.",
+        "note: security requirement 'missing' names no scheme in components.securitySchemes: not mapped.",
+        "note: security scheme 'basic' (http basic) has no equivalent at the gateway, which checks API keys and "
+        "JWTs: not mapped.",
+        "note: security scheme 'cookie' (apiKey in cookie) has no equivalent at the gateway, which checks API keys "
+        "and JWTs: not mapped.",
+    ]
