@@ -53,6 +53,9 @@ MAX_ROTATION_OVERLAP_SECONDS = 7 * 86400
 DEFAULT_ROTATION_OVERLAP_SECONDS = 86400
 # A claimed delivery belongs to its deliverer this long; past it another deliverer may take it (at least once).
 CLAIM_LEASE = timedelta(seconds=120)
+# The shortest life of an event with a dedupe key (forget_old): longer than any window its key is decided in again,
+# a calendar month (31 days, 25 hours on a DST day) plus the quota scan's grace, and key.expiring's 7 days.
+DEDUPE_RETENTION_DAYS = 32
 USER_AGENT = "apimgmt-webhooks/1"
 
 
@@ -555,9 +558,12 @@ def attempt(delivery: WebhookDelivery) -> AttemptResult:
     return post(delivery.endpoint.url, headers, body, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
 
 
-def record(delivery: WebhookDelivery, result: AttemptResult, stats: DeliveryStats) -> None:
-    """Store one attempt's outcome: succeeded, retry later (backoff), or failed once the retry window is over."""
-    now = timezone.now()
+def record(
+    delivery: WebhookDelivery, result: AttemptResult, stats: DeliveryStats, *, now: datetime | None = None
+) -> None:
+    """Store one attempt's outcome at ``now`` (default: the current time): succeeded, retry later (backoff), or
+    failed once the retry window is over."""
+    now = now or timezone.now()
     with transaction.atomic():
         row = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
         if row.status != WebhookDelivery.Status.PENDING:
@@ -715,17 +721,23 @@ class Deliverer:
 def forget_old(*, now: datetime | None = None) -> tuple[int, int]:
     """Delete finished deliveries and delivered events older than EVENT_RETENTION_DAYS; return (deliveries, events).
 
-    A delivery still pending, and its event, stay whatever their age (an endpoint disabled for a while resumes).
+    A delivery still pending, and its event, stay whatever their age (an endpoint disabled for a while resumes). An
+    event with a dedupe key stays at least DEDUPE_RETENTION_DAYS: its row is what keeps the notice from being sent
+    again (a monthly quota.threshold sent on the 1st would be sent again on the 31st, a key.expiring again the next
+    day after a short retention), and no dedupe key is decided again once that long has passed.
     """
     days = settings.EVENT_RETENTION_DAYS
     if days <= 0:
         return 0, 0
-    cutoff = (now or timezone.now()) - timedelta(days=days)
+    moment = now or timezone.now()
+    cutoff = moment - timedelta(days=days)
     deliveries, _ = (
         WebhookDelivery.objects.filter(created_at__lt=cutoff).exclude(status=WebhookDelivery.Status.PENDING).delete()
     )
+    deduped_cutoff = min(cutoff, moment - timedelta(days=DEDUPE_RETENTION_DAYS))
     old_events, _ = (
         Event.objects.filter(occurred_at__lt=cutoff, dispatched_at__isnull=False)
+        .filter(Q(dedupe_key__isnull=True) | Q(occurred_at__lt=deduped_cutoff))
         .exclude(deliveries__status=WebhookDelivery.Status.PENDING)
         .delete()
     )
