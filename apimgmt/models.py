@@ -113,6 +113,10 @@ class Policy(models.Model):
     on_store_error = models.CharField(
         "on store error", max_length=16, choices=OnStoreError.choices, default=OnStoreError.OPEN
     )
+    # The config values a configuration document set from a ${VARIABLE}: {JSON pointer into config: {"reference":
+    # the document's text, "digest": an HMAC of the value it stood for}}. Export writes the reference back while the
+    # value still matches, so a secret never leaves in clear (apimgmt/config_doc/secrets.py).
+    config_references = models.JSONField("variable references", default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(default=now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -14,6 +14,7 @@ from apimgmt.config_doc.apply import PlanRefused, StalePlan, apply_document
 from apimgmt.config_doc.document import ConfigError, Problem, dump_text, read_document
 from apimgmt.config_doc.plan import ConfigPlan, make_plan
 from apimgmt.config_doc.schema import FORMAT, document_schema, schema_text
+from apimgmt.config_doc.secrets import exported_policies
 from apimgmt.config_doc.state import read_state
 from apimgmt.models import Tenant
 
@@ -35,12 +36,21 @@ __all__ = [
 ]
 
 
-def export_document(tenant: Tenant, *, consumers: bool = False, source: str = "export") -> dict[str, Any]:
-    """The tenant's configuration as a canonical document; ConfigError when two objects share a name."""
+def export_document(
+    tenant: Tenant, *, consumers: bool = False, source: str = "export", warnings: list[str] | None = None
+) -> dict[str, Any]:
+    """The tenant's configuration as a canonical document; ConfigError when two objects share a name.
+
+    No secret is written: a policy value set from a ``${VARIABLE}`` is written as that reference again, and any
+    other secret-shaped header value as a generated ``${…}`` that ``warnings`` names (apimgmt/config_doc/secrets.py).
+    """
     state = read_state(tenant, consumers=consumers)
     if state.ambiguous:
         raise ConfigError(source, state.ambiguous)
-    return state.document()
+    document = state.document()
+    rows = {name: row for name, (_item, row) in state.policies.items()}
+    document["policies"] = exported_policies(document["policies"], rows, warnings)
+    return document
 
 
 def plan_document(

@@ -16,6 +16,7 @@ from django.utils.dateparse import parse_datetime
 from apimgmt import services
 from apimgmt.config_doc.document import API_MODEL_FIELD, API_MOMENTS, API_REFERENCES, ConfigError, Problem
 from apimgmt.config_doc.plan import CREATE, DELETE, SECTION_OF, UPDATE, Change, ConfigPlan, make_plan
+from apimgmt.config_doc.secrets import REFERENCES, recorded_references
 from apimgmt.config_doc.state import TenantState, read_state
 from apimgmt.invalidation import coalesced_notifications
 from apimgmt.models import Api, Consumer, ConsumerIdentity, JwtIssuer, Plan, Policy, Subscription, Tenant
@@ -78,6 +79,7 @@ def apply_document(
             applier.check_routes()
             with coalesced_notifications(), applier.routes_checked(), _without_savepoints():
                 applier.run()
+            applier.record_references(document)
             if dry_run:
                 raise _DryRun
     except _DryRun:
@@ -164,6 +166,18 @@ class _Applier:
                 for change in self.plan.changes:
                     if change.kind == kind and change.action in actions:
                         self._guarded(change, getattr(self, f"_{change.action}_{kind}"))
+
+    def record_references(self, document: dict[str, Any]) -> None:
+        """Remember which of the document's policy config values came from a ``${VARIABLE}`` (so export writes the
+        reference, not the secret). Bookkeeping for export only: the gateways never read it, so it is neither
+        audited nor announced, and it is written only where it differs (a second apply writes nothing)."""
+        references = document.get(REFERENCES, {})
+        for item in document["policies"]:
+            policy = self.policies[item["name"]]
+            wanted = recorded_references(policy.config, references.get(item["name"], {}))
+            if (policy.config_references or {}) != wanted:
+                Policy.objects.filter(pk=policy.pk).update(config_references=wanted)
+                policy.config_references = wanted
 
     def _guarded(self, change: Change, step: Callable[[Change], None]) -> None:
         """Run one change; a service's refusal becomes an error naming the object and the field."""

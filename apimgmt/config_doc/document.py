@@ -31,6 +31,7 @@ from apimgmt.config_doc.schema import (
     api_document_fields,
     document_schema,
 )
+from apimgmt.config_doc.secrets import REFERENCES, Reference, references_in
 from apimgmt.models import Api, Consumer, JwtIssuer, Plan, Policy
 
 SECTIONS = ("policies", "jwt_issuers", "plans", "apis", "consumers")
@@ -165,14 +166,17 @@ _DocumentDumper.add_representer(str, _DocumentDumper.represent_str)
 
 def dump_text(document: Mapping[str, Any], fmt: str = "yaml") -> str:
     """The document as text; the same document always gives the same bytes."""
-    escaped = _escape(document)
+    escaped = _escape({key: value for key, value in document.items() if key != REFERENCES})
     if fmt == "json":
         return json.dumps(escaped, indent=2, ensure_ascii=False) + "\n"
     return yaml.dump(escaped, Dumper=_DocumentDumper, sort_keys=False, allow_unicode=True, width=120)
 
 
 def _escape(value: Any) -> Any:
-    """A literal ``${`` is written ``$${`` so that reading the text back does not take it for a variable."""
+    """A literal ``${`` is written ``$${`` so that reading the text back does not take it for a variable; a
+    document's own reference (``Reference``) is written as it was."""
+    if isinstance(value, Reference):
+        return str(value)
     if isinstance(value, str):
         return value.replace("${", "$${")
     if isinstance(value, Mapping):
@@ -601,10 +605,14 @@ def _check_issuer(issuer: dict[str, Any]) -> list[Problem]:
 def read_document(text: str, source: str, variables: Mapping[str, str]) -> dict[str, Any]:
     """Text → canonical document, or ConfigError listing every problem (file, object, field)."""
     data = clean_values(parse_text(text, source), source)
+    references = references_in(data)
     data = expand_variables(data, variables, source)
     check_shape(data, source)
     document = canonical_document(data)
     problems = _check_meaning(document)
     if problems:
         raise ConfigError(source, problems)
+    if references:
+        # Which policy config values came from a variable: apply records them, so export writes them back.
+        document[REFERENCES] = references
     return document

@@ -128,12 +128,17 @@ class Command(BaseCommand):
         tenant = self._tenant(options)
         output = options.get("output")
         fmt = options.get("format") or ("json" if output and output.endswith(".json") else "yaml")
-        document = config_doc.export_document(tenant, consumers=options["consumers"], source=output or "<stdout>")
+        warnings: list[str] = []
+        document = config_doc.export_document(
+            tenant, consumers=options["consumers"], source=output or "<stdout>", warnings=warnings
+        )
         text = config_doc.dump_text(document, fmt)
         if output:
             Path(output).write_text(text, encoding="utf-8")
         else:
             self.stdout.write(text, ending="")
+        for warning in warnings:
+            self.stderr.write(f"warning: {warning}")
         return EXIT_NO_CHANGES
 
     def _diff(self, options: dict[str, Any]) -> int:
