@@ -14,7 +14,7 @@ TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/9)
 # in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test check bench bench-scale bench-usage bench-websocket install lock system-deps lint typecheck clean
+.PHONY: run test check bench bench-config bench-scale bench-usage bench-websocket install lock system-deps lint typecheck clean
 
 # requirements-dev.txt is the whole development set (the runtime lock's pins plus the tools), every package with
 # its hashes: pip refuses anything the lock does not name.
@@ -63,6 +63,12 @@ bench: $(STAMP)
 bench-websocket: $(STAMP)
 	DATABASE_URL=$(or $(BENCH_DATABASE_URL),postgres://postgres@127.0.0.1:5432/apimgmt_bench) \
 	REDIS_URL=$(or $(BENCH_REDIS_URL),redis://127.0.0.1:6379/3) .venv/bin/python -m bench.websocket
+
+# Configuration as code at size: export, plan and apply of 500 APIs, 200 policies and 50 plans (wall and CPU time,
+# statements), and request validation's CPU per request (bench/config_bench.py; its own database, made if missing).
+bench-config: $(STAMP)
+	DATABASE_URL=$(or $(BENCH_CONFIG_DATABASE_URL),postgres://postgres@127.0.0.1:5432/apimgmt_bench_config) \
+	  REDIS_URL=$(or $(BENCH_CONFIG_REDIS_URL),redis://127.0.0.1:6379/5) $(PY) bench/config_bench.py --migrate $(BENCH_ARGS)
 
 # 10,000 APIs / 1,000 tenants / 1,000,000 keys: route table, key churn, Redis Cluster vs standalone (bench/scale.py).
 bench-scale: $(STAMP)
