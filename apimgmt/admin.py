@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -735,8 +736,9 @@ class PolicyForm(forms.ModelForm):
         model = Policy
         fields = ["tenant", "name", "description", "policy_type", "config", "mode", "on_store_error"]
         help_texts = {
-            "config": "Filled from the fields above when you use them. Edit the JSON only for settings they do not "
-            'cover, for example {"requests_per_minute": 1000, "burst_size": 100, "window_type": "sliding"} for a rate '
+            "config": "Change either the fields above or this JSON: the side you changed is saved "
+            "(empty this box to use the fields). Edit the JSON for settings the fields do not cover, for example "
+            '{"requests_per_minute": 1000, "burst_size": 100, "window_type": "sliding"} for a rate '
             'limit or {"allow_origins": ["https://app.example.com"], "max_age": 3600} for CORS.',
         }
 
@@ -750,25 +752,57 @@ class PolicyForm(forms.ModelForm):
                     self.fields[name].initial = value
 
     def clean(self) -> dict[str, Any]:
+        """Save the side the user changed: the typed fields or the JSON box (both start from the stored config on a
+        change form, so "filled in" says nothing). An empty JSON box means the typed fields; both changed must agree."""
         data = super().clean() or {}
         policy_type = data.get("policy_type") or self.instance.policy_type
         typed = POLICY_TYPE_FIELDS.get(policy_type, {})
-        if policy_type in _WHOLE_CONFIG_TYPES:
-            typed_used = data.get("config") in (None, "", {}) or any(name in self.changed_data for name in typed)
-        else:
-            typed_used = any(name in _WINDOW_FIELDS and data.get(name) not in (None, "") for name in typed)
+        typed_changed = [name for name in typed if name in self.changed_data]
+        json_given = data.get("config") not in (None, "", {})
+        # Against the stored config, not changed_data: a callable default gives the box a hidden initial input,
+        # which a post without it (a script, a test) would make look changed.
+        config_field = self.fields["config"]
+        json_changed = json_given and config_field.has_changed(
+            self.get_initial_for_field(config_field, "config"), self["config"].data
+        )
+        typed_used = bool(typed_changed) or not json_given
         if any(name in self.errors for name in typed) and typed_used:
             return data  # a typed field could not be read (its error is shown next to it)
+        if typed_changed and json_changed:
+            disagreement = self._disagreement(policy_type, _config_from_typed(typed, data), data["config"])
+            if disagreement:
+                labels = ", ".join(str(self.fields[name].label) for name in typed_changed)
+                self.add_error(
+                    None,
+                    f"Both the typed fields ({labels}) and the JSON config were changed, and they disagree: "
+                    f"{disagreement}. Change only one of them, or make them say the same.",
+                )
+                return data
         if typed_used:
-            data["config"] = _config_from_typed(typed, data)  # the typed fields win over the JSON box
-        elif data.get("config") in (None, ""):
-            data["config"] = {}
+            data["config"] = _config_from_typed(typed, data)
         if policy_type:
             try:
                 data["config"] = validate_policy_config(policy_type, data["config"])
             except ValidationError as exc:
                 self._place_config_errors(exc, typed if typed_used else {})
         return data
+
+    @staticmethod
+    def _disagreement(policy_type: str, from_fields: dict[str, Any], from_json: Any) -> str:
+        """Where the typed fields' config and the JSON box's differ ("" when they say the same), each side as the
+        policy would store it when it is valid."""
+        sides = []
+        for config in (from_fields, from_json):
+            try:
+                sides.append(validate_policy_config(policy_type, config))
+            except ValidationError:
+                sides.append(config if isinstance(config, dict) else {})
+        fields, box = sides
+        return "; ".join(
+            f"{key} is {json.dumps(fields.get(key))} in the fields, {json.dumps(box.get(key))} in the JSON"
+            for key in sorted(set(fields) | set(box))
+            if fields.get(key) != box.get(key)
+        )
 
     def _place_config_errors(self, exc: ValidationError, typed: dict[str, str]) -> None:
         """Each error next to the typed field it names when the typed fields were used; else on the JSON box."""

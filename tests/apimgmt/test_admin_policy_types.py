@@ -4,6 +4,7 @@ they are about, the JSON config kept for advanced use. Posted like a browser doe
 from __future__ import annotations
 
 import html
+import json
 import re
 from html.parser import HTMLParser
 from typing import Any
@@ -626,3 +627,58 @@ def test_a_jwt_api_is_published_in_the_admin_with_its_issuer(browser: Browser, a
     assert api.auth_method == "jwt" and list(api.jwt_issuers.all()) == [corporate]
     created = AuditEvent.objects.get(action="api.create", object_id=api.pk)
     assert created.changes["jwt_issuers"] == [corporate.pk]
+
+
+@pytest.mark.parametrize(
+    ("policy_type", "stored", "edited"),
+    [
+        ("rate_limiting", {"requests_per_minute": 100}, {"requests_per_minute": 60, "burst_size": 10}),
+        ("quota", {"requests_per_month": 10_000}, {"requests_per_day": 500, "key_extraction": "key_id"}),
+    ],
+)
+def test_a_limit_edited_only_in_the_json_box_is_saved(
+    browser: Browser, acme: Tenant, policy_type: str, stored: dict[str, Any], edited: dict[str, Any]
+) -> None:
+    """The change form fills the typed fields from the stored config; posting them back unchanged is not an edit."""
+    policy = services.policy_create(tenant=acme, name="limit", policy_type=policy_type, config=stored, actor=None)
+    url = reverse("admin:apimgmt_policy_change", args=[policy.pk])
+    response = browser.submit(url, {"config": json.dumps(edited)})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    policy.refresh_from_db()
+    assert {key: policy.config[key] for key in edited} == edited
+    assert not {"requests_per_minute", "requests_per_month"} & (set(policy.config) - set(edited)), policy.config
+
+
+def test_a_limit_edited_only_in_its_fields_is_saved(browser: Browser, acme: Tenant) -> None:
+    policy = services.policy_create(
+        tenant=acme, name="limit", policy_type="rate_limiting", config={"requests_per_minute": 100}, actor=None
+    )
+    url = reverse("admin:apimgmt_policy_change", args=[policy.pk])
+    response = browser.submit(url, {"rate_requests_per_minute": "60", "rate_requests_per_hour": "2000"})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    policy.refresh_from_db()
+    assert (policy.config["requests_per_minute"], policy.config["requests_per_hour"]) == (60, 2000)
+
+
+def test_fields_and_json_box_changed_differently_is_an_error_naming_both(browser: Browser, acme: Tenant) -> None:
+    policy = services.policy_create(
+        tenant=acme, name="limit", policy_type="rate_limiting", config={"requests_per_minute": 100}, actor=None
+    )
+    url = reverse("admin:apimgmt_policy_change", args=[policy.pk])
+    stored = dict(policy.config)
+
+    response = browser.submit(url, {"rate_requests_per_minute": "60", "config": '{"requests_per_minute": 70}'})
+
+    assert response.status_code == 200
+    page = html.unescape(response.content.decode())
+    assert (
+        "Both the typed fields (Requests per minute) and the JSON config were changed, and they disagree: "
+        "requests_per_minute is 60 in the fields, 70 in the JSON." in page
+    )
+    policy.refresh_from_db()
+    assert policy.config == stored
+    # The same change made on both sides is no disagreement.
+    response = browser.submit(url, {"rate_requests_per_minute": "70", "config": '{"requests_per_minute": 70}'})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    policy.refresh_from_db()
+    assert policy.config["requests_per_minute"] == 70
