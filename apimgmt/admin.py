@@ -1935,8 +1935,14 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "status_code",
         "request_count",
         "error_count",
+        "bytes_in",
         "bytes_out",
         "latency_avg",
+        # WebSocket connections (status 101 rows; bytes_in and bytes_out are then their messages' bytes).
+        "connection_count",
+        "connected_seconds",
+        "messages_in",
+        "messages_out",
     ]
     list_filter = ["tenant", "status_code"]
     search_fields = ["api_id", "consumer_id", "key_id"]
@@ -1947,6 +1953,10 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="avg latency (ms)")
     def latency_avg(self, obj: UsageRecord) -> str:
         return f"{obj.latency_ms_sum / obj.request_count:.1f}" if obj.request_count else "—"
+
+    @admin.display(description="connected (s)", ordering="connection_seconds")
+    def connected_seconds(self, obj: UsageRecord) -> str:
+        return f"{obj.connection_seconds:.1f}"
 
 
 @admin.register(AuditEvent)

@@ -1,4 +1,5 @@
-"""Per-tenant usage overview for the admin: the last 24 hours of requests, errors, 429s, top APIs and consumers."""
+"""Per-tenant usage overview for the admin: the last 24 hours of requests, errors, 429s, top APIs and consumers, and
+WebSocket connections, time connected, messages and their bytes when the tenant had any."""
 
 from __future__ import annotations
 
@@ -20,12 +21,29 @@ WINDOW = timedelta(hours=24)
 TOP = 5
 
 
+# A WebSocket connection's numbers are on its status-101 rows; their bytes are its messages' (apimgmt/models.py).
+WEBSOCKET_STATUS = 101
+WEBSOCKET_NUMBERS = ("connections", "connection_seconds", "messages_in", "messages_out", "bytes_in", "bytes_out")
+
+
 def _sums() -> dict[str, Sum]:
+    websocket = Q(status_code=WEBSOCKET_STATUS)
     return {
         "requests": Sum("request_count"),
         "errors": Sum("request_count", filter=Q(status_code__gte=500)),
         "rate_limited": Sum("request_count", filter=Q(status_code=429)),
+        "connections": Sum("connection_count"),
+        "connection_seconds": Sum("connection_seconds"),
+        "messages_in": Sum("messages_in"),
+        "messages_out": Sum("messages_out"),
+        "bytes_in": Sum("bytes_in", filter=websocket),
+        "bytes_out": Sum("bytes_out", filter=websocket),
     }
+
+
+def _websocket(row: dict[str, object]) -> dict[str, object]:
+    """The WebSocket numbers of a summed row, zeros for none."""
+    return {name: row.get(name) or 0 for name in WEBSOCKET_NUMBERS}
 
 
 def _top(records: object, field: str, names: dict[str, str]) -> list[dict[str, object]]:
@@ -39,6 +57,7 @@ def _top(records: object, field: str, names: dict[str, str]) -> list[dict[str, o
             "requests": row["requests"] or 0,
             "errors": row["errors"] or 0,
             "rate_limited": row["rate_limited"] or 0,
+            **_websocket(row),
         }
         for row in rows
     ]
@@ -74,6 +93,7 @@ def usage_overview(request: HttpRequest, tenant_id: str) -> HttpResponse:
     whole = records.filter(dimension="tenant")
     totals = whole.aggregate(**_sums())
     requests = totals["requests"] or 0
+    websocket = _websocket(totals)
     api_names = dict(Api.objects.filter(tenant=tenant).values_list("id", "api_name"))
     consumer_names = dict(Consumer.objects.filter(tenant=tenant).values_list("id", "name"))
     context = {
@@ -89,6 +109,9 @@ def usage_overview(request: HttpRequest, tenant_id: str) -> HttpResponse:
         "error_rate_percent": round(100 * (totals["errors"] or 0) / requests, 1) if requests else 0.0,
         "top_apis": _top(records.filter(dimension="api"), "value", api_names),
         "top_consumers": _top(records.filter(dimension="consumer"), "value", consumer_names),
+        "websocket": websocket,
+        # Columns only for a tenant with connections, as the portal's usage table does.
+        "has_connections": bool(websocket["connections"] or websocket["connection_seconds"]),
         "chart": hourly_chart(whole, start) if requests else None,
         "chart_legend": legend(STATUS_SERIES),
     }

@@ -103,3 +103,73 @@ def test_scoped_staff_cannot_see_another_tenants_usage(client: Client, traffic: 
     response = client.get("/admin/apimgmt/tenant/globex/usage/")
     assert response.status_code == 404
     assert "4242" not in response.content.decode() and "4,242" not in response.content.decode()
+
+
+def test_websocket_connections_messages_and_bytes_are_shown_when_the_tenant_had_any(
+    client: Client, staff: User, traffic: None, acme: Tenant, acme_api: Api, bob_app: Consumer
+) -> None:
+    client.force_login(staff)
+    before = client.get("/admin/apimgmt/tenant/acme/usage/").content.decode()
+    assert 'class="usage-websocket"' not in before and "Connected (s)" not in before, "no connection: no columns"
+
+    minute = (now() - timedelta(minutes=10)).replace(second=0, microsecond=0)
+    for key, connections, seconds, messages_in, messages_out in (("key_a", 2, 90.5, 30, 50), ("key_b", 1, 9.5, 4, 6)):
+        add_minute(
+            tenant_id=acme.id,
+            api_id=acme_api.id,
+            consumer_id=bob_app.id,
+            key_id=key,
+            timestamp=minute,
+            status_code=101,
+            request_count=connections,
+            bytes_in=100 * messages_in,
+            bytes_out=1000 * messages_out,
+            connection_count=connections,
+            connection_seconds=seconds,
+            messages_in=messages_in,
+            messages_out=messages_out,
+        )
+    add_minute(tenant_id=acme.id, api_id=acme_api.id, timestamp=minute, status_code=200, bytes_in=999, bytes_out=999)
+    page = client.get("/admin/apimgmt/tenant/acme/usage/").content.decode()
+
+    assert re.search(r'class="usage-connections">3<', page)
+    assert re.search(r'class="usage-connection-seconds">100<', page)
+    assert re.search(r'class="usage-messages-in">34<', page) and re.search(r'class="usage-messages-out">56<', page)
+    # Only the connections' messages' bytes, not the requests' bodies.
+    assert re.search(r'class="usage-ws-bytes-in">3400<', page) and re.search(r'class="usage-ws-bytes-out">56000<', page)
+    top_apis = page.split('class="usage-top-apis"')[1].split("</table>")[0]
+    assert "<th>Connections</th><th>Connected (s)</th><th>Messages in</th><th>Messages out</th>" in top_apis
+    users = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", top_apis.split(acme_api.api_name)[1].split("</tr>")[0]))
+    assert users.split() == [acme_api.id, "803", "100", "0", "3", "100", "34", "56", "3400", "56000"]
+    assert "<th>Connections</th>" in page.split('class="usage-top-consumers"')[1].split("</table>")[0]
+
+
+def test_usage_records_list_their_websocket_numbers(client: Client, staff: User, acme: Tenant) -> None:
+    add_minute(
+        tenant_id=acme.id,
+        api_id="api_ws",
+        timestamp=now(),
+        status_code=101,
+        request_count=1,
+        bytes_in=123,
+        bytes_out=456,
+        connection_count=1,
+        connection_seconds=42.5,
+        messages_in=7,
+        messages_out=9,
+    )
+    client.force_login(staff)
+    listing = client.get("/admin/apimgmt/usagerecord/").content.decode()
+
+    def cell(name: str) -> str:
+        match = re.search(rf'class="field-{name}[^"]*"[^>]*>(.*?)</t[dh]>', listing, re.S)
+        assert match, name
+        return match.group(1).strip()
+
+    assert [cell(n) for n in ("bytes_in", "bytes_out", "connection_count", "connected_seconds")] == [
+        "123",
+        "456",
+        "1",
+        "42.5",
+    ]
+    assert (cell("messages_in"), cell("messages_out")) == ("7", "9")
