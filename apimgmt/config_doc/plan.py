@@ -11,6 +11,7 @@ from django.db.models import Q
 
 from apimgmt import services
 from apimgmt.config_doc.document import ConfigError, Problem, consumer_key
+from apimgmt.config_doc.secrets import masked_configs
 from apimgmt.config_doc.state import TenantState
 from apimgmt.models import Api, Subscription
 
@@ -57,7 +58,10 @@ class Change:
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"action": self.action, "kind": self.kind, "name": self.key}
         if self.action == UPDATE:
-            body["fields"] = {name: {"old": old, "new": new} for name, (old, new) in self.fields.items()}
+            body["fields"] = {}
+            for name, (old, new) in self.fields.items():
+                shown_old, shown_new = _shown(name, old, new)
+                body["fields"][name] = {"old": shown_old, "new": shown_new}
         if self.refusal:
             body["refused"] = self.refusal
         return body
@@ -115,7 +119,8 @@ class ConfigPlan:
                 lines.append(f"- {change.label}")
             else:
                 lines.append(f"~ {change.label}")
-                for name, (old, new) in change.fields.items():
+                for name, (raw_old, raw_new) in change.fields.items():
+                    old, new = _shown(name, raw_old, raw_new)
                     if name == "config" and isinstance(old, dict) and isinstance(new, dict):
                         # A policy's limits one by one: "config.requests_per_minute: 100 → 250".
                         for sub, (was, now) in _diff(old, new).items():
@@ -126,6 +131,11 @@ class ConfigPlan:
             lines.append("No changes: the tenant already matches the document.")
         lines.append(f"fingerprint: {self.fingerprint}")
         return "\n".join(lines) + "\n"
+
+
+def _shown(name: str, old: Any, new: Any) -> tuple[Any, Any]:
+    """A field's old and new value as a plan shows them: a policy's secret header values masked."""
+    return masked_configs(old, new) if name == "config" else (old, new)
 
 
 def _show(name: str, value: Any) -> str:

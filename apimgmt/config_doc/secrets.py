@@ -159,3 +159,29 @@ def exported_policies(
                             )
         exported.append({**item, "config": config})
     return exported
+
+
+def _secret_values(config: Any) -> dict[tuple[str, str, str], str]:
+    found = {}
+    for side in ("request", "response"):
+        for operation in ("add", "set"):
+            values = (config.get(side) or {}).get(operation) if isinstance(config, dict) else None
+            for header, value in (values or {}).items() if isinstance(values, dict) else ():
+                if is_secret_header(header) and isinstance(value, str):
+                    found[(side, operation, header)] = value
+    return found
+
+
+def masked_configs(old: Any, new: Any) -> tuple[Any, Any]:
+    """A policy config change as a plan shows it (a pull-request comment, the management API's answer): a
+    secret-shaped header value is ``(secret)``, or ``(secret, changed)`` on the new side when it differs."""
+    old_secrets, new_secrets = _secret_values(old), _secret_values(new)
+    if not old_secrets and not new_secrets:
+        return old, new
+    old, new = copy.deepcopy(old), copy.deepcopy(new)
+    for side, operation, header in old_secrets:
+        old[side][operation][header] = "(secret)"
+    for (side, operation, header), value in new_secrets.items():
+        changed = old_secrets.get((side, operation, header)) != value
+        new[side][operation][header] = "(secret, changed)" if changed else "(secret)"
+    return old, new

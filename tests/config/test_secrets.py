@@ -4,6 +4,7 @@ export → apply (variables set) → export keeps the bytes."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,27 @@ def test_the_management_api_export_has_no_secret(acme: Tenant, alice: User, clie
     assert r.status_code == 200
     body = r.content.decode()
     assert TOKEN not in body and "${SIGNER_X_SERVICE_KEY}" in body
+
+
+def test_a_plan_never_shows_a_secret_header_value(
+    acme: Tenant, run_config: Run, tmp_path: Path, variables: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "acme.yaml"
+    source.write_text(DOCUMENT)
+    assert _apply(run_config, source)[0] == 2
+    monkeypatch.setenv("UPSTREAM_TOKEN", "the-next-token-77")
+    monkeypatch.setenv("TRACE_PREFIX", "globex")
+
+    code, out, _err = run_config("diff", "--tenant", "acme", "-f", str(source))
+    json_code, json_out, _err = run_config("diff", "--tenant", "acme", "-f", str(source), "--json")
+
+    assert (code, json_code) == (2, 2)
+    for shown in (out, json_out):
+        assert TOKEN not in shown and "the-next-token-77" not in shown
+        assert "t-acme-${{x}}" in shown and "t-globex-${{x}}" in shown  # other values as they are
+    assert '"X-Upstream-Token": "(secret)"' in out and '"X-Upstream-Token": "(secret, changed)"' in out
+    fields = json.loads(json_out)["changes"][0]["fields"]["config"]
+    assert fields["old"]["request"]["set"]["X-Upstream-Token"] == "(secret)"
+    assert fields["new"]["request"]["set"]["X-Upstream-Token"] == "(secret, changed)"
+    assert _apply(run_config, source)[0] == 2  # what is applied is the value, not the mask
+    assert Policy.objects.get(tenant=acme).config["request"]["set"]["X-Upstream-Token"] == "the-next-token-77"
