@@ -8,6 +8,7 @@ message that says what to fix; nothing half-written is left behind.
 from __future__ import annotations
 
 import json
+import logging
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from apimgmt.models import (
     AuditEvent,
     Consumer,
     ConsumerIdentity,
+    Event,
     JwtIssuer,
     Plan,
     Policy,
@@ -1619,45 +1621,211 @@ def _counted_windows(subscription: Subscription, plan: Plan | None, now: float) 
     return found
 
 
-# Raise a counter to at least ARGV[1] (never lower it) and keep the gateway's expiry (window end + 60 s).
+# Quota carry-over runs twice per change. At commit (carry_over_quota) the new plan's counters are raised to what the
+# old plan's hold, and those source values are kept in a hash of the change (plan_carry:{<tenant>}:<event id>, the
+# tenant's slot like the counters). Once every gateway follows the change (PLAN_CARRY_SETTLE_SECONDS after it), the
+# deliverer's second pass (plan_carry_over_complete) adds what the old counters gained meanwhile: the requests that
+# gateways still on the old plan counted there. A marker field in the same hash, set in the same script, makes that
+# pass happen once however often it is retried.
+PLAN_CARRY_SETTLE_SECONDS = 5.0
+# How long a change's hash is kept: a deliverer down longer than this loses the requests of that last second only.
+PLAN_CARRY_TTL_SECONDS = 2 * 86400
+# Changes waiting for their second pass: a sorted set of event ids (score: when due, epoch s), filled when the
+# deliverer dispatches the subscription.plan_changed event.
+PLAN_CARRY_DUE_KEY = "plan_carry_due"
+
+_carry_logger = logging.getLogger(__name__)
+
+# KEYS: the change's hash, then ARGV[1] old-plan counters, then the new plan's counters of the same window and scope.
+# Records each old counter's value (the first time) and raises each new counter to the largest, never lowering it;
+# the new counters keep the gateway's expiry (ARGV[2]: window end + 60 s, ms). Returns how many were raised.
 _CARRY_OVER_SCRIPT = """
-local used = tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used > current then
-  redis.call('INCRBY', KEYS[1], used - current)
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+local sources = tonumber(ARGV[1])
+local used = 0
+for i = 2, sources + 1 do
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0')
+  redis.call('HSETNX', KEYS[1], KEYS[i], value)
+  if value > used then used = value end
 end
-return math.max(used, current)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local raised = 0
+for i = sources + 2, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used > current then
+    redis.call('INCRBY', KEYS[i], used - current)
+    redis.call('PEXPIREAT', KEYS[i], ARGV[2])
+    raised = raised + 1
+  end
+end
+return raised
+"""
+
+# The second pass, same KEYS and ARGV, ARGV[4] naming the (window, scope) it completes. Once only (HSETNX of that
+# marker): each new counter gains the most any old counter gained since the first pass; without a first pass (Redis
+# was down at commit) the new counters are raised to the old ones as the first pass would have. Returns how many
+# counters it changed, or -1 when this pass already ran.
+_CARRY_OVER_COMPLETE_SCRIPT = """
+if redis.call('HSETNX', KEYS[1], ARGV[4], '1') == 0 then return -1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local sources = tonumber(ARGV[1])
+local gained, used, recorded = 0, 0, false
+for i = 2, sources + 1 do
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local first = redis.call('HGET', KEYS[1], KEYS[i])
+  if first then
+    recorded = true
+    if value - tonumber(first) > gained then gained = value - tonumber(first) end
+  end
+  if value > used then used = value end
+end
+local changed = 0
+for i = sources + 2, #KEYS do
+  local add = gained
+  if not recorded then add = used - tonumber(redis.call('GET', KEYS[i]) or '0') end
+  if add > 0 then
+    redis.call('INCRBY', KEYS[i], add)
+    redis.call('PEXPIREAT', KEYS[i], ARGV[2])
+    changed = changed + 1
+  end
+end
+return changed
 """
 
 
-def carry_over_quota(*, subscription: Subscription, old_plan: Plan | None, new_plan: Plan | None) -> int:
-    """Count what the old plan's calendar counters hold for this window on the new plan's matching counters
-    (same window label, same consumer or key), so quota used in the current window is not granted again.
+def _carry_key(tenant_id: str, event_id: str) -> str:
+    from apimgmt.redis_client import tenant_tag
+
+    return f"{tenant_tag('plan_carry', tenant_id)}:{event_id}"
+
+
+def _carry_slots(
+    subscription: Subscription, old_plan: Plan, new_plan: Plan, at: float
+) -> Iterator[tuple[str, list[str], list[Any]]]:
+    """Per (window label, scope value) that both plans count at ``at``: its name, the old plan's counter keys and the
+    new plan's windows whose counters are not among them (a policy both plans share is the same counter)."""
+    old = _counted_windows(subscription, old_plan, at)
+    for slot, targets in _counted_windows(subscription, new_plan, at).items():
+        sources = [w.key for w in old.get(slot, [])]
+        fresh = [w for w in targets if w.key not in sources]
+        if sources and fresh:
+            yield f"done:{slot[0]}:{slot[1]}", sources, fresh
+
+
+def carry_over_quota(
+    *,
+    subscription: Subscription,
+    old_plan: Plan | None,
+    new_plan: Plan | None,
+    event_id: str,
+    at: datetime | None = None,
+) -> int:
+    """Count what the old plan's calendar counters hold for the window of ``at`` (default: now) on the new plan's
+    matching counters (same window label, same consumer or key), so quota used in the current window is not granted
+    again.
 
     A counter both plans share (the same policy) is already the same key. Counters of the new plan are raised to
-    at least the old value, never lowered, so switching back and forth within a window never forgets traffic.
-    Returns how many counters were raised. Without Redis there are no shared counters: nothing to carry.
+    at least the old value, never lowered, so switching back and forth within a window never forgets traffic. The
+    old values are recorded under ``event_id`` (the change's subscription.plan_changed) for the deliverer's second
+    pass, plan_carry_over_complete. Returns how many counters were raised. Without Redis there are no shared
+    counters: nothing to carry.
     """
     from apimgmt.redis_client import get_redis
 
     client = get_redis()
     if client is None or old_plan is None or new_plan is None:
         return 0
-    now = timezone.now().timestamp()
-    old = _counted_windows(subscription, old_plan, now)
-    new = _counted_windows(subscription, new_plan, now)
+    moment = (at or timezone.now()).timestamp()
+    carry = _carry_key(subscription.api.tenant_id, event_id)
     raised = 0
-    for slot, targets in new.items():
-        sources = [w.key for w in old.get(slot, [])]
-        if not sources:
-            continue
-        used = max(int(v or 0) for v in client.mget(sources))
-        for window in targets:
-            if used and window.key not in sources:
-                client.eval(_CARRY_OVER_SCRIPT, 1, window.key, used, int(window.end * 1000) + 60000)
-                raised += 1
+    for _marker, sources, targets in _carry_slots(subscription, old_plan, new_plan, moment):
+        raised += int(
+            client.eval(
+                _CARRY_OVER_SCRIPT,
+                1 + len(sources) + len(targets),
+                carry,
+                *sources,
+                *[w.key for w in targets],
+                len(sources),
+                int(targets[0].end * 1000) + 60000,
+                PLAN_CARRY_TTL_SECONDS * 1000,
+            )
+        )
     return raised
+
+
+def _carry_over_after_commit(subscription: Subscription, old_plan: Plan | None, new_plan: Plan, event: Event) -> None:
+    """The first carry-over pass, run once the change committed. A Redis failure must not fail the request (the
+    change is committed by now): it is logged, and the deliverer's second pass carries the quota over instead."""
+    try:
+        carry_over_quota(
+            subscription=subscription,
+            old_plan=old_plan,
+            new_plan=new_plan,
+            event_id=event.pk,
+            at=event.occurred_at,
+        )
+    except Exception as exc:  # redis.RedisError, RedisClusterException: never a 500 for a committed change
+        _carry_logger.warning(
+            "quota carry-over of subscription %s to plan %s failed (%s: %s); the event deliverer carries it over",
+            subscription.pk,
+            new_plan.pk,
+            exc.__class__.__name__,
+            exc,
+        )
+
+
+def plan_carry_over_schedule(changes: Iterable[Event], *, client: Any) -> None:
+    """Queue the second carry-over pass of these subscription.plan_changed events for PLAN_CARRY_SETTLE_SECONDS
+    after each change (called by the deliverer as it dispatches them; queuing one twice keeps the first time)."""
+    due = {e.pk: e.occurred_at.timestamp() + PLAN_CARRY_SETTLE_SECONDS for e in changes}
+    if due:
+        client.zadd(PLAN_CARRY_DUE_KEY, due, nx=True)
+
+
+def plan_carry_over_complete(*, client: Any, now: datetime | None = None, batch_size: int = 100) -> int:
+    """The second carry-over pass of every queued plan change that is due (see PLAN_CARRY_SETTLE_SECONDS); return how
+    many counters it changed. Safe in several deliverers at once and when retried: each (change, window, scope) is
+    completed once, by its marker. A window that has ended by now is left alone (its counters are done counting)."""
+    moment = now or timezone.now()
+    due = client.zrangebyscore(PLAN_CARRY_DUE_KEY, "-inf", moment.timestamp(), start=0, num=batch_size)
+    event_ids = [e.decode() if isinstance(e, bytes) else str(e) for e in due]
+    changes = Event.objects.filter(pk__in=event_ids, event_type="subscription.plan_changed").in_bulk()
+    changed = 0
+    for event_id in event_ids:
+        event = changes.get(event_id)
+        data = event.data if event is not None else {}
+        subscription = (
+            Subscription.objects.select_related("api", "consumer__tenant")
+            .filter(pk=data.get("subscription_id"))
+            .first()
+        )
+        plans = Plan.objects.in_bulk([data.get("previous_plan_id"), data.get("plan_id")])
+        old_plan, new_plan = plans.get(data.get("previous_plan_id")), plans.get(data.get("plan_id"))
+        if event is not None and subscription is not None and old_plan is not None and new_plan is not None:
+            carry = _carry_key(event.tenant_id, event.pk)
+            for marker, sources, targets in _carry_slots(
+                subscription, old_plan, new_plan, event.occurred_at.timestamp()
+            ):
+                if targets[0].end <= moment.timestamp():
+                    continue
+                changed += max(
+                    0,
+                    int(
+                        client.eval(
+                            _CARRY_OVER_COMPLETE_SCRIPT,
+                            1 + len(sources) + len(targets),
+                            carry,
+                            *sources,
+                            *[w.key for w in targets],
+                            len(sources),
+                            int(targets[0].end * 1000) + 60000,
+                            PLAN_CARRY_TTL_SECONDS * 1000,
+                            marker,
+                        )
+                    ),
+                )
+        client.zrem(PLAN_CARRY_DUE_KEY, event_id)
+    return changed
 
 
 def _plan_change_check(*, subscription: Subscription, plan: Plan) -> None:
@@ -1685,7 +1853,7 @@ def _apply_plan_change(*, subscription: Subscription, actor: Actor, effective: s
     changes = {"plan_id": [old_plan.pk if old_plan else None, new_plan.pk], "effective": effective}
     tenant_id = subscription.api.tenant_id
     audit_record(actor=actor, tenant_id=tenant_id, action="subscription.change_plan", obj=subscription, changes=changes)
-    events.emit(
+    event = events.emit(
         tenant_id=tenant_id,
         event_type="subscription.plan_changed",
         data=events.subscription_data(
@@ -1695,8 +1863,9 @@ def _apply_plan_change(*, subscription: Subscription, actor: Actor, effective: s
             effective_at=_json_value(scheduled_at or timezone.now()),
         ),
     )
+    assert event is not None  # no dedupe key: always written
     consumer_changed(subscription.consumer_id)
-    transaction.on_commit(lambda: carry_over_quota(subscription=subscription, old_plan=old_plan, new_plan=new_plan))
+    transaction.on_commit(lambda: _carry_over_after_commit(subscription, old_plan, new_plan, event))
     return subscription
 
 

@@ -4,6 +4,7 @@ subscriptions; a plan nobody is on any more can be deleted."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -12,14 +13,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 from django.utils import timezone
 
-from apimgmt import services
+from apimgmt import limits, services
 from apimgmt.models import AuditEvent, Event, Plan, Subscription
-from apimgmt.redis_client import get_redis
+from apimgmt.redis_client import get_redis, reset_redis
 from gateway.wsgi import reset_gateway
 from tests.gateway.conftest import InProcessGateway, publish
 from tests.gateway.upstreams import Recorder, recording_upstream
+from tests.support.servers import free_port
 
 V1 = "/mgmt/v1"
 
@@ -229,3 +232,85 @@ def test_a_plan_that_subscriptions_are_scheduled_to_move_to_cannot_be_deleted(on
     services.subscription_cancel(subscription=on_small, actor=alice)  # a cancelled subscription moves nowhere
     assert services.plan_delete_refusal(big) is None
     assert Subscription.objects.get(pk=on_small.pk).pending_plan_id is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_change_with_redis_unreachable_commits_answers_200_and_warns(
+    on_small, plans, alice, client_for, settings, caplog, monkeypatch
+):
+    small, big = plans
+    redis_url = settings.REDIS_URL
+    get_redis().set(_day_key(small, on_small), 4, ex=86400 + 60)
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: Redis is "down"
+    reset_redis()
+    with caplog.at_level(logging.WARNING, logger="apimgmt.services"):
+        r = client_for(alice).post(
+            f"{V1}/subscriptions/{on_small.pk}/change-plan/", {"plan_id": big.pk, "effective": "now"}, format="json"
+        )
+    assert r.status_code == 200, r.content
+    assert Subscription.objects.get(pk=on_small.pk).plan_id == big.pk
+    assert Event.objects.filter(event_type="subscription.plan_changed").count() == 1
+    (warning,) = [r for r in caplog.records if r.name == "apimgmt.services" and on_small.pk in r.getMessage()]
+    assert "quota" in warning.getMessage()
+    # Redis is back: the deliverer carries over what the change could not.
+    settings.REDIS_URL = redis_url
+    reset_redis()
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")
+    assert int(get_redis().get(_day_key(big, on_small))) == 4
+
+
+def _day_key(plan: Plan, subscription: Subscription) -> str:
+    """The key of today's counter of ``plan``'s daily quota for the subscription's consumer."""
+    policy = plan.policies.get()
+    (window,) = limits.counter_windows(
+        tenant_id=plan.tenant_id,
+        tz_name="UTC",
+        policy_id=policy.pk,
+        policy_name=policy.name,
+        policy_type="quota",
+        config=policy.config,
+        scope=subscription.consumer_id,
+        now=timezone.now().timestamp(),
+    )
+    return window.key
+
+
+def test_requests_counted_on_the_old_plan_after_the_change_are_carried_over_by_the_deliverer(
+    on_small, plans, monkeypatch, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    redis = get_redis()
+    redis.set(_day_key(small, on_small), 3, ex=86400 + 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+    assert int(redis.get(_day_key(big, on_small))) == 3  # carried at commit
+    # A gateway that has not followed the change yet counts two more requests on small's counter.
+    redis.incrby(_day_key(small, on_small), 2)
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")
+    assert int(redis.get(_day_key(big, on_small))) == 5
+    # Exactly once: another round, and the pass queued again as a retry would, add nothing.
+    redis.incrby(_day_key(big, on_small), 1)  # big's own traffic since
+    call_command("deliver_events")
+    event = Event.objects.get(event_type="subscription.plan_changed")
+    services.plan_carry_over_schedule([event], client=redis)
+    assert services.plan_carry_over_complete(client=redis) == 0
+    assert int(redis.get(_day_key(big, on_small))) == 6
+    assert redis.ttl(_day_key(big, on_small)) > 0
+
+
+def test_the_second_carry_over_waits_until_every_gateway_follows_the_change(
+    on_small, plans, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    redis = get_redis()
+    redis.set(_day_key(small, on_small), 3, ex=86400 + 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+    call_command("deliver_events")  # dispatched now; its second pass is due in PLAN_CARRY_SETTLE_SECONDS
+    redis.incrby(_day_key(small, on_small), 2)  # counted by a gateway within that time
+    assert services.plan_carry_over_complete(client=redis) == 0
+    later = timezone.now() + timedelta(seconds=services.PLAN_CARRY_SETTLE_SECONDS + 1)
+    assert services.plan_carry_over_complete(client=redis, now=later) == 1
+    assert int(redis.get(_day_key(big, on_small))) == 5

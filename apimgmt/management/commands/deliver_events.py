@@ -86,6 +86,15 @@ def quota_scan() -> int:
     return events.quota_threshold_notices(client=client) if client is not None else 0
 
 
+def carry_over_scan() -> int:
+    """The second quota carry-over pass of plan changes that are due (one Redis read when none is; none without
+    Redis)."""
+    from apimgmt.redis_client import get_redis
+
+    client = get_redis()
+    return services.plan_carry_over_complete(client=client) if client is not None else 0
+
+
 class Command(BaseCommand):
     help = (
         "Send events (the am_events outbox) to the tenants' webhook endpoints and developers' mail, retrying with "
@@ -130,6 +139,7 @@ class Command(BaseCommand):
                 notices, changes = scan()
                 notices += quota_scan() + circuit_scan()
                 stats = deliverer.run_once()
+                carry_over_scan()  # the plan changes this round dispatched, once due
             except loop.RETRIED_ERRORS as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
         finally:
@@ -166,6 +176,8 @@ class Command(BaseCommand):
             # Deliveries still in flight at a stop are waited for and recorded (deliverer.close).
             stats = deliverer.run_once(wait=False)
             total.add(stats)
+            # Plan changes whose gateways have all moved: the quota they counted on the old plan meanwhile.
+            carry_over_scan()
             if metrics is not None:
                 metrics.observe(stats)
                 metrics.backlog.set(webhooks.pending_backlog())
