@@ -117,11 +117,12 @@ def test_plan_step_always_gets_to_post_the_plan(tmp_path: Path, code: int, expec
 def test_posted_plan_and_the_failing_check(tmp_path: Path) -> None:
     steps = _steps()
     assert "gh pr comment" in steps["Post the plan"]["run"]
-    assert steps["Fail on an invalid document or refused deletes"]["if"].endswith("steps.plan.outputs.code == '1'")
+    condition = steps["Fail on an invalid document, refused deletes or no plan"]["if"]
+    assert "steps.plan.outputs.code != '0' && steps.plan.outputs.code != '2'" in condition
     assert steps["Plan"]["id"] == "plan"
 
 
-@pytest.mark.parametrize(("code", "expected"), [(0, 0), (2, 0), (1, 1)])
+@pytest.mark.parametrize(("code", "expected"), [(0, 0), (2, 0), (1, 1), (137, 1)])
 def test_apply_step_passes_the_reviewed_fingerprint(tmp_path: Path, code: int, expected: int) -> None:
     returncode, output = _run(tmp_path, "Apply the reviewed plan", kubectl_code=code)
     assert returncode == expected, output
