@@ -17,7 +17,7 @@ from django.utils import timezone
 from redis.crc import key_slot
 
 from apimgmt import limits, services
-from apimgmt.models import Event, Tenant
+from apimgmt.models import Consumer, Event, Plan, Tenant
 from apimgmt.redis_client import reset_redis
 from tests.support.redis_topologies import LocalCluster, redis_cluster
 
@@ -87,3 +87,60 @@ def test_one_round_announces_each_tenants_threshold_once_across_hash_slots(
         f"quota.threshold:{k}:80" for k in keys
     )
     assert sorted(notices.values_list("tenant_id", flat=True)) == ["acme", "globex"]
+
+
+def _day_counter(tenant: Tenant, plan: Plan, consumer_id: str) -> str:
+    policy = plan.policies.get()
+    (window,) = limits.counter_windows(
+        tenant_id=tenant.pk,
+        tz_name=tenant.timezone,
+        policy_id=policy.pk,
+        policy_name=policy.name,
+        policy_type="quota",
+        config=policy.config,
+        scope=consumer_id,
+        now=timezone.now().timestamp(),
+    )
+    return window.key
+
+
+def test_a_plan_change_carries_quota_over_twice_in_the_tenants_slot(
+    acme: Tenant,
+    bob_app: Consumer,
+    cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    small, big = (
+        services.plan_create(
+            tenant=acme,
+            name=name,
+            policies=[
+                services.policy_create(
+                    tenant=acme, name=name, policy_type="quota", config={"requests_per_day": limit}, actor=None
+                )
+            ],
+            actor=None,
+        )
+        for name, limit in (("small", 5), ("big", 8))
+    )
+    api = services.api_create(
+        tenant=acme,
+        api_name="orders",
+        base_path="/orders",
+        upstream_url="https://93.184.215.14",
+        status="active",
+        plans=[small, big],
+        actor=None,
+    )
+    subscription = services.subscription_request(consumer=bob_app, api=api, plan=small, actor=None)
+    client = cluster.client()
+    client.set(_day_counter(acme, small, bob_app.pk), 3, ex=90000)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=subscription, plan=big, actor=None)
+    assert int(client.get(_day_counter(acme, big, bob_app.pk)) or 0) == 3
+    client.incrby(_day_counter(acme, small, bob_app.pk), 2)  # a gateway still on small
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")
+    call_command("deliver_events")
+    assert int(client.get(_day_counter(acme, big, bob_app.pk)) or 0) == 5
