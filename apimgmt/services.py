@@ -1628,7 +1628,8 @@ def _counted_windows(subscription: Subscription, plan: Plan | None, now: float) 
 # gateways still on the old plan counted there. A marker field in the same hash, set in the same script, makes that
 # pass happen once however often it is retried.
 PLAN_CARRY_SETTLE_SECONDS = 5.0
-# How long a change's hash is kept: a deliverer down longer than this loses the requests of that last second only.
+# How long a change's hash is kept. A second pass later than that finds no first values and only raises the new
+# counters to the old ones, as after a first pass that could not run.
 PLAN_CARRY_TTL_SECONDS = 2 * 86400
 # Changes waiting for their second pass: a sorted set of event ids (score: when due, epoch s), filled when the
 # deliverer dispatches the subscription.plan_changed event.
