@@ -9,6 +9,11 @@ log shows how many requests reached it during the measured runs, which should be
 request validation adds). Each is measured with wrk -t2 -c64 and -t1 -c1, --repeat times (default 3, 8 s each),
 the targets interleaved round by round; medians are reported, with the rps range, and the CPU time the naive
 proxy's and the gateway's processes spent per request (less sensitive to other load on a shared machine than rps).
+
+Then the WebSocket rows (bench/websocket.py, on a gateway of their own once the HTTP servers are gone): echo
+round trips per second through the gateway against the upstream directly at 64 connections, with the ratio, and
+2,000 idle connections on one worker (RSS growth, and each closed with 1008 on time although it pings), each
+marked PASS or FAIL against issue 16's targets. ``--no-websocket`` skips them, ``--only websocket`` runs only them.
 """
 
 from __future__ import annotations
@@ -262,10 +267,20 @@ def main() -> None:
     )
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", ""))
     parser.add_argument(
-        "--only", default="", help="comma-separated subset: direct,nginx,naive,gateway,jwt,edge,cache,post,validate"
+        "--only",
+        default="",
+        help="comma-separated subset: direct,nginx,naive,gateway,jwt,edge,cache,post,validate,websocket",
     )
+    parser.add_argument(
+        "--no-websocket", action="store_true", help="skip the WebSocket rows (bench/websocket.py; about 2 minutes)"
+    )
+    parser.add_argument("--websocket-idle", type=int, default=2000, help="idle WebSocket connections (0: skip)")
     options = parser.parse_args()
     only = set(filter(None, options.only.split(",")))
+    with_websocket = (not only or "websocket" in only) and not options.no_websocket
+    if only == {"websocket"}:
+        _websocket_only(options)
+        return
     workdir = Path(tempfile.mkdtemp(prefix="apimgmt-bench-"))
     upstream_port, proxy_port, naive_port, gateway_port = (free_port() for _ in range(4))
     upstream = f"http://127.0.0.1:{upstream_port}"
@@ -440,6 +455,8 @@ def main() -> None:
         if key in report:
             print(f"{key}: {report[key]}")
     print(f"gateway worker RSS (MiB): {', '.join(f'{r:.1f}' for r in gateway_rss)}")
+    if with_websocket:
+        report["websocket"] = _websocket_rows(options)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -447,6 +464,30 @@ def main() -> None:
     print(f"results: {out.relative_to(ROOT)}")
     if not os.environ.get("BENCH_KEEP"):
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _websocket_rows(options: argparse.Namespace) -> dict[str, Any]:
+    """The WebSocket rows (bench/websocket.py: echo round trips gateway vs direct at 64 connections, 2,000 idle
+    connections on one worker), run after the HTTP servers are gone, with their verdicts against issue 16's
+    targets."""
+    if str(ROOT) not in sys.path:  # run as a script, bench/ and not the project is on the path
+        sys.path.insert(0, str(ROOT))
+    from bench import websocket
+
+    print("\nWebSocket (bench/websocket.py)", file=sys.stderr)
+    report = websocket.run(duration=options.duration, repeat=options.repeat, idle=options.websocket_idle)
+    print("\n".join(websocket.summary(report)))
+    return report
+
+
+def _websocket_only(options: argparse.Namespace) -> None:
+    report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
+    report["websocket"] = _websocket_rows(options)
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ key's connection cap) and the upstream's own handshake. Every refusal is an ordi
 does the client get its 101.
 
 After the 101 the connection belongs to this module: gunicorn's greenlet for the connection reads the client, a
-second greenlet reads the upstream, and ``wsproto`` (sans-IO) parses every frame a client sends and writes what
-the gateway frames itself, so messages can be counted and capped (see ``Session._pump`` for what is passed on as
-it came). Fragmented messages are relayed piece by piece (never buffered whole), pings and pongs end to end, and
-each side's close is forwarded to the other. One housekeeping greenlet per worker enforces the idle timeout,
-renews the connection-cap leases, adds each connection's usage every second, closes the connections of keys the
+second greenlet reads the upstream, and ``wsproto`` (sans-IO) parses every frame either side sends and writes
+what the gateway frames itself, so messages can be counted and capped (see ``Session._pump`` for what is passed on
+as it came). Fragmented messages are relayed piece by piece (never buffered whole), pings and pongs end to end, and
+each side's close is forwarded to the other. One housekeeping greenlet per worker enforces the idle timeout (no
+message either way for that long; pings and pongs do not count, see ``Session.last_activity``), renews the connection-cap leases, adds each connection's usage every second, closes the connections of keys the
 control plane changed (revoked, consumer blocked, API retired or WebSocket turned off: 1008) and, when the worker
 is told to stop, closes every connection with 1001.
 
@@ -778,6 +778,11 @@ class Session:
         self.client_wire: _Wire | None = None
         self.client_lock = gevent.lock.Semaphore()
         self.upstream_lock = gevent.lock.Semaphore()
+        # When the last message (text or binary, either way) passed. Pings and pongs do not move it: client and
+        # server libraries send them on their own every few seconds (websockets' default is every 20 s, and a
+        # browser answers a server's pings by itself), so counting them would keep an abandoned connection, its
+        # greenlet and its place under the key's cap, forever. They still pass end to end, so they keep proxies
+        # in front (which count bytes) from cutting the connection.
         self.last_activity = time.monotonic()
         self.closing_since = 0.0
         self.message_size = 0  # bytes of the client's message in progress
@@ -878,16 +883,12 @@ class Session:
     def _pump(self, from_client: bool) -> None:
         """Read one side until its connection is closed.
 
-        wsproto parses every byte a client sends. A chunk that holds only whole messages, pings and pongs, starts
-        and ends on a frame boundary and breaks no limit is then counted and passed on as the very bytes that came
-        (a client's frames are masked, as the upstream expects). Any other chunk goes event by event
-        (``_from_client``, ``_from_upstream``) and wsproto frames it anew.
-
-        From the upstream, what it sends most, a chunk of whole unfragmented text or binary frames (unmasked, no
-        extension bits), is counted from the frames' headers alone (``_plain_frames``) and passed on as it came,
-        without wsproto: upstream messages are counted, not capped, and the client checks their text itself.
-        Anything else from the upstream (pings, closes, fragments, a frame split across reads) goes to wsproto,
-        which has then seen only whole frames before it and so reads on from a frame boundary.
+        wsproto parses every byte either side sends. A chunk that holds only whole messages, pings and pongs,
+        starts and ends on a frame boundary and breaks no limit is then counted and passed on as the very bytes that
+        came: a client's frames are masked, as the upstream expects, and an upstream's are not, as the client
+        expects, so nothing is framed anew. Any other chunk (a fragment, a frame split across reads, a close, a
+        message over the cap) goes event by event (``_from_client``, ``_from_upstream``) and wsproto frames it anew.
+        wsproto checks text either way: a message that is not UTF-8 is not passed on, the other side gets 1007.
         """
         assert self.client_wire is not None and self.upstream_wire is not None
         if from_client:
@@ -912,25 +913,15 @@ class Session:
             if not data and self.ended:
                 return
             at_boundary = frames.header is None and not frames.buffer.buffer and messages.opcode is None
-            if not from_client and data and at_boundary and conn.state is opened and not self.closing_since:
-                plain = _plain_frames(data)
-                if plain is not None:
-                    self.last_activity = monotonic()
-                    self.messages_out += plain[0]
-                    self.bytes_out += plain[1]
-                    with out_lock:
-                        if out_conn.state is opened:
-                            with contextlib.suppress(OSError):
-                                out_wire.sendall(data)
-                    continue
             try:
                 conn.receive_data(data or None)
                 events = list(conn.events())
                 if data and at_boundary and frames.header is None and not frames.buffer.buffer:
                     relayed = _whole(events, cap)
                     if relayed is not None and conn.state is opened and not self.closing_since:
-                        self.last_activity = monotonic()
                         count, size = relayed
+                        if count:  # pings and pongs alone leave the connection idle
+                            self.last_activity = monotonic()
                         if from_client:
                             self.messages_in += count
                             self.bytes_in += size
@@ -958,8 +949,8 @@ class Session:
                 return
 
     def _from_client(self, event: Event) -> None:
-        self.last_activity = time.monotonic()
         if isinstance(event, Message):
+            self.last_activity = time.monotonic()
             if self.client.state is not ConnectionState.OPEN:
                 return  # the gateway is closing this connection: the rest of the message is dropped
             size = len(event.data.encode()) if isinstance(event, TextMessage) else len(event.data)
@@ -983,8 +974,8 @@ class Session:
             self._closing()
 
     def _from_upstream(self, event: Event) -> None:
-        self.last_activity = time.monotonic()
         if isinstance(event, Message):
+            self.last_activity = time.monotonic()
             size = len(event.data.encode()) if isinstance(event, TextMessage) else len(event.data)
             self.bytes_out += size
             if event.message_finished:
@@ -1054,7 +1045,8 @@ def _whole(events: list[Event], cap: int) -> tuple[int, int] | None:
             if not (event.message_finished and event.frame_finished):  # type: ignore[attr-defined]
                 return None
             data = event.data  # type: ignore[attr-defined]
-            length = len(data.encode()) if kind is TextMessage else len(data)
+            # ASCII text (most of it) is as long in UTF-8 as in characters; str.isascii() is O(1) in CPython.
+            length = len(data) if kind is not TextMessage or data.isascii() else len(data.encode())
             if cap and length > cap:
                 return None
             count += 1
@@ -1062,38 +1054,6 @@ def _whole(events: list[Event], cap: int) -> tuple[int, int] | None:
         elif kind not in _CONTROL:
             return None
     return count, size
-
-
-_PLAIN_FIRST_BYTES = (0x81, 0x82)  # FIN, no extension bits, text or binary
-
-
-def _plain_frames(data: bytes) -> tuple[int, int] | None:
-    """(messages, payload bytes) when ``data`` is exactly a run of whole unfragmented text or binary frames, not
-    masked, with no extension bits and lengths in their shortest form (what wsproto requires of an upstream); else
-    None. Only the headers are read."""
-    end = len(data)
-    at = count = size = 0
-    while at < end:
-        if end - at < 2 or data[at] not in _PLAIN_FIRST_BYTES:
-            return None
-        length = data[at + 1]  # the mask bit must be clear: a set one makes this 128 or more
-        at += 2
-        if length == 126:
-            length = int.from_bytes(data[at : at + 2], "big")
-            at += 2
-            if length < 126:
-                return None
-        elif length == 127:
-            length = int.from_bytes(data[at : at + 8], "big")
-            at += 8
-            if length <= 0xFFFF or length >> 63:
-                return None
-        elif length > 127:
-            return None
-        at += length
-        count += 1
-        size += length
-    return (count, size) if at == end else None
 
 
 def _same_kind(event: Message[Any]) -> Message[Any]:

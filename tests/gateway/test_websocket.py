@@ -30,10 +30,12 @@ from tests.support.servers import gunicorn
 
 class WsUpstream:
     """A real WebSocket server on loopback: /echo echoes, /close-first closes (4000) after the first message,
-    /die drops the TCP connection after the first message. Every handshake's path and headers are kept."""
+    /die drops the TCP connection after the first message, /bad-text answers with text that is not UTF-8. Every
+    handshake's path and headers are kept, and the close code each connection ended with."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.handshakes: list[tuple[str, dict[str, str], str | None]] = []
+        self.closes: list[int | None] = []  # the close code each connection ended with
         self.server: Server = serve(
             self._handle,
             "127.0.0.1",
@@ -69,9 +71,13 @@ class WsUpstream:
                     ws.socket.shutdown(socket.SHUT_RDWR)
                     ws.socket.close()
                     return
+                if path.endswith("/bad-text"):
+                    ws.socket.sendall(b"\x81\x02\xff\xfe")  # a whole text frame that is not UTF-8
+                    continue
                 ws.send(message)
         except ConnectionClosed:
             pass
+        self.closes.append(ws.close_code)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -207,9 +213,14 @@ def test_upstream_that_refuses_the_upgrade_gets_502(live_gateway, acme, bob_app,
         _ws_api(acme, bob_app, plain.url)
         url = live_gateway + "/api/users/v1/echo"
         http_url = url.replace("ws://", "http://")
-        started = time.monotonic()
-        while requests.get(http_url, headers={"X-API-Key": key}, timeout=5).status_code != 200:
-            assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 30
+        while True:  # until both workers route it (a busy machine may not answer a request within its timeout)
+            try:
+                if requests.get(http_url, headers={"X-API-Key": key}, timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the API never became routable"
             time.sleep(0.1)
         with pytest.raises(InvalidStatus) as caught:
             _connect(url, key)
@@ -228,6 +239,22 @@ def test_upstream_dying_mid_stream_closes_the_client_with_1011(live_gateway, acm
         code, reason, _ = _closed_with(ws)
     assert code == 1011
     assert "upstream" in reason
+
+
+def test_text_from_the_upstream_that_is_not_utf8_is_not_passed_on_and_closes_both_sides_with_1007(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url)
+    _wait_routable(live_gateway + "/api/users/v1/echo", key)
+    with _connect(live_gateway + "/api/users/v1/bad-text", key) as ws:
+        ws.send("hi")
+        code, _, _ = _closed_with(ws)
+    assert code == 1007
+    deadline = time.monotonic() + 5
+    while 1007 not in ws_upstream.closes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 1007 in ws_upstream.closes  # the upstream was told too
 
 
 # -- refusals before any upgrade -----------------------------------------------------------------------------------
@@ -298,6 +325,90 @@ def test_a_browser_handshake_from_an_origin_the_cors_policy_does_not_allow_gets_
         assert ws.recv(timeout=5) == "from the app"
 
 
+def _refused_once_routed(url: str, key: str, timeout: float = 30) -> Any:
+    """The answer to a handshake that is refused, once the workers have loaded the API (404 until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with pytest.raises(InvalidStatus) as caught:
+            _connect(url, key)
+        response = caught.value.response
+        if response.status_code != 404 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)
+
+
+def test_a_handshake_over_the_rate_limit_gets_429_before_any_upgrade(live_gateway, acme, bob_app, bob_key, ws_upstream):
+    _, key = bob_key
+    limit = services.policy_create(
+        tenant=acme, name="three", policy_type="rate_limiting", config={"requests_per_minute": 3}, actor=None
+    )
+    _ws_api(acme, bob_app, ws_upstream.url, policies=[limit])
+    url = live_gateway + "/api/users/v1/echo"
+    deadline = time.monotonic() + 30
+    opened = 0
+    while True:  # 404 until the workers load the API; then each handshake is one request against the limit
+        try:
+            with _connect(url, key) as ws:
+                ws.send("counted")
+                assert ws.recv(timeout=5) == "counted"
+            opened += 1
+        except InvalidStatus as refused:
+            if refused.response.status_code != 404:
+                response = refused.response
+                break
+        assert time.monotonic() < deadline and opened <= 6, "the handshakes were never limited"
+        time.sleep(0.05)
+    assert opened >= 1
+    assert response.status_code == 429
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert len(ws_upstream.handshakes) == opened  # the refused handshake never reached the upstream
+
+
+def test_a_handshake_from_an_address_the_ip_rules_refuse_gets_403_before_any_upgrade(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    _, key = bob_key
+    rules = services.policy_create(
+        tenant=acme, name="no-loopback", policy_type="ip_rules", config={"deny": ["127.0.0.0/8"]}, actor=None
+    )
+    _ws_api(acme, bob_app, ws_upstream.url, policies=[rules])
+    response = _refused_once_routed(live_gateway + "/api/users/v1/echo", key)
+    assert response.status_code == 403
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert b"ip-refused" in response.body and b"127.0.0.1" in response.body
+    assert ws_upstream.handshakes == []
+
+
+def test_a_websocket_upstream_at_a_private_address_gets_502_and_is_never_contacted(
+    live_env, tmp_path, acme, bob_app, bob_key
+):
+    _, key = bob_key
+    with socket.socket() as listener:  # the "upstream": a loopback port that notes any connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        _ws_api(acme, bob_app, f"http://127.0.0.1:{listener.getsockname()[1]}")
+        env = {
+            **live_env,
+            "UPSTREAM_ALLOW_PRIVATE": "0",
+            "USAGE_SPOOL_DIR": str(tmp_path / "spool"),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "p"),
+        }
+        with gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.log") as http_url:
+            url = http_url.replace("http://", "ws://") + "/api/users/v1/echo"
+            response = _refused_once_routed(url, key)
+            for _ in range(4):  # both workers
+                with pytest.raises(InvalidStatus) as caught:
+                    _connect(url, key)
+                assert caught.value.response.status_code == 502
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert response.status_code == 502
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert b"upstream-unavailable" in response.body
+
+
 # -- controls ------------------------------------------------------------------------------------------------------
 
 
@@ -321,13 +432,22 @@ def test_idle_connection_is_closed_after_the_idle_timeout(live_gateway, acme, bo
     url = live_gateway + "/api/users/v1/echo"
     _wait_routable(url, key)
     with _connect(url, key) as ws:
-        for _ in range(3):  # traffic keeps it open past the timeout
+        for _ in range(3):  # messages keep it open past the timeout
             time.sleep(0.8)
             ws.send("ping")
             assert ws.recv(timeout=5) == "ping"
-        code, reason, waited = _closed_with(ws)
-    assert code == 1008
-    assert "Idle" in reason
+        last_message = time.monotonic()
+        pongs = 0
+        while True:  # pings (answered through the gateway) do not
+            try:
+                pongs += ws.ping(b"heartbeat").wait(0.5)
+            except ConnectionClosed:
+                break
+            assert time.monotonic() - last_message < 6, "pings kept an idle connection open"
+            time.sleep(0.2)
+        waited = time.monotonic() - last_message
+    assert (ws.close_code, ws.close_reason) == (1008, "Idle for more than 1.5 s.")
+    assert pongs >= 3
     assert 1.3 < waited < 3.0
 
 
@@ -367,19 +487,13 @@ def _serving_pid(ws: ClientConnection, pids: set[int]) -> int:
     raise AssertionError("no worker holds the connection")
 
 
-def test_revoking_the_key_closes_its_connections_on_both_workers_within_one_second(
-    live_gateway, acme, bob_app, bob_key, ws_upstream
-):
-    key_row, key = bob_key
-    _ws_api(acme, bob_app, ws_upstream.url, websocket_max_connections=40)
-    url = live_gateway + "/api/users/v1/echo"
-    _wait_routable(url, key)
-    _, other_key = services.api_key_create(consumer=bob_app, actor=None)
+def _on_both_workers(url: str, key: str) -> list[ClientConnection]:
+    """Connections with ``key`` until each of the gateway's two workers holds at least one of them."""
     pids = _worker_pids(int(url.rsplit(":", 1)[1].split("/", 1)[0]))
     assert len(pids) == 2
     held: list[ClientConnection] = []
     seen: set[int] = set()
-    while seen != pids:  # until each worker holds at least one of the key's connections
+    while seen != pids:
         assert len(held) < 36, "connections never reached both workers"
         # Four handshakes at once: one after another, a busy machine lets one worker accept them all.
         with ThreadPoolExecutor(4) as pool:
@@ -387,7 +501,12 @@ def test_revoking_the_key_closes_its_connections_on_both_workers_within_one_seco
         for ws in batch:
             held.append(ws)
             seen.add(_serving_pid(ws, pids))
-    bystander = _connect(url, other_key)
+    return held
+
+
+def _closes_after(held: list[ClientConnection], act: Any) -> tuple[set[tuple[int, str]], float]:
+    """Watch every connection, call ``act``; the (code, reason) pairs they were closed with and how long after
+    ``act`` began the last one closed."""
     results: list[tuple[int, str, float]] = []
     lock = threading.Lock()
 
@@ -400,13 +519,28 @@ def test_revoking_the_key_closes_its_connections_on_both_workers_within_one_seco
     for thread in watchers:
         thread.start()
     time.sleep(0.2)
-    revoked_at = time.monotonic()
-    services.api_key_revoke(key=ApiKey.objects.get(pk=key_row.pk), actor=None)
+    acted_at = time.monotonic()
+    act()
     for thread in watchers:
         thread.join(15)
     assert len(results) == len(held)
-    assert {code for code, _, _ in results} == {1008}
-    slowest = max(closed_at for _, _, closed_at in results) - revoked_at
+    return {(code, reason) for code, reason, _ in results}, max(at for _, _, at in results) - acted_at
+
+
+def test_revoking_the_key_closes_its_connections_on_both_workers_within_one_second(
+    live_gateway, acme, bob_app, bob_key, ws_upstream
+):
+    key_row, key = bob_key
+    _ws_api(acme, bob_app, ws_upstream.url, websocket_max_connections=40)
+    url = live_gateway + "/api/users/v1/echo"
+    _wait_routable(url, key)
+    _, other_key = services.api_key_create(consumer=bob_app, actor=None)
+    held = _on_both_workers(url, key)
+    bystander = _connect(url, other_key)
+    closes, slowest = _closes_after(
+        held, lambda: services.api_key_revoke(key=ApiKey.objects.get(pk=key_row.pk), actor=None)
+    )
+    assert {code for code, _ in closes} == {1008}
     assert slowest < 1.0, f"the slowest connection closed {slowest:.2f} s after the revocation"
     bystander.send("still here")  # another key's connection is untouched
     assert bystander.recv(timeout=5) == "still here"
@@ -481,26 +615,21 @@ def test_retiring_the_api_or_blocking_the_consumer_closes_connections_with_1008(
     live_gateway, acme, bob_app, bob_key, ws_upstream
 ):
     _, key = bob_key
-    api = _ws_api(acme, bob_app, ws_upstream.url)
+    api = _ws_api(acme, bob_app, ws_upstream.url, websocket_max_connections=40)
     url = live_gateway + "/api/users/v1/echo"
     _wait_routable(url, key)
 
-    ws = _connect(url, key)
-    blocked_at = time.monotonic()
-    services.consumer_block(consumer=bob_app, actor=None)
-    code, reason, _ = _closed_with(ws)
-    assert code == 1008
-    assert "key" in reason
-    assert time.monotonic() - blocked_at < 1.5
+    held = _on_both_workers(url, key)
+    closes, slowest = _closes_after(held, lambda: services.consumer_block(consumer=bob_app, actor=None))
+    assert closes == {(1008, "The key no longer allows this API.")}
+    assert slowest < 1.0, f"the slowest connection closed {slowest:.2f} s after the consumer was blocked"
 
     services.consumer_unblock(consumer=bob_app, actor=None)
     _wait_routable(url, key)
-    ws = _connect(url, key)
-    retired_at = time.monotonic()
-    services.api_retire(api=api, actor=None)
-    code, reason, _ = _closed_with(ws)
-    assert (code, reason) == (1008, "The API was retired.")
-    assert time.monotonic() - retired_at < 1.5
+    held = _on_both_workers(url, key)
+    closes, slowest = _closes_after(held, lambda: services.api_retire(api=api, actor=None))
+    assert closes == {(1008, "The API was retired.")}
+    assert slowest < 1.0, f"the slowest connection closed {slowest:.2f} s after the API was retired"
 
 
 def test_a_connection_is_billed_as_one_request_with_its_message_bytes_each_way(
