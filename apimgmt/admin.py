@@ -1051,6 +1051,14 @@ class PlanAdmin(ServiceDeleteAdmin):
     def delete_through_service(self, request: HttpRequest, obj: Plan) -> None:
         services.plan_delete(plan=obj, actor=request.user)
 
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, set[str], Any]:
+        # Only subscriptions hold a plan (PROTECT). Open ones, and those scheduled to move to it, are the service's
+        # refusal (no delete page then); the closed ones left are detached by plan_delete, so they stop nothing.
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        if all(self.delete_refusal(obj) is None for obj in objs):
+            protected = []
+        return deleted, counts, perms_needed, protected
+
     @admin.display(description="policies")
     def policy_list(self, obj: Plan) -> str:
         return ", ".join(p.name for p in obj.policies.all()) or "—"

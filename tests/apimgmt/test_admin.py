@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,8 @@ from apimgmt.models import (
 )
 from apimgmt.tokens import api_token_create
 from tests.support.admin_diagnostics import backend_pid, what_the_admin_saw
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = [
     Tenant,
@@ -422,3 +425,26 @@ def test_the_consumer_list_counts_live_keys_only(admin_client_: Client, bob_app:
 
     page = admin_client_.get(_url(Consumer, "changelist")).content.decode()
     assert '<td class="field-active_keys">1</td>' in page
+
+
+def test_a_plan_only_closed_subscriptions_are_on_is_deleted_as_the_operations_guide_says(
+    client: Client, staff: User, acme: Tenant, acme_api: Api, bob_app: Consumer
+) -> None:
+    plan = services.plan_create(tenant=acme, name="old", actor=None)
+    services.api_update(api=acme_api, plans=[plan], actor=None)
+    subscription = services.subscription_request(consumer=bob_app, api=acme_api, plan=plan, actor=None)
+    client.force_login(staff)
+    url = reverse("admin:apimgmt_plan_delete", args=[plan.pk])
+    assert client.get(url).status_code == 403, "an open subscription is on it"
+
+    services.subscription_cancel(subscription=subscription, actor=None)
+    response = client.post(url, {"post": "yes"})
+    assert response.status_code == 302, re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", response.content.decode()))[-1500:]
+    assert not Plan.objects.filter(pk=plan.pk).exists()
+    subscription.refresh_from_db()
+    assert (subscription.status, subscription.plan) == ("cancelled", None)
+    guide = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert (
+        "Deleting a plan (allowed while no open subscription, pending or active, is on it or scheduled to move to "
+        "it; cancelled and rejected ones on it are kept without a plan" in guide
+    )
