@@ -3,8 +3,10 @@ key.expiring is sent exactly once per threshold across two processes; a receiver
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +19,7 @@ from django.utils import timezone
 
 from apimgmt import events, services, webhooks
 from apimgmt.models import Consumer, Event, WebhookDelivery
-from tests.events.conftest import deliver_events
+from tests.events.conftest import ROOT, deliver_events
 from tests.gateway.upstreams import raw_upstream, stall
 from tests.support.servers import free_port, wait_for_port
 from tests.support.webhook_receiver import verify
@@ -52,6 +54,36 @@ def test_follow_delivers_serves_metrics_and_stops_on_sigterm(live_env, acme, ali
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     assert WebhookDelivery.objects.get(endpoint=endpoint).attempts == 1
+
+
+def test_with_redis_down_webhooks_still_go_out_and_the_one_shot_run_says_what_failed(
+    live_env, acme, alice, bob_app, receiver
+):
+    # Quota, circuit and carry-over scans need Redis; the outbox does not. Before, the first failed scan ended each
+    # round before any delivery, so no webhook went out until Redis came back.
+    endpoint, secret = webhooks.webhook_endpoint_create(tenant=acme, url=receiver.url, actor=alice)
+    down = {**live_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # nothing listens there
+    with deliver_events(down, "--follow", "--pause-ms", "100") as proc:
+        services.consumer_block(consumer=bob_app, actor=alice)
+        _wait(lambda: len(receiver.received) == 1)
+        assert verify(secret, receiver.received[0].headers, receiver.received[0].body)
+        _wait(lambda: WebhookDelivery.objects.filter(endpoint=endpoint, status="succeeded").exists())
+        services.consumer_unblock(consumer=bob_app, actor=alice)
+        _wait(lambda: len(receiver.received) == 2)  # later rounds too, while the scans back off
+        assert proc.poll() is None
+    services.consumer_block(consumer=bob_app, actor=alice)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "deliver_events"],
+        cwd=ROOT,
+        env={**os.environ, "WEBHOOK_ALLOW_PRIVATE": "1", **down},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert len(receiver.received) == 3
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "dispatched 1 events; deliveries: 1 succeeded" in result.stdout
+    assert "the Redis scans failed (deliveries were made)" in result.stderr
 
 
 def test_key_expiring_is_sent_exactly_once_per_threshold_across_two_delivery_processes(

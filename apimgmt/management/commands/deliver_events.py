@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from redis.exceptions import RedisClusterException
 
 from apimgmt import events, services, webhooks
 from apimgmt.management import loop
@@ -18,6 +21,42 @@ QUOTA_SCAN_EVERY_SECONDS = 10.0
 # How often --follow deletes events and finished deliveries past EVENT_RETENTION_DAYS.
 HOUSEKEEPING_EVERY_SECONDS = 3600.0
 SUMMARY_EVERY_SECONDS = 60.0
+# After a Redis scan fails, the scans wait this long (doubling up to the maximum) before they try Redis again.
+REDIS_SCAN_BACKOFF_SECONDS = 1.0
+REDIS_SCAN_BACKOFF_MAX_SECONDS = 30.0
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+
+class RedisScans:
+    """The scans that read Redis (quota counters, circuit announcements, plan carry-overs), kept apart from the
+    outbox: with Redis down, webhooks and developer mail (database only) still go out. A failed scan is logged and
+    Redis is left alone for a back-off, so a round does not wait out connect timeouts each time."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    def run(self, scan: Callable[[], int]) -> int:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return 0
+        try:
+            found = scan()
+        except REDIS_ERRORS as exc:
+            self.failure = exc
+            self._backoff = min(max(self._backoff * 2, REDIS_SCAN_BACKOFF_SECONDS), REDIS_SCAN_BACKOFF_MAX_SECONDS)
+            self._retry_at = now + self._backoff
+            webhooks.logger.warning(
+                "Redis scans failed (quota, circuit and plan carry-over notices wait; deliveries go on), "
+                "retrying in %.0fs: %s: %s",
+                self._backoff,
+                exc.__class__.__name__,
+                exc,
+            )
+            return 0
+        self._backoff = 0.0
+        return found
 
 
 class DelivererMetrics(loop.CommandMetrics):
@@ -135,11 +174,12 @@ class Command(BaseCommand):
                 metrics = DelivererMetrics().serve(options["metrics_port"]) if options["metrics_port"] else None
                 self._follow(deliverer, pause=options["pause_ms"] / 1000, metrics=metrics)
                 return
+            redis_scans = RedisScans()
             try:
                 notices, changes = scan()
-                notices += quota_scan() + circuit_scan()
+                notices += redis_scans.run(quota_scan) + redis_scans.run(circuit_scan)
                 stats = deliverer.run_once()
-                carry_over_scan()  # the plan changes this round dispatched, once due
+                redis_scans.run(carry_over_scan)  # the plan changes this round dispatched, once due
             except loop.RETRIED_ERRORS as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
         finally:
@@ -149,6 +189,9 @@ class Command(BaseCommand):
             f"retry, {stats.failed} failed; {stats.mailed} notice mails sent; {notices} key.expiring, quota.threshold and "
             f"circuit notices; {changes} plan changes applied"
         )
+        if redis_scans.failure is not None:
+            # The outbox went out; what needs Redis did not: say so, and fail the run so a cron job notices.
+            raise CommandError(f"the Redis scans failed (deliveries were made): {redis_scans.failure}")
 
     def _follow(self, deliverer: webhooks.Deliverer, *, pause: float, metrics: DelivererMetrics | None) -> None:
         webhooks.logger.info("event deliverer started")
@@ -157,6 +200,7 @@ class Command(BaseCommand):
         last_quota_scan = -QUOTA_SCAN_EVERY_SECONDS
         last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
+        redis_scans = RedisScans()
 
         def round_() -> float:
             nonlocal total, last_scan, last_quota_scan, last_housekeeping, last_summary
@@ -165,19 +209,19 @@ class Command(BaseCommand):
                 scan()
                 last_scan = now
             if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS:
-                quota_scan()
+                redis_scans.run(quota_scan)
                 last_quota_scan = now
             if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
                 webhooks.forget_old()
                 last_housekeeping = now
             # The gateways' circuit announcements: one Redis read per tenant that ever had one, every round.
-            circuit_scan()
+            redis_scans.run(circuit_scan)
             # Returns once an attempt finished (or after a short poll): a slow receiver never holds the next round.
             # Deliveries still in flight at a stop are waited for and recorded (deliverer.close).
             stats = deliverer.run_once(wait=False)
             total.add(stats)
             # Plan changes whose gateways have all moved: the quota they counted on the old plan meanwhile.
-            carry_over_scan()
+            redis_scans.run(carry_over_scan)
             if metrics is not None:
                 metrics.observe(stats)
                 metrics.backlog.set(webhooks.pending_backlog())
