@@ -182,6 +182,10 @@ class _Applier:
     def _guarded(self, change: Change, step: Callable[[Change], None]) -> None:
         """Run one change; a service's refusal becomes an error naming the object and the field."""
         where = f"{SECTION_OF.get(change.kind, 'consumers')}[{change.key}]"
+        if change.kind == "subscription":
+            # The plan's key "app → api" is where the document has it: consumers[app].subscriptions[api].
+            consumer, _, api = change.key.partition(" → ")
+            where = f"consumers[{consumer}].subscriptions[{api}]"
         try:
             step(change)
         except ValidationError as exc:

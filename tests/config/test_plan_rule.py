@@ -74,12 +74,6 @@ def test_a_subscription_without_one_of_the_apis_plans_is_refused_and_changes_not
     assert not Subscription.objects.filter(api=users).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply names a service's refusal of a subscription consumers[billing → users].plan (config_doc/apply.py "
-    "_guarded, the plan's change key), not the document path consumers[billing].subscriptions[users].plan that the "
-    "document's own checks use",
-)
 @pytest.mark.parametrize(("subscription", "plans_extra", "message"), REFUSED)
 def test_the_refusal_names_the_subscriptions_path_in_the_document(
     world: dict[str, Any], run_config: Run, tmp_path: Path, subscription: str, plans_extra: str, message: str
