@@ -92,6 +92,13 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c_without_errors(empty_datab
         with pytest.raises(urllib.error.HTTPError) as public:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert public.value.code == 404
+        # The background roles run beside the servers: the event deliverer, and the usage flusher with Redis.
+        session = subprocess.run(
+            ["ps", "-ww", "-s", str(proc.pid), "-o", "args="], capture_output=True, text=True, check=True
+        ).stdout
+        assert "manage.py deliver_events --follow" in session, session
+        if settings.REDIS_URL:
+            assert "manage.py flush_usage --follow" in session, session
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
