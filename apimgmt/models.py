@@ -869,6 +869,12 @@ class Event(models.Model):
             models.Index(
                 fields=["occurred_at"], condition=Q(dispatched_at__isnull=True), name="idx_events_undispatched"
             ),
+            # The deliverer reads the recent plan changes every few seconds (their quota carry-over's second pass).
+            models.Index(
+                fields=["occurred_at"],
+                condition=Q(event_type="subscription.plan_changed"),
+                name="idx_events_plan_changes",
+            ),
         ]
 
     def __str__(self) -> str:
