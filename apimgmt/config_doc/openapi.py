@@ -10,9 +10,10 @@ that is wrong and nothing is created. The mapping:
 - the security schemes the spec requires (its ``security``, top level and per operation) → how the gateway
   authenticates: ``apiKey`` in a header → ``key_header``, in the query → ``key_query_param``, an opaque ``http``
   ``bearer`` token → ``accept_bearer``; OpenID Connect, OAuth 2 and ``bearer`` with ``bearerFormat: JWT`` →
-  ``auth_method`` jwt (key_or_jwt beside a key scheme) with the tenant's JWT issuers that match the scheme's
-  issuer or host, else a note that one must be attached first; basic and cookie schemes do not map and are
-  reported;
+  ``auth_method`` jwt (key_or_jwt beside a key scheme) with the tenant's JWT issuer whose URL is exactly the
+  OpenID Connect scheme's issuer (never one that merely shares its host), else a note that one must be attached
+  first (always so for OAuth 2 and bearer JWT schemes, which name no issuer); basic and cookie schemes do not map
+  and are reported;
 - the document itself → ``openapi_spec``, which the portal shows; with ``restrict_to_spec`` the gateway routes only
   its operations (apimgmt/spec_operations.py).
 """
@@ -180,37 +181,35 @@ def _required_schemes(spec: dict[str, Any], schemes: dict[str, Any], notes: list
 
 
 def _issuer_key(url: str) -> str:
-    return url.strip().rstrip("/").lower()
-
-
-def _host(url: Any) -> str:
+    """An issuer as compared: scheme and host in lower case, a default port and a final slash dropped; the path
+    keeps its case (``https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC`` is not ``…_abc``)."""
+    text = url.strip()
     try:
-        return (urlsplit(str(url)).hostname or "").lower()
+        parts = urlsplit(text)
+        port = parts.port
     except ValueError:
-        return ""
+        return text.rstrip("/")
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if port is not None and (scheme, port) not in (("https", 443), ("http", 80)):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}" + (f"?{parts.query}" if parts.query else "")
 
 
 def _token_issuers(scheme: dict[str, Any], issuers: Sequence[JwtIssuer]) -> tuple[list[JwtIssuer], str]:
-    """The tenant's issuers whose tokens a JWT scheme describes, and what they were looked for by (for a note): an
-    openIdConnect scheme's issuer (its discovery URL without the well-known suffix), else any issuer on its host;
-    an oauth2 scheme's issuers on the hosts of its flows' URLs. A bearer JWT names no issuer."""
+    """The tenant's issuers whose tokens a JWT scheme describes, and what they were looked for by (for a note).
+
+    Only an openIdConnect scheme names its issuer (the discovery URL without the well-known suffix), and only the
+    tenant's issuer with exactly that URL is attached. Never one on the same host: an identity provider's host is
+    shared by all its tenants (login.microsoftonline.com, accounts.google.com, cognito-idp.<region>.amazonaws.com),
+    so a host match would let the API accept tokens of the tenant's other directories (partners', staff's). An
+    oauth2 scheme's URLs say where tokens are obtained, not who issues them, and a bearer JWT names no issuer:
+    nothing is attached for them."""
     if scheme.get("type") == "openIdConnect":
-        url = str(scheme.get("openIdConnectUrl", ""))
-        issuer = url[: -len(_OIDC_DISCOVERY)] if url.rstrip("/").endswith(_OIDC_DISCOVERY) else url
-        same = [i for i in issuers if _issuer_key(i.issuer) == _issuer_key(issuer)]
-        host = _host(issuer)
-        return same or [i for i in issuers if host and _host(i.issuer) == host], f"issuer {issuer}"
+        url = str(scheme.get("openIdConnectUrl", "")).strip().rstrip("/")
+        issuer = url[: -len(_OIDC_DISCOVERY)] if url.endswith(_OIDC_DISCOVERY) else url
+        return [i for i in issuers if _issuer_key(i.issuer) == _issuer_key(issuer)], f"issuer {issuer}"
     if scheme.get("type") == "oauth2":
-        flows: dict[str, Any] = scheme["flows"] if isinstance(scheme.get("flows"), dict) else {}
-        urls = [
-            flow.get(name)
-            for flow in flows.values()
-            if isinstance(flow, dict)
-            for name in ("authorizationUrl", "tokenUrl", "refreshUrl")
-            if flow.get(name)
-        ]
-        hosts = sorted({_host(url) for url in urls} - {""})
-        return [i for i in issuers if _host(i.issuer) in hosts], "host " + " or ".join(hosts or ["(none)"])
+        return [], "an oauth2 scheme names no issuer: attach the one its tokens carry in iss"
     return [], "issuer (a bearer JWT scheme names none)"
 
 
@@ -272,6 +271,11 @@ def _auth_fields(
         notes.append(
             f"security scheme(s) {', '.join(map(repr, tokens))} → auth_method {method}, JWT issuer(s) {names}."
         )
+        if unmatched:
+            notes.append(
+                f"security scheme(s) {', '.join(unmatched)}: no JWT issuer of the tenant is attached for them; add "
+                "the issuer and attach it to the API (jwt_issuers) if their tokens must be accepted too."
+            )
     elif attached:
         notes.append(
             f"security scheme(s) {', '.join(map(repr, tokens))} → auth_method {method}, with the JWT issuer(s) the "

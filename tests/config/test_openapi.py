@@ -308,7 +308,6 @@ def _import(run_config: Run, tmp_path: Path, spec: dict[str, Any]) -> tuple[int,
     ("schemes", "security", "method", "issuers", "key_header"),
     [
         pytest.param({"oidc": OIDC}, [{"oidc": []}], "jwt", ["idp"], "X-API-Key", id="openIdConnect-by-issuer"),
-        pytest.param({"oauth": OAUTH}, [{"oauth": ["read"]}], "jwt", ["partner"], "X-API-Key", id="oauth2-by-host"),
         pytest.param(
             {"key": API_KEY, "oidc": OIDC},
             [{"key": []}, {"oidc": []}],
@@ -326,7 +325,7 @@ def _import(run_config: Run, tmp_path: Path, spec: dict[str, Any]) -> tuple[int,
             id="only-the-required-scheme",
         ),
         pytest.param(
-            {"key": API_KEY, "oauth": OAUTH}, None, "key_or_jwt", ["partner"], "X-Pets-Key", id="no-requirement-all"
+            {"key": API_KEY, "oidc": OIDC}, None, "key_or_jwt", ["idp"], "X-Pets-Key", id="no-requirement-all"
         ),
     ],
 )
@@ -373,6 +372,88 @@ def test_a_jwt_scheme_without_a_matching_issuer_is_a_note_and_keys_stay(
         "API takes API keys only."
     ) in out
     assert "no equivalent" not in out
+
+
+# Issuers of one identity provider host: each of the tenant's directories (staff, partners) is an issuer of its own.
+STAFF = "https://login.microsoftonline.com/8f3e1c2a-0000-4000-8000-000000000001/v2.0"
+PARTNERS = "https://login.microsoftonline.com/8f3e1c2a-0000-4000-8000-000000000002/v2.0"
+POOL = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123"
+
+
+def _oidc(issuer: str) -> dict[str, Any]:
+    return {"type": "openIdConnect", "openIdConnectUrl": issuer + "/.well-known/openid-configuration"}
+
+
+@pytest.mark.parametrize(
+    ("discovery_issuer", "attached"),
+    [
+        pytest.param(STAFF, ["staff"], id="exact"),
+        pytest.param(
+            STAFF.replace("login.microsoftonline.com", "LOGIN.MicrosoftOnline.com:443") + "/",
+            ["staff"],
+            id="normalised",
+        ),
+        pytest.param(STAFF[:-1] + "9/v2.0", [], id="another-directory-on-the-host"),
+        pytest.param("https://login.microsoftonline.com", [], id="the-host-alone"),
+        pytest.param(POOL.lower(), [], id="a-pool-id-differing-in-case"),
+        pytest.param("https://accounts.google.com", ["google"], id="google"),
+    ],
+)
+def test_an_openid_connect_scheme_attaches_only_the_issuer_it_names_never_others_on_its_host(
+    acme: Tenant, run_config: Run, tmp_path: Path, discovery_issuer: str, attached: list[str]
+) -> None:
+    _issuer(acme, "staff", STAFF)
+    _issuer(acme, "partners", PARTNERS)
+    _issuer(acme, "pool", POOL)
+    _issuer(acme, "google", "https://accounts.google.com")
+
+    _code, out, api = _import(run_config, tmp_path, _secured({"oidc": _oidc(discovery_issuer)}, [{"oidc": []}]))
+
+    assert [i.name for i in api.jwt_issuers.all()] == attached
+    assert api.auth_method == ("jwt" if attached else "key")
+    if not attached:
+        assert "no JWT issuer of the tenant matches" in out
+
+
+def test_an_oauth2_scheme_attaches_no_issuer_even_on_its_issuers_host(
+    acme: Tenant, run_config: Run, tmp_path: Path
+) -> None:
+    _issuer(acme, "staff", STAFF)
+    _issuer(acme, "partners", PARTNERS)
+    _issuer(acme, "partner", "https://login.partner.example/")
+    oauth = {
+        "type": "oauth2",
+        "flows": {
+            "authorizationCode": {
+                "authorizationUrl": STAFF.removesuffix("/v2.0") + "/oauth2/v2.0/authorize",
+                "tokenUrl": STAFF.removesuffix("/v2.0") + "/oauth2/v2.0/token",
+                "scopes": {},
+            }
+        },
+    }
+
+    code, out, api = _import(
+        run_config, tmp_path, _secured({"oauth": oauth, "partner": OAUTH}, [{"oauth": [], "partner": []}])
+    )
+
+    assert code == 2
+    assert (api.auth_method, list(api.jwt_issuers.all())) == ("key", [])
+    assert (
+        "note: security scheme(s) 'oauth' (an oauth2 scheme names no issuer: attach the one its tokens carry in iss), "
+        "'partner' (an oauth2 scheme names no issuer: attach the one its tokens carry in iss) call for auth_method "
+        "jwt, but no JWT issuer of the tenant matches: add the issuer, attach it to the API (jwt_issuers) and set "
+        "auth_method jwt before publishing; until then the API takes API keys only."
+    ) in out
+
+    # Beside an OpenID Connect scheme that names its issuer: that issuer only, and a note for the oauth2 scheme.
+    spec = _secured({"oauth": oauth, "oidc": _oidc(STAFF)}, [{"oauth": []}, {"oidc": []}])
+    code, out, api = _import(run_config, tmp_path, spec)
+    assert (api.auth_method, [i.name for i in api.jwt_issuers.all()]) == ("jwt", ["staff"])
+    assert (
+        "note: security scheme(s) 'oauth' (an oauth2 scheme names no issuer: attach the one its tokens carry in iss): "
+        "no JWT issuer of the tenant is attached for them; add the issuer and attach it to the API (jwt_issuers) if "
+        "their tokens must be accepted too."
+    ) in out
 
 
 def test_a_bearer_jwt_scheme_keeps_the_issuers_the_api_already_accepts(
