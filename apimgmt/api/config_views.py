@@ -148,11 +148,32 @@ class ConfigSchemaAliasView(ConfigSchemaView):
     schema = None  # documented once, under config/schema/
 
 
+def warning_header(warnings: list[str]) -> str:
+    """Export warnings as one ``Warning`` field (RFC 7234 section 5.5: a list of ``299 apimgmt "text"``), so the body
+    stays the document, which can be posted back as it is. ASCII only: a header is no place for other text."""
+    quoted = (
+        warning.encode("ascii", "backslashreplace").decode().replace("\\", "\\\\").replace('"', '\\"')
+        for warning in warnings
+    )
+    return ", ".join(f'299 apimgmt "{text}"' for text in quoted)
+
+
 class TenantConfigView(TenantConfigBase):
     @extend_schema(
         parameters=[
             OpenApiParameter("output", str, enum=["json", "yaml"], description="json (default) or yaml text."),
             OpenApiParameter("consumers", bool, description="Include consumers and their open subscriptions."),
+            OpenApiParameter(
+                "Warning",
+                str,
+                location=OpenApiParameter.HEADER,
+                response=[200],
+                description=(
+                    "What the export wrote as a ${…} placeholder instead of a value, and why: a list of 299 apimgmt "
+                    '"text" (RFC 7234 section 5.5), one per placeholder; absent when there is none. The same text as '
+                    "the command's warnings."
+                ),
+            ),
         ],
         # The YAML text is the same document: an object once parsed, as clients (and schemathesis) read it.
         responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "application/yaml"): OpenApiTypes.OBJECT},
@@ -166,13 +187,17 @@ class TenantConfigView(TenantConfigBase):
         if consumers not in ("true", "false"):
             raise exceptions.ValidationError({"consumers": ["consumers must be true or false."]})
         tenant = self.tenant(tenant_id, VIEW)
+        warnings: list[str] = []
         try:
-            document = config_doc.export_document(tenant, consumers=consumers == "true")
+            document = config_doc.export_document(tenant, consumers=consumers == "true", warnings=warnings)
         except config_doc.ConfigError as exc:
             return _config_error(exc)
         # The text the command writes (a literal "${" written "$${"), so what is exported can be posted back.
         content_type = "application/yaml; charset=utf-8" if output == "yaml" else "application/json"
-        return HttpResponse(config_doc.dump_text(document, output), content_type=content_type)
+        response = HttpResponse(config_doc.dump_text(document, output), content_type=content_type)
+        if warnings:
+            response["Warning"] = warning_header(warnings)
+        return response
 
 
 class TenantConfigPlanView(TenantConfigBase):

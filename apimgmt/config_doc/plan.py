@@ -11,7 +11,7 @@ from django.db.models import Q
 
 from apimgmt import services
 from apimgmt.config_doc.document import ConfigError, Problem, consumer_key
-from apimgmt.config_doc.secrets import masked_configs
+from apimgmt.config_doc.secrets import REFERENCES, masked_configs
 from apimgmt.config_doc.state import TenantState
 from apimgmt.models import Api, Subscription
 
@@ -50,6 +50,8 @@ class Change:
     # Create/update: the object as the document wants it; subscriptions: the consumer's key and the API's name.
     desired: dict[str, Any] = field(default_factory=dict)
     row: Any = None
+    # A policy's config pointers whose values come from a variable (in the document or as applied): shown masked.
+    secrets: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -60,7 +62,7 @@ class Change:
         if self.action == UPDATE:
             body["fields"] = {}
             for name, (old, new) in self.fields.items():
-                shown_old, shown_new = _shown(name, old, new)
+                shown_old, shown_new = _shown(name, old, new, self.secrets)
                 body["fields"][name] = {"old": shown_old, "new": shown_new}
         if self.refusal:
             body["refused"] = self.refusal
@@ -120,7 +122,7 @@ class ConfigPlan:
             else:
                 lines.append(f"~ {change.label}")
                 for name, (raw_old, raw_new) in change.fields.items():
-                    old, new = _shown(name, raw_old, raw_new)
+                    old, new = _shown(name, raw_old, raw_new, change.secrets)
                     if name == "config" and isinstance(old, dict) and isinstance(new, dict):
                         # A policy's limits one by one: "config.requests_per_minute: 100 → 250".
                         for sub, (was, now) in _diff(old, new).items():
@@ -133,9 +135,10 @@ class ConfigPlan:
         return "\n".join(lines) + "\n"
 
 
-def _shown(name: str, old: Any, new: Any) -> tuple[Any, Any]:
-    """A field's old and new value as a plan shows them: a policy's secret header values masked."""
-    return masked_configs(old, new) if name == "config" else (old, new)
+def _shown(name: str, old: Any, new: Any, secrets: frozenset[str]) -> tuple[Any, Any]:
+    """A field's old and new value as a plan shows them: a policy's values from variables and its credential-shaped
+    header values masked, whatever the header's name."""
+    return masked_configs(old, new, secrets) if name == "config" else (old, new)
 
 
 def _show(name: str, value: Any) -> str:
@@ -179,7 +182,11 @@ def make_plan(*, state: TenantState, document: dict[str, Any], source: str, prun
                 was, wanted = fields["status"]
                 if wanted not in _API_REACHABLE[was]:
                     problems.append(Problem(f"{where}.status", f"an API that is {was} cannot become {wanted}."))
-            plan.changes.append(Change(UPDATE, kind, key, fields=fields, desired=item, row=row))
+            secrets: frozenset[str] = frozenset()
+            if kind == "policy":
+                # What the document takes from a variable now, and what the stored policy took from one at apply.
+                secrets = frozenset(document.get(REFERENCES, {}).get(key, {})) | frozenset(row.config_references or {})
+            plan.changes.append(Change(UPDATE, kind, key, fields=fields, desired=item, row=row, secrets=secrets))
     if "consumers" in document and state.consumers is not None:
         _plan_consumers(plan, state, document, problems, source)
     if problems:

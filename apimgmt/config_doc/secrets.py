@@ -3,9 +3,12 @@
 Reading a document expands ``${NAME}``; the policy config values that held a reference are remembered at apply
 (``Policy.config_references``: the JSON pointer, the document's text, an HMAC of the value). Export writes the
 document's text again while the stored value still has that HMAC, so export → apply → export keeps the bytes and
-the secret stays in the environment. A header transform's value that looks like a credential (``Authorization``,
-``Cookie``, a name with ``token``, ``secret``, ``password`` or ``key``…) and has no such reference is exported as a
-``${…}`` placeholder with a generated name, and a warning names the variable to set: nothing secret reaches git.
+the secret stays in the environment. A recorded value whose HMAC no longer matches (changed in the admin or the
+API since the apply, or recorded under another ``SECRET_KEY``) is still a secret: it is exported as a ``${…}``
+placeholder with a generated name and a warning, never in clear. So is a header transform's value that looks like a
+credential (``Authorization``, ``Cookie``, a name with ``token``, ``secret``, ``password`` or ``key``…, unless the
+value is only per-request templates such as ``{consumer_id}``) and has no reference. Plans hide the same values:
+those the document or the stored policy takes from a variable, and the credential-shaped ones.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import copy
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from django.conf import settings
 from django.utils.crypto import salted_hmac
 
 from apimgmt.models import Policy
+from apimgmt.policy_types.headers import TEMPLATES
 
 # Key of the canonical document (``read_document``) holding {policy name: {JSON pointer into config: text}}.
 REFERENCES = "variable_references"
@@ -26,6 +31,10 @@ REFERENCES = "variable_references"
 _REFERENCE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 _SECRET_WORDS = ("token", "secret", "password", "key", "cookie")
+# A header value's per-request templates, as the gateway reads them (gateway/policies/headers.py): "{{" is a brace.
+_TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+# The words a value of templates may have beside them and still send no stored credential: authentication schemes.
+_SCHEME_WORDS = frozenset({"bearer", "basic", "digest", "token"})
 _MISSING = object()
 
 
@@ -61,9 +70,9 @@ def _set_at(config: dict[str, Any], at: str, value: Any) -> None:
     node[last] = value
 
 
-def _digest(value: str) -> str:
+def _digest(value: str, secret: str | None = None) -> str:
     # Keyed (SECRET_KEY): the digest of a short secret in the database must not let anyone guess the secret.
-    return salted_hmac("apimgmt.config_doc.secrets.reference", value, algorithm="sha256").hexdigest()
+    return salted_hmac("apimgmt.config_doc.secrets.reference", value, secret=secret, algorithm="sha256").hexdigest()
 
 
 def has_reference(text: str) -> bool:
@@ -104,8 +113,35 @@ def recorded_references(config: Mapping[str, Any], references: Mapping[str, str]
 
 
 def is_secret_header(name: str) -> bool:
+    """Whether a header's name says it carries a credential (a guess: a value from a variable needs no guessing)."""
     lower = name.lower()
     return lower in _SECRET_HEADERS or any(word in lower for word in _SECRET_WORDS)
+
+
+def only_templates(value: str) -> bool:
+    """Whether a header value is made of per-request templates (``{consumer_id}``, ``{jwt.sub}``…) with nothing
+    beside them but punctuation and an authentication scheme's name (``Bearer {jwt.sub}``): what it sends comes
+    from the request, so it is no stored credential (``X-Cache-Key: {consumer_id}``)."""
+    literal: list[str] = []
+    templates, start = 0, 0
+    for match in _TEMPLATE_PART.finditer(value):
+        literal.append(value[start : match.start()])
+        start = match.end()
+        name = match.group(1)
+        if name is None:  # "{{" or "}}": a literal brace
+            continue
+        if name not in TEMPLATES and not name.startswith("jwt."):
+            return False
+        templates += 1
+    literal.append(value[start:])
+    words = re.findall(r"[A-Za-z0-9]+", "".join(literal))
+    return templates > 0 and all(word.lower() in _SCHEME_WORDS for word in words)
+
+
+def is_secret_value(header: str, value: Any) -> bool:
+    """Whether a header transform's value is credential-shaped: a secret-looking name and a value that is not only
+    templates."""
+    return is_secret_header(header) and not (isinstance(value, str) and only_templates(value))
 
 
 def _variable_name(policy: str, header: str, taken: set[str]) -> str:
@@ -118,11 +154,23 @@ def _variable_name(policy: str, header: str, taken: set[str]) -> str:
     return name
 
 
+def _matches(reference: dict[str, Any], value: Any) -> bool:
+    """Whether the stored value is still the one recorded, under SECRET_KEY or one of SECRET_KEY_FALLBACKS (a key
+    rotated the way Django rotates keys keeps the references; the next apply records them under the new key)."""
+    if not isinstance(value, str):
+        return False
+    recorded = str(reference.get("digest", ""))
+    keys = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return any(hmac.compare_digest(recorded, _digest(value, key)) for key in keys)
+
+
 def exported_policies(
     items: list[dict[str, Any]], rows: Mapping[str, Policy], warnings: list[str] | None
 ) -> list[dict[str, Any]]:
-    """The policies as export writes them: recorded references in place of the values they stood for, and a
-    generated ``${…}`` for any other secret-shaped header value (each named in ``warnings``)."""
+    """The policies as export writes them: recorded references in place of the values they stood for, a generated
+    ``${…}`` for a recorded value that changed since (its HMAC no longer matches) and for any other secret-shaped
+    header value, each named in ``warnings``. A value once taken from a variable stays a secret whatever its name:
+    it is never written in clear."""
     taken = {
         match.group(1)
         for row in rows.values()
@@ -137,18 +185,28 @@ def exported_policies(
         config = copy.deepcopy(item["config"])
         for at, reference in sorted((row.config_references or {}).items()):
             value = _value_at(config, at)
-            if (
-                isinstance(reference, dict)
-                and isinstance(value, str)
-                and hmac.compare_digest(str(reference.get("digest", "")), _digest(value))
-            ):
+            if not isinstance(reference, dict) or not at or value is _MISSING:
+                continue  # a value since removed has nothing left to hide
+            if _matches(reference, value):
                 _set_at(config, at, Reference(reference["reference"]))
+                continue
+            # Changed in the admin or the API since the apply, or recorded under another SECRET_KEY: a new name,
+            # not the old reference, so an apply with the old variable cannot silently undo the change.
+            variable = _variable_name(item["name"], _parts(at)[-1], taken)
+            _set_at(config, at, Reference(f"${{{variable}}}"))
+            if warnings is not None:
+                warnings.append(
+                    f"policies[{item['name']}].config.{'.'.join(_parts(at))} was applied from "
+                    f"{reference.get('reference')} and its value changed outside the file since (in the admin or the "
+                    f"API, or SECRET_KEY changed): it is written as ${{{variable}}}, not in clear: set {variable} when "
+                    "applying this file, or write the old reference back once its variable holds the current value."
+                )
         if item["policy_type"] == Policy.Type.HEADERS:
             for side in ("request", "response"):
                 for operation in ("add", "set"):
                     values = (config.get(side) or {}).get(operation) or {}
                     for header, value in sorted(values.items()):
-                        if isinstance(value, Reference) or not is_secret_header(header) or not value:
+                        if isinstance(value, Reference) or not value or not is_secret_value(header, value):
                             continue
                         variable = _variable_name(item["name"], header, taken)
                         values[header] = Reference(f"${{{variable}}}")
@@ -161,27 +219,46 @@ def exported_policies(
     return exported
 
 
-def _secret_values(config: Any) -> dict[tuple[str, str, str], str]:
+def _secret_values(config: Any) -> dict[str, Any]:
+    """The credential-shaped header values of a headers config, by JSON pointer."""
     found = {}
     for side in ("request", "response"):
         for operation in ("add", "set"):
             values = (config.get(side) or {}).get(operation) if isinstance(config, dict) else None
             for header, value in (values or {}).items() if isinstance(values, dict) else ():
-                if is_secret_header(header) and isinstance(value, str):
-                    found[(side, operation, header)] = value
+                if isinstance(value, str) and is_secret_value(header, value):
+                    found[pointer([side, operation, header])] = value
     return found
 
 
-def masked_configs(old: Any, new: Any) -> tuple[Any, Any]:
-    """A policy config change as a plan shows it (a pull-request comment, the management API's answer): a
-    secret-shaped header value is ``(secret)``, or ``(secret, changed)`` on the new side when it differs."""
-    old_secrets, new_secrets = _secret_values(old), _secret_values(new)
+def _hidden(config: Any, pointers: Collection[str]) -> dict[str, Any]:
+    found = _secret_values(config)
+    for at in pointers:
+        value = _value_at(config, at) if at else _MISSING
+        if value is not _MISSING:
+            found[at] = value
+    return found
+
+
+def _mask_at(config: Any, at: str, text: str) -> None:
+    *parents, last = _parts(at)
+    node = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node:
+        node[last] = text
+
+
+def masked_configs(old: Any, new: Any, references: Collection[str] = ()) -> tuple[Any, Any]:
+    """A policy config change as a plan shows it (a pull-request comment, the management API's answer): a value at
+    one of ``references`` (pointers the document or the stored policy takes from a variable) and a credential-shaped
+    header value are ``(secret)``, or ``(secret, changed)`` on the new side when it differs."""
+    old_secrets, new_secrets = _hidden(old, references), _hidden(new, references)
     if not old_secrets and not new_secrets:
         return old, new
-    old, new = copy.deepcopy(old), copy.deepcopy(new)
-    for side, operation, header in old_secrets:
-        old[side][operation][header] = "(secret)"
-    for (side, operation, header), value in new_secrets.items():
-        changed = old_secrets.get((side, operation, header)) != value
-        new[side][operation][header] = "(secret, changed)" if changed else "(secret)"
-    return old, new
+    shown_old, shown_new = copy.deepcopy(old), copy.deepcopy(new)
+    for at in old_secrets:
+        _mask_at(shown_old, at, "(secret)")
+    for at, value in new_secrets.items():
+        _mask_at(shown_new, at, "(secret, changed)" if _value_at(old, at) != value else "(secret)")
+    return shown_old, shown_new
