@@ -236,7 +236,7 @@ def _quota_counters(subscription: Subscription, now: float) -> list[tuple[limits
     )
 
 
-def _mget_batches(client: Any, keys: list[str], batch_size: int) -> Iterator[list[str]]:
+def mget_batches(client: Any, keys: list[str], batch_size: int) -> Iterator[list[str]]:
     """``keys`` in batches one MGET may read: on Redis Cluster one batch never mixes hash tags (tenants), whose keys
     are in different slots (redis-py refuses such an MGET with RedisClusterException); elsewhere any keys go."""
     groups: dict[str, list[str]] = {}
@@ -281,7 +281,7 @@ def quota_threshold_notices(*, client: Any, now: datetime | None = None, batch_s
             for window, scope, value in _quota_counters(subscription, at):
                 counters.setdefault(window.key, (window, scope, value, subscription))
     sent = 0
-    for batch in _mget_batches(client, list(counters), batch_size):
+    for batch in mget_batches(client, list(counters), batch_size):
         due: list[tuple[str, int, int]] = []
         for key, raw in zip(batch, client.mget(batch), strict=True):
             used = int(raw or 0)

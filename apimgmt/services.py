@@ -1625,15 +1625,19 @@ def _counted_windows(subscription: Subscription, plan: Plan | None, now: float) 
 # old plan's hold, and those source values are kept in a hash of the change (plan_carry:{<tenant>}:<event id>, the
 # tenant's slot like the counters). Once every gateway follows the change (PLAN_CARRY_SETTLE_SECONDS after it), the
 # deliverer's second pass (plan_carry_over_complete) adds what the old counters gained meanwhile: the requests that
-# gateways still on the old plan counted there. A marker field in the same hash, set in the same script, makes that
-# pass happen once however often it is retried.
+# gateways still on the old plan counted there. A marker per window in the same hash, set in the same script, makes
+# that pass happen once however often it is retried, and a done key (plan_carry:{<tenant>}:<event id>:done) says the
+# whole change is complete. The deliverer finds the changes to complete in the database, not in a Redis queue: a
+# change whose first pass failed with Redis down must still be completed once Redis is back.
 PLAN_CARRY_SETTLE_SECONDS = 5.0
-# How long a change's hash is kept. A second pass later than that finds no first values and only raises the new
-# counters to the old ones, as after a first pass that could not run.
-PLAN_CARRY_TTL_SECONDS = 2 * 86400
-# Changes waiting for their second pass: a sorted set of event ids (score: when due, epoch s), filled when the
-# deliverer dispatches the subscription.plan_changed event.
-PLAN_CARRY_DUE_KEY = "plan_carry_due"
+# A second pass later than this after it was due (a deliverer that was down or behind, a one-shot run from cron)
+# cannot tell the lagging gateways' requests from what the old counters counted since for other reasons; it only
+# raises the new counters to the old ones, which never counts a request twice.
+PLAN_CARRY_LATE_SECONDS = 60.0
+# How far back the deliverer looks for changes not yet complete. A change's hash and done key live as long after
+# they were last written, so a change the deliverer still looks at never loses them.
+PLAN_CARRY_LOOKBACK = timedelta(days=2)
+PLAN_CARRY_TTL_SECONDS = int(PLAN_CARRY_LOOKBACK.total_seconds())
 
 _carry_logger = logging.getLogger(__name__)
 
@@ -1662,27 +1666,29 @@ return raised
 """
 
 # The second pass, same KEYS and ARGV, ARGV[4] naming the (window, scope) it completes. Once only (HSETNX of that
-# marker): each new counter gains the most any old counter gained since the first pass; without a first pass (Redis
-# was down at commit) the new counters are raised to the old ones as the first pass would have. Returns how many
-# counters it changed, or -1 when this pass already ran.
+# marker): each new counter gains the most any old counter gained since the first pass. Only the first ARGV[5] old
+# counters count for that: the others are counters the new plan shares (the same policy), whose growth is mostly
+# the new plan's own traffic, already on the new counters. Without a first pass (Redis was down at commit, or the
+# window began since) or when late (ARGV[6] = 1), the new counters are raised to the old ones instead, as the first
+# pass does. Returns how many counters it changed, or -1 when this pass already ran.
 _CARRY_OVER_COMPLETE_SCRIPT = """
 if redis.call('HSETNX', KEYS[1], ARGV[4], '1') == 0 then return -1 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local sources = tonumber(ARGV[1])
+local sources, own = tonumber(ARGV[1]), tonumber(ARGV[5])
 local gained, used, recorded = 0, 0, false
 for i = 2, sources + 1 do
   local value = tonumber(redis.call('GET', KEYS[i]) or '0')
   local first = redis.call('HGET', KEYS[1], KEYS[i])
   if first then
     recorded = true
-    if value - tonumber(first) > gained then gained = value - tonumber(first) end
+    if i <= own + 1 and value - tonumber(first) > gained then gained = value - tonumber(first) end
   end
   if value > used then used = value end
 end
 local changed = 0
 for i = sources + 2, #KEYS do
   local add = gained
-  if not recorded then add = used - tonumber(redis.call('GET', KEYS[i]) or '0') end
+  if ARGV[6] == '1' or not recorded then add = used - tonumber(redis.call('GET', KEYS[i]) or '0') end
   if add > 0 then
     redis.call('INCRBY', KEYS[i], add)
     redis.call('PEXPIREAT', KEYS[i], ARGV[2])
@@ -1699,17 +1705,24 @@ def _carry_key(tenant_id: str, event_id: str) -> str:
     return f"{tenant_tag('plan_carry', tenant_id)}:{event_id}"
 
 
+def _carry_done_key(tenant_id: str, event_id: str) -> str:
+    return f"{_carry_key(tenant_id, event_id)}:done"
+
+
 def _carry_slots(
     subscription: Subscription, old_plan: Plan, new_plan: Plan, at: float
-) -> Iterator[tuple[str, list[str], list[Any]]]:
-    """Per (window label, scope value) that both plans count at ``at``: its name, the old plan's counter keys and the
-    new plan's windows whose counters are not among them (a policy both plans share is the same counter)."""
+) -> Iterator[tuple[str, list[str], int, list[Any]]]:
+    """Per (window label, scope value) that both plans count at ``at``: its marker name; the old plan's counter keys,
+    first those the new plan does not count, then those it shares (a policy both plans have is the same counter),
+    with how many are of the first kind; and the new plan's windows whose counters are not among them."""
     old = _counted_windows(subscription, old_plan, at)
-    for slot, targets in _counted_windows(subscription, new_plan, at).items():
+    for slot, windows in _counted_windows(subscription, new_plan, at).items():
+        counted = {w.key for w in windows}
         sources = [w.key for w in old.get(slot, [])]
-        fresh = [w for w in targets if w.key not in sources]
+        own = [key for key in sources if key not in counted]
+        fresh = [w for w in windows if w.key not in sources]
         if sources and fresh:
-            yield f"done:{slot[0]}:{slot[1]}", sources, fresh
+            yield f"done:{slot[0]}:{slot[1]}", own + [key for key in sources if key in counted], len(own), fresh
 
 
 def carry_over_quota(
@@ -1720,9 +1733,9 @@ def carry_over_quota(
     event_id: str,
     at: datetime | None = None,
 ) -> int:
-    """Count what the old plan's calendar counters hold for the window of ``at`` (default: now) on the new plan's
-    matching counters (same window label, same consumer or key), so quota used in the current window is not granted
-    again.
+    """Count what the old plan's calendar counters hold for the window of ``at`` (default: now, the time of this
+    pass, so a change committed just after a window began carries into the new window) on the new plan's matching
+    counters (same window label, same consumer or key), so quota used in the current window is not granted again.
 
     A counter both plans share (the same policy) is already the same key. Counters of the new plan are raised to
     at least the old value, never lowered, so switching back and forth within a window never forgets traffic. The
@@ -1738,7 +1751,7 @@ def carry_over_quota(
     moment = (at or timezone.now()).timestamp()
     carry = _carry_key(subscription.api.tenant_id, event_id)
     raised = 0
-    for _marker, sources, targets in _carry_slots(subscription, old_plan, new_plan, moment):
+    for _marker, sources, _own, targets in _carry_slots(subscription, old_plan, new_plan, moment):
         raised += int(
             client.eval(
                 _CARRY_OVER_SCRIPT,
@@ -1757,15 +1770,11 @@ def carry_over_quota(
 def _carry_over_after_commit(subscription: Subscription, old_plan: Plan | None, new_plan: Plan, event: Event) -> None:
     """The first carry-over pass, run once the change committed. A Redis failure must not fail the request (the
     change is committed by now): it is logged, and the deliverer's second pass carries the quota over instead."""
+    from redis.exceptions import RedisClusterException, RedisError
+
     try:
-        carry_over_quota(
-            subscription=subscription,
-            old_plan=old_plan,
-            new_plan=new_plan,
-            event_id=event.pk,
-            at=event.occurred_at,
-        )
-    except Exception as exc:  # redis.RedisError, RedisClusterException: never a 500 for a committed change
+        carry_over_quota(subscription=subscription, old_plan=old_plan, new_plan=new_plan, event_id=event.pk)
+    except (RedisError, RedisClusterException) as exc:  # never a 500 for a committed change
         _carry_logger.warning(
             "quota carry-over of subscription %s to plan %s failed (%s: %s); the event deliverer carries it over",
             subscription.pk,
@@ -1775,57 +1784,94 @@ def _carry_over_after_commit(subscription: Subscription, old_plan: Plan | None, 
         )
 
 
-def plan_carry_over_schedule(changes: Iterable[Event], *, client: Any) -> None:
-    """Queue the second carry-over pass of these subscription.plan_changed events for PLAN_CARRY_SETTLE_SECONDS
-    after each change (called by the deliverer as it dispatches them; queuing one twice keeps the first time)."""
-    due = {e.pk: e.occurred_at.timestamp() + PLAN_CARRY_SETTLE_SECONDS for e in changes}
-    if due:
-        client.zadd(PLAN_CARRY_DUE_KEY, due, nx=True)
+def plan_carry_over_complete(
+    *, client: Any, now: datetime | None = None, batch_size: int = 200, done: set[str] | None = None
+) -> int:
+    """The second carry-over pass of every plan change of the last PLAN_CARRY_LOOKBACK that is due (see
+    PLAN_CARRY_SETTLE_SECONDS) and not complete; return how many counters it changed.
 
+    The changes are the subscription.plan_changed events (an index covers exactly them), so a change is completed
+    whatever Redis did when it committed. Safe in several deliverers at once and when retried: each (change, window,
+    scope) is completed once, by its marker, and a complete change has a done key. ``done``, kept by the caller
+    from one call to the next, holds the changes it already saw complete, so only new ones are looked up in Redis.
 
-def plan_carry_over_complete(*, client: Any, now: datetime | None = None, batch_size: int = 100) -> int:
-    """The second carry-over pass of every queued plan change that is due (see PLAN_CARRY_SETTLE_SECONDS); return how
-    many counters it changed. Safe in several deliverers at once and when retried: each (change, window, scope) is
-    completed once, by its marker. A window that has ended by now is left alone (its counters are done counting)."""
+    A change followed by another of the same subscription is not completed: the later change's passes carry what
+    was counted, and this one's would count the later change's carried quota a second time. The windows are those
+    of now: a window that ended since the change is done counting.
+    """
     moment = now or timezone.now()
-    due = client.zrangebyscore(PLAN_CARRY_DUE_KEY, "-inf", moment.timestamp(), start=0, num=batch_size)
-    event_ids = [e.decode() if isinstance(e, bytes) else str(e) for e in due]
-    changes = Event.objects.filter(pk__in=event_ids, event_type="subscription.plan_changed").in_bulk()
+    seen = done if done is not None else set()
+    recent = list(
+        Event.objects.filter(event_type="subscription.plan_changed", occurred_at__gte=moment - PLAN_CARRY_LOOKBACK)
+        .order_by("occurred_at", "pk")
+        .values_list("pk", "tenant_id", "occurred_at", "data__subscription_id")
+    )
+    seen.intersection_update(pk for pk, *_rest in recent)
+    latest = {subscription_id: pk for pk, _tenant, _at, subscription_id in recent}
+    due_by = moment - timedelta(seconds=PLAN_CARRY_SETTLE_SECONDS)
+    candidates = {
+        _carry_done_key(tenant_id, pk): (pk, tenant_id, at)
+        for pk, tenant_id, at, _sub in recent
+        if at <= due_by and pk not in seen
+    }
+    pending: list[tuple[str, str, datetime]] = []
+    for batch in events.mget_batches(client, list(candidates), batch_size):
+        for key, marker in zip(batch, client.mget(batch), strict=True):
+            if marker is None:
+                pending.append(candidates[key])
+            else:
+                seen.add(candidates[key][0])
     changed = 0
-    for event_id in event_ids:
-        event = changes.get(event_id)
-        data = event.data if event is not None else {}
-        subscription = (
-            Subscription.objects.select_related("api", "consumer__tenant")
-            .filter(pk=data.get("subscription_id"))
-            .first()
+    for event_id, tenant_id, occurred_at in sorted(pending, key=lambda change: change[2])[:batch_size]:
+        event = Event.objects.filter(pk=event_id).first()
+        if event is not None and latest.get(event.data.get("subscription_id")) == event_id:
+            late = (moment - occurred_at).total_seconds() - PLAN_CARRY_SETTLE_SECONDS > PLAN_CARRY_LATE_SECONDS
+            changed += _complete_change(event, client=client, at=moment, late=late)
+        client.set(_carry_done_key(tenant_id, event_id), 1, ex=PLAN_CARRY_TTL_SECONDS)
+        seen.add(event_id)
+    return changed
+
+
+def _complete_change(event: Event, *, client: Any, at: datetime, late: bool) -> int:
+    """One change's second pass (see plan_carry_over_complete) in the windows of ``at``; how many counters changed."""
+    data = event.data
+    subscription = (
+        Subscription.objects.select_related("api", "consumer__tenant").filter(pk=data.get("subscription_id")).first()
+    )
+    plans = Plan.objects.in_bulk([data.get("previous_plan_id"), data.get("plan_id")])
+    old_plan, new_plan = plans.get(data.get("previous_plan_id")), plans.get(data.get("plan_id"))
+    if subscription is None or old_plan is None or new_plan is None:
+        return 0
+    carry = _carry_key(event.tenant_id, event.pk)
+    changed, completed = 0, 0
+    for marker, sources, own, targets in _carry_slots(subscription, old_plan, new_plan, at.timestamp()):
+        result = int(
+            client.eval(
+                _CARRY_OVER_COMPLETE_SCRIPT,
+                1 + len(sources) + len(targets),
+                carry,
+                *sources,
+                *[w.key for w in targets],
+                len(sources),
+                int(targets[0].end * 1000) + 60000,
+                PLAN_CARRY_TTL_SECONDS * 1000,
+                marker,
+                own,
+                1 if late else 0,
+            )
         )
-        plans = Plan.objects.in_bulk([data.get("previous_plan_id"), data.get("plan_id")])
-        old_plan, new_plan = plans.get(data.get("previous_plan_id")), plans.get(data.get("plan_id"))
-        if event is not None and subscription is not None and old_plan is not None and new_plan is not None:
-            carry = _carry_key(event.tenant_id, event.pk)
-            for marker, sources, targets in _carry_slots(
-                subscription, old_plan, new_plan, event.occurred_at.timestamp()
-            ):
-                if targets[0].end <= moment.timestamp():
-                    continue
-                changed += max(
-                    0,
-                    int(
-                        client.eval(
-                            _CARRY_OVER_COMPLETE_SCRIPT,
-                            1 + len(sources) + len(targets),
-                            carry,
-                            *sources,
-                            *[w.key for w in targets],
-                            len(sources),
-                            int(targets[0].end * 1000) + 60000,
-                            PLAN_CARRY_TTL_SECONDS * 1000,
-                            marker,
-                        )
-                    ),
-                )
-        client.zrem(PLAN_CARRY_DUE_KEY, event_id)
+        completed += result >= 0
+        changed += max(0, result)
+    if late and completed:
+        _carry_logger.warning(
+            "quota carry-over of plan change %s (subscription %s) completed %.0f s after the change, too late to "
+            "tell requests of gateways still on the old plan from other traffic: the new plan's counters were "
+            "raised to the old plan's (%d changed), not given what the old ones gained since",
+            event.pk,
+            subscription.pk,
+            (at - event.occurred_at).total_seconds(),
+            changed,
+        )
     return changed
 
 

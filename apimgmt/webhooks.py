@@ -34,7 +34,6 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
 import urllib3
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -42,7 +41,6 @@ from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
-from redis.exceptions import RedisClusterException
 
 from apimgmt import events, validation
 from apimgmt.models import Event, Tenant, TenantMembership, WebhookDelivery, WebhookEndpoint
@@ -448,27 +446,8 @@ def dispatch_events(*, batch_size: int = 500) -> int:
         )
         for reader in events.OUTBOX_READERS.values():
             reader.fan_out(batch)
-        _schedule_carry_over([e for e in batch if e.event_type == "subscription.plan_changed"])
         Event.objects.filter(pk__in=[e.pk for e in batch]).update(dispatched_at=now)
     return len(batch)
-
-
-def _schedule_carry_over(changes: list[Event]) -> None:
-    """Queue the second quota carry-over pass of these plan changes (services.plan_carry_over_complete runs it).
-    Redis being down must not hold the outbox: then only requests counted on the old plan in the second after the
-    change are not carried (the first pass, at commit, carried the rest)."""
-    from apimgmt import services
-    from apimgmt.redis_client import get_redis
-
-    client = get_redis() if changes else None
-    if client is None:
-        return
-    try:
-        services.plan_carry_over_schedule(changes, client=client)
-    except (redis.RedisError, RedisClusterException) as exc:
-        logger.warning(
-            "could not queue the quota carry-over of %d plan changes: %s: %s", len(changes), type(exc).__name__, exc
-        )
 
 
 def _due_candidates(now: datetime, per_endpoint: int) -> list[tuple[int, str, str]]:

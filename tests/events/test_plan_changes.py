@@ -14,10 +14,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.utils import timezone
 
-from apimgmt import limits, services
-from apimgmt.models import AuditEvent, Event, Plan, Subscription
+from apimgmt import events, limits, services
+from apimgmt.models import AuditEvent, Event, Plan, Policy, Subscription, Tenant
 from apimgmt.redis_client import get_redis, reset_redis
 from gateway.wsgi import reset_gateway
 from tests.gateway.conftest import InProcessGateway, publish
@@ -290,11 +291,12 @@ def test_requests_counted_on_the_old_plan_after_the_change_are_carried_over_by_t
     monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
     call_command("deliver_events")
     assert int(redis.get(_day_key(big, on_small))) == 5
-    # Exactly once: another round, and the pass queued again as a retry would, add nothing.
+    # Exactly once: another round adds nothing, nor does a deliverer that completed the pass and died before it
+    # could mark the change done (its per-window markers hold).
     redis.incrby(_day_key(big, on_small), 1)  # big's own traffic since
     call_command("deliver_events")
     event = Event.objects.get(event_type="subscription.plan_changed")
-    services.plan_carry_over_schedule([event], client=redis)
+    assert redis.delete(f"plan_carry:{{acme}}:{event.pk}:done") == 1
     assert services.plan_carry_over_complete(client=redis) == 0
     assert int(redis.get(_day_key(big, on_small))) == 6
     assert redis.ttl(_day_key(big, on_small)) > 0
@@ -314,3 +316,158 @@ def test_the_second_carry_over_waits_until_every_gateway_follows_the_change(
     later = timezone.now() + timedelta(seconds=services.PLAN_CARRY_SETTLE_SECONDS + 1)
     assert services.plan_carry_over_complete(client=redis, now=later) == 1
     assert int(redis.get(_day_key(big, on_small))) == 5
+
+
+def _quota(acme: Tenant, name: str, per_day: int) -> Policy:
+    return services.policy_create(
+        tenant=acme, name=name, policy_type="quota", config={"requests_per_day": per_day}, actor=None
+    )
+
+
+def _subscribe(acme: Tenant, bob_app: Any, upstream: Recorder, plan: Plan, *others: Plan) -> Subscription:
+    return services.subscription_request(
+        consumer=bob_app, api=publish(acme, upstream.url, plans=[plan, *others]), plan=plan, actor=None
+    )
+
+
+def _policy_day_key(policy: Policy, subscription: Subscription) -> str:
+    (window,) = limits.counter_windows(
+        tenant_id=policy.tenant_id,
+        tz_name="UTC",
+        policy_id=policy.pk,
+        policy_name=policy.name,
+        policy_type="quota",
+        config=policy.config,
+        scope=subscription.consumer_id,
+        now=timezone.now().timestamp(),
+    )
+    return window.key
+
+
+def test_traffic_on_a_counter_both_plans_share_is_not_carried_a_second_time(
+    acme, bob_app, upstream, monkeypatch, django_capture_on_commit_callbacks
+):
+    # small = {cap, five}, big = {cap, eight}: the per-consumer daily cap is one counter on both plans.
+    cap, five, eight = _quota(acme, "cap", 1000), _quota(acme, "five", 50), _quota(acme, "eight", 80)
+    small = services.plan_create(tenant=acme, name="small", policies=[cap, five], actor=None)
+    big = services.plan_create(tenant=acme, name="big", policies=[cap, eight], actor=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        subscription = _subscribe(acme, bob_app, upstream, small, big)
+    redis = get_redis()
+    for policy in (cap, five):
+        redis.set(_policy_day_key(policy, subscription), 3, ex=86400 + 60)  # 3 requests on small
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=subscription, plan=big, actor=None)
+    assert int(redis.get(_policy_day_key(eight, subscription))) == 3
+    for policy in (cap, five):  # 2 requests of a gateway still on small
+        redis.incrby(_policy_day_key(policy, subscription), 2)
+    for policy in (cap, eight):  # 2 requests of gateways on big
+        redis.incrby(_policy_day_key(policy, subscription), 2)
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")
+    # 7 requests in all. cap's growth (4) was mostly big's own traffic: only five's (2, the lagging gateway's) counts.
+    assert int(redis.get(_policy_day_key(cap, subscription))) == 7
+    assert int(redis.get(_policy_day_key(eight, subscription))) == 7
+
+
+def test_changing_back_within_the_settle_time_counts_each_request_once(
+    acme, bob_app, upstream, monkeypatch, django_capture_on_commit_callbacks
+):
+    five, eight = _quota(acme, "five", 50), _quota(acme, "eight", 80)
+    small = services.plan_create(tenant=acme, name="small", policies=[five], actor=None)
+    big = services.plan_create(tenant=acme, name="big", policies=[eight], actor=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        subscription = _subscribe(acme, bob_app, upstream, small, big)
+    redis = get_redis()
+    redis.set(_policy_day_key(five, subscription), 10, ex=86400 + 60)  # 10 requests on small
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=subscription, plan=big, actor=None)
+    redis.incrby(_policy_day_key(eight, subscription), 10)  # 10 on big
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=subscription, plan=small, actor=None)
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")
+    call_command("deliver_events")
+    # 20 requests: the first change's second pass would have taken the second one's carry for new traffic (30).
+    assert int(redis.get(_policy_day_key(five, subscription))) == 20
+    assert int(redis.get(_policy_day_key(eight, subscription))) == 20
+
+
+def test_a_late_second_pass_only_raises_the_new_counters_and_says_so(
+    on_small, plans, caplog, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    redis = get_redis()
+    redis.set(_day_key(small, on_small), 3, ex=86400 + 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+    redis.incrby(_day_key(small, on_small), 4)  # small's counter gained 4 since (7) ...
+    redis.incrby(_day_key(big, on_small), 1)  # ... and big's 1 (4)
+    # Run a minute and more past due, the gain on small could be anything (here: as much as a second subscription
+    # of the consumer on another API with the same policy counted): big is only raised to small's 7, not given +4.
+    late = timezone.now() + timedelta(seconds=services.PLAN_CARRY_SETTLE_SECONDS + 65)
+    with caplog.at_level(logging.WARNING, logger="apimgmt.services"):
+        assert services.plan_carry_over_complete(client=redis, now=late) == 1
+    assert int(redis.get(_day_key(big, on_small))) == 7
+    (warning,) = [r for r in caplog.records if on_small.pk in r.getMessage()]
+    assert "raised to the old plan's" in warning.getMessage()
+    assert services.plan_carry_over_complete(client=redis, now=late) == 0  # once
+
+
+def test_with_redis_down_at_the_change_and_at_dispatch_the_quota_still_carries_over(
+    on_small, plans, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    get_redis().set(_day_key(small, on_small), 4, ex=86400 + 60)
+    redis_url = settings.REDIS_URL
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: Redis is "down"
+    reset_redis()
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)  # first pass fails
+    with pytest.raises(CommandError, match="Redis scans failed"):
+        call_command("deliver_events")  # the event is dispatched during the same outage
+    assert Event.objects.get(event_type="subscription.plan_changed").dispatched_at is not None
+    settings.REDIS_URL = redis_url
+    reset_redis()
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    call_command("deliver_events")  # the change is found in the database, not in a queue Redis never got
+    assert int(get_redis().get(_day_key(big, on_small))) == 4
+    get_redis().incrby(_day_key(small, on_small), 1)
+    call_command("deliver_events")  # once
+    assert int(get_redis().get(_day_key(big, on_small))) == 4
+
+
+def test_a_change_committed_just_after_midnight_carries_into_the_new_days_counters(
+    on_small, plans, monkeypatch, django_capture_on_commit_callbacks
+):
+    small, big = plans
+    redis = get_redis()
+    redis.set(_day_key(small, on_small), 4, ex=86400 + 60)
+    emit = events.emit
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def emitted_before_midnight(**kwargs: Any) -> Event | None:
+        # The change's transaction began (and stamped its event) just before the UTC day rolled over.
+        event = emit(**kwargs)
+        if event is not None:
+            event.occurred_at = today - timedelta(milliseconds=100)
+            event.save(update_fields=["occurred_at"])
+        return event
+
+    monkeypatch.setattr(events, "emit", emitted_before_midnight)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+    assert int(redis.get(_day_key(big, on_small)) or 0) == 4  # today's counter, not yesterday's
+
+
+def test_a_programming_error_in_the_carry_over_is_not_taken_for_a_redis_outage(
+    on_small, plans, monkeypatch, django_capture_on_commit_callbacks
+):
+    _small, big = plans
+
+    def broken(**_kwargs: Any) -> int:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(services, "carry_over_quota", broken)
+    with pytest.raises(TypeError, match="a bug"), django_capture_on_commit_callbacks(execute=True):
+        services.subscription_change_plan(subscription=on_small, plan=big, actor=None)

@@ -18,6 +18,8 @@ from apimgmt.slow_queries import install_slow_query_logging
 SCAN_EVERY_SECONDS = 30.0
 # How often --follow reads the quota counters for quota.threshold notices.
 QUOTA_SCAN_EVERY_SECONDS = 10.0
+# How often --follow looks for plan changes due for their second quota carry-over pass (a few seconds after each).
+CARRY_OVER_SCAN_EVERY_SECONDS = 2.0
 # How often --follow deletes events and finished deliveries past EVENT_RETENTION_DAYS.
 HOUSEKEEPING_EVERY_SECONDS = 3600.0
 SUMMARY_EVERY_SECONDS = 60.0
@@ -37,10 +39,12 @@ class RedisScans:
         self._backoff = 0.0
         self._retry_at = 0.0
 
-    def run(self, scan: Callable[[], int]) -> int:
+    def run(self, scan: Callable[[], int]) -> int | None:
+        """What ``scan`` found, or None when it did not run (Redis backing off) or failed: a periodic scan is then
+        not counted as done, and runs again once the back-off is over rather than a whole period later."""
         now = time.monotonic()
         if now < self._retry_at:
-            return 0
+            return None
         try:
             found = scan()
         except REDIS_ERRORS as exc:
@@ -54,7 +58,7 @@ class RedisScans:
                 exc.__class__.__name__,
                 exc,
             )
-            return 0
+            return None
         self._backoff = 0.0
         return found
 
@@ -125,13 +129,13 @@ def quota_scan() -> int:
     return events.quota_threshold_notices(client=client) if client is not None else 0
 
 
-def carry_over_scan() -> int:
-    """The second quota carry-over pass of plan changes that are due (one Redis read when none is; none without
-    Redis)."""
+def carry_over_scan(done: set[str] | None = None) -> int:
+    """The second quota carry-over pass of plan changes that are due (none without Redis). ``done``: the changes
+    already seen complete, kept by --follow from one scan to the next."""
     from apimgmt.redis_client import get_redis
 
     client = get_redis()
-    return services.plan_carry_over_complete(client=client) if client is not None else 0
+    return services.plan_carry_over_complete(client=client, done=done) if client is not None else 0
 
 
 class Command(BaseCommand):
@@ -177,9 +181,9 @@ class Command(BaseCommand):
             redis_scans = RedisScans()
             try:
                 notices, changes = scan()
-                notices += redis_scans.run(quota_scan) + redis_scans.run(circuit_scan)
+                notices += (redis_scans.run(quota_scan) or 0) + (redis_scans.run(circuit_scan) or 0)
                 stats = deliverer.run_once()
-                redis_scans.run(carry_over_scan)  # the plan changes this round dispatched, once due
+                redis_scans.run(carry_over_scan)  # plan changes of the last 2 days due for their second pass
             except loop.RETRIED_ERRORS as exc:
                 raise CommandError(f"delivery round failed: {exc}") from exc
         finally:
@@ -198,18 +202,20 @@ class Command(BaseCommand):
         total = webhooks.DeliveryStats()
         last_scan = -SCAN_EVERY_SECONDS
         last_quota_scan = -QUOTA_SCAN_EVERY_SECONDS
+        last_carry_over_scan = -CARRY_OVER_SCAN_EVERY_SECONDS
         last_housekeeping = -HOUSEKEEPING_EVERY_SECONDS
         last_summary = time.monotonic()
         redis_scans = RedisScans()
+        carried_over: set[str] = set()
 
         def round_() -> float:
-            nonlocal total, last_scan, last_quota_scan, last_housekeeping, last_summary
+            nonlocal total, last_scan, last_quota_scan, last_carry_over_scan, last_housekeeping, last_summary
             now = time.monotonic()
             if now - last_scan >= SCAN_EVERY_SECONDS:
                 scan()
                 last_scan = now
-            if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS:
-                redis_scans.run(quota_scan)
+            # A scan skipped or failed with Redis down is not done: it runs as soon as the back-off allows.
+            if now - last_quota_scan >= QUOTA_SCAN_EVERY_SECONDS and redis_scans.run(quota_scan) is not None:
                 last_quota_scan = now
             if now - last_housekeeping >= HOUSEKEEPING_EVERY_SECONDS:
                 webhooks.forget_old()
@@ -221,7 +227,10 @@ class Command(BaseCommand):
             stats = deliverer.run_once(wait=False)
             total.add(stats)
             # Plan changes whose gateways have all moved: the quota they counted on the old plan meanwhile.
-            redis_scans.run(carry_over_scan)
+            if now - last_carry_over_scan >= CARRY_OVER_SCAN_EVERY_SECONDS and (
+                redis_scans.run(lambda: carry_over_scan(carried_over)) is not None
+            ):
+                last_carry_over_scan = now
             if metrics is not None:
                 metrics.observe(stats)
                 metrics.backlog.set(webhooks.pending_backlog())
