@@ -14,13 +14,16 @@ import urllib.request
 from datetime import timedelta
 
 import pytest
+import redis
 from django.test import Client
 from django.utils import timezone
 
-from apimgmt import events, services, webhooks
+from apimgmt import events, limits, services, webhooks
 from apimgmt.models import Consumer, Event, WebhookDelivery
 from tests.events.conftest import ROOT, deliver_events
+from tests.gateway.conftest import publish
 from tests.gateway.upstreams import raw_upstream, stall
+from tests.support import redis_topologies
 from tests.support.servers import free_port, wait_for_port
 from tests.support.webhook_receiver import verify
 
@@ -84,6 +87,49 @@ def test_with_redis_down_webhooks_still_go_out_and_the_one_shot_run_says_what_fa
     assert result.returncode == 1, result.stdout + result.stderr
     assert "dispatched 1 events; deliveries: 1 succeeded" in result.stdout
     assert "the Redis scans failed (deliveries were made)" in result.stderr
+
+
+def test_the_first_quota_scan_after_redis_returns_is_not_a_period_late(live_env, acme, bob_app, tmp_path):
+    # The quota scan runs every 10 s. One that met Redis down (or was skipped by the back-off) used to count as done,
+    # so a crossing already counted when Redis came back was announced up to 10 s later than the back-off allows.
+    quota = services.policy_create(
+        tenant=acme, name="ten", policy_type="quota", config={"requests_per_day": 10}, actor=None
+    )
+    plan = services.plan_create(tenant=acme, name="ten", policies=[quota], actor=None)
+    api = publish(acme, "https://93.184.215.14", plans=[plan])
+    services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=None)
+    (window,) = limits.counter_windows(
+        tenant_id=acme.pk,
+        tz_name=acme.timezone,
+        policy_id=quota.pk,
+        policy_name=quota.name,
+        policy_type="quota",
+        config=quota.config,
+        scope=bob_app.pk,
+        now=timezone.now().timestamp(),
+    )
+    redis_port, metrics_port = free_port(), free_port()
+    down = {**live_env, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # nothing listens there yet
+    servers = redis_topologies._Servers(workdir=tmp_path)
+    try:
+        with deliver_events(down, "--follow", "--metrics-port", str(metrics_port), "--pause-ms", "100"):
+            wait_for_port(metrics_port, timeout=30)
+
+            def rounds_done() -> bool:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+                last = next(x for x in text.splitlines() if x.startswith("apimgmt_webhook_deliverer_last_success"))
+                return float(last.split()[-1]) > 0
+
+            _wait(rounds_done)  # a round ran: its quota scan failed, and the Redis scans back off for 1 s
+            servers.start(redis_port)
+            redis.Redis(port=redis_port).set(window.key, 8, ex=3600)
+            up = time.monotonic()
+            _wait(lambda: Event.objects.filter(event_type="quota.threshold").exists(), timeout=20)
+            waited = time.monotonic() - up
+    finally:
+        servers.stop_all()
+    # The back-off's next try (1 s after the failure, 3 s if Redis was not up yet), not the next 10 s period.
+    assert waited < 6.0, waited
 
 
 def test_key_expiring_is_sent_exactly_once_per_threshold_across_two_delivery_processes(
