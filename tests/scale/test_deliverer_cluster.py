@@ -17,7 +17,7 @@ from django.utils import timezone
 from redis.crc import key_slot
 
 from apimgmt import limits, services
-from apimgmt.models import Consumer, Event, Plan, Tenant
+from apimgmt.models import Event, Plan, Tenant
 from apimgmt.redis_client import reset_redis
 from tests.support.redis_topologies import LocalCluster, redis_cluster
 
@@ -104,20 +104,16 @@ def _day_counter(tenant: Tenant, plan: Plan, consumer_id: str) -> str:
     return window.key
 
 
-def test_a_plan_change_carries_quota_over_twice_in_the_tenants_slot(
-    acme: Tenant,
-    bob_app: Consumer,
-    cluster: LocalCluster,
-    monkeypatch: pytest.MonkeyPatch,
-    django_capture_on_commit_callbacks: Any,
-) -> None:
+def _change_plan_with_lagging_traffic(tenant: Tenant, cluster: LocalCluster, capture: Any) -> str:
+    """A new consumer of ``tenant`` with 3 requests on "small" moves to "big" (carried at commit), then a gateway still
+    on small counts 2 more; returns the key of big's counter, which the second pass must bring to 5."""
     small, big = (
         services.plan_create(
-            tenant=acme,
+            tenant=tenant,
             name=name,
             policies=[
                 services.policy_create(
-                    tenant=acme, name=name, policy_type="quota", config={"requests_per_day": limit}, actor=None
+                    tenant=tenant, name=name, policy_type="quota", config={"requests_per_day": limit}, actor=None
                 )
             ],
             actor=None,
@@ -125,22 +121,37 @@ def test_a_plan_change_carries_quota_over_twice_in_the_tenants_slot(
         for name, limit in (("small", 5), ("big", 8))
     )
     api = services.api_create(
-        tenant=acme,
+        tenant=tenant,
         api_name="orders",
-        base_path="/orders",
+        base_path=f"/{tenant.pk}/orders",
         upstream_url="https://93.184.215.14",
         status="active",
         plans=[small, big],
         actor=None,
     )
-    subscription = services.subscription_request(consumer=bob_app, api=api, plan=small, actor=None)
+    consumer = services.consumer_create(tenant=tenant, name=f"{tenant.pk}-app", actor=None)
+    subscription = services.subscription_request(consumer=consumer, api=api, plan=small, actor=None)
     client = cluster.client()
-    client.set(_day_counter(acme, small, bob_app.pk), 3, ex=90000)
-    with django_capture_on_commit_callbacks(execute=True):
+    client.set(_day_counter(tenant, small, consumer.pk), 3, ex=90000)
+    with capture(execute=True):
         services.subscription_change_plan(subscription=subscription, plan=big, actor=None)
-    assert int(client.get(_day_counter(acme, big, bob_app.pk)) or 0) == 3
-    client.incrby(_day_counter(acme, small, bob_app.pk), 2)  # a gateway still on small
+    assert int(client.get(_day_counter(tenant, big, consumer.pk)) or 0) == 3
+    client.incrby(_day_counter(tenant, small, consumer.pk), 2)  # a gateway still on small
+    return _day_counter(tenant, big, consumer.pk)
+
+
+def test_plan_changes_of_two_tenants_carry_quota_over_twice_each_in_its_tenants_slot(
+    acme: Tenant,
+    globex: Tenant,
+    cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    # The second pass looks up both changes' done markers (MGET per tenant: different slots) and runs each change's
+    # script in its tenant's slot.
+    keys = [_change_plan_with_lagging_traffic(t, cluster, django_capture_on_commit_callbacks) for t in (acme, globex)]
+    assert len({key_slot(k.encode()) for k in keys}) == 2
     monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
     call_command("deliver_events")
     call_command("deliver_events")
-    assert int(client.get(_day_counter(acme, big, bob_app.pk)) or 0) == 5
+    assert [int(cluster.client().get(k) or 0) for k in keys] == [5, 5]
