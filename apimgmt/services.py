@@ -1801,31 +1801,35 @@ def plan_carry_over_complete(
     """
     moment = now or timezone.now()
     seen = done if done is not None else set()
+    due_by = moment - timedelta(seconds=PLAN_CARRY_SETTLE_SECONDS)
+    # Oldest first, as plain text and a flag: read every few seconds, so no JSON or timestamp is decoded per row.
     recent = list(
         Event.objects.filter(event_type="subscription.plan_changed", occurred_at__gte=moment - PLAN_CARRY_LOOKBACK)
+        .annotate(
+            subscription_id=models.fields.json.KT("data__subscription_id"),
+            due=models.ExpressionWrapper(models.Q(occurred_at__lte=due_by), output_field=models.BooleanField()),
+        )
         .order_by("occurred_at", "pk")
-        .values_list("pk", "tenant_id", "occurred_at", "data__subscription_id")
+        .values_list("pk", "tenant_id", "subscription_id", "due")
     )
     seen.intersection_update(pk for pk, *_rest in recent)
-    latest = {subscription_id: pk for pk, _tenant, _at, subscription_id in recent}
-    due_by = moment - timedelta(seconds=PLAN_CARRY_SETTLE_SECONDS)
+    latest = {subscription_id: pk for pk, _tenant, subscription_id, _due in recent}
     candidates = {
-        _carry_done_key(tenant_id, pk): (pk, tenant_id, at)
-        for pk, tenant_id, at, _sub in recent
-        if at <= due_by and pk not in seen
+        _carry_done_key(tenant_id, pk): (pk, tenant_id) for pk, tenant_id, _sub, due in recent if due and pk not in seen
     }
-    pending: list[tuple[str, str, datetime]] = []
+    pending: list[tuple[str, str]] = []
     for batch in events.mget_batches(client, list(candidates), batch_size):
         for key, marker in zip(batch, client.mget(batch), strict=True):
             if marker is None:
                 pending.append(candidates[key])
             else:
                 seen.add(candidates[key][0])
+    order = {pk: index for index, (pk, *_rest) in enumerate(recent)}
     changed = 0
-    for event_id, tenant_id, occurred_at in sorted(pending, key=lambda change: change[2])[:batch_size]:
+    for event_id, tenant_id in sorted(pending, key=lambda change: order[change[0]])[:batch_size]:
         event = Event.objects.filter(pk=event_id).first()
         if event is not None and latest.get(event.data.get("subscription_id")) == event_id:
-            late = (moment - occurred_at).total_seconds() - PLAN_CARRY_SETTLE_SECONDS > PLAN_CARRY_LATE_SECONDS
+            late = (moment - event.occurred_at).total_seconds() - PLAN_CARRY_SETTLE_SECONDS > PLAN_CARRY_LATE_SECONDS
             changed += _complete_change(event, client=client, at=moment, late=late)
         client.set(_carry_done_key(tenant_id, event_id), 1, ex=PLAN_CARRY_TTL_SECONDS)
         seen.add(event_id)
