@@ -39,8 +39,11 @@ def _until(predicate, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         attempt = time.monotonic()
-        if predicate():
-            return attempt - started
+        try:
+            if predicate():
+                return attempt - started
+        except requests.RequestException:
+            pass  # not yet: a worker still starting on a loaded machine may not answer within a request's timeout
         time.sleep(0.02)
     raise AssertionError(f"condition not met within {timeout}s")
 
@@ -58,7 +61,7 @@ def test_revocation_and_api_changes_reach_every_worker_within_one_second(live_ga
         url = live_gateway + "/api/users/v1/x"
         headers = {"X-API-Key": key}
         session = requests.Session()
-        _until(lambda: _all_workers(session, url, headers, 200), 10)
+        _until(lambda: _all_workers(session, url, headers, 200), 30)
 
         services.api_key_revoke(key=ApiKey.objects.get(pk=key_row.pk), actor=None)
         assert _until(lambda: _all_workers(session, url, headers, 401), 3) < 1.0
@@ -171,7 +174,7 @@ def test_one_gib_streams_both_ways_without_growing_worker_memory(live_gateway, a
             lambda: (
                 requests.get(live_gateway + "/api/users/v1/small", headers=headers, timeout=5).status_code in (200, 501)
             ),
-            10,
+            30,
         )
         port = int(live_gateway.rsplit(":", 1)[1])
         pids = _worker_pids(port)
@@ -226,7 +229,7 @@ def test_responses_keep_their_framing_on_one_keep_alive_connection_under_gunicor
         subscribe(bob_app, api)
         base = live_gateway + "/api/users/v1"
         headers = {"X-API-Key": key}
-        _until(lambda: requests.get(base + "/small", headers=headers, timeout=5).status_code == 200, 10)
+        _until(lambda: requests.get(base + "/small", headers=headers, timeout=5).status_code == 200, 30)
         session = requests.Session()
         for _ in range(2):
             assert session.get(base + "/small", headers=headers, timeout=5).content == b'{"ok": true}'
@@ -264,7 +267,7 @@ def test_key_cache_expiring_under_load_neither_exhausts_the_database_pool_nor_fa
         api = publish(acme, upstream.url)
         subscribe(bob_app, api)
         url = base + "/api/users/v1/x"
-        _until(lambda: requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code == 200, 10)
+        _until(lambda: requests.get(url, headers={"X-API-Key": key}, timeout=5).status_code == 200, 30)
         statuses: list[int] = []
         lock = threading.Lock()
         stop = time.monotonic() + 3.5  # three cache expiries
