@@ -18,12 +18,13 @@ import redis
 from django.test import Client
 from django.utils import timezone
 
-from apimgmt import events, limits, services, webhooks
+from apimgmt import events, services, webhooks
 from apimgmt.models import Consumer, Event, WebhookDelivery
 from tests.events.conftest import ROOT, deliver_events
 from tests.gateway.conftest import publish
 from tests.gateway.upstreams import raw_upstream, stall
 from tests.support import redis_topologies
+from tests.support.quotas import quota_window
 from tests.support.servers import free_port, wait_for_port
 from tests.support.webhook_receiver import verify
 
@@ -98,16 +99,7 @@ def test_the_first_quota_scan_after_redis_returns_is_not_a_period_late(live_env,
     plan = services.plan_create(tenant=acme, name="ten", policies=[quota], actor=None)
     api = publish(acme, "https://93.184.215.14", plans=[plan])
     services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=None)
-    (window,) = limits.counter_windows(
-        tenant_id=acme.pk,
-        tz_name=acme.timezone,
-        policy_id=quota.pk,
-        policy_name=quota.name,
-        policy_type="quota",
-        config=quota.config,
-        scope=bob_app.pk,
-        now=timezone.now().timestamp(),
-    )
+    window = quota_window(quota, bob_app.pk, timezone.now().timestamp())
     redis_port, metrics_port = free_port(), free_port()
     down = {**live_env, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # nothing listens there yet
     servers = redis_topologies._Servers(workdir=tmp_path)

@@ -21,6 +21,7 @@ from apimgmt.redis_client import get_redis
 from gateway.wsgi import reset_gateway
 from tests.gateway.conftest import InProcessGateway, publish
 from tests.gateway.upstreams import Recorder, recording_upstream
+from tests.support.quotas import quota_window, subscribed_on_quota
 
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[2] / "docs" / "events" / "quota.threshold.schema.json").read_text()
@@ -149,34 +150,11 @@ def test_counters_shared_by_an_api_or_a_tenant_are_nobodys_quota(acme, alice, bo
 
 
 def test_a_crossing_in_the_last_seconds_of_a_window_is_announced_after_it_ended(acme, alice, bob_app, redis_client):
-    quota = services.policy_create(
-        tenant=acme, name="ten", policy_type="quota", config={"requests_per_day": 10}, actor=alice
-    )
-    plan = services.plan_create(tenant=acme, name="ten", policies=[quota], actor=alice)
-    api = services.api_create(
-        tenant=acme,
-        api_name="orders",
-        base_path="/orders",
-        upstream_url="https://93.184.215.14",
-        status="active",
-        plans=[plan],
-        actor=alice,
-    )
-    services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=alice)
+    quota, _ = subscribed_on_quota(acme, bob_app, {"requests_per_day": 10}, actor=alice)
     midnight = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
 
     def window_at(moment: datetime) -> limits.CounterWindow:
-        (window,) = limits.counter_windows(
-            tenant_id="acme",
-            tz_name="UTC",
-            policy_id=quota.pk,
-            policy_name="ten",
-            policy_type="quota",
-            config=quota.config,
-            scope=bob_app.pk,
-            now=moment.timestamp(),
-        )
-        return window
+        return quota_window(quota, bob_app.pk, moment.timestamp())
 
     yesterday = window_at(midnight - timedelta(seconds=1))
     # The scan at 23:59:55 saw 7 of 10; the eighth request came at 23:59:58, and the next scan runs after midnight.

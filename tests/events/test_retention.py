@@ -8,36 +8,15 @@ from typing import Any
 
 from django.utils import timezone
 
-from apimgmt import events, limits, services, webhooks
+from apimgmt import events, services, webhooks
 from apimgmt.models import Consumer, Event, Tenant, WebhookDelivery
+from tests.support.quotas import quota_window, subscribed_on_quota
 from tests.support.webhook_receiver import Receiver
 
 
 def _monthly_quota_at_80_percent(acme: Tenant, bob_app: Consumer, redis_client: Any, month: datetime) -> None:
-    quota = services.policy_create(
-        tenant=acme, name="ten", policy_type="quota", config={"requests_per_month": 10}, actor=None
-    )
-    plan = services.plan_create(tenant=acme, name="ten", policies=[quota], actor=None)
-    api = services.api_create(
-        tenant=acme,
-        api_name="orders",
-        base_path="/orders",
-        upstream_url="https://93.184.215.14",
-        status="active",
-        plans=[plan],
-        actor=None,
-    )
-    services.subscription_request(consumer=bob_app, api=api, plan=plan, actor=None)
-    (window,) = limits.counter_windows(
-        tenant_id=acme.pk,
-        tz_name=acme.timezone,
-        policy_id=quota.pk,
-        policy_name=quota.name,
-        policy_type="quota",
-        config=quota.config,
-        scope=bob_app.pk,
-        now=month.timestamp(),
-    )
+    quota, _ = subscribed_on_quota(acme, bob_app, {"requests_per_month": 10})
+    window = quota_window(quota, bob_app.pk, month.timestamp())
     redis_client.set(window.key, 8, ex=3600)
 
 

@@ -19,6 +19,7 @@ from redis.crc import key_slot
 from apimgmt import limits, services
 from apimgmt.models import Event, Plan, Tenant
 from apimgmt.redis_client import reset_redis
+from tests.support.quotas import quota_window, subscribed_on_quota
 from tests.support.redis_topologies import LocalCluster, redis_cluster
 
 pytestmark = [pytest.mark.redis_topology, pytest.mark.timeout(240)]
@@ -43,31 +44,9 @@ def cluster(_cluster: LocalCluster, settings: Any) -> Iterator[LocalCluster]:
 
 def _quota_at_80_percent(tenant: Tenant, cluster: LocalCluster) -> str:
     """A subscription of a new consumer of ``tenant`` on a 10-a-day quota, its counter at 8; returns the key."""
-    quota = services.policy_create(
-        tenant=tenant, name="ten", policy_type="quota", config={"requests_per_day": 10}, actor=None
-    )
-    plan = services.plan_create(tenant=tenant, name="ten", policies=[quota], actor=None)
-    api = services.api_create(
-        tenant=tenant,
-        api_name="orders",
-        base_path=f"/{tenant.pk}/orders",
-        upstream_url="https://93.184.215.14",
-        status="active",
-        plans=[plan],
-        actor=None,
-    )
     consumer = services.consumer_create(tenant=tenant, name=f"{tenant.pk}-app", actor=None)
-    services.subscription_request(consumer=consumer, api=api, plan=plan, actor=None)
-    (window,) = limits.counter_windows(
-        tenant_id=tenant.pk,
-        tz_name=tenant.timezone,
-        policy_id=quota.pk,
-        policy_name=quota.name,
-        policy_type="quota",
-        config=quota.config,
-        scope=consumer.pk,
-        now=timezone.now().timestamp(),
-    )
+    quota, _ = subscribed_on_quota(tenant, consumer, {"requests_per_day": 10}, base_path=f"/{tenant.pk}/orders")
+    window = quota_window(quota, consumer.pk, timezone.now().timestamp())
     cluster.client().set(window.key, 8, ex=3600)
     return window.key
 
