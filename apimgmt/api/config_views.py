@@ -9,6 +9,7 @@ plans and policies, so it needs a tenant admin (or platform staff). Another tena
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from django.http import HttpResponse
@@ -148,14 +149,28 @@ class ConfigSchemaAliasView(ConfigSchemaView):
     schema = None  # documented once, under config/schema/
 
 
+# The Warning field stays well inside what proxies take for all of an answer's headers (nginx: 4 KiB by default).
+WARNING_HEADER_MAX_CHARS = 2000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def warning_header(warnings: list[str]) -> str:
     """Export warnings as one ``Warning`` field (RFC 7234 section 5.5: a list of ``299 apimgmt "text"``), so the body
-    stays the document, which can be posted back as it is. ASCII only: a header is no place for other text."""
-    quoted = (
-        warning.encode("ascii", "backslashreplace").decode().replace("\\", "\\\\").replace('"', '\\"')
-        for warning in warnings
-    )
-    return ", ".join(f'299 apimgmt "{text}"' for text in quoted)
+    stays the document, which can be posted back as it is. ASCII only, control characters written as ``\\xNN`` (a
+    policy's name may hold a newline, which no header may), and at most about WARNING_HEADER_MAX_CHARS: past that a
+    last entry says how many more there are (``manage.py config export`` prints them all)."""
+    entries: list[str] = []
+    used = 0
+    for index, warning in enumerate(warnings):
+        text = warning.encode("ascii", "backslashreplace").decode().replace("\\", "\\\\").replace('"', '\\"')
+        entry = '299 apimgmt "{}"'.format(_CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", text))
+        if used + len(entry) > WARNING_HEADER_MAX_CHARS - 120:  # room left for the entry that says what is missing
+            missing = len(warnings) - index
+            entries.append(f'299 apimgmt "and {missing} more: manage.py config export prints every warning"')
+            break
+        entries.append(entry)
+        used += len(entry) + 2
+    return ", ".join(entries)
 
 
 class TenantConfigView(TenantConfigBase):

@@ -202,3 +202,30 @@ def test_the_management_api_export_returns_its_warnings_in_a_warning_header(
 
 def test_warning_header_quotes_each_warning() -> None:
     assert warning_header(['a "b" c:\\d', "é, f"]) == '299 apimgmt "a \\"b\\" c:\\\\d", 299 apimgmt "\\\\xe9, f"'
+
+
+def test_warning_header_writes_control_characters_escaped_and_stays_short() -> None:
+    # A policy's name may hold a newline or a vertical tab: no header may (Django refuses one, gunicorn the other).
+    assert warning_header(["a\nb\x0bc"]) == '299 apimgmt "a\\x0ab\\x0bc"'
+    many = warning_header(
+        [f"policies[p{i:02}].config.request.set.X-Service-Key is written as ${{P}}" * 2 for i in range(60)]
+    )
+    assert len(many) <= 2000  # what proxies take for a whole answer's headers is 4 KiB by default
+    assert many.endswith('more: manage.py config export prints every warning"')
+
+
+def test_an_export_with_many_placeholders_and_odd_names_still_answers(
+    acme: Tenant, alice: User, client_for: Callable[[User], Any]
+) -> None:
+    for i in range(30):
+        services.policy_create(
+            tenant=acme,
+            name=f"signer\n{i:02}",
+            policy_type="headers",
+            config={"request": {"set": {"X-Service-Key": OLD}}},
+            actor=None,
+        )
+    r = client_for(alice).get(CONFIG + "?output=yaml")
+    assert r.status_code == 200 and OLD not in r.content.decode()
+    assert "\n" not in r["Warning"] and len(r["Warning"]) <= 2000
+    assert len(yaml.safe_load(r.content)["policies"]) == 30
