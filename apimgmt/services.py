@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, models, transaction
+from django.db import DatabaseError, IntegrityError, models, transaction
 from django.utils import timezone
 
 from apimgmt import events, ids, keys, limits, validation
@@ -1826,11 +1826,20 @@ def plan_carry_over_complete(
                 seen.add(candidates[key][0])
     order = {pk: index for index, (pk, *_rest) in enumerate(recent)}
     changed = 0
+    from redis.exceptions import RedisClusterException, RedisError
+
     for event_id, tenant_id in sorted(pending, key=lambda change: order[change[0]])[:batch_size]:
         event = Event.objects.filter(pk=event_id).first()
         if event is not None and latest.get(event.data.get("subscription_id")) == event_id:
             late = (moment - event.occurred_at).total_seconds() - PLAN_CARRY_SETTLE_SECONDS > PLAN_CARRY_LATE_SECONDS
-            changed += _complete_change(event, client=client, at=moment, late=late)
+            try:
+                changed += _complete_change(event, client=client, at=moment, late=late)
+            except (RedisError, RedisClusterException, DatabaseError):
+                raise  # Redis or the database is unwell: the whole scan backs off and comes back to this change
+            except Exception:
+                # Anything else is this change's own (a bug, a row of an unexpected shape): it is logged and set
+                # aside, else it would fail first in every scan and hold up every later change for two days.
+                _carry_logger.exception("plan carry-over of event %s failed and was skipped", event_id)
         client.set(_carry_done_key(tenant_id, event_id), 1, ex=PLAN_CARRY_TTL_SECONDS)
         seen.add(event_id)
     return changed

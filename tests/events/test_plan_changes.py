@@ -471,3 +471,34 @@ def test_a_programming_error_in_the_carry_over_is_not_taken_for_a_redis_outage(
     monkeypatch.setattr(services, "carry_over_quota", broken)
     with pytest.raises(TypeError, match="a bug"), django_capture_on_commit_callbacks(execute=True):
         services.subscription_change_plan(subscription=on_small, plan=big, actor=None)
+
+
+def test_a_change_whose_carry_over_fails_is_set_aside_and_later_changes_still_carry(
+    acme, on_small, plans, monkeypatch, caplog, django_capture_on_commit_callbacks
+):
+    # Changes are completed oldest first: one that failed each time would hold up every later one for two days.
+    small, big = plans
+    other_app = services.consumer_create(tenant=acme, name="other-app", actor=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        on_other = services.subscription_request(consumer=other_app, api=on_small.api, plan=small, actor=None)
+    redis = get_redis()
+    for subscription in (on_small, on_other):
+        with django_capture_on_commit_callbacks(execute=True):
+            services.subscription_change_plan(subscription=subscription, plan=big, actor=None)
+        redis.incrby(_day_key(small, subscription), 2)  # counted by a gateway not yet on the new plan
+    first = Event.objects.filter(event_type="subscription.plan_changed").earliest("occurred_at")
+    complete = services._complete_change
+
+    def broken_for_the_first(event: Event, **kwargs: Any) -> int:
+        if event.pk == first.pk:
+            raise KeyError("a row of a shape the code did not expect")
+        return complete(event, **kwargs)
+
+    monkeypatch.setattr(services, "_complete_change", broken_for_the_first)
+    monkeypatch.setattr(services, "PLAN_CARRY_SETTLE_SECONDS", 0.0)
+    with caplog.at_level(logging.ERROR, logger="apimgmt.services"):
+        services.plan_carry_over_complete(client=redis)
+    assert int(redis.get(_day_key(big, on_other))) == 2  # the later change carried
+    assert int(redis.get(_day_key(big, on_small)) or 0) == 0  # the failed one was set aside, and said so
+    assert any(first.pk in record.getMessage() for record in caplog.records if record.levelno == logging.ERROR)
+    assert services.plan_carry_over_complete(client=redis) == 0  # and is not retried in every scan
