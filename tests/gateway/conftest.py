@@ -15,7 +15,7 @@ from django.db import close_old_connections
 
 from apimgmt import services
 from apimgmt.models import Api, ApiKey, Consumer, Plan, Policy, Tenant
-from gateway.wsgi import GatewayApplication, reset_gateway
+from gateway.wsgi import GatewayApplication, get_gateway, reset_gateway
 from tests.gateway.upstreams import Recorder, recording_upstream
 
 
@@ -197,3 +197,11 @@ def fresh_cache_worker_state() -> Iterator[None]:
     empty()
     yield
     empty()
+
+
+def reload_routes() -> None:
+    """Load this process's route table now, from the configuration version in Redis. ``routes.reload()`` alone
+    loads the version its poller thread last saw, which may not be the change the test just made yet."""
+    routes = get_gateway().routes
+    routes.seen_version = None  # reload() then reads the version itself
+    routes.reload()

@@ -34,7 +34,7 @@ from apimgmt import services
 from apimgmt.models import Api, Consumer, ConsumerIdentity, Subscription
 from gateway import jwks, jwt_auth
 from gateway.wsgi import get_gateway
-from tests.gateway.conftest import publish, subscribe
+from tests.gateway.conftest import publish, reload_routes, subscribe
 from tests.gateway.jwt_support import (  # noqa: F401 (fixtures)
     AUD,
     ISS,
@@ -367,11 +367,11 @@ def test_cached_tokens_stop_working_when_their_issuer_leaves_the_api_or_narrows_
     assert gateway.get("/api/jwt/a", headers=bearer(token)).status == 200
     with django_capture_on_commit_callbacks(execute=True):
         services.jwt_issuer_update(jwt_issuer=issuer, actor=None, audiences=["another-api"])
-    get_gateway().routes.reload()
+    reload_routes()
     assert "audience (aud)" in refused(gateway.get("/api/jwt/a", headers=bearer(token)))
     with django_capture_on_commit_callbacks(execute=True):
         services.jwt_issuer_update(jwt_issuer=issuer, actor=None, audiences=[AUD])
-    get_gateway().routes.reload()
+    reload_routes()
     assert gateway.get("/api/jwt/a", headers=bearer(token)).status == 200
     other = services.jwt_issuer_create(
         tenant=acme,
@@ -384,7 +384,7 @@ def test_cached_tokens_stop_working_when_their_issuer_leaves_the_api_or_narrows_
     )
     with django_capture_on_commit_callbacks(execute=True):
         services.api_update(api=jwt_api, actor=None, jwt_issuers=[other])
-    get_gateway().routes.reload()
+    reload_routes()
     assert "issuer (iss)" in refused(gateway.get("/api/jwt/a", headers=bearer(token)))
     assert len(upstream.seen) == 2
 

@@ -14,8 +14,7 @@ from django.core.exceptions import ValidationError
 
 from apimgmt import services
 from apimgmt.models import Api, Consumer, Policy, Tenant
-from gateway.wsgi import get_gateway
-from tests.gateway.conftest import publish, subscribe
+from tests.gateway.conftest import publish, reload_routes, subscribe
 from tests.gateway.upstreams import Answer, Recorder
 
 pytestmark = pytest.mark.django_db
@@ -234,7 +233,7 @@ def test_a_shadow_ip_rules_policy_that_cannot_be_compiled_never_refuses(gateway,
         assert gateway.get(PATH, headers={"X-API-Key": key}, remote_addr="203.0.113.1").status == 200
     assert "cannot be compiled" in caplog.text
     Policy.objects.filter(pk=shadow.pk).update(mode=Policy.Mode.ENFORCE)
-    get_gateway().routes.reload()
+    reload_routes()
     _problem(gateway.get(PATH, headers={"X-API-Key": key}, remote_addr="192.0.2.1"), 503, "ip-rules-unavailable")
 
 

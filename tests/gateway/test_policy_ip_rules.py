@@ -12,7 +12,7 @@ from apimgmt.models import Api, Consumer, Policy, Tenant
 from gateway.chain import Exchange, Finished
 from gateway.policies import ip_rules
 from gateway.wsgi import get_gateway
-from tests.gateway.conftest import InProcessGateway, publish, subscribe
+from tests.gateway.conftest import InProcessGateway, publish, reload_routes, subscribe
 from tests.gateway.upstreams import Recorder
 
 pytestmark = pytest.mark.django_db
@@ -249,7 +249,7 @@ def test_a_changed_plan_policy_applies_once_the_route_table_reloads(gateway, acm
     _api(acme, upstream, bob_app, plan=plan)
     assert _get(gateway, key, "192.0.2.1").status == 200
     services.policy_update(policy=policy, actor=None, config={"allow": ["198.51.100.0/24"]})
-    get_gateway().routes.reload()
+    reload_routes()
     _refused(_get(gateway, key, "192.0.2.1"), "192.0.2.1")
     assert _get(gateway, key, "198.51.100.1").status == 200
 
