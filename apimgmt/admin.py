@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.contrib.admin.utils import get_fields_from_path
+from django.contrib.admin.utils import get_fields_from_path, unquote
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
+from django.db import connection
 from django.db.models import Count, Model, Q, QuerySet
 from django.db.models.constants import LOOKUP_SEP
 from django.http import Http404, HttpRequest, HttpResponse
@@ -56,6 +58,8 @@ admin.site.site_url = "/portal/"
 # The home page is an overview of the platform (apimgmt/admin_home.py) above the list of models.
 admin.site.index_template = "admin/apimgmt/home.html"
 _models_index = admin.site.index
+
+logger = logging.getLogger(__name__)
 
 
 def _platform_home(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> TemplateResponse:
@@ -164,6 +168,22 @@ class NotFoundAdmin(admin.ModelAdmin):
     """
 
     def _get_obj_does_not_exist_redirect(self, request: HttpRequest, opts: Any, object_id: str) -> Any:
+        # Whether the row exists at all tells "out of this user's reach" from "not there" (one query, on a 404 only).
+        try:
+            exists: bool | None = opts.model._default_manager.filter(pk=unquote(object_id)).exists()
+        except (ValueError, TypeError, ValidationError):
+            exists = None  # not an id of this model at all
+        logger.info(
+            "admin: no %s with this ID for this user",
+            opts.model_name,
+            extra={
+                "object_id": object_id,
+                "user_id": request.user.pk,
+                "superuser": selectors.is_platform_staff(request.user),
+                "exists": exists,
+                "in_atomic_block": connection.in_atomic_block,
+            },
+        )
         raise Http404(f"No {opts.verbose_name} with this ID.")
 
     def save_form(self, request: HttpRequest, form: Any, change: bool) -> Any:
