@@ -17,12 +17,13 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from apimgmt import events, limits, services
+from apimgmt import events, services
 from apimgmt.models import AuditEvent, Event, Plan, Policy, Subscription, Tenant
 from apimgmt.redis_client import get_redis, reset_redis
 from gateway.wsgi import reset_gateway
 from tests.gateway.conftest import InProcessGateway, publish
 from tests.gateway.upstreams import Recorder, recording_upstream
+from tests.support.quotas import quota_window
 from tests.support.servers import free_port
 
 V1 = "/mgmt/v1"
@@ -263,18 +264,7 @@ def test_a_change_with_redis_unreachable_commits_answers_200_and_warns(
 
 def _day_key(plan: Plan, subscription: Subscription) -> str:
     """The key of today's counter of ``plan``'s daily quota for the subscription's consumer."""
-    policy = plan.policies.get()
-    (window,) = limits.counter_windows(
-        tenant_id=plan.tenant_id,
-        tz_name="UTC",
-        policy_id=policy.pk,
-        policy_name=policy.name,
-        policy_type="quota",
-        config=policy.config,
-        scope=subscription.consumer_id,
-        now=timezone.now().timestamp(),
-    )
-    return window.key
+    return _policy_day_key(plan.policies.get(), subscription)
 
 
 def test_requests_counted_on_the_old_plan_after_the_change_are_carried_over_by_the_deliverer(
@@ -331,17 +321,7 @@ def _subscribe(acme: Tenant, bob_app: Any, upstream: Recorder, plan: Plan, *othe
 
 
 def _policy_day_key(policy: Policy, subscription: Subscription) -> str:
-    (window,) = limits.counter_windows(
-        tenant_id=policy.tenant_id,
-        tz_name="UTC",
-        policy_id=policy.pk,
-        policy_name=policy.name,
-        policy_type="quota",
-        config=policy.config,
-        scope=subscription.consumer_id,
-        now=timezone.now().timestamp(),
-    )
-    return window.key
+    return quota_window(policy, subscription.consumer_id, timezone.now().timestamp()).key
 
 
 def test_traffic_on_a_counter_both_plans_share_is_not_carried_a_second_time(
