@@ -457,11 +457,7 @@ def main() -> None:
     print(f"gateway worker RSS (MiB): {', '.join(f'{r:.1f}' for r in gateway_rss)}")
     if with_websocket:
         report["websocket"] = _websocket_rows(options)
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out.relative_to(ROOT)}")
+    _write_results(report)
     if not os.environ.get("BENCH_KEEP"):
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -483,6 +479,11 @@ def _websocket_rows(options: argparse.Namespace) -> dict[str, Any]:
 def _websocket_only(options: argparse.Namespace) -> None:
     report: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count()}
     report["websocket"] = _websocket_rows(options)
+    _write_results(report)
+
+
+def _write_results(report: dict[str, Any]) -> None:
+    """bench/results/bench-<time>.json, the file later runs are compared with."""
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
